@@ -1,0 +1,48 @@
+"""BOLT11 encoding (for the sandbox) and decoding (for clients), via the bolt11 package."""
+from __future__ import annotations
+
+import bolt11
+from bolt11 import Bolt11, Feature, Features, FeatureState, MilliSatoshi, TagChar, Tags
+
+from ..errors import BadRequest
+from .base import DecodedInvoice
+
+MAX_BOLT11_LEN = 4096
+DEFAULT_MIN_FINAL_CLTV = 18
+
+
+class InvalidInvoice(BadRequest):
+    code = "invalid_invoice"
+
+
+def encode_invoice(*, currency: str, amount_msat: int, payment_hash: bytes, payment_secret: bytes,
+                   description: str, created_at: int, expiry_s: int, privkey_hex: str) -> str:
+    tags = Tags()
+    tags.add(TagChar.payment_hash, payment_hash.hex())
+    tags.add(TagChar.payment_secret, payment_secret.hex())
+    tags.add(TagChar.description, description)
+    tags.add(TagChar.expire_time, expiry_s)
+    tags.add(TagChar.min_final_cltv_expiry, DEFAULT_MIN_FINAL_CLTV)
+    tags.add(TagChar.features, Features.from_feature_list({
+        Feature.var_onion_optin: FeatureState.required,
+        Feature.payment_secret: FeatureState.required,
+    }))
+    inv = Bolt11(currency=currency, date=created_at, tags=tags, amount_msat=MilliSatoshi(amount_msat))
+    return bolt11.encode(inv, privkey_hex)
+
+
+def decode_invoice(text: str) -> DecodedInvoice:
+    """Decode and check the signature. Raises InvalidInvoice, never a library error."""
+    if not isinstance(text, str) or not text or len(text) > MAX_BOLT11_LEN:
+        raise InvalidInvoice("invoice missing or too long")
+    s = text.strip()
+    if s.lower().startswith("lightning:"):
+        s = s[len("lightning:"):]
+    try:
+        inv = bolt11.decode(s)
+    except Exception as exc:  # the library raises many types for bad input
+        raise InvalidInvoice(f"not a valid BOLT11 invoice ({type(exc).__name__})") from None
+    return DecodedInvoice(
+        payment_hash=inv.payment_hash, amount_msat=int(inv.amount_msat) if inv.amount_msat else None,
+        payee=inv.payee, created_at=inv.date, expires_at=inv.date + inv.expiry,
+        description=inv.description or "", currency=inv.currency)

@@ -1,0 +1,156 @@
+"""An in-process Lightning network for tests and for integrators' test mode.
+
+Nodes have secp256k1 keys and issue real BOLT11 invoices (regtest prefix `bcrt`,
+signed with coincurve) that the bolt11 package and lightningd's `decode` accept.
+Paying an invoice through another sandbox node moves msat between their balances and
+settles the invoice, which then appears in the payee's settlement stream.
+State lives in memory: a restarted sandbox starts empty (tokens already issued keep
+verifying, since verification needs no node).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from coincurve import PrivateKey
+
+from ..errors import DuplicateLabel, PaymentFailed
+from .base import DecodedInvoice, Invoice, Payment, Settlement
+from .bolt11codec import InvalidInvoice, decode_invoice, encode_invoice
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class _InvoiceState:
+    invoice: Invoice
+    preimage: bytes
+    description: str
+    paid_by: str | None = None
+    settlement: Settlement | None = None
+
+
+class SandboxNetwork:
+    def __init__(self, clock: Clock = time.time, fee_ppm: int = 0) -> None:
+        self.clock, self.fee_ppm = clock, fee_ppm
+        self.nodes: dict[str, "SandboxNode"] = {}
+        self.instance_id = os.urandom(4).hex()   # settlement cursors are per instance
+
+    def add_node(self, alias: str, balance_msat: int = 0) -> "SandboxNode":
+        node = SandboxNode(self, alias, PrivateKey(), balance_msat)
+        self.nodes[node.id] = node
+        return node
+
+    def fee_for(self, amount_msat: int) -> int:
+        return amount_msat * self.fee_ppm // 1_000_000
+
+
+class SandboxNode:
+    network = "regtest"
+
+    def __init__(self, net: SandboxNetwork, alias: str, key: PrivateKey, balance_msat: int) -> None:
+        self.net, self.alias, self._key = net, alias, key
+        self.id = key.public_key.format(compressed=True).hex()
+        self.balance_msat = balance_msat
+        self._by_hash: dict[str, _InvoiceState] = {}
+        self._by_label: dict[str, _InvoiceState] = {}
+        self._settled: list[Settlement] = []
+        self._created = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    @property
+    def cursor_namespace(self) -> str:
+        return f"sandbox:{self.net.instance_id}:{self.id}"
+
+    async def node_id(self) -> str:
+        return self.id
+
+    async def create_invoice(self, amount_msat: int, label: str, description: str,
+                             expiry_s: int) -> Invoice:
+        existing = self._by_label.get(label)
+        if existing is not None:
+            inv = existing.invoice
+            if inv.amount_msat != amount_msat or existing.description != description:
+                raise DuplicateLabel(f"label {label!r} already used for a different invoice")
+            return inv
+        if amount_msat <= 0:
+            raise InvalidInvoice("amount_msat must be positive")
+        preimage = os.urandom(32)
+        payment_hash = hashlib.sha256(preimage).digest()
+        now = int(self.net.clock())
+        bolt11 = encode_invoice(currency="bcrt", amount_msat=amount_msat, payment_hash=payment_hash,
+                                payment_secret=os.urandom(32), description=description,
+                                created_at=now, expiry_s=expiry_s, privkey_hex=self._key.secret.hex())
+        self._created += 1
+        inv = Invoice(bolt11, payment_hash.hex(), amount_msat, now + expiry_s, label, self._created)
+        state = _InvoiceState(inv, preimage, description)
+        self._by_hash[inv.payment_hash] = self._by_label[label] = state
+        return inv
+
+    async def settlements(self, after_pay_index: int) -> AsyncIterator[Settlement]:
+        cursor = after_pay_index
+        while True:
+            while cursor < len(self._settled):
+                cursor += 1
+                yield self._settled[cursor - 1]
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.add(fut)
+            try:
+                await fut
+            finally:
+                self._waiters.discard(fut)
+
+    async def decode(self, bolt11: str) -> DecodedInvoice:
+        return decode_invoice(bolt11)
+
+    async def pay(self, bolt11: str, max_fee_msat: int | None = None,
+                  label: str | None = None) -> Payment:
+        dec = decode_invoice(bolt11)
+        payee = self.net.nodes.get(dec.payee)
+        state = payee._by_hash.get(dec.payment_hash) if payee else None
+        if payee is None or state is None:
+            raise PaymentFailed("no route to the payee: not a node of this sandbox network")
+        if dec.amount_msat is None:
+            raise PaymentFailed("amountless invoices are not supported by the sandbox")
+        amount, fee = dec.amount_msat, self.net.fee_for(dec.amount_msat)
+        if state.settlement is not None:
+            if state.paid_by == self.id:  # paying again is a no-op, like xpay on a paid invoice
+                return Payment(dec.payment_hash, state.preimage.hex(), amount, fee)
+            raise PaymentFailed("invoice already paid")
+        if self.net.clock() > dec.expires_at:
+            raise PaymentFailed("invoice expired")
+        if max_fee_msat is not None and fee > max_fee_msat:
+            raise PaymentFailed(f"fee {fee} msat exceeds max_fee_msat {max_fee_msat}")
+        if self.balance_msat < amount + fee:
+            raise PaymentFailed(f"insufficient balance: {self.balance_msat} msat")
+        self.balance_msat -= amount + fee
+        payee.balance_msat += amount
+        state.paid_by = self.id
+        payee._settle(state)
+        return Payment(dec.payment_hash, state.preimage.hex(), amount, fee)
+
+    def _settle(self, state: _InvoiceState) -> None:
+        s = Settlement(len(self._settled) + 1, state.invoice.label, state.invoice.payment_hash,
+                       state.invoice.amount_msat, state.preimage.hex(), int(self.net.clock()))
+        state.settlement = s
+        self._settled.append(s)
+        for fut in list(self._waiters):
+            if not fut.done():
+                fut.set_result(None)
+
+    def invoice_status(self, payment_hash: str) -> str | None:
+        state = self._by_hash.get(payment_hash)
+        if state is None:
+            return None
+        if state.settlement is not None:
+            return "paid"
+        return "expired" if self.net.clock() > state.invoice.expires_at else "unpaid"
+
+    async def close(self) -> None:
+        for fut in list(self._waiters):
+            if not fut.done():
+                fut.cancel()

@@ -1,0 +1,175 @@
+"""Route -> price rules, and the optional Python hook for dynamic prices.
+
+A rule matches a method and a path pattern (patterns.py). What one payment buys:
+    credits = N     N requests (default 1: plain pay-per-request), debited in the store
+    pass_s  = S     any number of requests for S seconds, verified statelessly
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Union
+
+from .errors import ConfigError
+from .patterns import compile_path, path_matches
+
+PriceHook = Callable[[Any, "RouteRule"], Union[int, Awaitable[int]]]
+MAX_PRICE_MSAT = 21_000_000 * 100_000_000 * 1000
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    path: str
+    price_msat: int
+    methods: frozenset[str] | None = None   # None: any method
+    credits: int | None = 1
+    pass_s: int | None = None
+    upstream: str | None = None
+    capabilities: frozenset[str] = frozenset()
+    free_per_hour: int = 0
+    description: str = ""
+    price_hook: PriceHook | None = field(default=None, compare=False)
+
+    @property
+    def key(self) -> str:
+        """Stable name of the rule, used for challenge reuse and metrics labels."""
+        return f"{','.join(sorted(self.methods)) if self.methods else '*'} {self.path}"
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.methods is None or method in self.methods) and path_matches(self.path, path)
+
+    def caveats(self, service: str, now: int) -> list[str]:
+        out = [f"services={service}:0", f"path={self.path}"]
+        if self.methods is not None:
+            out.append(f"method={','.join(sorted(self.methods))}")
+        if self.capabilities:
+            out.append(f"{service}_capabilities={','.join(sorted(self.capabilities))}")
+        if self.pass_s is not None:
+            out.append(f"{service}_valid_until={now + self.pass_s}")
+        else:
+            out.append(f"credits={self.credits}")
+        return out
+
+    async def price_for(self, request: Any) -> int:
+        if self.price_hook is None:
+            return self.price_msat
+        result = self.price_hook(request, self)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, int) or isinstance(result, bool) or not 0 < result <= MAX_PRICE_MSAT:
+            raise ValueError(f"price hook for {self.key} returned {result!r}, not a positive msat int")
+        return result
+
+
+class Pricing:
+    def __init__(self, rules: list[RouteRule]) -> None:
+        self.rules = rules
+
+    def match(self, method: str, path: str) -> RouteRule | None:
+        for rule in self.rules:
+            if rule.matches(method, path):
+                return rule
+        return None
+
+
+def load_hook(spec: str, where: str) -> PriceHook:
+    """'package.module:function' -> callable, or ConfigError naming where it was asked for."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{where}: price_hook must look like 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import price_hook module {module_name!r}: {exc}") from None
+    hook = getattr(module, attr, None)
+    if not callable(hook):
+        raise ConfigError(f"{where}: {spec!r} is not a callable")
+    return hook
+
+
+class _Table:
+    """Typed access to one TOML table, naming file and key in every error."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data, self.where = data, where
+
+    def fail(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.where}.{key}: {msg}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, f"expected {getattr(kind, '__name__', kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"expected {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        return value
+
+    def positive_int(self, key: str, default: int | None = None, *, allow_zero: bool = False,
+                     maximum: int = MAX_PRICE_MSAT) -> int | None:
+        value = self.get(key, int, default)
+        if value is None:
+            return None
+        if value < 0 or (value == 0 and not allow_zero) or value > maximum:
+            raise self.fail(key, f"must be an integer in [{0 if allow_zero else 1}, {maximum}], got {value}")
+        return value
+
+    def check_keys(self, allowed: set[str]) -> None:
+        unknown = sorted(set(self.data) - allowed)
+        if unknown:
+            raise self.fail(unknown[0], f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+_ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", "capabilities",
+               "free_per_hour", "description", "price_hook"}
+
+
+def parse_route(data: Any, where: str) -> RouteRule:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table")
+    t = _Table(data, where)
+    t.check_keys(_ROUTE_KEYS)
+    path = t.get("path", str)
+    if path is None:
+        raise t.fail("path", "is required")
+    try:
+        compile_path(path)
+    except ValueError as exc:
+        raise t.fail("path", str(exc)) from None
+    price = t.positive_int("price_msat")
+    hook_spec = t.get("price_hook", str)
+    if price is None and hook_spec is None:
+        raise t.fail("price_msat", "is required (or give price_hook)")
+    method = t.get("method", (str, list), "*")
+    methods = [method] if isinstance(method, str) else method
+    if not all(isinstance(m, str) for m in methods):
+        raise t.fail("method", "must be a string or a list of strings")
+    upper = {m.upper() for m in methods}
+    if "*" in upper:
+        method_set = None
+    else:
+        bad = sorted(upper - METHODS)
+        if bad:
+            raise t.fail("method", f"unknown HTTP method {bad[0]!r}")
+        method_set = frozenset(upper)
+    pass_s = t.positive_int("pass_s", maximum=10 * 365 * 86400)
+    credits = t.positive_int("credits", maximum=1_000_000)
+    if pass_s is not None and credits is not None:
+        raise t.fail("credits", "give either credits or pass_s, not both")
+    caps = t.get("capabilities", list, [])
+    if not all(isinstance(c, str) and c and "," not in c for c in caps):
+        raise t.fail("capabilities", "must be a list of non-empty strings without commas")
+    upstream = t.get("upstream", str)
+    if upstream is not None and not upstream.startswith(("http://", "https://")):
+        raise t.fail("upstream", "must be an http:// or https:// URL")
+    return RouteRule(
+        path=path, price_msat=price or 0, methods=method_set,
+        credits=None if pass_s is not None else (credits or 1), pass_s=pass_s,
+        upstream=upstream, capabilities=frozenset(caps),
+        free_per_hour=t.positive_int("free_per_hour", 0, allow_zero=True, maximum=1_000_000) or 0,
+        description=t.get("description", str, ""),
+        price_hook=load_hook(hook_spec, f"{where}.price_hook") if hook_spec else None,
+    )

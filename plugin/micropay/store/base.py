@@ -1,0 +1,182 @@
+"""The Store port and the SQL both adapters share.
+
+SQL is written once with PostgreSQL's `$n` placeholders; the SQLite adapter maps
+them to SQLite's `?n`. Both engines run the same UPSERT ... RETURNING statements,
+so every state change is one atomic, idempotent statement.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeRecord:
+    """An issued token and its invoice, pending until paid or expired."""
+
+    payment_hash: str
+    token_id: str
+    route_key: str
+    client_key: str
+    price_msat: int
+    bolt11: str
+    macaroon: str
+    created_at: int
+    expires_at: int
+    credits: int | None = None
+    paid_at: int | None = None
+    received_msat: int | None = None
+
+    @property
+    def status(self) -> str:
+        return "paid" if self.paid_at is not None else "pending"
+
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS micropay_challenges (
+        payment_hash TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        route_key TEXT NOT NULL,
+        client_key TEXT NOT NULL,
+        price_msat BIGINT NOT NULL,
+        bolt11 TEXT NOT NULL,
+        macaroon TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        credits BIGINT,
+        paid_at BIGINT,
+        received_msat BIGINT)""",
+    """CREATE INDEX IF NOT EXISTS micropay_challenges_pending
+        ON micropay_challenges (client_key, route_key, expires_at)""",
+    """CREATE TABLE IF NOT EXISTS micropay_credits (
+        token_id TEXT PRIMARY KEY,
+        remaining BIGINT NOT NULL CHECK (remaining >= 0))""",
+    """CREATE TABLE IF NOT EXISTS micropay_cursors (
+        name TEXT PRIMARY KEY,
+        value BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS micropay_receipts (
+        payment_hash TEXT PRIMARY KEY,
+        receipt TEXT NOT NULL,
+        created_at BIGINT NOT NULL)""",
+]
+
+_CH_COLS = ("payment_hash, token_id, route_key, client_key, price_msat, bolt11, macaroon, "
+            "created_at, expires_at, credits, paid_at, received_msat")
+
+SQL = {
+    "add_challenge": f"INSERT INTO micropay_challenges ({_CH_COLS}) "
+                     "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
+                     "ON CONFLICT (payment_hash) DO NOTHING",
+    "get_challenge": f"SELECT {_CH_COLS} FROM micropay_challenges WHERE payment_hash = $1",
+    "pending_challenge": f"SELECT {_CH_COLS} FROM micropay_challenges "
+                         "WHERE client_key = $1 AND route_key = $2 AND price_msat = $3 "
+                         "AND paid_at IS NULL AND expires_at > $4 "
+                         "ORDER BY expires_at DESC LIMIT 1",
+    "count_pending": "SELECT COUNT(*) FROM micropay_challenges "
+                     "WHERE paid_at IS NULL AND expires_at > $1",
+    "count_pending_client": "SELECT COUNT(*) FROM micropay_challenges "
+                            "WHERE paid_at IS NULL AND expires_at > $1 AND client_key = $2",
+    "mark_paid": "UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
+                 "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash",
+    "purge_expired": "DELETE FROM micropay_challenges WHERE paid_at IS NULL AND expires_at < $1 "
+                     "RETURNING payment_hash",
+    # First use inserts (initial - 1); later uses decrement while > 0. No row back: exhausted.
+    "debit_credit": "INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, $2 - 1) "
+                    "ON CONFLICT (token_id) DO UPDATE SET remaining = micropay_credits.remaining - 1 "
+                    "WHERE micropay_credits.remaining > 0 RETURNING remaining",
+    "refund_credit": "UPDATE micropay_credits SET remaining = remaining + 1 WHERE token_id = $1",
+    "credits_remaining": "SELECT remaining FROM micropay_credits WHERE token_id = $1",
+    "get_cursor": "SELECT value FROM micropay_cursors WHERE name = $1",
+    "advance_cursor": "INSERT INTO micropay_cursors (name, value) VALUES ($1, $2) "
+                      "ON CONFLICT (name) DO UPDATE SET value = excluded.value "
+                      "WHERE micropay_cursors.value < excluded.value",
+    "add_receipt": "INSERT INTO micropay_receipts (payment_hash, receipt, created_at) "
+                   "VALUES ($1, $2, $3) ON CONFLICT (payment_hash) DO NOTHING",
+    "get_receipt": "SELECT receipt FROM micropay_receipts WHERE payment_hash = $1",
+}
+
+
+class Store(abc.ABC):
+    """Persistence for tokens, credits, cursors and receipts. Subclasses provide open,
+    close, _execute and _fetchall; every operation is one statement, atomic and safe to retry."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _execute(self, sql: str, args: Sequence[Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def _fetchall(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]: ...
+
+    async def _fetchrow(self, sql: str, args: Sequence[Any]) -> tuple[Any, ...] | None:
+        rows = await self._fetchall(sql, args)
+        return rows[0] if rows else None
+
+    # -- challenges / issued tokens --------------------------------------
+    async def add_challenge(self, ch: ChallengeRecord) -> None:
+        await self._execute(SQL["add_challenge"], (
+            ch.payment_hash, ch.token_id, ch.route_key, ch.client_key, ch.price_msat, ch.bolt11,
+            ch.macaroon, ch.created_at, ch.expires_at, ch.credits))
+
+    async def get_challenge(self, payment_hash: str) -> ChallengeRecord | None:
+        row = await self._fetchrow(SQL["get_challenge"], (payment_hash,))
+        return ChallengeRecord(*row) if row else None
+
+    async def pending_challenge(self, client_key: str, route_key: str, price_msat: int,
+                                valid_after: int) -> ChallengeRecord | None:
+        row = await self._fetchrow(SQL["pending_challenge"],
+                                   (client_key, route_key, price_msat, valid_after))
+        return ChallengeRecord(*row) if row else None
+
+    async def count_pending(self, now: int, client_key: str | None = None) -> int:
+        if client_key is None:
+            row = await self._fetchrow(SQL["count_pending"], (now,))
+        else:
+            row = await self._fetchrow(SQL["count_pending_client"], (now, client_key))
+        return int(row[0]) if row else 0
+
+    async def mark_paid(self, payment_hash: str, received_msat: int, paid_at: int) -> bool:
+        """True the first time; False if already paid or unknown."""
+        return await self._fetchrow(SQL["mark_paid"], (payment_hash, paid_at, received_msat)) is not None
+
+    async def purge_expired(self, before: int) -> int:
+        """Delete unpaid challenges that expired before `before`. Returns how many."""
+        return len(await self._fetchall(SQL["purge_expired"], (before,)))
+
+    # -- credits ---------------------------------------------------------
+    async def debit_credit(self, token_id: str, initial: int) -> int | None:
+        """Spend one credit. Returns credits left, or None if none were left."""
+        row = await self._fetchrow(SQL["debit_credit"], (token_id, initial))
+        return int(row[0]) if row else None
+
+    async def refund_credit(self, token_id: str) -> None:
+        """Give back one credit debited for a request that could not be served."""
+        await self._execute(SQL["refund_credit"], (token_id,))
+
+    async def credits_remaining(self, token_id: str) -> int | None:
+        row = await self._fetchrow(SQL["credits_remaining"], (token_id,))
+        return int(row[0]) if row else None
+
+    # -- cursors ---------------------------------------------------------
+    async def get_cursor(self, name: str) -> int:
+        row = await self._fetchrow(SQL["get_cursor"], (name,))
+        return int(row[0]) if row else 0
+
+    async def advance_cursor(self, name: str, value: int) -> None:
+        """Move forward only: an out-of-order write can never rewind the cursor."""
+        await self._execute(SQL["advance_cursor"], (name, value))
+
+    # -- receipts --------------------------------------------------------
+    async def add_receipt(self, payment_hash: str, receipt: str, created_at: int) -> None:
+        await self._execute(SQL["add_receipt"], (payment_hash, receipt, created_at))
+
+    async def get_receipt(self, payment_hash: str) -> str | None:
+        row = await self._fetchrow(SQL["get_receipt"], (payment_hash,))
+        return row[0] if row else None

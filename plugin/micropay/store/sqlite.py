@@ -1,0 +1,62 @@
+"""SQLite adapter: one connection on one worker thread, WAL, autocommit statements.
+
+Several processes may share the file: SQLite's locking serializes writers and
+busy_timeout makes them wait rather than fail.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+from .base import SCHEMA, Store
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="micropay-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._sql_cache: dict[str, str] = {}
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        conn.execute("PRAGMA busy_timeout=30000")
+        for stmt in SCHEMA:
+            conn.execute(stmt)
+        self._conn = conn
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._connect)
+        self.path.chmod(0o600)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
+        self._pool.shutdown(wait=False)
+
+    def _translate(self, sql: str) -> str:
+        out = self._sql_cache.get(sql)
+        if out is None:
+            out = self._sql_cache[sql] = _PLACEHOLDER.sub(r"?\1", sql)
+        return out
+
+    def _run(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        assert self._conn is not None, "store is not open"
+        return self._conn.execute(self._translate(sql), tuple(args)).fetchall()
+
+    async def _execute(self, sql: str, args: Sequence[Any]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)
+
+    async def _fetchall(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)

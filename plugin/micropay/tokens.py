@@ -1,0 +1,274 @@
+"""L402 tokens: macaroons bound to a payment hash, with first-party caveats.
+
+Identifier (66 bytes, as Aperture lays it out):
+    uint16 version=0 (big-endian) || payment_hash[32] || token_id[32]
+
+Per-token root key: HMAC-SHA256(master[kid], token_id). Masters live in one 0600 key
+file; `kid` travels in the macaroon location ("micropay:<kid>"). Changing the location
+only changes which master is tried, so it cannot forge anything. Tokens under an older
+master verify until that master is retired.
+
+Caveats (key=value, every one must hold; repeating a key can only narrow access):
+    services=<name>:<tier>[,...]        this service must be listed
+    <service>_capabilities=a,b          route's required capabilities must be a subset
+    <service>_valid_until=<unix>        not after this time
+    path=<pattern>                      request path must match (see patterns.py)
+    method=GET[,POST]                   request method must be listed
+    credits=<n>                         n requests, debited in the store
+Caveats naming another service's capabilities/valid_until are ignored, as Aperture
+does; any other unknown caveat fails verification (fail closed).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError, InvalidCredential, MalformedCredential
+from .l402 import Credential
+from .macaroon import Macaroon
+from .patterns import path_matches
+from .secretfile import read_secret, write_secret
+
+IDENTIFIER_VERSION = 0
+IDENTIFIER_LEN = 66
+LOCATION_PREFIX = "micropay:"
+Clock = Callable[[], float]
+
+
+def encode_identifier(payment_hash: bytes, token_id: bytes) -> bytes:
+    if len(payment_hash) != 32 or len(token_id) != 32:
+        raise ValueError("payment_hash and token_id must be 32 bytes")
+    return struct.pack(">H", IDENTIFIER_VERSION) + payment_hash + token_id
+
+
+def decode_identifier(identifier: bytes) -> tuple[bytes, bytes]:
+    """Returns (payment_hash, token_id)."""
+    if len(identifier) != IDENTIFIER_LEN:
+        raise MalformedCredential("token identifier must be 66 bytes")
+    (version,) = struct.unpack_from(">H", identifier)
+    if version != IDENTIFIER_VERSION:
+        raise MalformedCredential(f"unsupported token identifier version {version}")
+    return identifier[2:34], identifier[34:66]
+
+
+# -- root keys --------------------------------------------------------------
+
+@dataclass
+class RootKey:
+    kid: str
+    secret: bytes
+    created_at: int
+    retired_at: int | None = None
+
+
+class RootKeyRing:
+    """Master keys by key id, persisted in a 0600 JSON file."""
+
+    def __init__(self, keys: dict[str, RootKey], current: str, path: Path | None = None) -> None:
+        if current not in keys:
+            raise ConfigError(f"root key file: current key id {current!r} is not in the key list")
+        self.keys, self.current, self.path = keys, current, path
+
+    @classmethod
+    def ephemeral(cls) -> "RootKeyRing":
+        kid = os.urandom(4).hex()
+        return cls({kid: RootKey(kid, os.urandom(32), int(time.time()))}, kid)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "RootKeyRing":
+        if not path.exists():
+            ring = cls.ephemeral()
+            ring.path = path
+            ring.save()
+            return ring
+        try:
+            doc = json.loads(read_secret(path))
+            keys = {k["kid"]: RootKey(k["kid"], bytes.fromhex(k["secret"]), int(k["created_at"]),
+                                      k.get("retired_at")) for k in doc["keys"]}
+            return cls(keys, doc["current"], path)
+        except ConfigError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: root key file is corrupt ({type(exc).__name__})") from None
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        doc = {"current": self.current,
+               "keys": [{"kid": k.kid, "secret": k.secret.hex(), "created_at": k.created_at,
+                         "retired_at": k.retired_at} for k in self.keys.values()]}
+        write_secret(self.path, json.dumps(doc, indent=1).encode())
+
+    def rotate(self) -> str:
+        """New current key; older keys keep verifying until retired."""
+        kid = os.urandom(4).hex()
+        self.keys[kid] = RootKey(kid, os.urandom(32), int(time.time()))
+        self.current = kid
+        self.save()
+        return kid
+
+    def retire(self, kid: str) -> None:
+        if kid not in self.keys:
+            raise ConfigError(f"no root key with id {kid!r}")
+        if kid == self.current:
+            raise ConfigError("cannot retire the current root key; rotate first")
+        self.keys[kid].retired_at = int(time.time())
+        self.save()
+
+    def token_root_key(self, kid: str, token_id: bytes) -> bytes:
+        key = self.keys.get(kid)
+        if key is None or key.retired_at is not None:
+            raise InvalidCredential("token was signed with an unknown or retired key")
+        return hmac.digest(key.secret, token_id, hashlib.sha256)
+
+
+# -- caveats ----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Constraints:
+    """The conjunction of a token's caveats, pre-parsed for a cheap per-request check."""
+
+    services: frozenset[str] | None = None
+    capabilities: frozenset[str] | None = None
+    valid_until: int | None = None
+    paths: tuple[str, ...] = ()
+    methods: frozenset[str] | None = None
+    credits: int | None = None
+
+    def check(self, service: str, method: str, path: str, now: float,
+              required_capabilities: frozenset[str] = frozenset()) -> None:
+        if self.services is not None and service not in self.services:
+            raise InvalidCredential(f"token is not valid for service {service!r}")
+        if self.valid_until is not None and now > self.valid_until:
+            raise InvalidCredential("token has expired", expired_at=self.valid_until)
+        if self.methods is not None and method not in self.methods:
+            raise InvalidCredential(f"token does not allow method {method}")
+        for pattern in self.paths:
+            if not path_matches(pattern, path):
+                raise InvalidCredential("token does not cover this path", allowed=pattern)
+        if required_capabilities and self.capabilities is not None \
+                and not required_capabilities <= self.capabilities:
+            raise InvalidCredential("token lacks a required capability",
+                                    required=sorted(required_capabilities))
+
+
+def _intersect(old: frozenset[str] | None, new: frozenset[str]) -> frozenset[str]:
+    return new if old is None else old & new
+
+
+def parse_caveats(caveats: tuple[bytes, ...], service: str) -> Constraints:
+    services = capabilities = methods = None
+    valid_until = credits = None
+    paths: list[str] = []
+    cap_key, until_key = f"{service}_capabilities", f"{service}_valid_until"
+    for raw in caveats:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidCredential("caveat is not UTF-8") from None
+        key, sep, value = text.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise InvalidCredential(f"caveat is not key=value: {text[:64]!r}")
+        if key == "services":
+            names = frozenset(item.split(":", 1)[0].strip() for item in value.split(","))
+            services = _intersect(services, names)
+        elif key == cap_key:
+            capabilities = _intersect(capabilities, frozenset(c.strip() for c in value.split(",")))
+        elif key == until_key:
+            t = _caveat_int(key, value)
+            valid_until = t if valid_until is None else min(valid_until, t)
+        elif key == "path":
+            paths.append(value)
+        elif key == "method":
+            methods = _intersect(methods, frozenset(m.strip().upper() for m in value.split(",")))
+        elif key == "credits":
+            n = _caveat_int(key, value)
+            credits = n if credits is None else min(credits, n)
+        elif key.endswith("_capabilities") or key.endswith("_valid_until"):
+            continue  # another service's condition
+        else:
+            raise InvalidCredential(f"unknown caveat {key!r}")
+    for p in paths:
+        if not p.startswith("/") or "*" in p[:-1]:
+            raise InvalidCredential(f"bad path caveat {p!r}")
+    return Constraints(services, capabilities, valid_until, tuple(paths), methods, credits)
+
+
+def _caveat_int(key: str, value: str) -> int:
+    if not value.isdigit() or len(value) > 18:
+        raise InvalidCredential(f"caveat {key} must be a non-negative integer")
+    return int(value)
+
+
+# -- minting and verification -----------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class VerifiedToken:
+    token_id: bytes
+    payment_hash: bytes
+    constraints: Constraints
+    macaroon: Macaroon = field(compare=False)
+
+    @property
+    def token_id_hex(self) -> str:
+        return self.token_id.hex()
+
+
+class TokenService:
+    """Mints tokens and verifies credentials without touching the node or the store.
+
+    Successful verifications are cached by the exact credential string (bounded, LRU),
+    so a repeated credential costs a dict lookup plus the per-request caveat check.
+    """
+
+    def __init__(self, keyring: RootKeyRing, service: str, clock: Clock = time.time,
+                 cache_size: int = 50_000) -> None:
+        self.keyring, self.service, self.clock = keyring, service, clock
+        self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
+        self._cache_size = cache_size
+
+    def mint(self, payment_hash: bytes, caveats: list[str], token_id: bytes | None = None) -> Macaroon:
+        token_id = token_id or os.urandom(32)
+        kid = self.keyring.current
+        root = self.keyring.token_root_key(kid, token_id)
+        return Macaroon.mint(root, encode_identifier(payment_hash, token_id), LOCATION_PREFIX + kid,
+                             tuple(c.encode() for c in caveats))
+
+    def verify_credential(self, cred: Credential) -> VerifiedToken:
+        """Signature, caveat syntax and preimage; not the request-specific conditions."""
+        hit = self._cache.get(cred.raw)
+        if hit is not None:
+            return hit
+        mac = Macaroon.deserialize(cred.macaroons[0])
+        payment_hash, token_id = decode_identifier(mac.identifier)
+        if not mac.location.startswith(LOCATION_PREFIX):
+            raise InvalidCredential("token was not issued by this service")
+        root = self.keyring.token_root_key(mac.location[len(LOCATION_PREFIX):], token_id)
+        if not mac.verify_signature(root):
+            raise InvalidCredential("token signature does not verify")
+        if not hmac.compare_digest(hashlib.sha256(cred.preimage).digest(), payment_hash):
+            raise InvalidCredential("preimage does not match the token's payment hash")
+        token = VerifiedToken(token_id, payment_hash, parse_caveats(mac.caveats, self.service), mac)
+        self._cache[cred.raw] = token
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return token
+
+    def verify(self, cred: Credential, method: str, path: str,
+               required_capabilities: frozenset[str] = frozenset()) -> VerifiedToken:
+        token = self.verify_credential(cred)
+        token.constraints.check(self.service, method, path, self.clock(), required_capabilities)
+        return token
+
+    def forget_cached(self) -> None:
+        """Drop cached verifications, e.g. after a key was retired."""
+        self._cache.clear()
