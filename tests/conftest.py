@@ -1,0 +1,147 @@
+"""Shared fixtures: stores (SQLite and PostgreSQL), sandbox network, a running sidecar."""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from micropay.config import ChallengeLimits, Config, parse_config
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.sidecar.app import Runtime, build_app, create_runtime
+from micropay.store import open_store_from_url
+
+PG_URL = os.environ.get("MICROPAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_reachable() -> str | None:
+    try:
+        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
+            return None
+    except OSError as exc:
+        return f"PostgreSQL not reachable at 127.0.0.1:5432 ({exc}); set MICROPAY_TEST_PG"
+
+
+PG_SKIP_REASON = _pg_reachable()
+
+
+def pg_url_with_fresh_schema() -> str:
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}schema=mp_test_{uuid.uuid4().hex[:12]}"
+
+
+async def drop_pg_schema(url: str) -> None:
+    import asyncpg
+
+    from micropay.store.postgres import split_schema
+    dsn, schema = split_schema(url)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = open_store_from_url(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+        await s.open()
+        yield s
+        await s.close()
+        return
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url = pg_url_with_fresh_schema()
+    s = open_store_from_url(url)
+    await s.open()
+    yield s
+    await s.close()
+    await drop_pg_schema(url)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+DEMO_ROUTES = """
+service = "test"
+demo = true
+[[routes]]
+method = "GET"
+path = "/api/joke"
+price_msat = 1000
+description = "joke"
+[[routes]]
+method = "GET"
+path = "/api/fortune/*"
+price_msat = 5000
+credits = 3
+[[routes]]
+method = ["GET", "POST"]
+path = "/api/echo"
+price_msat = 2000
+pass_s = 3600
+"""
+
+
+def make_config(tmp_path: Path, toml_text: str = DEMO_ROUTES, **overrides) -> Config:
+    import tomllib
+    cfg = parse_config(tomllib.loads(toml_text), "test.toml")
+    return cfg.with_overrides(data_dir=tmp_path / "data", **overrides)
+
+
+class Sidecar:
+    """A sidecar app on 127.0.0.1 with a sandbox node and a funded payer node."""
+
+    def __init__(self, rt: Runtime, runner: web.AppRunner, port: int, payer) -> None:
+        self.rt, self.runner, self.port, self.payer = rt, runner, port, payer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def start_sidecar(cfg: Config, clock=None, node=None, sandbox=None) -> Sidecar:
+    import time as _time
+    clock = clock or _time.time
+    net = sandbox or SandboxNetwork(clock)
+    node = node or net.add_node("merchant")
+    rt = await create_runtime(cfg, node=node, clock=clock)
+    rt.sandbox = net
+    runner = web.AppRunner(build_app(rt))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return Sidecar(rt, runner, port, net.add_node("payer", 10_000_000_000))
+
+
+@pytest.fixture
+async def sidecar(tmp_path):
+    sc = await start_sidecar(make_config(tmp_path))
+    yield sc
+    await sc.runner.cleanup()
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def limits():
+    return ChallengeLimits()
+
+
