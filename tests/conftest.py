@@ -12,7 +12,7 @@ from aiohttp import web
 
 from micropay.config import ChallengeLimits, Config, parse_config
 from micropay.lightning.sandbox import SandboxNetwork
-from micropay.sidecar.app import Runtime, build_app, create_runtime
+from micropay.sidecar.app import Runtime, build_app, create_runtime, make_runner
 from micropay.store import open_store_from_url
 
 PG_URL = os.environ.get("MICROPAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -120,7 +120,7 @@ async def start_sidecar(cfg: Config, clock=None, node=None, sandbox=None) -> Sid
     node = node or net.add_node("merchant")
     rt = await create_runtime(cfg, node=node, clock=clock)
     rt.sandbox = net
-    runner = web.AppRunner(build_app(rt))
+    runner = make_runner(build_app(rt))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

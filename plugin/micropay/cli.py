@@ -33,12 +33,12 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 async def _serve(cfg: Config) -> None:
     from aiohttp import web
 
-    from .sidecar import build_app, create_runtime
+    from .sidecar.app import build_app, create_runtime, make_runner
 
     host, port = cfg.host_port()
     rt = await create_runtime(cfg)
     app = build_app(rt)
-    runner = web.AppRunner(app, shutdown_timeout=10.0, access_log=logging.getLogger("micropay.access"))
+    runner = make_runner(app, shutdown_timeout=10.0, access_log=logging.getLogger("micropay.access"))
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

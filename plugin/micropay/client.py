@@ -108,7 +108,10 @@ class Spend:
     amount_msat: int
     fee_msat: int
     ts: int
-    status: str        # "paying" (intent recorded) or "paid"
+    status: str        # "paying" (intent recorded before paying) or "paid"
+    origin: str = ""
+    bolt11: str = ""   # kept while "paying", so a run that died mid-payment can finish it
+    macaroon: str = ""
 
 
 @dataclass
@@ -194,7 +197,7 @@ class L402Client:
         method = method.upper()
         async with contextlib.AsyncExitStack() as stack:
             session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
-            token = self._find_token(origin, method, path)
+            token = self._find_token(origin, method, path) or await self._resume(origin, method, path)
             paid = PaidInvoice("", 0, 0)
             payment_hash = None
             for _attempt in range(3):  # cached token -> fresh challenge -> paid retry
@@ -260,27 +263,54 @@ class L402Client:
                       f"(payment_hash {inv.payment_hash[:16]}…, {inv.description!r})")
         with self.cache.locked() as state:
             known = state.spends.get(inv.payment_hash)
+            if known is not None and known.status == "paid":
+                raise PaymentFailed("the server sent an invoice this client has already paid; "
+                                    "not paying twice")
             if known is None:
                 self._check_budget(host, amount, now)
-                state.spends[inv.payment_hash] = Spend(inv.payment_hash, host, amount,
-                                                       self.budget.max_fee_msat, int(now), "paying")
-        try:
-            paid = await self.wallet.pay(ch.invoice, amount, self.budget.max_fee_msat)
-        except MicropayError:
-            with self.cache.locked() as state:   # nothing was paid: release the reservation
-                if state.spends.get(inv.payment_hash, Spend("", "", 0, 0, 0, "paid")).status == "paying":
-                    del state.spends[inv.payment_hash]
-            raise
-        if hashlib.sha256(bytes.fromhex(paid.preimage)).hexdigest() != inv.payment_hash:
-            raise PaymentFailed("the wallet returned a preimage that does not match the invoice")
-        token = _token_from(origin, mac, ch.macaroon, paid.preimage, inv.payment_hash)
-        with self.cache.locked() as state:
-            state.spends[inv.payment_hash] = Spend(inv.payment_hash, host, paid.amount_msat,
-                                                   paid.fee_msat, int(now), "paid")
-            state.tokens.append(token)
+                state.spends[inv.payment_hash] = Spend(
+                    inv.payment_hash, host, amount, self.budget.max_fee_msat, int(now), "paying",
+                    origin, ch.invoice, ch.macaroon)
+        token, paid = await self._complete(state.spends[inv.payment_hash])
         self.on_event(f"paid {paid.amount_msat} msat + {paid.fee_msat} msat fee; "
                       f"spent today at {host}: {self.cache.spent(host, now - DAY_S)} msat")
         return token, paid, inv.payment_hash
+
+    async def _complete(self, intent: Spend) -> tuple[CachedToken, PaidInvoice]:
+        """Pay a recorded intent and turn it into a cached token. Wallets are idempotent
+        per invoice (paying a paid invoice returns its preimage), so this is safe to repeat."""
+        try:
+            paid = await self.wallet.pay(intent.bolt11, intent.amount_msat, self.budget.max_fee_msat)
+        except MicropayError:
+            with self.cache.locked() as state:   # nothing was paid: release the reservation
+                known = state.spends.get(intent.payment_hash)
+                if known is not None and known.status == "paying":
+                    del state.spends[intent.payment_hash]
+            raise
+        if hashlib.sha256(bytes.fromhex(paid.preimage)).hexdigest() != intent.payment_hash:
+            raise PaymentFailed("the wallet returned a preimage that does not match the invoice")
+        mac = Macaroon.deserialize(intent.macaroon)
+        token = _token_from(intent.origin, mac, intent.macaroon, paid.preimage, intent.payment_hash)
+        with self.cache.locked() as state:
+            state.spends[intent.payment_hash] = Spend(intent.payment_hash, intent.host, paid.amount_msat,
+                                                      paid.fee_msat, intent.ts, "paid")
+            if not any(t.macaroon == token.macaroon for t in state.tokens):
+                state.tokens.append(token)
+        return token, paid
+
+    async def _resume(self, origin: str, method: str, path: str) -> CachedToken | None:
+        """Finish a payment that an earlier run recorded but did not see through."""
+        now = self.clock()
+        for intent in list(self.cache.state.spends.values()):
+            if intent.status != "paying" or intent.origin != origin or not intent.macaroon:
+                continue
+            candidate = _token_from(origin, Macaroon.deserialize(intent.macaroon), intent.macaroon,
+                                    "", intent.payment_hash)
+            if candidate.covers(origin, method, path, now):
+                self.on_event(f"finishing an interrupted payment ({intent.payment_hash[:16]}…)")
+                token, _ = await self._complete(intent)
+                return token
+        return None
 
     def _check_budget(self, host: str, amount: int, now: float) -> None:
         b = self.budget

@@ -84,11 +84,20 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return problem_response(err)
 
 
+# Header limits above aiohttp's 8 KiB default, so that an oversized Authorization header
+# reaches the gate and gets a JSON 400 (the gate's own limit is 8 KiB).
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
+    return web.AppRunner(app, max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES, **kwargs)
+
+
 def build_app(rt: Runtime) -> web.Application:
     cfg = rt.config
     app = web.Application(middlewares=[error_middleware], client_max_size=1024 ** 2)
     app[RUNTIME] = rt
-    gate = Gate(service=cfg.service, tokens=rt.tokens, node=rt.node, store=rt.store,
+    gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store,
                 receipts=rt.receipts, limits=cfg.limits, metrics=rt.metrics, pricing=cfg.pricing,
                 trust_forwarded_for=cfg.trust_forwarded_for, clock=rt.clock)
     gate.install(app)

@@ -34,8 +34,11 @@ from .responses import problem_response
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PAID_HEADERS = "micropay.paid_headers"
-PAID_TOKEN = "micropay.token"
+if hasattr(web, "RequestKey"):  # aiohttp >= 3.13
+    PAID_HEADERS = web.RequestKey("micropay_paid_headers", dict)
+    PAID_TOKEN = web.RequestKey("micropay_token", tuple)
+else:  # pragma: no cover
+    PAID_HEADERS, PAID_TOKEN = "micropay_paid_headers", "micropay_token"
 REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
 
 
@@ -45,11 +48,12 @@ class PricingUnavailable(MicropayError):
 
 
 class Gate:
-    def __init__(self, *, service: str, tokens: TokenService, node: Node, store: Store,
+    def __init__(self, *, tokens: TokenService, node: Node, store: Store,
                  receipts: ReceiptSigner, limits: ChallengeLimits, metrics: Metrics | None = None,
                  pricing: Pricing | None = None, trust_forwarded_for: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
-        self.service, self.tokens, self.node, self.store = service, tokens, node, store
+        self.tokens, self.node, self.store = tokens, node, store
+        self.service = tokens.service   # caveats are minted and checked under one name
         self.receipts, self.limits, self.clock = receipts, limits, clock
         self.metrics = metrics or Metrics()
         self.pricing = pricing or Pricing([])

@@ -14,6 +14,7 @@ from multidict import CIMultiDict
 from ..errors import UpstreamError
 from ..l402 import SCHEMES
 from ..pricing import Pricing
+from .gate import PAID_TOKEN
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -59,7 +60,7 @@ class ReverseProxy:
         auth = headers.get(hdrs.AUTHORIZATION, "")
         if auth.split(" ", 1)[0].upper() in SCHEMES:
             headers.popall(hdrs.AUTHORIZATION)
-        paid = request.get("micropay.token")
+        paid = request.get(PAID_TOKEN)
         if paid is not None:
             headers["X-L402-Token-Id"], headers["X-L402-Payment-Hash"] = paid
         peer = request.remote or ""

@@ -72,6 +72,10 @@ SQL = {
     "pending_challenge": f"SELECT {_CH_COLS} FROM micropay_challenges "
                          "WHERE client_key = $1 AND route_key = $2 AND price_msat = $3 "
                          "AND paid_at IS NULL AND expires_at > $4 "
+                         # a token already spending credits is paid, even if the settlement
+                         # has not been recorded yet
+                         "AND NOT EXISTS (SELECT 1 FROM micropay_credits c "
+                         "WHERE c.token_id = micropay_challenges.token_id) "
                          "ORDER BY expires_at DESC LIMIT 1",
     "count_pending": "SELECT COUNT(*) FROM micropay_challenges "
                      "WHERE paid_at IS NULL AND expires_at > $1",

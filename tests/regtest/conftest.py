@@ -1,0 +1,46 @@
+"""The regtest tier: real bitcoind + lightningd v26.06 through pyln-testing's node_factory.
+
+Every test here is marked `regtest`. When the binaries are missing (or the wrong
+version), the whole tier is skipped with the reason printed in pytest's summary.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+REQUIRED_VERSION = "v26.06"
+
+
+def _why_not() -> str | None:
+    for binary in ("bitcoind", "lightningd"):
+        if shutil.which(binary) is None:
+            return f"regtest tier skipped: {binary} is not on PATH (see docs/operators.md)"
+    try:
+        version = subprocess.run(["lightningd", "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"regtest tier skipped: lightningd --version failed ({exc})"
+    if not version.startswith(REQUIRED_VERSION):
+        return f"regtest tier skipped: lightningd is {version}, the tier needs {REQUIRED_VERSION}.x"
+    return None
+
+
+SKIP_REASON = _why_not()
+
+if SKIP_REASON is None:
+    os.environ.setdefault("RUST", "0")          # no cln-grpc in a build without Rust
+    os.environ.setdefault("VALGRIND", "0")
+    os.environ.setdefault("TEST_DEBUG", "0")
+    from pyln.testing.fixtures import *  # noqa: F401,F403,E402  (node_factory, bitcoind, ...)
+
+
+def pytest_collection_modifyitems(config, items):
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.regtest)
+            if SKIP_REASON is not None:
+                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))

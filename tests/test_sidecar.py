@@ -1,0 +1,264 @@
+"""The sidecar over real HTTP on 127.0.0.1, with the sandbox backend."""
+import asyncio
+import base64
+import hashlib
+import json
+
+import aiohttp
+import bolt11
+import pytest
+
+from micropay.l402 import format_authorization, parse_challenges
+from micropay.macaroon import Macaroon
+from micropay.receipts import verify_receipt
+from micropay.tokens import decode_identifier
+
+from .conftest import FakeClock, make_config, start_sidecar
+
+
+async def get(url, **kw):
+    async with aiohttp.ClientSession() as s:
+        async with s.request(kw.pop("method", "GET"), url, **kw) as r:
+            return r.status, r.headers.copy(), await r.read()
+
+
+async def buy(sc, path, method="GET"):
+    """Get a challenge for `path`, pay it with the payer node; returns the Authorization value."""
+    status, headers, body = await get(sc.url + path, method=method)
+    assert status == 402, body
+    ch = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+    paid = await sc.payer.pay(ch.invoice)
+    return format_authorization(ch.macaroon, paid.preimage)
+
+
+async def table_count(sc, table):
+    row = await sc.rt.store._fetchrow(f"SELECT COUNT(*) FROM micropay_{table}", ())
+    return row[0]
+
+
+async def test_402_challenge_is_complete(sidecar):
+    status, headers, body = await get(sidecar.url + "/api/joke")
+    assert status == 402
+    assert headers["Content-Type"].startswith("application/problem+json")
+    values = headers.getall("WWW-Authenticate")
+    assert values[0].startswith('L402 version="0", token="') and values[1].startswith("LSAT macaroon=")
+    doc = json.loads(body)
+    assert doc["error"] == "payment_required" and doc["price_msat"] == 1000
+    assert doc["resource"] == "GET /api/joke" and doc["credits"] == 1
+    inv = bolt11.decode(doc["invoice"])
+    assert inv.amount_msat == 1000 and inv.payment_hash == doc["payment_hash"]
+    ph, _ = decode_identifier(Macaroon.deserialize(doc["macaroon"]).identifier)
+    assert ph.hex() == doc["payment_hash"]
+    assert doc["expires_at"] == inv.date + inv.expiry
+
+
+async def test_paid_request_gets_receipt_and_single_use(sidecar):
+    auth = await buy(sidecar, "/api/joke")
+    status, headers, body = await get(sidecar.url + "/api/joke", headers={"Authorization": auth})
+    assert status == 200 and "joke" in json.loads(body)
+    _, _, wk = await get(sidecar.url + "/.well-known/l402.json")
+    receipt = verify_receipt(headers["Payment-Receipt"], json.loads(wk)["receipt_pubkey"])
+    assert receipt["type"] == "request" and receipt["credits_remaining"] == 0
+    assert receipt["path"] == "/api/joke"
+    before = await table_count(sidecar, "challenges")
+    status, headers, body = await get(sidecar.url + "/api/joke", headers={"Authorization": auth})
+    assert status == 402 and json.loads(body)["error"] == "credits_exhausted"
+    assert "WWW-Authenticate" not in headers
+    assert await table_count(sidecar, "challenges") == before
+
+
+async def test_prepaid_credits(sidecar):
+    auth = await buy(sidecar, "/api/fortune/1")
+    remaining = []
+    for i in range(3):
+        status, headers, _ = await get(f"{sidecar.url}/api/fortune/{i}", headers={"Authorization": auth})
+        assert status == 200
+        remaining.append(headers["Payment-Credits-Remaining"])
+    assert remaining == ["2", "1", "0"]
+    status, _, _ = await get(sidecar.url + "/api/fortune/9", headers={"Authorization": auth})
+    assert status == 402
+
+
+async def test_pass_token_is_stateless_and_expires(tmp_path):
+    clock = FakeClock()
+    sc = await start_sidecar(make_config(tmp_path), clock=clock)
+    try:
+        auth = await buy(sc, "/api/echo")
+        for method in ("GET", "POST", "GET"):
+            status, headers, _ = await get(sc.url + "/api/echo", method=method, headers={"Authorization": auth})
+            assert status == 200
+            assert verify_receipt(headers["Payment-Receipt"])["type"] == "pass"
+        assert await table_count(sc, "credits") == 0          # no store writes on this path
+        clock.advance(3601)
+        status, _, body = await get(sc.url + "/api/echo", headers={"Authorization": auth})
+        assert status == 401 and json.loads(body)["error"] == "invalid_credential"
+    finally:
+        await sc.runner.cleanup()
+
+
+async def test_bad_credentials_get_clear_errors_and_leave_nothing(sidecar):
+    good = await buy(sidecar, "/api/fortune/1")
+    mac_b64, preimage = good[5:].split(":")
+    mac = Macaroon.deserialize(mac_b64)
+    urlsafe = base64.urlsafe_b64encode(mac.to_bytes()).decode().rstrip("=")
+    forged = Macaroon(mac.identifier, mac.caveats[:-1] + (b"credits=999",), mac.signature, mac.location)
+    wider = mac.add_first_party_caveat(b"path=/api/joke")
+    challenges, credits = await table_count(sidecar, "challenges"), await table_count(sidecar, "credits")
+    cases = [
+        ("L402 garbage", 400, "malformed_credential"),
+        ("L402 " + "A" * 10_000 + ":" + "0" * 64, 400, "malformed_credential"),
+        (f"L402 {mac_b64}:nothex", 400, "malformed_credential"),
+        (f"L402 AAAA:{preimage}", 400, "malformed_credential"),
+        (f"L402 {mac_b64}:{'00' * 32}", 401, "invalid_credential"),
+        (f"L402 {forged.serialize()}:{preimage}", 401, "invalid_credential"),
+        (f"L402 {wider.serialize()}:{preimage}", 401, "invalid_credential"),
+    ]
+    for header, status_want, code in cases:
+        status, headers, body = await get(sidecar.url + "/api/fortune/1", headers={"Authorization": header})
+        doc = json.loads(body)
+        assert (status, doc["error"]) == (status_want, code), header[:40]
+        assert headers["Content-Type"].startswith("application/problem+json")
+    # a token for one route does not open another
+    status, _, _ = await get(sidecar.url + "/api/echo", headers={"Authorization": good})
+    assert status == 401
+    assert await table_count(sidecar, "challenges") == challenges
+    assert await table_count(sidecar, "credits") == credits
+    # and the genuine one, in LSAT and URL-safe form, still works
+    status, _, _ = await get(sidecar.url + "/api/fortune/2", headers={"Authorization": f"LSAT {urlsafe}:{preimage}"})
+    assert status == 200
+
+
+async def test_challenge_reuse_rate_limit_and_pending_bound(tmp_path):
+    routes = "".join(f'[[routes]]\npath = "/r{i}"\nprice_msat = {100 + i}\n' for i in range(8))
+    toml = f'demo = true\n[challenges]\nper_client_per_minute = 3\nmax_pending = 4\n{routes}'
+    sc = await start_sidecar(make_config(tmp_path, toml))
+    try:
+        first = json.loads((await get(sc.url + "/r0"))[2])["payment_hash"]
+        assert json.loads((await get(sc.url + "/r0"))[2])["payment_hash"] == first   # reused
+        statuses = [(await get(f"{sc.url}/r{i}"))[0] for i in range(1, 4)]
+        assert statuses == [402, 402, 429]                    # 3 new invoices a minute
+        status, headers, body = await get(sc.url + "/r5")
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert json.loads(body)["error"] == "rate_limited"
+        sc.rt.metrics.challenges.clear()
+        # the store-wide bound, whatever the client
+        from micropay.sidecar.guard import TokenBucket
+        for mw in sc.runner.app.middlewares:
+            gate = getattr(mw, "__self__", None)
+            if gate is not None:
+                gate.bucket = TokenBucket(1000)
+        await get(sc.url + "/r6")
+        status, _, body = await get(sc.url + "/r7")
+        assert status == 503 and json.loads(body)["error"] == "too_many_pending_challenges"
+        assert await table_count(sc, "challenges") == 4
+    finally:
+        await sc.runner.cleanup()
+
+
+async def test_free_tier(tmp_path):
+    toml = 'demo = true\n[[routes]]\npath = "/api/joke"\nprice_msat = 10\nfree_per_hour = 2\n'
+    sc = await start_sidecar(make_config(tmp_path, toml))
+    try:
+        assert [(await get(sc.url + "/api/joke"))[0] for _ in range(3)] == [200, 200, 402]
+    finally:
+        await sc.runner.cleanup()
+
+
+async def test_well_known_and_metrics(sidecar):
+    auth = await buy(sidecar, "/api/joke")
+    await get(sidecar.url + "/api/joke", headers={"Authorization": auth})
+    await get(sidecar.url + "/api/joke", headers={"Authorization": "L402 x"})
+    for _ in range(50):
+        if sidecar.rt.metrics.revenue_msat:
+            break
+        await asyncio.sleep(0.01)
+    status, _, body = await get(sidecar.url + "/.well-known/l402.json")
+    doc = json.loads(body)
+    assert status == 200 and doc["service"] == "test" and doc["sandbox"] is True
+    joke = next(r for r in doc["routes"] if r["path"] == "/api/joke")
+    assert joke["price_msat"] == 1000 and joke["method"] == ["GET"]
+    assert "services=test:0" in joke["caveats"]
+    status, headers, text = await get(sidecar.url + "/metrics")
+    text = text.decode()
+    assert headers["Content-Type"].startswith("text/plain")
+    assert 'micropay_challenges_total{route="GET /api/joke"} 1' in text
+    assert 'micropay_paid_requests_total{route="GET /api/joke"} 1' in text
+    assert 'micropay_rejections_total{reason="malformed_credential"} 1' in text
+    assert "micropay_revenue_msat_total 1000" in text
+    assert "micropay_gate_latency_seconds_count 3" in text
+
+
+async def test_settlements_marked_paid_and_caught_up_after_restart(tmp_path):
+    from micropay.lightning.sandbox import SandboxNetwork
+    cfg = make_config(tmp_path)
+    net = SandboxNetwork()
+    node = net.add_node("merchant")
+    sc = await start_sidecar(cfg, node=node, sandbox=net)
+    status, _, body = await get(sc.url + "/api/joke")
+    first = json.loads(body)
+    status, _, body = await get(sc.url + "/api/echo")
+    second = json.loads(body)
+    await sc.payer.pay(first["invoice"])
+    for _ in range(100):
+        if (await sc.rt.store.get_challenge(first["payment_hash"])).paid_at:
+            break
+        await asyncio.sleep(0.01)
+    assert (await sc.rt.store.get_challenge(first["payment_hash"])).status == "paid"
+    assert verify_receipt(await sc.rt.store.get_receipt(first["payment_hash"]))["amount_msat"] == 1000
+    await sc.runner.cleanup()                       # sidecar down ...
+    await sc.payer.pay(second["invoice"])           # ... a payment arrives meanwhile
+    sc2 = await start_sidecar(cfg, node=node, sandbox=net)
+    try:
+        for _ in range(100):
+            rec = await sc2.rt.store.get_challenge(second["payment_hash"])
+            if rec.paid_at:
+                break
+            await asyncio.sleep(0.01)
+        assert rec.status == "paid" and rec.received_msat == 2000
+        assert sc2.rt.metrics.settlements == 1       # the first was not counted again
+    finally:
+        await sc2.runner.cleanup()
+
+
+async def test_decorator_mode_inside_an_app(tmp_path):
+    from aiohttp import web
+
+    from micropay.lightning.sandbox import SandboxNetwork
+    from micropay.sidecar import Gate, create_runtime
+
+    net = SandboxNetwork()
+    cfg = make_config(tmp_path, "")
+    rt = await create_runtime(cfg, node=net.add_node("m"))
+    gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store, receipts=rt.receipts,
+                limits=cfg.limits)
+    app = web.Application()
+    gate.install(app, middleware=False)
+
+    @gate.require(price_msat=777, pass_s=60)
+    async def report(request):
+        return web.json_response({"report": request.match_info["name"]})
+
+    app.router.add_get("/reports/{name}", report)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        status, headers, body = await get(url + "/reports/q1")
+        assert status == 402 and json.loads(body)["price_msat"] == 777
+        ch = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+        paid = await net.add_node("p", 10_000).pay(ch.invoice)
+        auth = format_authorization(ch.macaroon, paid.preimage)
+        for name in ("q1", "q2"):                   # the pass covers the route pattern
+            status, headers, body = await get(f"{url}/reports/{name}", headers={"Authorization": auth})
+            assert status == 200 and json.loads(body) == {"report": name}
+            assert "Payment-Receipt" in headers
+    finally:
+        await runner.cleanup()
+        await rt.store.close()
+
+
+def test_preimage_hash_is_what_lightning_uses():
+    pre = bytes(range(32))
+    assert hashlib.sha256(pre).hexdigest() == "630dcd2966c4336691125448bbb25b4ff412a49c732db2c8abc1b8581bd710dd"
