@@ -129,26 +129,23 @@ async def test_bad_credentials_get_clear_errors_and_leave_nothing(sidecar):
 
 
 async def test_challenge_reuse_rate_limit_and_pending_bound(tmp_path):
-    routes = "".join(f'[[routes]]\npath = "/r{i}"\nprice_msat = {100 + i}\n' for i in range(8))
+    routes = "".join(f'[[routes]]\npath = "/api/fortune/r{i}"\nprice_msat = {100 + i}\n' for i in range(8))
     toml = f'demo = true\n[challenges]\nper_client_per_minute = 3\nmax_pending = 4\n{routes}'
     sc = await start_sidecar(make_config(tmp_path, toml))
     try:
-        first = json.loads((await get(sc.url + "/r0"))[2])["payment_hash"]
-        assert json.loads((await get(sc.url + "/r0"))[2])["payment_hash"] == first   # reused
-        statuses = [(await get(f"{sc.url}/r{i}"))[0] for i in range(1, 4)]
+        first = json.loads((await get(sc.url + "/api/fortune/r0"))[2])["payment_hash"]
+        assert json.loads((await get(sc.url + "/api/fortune/r0"))[2])["payment_hash"] == first   # reused
+        statuses = [(await get(f"{sc.url}/api/fortune/r{i}"))[0] for i in range(1, 4)]
         assert statuses == [402, 402, 429]                    # 3 new invoices a minute
-        status, headers, body = await get(sc.url + "/r5")
+        status, headers, body = await get(sc.url + "/api/fortune/r5")
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert json.loads(body)["error"] == "rate_limited"
         sc.rt.metrics.challenges.clear()
         # the store-wide bound, whatever the client
         from micropay.sidecar.guard import TokenBucket
-        for mw in sc.runner.app.middlewares:
-            gate = getattr(mw, "__self__", None)
-            if gate is not None:
-                gate.bucket = TokenBucket(1000)
-        await get(sc.url + "/r6")
-        status, _, body = await get(sc.url + "/r7")
+        sc.rt.gate.bucket = TokenBucket(1000)
+        await get(sc.url + "/api/fortune/r6")
+        status, _, body = await get(sc.url + "/api/fortune/r7")
         assert status == 503 and json.loads(body)["error"] == "too_many_pending_challenges"
         assert await table_count(sc, "challenges") == 4
     finally:
@@ -262,3 +259,41 @@ async def test_decorator_mode_inside_an_app(tmp_path):
 def test_preimage_hash_is_what_lightning_uses():
     pre = bytes(range(32))
     assert hashlib.sha256(pre).hexdigest() == "630dcd2966c4336691125448bbb25b4ff412a49c732db2c8abc1b8581bd710dd"
+
+
+async def test_middleware_mode_in_someone_elses_app(tmp_path):
+    from aiohttp import web
+
+    from micropay.lightning.sandbox import SandboxNetwork
+    from micropay.pricing import Pricing, RouteRule
+    from micropay.sidecar import Gate, create_runtime
+
+    net = SandboxNetwork()
+    rt = await create_runtime(make_config(tmp_path, ""), node=net.add_node("m"))
+    gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store, receipts=rt.receipts,
+                limits=rt.config.limits, pricing=Pricing([RouteRule(path="/paid/*", price_msat=50)]))
+    app = web.Application()
+    gate.install(app)
+
+    async def hello(request):
+        return web.Response(text="hi")
+
+    app.router.add_get("/paid/x", hello)
+    app.router.add_get("/free", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        assert (await get(url + "/free"))[0] == 200
+        status, headers, _ = await get(url + "/paid/x")
+        assert status == 402
+        ch = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+        paid = await net.add_node("p", 1000).pay(ch.invoice)
+        status, headers, body = await get(url + "/paid/x", headers={
+            "Authorization": format_authorization(ch.macaroon, paid.preimage)})
+        assert (status, body) == (200, b"hi") and "Payment-Receipt" in headers
+    finally:
+        await runner.cleanup()
+        await rt.store.close()

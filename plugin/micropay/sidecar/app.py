@@ -11,7 +11,7 @@ from typing import Callable
 from aiohttp import web
 
 from ..config import Config
-from ..errors import ConfigError, MicropayError
+from ..errors import ConfigError
 from ..lightning.base import Node
 from ..receipts import ReceiptSigner
 from ..store import Store, open_store_from_url
@@ -19,7 +19,6 @@ from ..tokens import RootKeyRing, TokenService
 from .gate import Gate
 from .metrics import Metrics
 from .proxy import ReverseProxy
-from .responses import problem_response
 
 log = logging.getLogger("micropay.sidecar")
 RUNTIME = web.AppKey("micropay_runtime", "Runtime")
@@ -37,6 +36,8 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.time
     sandbox: object | None = None        # SandboxNetwork in sandbox mode
+    extra_routes: list = field(default_factory=list)   # (method, path, handler), gated like the rest
+    gate: Gate | None = None
 
     @property
     def is_sandbox(self) -> bool:
@@ -76,14 +77,6 @@ async def _connect_backend(config: Config, clock: Callable[[], float]) -> tuple[
     raise ConfigError(f"{config.source}: unknown backend {config.backend!r}")
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except MicropayError as err:
-        return problem_response(err)
-
-
 # Header limits above aiohttp's 8 KiB default, so that an oversized Authorization header
 # reaches the gate and gets a JSON 400 (the gate's own limit is 8 KiB).
 MAX_HEADER_BYTES = 64 * 1024
@@ -95,26 +88,31 @@ def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
 
 def build_app(rt: Runtime) -> web.Application:
     cfg = rt.config
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 ** 2)
+    app = web.Application(client_max_size=1024 ** 2)
     app[RUNTIME] = rt
     gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store,
                 receipts=rt.receipts, limits=cfg.limits, metrics=rt.metrics, pricing=cfg.pricing,
                 trust_forwarded_for=cfg.trust_forwarded_for, clock=rt.clock)
-    gate.install(app)
-    app.router.add_get("/.well-known/l402.json", well_known)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
+    rt.gate = gate
+    # Every handler is wrapped with the gate rather than using middleware: cheaper per
+    # request, and our own endpoints are priced only if a route says so.
+    add = lambda method, path, handler: app.router.add_route(method, path, gate.guard(handler))  # noqa: E731
+    add("GET", "/.well-known/l402.json", well_known)
+    add("GET", "/metrics", metrics)
+    add("GET", "/healthz", healthz)
     if rt.is_sandbox:
         from .sandbox_api import add_sandbox_routes
-        add_sandbox_routes(app, rt)
+        add_sandbox_routes(add, rt)
     if cfg.demo:
         from .demo import add_demo_routes
-        add_demo_routes(app)
+        add_demo_routes(add)
+    for method, path, handler in rt.extra_routes:
+        add(method, path, handler)
     has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
     if has_upstream:
         proxy = ReverseProxy(cfg.pricing, cfg.upstream)
         app.cleanup_ctx.append(proxy.cleanup_ctx)
-        app.router.add_route("*", "/{tail:.*}", proxy.handle)
+        add("*", "/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_background_tasks)
     app.on_shutdown.append(_close_ports)
     return app

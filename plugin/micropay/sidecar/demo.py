@@ -42,9 +42,9 @@ async def echo(request: web.Request) -> web.Response:
                               "body": body.decode("utf-8", "replace")})
 
 
-def add_demo_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/api/joke", joke)
-    app.router.add_get("/api/fortune/{n}", fortune)
-    app.router.add_route("GET", "/api/echo", echo)
-    app.router.add_route("POST", "/api/echo", echo)
+def add_demo_routes(add) -> None:
+    add("GET", "/", index)
+    add("GET", "/api/joke", joke)
+    add("GET", "/api/fortune/{n}", fortune)
+    add("GET", "/api/echo", echo)
+    add("POST", "/api/echo", echo)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -36,10 +37,21 @@ log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 if hasattr(web, "RequestKey"):  # aiohttp >= 3.13
     PAID_HEADERS = web.RequestKey("micropay_paid_headers", dict)
-    PAID_TOKEN = web.RequestKey("micropay_token", tuple)
+    PAID_TOKEN = web.RequestKey("micropay_token", VerifiedToken)
 else:  # pragma: no cover
     PAID_HEADERS, PAID_TOKEN = "micropay_paid_headers", "micropay_token"
 REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
+
+
+ADMITTED_CACHE_SIZE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Admitted:
+    route_key: str
+    token: VerifiedToken
+    headers: dict[str, str]
+    valid_until: int | None
 
 
 class PricingUnavailable(MicropayError):
@@ -61,14 +73,37 @@ class Gate:
         self.bucket = TokenBucket(limits.per_client_per_minute)
         self.free_tier = FreeTier(clock)
         self._pass_receipts: dict[tuple[bytes, str], str] = {}
+        self._admitted: dict[tuple[str, str, str], _Admitted] = {}
 
     # -- aiohttp integration ---------------------------------------------
+    async def dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Price the request by the config's routes and admit, challenge or refuse it.
+        Any MicropayError raised below (e.g. an unreachable upstream) becomes its JSON
+        problem response."""
+        try:
+            auth = request.headers.get(hdrs.AUTHORIZATION)
+            if auth is not None:
+                hit = self._admitted.get((auth, request.method, request.path))
+                if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
+                    return await self._serve(request, handler, hit, None)
+            rule = self.pricing.match(request.method, request.path)
+            if rule is None:
+                return await handler(request)
+            return await self.handle(request, rule, handler)
+        except MicropayError as err:
+            return problem_response(err)
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        rule = self.pricing.match(request.method, request.path)
-        if rule is None:
-            return await handler(request)
-        return await self.handle(request, rule, handler)
+        return await self.dispatch(request, handler)
+
+    def guard(self, handler: Handler) -> Handler:
+        """Wrap one handler with the gate. Cheaper than the middleware (aiohttp adds two
+        layers per request once an app has any middleware); the sidecar uses this."""
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            return await self.dispatch(request, handler)
+        return guarded
 
     def require(self, price_msat: int = 0, *, path: str | None = None, credits: int | None = 1,
                 pass_s: int | None = None, capabilities: tuple[str, ...] = (),
@@ -119,25 +154,42 @@ class Gate:
             return problem_response(err)
         finally:
             self.metrics.observe_latency(time.perf_counter() - started)
-        paid_headers = {RECEIPT_HEADER: self._receipt(token, request, remaining)}
+        admitted = _Admitted(rule.key, token, {RECEIPT_HEADER: self._receipt(token, request, remaining)},
+                             token.constraints.valid_until)
+        if remaining is None:
+            # A pass token admitted for this method and path stays admitted until it
+            # expires: later requests skip parsing, verification and route matching.
+            if len(self._admitted) >= ADMITTED_CACHE_SIZE:
+                self._admitted.clear()
+            self._admitted[(cred.raw, request.method, request.path)] = admitted
+        return await self._serve(request, handler, admitted, remaining)
+
+    async def _serve(self, request: web.Request, handler: Handler, admitted: "_Admitted",
+                     remaining: int | None) -> web.StreamResponse:
+        headers = admitted.headers
         if remaining is not None:
-            paid_headers["Payment-Credits-Remaining"] = str(remaining)
-        request[PAID_HEADERS] = paid_headers   # for streamed responses, see on_response_prepare
-        request[PAID_TOKEN] = (token.token_id_hex, token.payment_hash.hex())
+            headers = dict(headers, **{"Payment-Credits-Remaining": str(remaining)})
+        request[PAID_HEADERS] = headers        # for streamed responses, see on_response_prepare
+        request[PAID_TOKEN] = admitted.token
         try:
             response = await handler(request)
         except UpstreamError:
             if remaining is not None:   # the request was not served: give the credit back
-                await self.store.refund_credit(token.token_id_hex)
+                await self.store.refund_credit(admitted.token.token_id_hex)
             raise
-        self.metrics.paid_requests[rule.key] += 1
+        self.metrics.paid_requests[admitted.route_key] += 1
         if not response.prepared:
-            response.headers.update(paid_headers)
+            response.headers.update(headers)
         return response
 
+    def forget_admitted(self) -> None:
+        """Drop the fast-path cache (and cached verifications), e.g. after retiring a key."""
+        self._admitted.clear()
+        self.tokens.forget_cached()
+
     def install(self, app: web.Application, *, middleware: bool = True) -> None:
-        """Add the gate to an app: the pricing middleware (unless only the decorator is
-        used) and the hook that puts receipts on streamed responses too."""
+        """Add the gate to someone else's app: the pricing middleware (unless only the
+        decorator is used) and the hook that puts receipts on streamed responses too."""
         if middleware:
             app.middlewares.append(self.middleware)
         app.on_response_prepare.append(_add_paid_headers)

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 from ..errors import UpstreamError
 from ..l402 import SCHEMES
 from ..pricing import Pricing
-from .gate import PAID_TOKEN
+from .gate import PAID_HEADERS, PAID_TOKEN
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -62,7 +62,8 @@ class ReverseProxy:
             headers.popall(hdrs.AUTHORIZATION)
         paid = request.get(PAID_TOKEN)
         if paid is not None:
-            headers["X-L402-Token-Id"], headers["X-L402-Payment-Hash"] = paid
+            headers["X-L402-Token-Id"] = paid.token_id_hex
+            headers["X-L402-Payment-Hash"] = paid.payment_hash.hex()
         peer = request.remote or ""
         prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -79,6 +80,7 @@ class ReverseProxy:
         async with upstream_resp:
             response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason,
                                           headers=_strip_hop_by_hop(upstream_resp.headers))
+            response.headers.update(request.get(PAID_HEADERS) or {})   # receipt, credits left
             await response.prepare(request)
             async for chunk in upstream_resp.content.iter_chunked(CHUNK):
                 await response.write(chunk)

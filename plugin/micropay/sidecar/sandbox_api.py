@@ -18,7 +18,7 @@ STARTING_BALANCE_MSAT = 100_000_000_000   # 1 BTC of play money
 MAX_WALLETS = 1000
 
 
-def add_sandbox_routes(app: web.Application, rt) -> None:
+def add_sandbox_routes(add, rt) -> None:
     wallets: dict[str, object] = {}
 
     def wallet(name: str):
@@ -58,5 +58,5 @@ def add_sandbox_routes(app: web.Application, rt) -> None:
                                   "amount_msat": p.amount_msat, "fee_msat": p.fee_msat,
                                   "balance_msat": w.balance_msat})
 
-    app.router.add_get("/sandbox/wallets/{name}", get_wallet)
-    app.router.add_post("/sandbox/wallets/{name}/pay", pay)
+    add("GET", "/sandbox/wallets/{name}", get_wallet)
+    add("POST", "/sandbox/wallets/{name}/pay", pay)

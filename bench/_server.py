@@ -1,0 +1,73 @@
+"""Benchmark target: the same tiny handler, bare or behind the micropay gate.
+
+    python bench/_server.py --mode bare|gated --port P [--data-dir D]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import tomllib
+from pathlib import Path
+
+from aiohttp import web
+
+BENCH_CONFIG = """
+service = "bench"
+demo = true
+[challenges]
+per_client_per_minute = 100000
+max_pending = 10000000
+max_pending_per_client = 100000
+[[routes]]
+method = "GET"
+path = "/pass"
+price_msat = 1000
+pass_s = 86400
+[[routes]]
+method = "GET"
+path = "/mint"
+price_msat = 1000
+"""
+
+
+async def payload(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "n": 42})
+
+
+async def main(mode: str, port: int, data_dir: str) -> None:
+    if mode == "bare":
+        app = web.Application()
+    else:
+        from micropay.config import parse_config
+        from micropay.sidecar.app import build_app, create_runtime
+        cfg = parse_config(tomllib.loads(BENCH_CONFIG), "bench").with_overrides(
+            data_dir=Path(data_dir), trust_forwarded_for=True)
+        rt = await create_runtime(cfg)
+        rt.extra_routes += [("GET", "/pass", payload), ("GET", "/mint", payload)]
+        app = build_app(rt)
+    if mode == "bare":
+        app.router.add_get("/pass", payload)
+        app.router.add_get("/bare402", bare_402)
+        app.router.add_get("/healthz", payload)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+async def bare_402(request: web.Request) -> web.Response:
+    """Baseline for challenge minting: a 402 with a body of the same size, no invoice."""
+    return web.json_response({"error": "payment_required", "pad": "x" * 1100}, status=402)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=["bare", "gated"], required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--data-dir", default="/tmp/micropay-bench")
+    a = ap.parse_args()
+    asyncio.run(main(a.mode, a.port, a.data_dir))

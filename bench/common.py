@@ -1,0 +1,91 @@
+"""Helpers shared by the benchmarks: run a target server, drive it with wrk, read RSS."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Target:
+    def __init__(self, mode: str) -> None:
+        self.port = free_port()
+        self.data_dir = tempfile.mkdtemp(prefix="micropay-bench-")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "_server.py"), "--mode", mode,
+                                      "--port", str(self.port), "--data-dir", self.data_dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{mode} target did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def buy_pass(self, path: str = "/pass") -> str:
+        """Authorization header value for a paid pass token (sandbox wallet)."""
+        from micropay.l402 import format_authorization, parse_challenges
+        try:
+            urllib.request.urlopen(self.url + path)
+        except urllib.error.HTTPError as e:
+            ch = parse_challenges(e.headers.get_all("WWW-Authenticate"))[0]
+        req = urllib.request.Request(f"{self.url}/sandbox/wallets/bench/pay",
+                                     data=json.dumps({"bolt11": ch.invoice}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        preimage = json.loads(urllib.request.urlopen(req).read())["preimage"]
+        return format_authorization(ch.macaroon, preimage)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def wrk(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, str] | None = None,
+        script: str | None = None) -> float:
+    """Requests per second from wrk (one thread: the target gets the other core)."""
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is needed for this benchmark: apt-get install wrk")
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    for k, v in (headers or {}).items():
+        cmd += ["-H", f"{k}: {v}"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"could not read wrk output:\n{out}")
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if non2xx and not script:
+        raise RuntimeError(f"{non2xx.group(1)} non-2xx responses during the run:\n{out}")
+    return float(m.group(1))
