@@ -30,11 +30,19 @@ def test_other_schemes_are_not_ours():
     assert parse_authorization("") is None
 
 
-@pytest.mark.parametrize("header", [f"L402 {MAC}", f"L402 {MAC}:abc", f"L402 :{PRE}", f"L402 {MAC}!:{PRE}",
+@pytest.mark.parametrize("header", [f"L402 {MAC}", f"L402 {MAC}:abc", f"L402 :{PRE}", f"L402 {MAC},!:{PRE}",
+                                    f"L402 {MAC}:{'ab ' * 21}a",
                                     "L402 " + "A" * 9000 + f":{PRE}", f"LSAT {MAC}:{PRE[:-1]}g"])
 def test_malformed_credentials(header):
     with pytest.raises(MalformedCredential):
         parse_authorization(header)
+
+
+def test_bad_base64_in_the_primary_macaroon_is_malformed_when_decoded():
+    from micropay.macaroon import Macaroon
+    cred = parse_authorization(f"L402 {MAC}!:{PRE}")
+    with pytest.raises(MalformedCredential):
+        Macaroon.deserialize(cred.macaroons[0])
 
 
 def test_format_roundtrip():

@@ -21,7 +21,6 @@ SCHEMES = ("L402", "LSAT")
 MAX_AUTHORIZATION_LEN = 8192
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 _B64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
-_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 _PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 
 
@@ -50,12 +49,18 @@ def parse_authorization(value: str | None) -> Credential | None:
     if not sep:
         raise MalformedCredential(f"{scheme_u} credential must be <macaroon>:<preimage>")
     preimage = preimage.strip()
-    if not _HEX64.fullmatch(preimage):
+    if len(preimage) != 64:
         raise MalformedCredential("preimage must be 64 hex characters")
-    parts = tuple(p.strip() for p in macs.split(","))
-    if not parts or any(not _B64.fullmatch(p) for p in parts):
+    try:
+        preimage_bytes = bytes.fromhex(preimage)
+    except ValueError:
+        raise MalformedCredential("preimage must be 64 hex characters") from None
+    if len(preimage_bytes) != 32:   # fromhex skips embedded spaces
+        raise MalformedCredential("preimage must be 64 hex characters")
+    parts = tuple(p.strip() for p in macs.split(",")) if "," in macs else (macs.strip(),)
+    if not parts[0] or (len(parts) > 1 and any(not _B64.fullmatch(p) for p in parts)):
         raise MalformedCredential("macaroon must be base64")
-    return Credential(value, scheme_u, parts, bytes.fromhex(preimage))
+    return Credential(value, scheme_u, parts, preimage_bytes)
 
 
 def format_authorization(macaroon_b64: str, preimage_hex: str, scheme: str = "L402") -> str:

@@ -28,12 +28,38 @@ _KEY_GENERATOR = b"macaroons-key-generator"
 MAX_MACAROON_BYTES = 8192
 
 
+_sha256 = hashlib.sha256
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+
+
 def _hmac(key: bytes, msg: bytes) -> bytes:
-    return hmac.digest(key, msg, hashlib.sha256)
+    """HMAC-SHA256 (RFC 2104) for keys of at most 64 bytes; about twice as fast as
+    hmac.digest for short messages, which matters on the verification hot path."""
+    key = key.ljust(64, b"\0")
+    return _sha256(key.translate(_OPAD) + _sha256(key.translate(_IPAD) + msg).digest()).digest()
 
 
-def derive_key(root_key: bytes) -> bytes:
-    return _hmac(_KEY_GENERATOR, root_key)
+class FixedKeyHmac:
+    """HMAC-SHA256 under one key, with the padded-key blocks hashed once."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = _sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner, self._outer = _sha256(key.translate(_IPAD)), _sha256(key.translate(_OPAD))
+
+    def __call__(self, msg: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+derive_key = FixedKeyHmac(_KEY_GENERATOR)
 
 
 def chain_signature(root_key: bytes, identifier: bytes, caveats: tuple[bytes, ...]) -> bytes:
@@ -88,36 +114,45 @@ class Macaroon:
             raise MalformedCredential("macaroon too large")
         if not data or data[0] != _VERSION_V2:
             raise MalformedCredential("not a V2 binary macaroon")
-        reader = _Reader(data, 1)
         location = b""
-        ftype, value = reader.field()
+        ftype, value, pos = _field(data, 1)
         if ftype == _LOCATION:
             location = value
-            ftype, value = reader.field()
+            ftype, value, pos = _field(data, pos)
         if ftype != _IDENTIFIER:
             raise MalformedCredential("macaroon has no identifier")
         identifier = value
-        if reader.field()[0] != _EOS:
+        ftype, _, pos = _field(data, pos)
+        if ftype != _EOS:
             raise MalformedCredential("unexpected field in macaroon header")
         caveats: list[bytes] = []
+        n = len(data)
         while True:
-            ftype, value = reader.field()
+            # Fast path for the usual first-party caveat: IDENTIFIER, 1-byte length, EOS.
+            if pos + 1 < n and data[pos] == _IDENTIFIER and data[pos + 1] < 0x80:
+                start = pos + 2
+                end = start + data[pos + 1]
+                if end < n and data[end] == _EOS:
+                    caveats.append(data[start:end])
+                    pos = end + 1
+                    continue
+            ftype, value, pos = _field(data, pos)
             if ftype == _EOS:
                 break
             if ftype == _LOCATION:  # caveat location: only meaningful for third-party caveats
-                ftype, value = reader.field()
+                ftype, value, pos = _field(data, pos)
             if ftype != _IDENTIFIER:
                 raise MalformedCredential("caveat has no identifier")
-            ftype2, _ = reader.field()
+            ftype2, _, pos = _field(data, pos)
             if ftype2 == _VID:
                 raise MalformedCredential("third-party caveats are not supported")
             if ftype2 != _EOS:
                 raise MalformedCredential("unexpected field in caveat")
             caveats.append(value)
-        ftype, signature = reader.field()
+        ftype, signature, pos = _field(data, pos)
         if ftype != _SIGNATURE or len(signature) != 32:
             raise MalformedCredential("macaroon signature missing or not 32 bytes")
-        if reader.pos != len(data):
+        if pos != len(data):
             raise MalformedCredential("trailing bytes after macaroon")
         try:
             loc = location.decode("utf-8")
@@ -137,9 +172,10 @@ def b64decode_any(text: str) -> bytes:
     s = text.strip()
     if "-" in s or "_" in s:
         s = s.replace("-", "+").replace("_", "/")
-    s += "=" * (-len(s) % 4)
+    if len(s) % 4:
+        s += "=" * (-len(s) % 4)
     try:
-        return base64.b64decode(s, validate=True)
+        return binascii.a2b_base64(s, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise MalformedCredential("invalid base64") from exc
 
@@ -157,36 +193,41 @@ def _put_field(out: bytearray, ftype: int, value: bytes) -> None:
     out += value
 
 
-class _Reader:
-    __slots__ = ("data", "pos")
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if pos >= len(data):
+            raise MalformedCredential("truncated macaroon")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 28:
+            raise MalformedCredential("varint too long in macaroon")
 
-    def __init__(self, data: bytes, pos: int) -> None:
-        self.data, self.pos = data, pos
 
-    def varint(self) -> int:
-        shift = result = 0
-        while True:
-            if self.pos >= len(self.data):
-                raise MalformedCredential("truncated macaroon")
-            b = self.data[self.pos]
-            self.pos += 1
-            result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
-            shift += 7
-            if shift > 28:
-                raise MalformedCredential("varint too long in macaroon")
-
-    def field(self) -> tuple[int, bytes]:
-        ftype = self.varint()
-        if ftype == _EOS:
-            return _EOS, b""
-        if ftype not in (_LOCATION, _IDENTIFIER, _VID, _SIGNATURE):
-            raise MalformedCredential(f"unknown macaroon field type {ftype}")
-        n = self.varint()
-        end = self.pos + n
-        if end > len(self.data):
-            raise MalformedCredential("truncated macaroon field")
-        value = self.data[self.pos:end]
-        self.pos = end
-        return ftype, value
+def _field(data: bytes, pos: int) -> tuple[int, bytes, int]:
+    """One field at `pos`: (type, value, next position). Single-byte varints, by far
+    the common case, are read inline."""
+    if pos >= len(data):
+        raise MalformedCredential("truncated macaroon")
+    ftype = data[pos]
+    if ftype < 0x80:
+        pos += 1
+    else:
+        ftype, pos = _varint(data, pos)
+    if ftype == _EOS:
+        return _EOS, b"", pos
+    if ftype not in (_LOCATION, _IDENTIFIER, _VID, _SIGNATURE):
+        raise MalformedCredential(f"unknown macaroon field type {ftype}")
+    if pos < len(data) and data[pos] < 0x80:
+        n = data[pos]
+        pos += 1
+    else:
+        n, pos = _varint(data, pos)
+    end = pos + n
+    if end > len(data):
+        raise MalformedCredential("truncated macaroon field")
+    return ftype, data[pos:end], end

@@ -28,12 +28,13 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 from .errors import ConfigError, InvalidCredential, MalformedCredential
-from .l402 import Credential
-from .macaroon import Macaroon
+from .l402 import Credential, parse_authorization
+from .macaroon import FixedKeyHmac, Macaroon
 from .patterns import path_matches
 from .secretfile import read_secret, write_secret
 
@@ -76,6 +77,7 @@ class RootKeyRing:
         if current not in keys:
             raise ConfigError(f"root key file: current key id {current!r} is not in the key list")
         self.keys, self.current, self.path = keys, current, path
+        self._macs: dict[str, FixedKeyHmac] = {}
 
     @classmethod
     def ephemeral(cls) -> "RootKeyRing":
@@ -127,7 +129,10 @@ class RootKeyRing:
         key = self.keys.get(kid)
         if key is None or key.retired_at is not None:
             raise InvalidCredential("token was signed with an unknown or retired key")
-        return hmac.digest(key.secret, token_id, hashlib.sha256)
+        mac = self._macs.get(kid)
+        if mac is None:
+            mac = self._macs[kid] = FixedKeyHmac(key.secret)
+        return mac(token_id)
 
 
 # -- caveats ----------------------------------------------------------------
@@ -164,6 +169,7 @@ def _intersect(old: frozenset[str] | None, new: frozenset[str]) -> frozenset[str
     return new if old is None else old & new
 
 
+@lru_cache(maxsize=4096)   # tokens of one route share their caveats
 def parse_caveats(caveats: tuple[bytes, ...], service: str) -> Constraints:
     services = capabilities = methods = None
     valid_until = credits = None
@@ -261,6 +267,19 @@ class TokenService:
         self._cache[cred.raw] = token
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        return token
+
+    def verify_header(self, value: str | None, method: str, path: str,
+                      required_capabilities: frozenset[str] = frozenset()) -> VerifiedToken | None:
+        """Verify an Authorization header value; None if it carries no L402/LSAT credential.
+        A header verified before skips parsing as well as the cryptography."""
+        token = self._cache.get(value) if value else None
+        if token is None:
+            cred = parse_authorization(value)
+            if cred is None:
+                return None
+            token = self.verify_credential(cred)
+        token.constraints.check(self.service, method, path, self.clock(), required_capabilities)
         return token
 
     def verify(self, cred: Credential, method: str, path: str,

@@ -22,8 +22,7 @@ from aiohttp import hdrs, web
 from ..config import ChallengeLimits
 from ..errors import (CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
                       NodeError, Overloaded, RateLimited, UpstreamError)
-from ..l402 import (PROBLEM_CONTENT_TYPE, challenge_headers, parse_authorization,
-                    payment_required_body)
+from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
 from ..pricing import Pricing, RouteRule
 from ..receipts import RECEIPT_HEADER, ReceiptSigner
@@ -132,14 +131,14 @@ class Gate:
     async def handle(self, request: web.Request, rule: RouteRule, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         try:
-            cred = parse_authorization(request.headers.get(hdrs.AUTHORIZATION))
-            if cred is None:
+            auth = request.headers.get(hdrs.AUTHORIZATION)
+            token = self.tokens.verify_header(auth, request.method, request.path, rule.capabilities)
+            if token is None:
                 if rule.free_per_hour and self.free_tier.take(self.client_key(request), rule.key,
                                                               rule.free_per_hour):
                     self.metrics.free_requests[rule.key] += 1
                     return await handler(request)
                 return await self.challenge(request, rule)
-            token = self.tokens.verify(cred, request.method, request.path, rule.capabilities)
             if rule.path not in token.constraints.paths:
                 raise InvalidCredential("token was issued for another route", route=rule.path)
             remaining = None
@@ -161,7 +160,7 @@ class Gate:
             # expires: later requests skip parsing, verification and route matching.
             if len(self._admitted) >= ADMITTED_CACHE_SIZE:
                 self._admitted.clear()
-            self._admitted[(cred.raw, request.method, request.path)] = admitted
+            self._admitted[(auth, request.method, request.path)] = admitted
         return await self._serve(request, handler, admitted, remaining)
 
     async def _serve(self, request: web.Request, handler: Handler, admitted: "_Admitted",
