@@ -52,6 +52,9 @@ async def main(mode: str, port: int, data_dir: str) -> None:
         app.router.add_get("/healthz", payload)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
+    if mode == "gated":
+        from micropay.sidecar.app import settle_heap
+        settle_heap()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

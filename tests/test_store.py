@@ -68,3 +68,13 @@ async def test_receipts_are_write_once(store):
     await store.add_receipt("ph", "r2", 2)
     assert await store.get_receipt("ph") == "r1"
     assert await store.get_receipt("nope") is None
+
+
+async def test_admission_reads_reuse_and_counts_together(store):
+    await store.add_challenge(record("b1", client="c1"))
+    await store.add_challenge(record("b2", client="c2", route="GET /b"))
+    reuse, total, mine = await store.admission("c1", "GET /a", 1000, 1500, 1500)
+    assert reuse.payment_hash == "b1" and (total, mine) == (2, 1)
+    await store.debit_credit("tb1", 1)     # its token is in use: paid, even before settlement
+    reuse, total, mine = await store.admission("c1", "GET /a", 1000, 1500, 1500)
+    assert reuse is None

@@ -33,13 +33,14 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 async def _serve(cfg: Config) -> None:
     from aiohttp import web
 
-    from .sidecar.app import build_app, create_runtime, make_runner
+    from .sidecar.app import build_app, create_runtime, make_runner, settle_heap
 
     host, port = cfg.host_port()
     rt = await create_runtime(cfg)
     app = build_app(rt)
     runner = make_runner(app, shutdown_timeout=10.0, access_log=logging.getLogger("micropay.access"))
     await runner.setup()
+    settle_heap()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     if rt.is_sandbox:

@@ -34,23 +34,21 @@ from .responses import problem_response
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-if hasattr(web, "RequestKey"):  # aiohttp >= 3.13
-    PAID_HEADERS = web.RequestKey("micropay_paid_headers", dict)
-    PAID_TOKEN = web.RequestKey("micropay_token", VerifiedToken)
-else:  # pragma: no cover
-    PAID_HEADERS, PAID_TOKEN = "micropay_paid_headers", "micropay_token"
-REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
-
-
 ADMITTED_CACHE_SIZE = 100_000
 
 
 @dataclass(frozen=True, slots=True)
-class _Admitted:
+class Paid:
+    """What the gate attaches to an admitted request (request[PAID])."""
+
     route_key: str
     token: VerifiedToken
-    headers: dict[str, str]
+    headers: dict[str, str]          # Payment-Receipt (+ Payment-Credits-Remaining)
     valid_until: int | None
+
+
+PAID = web.RequestKey("micropay_paid", Paid) if hasattr(web, "RequestKey") else "micropay_paid"
+REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
 
 
 class PricingUnavailable(MicropayError):
@@ -72,7 +70,7 @@ class Gate:
         self.bucket = TokenBucket(limits.per_client_per_minute)
         self.free_tier = FreeTier(clock)
         self._pass_receipts: dict[tuple[bytes, str], str] = {}
-        self._admitted: dict[tuple[str, str, str], _Admitted] = {}
+        self._admitted: dict[tuple[str, str, str], Paid] = {}
 
     # -- aiohttp integration ---------------------------------------------
     async def dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -82,7 +80,7 @@ class Gate:
         try:
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if auth is not None:
-                hit = self._admitted.get((auth, request.method, request.path))
+                hit = self._admitted.get((auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
                     return await self._serve(request, handler, hit, None)
             rule = self.pricing.match(request.method, request.path)
@@ -99,8 +97,21 @@ class Gate:
     def guard(self, handler: Handler) -> Handler:
         """Wrap one handler with the gate. Cheaper than the middleware (aiohttp adds two
         layers per request once an app has any middleware); the sidecar uses this."""
+        admitted, clock, paid = self._admitted, self.clock, self.metrics.paid_requests
+
         @functools.wraps(handler)
         async def guarded(request: web.Request) -> web.StreamResponse:
+            # Inline fast path for an already-admitted pass credential (see dispatch).
+            auth = request.headers.get(hdrs.AUTHORIZATION)
+            if auth is not None:
+                hit = admitted.get((auth, request.method, request.raw_path))
+                if hit is not None and (hit.valid_until is None or clock() <= hit.valid_until):
+                    request[PAID] = hit
+                    response = await handler(request)
+                    paid[hit.route_key] += 1
+                    if not response.prepared:
+                        response.headers[RECEIPT_HEADER] = hit.headers[RECEIPT_HEADER]
+                    return response
             return await self.dispatch(request, handler)
         return guarded
 
@@ -153,23 +164,23 @@ class Gate:
             return problem_response(err)
         finally:
             self.metrics.observe_latency(time.perf_counter() - started)
-        admitted = _Admitted(rule.key, token, {RECEIPT_HEADER: self._receipt(token, request, remaining)},
+        admitted = Paid(rule.key, token, {RECEIPT_HEADER: self._receipt(token, request, remaining)},
                              token.constraints.valid_until)
         if remaining is None:
             # A pass token admitted for this method and path stays admitted until it
             # expires: later requests skip parsing, verification and route matching.
             if len(self._admitted) >= ADMITTED_CACHE_SIZE:
                 self._admitted.clear()
-            self._admitted[(auth, request.method, request.path)] = admitted
+            self._admitted[(auth, request.method, request.raw_path)] = admitted
         return await self._serve(request, handler, admitted, remaining)
 
-    async def _serve(self, request: web.Request, handler: Handler, admitted: "_Admitted",
+    async def _serve(self, request: web.Request, handler: Handler, admitted: "Paid",
                      remaining: int | None) -> web.StreamResponse:
-        headers = admitted.headers
         if remaining is not None:
-            headers = dict(headers, **{"Payment-Credits-Remaining": str(remaining)})
-        request[PAID_HEADERS] = headers        # for streamed responses, see on_response_prepare
-        request[PAID_TOKEN] = admitted.token
+            admitted = Paid(admitted.route_key, admitted.token,
+                            dict(admitted.headers, **{"Payment-Credits-Remaining": str(remaining)}), None)
+        headers = admitted.headers
+        request[PAID] = admitted        # for streamed responses, see on_response_prepare
         try:
             response = await handler(request)
         except UpstreamError:
@@ -221,16 +232,17 @@ class Gate:
             log.error("price hook for %s failed: %s", rule.key, exc)
             raise PricingUnavailable("the price for this resource cannot be computed right now") from None
         now = int(self.clock())
-        record = await self.store.pending_challenge(client, rule.key, price, now + REUSE_MIN_REMAINING_S)
+        record, pending, pending_mine = await self.store.admission(
+            client, rule.key, price, now, now + REUSE_MIN_REMAINING_S)
         if record is not None:
             self.metrics.challenges_reused[rule.key] += 1
             return self._challenge_response(request, rule, record)
         wait = self.bucket.take(client)
         if wait:
             raise RateLimited("too many new invoices requested; pay or wait", retry_after_s=int(wait) + 1)
-        if await self.store.count_pending(now) >= self.limits.max_pending:
+        if pending >= self.limits.max_pending:
             raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
-        if await self.store.count_pending(now, client) >= self.limits.max_pending_per_client:
+        if pending_mine >= self.limits.max_pending_per_client:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
         token_id = os.urandom(32)
         try:
@@ -264,9 +276,9 @@ class Gate:
 
 
 async def _add_paid_headers(request: web.Request, response: web.StreamResponse) -> None:
-    paid = request.get(PAID_HEADERS)
-    if paid:
-        response.headers.update(paid)
+    paid = request.get(PAID)
+    if paid is not None:
+        response.headers.update(paid.headers)
 
 
 def _route_pattern(request: web.Request) -> str:

@@ -14,7 +14,7 @@ from multidict import CIMultiDict
 from ..errors import UpstreamError
 from ..l402 import SCHEMES
 from ..pricing import Pricing
-from .gate import PAID_HEADERS, PAID_TOKEN
+from .gate import PAID
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -60,10 +60,10 @@ class ReverseProxy:
         auth = headers.get(hdrs.AUTHORIZATION, "")
         if auth.split(" ", 1)[0].upper() in SCHEMES:
             headers.popall(hdrs.AUTHORIZATION)
-        paid = request.get(PAID_TOKEN)
+        paid = request.get(PAID)
         if paid is not None:
-            headers["X-L402-Token-Id"] = paid.token_id_hex
-            headers["X-L402-Payment-Hash"] = paid.payment_hash.hex()
+            headers["X-L402-Token-Id"] = paid.token.token_id_hex
+            headers["X-L402-Payment-Hash"] = paid.token.payment_hash.hex()
         peer = request.remote or ""
         prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -80,7 +80,8 @@ class ReverseProxy:
         async with upstream_resp:
             response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason,
                                           headers=_strip_hop_by_hop(upstream_resp.headers))
-            response.headers.update(request.get(PAID_HEADERS) or {})   # receipt, credits left
+            if paid is not None:
+                response.headers.update(paid.headers)   # receipt, credits left
             await response.prepare(request)
             async for chunk in upstream_resp.content.iter_chunked(CHUNK):
                 await response.write(chunk)

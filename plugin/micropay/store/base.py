@@ -49,6 +49,8 @@ SCHEMA = [
         received_msat BIGINT)""",
     """CREATE INDEX IF NOT EXISTS micropay_challenges_pending
         ON micropay_challenges (client_key, route_key, expires_at)""",
+    """CREATE INDEX IF NOT EXISTS micropay_challenges_unpaid
+        ON micropay_challenges (expires_at) WHERE paid_at IS NULL""",
     """CREATE TABLE IF NOT EXISTS micropay_credits (
         token_id TEXT PRIMARY KEY,
         remaining BIGINT NOT NULL CHECK (remaining >= 0))""",
@@ -123,6 +125,10 @@ class Store(abc.ABC):
         rows = await self._fetchall(sql, args)
         return rows[0] if rows else None
 
+    async def _fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
+        """Several read queries; adapters may run them in one round trip."""
+        return [await self._fetchall(sql, args) for sql, args in queries]
+
     # -- challenges / issued tokens --------------------------------------
     async def add_challenge(self, ch: ChallengeRecord) -> None:
         await self._execute(SQL["add_challenge"], (
@@ -138,6 +144,17 @@ class Store(abc.ABC):
         row = await self._fetchrow(SQL["pending_challenge"],
                                    (client_key, route_key, price_msat, valid_after))
         return ChallengeRecord(*row) if row else None
+
+    async def admission(self, client_key: str, route_key: str, price_msat: int, now: int,
+                        reuse_after: int) -> tuple[ChallengeRecord | None, int, int]:
+        """What the gate needs before minting: a pending challenge it can reuse for this
+        client and route, and the pending counts (all clients, this client)."""
+        reuse, total, mine = await self._fetch_batch([
+            (SQL["pending_challenge"], (client_key, route_key, price_msat, reuse_after)),
+            (SQL["count_pending"], (now,)),
+            (SQL["count_pending_client"], (now, client_key)),
+        ])
+        return (ChallengeRecord(*reuse[0]) if reuse else None), int(total[0][0]), int(mine[0][0])
 
     async def count_pending(self, now: int, client_key: str | None = None) -> int:
         if client_key is None:

@@ -60,3 +60,9 @@ class SqliteStore(Store):
 
     async def _fetchall(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)
+
+    def _run_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
+        return [self._run(sql, args) for sql, args in queries]
+
+    async def _fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch, queries)
