@@ -50,6 +50,10 @@ class Target:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
 
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def buy_pass(self, path: str = "/pass") -> str:
         """Authorization header value for a paid pass token (sandbox wallet)."""
         from micropay.l402 import format_authorization, parse_challenges
@@ -76,6 +80,12 @@ class Target:
 def wrk(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, str] | None = None,
         script: str | None = None) -> float:
     """Requests per second from wrk (one thread: the target gets the other core)."""
+    return wrk_run(url, seconds, connections, headers, script)[0]
+
+
+def wrk_run(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, str] | None = None,
+            script: str | None = None) -> tuple[float, int]:
+    """(requests per second, total requests) from one wrk run."""
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed for this benchmark: apt-get install wrk")
     pin = ["taskset", "-c", "1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
@@ -91,4 +101,5 @@ def wrk(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, st
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     if non2xx and not script:
         raise RuntimeError(f"{non2xx.group(1)} non-2xx responses during the run:\n{out}")
-    return float(m.group(1))
+    total = re.search(r"(\d+) requests in", out)
+    return float(m.group(1)), int(total.group(1)) if total else 0
