@@ -148,15 +148,17 @@ class Constraints:
     methods: frozenset[str] | None = None
     credits: int | None = None
 
-    def check(self, service: str, method: str, path: str, now: float,
+    def check(self, service: str, method: str | None, path: str | None, now: float,
               required_capabilities: frozenset[str] = frozenset()) -> None:
+        """Raise InvalidCredential unless every condition holds. A None method or path
+        skips that condition (for checking a token in general, not for a request)."""
         if self.services is not None and service not in self.services:
             raise InvalidCredential(f"token is not valid for service {service!r}")
         if self.valid_until is not None and now > self.valid_until:
             raise InvalidCredential("token has expired", expired_at=self.valid_until)
-        if self.methods is not None and method not in self.methods:
+        if method is not None and self.methods is not None and method not in self.methods:
             raise InvalidCredential(f"token does not allow method {method}")
-        for pattern in self.paths:
+        for pattern in self.paths if path is not None else ():
             if not path_matches(pattern, path):
                 raise InvalidCredential("token does not cover this path", allowed=pattern)
         if required_capabilities and self.capabilities is not None \

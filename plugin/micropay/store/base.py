@@ -57,6 +57,15 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS micropay_cursors (
         name TEXT PRIMARY KEY,
         value BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS micropay_stream_payments (
+        payment_hash TEXT PRIMARY KEY,
+        stream_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        amount_msat BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        app_name TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS micropay_stream_payments_stream
+        ON micropay_stream_payments (stream_id)""",
     """CREATE TABLE IF NOT EXISTS micropay_receipts (
         payment_hash TEXT PRIMARY KEY,
         receipt TEXT NOT NULL,
@@ -100,6 +109,13 @@ SQL = {
     "add_receipt": "INSERT INTO micropay_receipts (payment_hash, receipt, created_at) "
                    "VALUES ($1, $2, $3) ON CONFLICT (payment_hash) DO NOTHING",
     "get_receipt": "SELECT receipt FROM micropay_receipts WHERE payment_hash = $1",
+    "add_stream_payment": "INSERT INTO micropay_stream_payments "
+                          "(payment_hash, stream_id, seq, amount_msat, received_at, app_name) "
+                          "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_hash) DO NOTHING "
+                          "RETURNING payment_hash",
+    "stream_sessions": "SELECT stream_id, COUNT(*), SUM(amount_msat), MIN(received_at), MAX(received_at), "
+                       "MAX(seq), MAX(app_name) FROM micropay_stream_payments "
+                       "WHERE ($1 = '' OR stream_id = $1) GROUP BY stream_id ORDER BY MIN(received_at)",
 }
 
 
@@ -197,6 +213,19 @@ class Store(abc.ABC):
     # -- receipts --------------------------------------------------------
     async def add_receipt(self, payment_hash: str, receipt: str, created_at: int) -> None:
         await self._execute(SQL["add_receipt"], (payment_hash, receipt, created_at))
+
+    # -- streams received ---------------------------------------------------
+    async def add_stream_payment(self, payment_hash: str, stream_id: str, seq: int, amount_msat: int,
+                                 received_at: int, app_name: str) -> bool:
+        """Record an incoming streamed payment once (True the first time)."""
+        return await self._fetchrow(SQL["add_stream_payment"], (
+            payment_hash, stream_id, seq, amount_msat, received_at, app_name)) is not None
+
+    async def stream_sessions(self, stream_id: str | None = None) -> list[dict[str, Any]]:
+        rows = await self._fetchall(SQL["stream_sessions"], (stream_id or "",))
+        return [{"stream_id": r[0], "payments": int(r[1]), "received_msat": int(r[2]),
+                 "first_at": int(r[3]), "last_at": int(r[4]), "last_seq": int(r[5]), "app_name": r[6]}
+                for r in rows]
 
     async def get_receipt(self, payment_hash: str) -> str | None:
         row = await self._fetchrow(SQL["get_receipt"], (payment_hash,))

@@ -1,0 +1,197 @@
+"""Priced invoices with L402 tokens, issued by the node (the plugin's micropay-invoice).
+
+Each issue is keyed by its invoice label: the label makes `invoice` idempotent, the
+token id is derived from the label, and the record is written must-create in the
+node's datastore, so the same label always yields the same invoice and token, also
+after a crash between any two steps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import BadRequest, InvalidCredential, MalformedCredential
+from .l402 import parse_authorization
+from .lightning.cln import ClnNode
+from .lightning.datastore import Datastore, RecordExists
+from .store import Store
+from .tokens import TokenService, decode_identifier
+
+MAX_DESCRIPTION = 640
+MAX_METADATA_BYTES = 4096
+STATUSES = ("unpaid", "paid", "expired")
+
+
+@dataclass
+class IssuedInvoice:
+    label: str
+    bolt11: str
+    payment_hash: str
+    amount_msat: int
+    expires_at: int
+    token: str
+    token_id: str
+    services: str
+    credits: int | None
+    description: str
+    created_at: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_id_for_label(label: str) -> bytes:
+    return hashlib.sha256(b"micropay-invoice-label\0" + label.encode()).digest()
+
+
+class InvoiceIssuer:
+    def __init__(self, node: ClnNode, datastore: Datastore, tokens: TokenService, store: Store,
+                 default_expiry_s: int = 3600) -> None:
+        self.node, self.ds, self.tokens, self.store = node, datastore, tokens, store
+        self.default_expiry_s = default_expiry_s
+
+    async def issue(self, amount_msat: Any, description: Any, label: Any = None, expiry: Any = None,
+                    services: Any = None, credits: Any = None, metadata: Any = None) -> dict[str, Any]:
+        amount = _msat(amount_msat, "amount_msat")
+        if not isinstance(description, str) or not description or len(description) > MAX_DESCRIPTION:
+            raise BadRequest(f"description must be a non-empty string of at most {MAX_DESCRIPTION} characters")
+        if label is None:
+            label = f"micropay-{os.urandom(16).hex()}"
+        if not isinstance(label, str) or not label or len(label) > 200:
+            raise BadRequest("label must be a non-empty string of at most 200 characters")
+        expiry_s = self.default_expiry_s if expiry is None else _int(expiry, "expiry", 1, 365 * 86400)
+        services_text = _services(services, self.tokens.service)
+        n_credits = None if credits is None else _int(credits, "credits", 1, 1_000_000)
+        meta = {} if metadata is None else metadata
+        if not isinstance(meta, dict) or len(json.dumps(meta)) > MAX_METADATA_BYTES:
+            raise BadRequest(f"metadata must be a JSON object of at most {MAX_METADATA_BYTES} bytes")
+        key = ("invoice", label)
+        existing = await self.ds.get(key)
+        if existing is not None:
+            return self._same_or_conflict(existing[0], amount, description, services_text, n_credits, meta)
+        invoice = await self.node.create_invoice(amount, label, description, expiry_s)
+        caveats = [f"services={services_text}"] + ([f"credits={n_credits}"] if n_credits else [])
+        mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), caveats, token_id_for_label(label))
+        record = IssuedInvoice(label, invoice.bolt11, invoice.payment_hash, amount, invoice.expires_at,
+                               mac.serialize(), token_id_for_label(label).hex(), services_text, n_credits,
+                               description, int(time.time()), meta)
+        try:
+            await self.ds.create(key, record.public())
+        except RecordExists:   # a concurrent call with the same label won
+            stored = await self.ds.get(key)
+            assert stored is not None
+            return self._same_or_conflict(stored[0], amount, description, services_text, n_credits, meta)
+        return record.public()
+
+    @staticmethod
+    def _same_or_conflict(stored: dict[str, Any], amount: int, description: str, services: str,
+                          credits: int | None, meta: dict[str, Any]) -> dict[str, Any]:
+        if (stored["amount_msat"], stored["description"], stored["services"], stored["credits"],
+                stored.get("metadata", {})) != (amount, description, services, credits, meta):
+            raise BadRequest(f"label {stored['label']!r} was already used with different parameters")
+        return stored
+
+    async def verify(self, credential: Any, path: Any = None, method: Any = None) -> dict[str, Any]:
+        if not isinstance(credential, str) or not credential:
+            raise BadRequest("credential must be a string: 'L402 <macaroon>:<preimage>' or '<macaroon>:<preimage>'")
+        header = credential if credential.split(" ", 1)[0].upper() in ("L402", "LSAT") else f"L402 {credential}"
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+            raise BadRequest("path must start with '/'")
+        if method is not None and not isinstance(method, str):
+            raise BadRequest("method must be a string")
+        out: dict[str, Any] = {"valid": False, "reason": None, "caveats": [], "credits_left": None}
+        try:
+            cred = parse_authorization(header)
+            assert cred is not None
+            token = self.tokens.verify_credential(cred)
+            out["caveats"] = [c.decode("utf-8", "replace") for c in token.macaroon.caveats]
+            out["token_id"] = token.token_id_hex
+            out["payment_hash"] = token.payment_hash.hex()
+            token.constraints.check(self.tokens.service, method.upper() if method else None, path,
+                                    self.tokens.clock())
+        except (MalformedCredential, InvalidCredential) as err:
+            if not out["caveats"]:
+                try:
+                    mac_id = decode_identifier(_first_macaroon(header).identifier)
+                    out["payment_hash"] = mac_id[0].hex()
+                except (MalformedCredential, InvalidCredential):
+                    pass
+            out["reason"] = err.message
+            return out
+        if token.constraints.credits is not None:
+            left = await self.store.credits_remaining(token.token_id_hex)
+            out["credits_left"] = token.constraints.credits if left is None else left
+        out["valid"] = True
+        return out
+
+    async def list(self, status: Any = None, index: Any = None, start: Any = None,
+                   limit: Any = None) -> dict[str, Any]:
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+        if index is not None and index not in ("created", "updated"):
+            raise BadRequest("index must be 'created' or 'updated'")
+        params: dict[str, Any] = {}
+        if index is not None:
+            params = {"index": index, "start": _int(start or 0, "start", 0, 2**63),
+                      "limit": None if limit is None else _int(limit, "limit", 1, 100_000)}
+        elif start is not None or limit is not None:
+            raise BadRequest("start and limit need index ('created' or 'updated')")
+        ours = {key[-1]: rec for key, rec, _ in await self.ds.list(("invoice",))}
+        invoices = (await self.node.rpc.call("listinvoices", params))["invoices"]
+        out = []
+        for inv in invoices:
+            rec = ours.get(inv["label"])
+            if rec is None or (status is not None and inv["status"] != status):
+                continue
+            out.append(dict(rec, status=inv["status"], created_index=inv.get("created_index"),
+                            updated_index=inv.get("updated_index"), paid_at=inv.get("paid_at"),
+                            amount_received_msat=inv.get("amount_received_msat")))
+        return {"invoices": out}
+
+
+def _first_macaroon(header: str):
+    from .macaroon import Macaroon
+    cred = parse_authorization(header)
+    assert cred is not None
+    return Macaroon.deserialize(cred.macaroons[0])
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise BadRequest(f"{name} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def _msat(value: Any, name: str) -> int:
+    """An amount: integer msat, or a string like '1000', '1000msat', '5sat'."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v.endswith("msat") and v[:-4].isdigit():
+            value = int(v[:-4])
+        elif v.endswith("sat") and v[:-3].isdigit():
+            value = int(v[:-3]) * 1000
+        elif v.isdigit():
+            value = int(v)
+    return _int(value, name, 1, 21_000_000 * 10**11)
+
+
+def _services(value: Any, default_service: str) -> str:
+    if value is None:
+        return f"{default_service}:0"
+    items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else None
+    if not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise BadRequest("services must be 'name:tier[,name:tier]' or a list of such strings")
+    out = []
+    for item in items:
+        name, _, tier = item.strip().partition(":")
+        if not name.replace("-", "").replace("_", "").isalnum() or (tier and not tier.isdigit()):
+            raise BadRequest(f"bad service entry {item!r}: expected name:tier")
+        out.append(f"{name}:{tier or 0}")
+    return ",".join(out)

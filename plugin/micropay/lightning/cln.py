@@ -1,0 +1,253 @@
+"""Core Lightning adapter: asyncio JSON-RPC over the lightning-rpc unix socket.
+
+One connection carries many concurrent calls (lightningd answers by id, in any order);
+a lost connection fails the calls in flight and the next call reconnects. Settlement
+is followed with `waitanyinvoice lastpay_index`, so a consumer that persists the last
+pay_index it handled misses nothing across its own or the node's restarts. Payments
+use `xpay` and `xkeysend` (the deprecated `pay`/`keysend` are not used).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from ..errors import BadRequest, DuplicateLabel, NodeError, PaymentFailed
+from .base import DecodedInvoice, Invoice, Payment, Settlement
+
+log = logging.getLogger("micropay.cln")
+
+# lightningd error codes (common/jsonrpc_errors.h)
+INVOICE_LABEL_ALREADY_EXISTS = 900
+# Failures where smaller payments may get through: no route with enough capacity,
+# retries exhausted, unspecified routing failure, not enough spendable balance.
+LIQUIDITY_CODES = frozenset({205, 209, 210, 215})
+STREAM_LIMIT = 64 * 1024 * 1024   # largest JSON reply we accept (listinvoices can be big)
+
+
+class ClnRpcError(NodeError):
+    """lightningd answered with a JSON-RPC error."""
+
+    code = "cln_rpc_error"
+
+    def __init__(self, method: str, rpc_error: dict[str, Any]) -> None:
+        self.method = method
+        self.cln_code = int(rpc_error.get("code", -1))
+        self.cln_message = str(rpc_error.get("message", ""))
+        super().__init__(f"{method}: {self.cln_message} (code {self.cln_code})", cln_code=self.cln_code)
+
+
+def liquidity_failure(err: Exception) -> bool:
+    return isinstance(err, PaymentFailed) and err.detail.get("cln_code") in LIQUIDITY_CODES
+
+
+async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Unix socket paths are limited to ~107 bytes; reach longer ones (test directories
+    often are) through /proc/self/fd/<dir fd>/<name>."""
+    if len(path.encode()) < 100:
+        return await asyncio.open_unix_connection(path, limit=STREAM_LIMIT)
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        return await asyncio.open_unix_connection(f"/proc/self/fd/{dirfd}/{os.path.basename(path)}",
+                                                  limit=STREAM_LIMIT)
+    finally:
+        os.close(dirfd)
+
+
+class ClnRpc:
+    """Minimal asyncio JSON-RPC 2.0 client for lightningd."""
+
+    def __init__(self, path: str | Path, timeout_s: float = 120.0) -> None:
+        self.path, self.timeout_s = str(path), timeout_s
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._read_task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    async def _ensure(self) -> None:
+        async with self._lock:
+            if self._writer is not None and not self._writer.is_closing():
+                return
+            try:
+                self._reader, self._writer = await _open_unix(self.path)
+            except OSError as exc:
+                raise NodeError(f"cannot connect to lightningd at {self.path}: {exc.strerror or exc}") from None
+            self._read_task = asyncio.create_task(self._read_loop(self._reader), name="cln-rpc-reader")
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        decoder, buf = json.JSONDecoder(), ""
+        try:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+                buf += chunk.decode("utf-8")
+                while True:
+                    buf = buf.lstrip()
+                    if not buf:
+                        break
+                    try:
+                        msg, end = decoder.raw_decode(buf)
+                    except json.JSONDecodeError:
+                        break   # incomplete: wait for more bytes
+                    buf = buf[end:]
+                    fut = self._pending.pop(msg.get("id"), None) if isinstance(msg, dict) else None
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("lightningd connection lost: %s", exc)
+        finally:
+            self._fail_pending(NodeError("connection to lightningd closed"))
+            if self._writer is not None:
+                self._writer.close()
+            self._writer = None
+
+    def _fail_pending(self, err: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def call(self, method: str, params: dict[str, Any] | None = None,
+                   timeout_s: float | None = -1.0) -> Any:
+        """Call `method`; timeout_s None waits forever (long polls), -1 uses the default."""
+        await self._ensure()
+        assert self._writer is not None
+        req_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = fut
+        body = {"jsonrpc": "2.0", "id": req_id, "method": method,
+                "params": {k: v for k, v in (params or {}).items() if v is not None}}
+        self._writer.write(json.dumps(body).encode())
+        await self._writer.drain()
+        try:
+            reply = await asyncio.wait_for(fut, self.timeout_s if timeout_s == -1.0 else timeout_s)
+        except asyncio.TimeoutError:
+            self._pending.pop(req_id, None)
+            raise NodeError(f"{method}: no answer from lightningd within {self.timeout_s:.0f}s") from None
+        finally:
+            self._pending.pop(req_id, None)
+        if "error" in reply:
+            raise ClnRpcError(method, reply["error"])
+        return reply.get("result")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._read_task is not None:
+            self._read_task.cancel()
+            try:
+                await self._read_task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+
+class ClnNode:
+    """The Node port on Core Lightning."""
+
+    def __init__(self, rpc_file: str | Path, timeout_s: float = 120.0) -> None:
+        self.rpc = ClnRpc(rpc_file, timeout_s)
+        self.network = "unknown"
+        self._id: str | None = None
+
+    @property
+    def cursor_namespace(self) -> str:
+        return f"cln:{self._id}"
+
+    async def connect(self) -> None:
+        info = await self.rpc.call("getinfo")
+        self._id, self.network = info["id"], info.get("network", "unknown")
+
+    async def node_id(self) -> str:
+        if self._id is None:
+            await self.connect()
+        return self._id  # type: ignore[return-value]
+
+    async def create_invoice(self, amount_msat: int, label: str, description: str,
+                             expiry_s: int) -> Invoice:
+        try:
+            r = await self.rpc.call("invoice", {"amount_msat": amount_msat, "label": label,
+                                                "description": description, "expiry": expiry_s})
+        except ClnRpcError as exc:
+            if exc.cln_code != INVOICE_LABEL_ALREADY_EXISTS:
+                raise
+            existing = (await self.rpc.call("listinvoices", {"label": label}))["invoices"][0]
+            if existing.get("amount_msat") != amount_msat or existing.get("description") != description:
+                raise DuplicateLabel(f"label {label!r} already used for a different invoice") from None
+            return Invoice(existing["bolt11"], existing["payment_hash"], amount_msat,
+                           existing["expires_at"], label, existing.get("created_index", 0))
+        return Invoice(r["bolt11"], r["payment_hash"], amount_msat, r["expires_at"], label,
+                       r.get("created_index", 0))
+
+    async def settlements(self, after_pay_index: int) -> AsyncIterator[Settlement]:
+        cursor = after_pay_index
+        while True:
+            inv = await self.rpc.call("waitanyinvoice", {"lastpay_index": cursor}, timeout_s=None)
+            if inv.get("status") != "paid" or "pay_index" not in inv:
+                continue
+            cursor = inv["pay_index"]
+            yield Settlement(cursor, inv["label"], inv["payment_hash"],
+                             inv.get("amount_received_msat", inv.get("amount_msat", 0)),
+                             inv.get("payment_preimage", ""), inv.get("paid_at", 0))
+
+    async def pay(self, bolt11: str, max_fee_msat: int | None = None,
+                  label: str | None = None) -> Payment:
+        dec = await self.decode(bolt11)
+        try:
+            r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label},
+                                    timeout_s=None)
+        except ClnRpcError as exc:
+            done = await self.completed_payment(dec.payment_hash)
+            if done is not None:     # already paid earlier (e.g. by a run that crashed)
+                return done
+            raise _payment_failed(exc) from None
+        return Payment(dec.payment_hash, r["payment_preimage"], r["amount_msat"],
+                       r["amount_sent_msat"] - r["amount_msat"])
+
+    async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
+                      max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
+                      retry_for_s: int | None = None) -> Payment:
+        try:
+            r = await self.rpc.call("xkeysend", {
+                "destination": destination, "amount_msat": amount_msat, "label": label,
+                "maxfee": max_fee_msat, "extratlvs": extratlvs, "retry_for": retry_for_s}, timeout_s=None)
+        except ClnRpcError as exc:
+            raise _payment_failed(exc) from None
+        preimage = r["payment_preimage"]
+        return Payment(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, r["amount_msat"],
+                       r["amount_sent_msat"] - r["amount_msat"])
+
+    async def completed_payment(self, payment_hash: str) -> Payment | None:
+        parts = (await self.rpc.call("listsendpays", {"payment_hash": payment_hash}))["payments"]
+        done = [p for p in parts if p.get("status") == "complete"]
+        if not done:
+            return None
+        amount = sum(p.get("amount_msat", 0) for p in done)
+        sent = sum(p.get("amount_sent_msat", 0) for p in done)
+        return Payment(payment_hash, done[0].get("payment_preimage", ""), amount, sent - amount)
+
+    async def decode(self, bolt11: str) -> DecodedInvoice:
+        try:
+            d = await self.rpc.call("decode", {"string": bolt11})
+        except ClnRpcError as exc:
+            raise BadRequest(f"not a valid invoice: {exc.cln_message}") from None
+        if not d.get("valid") or "payment_hash" not in d:
+            raise BadRequest("not a valid BOLT11 invoice")
+        created = d.get("created_at", 0)
+        return DecodedInvoice(d["payment_hash"], d.get("amount_msat"), d.get("payee", ""), created,
+                              created + d.get("expiry", 3600), d.get("description", ""),
+                              d.get("currency", ""))
+
+    async def close(self) -> None:
+        await self.rpc.close()
+
+
+def _payment_failed(exc: ClnRpcError) -> PaymentFailed:
+    return PaymentFailed(f"payment failed: {exc.cln_message}", cln_code=exc.cln_code)

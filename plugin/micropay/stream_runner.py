@@ -1,0 +1,237 @@
+"""Runs streams against a Core Lightning node, persisting every step in its datastore.
+
+Per payment: (1) the stream record, with the payment as `in_flight` (label, amount,
+sequence, where to look in listsendpays), is written with generation compare-and-swap;
+(2) the payment is sent (`xkeysend` with the bLIP-10 record, or `fetchinvoice` + `xpay`
+for an offer) under that label; (3) the outcome is written. After a restart an
+`in_flight` payment is reconciled from `listsendpays` by its label before anything new
+is paid: complete -> counted, pending -> waited for, failed -> counted as a failure,
+absent long after it started -> it never left, and is retried under a new label.
+
+One record per stream (not per payment) keeps the datastore small for long streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from .errors import BadRequest, MicropayError, NodeError, PaymentFailed
+from .lightning.cln import ClnNode, ClnRpcError, liquidity_failure
+from .lightning.datastore import Datastore, StaleRecord
+from .streams import Stream, parse_recipients
+
+log = logging.getLogger("micropay.streams")
+RETRY_FOR_S = 30                 # xkeysend/xpay retry window; also bounds reconcile waits
+RECONCILE_GRACE_S = RETRY_FOR_S + 30
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+class StreamRunner:
+    def __init__(self, node: ClnNode, datastore: Datastore, *, clock: Callable[[], float] = time.time,
+                 notify: Notify | None = None, min_interval_s: int = 1,
+                 max_total_limit_msat: int | None = None) -> None:
+        self.node, self.ds, self.clock = node, datastore, clock
+        self.notify = notify or (lambda topic, payload: None)
+        self.min_interval_s, self.max_total_limit_msat = min_interval_s, max_total_limit_msat
+        self.streams: dict[str, Stream] = {}
+        self._gen: dict[str, int] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        for key, doc, gen in await self.ds.list(("stream",)):
+            s = Stream.from_json(doc)
+            self.streams[s.id], self._gen[s.id] = s, gen
+            self._schedule(s)
+        log.info("loaded %d streams", len(self.streams))
+        self._task = asyncio.create_task(self._run(), name="micropay-streams")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    # -- RPC-facing operations -----------------------------------------------------
+    async def create(self, destination: Any, amount_msat: Any, interval_s: Any, max_total_msat: Any = None,
+                     max_fee_msat: Any = None, splits: Any = None, metadata: Any = None,
+                     label: Any = None) -> dict[str, Any]:
+        from .invoices import _int, _msat
+        recipients = parse_recipients(destination, splits)
+        amount = _msat(amount_msat, "amount_msat")
+        interval = _int(interval_s, "interval_s", self.min_interval_s, 365 * 86400)
+        cap = None if max_total_msat is None else _msat(max_total_msat, "max_total_msat")
+        if self.max_total_limit_msat is not None:
+            if cap is None or cap > self.max_total_limit_msat:
+                raise BadRequest(f"max_total_msat is required and at most {self.max_total_limit_msat} "
+                                 "on this node (option micropay-stream-max-total-msat)")
+        fee = 1000 + amount // 100 if max_fee_msat is None else _int(max_fee_msat, "max_fee_msat", 0, 10**12)
+        if cap is not None and cap < amount + fee:
+            raise BadRequest("max_total_msat must cover at least one interval's amount plus max_fee_msat")
+        meta = {} if metadata is None else metadata
+        if not isinstance(meta, dict):
+            raise BadRequest("metadata must be a JSON object")
+        if label is not None and (not isinstance(label, str) or len(label) > 200):
+            raise BadRequest("label must be a string of at most 200 characters")
+        if label and any(s.label == label for s in self.streams.values()):
+            existing = next(s for s in self.streams.values() if s.label == label)
+            return existing.status(self.clock())       # same label: the same stream
+        s = Stream.create(os.urandom(8).hex(), recipients, amount, interval, cap, fee, self.clock(),
+                          label or "", meta)
+        self._gen[s.id] = await self.ds.create(("stream", s.id), s.to_json())
+        self.streams[s.id] = s
+        self._state_changed(s)
+        self._schedule(s)
+        return s.status(self.clock())
+
+    def get(self, stream_id: Any) -> Stream:
+        if not isinstance(stream_id, str) or stream_id not in self.streams:
+            raise BadRequest(f"no stream with id {stream_id!r}")
+        return self.streams[stream_id]
+
+    async def change(self, stream_id: Any, action: str) -> dict[str, Any]:
+        s = self.get(stream_id)
+        now = self.clock()
+        {"pause": lambda: s.pause("paused by request"), "resume": lambda: s.resume(now),
+         "stop": s.stop}[action]()
+        await self._save(s)
+        self._state_changed(s)
+        self._schedule(s)
+        return s.status(now)
+
+    # -- the loop --------------------------------------------------------------------
+    def _schedule(self, s: Stream) -> None:
+        t = s.wake_at()
+        if s.in_flight is not None:
+            t = self.clock()
+        if t is not None:
+            heapq.heappush(self._heap, (t, s.id))
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            now = self.clock()
+            while self._heap and self._heap[0][0] <= now:
+                _, sid = heapq.heappop(self._heap)
+                s = self.streams.get(sid)
+                if s is None:
+                    continue
+                try:
+                    await self._step(s)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:   # keep the other streams going
+                    log.error("stream %s: %s", sid, exc)
+                    heapq.heappush(self._heap, (self.clock() + 5, sid))
+                now = self.clock()
+            delay = (self._heap[0][0] - now) if self._heap else 3600.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, delay))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _step(self, s: Stream) -> None:
+        if s.in_flight is not None and not await self._reconcile(s):
+            heapq.heappush(self._heap, (self.clock() + 2, s.id))   # still pending: look again soon
+            return
+        if s.accrue(self.clock()):
+            await self._save(s)
+        while (plan := s.next_payment(self.clock())) is not None:
+            await self._pay(s, *plan)
+        if s.state != "active":
+            await self._save(s)
+            self._state_changed(s)
+        self._schedule(s)
+
+    async def _pay(self, s: Stream, recipient: int, amount: int) -> None:
+        start = await self._sendpays_index()
+        flight = s.begin(recipient, amount, self.clock(), start)
+        await self._save(s)                       # persisted before it is paid
+        r = s.recipients[recipient]
+        try:
+            if r.kind == "node":
+                p = await self.node.keysend(r.destination, amount, label=flight.label,
+                                            max_fee_msat=s.max_fee_msat, extratlvs=s.tlv_record(),
+                                            retry_for_s=RETRY_FOR_S)
+            else:
+                inv = (await self.node.rpc.call("fetchinvoice", {"offer": r.destination,
+                                                                "amount_msat": amount}))["invoice"]
+                p = await self._xpay(inv, flight.label, s.max_fee_msat)
+        except (PaymentFailed, ClnRpcError) as exc:
+            s.failed(exc.message, liquidity_failure(exc), self.clock())
+            log.info("stream %s seq %d to %s failed: %s", s.id, flight.seq, r.destination[:16], exc.message)
+            self._payment_event(s, flight, "failed", 0, exc.message)
+            await self._save(s)
+            if s.state != "active":
+                self._state_changed(s)
+            return
+        s.succeeded(p.fee_msat)
+        await self._save(s)
+        self._payment_event(s, flight, "complete", p.fee_msat, None)
+
+    async def _xpay(self, invstring: str, label: str, max_fee_msat: int):
+        from .lightning.base import Payment
+        try:
+            r = await self.node.rpc.call("xpay", {"invstring": invstring, "label": label,
+                                                  "maxfee": max_fee_msat, "retry_for": RETRY_FOR_S},
+                                         timeout_s=None)
+        except ClnRpcError as exc:
+            raise PaymentFailed(f"payment failed: {exc.cln_message}", cln_code=exc.cln_code) from None
+        return Payment("", r["payment_preimage"], r["amount_msat"], r["amount_sent_msat"] - r["amount_msat"])
+
+    async def _sendpays_index(self) -> int:
+        r = await self.node.rpc.call("wait", {"subsystem": "sendpays", "indexname": "created", "nextvalue": 0})
+        return int(r.get("created", 0)) + 1
+
+    async def _reconcile(self, s: Stream) -> bool:
+        """Settle an in-flight payment from an earlier run. False while it is pending."""
+        f = s.in_flight
+        assert f is not None
+        parts = (await self.node.rpc.call("listsendpays", {"index": "created",
+                                                            "start": f.sendpays_start}))["payments"]
+        mine = [p for p in parts if p.get("label") == f.label]
+        complete = [p for p in mine if p.get("status") == "complete"]
+        if complete:
+            fee = sum(p["amount_sent_msat"] - p["amount_msat"] for p in complete)
+            log.info("stream %s seq %d: found complete after restart; not paying again", s.id, f.seq)
+            s.succeeded(fee)
+            self._payment_event(s, f, "complete", fee, None)
+        elif any(p.get("status") == "pending" for p in mine):
+            return False
+        elif mine:
+            s.failed("failed (found after restart)", False, self.clock())
+            self._payment_event(s, f, "failed", 0, "failed before restart")
+        elif self.clock() - f.started_at < RECONCILE_GRACE_S:
+            return False          # xpay may still be routing it; wait before concluding
+        else:
+            log.info("stream %s seq %d never left; retrying under a new label", s.id, f.seq)
+            s.abandon()
+        await self._save(s)
+        return True
+
+    async def _save(self, s: Stream) -> None:
+        try:
+            self._gen[s.id] = await self.ds.replace(("stream", s.id), s.to_json(), self._gen[s.id])
+        except StaleRecord:
+            raise NodeError(f"stream {s.id} was changed by someone else; refusing to overwrite") from None
+
+    def _payment_event(self, s: Stream, f, status: str, fee: int, error: str | None) -> None:
+        self.notify("streampay_payment", {
+            "stream_id": s.id, "seq": f.seq, "destination": s.recipients[f.recipient].destination,
+            "amount_msat": f.amount_msat, "fee_msat": fee, "status": status, "error": error,
+            "paid_msat": s.paid_msat, "fees_msat": s.fees_msat})
+
+    def _state_changed(self, s: Stream) -> None:
+        self.notify("streampay_state", {"stream_id": s.id, "state": s.state, "reason": s.reason})
+
+
+__all__ = ["StreamRunner", "MicropayError"]

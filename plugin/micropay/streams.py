@@ -1,0 +1,298 @@
+"""Streaming payments: the scheduling and accounting rules, free of I/O.
+
+A stream owes `amount_msat` every `interval_s`, split between recipients by share.
+Each interval's amount is accrued into per-recipient debts (`owed`); payments pay
+debts down. Exact integer split: recipient i accrues (amount*share_i + carry_i) //
+total_shares and carries the remainder, so no millisatoshi is ever lost to rounding.
+
+Pacing (AIMD, per recipient): a payment is at most `piece` msat. A liquidity failure
+halves the piece (down to MIN_PIECE_MSAT), each success grows it by an eighth of the
+per-interval amount, back up to that amount. Failures back off exponentially per
+recipient; a recipient failing MAX_CONSECUTIVE_FAILURES times in a row is suspended
+while the others keep being paid; when every recipient is suspended, the stream pauses
+with the reason. Budget: amount + fees paid, plus the fee cap of the next payment,
+never exceed max_total_msat.
+
+Intervals missed while the node was down are not paid in a burst afterwards: the
+schedule resumes at the next slot and the skipped slots are counted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import BadRequest
+
+MIN_PIECE_MSAT = 1000
+MAX_CONSECUTIVE_FAILURES = 5
+MAX_BACKOFF_S = 300.0
+MAX_RECIPIENTS = 32
+STATES = ("active", "paused", "stopped", "completed")
+TLV_PODCAST = 7629169            # bLIP-10 value-for-value record
+
+
+@dataclass
+class Recipient:
+    destination: str             # node id (66 hex) or BOLT12 offer ("lno1...")
+    share: int = 1
+    name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "offer" if self.destination.lower().startswith("lno1") else "node"
+
+
+@dataclass
+class InFlight:
+    """A payment written to the datastore before it is sent."""
+
+    seq: int
+    recipient: int
+    amount_msat: int
+    label: str
+    started_at: float
+    sendpays_start: int = 0      # listsendpays created_index to search from on reconcile
+
+
+@dataclass
+class Stream:
+    id: str
+    recipients: list[Recipient]
+    amount_msat: int
+    interval_s: int
+    max_total_msat: int | None
+    max_fee_msat: int
+    created_at: float
+    label: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    state: str = "active"
+    reason: str | None = None
+    next_due: float = 0.0
+    intervals: int = 0
+    missed_intervals: int = 0
+    owed: list[int] = field(default_factory=list)
+    carry: list[int] = field(default_factory=list)
+    piece: list[int] = field(default_factory=list)
+    retry_at: list[float] = field(default_factory=list)
+    consecutive_failures: list[int] = field(default_factory=list)
+    suspended: list[bool] = field(default_factory=list)
+    paid_msat: int = 0
+    fees_msat: int = 0
+    paid_by_recipient: list[int] = field(default_factory=list)
+    payments: int = 0
+    failures: int = 0
+    last_error: str | None = None
+    seq: int = 0
+    in_flight: InFlight | None = None
+
+    # -- construction and persistence ---------------------------------------
+    @classmethod
+    def create(cls, stream_id: str, recipients: list[Recipient], amount_msat: int, interval_s: int,
+               max_total_msat: int | None, max_fee_msat: int, now: float, label: str = "",
+               metadata: dict[str, Any] | None = None) -> "Stream":
+        n = len(recipients)
+        s = cls(stream_id, recipients, amount_msat, interval_s, max_total_msat, max_fee_msat, now,
+                label, metadata or {}, next_due=now, owed=[0] * n, carry=[0] * n, retry_at=[0.0] * n,
+                consecutive_failures=[0] * n, suspended=[False] * n, paid_by_recipient=[0] * n)
+        s.piece = [s.full_piece(i) for i in range(n)]
+        return s
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> "Stream":
+        doc = dict(doc)
+        doc["recipients"] = [Recipient(**r) for r in doc["recipients"]]
+        doc["in_flight"] = InFlight(**doc["in_flight"]) if doc.get("in_flight") else None
+        return cls(**doc)
+
+    # -- rules -----------------------------------------------------------------
+    @property
+    def total_shares(self) -> int:
+        return sum(r.share for r in self.recipients)
+
+    def full_piece(self, i: int) -> int:
+        """The recipient's share of one interval, rounded up: the largest piece."""
+        return max(MIN_PIECE_MSAT, -(-self.amount_msat * self.recipients[i].share // self.total_shares))
+
+    def budget_left(self) -> int | None:
+        if self.max_total_msat is None:
+            return None
+        return self.max_total_msat - self.paid_msat - self.fees_msat
+
+    def accrue(self, now: float) -> int:
+        """Accrue the interval that is due (at most one; older missed slots are
+        skipped and counted). Returns how many intervals were accrued (0 or 1)."""
+        if self.state != "active" or now < self.next_due:
+            return 0
+        behind = int((now - self.next_due) // self.interval_s)
+        if behind:
+            self.missed_intervals += behind
+            self.next_due += behind * self.interval_s
+        total = self.total_shares
+        for i, r in enumerate(self.recipients):
+            numerator = self.amount_msat * r.share + self.carry[i]
+            self.owed[i] += numerator // total
+            self.carry[i] = numerator % total
+        self.intervals += 1
+        self.next_due += self.interval_s
+        return 1
+
+    def next_payment(self, now: float) -> tuple[int, int] | None:
+        """(recipient index, amount) to pay now, or None. May complete the stream
+        when the budget cannot cover another payment."""
+        if self.state != "active" or self.in_flight is not None:
+            return None
+        left = self.budget_left()
+        for k in range(len(self.recipients)):
+            i = (self.seq + k) % len(self.recipients)     # round robin
+            if self.owed[i] <= 0 or self.suspended[i] or now < self.retry_at[i]:
+                continue
+            amount = min(self.owed[i], self.piece[i])
+            if left is not None:
+                amount = min(amount, left - self.max_fee_msat)
+                if amount <= 0:
+                    self.state, self.reason = "completed", "budget exhausted"
+                    return None
+            return i, amount
+        return None
+
+    def wake_at(self) -> float | None:
+        """When this stream next needs attention (None: not until something changes)."""
+        if self.state != "active":
+            return None
+        times = [self.next_due]
+        for i in range(len(self.recipients)):
+            if self.owed[i] > 0 and not self.suspended[i]:
+                times.append(self.retry_at[i])
+        return min(times)
+
+    def begin(self, recipient: int, amount: int, now: float, sendpays_start: int = 0) -> InFlight:
+        self.seq += 1
+        self.in_flight = InFlight(self.seq, recipient, amount, f"streampay-{self.id}-{self.seq}",
+                                  now, sendpays_start)
+        return self.in_flight
+
+    def succeeded(self, fee_msat: int) -> None:
+        f = self.in_flight
+        assert f is not None
+        i = f.recipient
+        self.owed[i] -= f.amount_msat
+        self.paid_msat += f.amount_msat
+        self.paid_by_recipient[i] += f.amount_msat
+        self.fees_msat += fee_msat
+        self.payments += 1
+        self.consecutive_failures[i] = 0
+        self.retry_at[i] = 0.0
+        self.piece[i] = min(self.full_piece(i), self.piece[i] + max(1, self.full_piece(i) // 8))
+        self.in_flight = None
+
+    def failed(self, error: str, liquidity: bool, now: float) -> None:
+        f = self.in_flight
+        assert f is not None
+        i = f.recipient
+        self.failures += 1
+        self.consecutive_failures[i] += 1
+        self.last_error = error
+        if liquidity:
+            self.piece[i] = max(MIN_PIECE_MSAT, self.piece[i] // 2)
+        backoff = min(MAX_BACKOFF_S, float(self.interval_s), 2.0 ** (self.consecutive_failures[i] - 1))
+        self.retry_at[i] = now + backoff
+        if self.consecutive_failures[i] >= MAX_CONSECUTIVE_FAILURES:
+            self.suspended[i] = True
+            if all(self.suspended):
+                self.state = "paused"
+                self.reason = f"every recipient failed {MAX_CONSECUTIVE_FAILURES} times in a row; last: {error}"
+        self.in_flight = None
+
+    def abandon(self) -> None:
+        """The in-flight payment provably never left: forget it without penalty."""
+        self.in_flight = None
+
+    def pause(self, reason: str) -> None:
+        self._require({"active"}, "pause")
+        self.state, self.reason = "paused", reason
+
+    def resume(self, now: float) -> None:
+        self._require({"paused"}, "resume")
+        self.state, self.reason = "active", None
+        self.suspended = [False] * len(self.recipients)
+        self.consecutive_failures = [0] * len(self.recipients)
+        self.retry_at = [0.0] * len(self.recipients)
+        if self.next_due < now:
+            self.next_due = now
+
+    def stop(self) -> None:
+        self._require({"active", "paused"}, "stop")
+        self.state, self.reason = "stopped", "stopped by request"
+
+    def _require(self, states: set[str], action: str) -> None:
+        if self.state not in states:
+            raise BadRequest(f"cannot {action} a stream that is {self.state}")
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.id, "label": self.label, "state": self.state, "reason": self.reason,
+            "amount_msat": self.amount_msat, "interval_s": self.interval_s,
+            "max_total_msat": self.max_total_msat, "max_fee_msat": self.max_fee_msat,
+            "paid_msat": self.paid_msat, "fees_msat": self.fees_msat, "payments": self.payments,
+            "failures": self.failures, "last_error": self.last_error, "intervals": self.intervals,
+            "missed_intervals": self.missed_intervals,
+            "next_due": self.next_due if self.state == "active" else None,
+            "in_flight": asdict(self.in_flight) if self.in_flight else None,
+            "recipients": [{"destination": r.destination, "name": r.name, "share": r.share,
+                            "paid_msat": self.paid_by_recipient[i], "owed_msat": self.owed[i],
+                            "suspended": self.suspended[i], "piece_msat": self.piece[i]}
+                           for i, r in enumerate(self.recipients)],
+            "metadata": self.metadata, "created_at": self.created_at,
+        }
+
+    def tlv_record(self, app_name: str = "micropay") -> dict[str, str]:
+        """bLIP-10 record for the in-flight keysend, as xkeysend's extratlvs."""
+        f = self.in_flight
+        assert f is not None
+        doc = {"action": "stream", "value_msat": f.amount_msat, "value_msat_total": self.amount_msat,
+               "ts": int(self.intervals * self.interval_s), "app_name": app_name,
+               "micropay_stream_id": self.id, "micropay_seq": f.seq}
+        name = self.recipients[f.recipient].name
+        if name:
+            doc["name"] = name
+        for key in ("sender_name", "message", "podcast", "episode", "feedID", "itemID"):
+            if key in self.metadata:
+                doc[key] = self.metadata[key]
+        return {str(TLV_PODCAST): json.dumps(doc, separators=(",", ":")).encode().hex()}
+
+
+# -- input validation -------------------------------------------------------------
+
+def parse_recipients(destination: Any, splits: Any) -> list[Recipient]:
+    if splits is None:
+        return [Recipient(_destination(destination, "destination"))]
+    if not isinstance(splits, list) or not 1 <= len(splits) <= MAX_RECIPIENTS:
+        raise BadRequest(f"splits must be a list of 1 to {MAX_RECIPIENTS} recipients")
+    out = []
+    for k, s in enumerate(splits):
+        if not isinstance(s, dict):
+            raise BadRequest(f"splits[{k}] must be an object with destination and share")
+        share = s.get("share", 1)
+        if not isinstance(share, int) or isinstance(share, bool) or not 1 <= share <= 1_000_000:
+            raise BadRequest(f"splits[{k}].share must be an integer in [1, 1000000]")
+        name = s.get("name", "")
+        if not isinstance(name, str) or len(name) > 100:
+            raise BadRequest(f"splits[{k}].name must be a string of at most 100 characters")
+        out.append(Recipient(_destination(s.get("destination"), f"splits[{k}].destination"), share, name))
+    if destination is not None and destination not in [r.destination for r in out]:
+        raise BadRequest("with splits, destination must be omitted or be one of the split destinations")
+    return out
+
+
+def _destination(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        v = value.strip()
+        if len(v) == 66 and v[:2] in ("02", "03") and all(c in "0123456789abcdef" for c in v.lower()):
+            return v.lower()
+        if v.lower().startswith("lno1") and len(v) < 4096:
+            return v
+    raise BadRequest(f"{name} must be a node id (66 hex characters) or a BOLT12 offer (lno1...)")
