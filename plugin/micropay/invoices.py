@@ -14,10 +14,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import BadRequest, InvalidCredential, MalformedCredential
+from .errors import BadRequest, InvalidCredential
 from .l402 import parse_authorization
 from .lightning.cln import ClnNode
 from .lightning.datastore import Datastore, RecordExists
+from .macaroon import Macaroon
 from .store import Store
 from .tokens import TokenService, decode_identifier
 
@@ -104,23 +105,19 @@ class InvoiceIssuer:
             raise BadRequest("path must start with '/'")
         if method is not None and not isinstance(method, str):
             raise BadRequest("method must be a string")
-        out: dict[str, Any] = {"valid": False, "reason": None, "caveats": [], "credits_left": None}
+        cred = parse_authorization(header)          # MalformedCredential -> -32602
+        assert cred is not None
+        mac = Macaroon.deserialize(cred.macaroons[0])
+        payment_hash, token_id = decode_identifier(mac.identifier)
+        out: dict[str, Any] = {"valid": False, "reason": None, "token_id": token_id.hex(),
+                               "payment_hash": payment_hash.hex(),
+                               "caveats": [c.decode("utf-8", "replace") for c in mac.caveats],
+                               "credits_left": None}
         try:
-            cred = parse_authorization(header)
-            assert cred is not None
             token = self.tokens.verify_credential(cred)
-            out["caveats"] = [c.decode("utf-8", "replace") for c in token.macaroon.caveats]
-            out["token_id"] = token.token_id_hex
-            out["payment_hash"] = token.payment_hash.hex()
             token.constraints.check(self.tokens.service, method.upper() if method else None, path,
                                     self.tokens.clock())
-        except (MalformedCredential, InvalidCredential) as err:
-            if not out["caveats"]:
-                try:
-                    mac_id = decode_identifier(_first_macaroon(header).identifier)
-                    out["payment_hash"] = mac_id[0].hex()
-                except (MalformedCredential, InvalidCredential):
-                    pass
+        except InvalidCredential as err:
             out["reason"] = err.message
             return out
         if token.constraints.credits is not None:
@@ -152,13 +149,6 @@ class InvoiceIssuer:
                             updated_index=inv.get("updated_index"), paid_at=inv.get("paid_at"),
                             amount_received_msat=inv.get("amount_received_msat")))
         return {"invoices": out}
-
-
-def _first_macaroon(header: str):
-    from .macaroon import Macaroon
-    cred = parse_authorization(header)
-    assert cred is not None
-    return Macaroon.deserialize(cred.macaroons[0])
 
 
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
