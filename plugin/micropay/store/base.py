@@ -114,7 +114,7 @@ SQL = {
                           "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_hash) DO NOTHING "
                           "RETURNING payment_hash",
     "stream_sessions": "SELECT stream_id, COUNT(*), SUM(amount_msat), MIN(received_at), MAX(received_at), "
-                       "MAX(seq), MAX(app_name) FROM micropay_stream_payments "
+                       "MAX(seq), MAX(app_name), COUNT(DISTINCT seq) FROM micropay_stream_payments "
                        "WHERE ($1 = '' OR stream_id = $1) GROUP BY stream_id ORDER BY MIN(received_at)",
 }
 
@@ -224,7 +224,8 @@ class Store(abc.ABC):
     async def stream_sessions(self, stream_id: str | None = None) -> list[dict[str, Any]]:
         rows = await self._fetchall(SQL["stream_sessions"], (stream_id or "",))
         return [{"stream_id": r[0], "payments": int(r[1]), "received_msat": int(r[2]),
-                 "first_at": int(r[3]), "last_at": int(r[4]), "last_seq": int(r[5]), "app_name": r[6]}
+                 "first_at": int(r[3]), "last_at": int(r[4]), "last_seq": int(r[5]), "app_name": r[6],
+                 "distinct_seqs": int(r[7])}
                 for r in rows]
 
     async def get_receipt(self, payment_hash: str) -> str | None:
