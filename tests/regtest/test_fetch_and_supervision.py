@@ -1,0 +1,91 @@
+"""The plugin runs the sidecar for its node, and another node consumes the paid API
+through micropay-fetch."""
+import os
+import re
+import signal
+import socket
+
+import pytest
+from pyln.client import RpcError
+from pyln.testing.utils import wait_for
+
+from .util import opts
+
+SIDECAR_CONFIG = """
+service = "nodeapi"
+demo = true
+[[routes]]
+method = "GET"
+path = "/api/joke"
+price_msat = 21000
+[[routes]]
+method = "GET"
+path = "/api/fortune/*"
+price_msat = 9000
+credits = 2
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sidecar_pids(node) -> list[int]:
+    """Every sidecar the plugin has started, oldest first (from the whole log)."""
+    node.daemon.logs_catchup()
+    return [int(p) for p in re.findall(r"sidecar started \(pid (\d+)\)", "\n".join(node.daemon.logs))]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:          # a zombie is not alive
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_supervised_sidecar_and_micropay_fetch(node_factory, tmp_path):
+    port = free_port()
+    cfg = tmp_path / "sidecar.toml"
+    cfg.write_text(SIDECAR_CONFIG)
+    l1, l2 = node_factory.line_graph(2, opts=[opts(), opts(**{"micropay-listen": f"127.0.0.1:{port}",
+                                                              "micropay-sidecar-config": str(cfg)})],
+                                     wait_for_announce=True)
+    wait_for(lambda: len(sidecar_pids(l2)) == 1)
+    pid = sidecar_pids(l2)[0]
+    url = f"http://127.0.0.1:{port}"
+
+    def fetch(path, **kw):
+        return l1.rpc.call("micropay-fetch", {"url": url + path, **kw})
+
+    wait_for(lambda: _up(url))
+    res = fetch("/api/joke")
+    assert res["status"] == 200 and res["amount_msat"] == 21000 and "joke" in res["body"]
+    assert res["receipt"]["type"] == "request" and any("invoice for 21000 msat" in m for m in res["log"])
+    assert fetch("/api/fortune/1")["amount_msat"] == 9000
+    assert fetch("/api/fortune/2")["amount_msat"] == 0            # the second credit, no payment
+    with pytest.raises(RpcError, match="per-request budget"):      # over this call's budget
+        fetch("/api/joke", max_msat=1000)
+    # the sidecar dies: the plugin restarts it
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: len(sidecar_pids(l2)) == 2)
+    new_pid = sidecar_pids(l2)[1]
+    assert new_pid != pid and not alive(pid)
+    assert l2.daemon.is_in_log("sidecar exited with -9; restarting")
+    wait_for(lambda: _up(url))
+    assert fetch("/api/joke")["status"] == 200
+    # and stops it with the node
+    l2.stop()
+    wait_for(lambda: not alive(new_pid), timeout=30)
+
+
+def _up(url: str) -> bool:
+    import urllib.request
+    try:
+        urllib.request.urlopen(url + "/healthz", timeout=1).read()
+        return True
+    except OSError:
+        return False
