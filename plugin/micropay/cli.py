@@ -64,12 +64,19 @@ async def _get(args: argparse.Namespace) -> int:
     parts = urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise MicropayError(f"not an http(s) URL: {args.url!r}")
+    node = None
     if args.wallet == "sandbox":
         wallet = SandboxHttpWallet(f"{parts.scheme}://{parts.netloc}/sandbox/wallets/default")
     elif args.wallet.startswith(("http://", "https://")):
         wallet = SandboxHttpWallet(args.wallet)
+    elif args.wallet.startswith("cln:"):
+        from .client import NodeWallet
+        from .lightning.cln import ClnNode
+        node = ClnNode(Path(args.wallet[4:]).expanduser())
+        await node.connect()
+        wallet = NodeWallet(node)
     else:
-        raise MicropayError("--wallet must be 'sandbox' or the URL of a sandbox wallet")
+        raise MicropayError("--wallet must be 'sandbox', a sandbox wallet URL, or cln:<path to lightning-rpc>")
     headers = {}
     for h in args.header or []:
         name, sep, value = h.partition(":")
@@ -80,8 +87,12 @@ async def _get(args: argparse.Namespace) -> int:
     cache = TokenCache(Path(args.cache).expanduser() if args.cache else None)
     say = (lambda m: None) if args.quiet else (lambda m: print(f"micropay: {m}", file=sys.stderr))
     client = L402Client(wallet, budget, cache, on_event=say, receipt_pubkey=args.receipt_pubkey)
-    res = await client.request(args.method, args.url, headers=headers,
-                               data=args.data.encode() if args.data is not None else None)
+    try:
+        res = await client.request(args.method, args.url, headers=headers,
+                                   data=args.data.encode() if args.data is not None else None)
+    finally:
+        if node is not None:
+            await node.close()
     sys.stdout.buffer.write(res.body)
     if res.body and not res.body.endswith(b"\n"):
         sys.stdout.buffer.write(b"\n")
@@ -143,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-X", "--method", default="GET")
     g.add_argument("-H", "--header", action="append", help="'Name: value' (repeatable)")
     g.add_argument("-d", "--data", help="request body")
-    g.add_argument("--wallet", default="sandbox", help="'sandbox' (the server's sandbox wallet) or a wallet URL")
+    g.add_argument("--wallet", default="sandbox",
+                   help="'sandbox' (the server's sandbox wallet), a sandbox wallet URL, or cln:<lightning-rpc path>")
     g.add_argument("--max-msat", type=int, default=10_000, help="per-request budget (msat)")
     g.add_argument("--day-budget-msat", type=int, default=100_000, help="per host per day (msat)")
     g.add_argument("--total-budget-msat", type=int, default=1_000_000, help="total, all hosts (msat)")

@@ -113,3 +113,20 @@ async def test_settlements_survive_sidecar_and_node_restarts(node_factory, tmp_p
         assert sc.rt.metrics.settlements == 2                   # nothing counted twice
     finally:
         await sc.runner.cleanup()
+
+
+async def test_cli_pays_from_a_node(node_factory, tmp_path):
+    import subprocess
+    import sys
+    l1, l2 = node_factory.line_graph(2, wait_for_announce=True)
+    sc = await cln_sidecar(tmp_path, l2.rpc.socket_path)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "micropay.cli", "get", "--wallet", f"cln:{l1.rpc.socket_path}",
+            "--max-msat", "25000", "--cache", str(tmp_path / "cli.json"), sc.url + "/api/joke",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        assert "joke" in json.loads(out) and "paid 21000 msat" in err.decode()
+    finally:
+        await sc.runner.cleanup()
