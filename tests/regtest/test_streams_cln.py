@@ -63,3 +63,14 @@ def test_split_stream_survives_payer_restart_without_double_payment(node_factory
         assert got["received_msat"] == rcpt["paid_msat"]       # nothing paid twice or lost
         assert got["payments"] == got["distinct_seqs"]
     assert st["paid_msat"] + st["fees_msat"] <= 200_000
+
+
+def test_stream_to_a_bolt12_offer(node_factory):
+    l1, l2 = node_factory.line_graph(2, opts=opts(), wait_for_announce=True)
+    offer = l2.rpc.offer("any", "streamed support")["bolt12"]
+    s = l1.rpc.call("streampay-start", [offer, 5000, 1, 12_000, 100])
+    wait_for(lambda: status(l1, s["id"])["state"] == "completed", timeout=60)
+    st = status(l1, s["id"])
+    assert st["failures"] == 0 and st["paid_msat"] + st["fees_msat"] <= 12_000
+    received = sum(i["amount_received_msat"] for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid")
+    assert received == st["paid_msat"] >= 10_000
