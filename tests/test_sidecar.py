@@ -297,3 +297,23 @@ async def test_middleware_mode_in_someone_elses_app(tmp_path):
     finally:
         await runner.cleanup()
         await rt.store.close()
+
+
+async def test_metered_access_paid_by_an_incoming_stream(tmp_path):
+    toml = 'demo = true\n[[routes]]\npath = "/api/joke"\nprice_msat = 1000\nstream_msat = 300\n'
+    sc = await start_sidecar(make_config(tmp_path, toml))
+    try:
+        hdr = {"X-Micropay-Stream": "abc123"}
+        status, _, body = await get(sc.url + "/api/joke", headers=hdr)
+        assert status == 402 and json.loads(body)["error"] == "stream_balance_low"
+        assert await table_count(sc, "challenges") == 0            # no invoice minted for it
+        # what the plugin records when streamed keysends arrive
+        await sc.rt.store.add_stream_payment("ph1", "abc123", 1, 1000, 1, "micropay")
+        results = [await get(sc.url + "/api/joke", headers=hdr) for _ in range(4)]
+        assert [r[0] for r in results] == [200, 200, 200, 402]
+        assert [r[1].get("Payment-Stream-Balance") for r in results[:3]] == ["700", "400", "100"]
+        assert verify_receipt(results[0][1]["Payment-Receipt"])["type"] == "stream"
+        status, _, body = await get(sc.url + "/api/joke", headers={"X-Micropay-Stream": "bad id!"})
+        assert status == 400
+    finally:
+        await sc.runner.cleanup()

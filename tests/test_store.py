@@ -78,3 +78,16 @@ async def test_admission_reads_reuse_and_counts_together(store):
     await store.debit_credit("tb1", 1)     # its token is in use: paid, even before settlement
     reuse, total, mine = await store.admission("c1", "GET /a", 1000, 1500, 1500)
     assert reuse is None
+
+
+async def test_stream_payments_are_recorded_once_and_spent_at_most_once(store):
+    assert await store.add_stream_payment("h1", "s", 1, 5000, 10, "micropay") is True
+    assert await store.add_stream_payment("h1", "s", 1, 5000, 10, "micropay") is False   # hook replay
+    assert await store.debit_stream("s", 6000) is None
+    assert await store.debit_stream("s", 2000) == 3000
+    await store.add_stream_payment("h2", "s", 2, 1000, 11, "micropay")
+    results = await asyncio.gather(*(store.debit_stream("s", 1000) for _ in range(10)))
+    assert len([r for r in results if r is not None]) == 4       # 6000 in, 2000 used before
+    assert await store.stream_balance("s") == (6000, 6000)
+    (session,) = await store.stream_sessions("s")
+    assert session["payments"] == 2 and session["received_msat"] == 6000 and session["distinct_seqs"] == 2

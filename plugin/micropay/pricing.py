@@ -29,6 +29,7 @@ class RouteRule:
     upstream: str | None = None
     capabilities: frozenset[str] = frozenset()
     free_per_hour: int = 0
+    stream_msat: int | None = None           # price per request when paid by an incoming stream
     description: str = ""
     price_hook: PriceHook | None = field(default=None, compare=False)
 
@@ -124,7 +125,7 @@ class _Table:
 
 
 _ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", "capabilities",
-               "free_per_hour", "description", "price_hook"}
+               "free_per_hour", "stream_msat", "description", "price_hook"}
 
 
 def parse_route(data: Any, where: str) -> RouteRule:
@@ -170,6 +171,7 @@ def parse_route(data: Any, where: str) -> RouteRule:
         credits=None if pass_s is not None else (credits or 1), pass_s=pass_s,
         upstream=upstream, capabilities=frozenset(caps),
         free_per_hour=t.positive_int("free_per_hour", 0, allow_zero=True, maximum=1_000_000) or 0,
+        stream_msat=t.positive_int("stream_msat"),
         description=t.get("description", str, ""),
         price_hook=load_hook(hook_spec, f"{where}.price_hook") if hook_spec else None,
     )

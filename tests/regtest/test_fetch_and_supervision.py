@@ -23,6 +23,7 @@ method = "GET"
 path = "/api/fortune/*"
 price_msat = 9000
 credits = 2
+stream_msat = 4000
 """
 
 
@@ -89,3 +90,32 @@ def _up(url: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_streamed_payments_top_up_metered_access(node_factory, tmp_path):
+    import urllib.error
+    import urllib.request
+    port = free_port()
+    cfg = tmp_path / "sidecar.toml"
+    cfg.write_text(SIDECAR_CONFIG)
+    l1, l2 = node_factory.line_graph(2, opts=[opts(), opts(**{"micropay-listen": f"127.0.0.1:{port}",
+                                                              "micropay-sidecar-config": str(cfg)})],
+                                     wait_for_announce=True)
+    url = f"http://127.0.0.1:{port}/api/fortune/7"
+    wait_for(lambda: _up(f"http://127.0.0.1:{port}"))
+    s = l1.rpc.call("streampay-start", {"destination": l2.info["id"], "amount_msat": 5000, "interval_s": 1,
+                                        "max_total_msat": 16_000, "max_fee_msat": 100})
+
+    def get():
+        req = urllib.request.Request(url, headers={"X-Micropay-Stream": s["id"]})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    wait_for(lambda: l1.rpc.call("streampay-status", {"id": s["id"]})["state"] == "completed", timeout=60)
+    paid = l1.rpc.call("streampay-status", {"id": s["id"]})["paid_msat"]
+    wait_for(lambda: l2.rpc.call("streampay-received", {"stream_id": s["id"]})["sessions"][0]["received_msat"] == paid)
+    statuses = [get() for _ in range(5)]
+    assert statuses.count(200) == paid // 4000 and statuses[-1] == 402

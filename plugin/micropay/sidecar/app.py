@@ -204,6 +204,7 @@ async def well_known(request: web.Request) -> web.Response:
             "price_msat": r.price_msat if r.price_hook is None else None,
             "dynamic_price": r.price_hook is not None, "credits": r.credits, "pass_s": r.pass_s,
             "capabilities": sorted(r.capabilities), "free_per_hour": r.free_per_hour,
+            "stream_msat": r.stream_msat,
             "caveats": r.caveats(cfg.service, 0)[:-1] + (
                 [f"{cfg.service}_valid_until=<issued_at + {r.pass_s}>"] if r.pass_s else [f"credits={r.credits}"]),
             "description": r.description})

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -20,7 +21,7 @@ from typing import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from ..config import ChallengeLimits
-from ..errors import (CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
+from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
                       NodeError, Overloaded, RateLimited, UpstreamError)
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
@@ -49,6 +50,15 @@ class Paid:
 
 PAID = web.RequestKey("micropay_paid", Paid) if hasattr(web, "RequestKey") else "micropay_paid"
 REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
+
+
+STREAM_HEADER = "X-Micropay-Stream"
+STREAM_ID = re.compile(r"[A-Za-z0-9._/-]{1,128}")
+
+
+class StreamBalanceLow(MicropayError):
+    code = "stream_balance_low"
+    http_status = 402
 
 
 class PricingUnavailable(MicropayError):
@@ -149,6 +159,9 @@ class Gate:
                                                               rule.free_per_hour):
                     self.metrics.free_requests[rule.key] += 1
                     return await handler(request)
+                stream_id = request.headers.get(STREAM_HEADER)
+                if stream_id is not None and rule.stream_msat:
+                    return await self._serve_streamed(request, rule, handler, stream_id)
                 return await self.challenge(request, rule)
             if rule.path not in token.constraints.paths:
                 raise InvalidCredential("token was issued for another route", route=rule.path)
@@ -190,6 +203,29 @@ class Gate:
         self.metrics.paid_requests[admitted.route_key] += 1
         if not response.prepared:
             response.headers.update(headers)
+        return response
+
+    async def _serve_streamed(self, request: web.Request, rule: RouteRule, handler: Handler,
+                              stream_id: str) -> web.StreamResponse:
+        """Metered access paid by an incoming payment stream (see streams.py): each
+        request spends rule.stream_msat of what the stream has paid this node so far."""
+        if not STREAM_ID.fullmatch(stream_id):
+            raise BadRequest(f"{STREAM_HEADER} must be 1-128 of A-Z a-z 0-9 . _ / -")
+        left = await self.store.debit_stream(stream_id, rule.stream_msat)  # type: ignore[arg-type]
+        if left is None:
+            received, used = await self.store.stream_balance(stream_id)
+            raise StreamBalanceLow(
+                f"stream {stream_id} has {received - used} msat left; this costs {rule.stream_msat} msat",
+                received_msat=received, used_msat=used, price_msat=rule.stream_msat)
+        receipt = self.receipts.sign({"v": 1, "type": "stream", "service": self.service, "stream_id": stream_id,
+                                      "method": request.method, "path": request.path,
+                                      "amount_msat": rule.stream_msat, "balance_msat": left,
+                                      "ts": int(self.clock())})
+        response = await handler(request)
+        self.metrics.paid_requests[rule.key] += 1
+        if not response.prepared:
+            response.headers[RECEIPT_HEADER] = receipt
+            response.headers["Payment-Stream-Balance"] = str(left)
         return response
 
     def forget_admitted(self) -> None:

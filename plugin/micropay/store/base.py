@@ -66,6 +66,9 @@ SCHEMA = [
         app_name TEXT NOT NULL)""",
     """CREATE INDEX IF NOT EXISTS micropay_stream_payments_stream
         ON micropay_stream_payments (stream_id)""",
+    """CREATE TABLE IF NOT EXISTS micropay_stream_usage (
+        stream_id TEXT PRIMARY KEY,
+        used_msat BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS micropay_receipts (
         payment_hash TEXT PRIMARY KEY,
         receipt TEXT NOT NULL,
@@ -113,6 +116,18 @@ SQL = {
                           "(payment_hash, stream_id, seq, amount_msat, received_at, app_name) "
                           "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_hash) DO NOTHING "
                           "RETURNING payment_hash",
+    # Spend from what a stream has paid in, never past it: one statement, safe under
+    # concurrency (the conflicting row is locked and the condition re-checked).
+    "debit_stream": "INSERT INTO micropay_stream_usage (stream_id, used_msat) "
+                    "SELECT $1, CAST($2 AS BIGINT) WHERE (SELECT COALESCE(SUM(amount_msat), 0) "
+                    "FROM micropay_stream_payments WHERE stream_id = $1) >= CAST($2 AS BIGINT) "
+                    "ON CONFLICT (stream_id) DO UPDATE SET used_msat = micropay_stream_usage.used_msat + "
+                    "CAST($2 AS BIGINT) WHERE (SELECT COALESCE(SUM(amount_msat), 0) FROM micropay_stream_payments "
+                    "WHERE stream_id = $1) >= micropay_stream_usage.used_msat + CAST($2 AS BIGINT) "
+                    "RETURNING used_msat",
+    "stream_balance": "SELECT (SELECT COALESCE(SUM(amount_msat), 0) FROM micropay_stream_payments "
+                      "WHERE stream_id = $1), (SELECT COALESCE(MAX(used_msat), 0) FROM micropay_stream_usage "
+                      "WHERE stream_id = $1)",
     "stream_sessions": "SELECT stream_id, COUNT(*), SUM(amount_msat), MIN(received_at), MAX(received_at), "
                        "MAX(seq), MAX(app_name), COUNT(DISTINCT seq) FROM micropay_stream_payments "
                        "WHERE ($1 = '' OR stream_id = $1) GROUP BY stream_id ORDER BY MIN(received_at)",
@@ -227,6 +242,20 @@ class Store(abc.ABC):
                  "first_at": int(r[3]), "last_at": int(r[4]), "last_seq": int(r[5]), "app_name": r[6],
                  "distinct_seqs": int(r[7])}
                 for r in rows]
+
+    async def debit_stream(self, stream_id: str, amount_msat: int) -> int | None:
+        """Spend `amount_msat` of what stream `stream_id` has paid in. Returns the balance
+        left, or None (nothing spent) if the stream has not paid enough."""
+        row = await self._fetchrow(SQL["debit_stream"], (stream_id, amount_msat))
+        if row is None:
+            return None
+        received, used = await self.stream_balance(stream_id)
+        return received - used
+
+    async def stream_balance(self, stream_id: str) -> tuple[int, int]:
+        """(received, used) millisatoshis of an incoming stream."""
+        row = await self._fetchrow(SQL["stream_balance"], (stream_id,))
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def get_receipt(self, payment_hash: str) -> str | None:
         row = await self._fetchrow(SQL["get_receipt"], (payment_hash,))
