@@ -3,6 +3,7 @@ import hashlib
 
 import bolt11
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from micropay.errors import DuplicateLabel, PaymentFailed
 from micropay.lightning.bolt11codec import InvalidInvoice, decode_invoice
@@ -90,3 +91,10 @@ async def test_settlement_stream_resumes_from_cursor(net):
 def test_decode_rejects_garbage(text):
     with pytest.raises(InvalidInvoice):
         decode_invoice(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 31), max_size=400))
+def test_fast_u5_conversion_matches_the_bolt11_package(values):
+    from micropay.lightning import bolt11codec
+    assert bolt11codec._u5_to_bitarray(values) == bolt11codec._slow_u5_to_bitarray(values)

@@ -21,7 +21,7 @@ def run(stream, until, pay=lambda s, i, amt: (True, 0, False), step=1.0):
             stream.begin(i, amount, t)
             ok, fee, liquidity = pay(stream, i, amount)
             if ok:
-                stream.succeeded(fee)
+                stream.succeeded(fee, t)
             else:
                 stream.failed("boom", liquidity, t)
         t += step

@@ -143,18 +143,23 @@ class StreamRunner:
         if s.in_flight is not None and not await self._reconcile(s):
             heapq.heappush(self._heap, (self.clock() + 2, s.id))   # still pending: look again soon
             return
-        if s.accrue(self.clock()):
-            await self._save(s)
+        dirty = bool(s.accrue(self.clock()))
+        sendpays_start = None
         while (plan := s.next_payment(self.clock())) is not None:
-            await self._pay(s, *plan)
-        if s.state != "active":
+            if sendpays_start is None:    # one look-up per batch: a lower start only widens the search
+                sendpays_start = await self._sendpays_index()
+            # Saving the new in-flight payment also saves the previous payment's outcome.
+            dirty = await self._pay(s, *plan, sendpays_start=sendpays_start)
+        if dirty or s.state != "active":
             await self._save(s)
+        if s.state != "active":
             self._state_changed(s)
         self._schedule(s)
 
-    async def _pay(self, s: Stream, recipient: int, amount: int) -> None:
-        start = await self._sendpays_index()
-        flight = s.begin(recipient, amount, self.clock(), start)
+    async def _pay(self, s: Stream, recipient: int, amount: int, sendpays_start: int) -> bool:
+        """Pay one piece. Returns True when the outcome still has to be saved (it is
+        saved together with the next payment's record, or at the end of the batch)."""
+        flight = s.begin(recipient, amount, self.clock(), sendpays_start)
         await self._save(s)                       # persisted before it is paid
         r = s.recipients[recipient]
         try:
@@ -170,13 +175,10 @@ class StreamRunner:
             s.failed(exc.message, liquidity_failure(exc), self.clock())
             log.info("stream %s seq %d to %s failed: %s", s.id, flight.seq, r.destination[:16], exc.message)
             self._payment_event(s, flight, "failed", 0, exc.message)
-            await self._save(s)
-            if s.state != "active":
-                self._state_changed(s)
-            return
-        s.succeeded(p.fee_msat)
-        await self._save(s)
+            return True
+        s.succeeded(p.fee_msat, self.clock())
         self._payment_event(s, flight, "complete", p.fee_msat, None)
+        return True
 
     async def _xpay(self, invstring: str, label: str, max_fee_msat: int):
         from .lightning.base import Payment
@@ -203,7 +205,7 @@ class StreamRunner:
         if complete:
             fee = sum(p["amount_sent_msat"] - p["amount_msat"] for p in complete)
             log.info("stream %s seq %d: found complete after restart; not paying again", s.id, f.seq)
-            s.succeeded(fee)
+            s.succeeded(fee, self.clock())
             self._payment_event(s, f, "complete", fee, None)
         elif any(p.get("status") == "pending" for p in mine):
             return False

@@ -85,6 +85,7 @@ class Stream:
     last_error: str | None = None
     seq: int = 0
     in_flight: InFlight | None = None
+    last_paid_at: float | None = None
 
     # -- construction and persistence ---------------------------------------
     @classmethod
@@ -175,9 +176,10 @@ class Stream:
                                   now, sendpays_start)
         return self.in_flight
 
-    def succeeded(self, fee_msat: int) -> None:
+    def succeeded(self, fee_msat: int, now: float) -> None:
         f = self.in_flight
         assert f is not None
+        self.last_paid_at = now
         i = f.recipient
         self.owed[i] -= f.amount_msat
         self.paid_msat += f.amount_msat
@@ -239,7 +241,7 @@ class Stream:
             "max_total_msat": self.max_total_msat, "max_fee_msat": self.max_fee_msat,
             "paid_msat": self.paid_msat, "fees_msat": self.fees_msat, "payments": self.payments,
             "failures": self.failures, "last_error": self.last_error, "intervals": self.intervals,
-            "missed_intervals": self.missed_intervals,
+            "missed_intervals": self.missed_intervals, "last_paid_at": self.last_paid_at,
             "next_due": self.next_due if self.state == "active" else None,
             "in_flight": asdict(self.in_flight) if self.in_flight else None,
             "recipients": [{"destination": r.destination, "name": r.name, "share": r.share,

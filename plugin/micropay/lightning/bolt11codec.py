@@ -1,7 +1,10 @@
 """BOLT11 encoding (for the sandbox) and decoding (for clients), via the bolt11 package."""
 from __future__ import annotations
 
+import sys
+
 import bolt11
+from bitstring import BitArray
 from bolt11 import Bolt11, Feature, Features, FeatureState, MilliSatoshi, TagChar, Tags
 
 from ..errors import BadRequest
@@ -9,6 +12,24 @@ from .base import DecodedInvoice
 
 MAX_BOLT11_LEN = 4096
 DEFAULT_MIN_FINAL_CLTV = 18
+
+
+def _u5_to_bitarray(arr: list[int]) -> BitArray:
+    """Same result as bolt11.bit_utils.u5_to_bitarray (which packs one 5-bit value at a
+    time and is ~85% of bolt11.decode's time: ~3 ms an invoice), built in one go."""
+    n = 0
+    for value in arr:
+        n = (n << 5) | value
+    nbits = 5 * len(arr)
+    nbytes = (nbits + 7) // 8
+    return BitArray(bytes=(n << (nbytes * 8 - nbits)).to_bytes(nbytes, "big"), length=nbits)
+
+
+# bolt11.decode looks the helper up in its module's namespace; give it the fast one.
+# tests/test_sandbox.py checks both produce identical bits.
+_decode_module = sys.modules["bolt11.decode"]
+_slow_u5_to_bitarray = _decode_module.u5_to_bitarray
+_decode_module.u5_to_bitarray = _u5_to_bitarray
 
 
 class InvalidInvoice(BadRequest):

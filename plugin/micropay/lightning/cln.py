@@ -199,16 +199,17 @@ class ClnNode:
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None,
                   label: str | None = None) -> Payment:
-        dec = await self.decode(bolt11)
         try:
             r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label},
                                     timeout_s=None)
         except ClnRpcError as exc:
-            done = await self.completed_payment(dec.payment_hash)
-            if done is not None:     # already paid earlier (e.g. by a run that crashed)
+            # Already paid earlier (e.g. by a run that crashed)? Then that payment counts.
+            done = await self.completed_payment((await self.decode(bolt11)).payment_hash)
+            if done is not None:
                 return done
             raise _payment_failed(exc) from None
-        return Payment(dec.payment_hash, r["payment_preimage"], r["amount_msat"],
+        preimage = r["payment_preimage"]
+        return Payment(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, r["amount_msat"],
                        r["amount_sent_msat"] - r["amount_msat"])
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
