@@ -27,6 +27,7 @@ from .streams import Stream, parse_recipients
 log = logging.getLogger("micropay.streams")
 RETRY_FOR_S = 30                 # xkeysend/xpay retry window; also bounds reconcile waits
 RECONCILE_GRACE_S = RETRY_FOR_S + 30
+SCHEDULE_SLACK_S = 0.05
 Notify = Callable[[str, dict[str, Any]], None]
 
 
@@ -40,7 +41,7 @@ class StreamRunner:
         self.streams: dict[str, Stream] = {}
         self._gen: dict[str, int] = {}
         self._heap: list[tuple[float, str]] = []
-        self._wake = asyncio.Event()
+        self._wake_fut: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------
@@ -113,8 +114,10 @@ class StreamRunner:
         if s.in_flight is not None:
             t = self.clock()
         if t is not None:
+            earliest = self._heap[0][0] if self._heap else None
             heapq.heappush(self._heap, (t, s.id))
-            self._wake.set()
+            if (earliest is None or t < earliest) and self._wake_fut is not None:
+                _resolve(self._wake_fut)
 
     async def _run(self) -> None:
         while True:
@@ -132,12 +135,22 @@ class StreamRunner:
                     log.error("stream %s: %s", sid, exc)
                     heapq.heappush(self._heap, (self.clock() + 5, sid))
                 now = self.clock()
-            delay = (self._heap[0][0] - now) if self._heap else 3600.0
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, delay))
-            except asyncio.TimeoutError:
-                pass
+            # Sleep until the earliest due stream, plus a little slack so that streams due
+            # close together are handled in one wake-up (payments may be up to
+            # SCHEDULE_SLACK_S late, never early).
+            delay = (self._heap[0][0] - now + SCHEDULE_SLACK_S) if self._heap else 3600.0
+            await self._sleep(max(0.0, delay))
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep `delay` seconds or until _schedule() wakes us (cheaper than wait_for)."""
+        loop = asyncio.get_running_loop()
+        self._wake_fut = fut = loop.create_future()
+        timer = loop.call_later(delay, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._wake_fut = None
 
     async def _step(self, s: Stream) -> None:
         if s.in_flight is not None and not await self._reconcile(s):
@@ -234,6 +247,11 @@ class StreamRunner:
 
     def _state_changed(self, s: Stream) -> None:
         self.notify("streampay_state", {"stream_id": s.id, "state": s.state, "reason": s.reason})
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 __all__ = ["StreamRunner", "MicropayError"]
