@@ -9,25 +9,8 @@ pending challenge is reused: each 402 is a new invoice, token and store row.
 from __future__ import annotations
 
 import argparse
-import tempfile
 
-from common import Target, wrk
-
-LUA = """
-counter = 0
-request = function()
-  counter = counter + 1
-  wrk.headers["X-Forwarded-For"] = "bench-client-" .. counter
-  return wrk.format(nil, "%s")
-end
-"""
-
-
-def script(path: str) -> str:
-    f = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    f.write(LUA % path)
-    f.close()
-    return f.name
+from common import Target, script, wrk
 
 
 def main() -> None:

@@ -103,3 +103,24 @@ def wrk_run(url: str, seconds: int = 5, connections: int = 32, headers: dict[str
         raise RuntimeError(f"{non2xx.group(1)} non-2xx responses during the run:\n{out}")
     total = re.search(r"(\d+) requests in", out)
     return float(m.group(1)), int(total.group(1)) if total else 0
+
+
+# wrk script: every request from a distinct client (X-Forwarded-For), so no pending
+# challenge is reused and each 402 mints a new invoice.
+DISTINCT_CLIENTS_LUA = """
+counter = 0
+request = function()
+  counter = counter + 1
+  wrk.headers["X-Forwarded-For"] = "bench-client-" .. counter
+  return wrk.format(nil, "%s")
+end
+"""
+
+
+def script(path: str) -> str:
+    f = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    f.write(DISTINCT_CLIENTS_LUA % path)
+    f.close()
+    return f.name
+
+
