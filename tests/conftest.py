@@ -1,7 +1,6 @@
 """Shared fixtures: stores (SQLite and PostgreSQL), sandbox network, a running sidecar."""
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import uuid
@@ -100,6 +99,15 @@ def make_config(tmp_path: Path, toml_text: str = DEMO_ROUTES, **overrides) -> Co
     import tomllib
     cfg = parse_config(tomllib.loads(toml_text), "test.toml")
     return cfg.with_overrides(data_dir=tmp_path / "data", **overrides)
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Run `app` on 127.0.0.1 on a free port; returns (runner, base URL)."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
 
 class Sidecar:

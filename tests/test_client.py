@@ -9,7 +9,7 @@ from micropay.client import Budget, L402Client, NodeWallet, PaidInvoice, TokenCa
 from micropay.errors import BudgetExceeded, InvoiceMismatch, PaymentFailed
 from micropay.lightning.sandbox import SandboxNetwork
 
-from .conftest import FakeClock, make_config, start_sidecar
+from .conftest import FakeClock, make_config, serve_app, start_sidecar
 
 
 def client(sc, tmp_path, budget=Budget(), **kw):
@@ -86,11 +86,8 @@ async def lying_server(mode):
 
     app = web.Application()
     app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/", net.add_node("p", 10**9)
+    runner, url = await serve_app(app)
+    return runner, url + "/", net.add_node("p", 10**9)
 
 
 @pytest.mark.parametrize("mode,match", [("price", "the price is 10 msat"), ("hash", "payment hash")])

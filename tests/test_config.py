@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from micropay.config import demo_config, load_config, parse_config
 from micropay.errors import ConfigError
-from micropay.pricing import Pricing, RouteRule
+from micropay.pricing import RouteRule
 
 
 def load(text, tmp_path):

@@ -1,7 +1,6 @@
 """Reverse-proxy mode: a real upstream on 127.0.0.1 behind the gate."""
 import asyncio
 import hashlib
-import json
 
 import aiohttp
 import pytest
@@ -10,7 +9,7 @@ from aiohttp import web
 from micropay.l402 import format_authorization, parse_challenges
 from micropay.receipts import verify_receipt
 
-from .conftest import make_config, start_sidecar
+from .conftest import make_config, serve_app, start_sidecar
 
 
 async def start_upstream():
@@ -42,11 +41,8 @@ async def start_upstream():
     app.router.add_get("/api/stream", stream)
     app.router.add_post("/api/upload", upload)
     app.router.add_get("/free", free)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", seen
+    runner, url = await serve_app(app)
+    return runner, url, seen
 
 
 @pytest.fixture

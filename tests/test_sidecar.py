@@ -6,14 +6,13 @@ import json
 
 import aiohttp
 import bolt11
-import pytest
 
 from micropay.l402 import format_authorization, parse_challenges
 from micropay.macaroon import Macaroon
 from micropay.receipts import verify_receipt
 from micropay.tokens import decode_identifier
 
-from .conftest import FakeClock, make_config, start_sidecar
+from .conftest import FakeClock, make_config, serve_app, start_sidecar
 
 
 async def get(url, **kw):
@@ -236,11 +235,7 @@ async def test_decorator_mode_inside_an_app(tmp_path):
         return web.json_response({"report": request.match_info["name"]})
 
     app.router.add_get("/reports/{name}", report)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, url = await serve_app(app)
     try:
         status, headers, body = await get(url + "/reports/q1")
         assert status == 402 and json.loads(body)["price_msat"] == 777
@@ -280,11 +275,7 @@ async def test_middleware_mode_in_someone_elses_app(tmp_path):
 
     app.router.add_get("/paid/x", hello)
     app.router.add_get("/free", hello)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    runner, url = await serve_app(app)
     try:
         assert (await get(url + "/free"))[0] == 200
         status, headers, _ = await get(url + "/paid/x")

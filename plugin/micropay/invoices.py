@@ -19,6 +19,7 @@ from .l402 import parse_authorization
 from .lightning.cln import ClnNode
 from .lightning.datastore import Datastore, RecordExists
 from .macaroon import Macaroon
+from .params import int_param, msat_param
 from .store import Store
 from .tokens import TokenService, decode_identifier
 
@@ -58,16 +59,16 @@ class InvoiceIssuer:
 
     async def issue(self, amount_msat: Any, description: Any, label: Any = None, expiry: Any = None,
                     services: Any = None, credits: Any = None, metadata: Any = None) -> dict[str, Any]:
-        amount = _msat(amount_msat, "amount_msat")
+        amount = msat_param(amount_msat, "amount_msat")
         if not isinstance(description, str) or not description or len(description) > MAX_DESCRIPTION:
             raise BadRequest(f"description must be a non-empty string of at most {MAX_DESCRIPTION} characters")
         if label is None:
             label = f"micropay-{os.urandom(16).hex()}"
         if not isinstance(label, str) or not label or len(label) > 200:
             raise BadRequest("label must be a non-empty string of at most 200 characters")
-        expiry_s = self.default_expiry_s if expiry is None else _int(expiry, "expiry", 1, 365 * 86400)
+        expiry_s = self.default_expiry_s if expiry is None else int_param(expiry, "expiry", 1, 365 * 86400)
         services_text = _services(services, self.tokens.service)
-        n_credits = None if credits is None else _int(credits, "credits", 1, 1_000_000)
+        n_credits = None if credits is None else int_param(credits, "credits", 1, 1_000_000)
         meta = {} if metadata is None else metadata
         if not isinstance(meta, dict) or len(json.dumps(meta)) > MAX_METADATA_BYTES:
             raise BadRequest(f"metadata must be a JSON object of at most {MAX_METADATA_BYTES} bytes")
@@ -134,8 +135,8 @@ class InvoiceIssuer:
             raise BadRequest("index must be 'created' or 'updated'")
         params: dict[str, Any] = {}
         if index is not None:
-            params = {"index": index, "start": _int(start or 0, "start", 0, 2**63),
-                      "limit": None if limit is None else _int(limit, "limit", 1, 100_000)}
+            params = {"index": index, "start": int_param(start or 0, "start", 0, 2**63),
+                      "limit": None if limit is None else int_param(limit, "limit", 1, 100_000)}
         elif start is not None or limit is not None:
             raise BadRequest("start and limit need index ('created' or 'updated')")
         ours = {key[-1]: rec for key, rec, _ in await self.ds.list(("invoice",))}
@@ -149,27 +150,6 @@ class InvoiceIssuer:
                             updated_index=inv.get("updated_index"), paid_at=inv.get("paid_at"),
                             amount_received_msat=inv.get("amount_received_msat")))
         return {"invoices": out}
-
-
-def _int(value: Any, name: str, lo: int, hi: int) -> int:
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise BadRequest(f"{name} must be an integer in [{lo}, {hi}]")
-    return value
-
-
-def _msat(value: Any, name: str) -> int:
-    """An amount: integer msat, or a string like '1000', '1000msat', '5sat'."""
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v.endswith("msat") and v[:-4].isdigit():
-            value = int(v[:-4])
-        elif v.endswith("sat") and v[:-3].isdigit():
-            value = int(v[:-3]) * 1000
-        elif v.isdigit():
-            value = int(v)
-    return _int(value, name, 1, 21_000_000 * 10**11)
 
 
 def _services(value: Any, default_service: str) -> str:

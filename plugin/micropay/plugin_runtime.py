@@ -16,10 +16,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
-from .errors import BadRequest, MicropayError, NodeError
-from .invoices import InvoiceIssuer, _int, _msat
+from .errors import BadRequest, NodeError
+from .invoices import InvoiceIssuer
 from .lightning.cln import ClnNode
 from .lightning.datastore import Datastore
+from .params import msat_param
 from .store.sqlite import SqliteStore
 from .stream_runner import StreamRunner
 from .streams import TLV_PODCAST
@@ -143,7 +144,7 @@ class PluginRuntime:
             raise BadRequest("headers must be an object of string values")
         if body is not None and not isinstance(body, str):
             raise BadRequest("body must be a string")
-        limit = _msat(max_msat, "max_msat") if max_msat is not None else int(self.option("micropay-fetch-max-msat"))
+        limit = msat_param(max_msat, "max_msat") if max_msat is not None else int(self.option("micropay-fetch-max-msat"))
         budget = Budget(max_per_request_msat=limit,
                         max_per_host_per_day_msat=int(self.option("micropay-fetch-day-budget-msat")),
                         max_total_msat=None, max_fee_msat=max(1000, limit // 100))
@@ -208,4 +209,4 @@ class SidecarSupervisor:
                 self.proc.kill()
 
 
-__all__ = ["PluginRuntime", "MicropayError", "_int"]
+__all__ = ["PluginRuntime"]

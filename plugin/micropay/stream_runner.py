@@ -19,9 +19,10 @@ import os
 import time
 from typing import Any, Callable
 
-from .errors import BadRequest, MicropayError, NodeError, PaymentFailed
+from .errors import BadRequest, NodeError, PaymentFailed
 from .lightning.cln import ClnNode, ClnRpcError, liquidity_failure
 from .lightning.datastore import Datastore, StaleRecord
+from .params import int_param, msat_param
 from .streams import Stream, parse_recipients
 
 log = logging.getLogger("micropay.streams")
@@ -65,16 +66,15 @@ class StreamRunner:
     async def create(self, destination: Any, amount_msat: Any, interval_s: Any, max_total_msat: Any = None,
                      max_fee_msat: Any = None, splits: Any = None, metadata: Any = None,
                      label: Any = None) -> dict[str, Any]:
-        from .invoices import _int, _msat
         recipients = parse_recipients(destination, splits)
-        amount = _msat(amount_msat, "amount_msat")
-        interval = _int(interval_s, "interval_s", self.min_interval_s, 365 * 86400)
-        cap = None if max_total_msat is None else _msat(max_total_msat, "max_total_msat")
+        amount = msat_param(amount_msat, "amount_msat")
+        interval = int_param(interval_s, "interval_s", self.min_interval_s, 365 * 86400)
+        cap = None if max_total_msat is None else msat_param(max_total_msat, "max_total_msat")
         if self.max_total_limit_msat is not None:
             if cap is None or cap > self.max_total_limit_msat:
                 raise BadRequest(f"max_total_msat is required and at most {self.max_total_limit_msat} "
                                  "on this node (option micropay-stream-max-total-msat)")
-        fee = 1000 + amount // 100 if max_fee_msat is None else _int(max_fee_msat, "max_fee_msat", 0, 10**12)
+        fee = 1000 + amount // 100 if max_fee_msat is None else int_param(max_fee_msat, "max_fee_msat", 0, 10**12)
         if cap is not None and cap < amount + fee:
             raise BadRequest("max_total_msat must cover at least one interval's amount plus max_fee_msat")
         meta = {} if metadata is None else metadata
@@ -254,4 +254,4 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-__all__ = ["StreamRunner", "MicropayError"]
+__all__ = ["StreamRunner"]

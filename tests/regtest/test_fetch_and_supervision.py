@@ -48,13 +48,19 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_supervised_sidecar_and_micropay_fetch(node_factory, tmp_path):
+def pair_with_sidecar(node_factory, tmp_path):
+    """l1 -> l2, both with micropay; l2's plugin runs the sidecar. Returns l1, l2, port."""
     port = free_port()
     cfg = tmp_path / "sidecar.toml"
     cfg.write_text(SIDECAR_CONFIG)
     l1, l2 = node_factory.line_graph(2, opts=[opts(), opts(**{"micropay-listen": f"127.0.0.1:{port}",
                                                               "micropay-sidecar-config": str(cfg)})],
                                      wait_for_announce=True)
+    return l1, l2, port
+
+
+def test_supervised_sidecar_and_micropay_fetch(node_factory, tmp_path):
+    l1, l2, port = pair_with_sidecar(node_factory, tmp_path)
     wait_for(lambda: len(sidecar_pids(l2)) == 1)
     pid = sidecar_pids(l2)[0]
     url = f"http://127.0.0.1:{port}"
@@ -95,12 +101,7 @@ def _up(url: str) -> bool:
 def test_streamed_payments_top_up_metered_access(node_factory, tmp_path):
     import urllib.error
     import urllib.request
-    port = free_port()
-    cfg = tmp_path / "sidecar.toml"
-    cfg.write_text(SIDECAR_CONFIG)
-    l1, l2 = node_factory.line_graph(2, opts=[opts(), opts(**{"micropay-listen": f"127.0.0.1:{port}",
-                                                              "micropay-sidecar-config": str(cfg)})],
-                                     wait_for_announce=True)
+    l1, l2, port = pair_with_sidecar(node_factory, tmp_path)
     url = f"http://127.0.0.1:{port}/api/fortune/7"
     wait_for(lambda: _up(f"http://127.0.0.1:{port}"))
     s = l1.rpc.call("streampay-start", {"destination": l2.info["id"], "amount_msat": 5000, "interval_s": 1,

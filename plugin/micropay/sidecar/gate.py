@@ -21,7 +21,7 @@ from typing import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from ..config import ChallengeLimits
-from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
+from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MicropayError,
                       NodeError, Overloaded, RateLimited, UpstreamError)
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
