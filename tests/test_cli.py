@@ -75,3 +75,13 @@ def test_keys_rotate_and_list(tmp_path):
     assert first.returncode == 0 and "current" in first.stdout
     rot = run_cli("keys", "rotate", "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
     assert rot.returncode == 0 and rot.stdout.count("\n") == 3   # new key line + two keys
+
+
+def test_cln_backend_without_a_node_is_a_clear_error(tmp_path):
+    res = run_cli("serve", "--backend", "cln", "--data-dir", str(tmp_path / "d"), cwd=tmp_path, timeout=30)
+    assert res.returncode == 2 and "needs the node's socket" in res.stderr
+    res = run_cli("serve", "--backend", "cln", "--lightning-dir", str(tmp_path / "ln"), "--network", "regtest",
+                  "--data-dir", str(tmp_path / "d"), cwd=tmp_path, timeout=30)
+    assert res.returncode == 2
+    assert f"cannot connect to lightningd at {tmp_path / 'ln' / 'regtest' / 'lightning-rpc'}" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -22,12 +22,21 @@ SANDBOX_BANNER = """
 """
 
 
+def rpc_file_from(rpc_file: str | None, lightning_dir: str | None, network: str) -> Path | None:
+    """--rpc-file, or the socket Core Lightning puts at <lightning-dir>/<network>/lightning-rpc."""
+    if rpc_file:
+        return Path(rpc_file).expanduser()
+    if lightning_dir:
+        return Path(lightning_dir).expanduser() / network / "lightning-rpc"
+    return None
+
+
 def _config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(Path(args.config)) if args.config else demo_config()
     return cfg.with_overrides(
         listen=args.listen, data_dir=Path(args.data_dir) if args.data_dir else None,
         store_url=args.store, backend=args.backend,
-        rpc_file=Path(args.rpc_file) if args.rpc_file else None, upstream=args.upstream)
+        rpc_file=rpc_file_from(args.rpc_file, args.lightning_dir, args.network), upstream=args.upstream)
 
 
 async def _serve(cfg: Config) -> None:
@@ -147,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", help="sqlite:///path or postgresql://... URL")
     s.add_argument("--backend", choices=["sandbox", "cln"])
     s.add_argument("--rpc-file", help="Core Lightning lightning-rpc socket (cln backend)")
+    s.add_argument("--lightning-dir", help="instead of --rpc-file: lightningd's base directory")
+    s.add_argument("--network", default="bitcoin", help="with --lightning-dir (default bitcoin)")
     s.add_argument("--upstream", help="default upstream URL for the reverse proxy")
 
     g = sub.add_parser("get", help="HTTP request that pays L402 challenges within budgets")

@@ -71,7 +71,10 @@ async def _connect_backend(config: Config, clock: Callable[[], float]) -> tuple[
         except ImportError:
             raise ConfigError(f"{config.source}: backend.kind = \"cln\" is not available in this "
                               "build of micropay") from None
-        node = ClnNode(config.rpc_file)  # type: ignore[arg-type]
+        if config.rpc_file is None:
+            raise ConfigError(f"{config.source}: the cln backend needs the node's socket: "
+                              "backend.rpc_file, --rpc-file, or --lightning-dir with --network")
+        node = ClnNode(config.rpc_file)
         await node.connect()
         return node, None
     raise ConfigError(f"{config.source}: unknown backend {config.backend!r}")
