@@ -50,12 +50,6 @@ class CreditsExhausted(MicropayError):
     rpc_code = 1402
 
 
-class PaymentRequired(MicropayError):
-    code = "payment_required"
-    http_status = 402
-    rpc_code = 1402
-
-
 class RateLimited(MicropayError):
     code = "rate_limited"
     http_status = 429
@@ -96,11 +90,6 @@ class NodeError(MicropayError):
 
 class PaymentFailed(NodeError):
     code = "payment_failed"
-
-
-class InvoiceNotFound(NodeError):
-    code = "invoice_not_found"
-    http_status = 404
 
 
 class DuplicateLabel(NodeError):

@@ -228,11 +228,6 @@ class Gate:
             response.headers["Payment-Stream-Balance"] = str(left)
         return response
 
-    def forget_admitted(self) -> None:
-        """Drop the fast-path cache (and cached verifications), e.g. after retiring a key."""
-        self._admitted.clear()
-        self.tokens.forget_cached()
-
     def install(self, app: web.Application, *, middleware: bool = True) -> None:
         """Add the gate to someone else's app: the pricing middleware (unless only the
         decorator is used) and the hook that puts receipts on streamed responses too."""
