@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import BadRequest, InvalidCredential
 from .l402 import parse_authorization
@@ -53,9 +53,9 @@ def token_id_for_label(label: str) -> bytes:
 
 class InvoiceIssuer:
     def __init__(self, node: ClnNode, datastore: Datastore, tokens: TokenService, store: Store,
-                 default_expiry_s: int = 3600) -> None:
+                 default_expiry_s: Callable[[], int] = lambda: 3600) -> None:
         self.node, self.ds, self.tokens, self.store = node, datastore, tokens, store
-        self.default_expiry_s = default_expiry_s
+        self.default_expiry_s = default_expiry_s      # read per call: the option is dynamic
 
     async def issue(self, amount_msat: Any, description: Any, label: Any = None, expiry: Any = None,
                     services: Any = None, credits: Any = None, metadata: Any = None) -> dict[str, Any]:
@@ -66,7 +66,7 @@ class InvoiceIssuer:
             label = f"micropay-{os.urandom(16).hex()}"
         if not isinstance(label, str) or not label or len(label) > 200:
             raise BadRequest("label must be a non-empty string of at most 200 characters")
-        expiry_s = self.default_expiry_s if expiry is None else int_param(expiry, "expiry", 1, 365 * 86400)
+        expiry_s = self.default_expiry_s() if expiry is None else int_param(expiry, "expiry", 1, 365 * 86400)
         services_text = _services(services, self.tokens.service)
         n_credits = None if credits is None else int_param(credits, "credits", 1, 1_000_000)
         meta = {} if metadata is None else metadata

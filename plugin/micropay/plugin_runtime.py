@@ -71,12 +71,13 @@ class PluginRuntime:
         self.tokens = TokenService(RootKeyRing.load_or_create(self.data_dir / "root_keys.json"), self.service)
         self.store = SqliteStore(self.data_dir / "micropay.sqlite3")
         await self.store.open()
+        opt = self.option
         self.issuer = InvoiceIssuer(self.node, self.ds, self.tokens, self.store,
-                                    default_expiry_s=int(self.option("micropay-invoice-expiry")))
-        cap = int(self.option("micropay-stream-max-total-msat"))
-        self.streams = StreamRunner(self.node, self.ds, notify=self.notify,
-                                    min_interval_s=int(self.option("micropay-stream-min-interval")),
-                                    max_total_limit_msat=cap or None)
+                                    default_expiry_s=lambda: int(opt("micropay-invoice-expiry")))
+        self.streams = StreamRunner(
+            self.node, self.ds, notify=self.notify,
+            min_interval_s=lambda: int(opt("micropay-stream-min-interval")),
+            max_total_limit_msat=lambda: int(opt("micropay-stream-max-total-msat")) or None)
         await self.streams.start()
         listen = self.option("micropay-listen")
         if listen:

@@ -34,8 +34,9 @@ Notify = Callable[[str, dict[str, Any]], None]
 
 class StreamRunner:
     def __init__(self, node: ClnNode, datastore: Datastore, *, clock: Callable[[], float] = time.time,
-                 notify: Notify | None = None, min_interval_s: int = 1,
-                 max_total_limit_msat: int | None = None) -> None:
+                 notify: Notify | None = None, min_interval_s: Callable[[], int] = lambda: 1,
+                 max_total_limit_msat: Callable[[], int | None] = lambda: None) -> None:
+        """The limits are callables, read on each use, since their plugin options are dynamic."""
         self.node, self.ds, self.clock = node, datastore, clock
         self.notify = notify or (lambda topic, payload: None)
         self.min_interval_s, self.max_total_limit_msat = min_interval_s, max_total_limit_msat
@@ -68,11 +69,12 @@ class StreamRunner:
                      label: Any = None) -> dict[str, Any]:
         recipients = parse_recipients(destination, splits)
         amount = msat_param(amount_msat, "amount_msat")
-        interval = int_param(interval_s, "interval_s", self.min_interval_s, 365 * 86400)
+        interval = int_param(interval_s, "interval_s", self.min_interval_s(), 365 * 86400)
         cap = None if max_total_msat is None else msat_param(max_total_msat, "max_total_msat")
-        if self.max_total_limit_msat is not None:
-            if cap is None or cap > self.max_total_limit_msat:
-                raise BadRequest(f"max_total_msat is required and at most {self.max_total_limit_msat} "
+        limit = self.max_total_limit_msat()
+        if limit is not None:
+            if cap is None or cap > limit:
+                raise BadRequest(f"max_total_msat is required and at most {limit} "
                                  "on this node (option micropay-stream-max-total-msat)")
         fee = 1000 + amount // 100 if max_fee_msat is None else int_param(max_fee_msat, "max_fee_msat", 0, 10**12)
         if cap is not None and cap < amount + fee:

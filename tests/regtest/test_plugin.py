@@ -64,3 +64,23 @@ def test_invoice_paid_by_another_node_then_verifies(node_factory):
     assert [i["label"] for i in listed] == ["article-7"] and listed[0]["metadata"] == {"sku": "a7"}
     line = l2.daemon.wait_for_log("listener got micropay_invoice_paid")
     assert inv["payment_hash"] in line and '"amount_msat": 50000' in line and '"sku": "a7"' in line
+
+
+def test_dynamic_options_take_effect_without_restart(node_factory):
+    node = node_factory.get_node(options=opts())
+    node.rpc.setconfig("micropay-invoice-expiry", 600)
+    inv = node.rpc.call("micropay-invoice", {"amount_msat": 1000, "description": "short-lived"})
+    assert inv["expires_at"] - inv["created_at"] in (599, 600, 601)
+    node.rpc.setconfig("micropay-stream-max-total-msat", 5000)
+    with pytest.raises(RpcError, match="max_total_msat is required and at most 5000"):
+        node.rpc.call("streampay-start", {"destination": node.info["id"], "amount_msat": 1000, "interval_s": 60})
+
+
+def test_refuses_to_start_with_a_readable_key_file(node_factory, tmp_path):
+    data = tmp_path / "mp"
+    data.mkdir()
+    (data / "root_keys.json").write_text("{}")
+    (data / "root_keys.json").chmod(0o644)
+    node = node_factory.get_node(options=opts(**{"micropay-data-dir": str(data)}))
+    assert node.daemon.is_in_log("disabled itself at init: micropay could not start: .*chmod 600")
+    assert "micropay-invoice" not in {c["command"].split()[0] for c in node.rpc.help()["help"]}
