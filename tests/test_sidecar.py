@@ -251,11 +251,6 @@ async def test_decorator_mode_inside_an_app(tmp_path):
         await rt.store.close()
 
 
-def test_preimage_hash_is_what_lightning_uses():
-    pre = bytes(range(32))
-    assert hashlib.sha256(pre).hexdigest() == "630dcd2966c4336691125448bbb25b4ff412a49c732db2c8abc1b8581bd710dd"
-
-
 async def test_middleware_mode_in_someone_elses_app(tmp_path):
     from aiohttp import web
 
