@@ -1,7 +1,6 @@
 """The sidecar over real HTTP on 127.0.0.1, with the sandbox backend."""
 import asyncio
 import base64
-import hashlib
 import json
 
 import aiohttp
