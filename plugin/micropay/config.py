@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .games.config import GAMES_KEYS, GamesConfig, parse_games
 from .pricing import Pricing, RouteRule, _Table, parse_route
 
 BACKENDS = ("sandbox", "cln")
@@ -39,6 +40,7 @@ class Config:
     demo: bool = False                 # serve the built-in demo API
     limits: ChallengeLimits = field(default_factory=ChallengeLimits)
     routes: tuple[RouteRule, ...] = ()
+    games: GamesConfig = field(default_factory=GamesConfig)
 
     @property
     def pricing(self) -> Pricing:
@@ -59,7 +61,7 @@ class Config:
 
 
 _TOP_KEYS = {"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "demo",
-             "backend", "store", "challenges", "routes"}
+             "backend", "store", "challenges", "routes"} | GAMES_KEYS
 
 
 def parse_config(doc: dict[str, Any], source: str) -> Config:
@@ -108,7 +110,7 @@ def parse_config(doc: dict[str, Any], source: str) -> Config:
         data_dir=Path(top.get("data_dir", str, ".micropay")).expanduser(), upstream=upstream,
         backend=kind, rpc_file=Path(rpc_file).expanduser() if rpc_file else None,
         store_url=store_url, trust_forwarded_for=top.get("trust_forwarded_for", bool, False),
-        demo=demo, limits=limits, routes=routes,
+        demo=demo, limits=limits, routes=routes, games=parse_games(top, source),
     )
 
 

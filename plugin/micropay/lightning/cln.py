@@ -225,6 +225,14 @@ class ClnNode:
         return Payment(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, r["amount_msat"],
                        r["amount_sent_msat"] - r["amount_msat"])
 
+    async def fetch_invoice(self, offer: str, amount_msat: int) -> str:
+        """A BOLT12 invoice for `offer` (the node must support offers)."""
+        try:
+            r = await self.rpc.call("fetchinvoice", {"offer": offer, "amount_msat": amount_msat})
+        except ClnRpcError as exc:
+            raise PaymentFailed(f"fetchinvoice failed: {exc.cln_message}", cln_code=exc.cln_code) from None
+        return r["invoice"]
+
     async def completed_payment(self, payment_hash: str) -> Payment | None:
         parts = (await self.rpc.call("listsendpays", {"payment_hash": payment_hash}))["payments"]
         done = [p for p in parts if p.get("status") == "complete"]

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -38,6 +38,7 @@ class Runtime:
     sandbox: object | None = None        # SandboxNetwork in sandbox mode
     extra_routes: list = field(default_factory=list)   # (method, path, handler), gated like the rest
     gate: Gate | None = None
+    games: Any = None                    # games.api.Games
 
     @property
     def is_sandbox(self) -> bool:
@@ -56,8 +57,13 @@ async def create_runtime(config: Config, *, node: Node | None = None,
         node, sandbox = await _connect_backend(config, clock)
     store = open_store_from_url(config.effective_store_url)
     await store.open()
-    return Runtime(config, node, store, TokenService(keyring, config.service, clock), receipts,
-                   clock=clock, sandbox=sandbox)
+    rt = Runtime(config, node, store, TokenService(keyring, config.service, clock), receipts,
+                 clock=clock, sandbox=sandbox)
+    # Always present, so that a purchase paid after its catalog was removed is still recorded;
+    # its routes are served only when a catalog or payouts are configured.
+    from ..games.setup import make_games
+    rt.games = make_games(config, store, node, receipts, clock)
+    return rt
 
 
 async def _connect_backend(config: Config, clock: Callable[[], float]) -> tuple[Node, object | None]:
@@ -117,6 +123,9 @@ def build_app(rt: Runtime) -> web.Application:
     if cfg.demo:
         from .demo import add_demo_routes
         add_demo_routes(add)
+    if rt.games is not None and cfg.games.enabled:
+        from ..games.api import add_games_routes
+        add_games_routes(add, rt.games)
     for method, path, handler in rt.extra_routes:
         add(method, path, handler)
     has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
@@ -139,6 +148,9 @@ async def _background_tasks(app: web.Application):
     rt = app[RUNTIME]
     tasks = [asyncio.create_task(watch_settlements(rt), name="micropay-settlements"),
              asyncio.create_task(purge_expired(rt), name="micropay-purge")]
+    if rt.games is not None:
+        from ..games.setup import background
+        tasks += background(rt.games)
     yield
     for t in tasks:
         t.cancel()
@@ -160,7 +172,9 @@ async def watch_settlements(rt: Runtime) -> None:
         try:
             after = await rt.store.get_cursor(name)
             async for s in rt.node.settlements(after):
-                if s.label.startswith("micropay-"):
+                if s.label.startswith("micropay-purchase-"):
+                    await rt.games.purchases.on_settlement(s)
+                elif s.label.startswith("micropay-"):
                     await record_settlement(rt, s)
                 await rt.store.advance_cursor(name, s.pay_index)
                 backoff = 1.0

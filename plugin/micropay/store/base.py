@@ -134,6 +134,28 @@ SQL = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    sql: str
+    args: Sequence[Any]
+    required: bool = False     # no row back -> roll the whole transaction back
+
+
+@dataclass(frozen=True, slots=True)
+class TxResult:
+    rows: list[list[tuple[Any, ...]]]
+    failed_step: int | None = None   # index of the required step that returned nothing
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_step is None
+
+
+class RollBack(Exception):
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
 class Store(abc.ABC):
     """Persistence for tokens, credits, cursors and receipts. Subclasses provide open,
     close, _execute and _fetchall; every operation is one statement, atomic and safe to retry."""
@@ -159,6 +181,18 @@ class Store(abc.ABC):
     async def _fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
         """Several read queries; adapters may run them in one round trip."""
         return [await self._fetchall(sql, args) for sql, args in queries]
+
+    @abc.abstractmethod
+    async def _transaction(self, steps: Sequence[Step]) -> TxResult:
+        """Run `steps` in one transaction. If a step marked `required` returns no row,
+        roll everything back and report that step's index."""
+
+    # -- generic access, for modules that own their SQL (games/) --------
+    async def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return await self._fetchall(sql, args)
+
+    async def transaction(self, steps: Sequence[Step]) -> TxResult:
+        return await self._transaction(steps)
 
     # -- challenges / issued tokens --------------------------------------
     async def add_challenge(self, ch: ChallengeRecord) -> None:

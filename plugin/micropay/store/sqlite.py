@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import SCHEMA, Store
+from .base import SCHEMA, RollBack, Step, Store, TxResult
+from .games import GAMES_SCHEMA, SERIAL_PK
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
@@ -31,8 +32,8 @@ class SqliteStore(Store):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         conn.execute("PRAGMA busy_timeout=30000")
-        for stmt in SCHEMA:
-            conn.execute(stmt)
+        for stmt in SCHEMA + GAMES_SCHEMA:
+            conn.execute(stmt.replace(SERIAL_PK, "INTEGER PRIMARY KEY AUTOINCREMENT"))
         self._conn = conn
 
     async def open(self) -> None:
@@ -63,6 +64,28 @@ class SqliteStore(Store):
 
     def _run_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
         return [self._run(sql, args) for sql, args in queries]
+
+    def _run_tx(self, steps: list[Step]) -> TxResult:
+        assert self._conn is not None, "store is not open"
+        out: list[list[tuple[Any, ...]]] = []
+        self._conn.execute("BEGIN IMMEDIATE")   # take the write lock now: no lost updates
+        try:
+            for i, step in enumerate(steps):
+                rows = self._run(step.sql, step.args)
+                if step.required and not rows:
+                    raise RollBack(i)
+                out.append(rows)
+        except RollBack as rb:
+            self._conn.execute("ROLLBACK")
+            return TxResult(out, rb.index)
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return TxResult(out)
+
+    async def _transaction(self, steps) -> TxResult:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_tx, list(steps))
 
     async def _fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch, queries)

@@ -1,0 +1,118 @@
+"""API keys for game servers: shown once, stored as a SHA-256 hash, scoped, revocable.
+
+A key reads `mpk_<kid>_<secret>`: `kid` (12 hex digits) finds the record, the
+32-byte secret is checked against the stored hash in constant time. Keys carry
+256 bits of entropy, so a plain hash is enough; no slow KDF is needed.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import BadRequest, MicropayError
+from ..store import Store
+from ..store.games import GSQL
+
+SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write")
+DEFAULT_SCOPES = ("purchases:write", "purchases:read", "events:read")
+KEY_RE = re.compile(r"mpk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+CACHE_TTL_S = 5.0   # a revoked key stops working within this long in a running sidecar
+
+
+class Unauthorized(MicropayError):
+    code = "unauthorized"
+    http_status = 401
+    rpc_code = 1401
+
+
+class Forbidden(MicropayError):
+    code = "forbidden"
+    http_status = 403
+    rpc_code = 1403
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    kid: str
+    name: str
+    scopes: frozenset[str]
+    created_at: int
+    revoked_at: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"kid": self.kid, "name": self.name, "scopes": sorted(self.scopes),
+                "created_at": self.created_at, "revoked_at": self.revoked_at}
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("ascii")).hexdigest()
+
+
+def check_scopes(scopes: list[str]) -> frozenset[str]:
+    bad = [s for s in scopes if s not in SCOPES]
+    if bad or not scopes:
+        raise BadRequest(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(bad) or 'none'}")
+    return frozenset(scopes)
+
+
+async def create_key(store: Store, name: str, scopes: list[str], now: int | None = None) -> tuple[str, ApiKey]:
+    """Returns (the key, shown only now, and its record)."""
+    if not name or len(name) > 100 or not name.isprintable():
+        raise BadRequest("key name must be 1-100 printable characters")
+    scope_set = check_scopes(scopes)
+    kid = os.urandom(6).hex()
+    secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+    created = int(time.time() if now is None else now)
+    await store.query(GSQL["add_api_key"], (kid, name, _hash(secret), " ".join(sorted(scope_set)), created))
+    return f"mpk_{kid}_{secret}", ApiKey(kid, name, scope_set, created, None)
+
+
+def _record(row) -> ApiKey:
+    return ApiKey(row[0], row[1], frozenset(row[3].split()), int(row[4]),
+                  int(row[5]) if row[5] is not None else None)
+
+
+async def list_keys(store: Store) -> list[ApiKey]:
+    return [_record(r) for r in await store.query(GSQL["list_api_keys"])]
+
+
+async def revoke_key(store: Store, kid: str, now: int | None = None) -> bool:
+    rows = await store.query(GSQL["revoke_api_key"], (kid, int(time.time() if now is None else now)))
+    return bool(rows)
+
+
+class ApiKeyVerifier:
+    """Checks `Authorization: Bearer mpk_...` against the store, caching briefly."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.clock = store, clock
+        self._cache: dict[str, tuple[float, str, ApiKey]] = {}
+
+    async def verify(self, presented: str, scope: str) -> ApiKey:
+        m = KEY_RE.fullmatch(presented)
+        if m is None:
+            raise Unauthorized("malformed API key")
+        kid, secret = m.groups()
+        now = self.clock()
+        hit = self._cache.get(kid)
+        if hit is None or hit[0] < now:
+            rows = await self.store.query(GSQL["get_api_key"], (kid,))
+            if not rows:
+                raise Unauthorized("unknown API key")
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            hit = self._cache[kid] = (now + CACHE_TTL_S, rows[0][2], _record(rows[0]))
+        _, key_hash, key = hit
+        if not hmac.compare_digest(key_hash, _hash(secret)):
+            raise Unauthorized("unknown API key")
+        if key.revoked_at is not None:
+            raise Unauthorized("API key revoked")
+        if scope not in key.scopes:
+            raise Forbidden(f"this API key lacks the {scope!r} scope")
+        return key

@@ -1,0 +1,186 @@
+"""The OpenAPI 3.1 description of the purchases API, served at /openapi.json.
+tests/test_openapi.py keeps it true: every route is described, every response the
+tests see validates against its schema."""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from .config import EVENT_TYPES
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], **extra}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM: {"schema": _ref("Problem")}}}
+
+
+def _ok(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref(schema)}}}
+
+
+ERRORS = {"400": _problem("Bad input"), "401": _problem("Missing or invalid credentials"),
+          "403": _problem("The API key lacks the scope")}
+NOT_FOUND = {"404": _problem("No such object")}
+ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+SKU = {"name": "sku", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
+LAST_EVENT = [{"name": "Last-Event-ID", "in": "header", "required": False,
+               "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
+              {"name": "last_event_id", "in": "query", "required": False,
+               "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}]
+TOKEN_Q = {"name": "token", "in": "query", "required": False,
+           "description": "the purchase's client token (for EventSource, which cannot set headers)",
+           "schema": {"type": "string", "maxLength": 200}}
+KEY = [{"apiKey": []}]
+KEY_OR_CLIENT = [{"apiKey": []}, {"clientToken": []}]
+SSE = {"description": "text/event-stream; each event: id, event (type), data (an Event as JSON)",
+       "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+SCHEMAS: dict[str, Any] = {
+    "Problem": {"type": "object", "required": ["status", "error", "detail"], "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "error": {"type": "string", "description": "stable machine code"}, "detail": {"type": "string"},
+        "reason": {"type": "string", "description": "finer cause, e.g. purchase_limit_reached"}}},
+    "CatalogItem": {"type": "object", "additionalProperties": False,
+                    "required": ["sku", "title", "price_msat", "max_per_player", "description", "unlockable"],
+                    "properties": {"sku": {"type": "string"}, "title": {"type": "string"},
+                                   "price_msat": {"type": "integer", "minimum": 1},
+                                   "max_per_player": _nullable("integer", minimum=1),
+                                   "description": {"type": "string"}, "unlockable": {"type": "boolean"}}},
+    "Catalog": {"type": "object", "required": ["items"],
+                "properties": {"items": {"type": "array", "items": _ref("CatalogItem")}}},
+    "PurchaseCreate": {"type": "object", "additionalProperties": False,
+                       "required": ["sku", "player_id", "idempotency_key"], "properties": {
+                           "sku": {"type": "string"},
+                           "player_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
+                           "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                           "metadata": {"type": "object", "description": "at most 4096 bytes as JSON"}}},
+    "Purchase": {"type": "object", "required": [
+        "id", "sku", "player_id", "price_msat", "metadata", "status", "invoice", "payment_hash", "created_at",
+        "expires_at", "paid_at", "amount_received_msat", "preimage", "receipt"], "properties": {
+        "id": {"type": "string"}, "sku": {"type": "string"}, "player_id": {"type": "string"},
+        "price_msat": {"type": "integer"}, "metadata": {"type": "object"},
+        "status": {"enum": ["pending", "paid", "expired"]},
+        "invoice": {"type": "string", "description": "BOLT11"},
+        "payment_hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "created_at": {"type": "integer"}, "expires_at": {"type": "integer"},
+        "paid_at": _nullable("integer"), "amount_received_msat": _nullable("integer"),
+        "preimage": _nullable("string"),
+        "receipt": _nullable("string", description="signed receipt, see docs/games.md"),
+        "client_token": {"type": "string", "description": "gives a player's client read access to "
+                         "this purchase only; returned on creation"}}},
+    "PurchaseList": {"type": "object", "required": ["purchases", "next_cursor"], "properties": {
+        "purchases": {"type": "array", "items": _ref("Purchase")}, "next_cursor": _nullable("string")}},
+    "PayoutCreate": {"type": "object", "additionalProperties": False,
+                     "required": ["player_id", "destination", "idempotency_key"], "properties": {
+                         "player_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
+                         "destination": {"type": "string", "description": "BOLT11 invoice or BOLT12 offer"},
+                         "amount_msat": {"type": "integer", "minimum": 1,
+                                         "description": "required for an offer; must match an invoice"},
+                         "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}},
+    "Payout": {"type": "object", "required": [
+        "id", "idempotency_key", "player_id", "destination", "amount_msat", "fee_msat", "status", "error",
+        "payment_hash", "preimage", "day", "created_at", "updated_at"], "properties": {
+        "id": {"type": "string"}, "idempotency_key": {"type": "string"}, "player_id": {"type": "string"},
+        "destination": {"type": "string"}, "amount_msat": {"type": "integer"}, "fee_msat": _nullable("integer"),
+        "status": {"enum": ["sending", "paid", "failed"]}, "error": _nullable("string"),
+        "payment_hash": _nullable("string"), "preimage": _nullable("string"),
+        "day": {"type": "string", "description": "UTC day the payout counts against"},
+        "created_at": {"type": "integer"}, "updated_at": {"type": "integer"}}},
+    "Event": {"type": "object", "required": ["id", "type", "created_at", "data"], "properties": {
+        "id": {"type": "integer"}, "type": {"enum": list(EVENT_TYPES)}, "created_at": {"type": "integer"},
+        "data": {"type": "object", "description": "{purchase: Purchase} or {payout: Payout}"}}},
+    "PaywallPurchase": {"type": "object", "required": [
+        "id", "status", "invoice", "price_msat", "expires_at", "client_token", "qr_svg"], "properties": {
+        "id": {"type": "string"}, "status": {"enum": ["pending", "paid", "expired"]},
+        "invoice": {"type": "string"}, "price_msat": {"type": "integer"}, "expires_at": {"type": "integer"},
+        "client_token": {"type": "string"}, "qr_svg": _nullable("string")}},
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "micropay purchases API", "version": __version__,
+                 "description": "In-app purchases paid over Lightning: catalog, purchases, live events, "
+                                "payouts, and a browser paywall. Amounts are integer millisatoshis."},
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "mpk_... (micropay apikey create)"},
+            "clientToken": {"type": "http", "scheme": "bearer",
+                            "description": "mpc_... from the purchase's creation; reads that purchase only"}}},
+        "paths": {
+            "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                      "responses": {"200": {"description": "OpenAPI 3.1",
+                                                            "content": {JSON: {"schema": {"type": "object"}}}}}}},
+            "/v1/catalog": {"get": {"summary": "Items for sale", "security": [],
+                                    "responses": {"200": _ok("Catalog", "The catalog")}}},
+            "/v1/purchases": {
+                "post": {"summary": "Create a purchase (idempotent by idempotency_key)", "security": KEY,
+                         "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PurchaseCreate")}}},
+                         "responses": {"201": _ok("Purchase", "Created"),
+                                       "200": _ok("Purchase", "Same idempotency key: the existing purchase"),
+                                       "409": _problem("Idempotency key reused differently, or player limit"),
+                                       **ERRORS}},
+                "get": {"summary": "List purchases, oldest first", "security": KEY, "parameters": [
+                    {"name": "player_id", "in": "query", "schema": {"type": "string", "maxLength": 128}},
+                    {"name": "sku", "in": "query", "schema": {"type": "string", "maxLength": 128}},
+                    {"name": "status", "in": "query", "schema": {"enum": ["pending", "paid", "expired"]}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
+                    {"name": "cursor", "in": "query", "schema": {"type": "string", "maxLength": 200}}],
+                    "responses": {"200": _ok("PurchaseList", "A page"), **ERRORS}}},
+            "/v1/purchases/{id}": {"get": {
+                "summary": "One purchase", "security": KEY_OR_CLIENT, "parameters": [ID, TOKEN_Q],
+                "responses": {"200": _ok("Purchase", "The purchase"), **ERRORS, **NOT_FOUND}}},
+            "/v1/purchases/{id}/events": {"get": {
+                "summary": "Server-Sent Events of one purchase (whole history, then live)",
+                "security": KEY_OR_CLIENT, "parameters": [ID, TOKEN_Q, *LAST_EVENT],
+                "responses": {"200": SSE, **ERRORS, **NOT_FOUND}}},
+            "/v1/events": {"get": {
+                "summary": "Server-Sent Events of the whole app (from now, or after Last-Event-ID)",
+                "security": KEY, "parameters": LAST_EVENT, "responses": {"200": SSE, **ERRORS}}},
+            "/v1/ws": {"get": {
+                "summary": "WebSocket: the same events as JSON text messages",
+                "security": KEY_OR_CLIENT, "parameters": [
+                    {"name": "purchase_id", "in": "query", "schema": {"type": "string", "maxLength": 64}},
+                    TOKEN_Q, LAST_EVENT[1]],
+                "responses": {"101": {"description": "Switching protocols"}, **ERRORS, **NOT_FOUND}}},
+            "/v1/payouts": {"post": {
+                "summary": "Pay a player (capped per player and per day, idempotent)", "security": KEY,
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref("PayoutCreate")}}},
+                "responses": {"201": _ok("Payout", "Sent (status paid or failed)"),
+                              "200": _ok("Payout", "Same idempotency key: the existing payout"),
+                              "409": _problem("A cap would be exceeded, or the key was reused differently"),
+                              "502": _problem("The node could not be reached; the payout stays 'sending'"),
+                              **ERRORS}}},
+            "/v1/payouts/{id}": {"get": {"summary": "One payout", "security": KEY, "parameters": [ID],
+                                         "responses": {"200": _ok("Payout", "The payout"), **ERRORS,
+                                                       **NOT_FOUND}}},
+            "/paywall/{sku}": {"get": {"summary": "Paywall page (HTML)", "security": [], "parameters": [SKU],
+                                       "responses": {"200": {"description": "HTML page",
+                                                             "content": {"text/html": {"schema": {"type": "string"}}}},
+                                                     **NOT_FOUND}}},
+            "/paywall/{sku}/purchase": {"post": {
+                "summary": "The page's purchase (needs the reader cookie the page sets)", "security": [],
+                "parameters": [SKU], "requestBody": {"required": True, "content": {JSON: {"schema": {
+                    "type": "object", "required": ["nonce"],
+                    "properties": {"nonce": {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"}}}}}},
+                "responses": {"200": _ok("PaywallPurchase", "Pending or already paid"), "400": ERRORS["400"],
+                              "429": _problem("Too many invoices from this address"), **NOT_FOUND}}},
+            "/paywall/{sku}/content": {"get": {
+                "summary": "The unlocked content (HTML fragment)", "security": [], "parameters": [
+                    SKU, {"name": "purchase", "in": "query", "required": True, "schema": {"type": "string"}},
+                    {"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "HTML fragment",
+                                      "content": {"text/html": {"schema": {"type": "string"}}}},
+                              "401": ERRORS["401"], "402": _problem("Not paid"), **NOT_FOUND}}},
+        },
+    }

@@ -1,0 +1,181 @@
+"""Browser paywall: a page that sells one catalog item with `content`, shows the invoice
+as a QR code and a `lightning:` link, and unlocks the content over SSE when paid.
+
+No JavaScript framework: one small inline script (fetch + EventSource). The reader is
+identified by a random first-party cookie; a reader who already paid for the item gets
+the content again. The content endpoint checks the purchase's client token.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import re
+from typing import TYPE_CHECKING
+
+import segno
+from aiohttp import web
+
+from ..errors import BadRequest, MicropayError, RateLimited
+from ..sidecar.guard import TokenBucket
+from .apikeys import Unauthorized
+from .purchases import NotFound
+
+if TYPE_CHECKING:
+    from .api import Games
+
+COOKIE = "micropay_reader"
+READER = re.compile(r"[0-9a-f]{32}")
+NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+                    "Cache-Control": "no-store"}
+INVOICES_PER_MINUTE = 20   # per client address
+
+
+class NotPaid(MicropayError):
+    code = "payment_required"
+    http_status = 402
+    rpc_code = 1402
+
+
+def qr_svg(bolt11: str) -> str:
+    """Invoice as an SVG QR code (upper case: the compact alphanumeric QR mode)."""
+    buf = io.BytesIO()
+    segno.make(f"lightning:{bolt11}".upper(), error="m").save(
+        buf, kind="svg", scale=4, border=2, xmldecl=False, svgns=True, title="Lightning invoice")
+    return buf.getvalue().decode("ascii")
+
+
+def _item(games: "Games", request: web.Request):
+    item = games.cfg.item(request.match_info["sku"])
+    if item is None or item.content is None:
+        raise NotFound("no such paywalled item")
+    return item
+
+
+def _reader(request: web.Request) -> str | None:
+    value = request.cookies.get(COOKIE, "")
+    return value if READER.fullmatch(value) else None
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}}
+#pay{{border:1px solid #ccc;border-radius:8px;padding:1rem;text-align:center}}
+#qr svg{{width:16rem;height:16rem}} .muted{{color:#666;font-size:.9rem}}
+#invoice{{word-break:break-all;font-family:monospace;font-size:.75rem}}
+[hidden]{{display:none}}
+</style></head>
+<body data-sku="{sku}">
+<h1>{title}</h1>
+<p>{description}</p>
+<section id="pay">
+  <p>Unlock for <strong id="price">{price_sat} sat</strong> ({price_msat} msat)</p>
+  <div id="qr" aria-live="polite">Creating invoice…</div>
+  <p><a id="ln-link" href="#" hidden>Open in a Lightning wallet</a></p>
+  <p id="invoice" class="muted"></p>
+  <p id="status" class="muted" role="status">Waiting for payment…</p>
+</section>
+<article id="content" hidden></article>
+<script>
+(function () {{
+  "use strict";
+  var sku = document.body.dataset.sku, base = "/paywall/" + encodeURIComponent(sku);
+  var nonce = Array.from(crypto.getRandomValues(new Uint8Array(16)),
+                         function (b) {{ return b.toString(16).padStart(2, "0"); }}).join("");
+  function $(id) {{ return document.getElementById(id); }}
+  function say(text) {{ $("status").textContent = text; }}
+  function unlock(p) {{
+    fetch(base + "/content?purchase=" + encodeURIComponent(p.id) + "&token=" + encodeURIComponent(p.client_token))
+      .then(function (r) {{ if (!r.ok) throw new Error("HTTP " + r.status); return r.text(); }})
+      .then(function (html) {{
+        $("content").innerHTML = html; $("content").hidden = false; $("pay").hidden = true;
+        document.body.dataset.state = "unlocked";
+      }})
+      .catch(function (e) {{ say("Paid, but the content could not be loaded: " + e.message); }});
+  }}
+  fetch(base + "/purchase", {{method: "POST", headers: {{"Content-Type": "application/json"}},
+                              body: JSON.stringify({{nonce: nonce}}), credentials: "same-origin"}})
+    .then(function (r) {{ return r.json().then(function (b) {{ if (!r.ok) throw new Error(b.detail || r.status); return b; }}); }})
+    .then(function (p) {{
+      document.body.dataset.purchase = p.id;
+      if (p.status === "paid") {{ unlock(p); return; }}
+      $("qr").innerHTML = p.qr_svg;
+      $("ln-link").href = "lightning:" + p.invoice; $("ln-link").hidden = false;
+      $("invoice").textContent = p.invoice;
+      document.body.dataset.state = "awaiting-payment";
+      var es = new EventSource("/v1/purchases/" + encodeURIComponent(p.id) + "/events?token=" +
+                               encodeURIComponent(p.client_token));
+      es.addEventListener("purchase.paid", function () {{ es.close(); say("Paid. Unlocking…"); unlock(p); }});
+      es.addEventListener("purchase.expired", function () {{
+        es.close(); say("The invoice expired. Reload the page for a new one.");
+        document.body.dataset.state = "expired";
+      }});
+    }})
+    .catch(function (e) {{ say("Could not create an invoice: " + e.message); }});
+}})();
+</script>
+</body></html>
+"""
+
+
+async def page(games: "Games", request: web.Request) -> web.Response:
+    item = _item(games, request)
+    text = PAGE.format(title=html.escape(item.title), sku=html.escape(item.sku, quote=True),
+                       description=html.escape(item.description), price_msat=item.price_msat,
+                       price_sat=f"{item.price_msat / 1000:g}")
+    resp = web.Response(text=text, content_type="text/html", charset="utf-8", headers=dict(
+        SECURITY_HEADERS, **{"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                             "style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"}))
+    if _reader(request) is None:
+        resp.set_cookie(COOKIE, os.urandom(16).hex(), max_age=365 * 86400, httponly=True, samesite="Lax",
+                        path="/paywall/")
+    return resp
+
+
+async def purchase(games: "Games", request: web.Request) -> web.Response:
+    """Start (or find the paid) purchase for this reader. Rate limited per client address."""
+    item = _item(games, request)
+    if games.paywall_limit is None:
+        games.paywall_limit = TokenBucket(INVOICES_PER_MINUTE)
+    wait = games.paywall_limit.take(request.remote or "unknown")
+    if wait:
+        raise RateLimited("too many invoices requested; try again shortly", retry_after_s=int(wait) + 1)
+    reader = _reader(request)
+    if reader is None:
+        raise BadRequest("load the paywall page first (it sets the reader cookie)")
+    try:
+        body = json.loads(await request.content.read(1024))
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body must be JSON") from None
+    nonce = body.get("nonce") if isinstance(body, dict) else None
+    if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):
+        raise BadRequest("nonce must be 8-64 of A-Z a-z 0-9 _ -")
+    player = f"web:{reader}"
+    paid = await games.purchases.list(player_id=player, sku=item.sku, status="paid", limit=1)
+    if paid["purchases"]:
+        p = paid["purchases"][0]
+    else:
+        p, _ = await games.purchases.create({"sku": item.sku, "player_id": player,
+                                             "idempotency_key": f"paywall:{reader}:{nonce}"})
+    return web.json_response({"id": p["id"], "status": p["status"], "invoice": p["invoice"],
+                              "price_msat": p["price_msat"], "expires_at": p["expires_at"],
+                              "client_token": games.purchases.client_token(p["id"]),
+                              "qr_svg": qr_svg(p["invoice"]) if p["status"] == "pending" else None},
+                             headers=SECURITY_HEADERS)
+
+
+async def content(games: "Games", request: web.Request) -> web.Response:
+    item = _item(games, request)
+    pid, token = request.query.get("purchase", ""), request.query.get("token", "")
+    if not pid or not token or not games.purchases.check_client_token(pid, token):
+        raise Unauthorized("a paid purchase and its client token are required")
+    p = await games.purchases.get(pid)
+    if p["sku"] != item.sku or p["status"] != "paid":
+        raise NotPaid("this purchase is not paid")
+    return web.Response(text=item.content or "", content_type="text/html", charset="utf-8",
+                        headers=SECURITY_HEADERS)
