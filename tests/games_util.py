@@ -1,6 +1,7 @@
 """Helpers for the purchases API tests: a sidecar with a catalog and an API key."""
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -69,11 +70,17 @@ class GameSidecar:
 
     async def close(self) -> None:
         await self.sc.runner.cleanup()
+        if self.games.deliverer is not None:
+            await self.games.deliverer.close()
 
 
 async def start_game_sidecar(tmp_path: Path, toml_text: str = GAMES_TOML, clock=None,
                              scopes=("purchases:write", "purchases:read", "events:read", "payouts:write"),
-                             **overrides) -> GameSidecar:
+                             manual_delivery: bool = False, **overrides) -> GameSidecar:
     sc = await start_sidecar(make_config(tmp_path, toml_text, **overrides), clock=clock)
+    if manual_delivery:   # the test drives deliverer.run_once() itself
+        for task in asyncio.all_tasks():
+            if task.get_name() == "micropay-webhooks":
+                task.cancel()
     key, _ = await create_key(sc.rt.store, "test", list(scopes))
     return GameSidecar(sc, key)

@@ -26,6 +26,7 @@ from .signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign
 log = logging.getLogger("micropay.webhooks")
 BATCH = 100
 PARALLEL = 16
+LEASE_S = 30
 
 
 def new_secret() -> str:
@@ -105,6 +106,9 @@ class WebhookDeliverer:
     async def _attempt(self, d: dict[str, Any]) -> None:
         ep = self.endpoints.get(d["endpoint"])
         now = int(self.clock())
+        lease = now + int(ep.timeout_s if ep else 0) + LEASE_S
+        if not await self.store.query(GSQL["claim_delivery"], (d["event_id"], d["endpoint"], d["next_at"], lease)):
+            return   # another deliverer took it
         if ep is None:
             error = "endpoint no longer configured"
         else:

@@ -142,6 +142,10 @@ GSQL = {
                       "(SELECT 1 FROM micropay_webhook_deliveries p WHERE p.endpoint = d.endpoint "
                       "AND p.subject_id = d.subject_id AND p.event_id < d.event_id AND p.status = 'pending') "
                       "ORDER BY d.event_id LIMIT $2",
+    # Compare-and-set on next_at: of several deliverers (processes sharing the store), one
+    # wins the row; a crash mid-send makes it due again when the lease runs out.
+    "claim_delivery": "UPDATE micropay_webhook_deliveries SET next_at = $4 WHERE event_id = $1 "
+                      "AND endpoint = $2 AND status = 'pending' AND next_at = $3 RETURNING event_id",
     "next_due": "SELECT MIN(d.next_at) FROM micropay_webhook_deliveries d WHERE d.status = 'pending' "
                 "AND NOT EXISTS (SELECT 1 FROM micropay_webhook_deliveries p WHERE p.endpoint = d.endpoint "
                 "AND p.subject_id = d.subject_id AND p.event_id < d.event_id AND p.status = 'pending')",
