@@ -1,4 +1,4 @@
-"""The `micropay` command: serve, get, verify-receipt, keys, check-config."""
+"""The `micropay` command: serve, get, verify-receipt, keys, check-config, apikey, webhooks."""
 from __future__ import annotations
 
 import argparse
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("config")
+
+    from .games.cli import add_parsers
+    add_parsers(sub)
     return p
 
 
@@ -205,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             return _keys(args)
         if args.cmd == "check-config":
             cfg = load_config(Path(args.config))
-            print(f"{args.config}: ok ({len(cfg.routes)} routes, backend {cfg.backend})")
+            print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.games.catalog)} catalog items, "
+                  f"{len(cfg.games.webhooks)} webhooks, backend {cfg.backend})")
             return 0
+        if args.cmd in ("apikey", "webhooks"):
+            from .games.cli import dispatch
+            return dispatch(args) or 0
     except MicropayError as err:
         print(f"micropay: error: {err.message}", file=sys.stderr)
         return 2

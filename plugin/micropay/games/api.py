@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -16,9 +17,9 @@ from aiohttp import web
 from ..errors import BadRequest, MicropayError
 from ..sidecar.responses import problem_response
 from .apikeys import ApiKeyVerifier, Unauthorized
-from .config import GamesConfig
+from .config import SKU, GamesConfig
 from .payouts import Payouts
-from .purchases import Purchases
+from .purchases import CURSOR, PLAYER_ID, Purchases
 
 log = logging.getLogger("micropay.api")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,7 +56,10 @@ async def require_key(games: Games, request: web.Request, scope: str):
 
 async def authorize_purchase(games: Games, request: web.Request, purchase_id: str, scope: str) -> None:
     """An API key with `scope`, or the client token of this very purchase (header or ?token=)."""
-    token = bearer(request) or request.query.get("token")
+    query_token = request.query.get("token")
+    if query_token is not None and not 0 < len(query_token) <= 200:
+        raise BadRequest("token must be 1-200 characters")
+    token = bearer(request) or query_token
     if token is None:
         raise Unauthorized("an API key or this purchase's client token is required")
     if token.startswith("mpc_"):
@@ -97,10 +101,10 @@ def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -
     return int(raw)
 
 
-def query_str(request: web.Request, name: str, maxlen: int = 128) -> str:
+def query_str(request: web.Request, name: str, pattern: re.Pattern[str], what: str) -> str:
     raw = request.query.get(name, "")
-    if len(raw) > maxlen or not raw.isprintable():
-        raise BadRequest(f"{name} must be at most {maxlen} printable characters")
+    if raw and not pattern.fullmatch(raw):
+        raise BadRequest(f"{name} must be {what}")
     return raw
 
 
@@ -126,12 +130,14 @@ async def get_purchase(games: Games, request: web.Request) -> web.Response:
 
 async def list_purchases(games: Games, request: web.Request) -> web.Response:
     await require_key(games, request, "purchases:read")
-    status = query_str(request, "status")
+    status = request.query.get("status", "")
     if status and status not in STATUSES:
         raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
     return web.json_response(await games.purchases.list(
-        player_id=query_str(request, "player_id"), sku=query_str(request, "sku"), status=status,
-        limit=query_int(request, "limit", 50, 1, 200), cursor=query_str(request, "cursor", 200)))
+        player_id=query_str(request, "player_id", PLAYER_ID, "1-128 of A-Z a-z 0-9 . _ : @ -"),
+        sku=query_str(request, "sku", SKU, "a catalog sku"), status=status,
+        limit=query_int(request, "limit", 50, 1, 200),
+        cursor=query_str(request, "cursor", CURSOR, "a next_cursor this API returned")))
 
 
 async def create_payout(games: Games, request: web.Request) -> web.Response:
@@ -147,7 +153,7 @@ async def get_payout(games: Games, request: web.Request) -> web.Response:
 
 async def openapi(games: Games, request: web.Request) -> web.Response:
     from .openapi import document
-    return web.json_response(document(), headers={"Access-Control-Allow-Origin": "*"})
+    return web.json_response(document(games.cfg), headers={"Access-Control-Allow-Origin": "*"})
 
 
 def add_games_routes(add: Callable[[str, str, Handler], Any], games: Games) -> None:

@@ -3,10 +3,14 @@ tests/test_openapi.py keeps it true: every route is described, every response th
 tests see validates against its schema."""
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .config import EVENT_TYPES
+
+if TYPE_CHECKING:
+    from .config import GamesConfig
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -37,9 +41,11 @@ LAST_EVENT = [{"name": "Last-Event-ID", "in": "header", "required": False,
                "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}},
               {"name": "last_event_id", "in": "query", "required": False,
                "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"}}]
+READER_COOKIE = {"name": "micropay_reader", "in": "cookie", "required": True,
+                 "description": "set by the paywall page", "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
 TOKEN_Q = {"name": "token", "in": "query", "required": False,
            "description": "the purchase's client token (for EventSource, which cannot set headers)",
-           "schema": {"type": "string", "maxLength": 200}}
+           "schema": {"type": "string", "minLength": 1, "maxLength": 200}}
 KEY = [{"apiKey": []}]
 KEY_OR_CLIENT = [{"apiKey": []}, {"clientToken": []}]
 SSE = {"description": "text/event-stream; each event: id, event (type), data (an Event as JSON)",
@@ -63,7 +69,7 @@ SCHEMAS: dict[str, Any] = {
                            "sku": {"type": "string"},
                            "player_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
                            "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                           "metadata": {"type": "object", "description": "at most 4096 bytes as JSON"}}},
+                           "metadata": {"type": ["object", "null"], "description": "at most 4096 bytes as JSON"}}},
     "Purchase": {"type": "object", "required": [
         "id", "sku", "player_id", "price_msat", "metadata", "status", "invoice", "payment_hash", "created_at",
         "expires_at", "paid_at", "amount_received_msat", "preimage", "receipt"], "properties": {
@@ -83,7 +89,9 @@ SCHEMAS: dict[str, Any] = {
     "PayoutCreate": {"type": "object", "additionalProperties": False,
                      "required": ["player_id", "destination", "idempotency_key"], "properties": {
                          "player_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
-                         "destination": {"type": "string", "description": "BOLT11 invoice or BOLT12 offer"},
+                         "destination": {"type": "string", "minLength": 4, "maxLength": 4096,
+                                         "pattern": "^([Ll][Ii][Gg][Hh][Tt][Nn][Ii][Nn][Gg]:)?[Ll][Nn][A-Za-z0-9]+$",
+                                         "description": "BOLT11 invoice or BOLT12 offer (checked by the node)"},
                          "amount_msat": {"type": "integer", "minimum": 1,
                                          "description": "required for an offer; must match an invoice"},
                          "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}},
@@ -107,13 +115,20 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def document() -> dict[str, Any]:
+def document(cfg: "GamesConfig | None" = None) -> dict[str, Any]:
+    """The API description; with a config, SKU fields list the catalog's SKUs."""
+    schemas = json.loads(json.dumps(SCHEMAS))
+    sku_param = dict(SKU)
+    if cfg is not None and cfg.catalog:
+        schemas["PurchaseCreate"]["properties"]["sku"] = {"enum": [it.sku for it in cfg.catalog]}
+        paywalled = [it.sku for it in cfg.catalog if it.content is not None]
+        sku_param = dict(SKU, schema={"enum": paywalled} if paywalled else SKU["schema"])
     return {
         "openapi": "3.1.0",
         "info": {"title": "micropay purchases API", "version": __version__,
                  "description": "In-app purchases paid over Lightning: catalog, purchases, live events, "
                                 "payouts, and a browser paywall. Amounts are integer millisatoshis."},
-        "components": {"schemas": SCHEMAS, "securitySchemes": {
+        "components": {"schemas": schemas, "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "mpk_... (micropay apikey create)"},
             "clientToken": {"type": "http", "scheme": "bearer",
                             "description": "mpc_... from the purchase's creation; reads that purchase only"}}},
@@ -131,11 +146,13 @@ def document() -> dict[str, Any]:
                                        "409": _problem("Idempotency key reused differently, or player limit"),
                                        **ERRORS}},
                 "get": {"summary": "List purchases, oldest first", "security": KEY, "parameters": [
-                    {"name": "player_id", "in": "query", "schema": {"type": "string", "maxLength": 128}},
-                    {"name": "sku", "in": "query", "schema": {"type": "string", "maxLength": 128}},
+                    {"name": "player_id", "in": "query", "schema": {"type": "string",
+                                                                    "pattern": "^[A-Za-z0-9._:@-]{0,128}$"}},
+                    {"name": "sku", "in": "query", "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{0,64}$"}},
                     {"name": "status", "in": "query", "schema": {"enum": ["pending", "paid", "expired"]}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 200}},
-                    {"name": "cursor", "in": "query", "schema": {"type": "string", "maxLength": 200}}],
+                    {"name": "cursor", "in": "query", "description": "next_cursor of the previous page",
+                     "schema": {"type": "string", "pattern": "^([0-9]{1,12}~[A-Za-z0-9_]{0,64})?$"}}],
                     "responses": {"200": _ok("PurchaseList", "A page"), **ERRORS}}},
             "/v1/purchases/{id}": {"get": {
                 "summary": "One purchase", "security": KEY_OR_CLIENT, "parameters": [ID, TOKEN_Q],
@@ -164,20 +181,20 @@ def document() -> dict[str, Any]:
             "/v1/payouts/{id}": {"get": {"summary": "One payout", "security": KEY, "parameters": [ID],
                                          "responses": {"200": _ok("Payout", "The payout"), **ERRORS,
                                                        **NOT_FOUND}}},
-            "/paywall/{sku}": {"get": {"summary": "Paywall page (HTML)", "security": [], "parameters": [SKU],
+            "/paywall/{sku}": {"get": {"summary": "Paywall page (HTML)", "security": [], "parameters": [sku_param],
                                        "responses": {"200": {"description": "HTML page",
                                                              "content": {"text/html": {"schema": {"type": "string"}}}},
                                                      **NOT_FOUND}}},
             "/paywall/{sku}/purchase": {"post": {
                 "summary": "The page's purchase (needs the reader cookie the page sets)", "security": [],
-                "parameters": [SKU], "requestBody": {"required": True, "content": {JSON: {"schema": {
+                "parameters": [sku_param, READER_COOKIE], "requestBody": {"required": True, "content": {JSON: {"schema": {
                     "type": "object", "required": ["nonce"],
                     "properties": {"nonce": {"type": "string", "pattern": "^[A-Za-z0-9_-]{8,64}$"}}}}}},
                 "responses": {"200": _ok("PaywallPurchase", "Pending or already paid"), "400": ERRORS["400"],
                               "429": _problem("Too many invoices from this address"), **NOT_FOUND}}},
             "/paywall/{sku}/content": {"get": {
                 "summary": "The unlocked content (HTML fragment)", "security": [], "parameters": [
-                    SKU, {"name": "purchase", "in": "query", "required": True, "schema": {"type": "string"}},
+                    sku_param, {"name": "purchase", "in": "query", "required": True, "schema": {"type": "string"}},
                     {"name": "token", "in": "query", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "HTML fragment",
                                       "content": {"text/html": {"schema": {"type": "string"}}}},

@@ -29,6 +29,7 @@ log = logging.getLogger("micropay.games")
 PLAYER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_METADATA_BYTES = 4096
+CURSOR = re.compile(r"([0-9]{1,12})~([A-Za-z0-9_]{0,64})")
 LABEL_PREFIX = "micropay-purchase-"
 NO_LIMIT = 2 ** 62
 
@@ -185,12 +186,11 @@ class Purchases:
     async def list(self, *, player_id: str = "", sku: str = "", status: str = "", limit: int = 50,
                    cursor: str = "") -> dict[str, Any]:
         after_t, after_id = 0, ""
-        if cursor:
-            try:
-                t, _, i = base64.urlsafe_b64decode(cursor.encode() + b"=" * (-len(cursor) % 4)).decode().partition(":")
-                after_t, after_id = int(t), i
-            except (ValueError, UnicodeDecodeError):
-                raise BadRequest("cursor is not one this API returned") from None
+        if cursor:   # "<created_at>~<id>": the position after which to list
+            m = CURSOR.fullmatch(cursor)
+            if m is None:
+                raise BadRequest("cursor must be a next_cursor this API returned")
+            after_t, after_id = int(m[1]), m[2]
         # 'expired' includes pending rows past their expiry that the sweeper has not reached
         db_status = "" if status == "expired" else status
         rows, out = [], []
@@ -212,7 +212,7 @@ class Purchases:
         nxt = None
         if more:
             last = out[-1]
-            nxt = base64.urlsafe_b64encode(f"{last['created_at']}:{last['id']}".encode()).decode().rstrip("=")
+            nxt = f"{last['created_at']}~{last['id']}"
         return {"purchases": out, "next_cursor": nxt}
 
     # -- transitions ----------------------------------------------------------------
