@@ -51,7 +51,7 @@ class MicropayPlugin(Plugin):
 
 
 plugin = MicropayPlugin()
-TOPICS = ("micropay_invoice_paid", "streampay_payment", "streampay_state")
+TOPICS = ("micropay_invoice_paid", "streampay_payment", "streampay_state", "micropay_payout")
 OPTIONS = [
     # name, default, description, type, dynamic
     ("micropay-data-dir", "", "Directory for micropay keys and database (default: <lightning-dir>/micropay)", "string", False),
@@ -61,6 +61,9 @@ OPTIONS = [
     ("micropay-stream-min-interval", 1, "Smallest stream interval allowed (seconds)", "int", True),
     ("micropay-fetch-max-msat", 100_000, "micropay-fetch: default most paid for one request (msat)", "int", True),
     ("micropay-fetch-day-budget-msat", 1_000_000, "micropay-fetch: most paid per host per day (msat)", "int", True),
+    ("micropay-payout-player-day-msat", 0, "micropay-payout: most paid to one player per UTC day (msat; 0 disables payouts)", "int", True),
+    ("micropay-payout-day-msat", 0, "micropay-payout: most paid to all players per UTC day (msat; 0 disables payouts)", "int", True),
+    ("micropay-payout-max-fee-msat", 5_000, "micropay-payout: routing fee limit per payout (msat)", "int", True),
     ("micropay-listen", "", "If set (host:port), run and supervise the L402 sidecar on this address", "string", False),
     ("micropay-sidecar-config", "", "TOML config for the supervised sidecar (routes, upstream)", "string", False),
 ]
@@ -150,6 +153,14 @@ def micropay_fetch(plugin: Plugin, url: Any, method: Any = "GET", headers: Any =
                    max_msat: Any = None) -> dict[str, Any]:
     """HTTP request that pays an L402 challenge from this node within budget."""
     return _run(_rt().fetch(url, method, headers, body, max_msat))
+
+
+@plugin.method("micropay-payout")
+def micropay_payout(plugin: Plugin, player_id: Any, destination: Any, idempotency_key: Any,
+                    amount_msat: Any = None) -> dict[str, Any]:
+    """Pay a player's BOLT11 invoice or BOLT12 offer, within the per-player and per-day caps.
+    The same idempotency_key returns the same payout and never pays twice."""
+    return _run(_rt().payout(player_id, destination, idempotency_key, amount_msat))
 
 
 # -- streaming payments ---------------------------------------------------------------------

@@ -79,6 +79,9 @@ class PluginRuntime:
             min_interval_s=lambda: int(opt("micropay-stream-min-interval")),
             max_total_limit_msat=lambda: int(opt("micropay-stream-max-total-msat")) or None)
         await self.streams.start()
+        from .games.payouts import Payouts
+        self.payouts = Payouts(None, self.store, self.node)
+        await self.payouts.resume_sending()
         listen = self.option("micropay-listen")
         if listen:
             self.supervisor = SidecarSupervisor(self, listen, self.option("micropay-sidecar-config") or None)
@@ -129,6 +132,22 @@ class PluginRuntime:
                                                       int(time.time()), app), timeout=30)
         if new:
             log.info("stream %s: received %d msat (seq %d)", sid, amount, seq)
+
+    # -- micropay-payout ---------------------------------------------------------------
+    async def payout(self, player_id: Any, destination: Any, idempotency_key: Any,
+                     amount_msat: Any = None) -> dict[str, Any]:
+        from .games.config import PayoutCaps
+        per_player = int(self.option("micropay-payout-player-day-msat"))
+        per_day = int(self.option("micropay-payout-day-msat"))
+        self.payouts.caps = (PayoutCaps(per_player, per_day, int(self.option("micropay-payout-max-fee-msat")))
+                             if per_player > 0 and per_day > 0 else None)
+        body = {"player_id": player_id, "destination": destination, "idempotency_key": idempotency_key}
+        if amount_msat is not None:
+            body["amount_msat"] = msat_param(amount_msat, "amount_msat")
+        p, created = await self.payouts.create(body)
+        if created:
+            self.notify("micropay_payout", p)
+        return dict(p, created=created)
 
     # -- micropay-fetch -----------------------------------------------------------------
     async def fetch(self, url: Any, method: Any = "GET", headers: Any = None, body: Any = None,

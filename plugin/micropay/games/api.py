@@ -35,6 +35,7 @@ class Games:
         self.cfg, self.purchases, self.payouts, self.keys = cfg, purchases, payouts, keys
         self.deliverer = deliverer
         self.paywall_limit = None    # TokenBucket, made on first use
+        self.closing = False         # set at shutdown: event streams end
 
 
 def bearer(request: web.Request) -> str | None:

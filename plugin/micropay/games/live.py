@@ -51,7 +51,7 @@ async def _stream(games: "Games", after: int, subject: str, send, alive) -> None
     whether the listener is still there."""
     hub = games.purchases.hub
     idle = 0.0
-    while alive():
+    while alive() and not games.closing:
         ev = hub.current()
         events = await games.purchases.events_after(after, subject, BATCH)
         for e in events:

@@ -72,7 +72,8 @@ class Payouts:
 
     async def create(self, body: Any) -> tuple[dict[str, Any], bool]:
         if self.caps is None:
-            raise PayoutsDisabled("payouts are disabled: configure [payouts] caps to enable them")
+            raise PayoutsDisabled("payouts are disabled: set the per-player and per-day caps ([payouts] in the "
+                                  "sidecar config, or the micropay-payout-*-msat plugin options)")
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object")
         unknown = sorted(set(body) - {"player_id", "destination", "amount_msat", "idempotency_key"})
@@ -146,12 +147,12 @@ class Payouts:
         invoice = row["invoice"]
         if invoice is None:   # an offer: fetch the invoice once, persist it, then pay it
             try:
-                invoice = await self.node.fetch_invoice(row["destination"], int(row["amount_msat"]))  # type: ignore[attr-defined]
-                dec = await self.node.decode(invoice)
+                invoice, payment_hash = await self.node.fetch_invoice(  # type: ignore[attr-defined]
+                    row["destination"], int(row["amount_msat"]))
             except MicropayError as exc:
                 return await self._finish(row, "failed", error=f"could not fetch an invoice from the offer: "
                                                                  f"{exc.message}")
-            await self.store.query(GSQL["set_payout_invoice"], (pid, invoice, dec.payment_hash, int(self.clock())))
+            await self.store.query(GSQL["set_payout_invoice"], (pid, invoice, payment_hash, int(self.clock())))
         try:
             p = await self.node.pay(invoice, max_fee_msat=self.caps.max_fee_msat if self.caps else None,
                                     label=f"micropay-payout-{pid}")

@@ -204,7 +204,12 @@ class ClnNode:
                                     timeout_s=None)
         except ClnRpcError as exc:
             # Already paid earlier (e.g. by a run that crashed)? Then that payment counts.
-            done = await self.completed_payment((await self.decode(bolt11)).payment_hash)
+            try:   # BOLT11 or BOLT12 invoice
+                d = await self.rpc.call("decode", {"string": bolt11})
+                payment_hash = d.get("payment_hash") or d.get("invoice_payment_hash")
+            except ClnRpcError:
+                payment_hash = None
+            done = await self.completed_payment(payment_hash) if payment_hash else None
             if done is not None:
                 return done
             raise _payment_failed(exc) from None
@@ -225,13 +230,14 @@ class ClnNode:
         return Payment(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, r["amount_msat"],
                        r["amount_sent_msat"] - r["amount_msat"])
 
-    async def fetch_invoice(self, offer: str, amount_msat: int) -> str:
-        """A BOLT12 invoice for `offer` (the node must support offers)."""
+    async def fetch_invoice(self, offer: str, amount_msat: int) -> tuple[str, str]:
+        """A BOLT12 invoice for `offer`, and its payment hash."""
         try:
             r = await self.rpc.call("fetchinvoice", {"offer": offer, "amount_msat": amount_msat})
+            d = await self.rpc.call("decode", {"string": r["invoice"]})
         except ClnRpcError as exc:
             raise PaymentFailed(f"fetchinvoice failed: {exc.cln_message}", cln_code=exc.cln_code) from None
-        return r["invoice"]
+        return r["invoice"], d["invoice_payment_hash"]
 
     async def completed_payment(self, payment_hash: str) -> Payment | None:
         parts = (await self.rpc.call("listsendpays", {"payment_hash": payment_hash}))["payments"]

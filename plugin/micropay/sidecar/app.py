@@ -134,14 +134,17 @@ def build_app(rt: Runtime) -> web.Application:
         app.cleanup_ctx.append(proxy.cleanup_ctx)
         add("*", "/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_background_tasks)
-    app.on_shutdown.append(_close_ports)
+    app.on_shutdown.append(_end_streams)
     return app
 
 
-async def _close_ports(app: web.Application) -> None:
+async def _end_streams(app: web.Application) -> None:
+    """Shutdown begins: let event streams (SSE, WebSocket) finish so in-flight requests drain.
+    The node and store close last, after the background tasks (see _background_tasks)."""
     rt = app[RUNTIME]
-    await rt.node.close()
-    await rt.store.close()
+    if rt.games is not None:
+        rt.games.closing = True
+        rt.games.purchases.hub.notify()
 
 
 async def _background_tasks(app: web.Application):
@@ -157,6 +160,8 @@ async def _background_tasks(app: web.Application):
     for t in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await t
+    await rt.node.close()
+    await rt.store.close()
 
 
 def cursor_name(node: Node) -> str:
