@@ -54,7 +54,7 @@ class SecretFile:
         return self._secrets
 
     def rotate(self, keep_old: bool = True) -> str:
-        old = self.secrets()[:1] if keep_old else []
+        old = self.secrets()[:1] if keep_old and self.path.exists() else []
         fresh = new_secret()
         write_secret(self.path, ("\n".join([fresh, *old]) + "\n").encode())
         return fresh
