@@ -124,6 +124,7 @@ async def test_purchase_paid_by_another_node(node_factory, tmp_path):
                 eid, etype, data, arrived = await reader
         assert etype == "purchase.paid"
         latency = arrived - TimedClnNode.reported[p["payment_hash"]]
+        print(f"settlement reported by lightningd -> SSE event at the client: {latency * 1000:.1f} ms")
         assert 0 <= latency < 0.050, latency
         purchase = data["data"]["purchase"]
         assert purchase["status"] == "paid" and purchase["preimage"] == paid["payment_preimage"]
