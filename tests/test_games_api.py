@@ -158,3 +158,14 @@ async def test_catalog_is_public(gs):
     assert status == 200
     assert [i["sku"] for i in cat["items"]] == ["gems-100", "sword", "article-1"]
     assert cat["items"][1]["max_per_player"] == 1 and cat["items"][2]["unlockable"] is True
+
+
+async def test_access_log_leaves_tokens_out(gs, caplog):
+    import logging
+
+    p = await gs.buy(player="erin", key="e1")
+    with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+        await gs.call("GET", f"/v1/purchases/{p['id']}?token={p['client_token']}", headers={})
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
+    assert any(f"/v1/purchases/{p['id']}" in line for line in lines), lines
+    assert not any(p["client_token"] in line for line in lines)
