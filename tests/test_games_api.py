@@ -86,8 +86,9 @@ async def test_api_keys_scopes_and_revocation(gs):
     gs.games.keys._cache.clear()     # the running sidecar notices within CACHE_TTL_S
     status, err, _ = await gs.call("GET", "/v1/purchases", key=read_only)
     assert status == 401 and "revoked" in err["detail"]
-    rows = await gs.rt.store.query("SELECT key_hash FROM micropay_api_keys")
-    assert all(read_only.split("_")[2] not in r[0] for r in rows)     # only hashes are stored
+    rows = await gs.rt.store.query("SELECT * FROM micropay_api_keys")
+    secret = read_only[len("mpk_") + 13:]
+    assert len(secret) == 43 and all(secret not in str(r) for r in rows)     # only hashes are stored
 
 
 async def test_player_client_sees_only_its_own_purchase(gs):

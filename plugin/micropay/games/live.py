@@ -4,7 +4,8 @@ Events come from the store (micropay_events, ids increasing), so a listener resu
 exactly where it left off: SSE with the Last-Event-ID header (browsers send it on
 reconnect) or ?last_event_id=, the WebSocket with ?last_event_id=. Listeners in this
 process are woken the moment an event is written; events written by another process
-sharing the store are picked up within POLL_S.
+sharing the store are noticed by one poller per process (setup.watch_foreign_events)
+within a second. Listeners never poll the store themselves.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from .api import authorize_purchase, require_key
 if TYPE_CHECKING:
     from .api import Games
 
-POLL_S = 1.0
 KEEPALIVE_S = 15.0
 BATCH = 200
 
@@ -50,7 +50,6 @@ async def _stream(games: "Games", after: int, subject: str, send, alive) -> None
     """Send events with id > after, forever; `send(event)` writes one, `alive()` says
     whether the listener is still there."""
     hub = games.purchases.hub
-    idle = 0.0
     while alive() and not games.closing:
         ev = hub.current()
         events = await games.purchases.events_after(after, subject, BATCH)
@@ -59,13 +58,8 @@ async def _stream(games: "Games", after: int, subject: str, send, alive) -> None
             after = e.id
         if len(events) == BATCH:
             continue
-        if events:
-            idle = 0.0
-        await hub.wait(ev, POLL_S)
-        idle += POLL_S
-        if idle >= KEEPALIVE_S:
+        if not await hub.wait(ev, KEEPALIVE_S):
             await send(None)
-            idle = 0.0
 
 
 async def _sse(games: "Games", request: web.Request, subject: str) -> web.StreamResponse:

@@ -61,11 +61,13 @@ class EventHub:
         ev.set()
 
     @staticmethod
-    async def wait(ev: asyncio.Event, timeout: float) -> None:
+    async def wait(ev: asyncio.Event, timeout: float) -> bool:
+        """True if woken, False on timeout."""
         try:
             await asyncio.wait_for(ev.wait(), timeout)
+            return True
         except asyncio.TimeoutError:
-            pass
+            return False
 
 
 def check_player_id(value: Any) -> str:

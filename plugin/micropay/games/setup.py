@@ -48,6 +48,21 @@ async def expire_loop(games: Games, every_s: float = EXPIRE_EVERY_S) -> None:
         await asyncio.sleep(every_s)
 
 
+async def watch_foreign_events(games: Games, every_s: float = 1.0) -> None:
+    """Wake this process's listeners when another process sharing the store writes events."""
+    from ..store.games import GSQL
+    last = None
+    while True:
+        try:
+            (top,), = await games.purchases.store.query(GSQL["last_event_id"])
+            if last is not None and int(top) > last:
+                games.purchases.hub.notify()
+            last = int(top)
+        except Exception as exc:
+            log.debug("event watch: %s", exc)
+        await asyncio.sleep(every_s)
+
+
 async def _deliver(games: Games) -> None:
     try:
         await games.deliverer.run()   # type: ignore[union-attr]
@@ -66,7 +81,8 @@ async def _resume_payouts(games: Games) -> None:
 
 def background(games: Games) -> list[asyncio.Task]:
     tasks = [asyncio.create_task(expire_loop(games), name="micropay-expire-purchases"),
-             asyncio.create_task(_resume_payouts(games), name="micropay-resume-payouts")]
+             asyncio.create_task(_resume_payouts(games), name="micropay-resume-payouts"),
+             asyncio.create_task(watch_foreign_events(games), name="micropay-event-watch")]
     if games.deliverer is not None:
         tasks.append(asyncio.create_task(_deliver(games), name="micropay-webhooks"))
     return tasks
