@@ -170,3 +170,31 @@ async def test_access_log_leaves_tokens_out(gs, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access"]
     assert any(f"/v1/purchases/{p['id']}" in line for line in lines), lines
     assert not any(p["client_token"] in line for line in lines)
+
+
+async def test_filtered_listing_pages_through_everything(tmp_path):
+    clock = FakeClock()
+    gs = await start_game_sidecar(tmp_path, clock=clock)
+    try:
+        early = [await gs.buy(player="p", key=f"e{i}") for i in range(2)]
+        clock.advance(1)
+        paid = await gs.buy(player="p", key="paid")       # a non-match between matches
+        await gs.payer.pay(paid["invoice"])
+        clock.advance(1)
+        early.append(await gs.buy(player="p", key="e2"))
+        clock.advance(601)                       # e0, e1, e2 are now expired
+        for _ in range(100):
+            if (await gs.games.purchases.get(paid["id"]))["status"] == "paid":
+                break
+            await asyncio.sleep(0.01)
+        seen, cursor = [], ""
+        while True:
+            _, page, _ = await gs.call("GET", f"/v1/purchases?status=expired&limit=2"
+                                              f"{'&cursor=' + cursor if cursor else ''}")
+            seen += [p["id"] for p in page["purchases"]]
+            cursor = page["next_cursor"]
+            if not cursor:
+                break
+        assert seen == [p["id"] for p in sorted(early, key=lambda p: (p["created_at"], p["id"]))]
+    finally:
+        await gs.close()

@@ -196,7 +196,7 @@ class Purchases:
         # 'expired' includes pending rows past their expiry that the sweeper has not reached
         db_status = "" if status == "expired" else status
         rows, out = [], []
-        while len(out) < limit:
+        while len(out) <= limit:   # one more than asked: is there a next page?
             rows = await self.store.query(GSQL["list_purchases"],
                                           (player_id, sku, db_status, after_t, after_id, limit + 1))
             for r in rows:
