@@ -162,7 +162,7 @@ async def _background_tasks(app: web.Application):
     rt = app[RUNTIME]
     tasks = [asyncio.create_task(watch_settlements(rt), name="micropay-settlements"),
              asyncio.create_task(purge_expired(rt), name="micropay-purge")]
-    if rt.games is not None:
+    if rt.games is not None and rt.config.games.enabled:
         from ..games.setup import background
         tasks += background(rt.games)
     yield
