@@ -62,11 +62,14 @@ class EventHub:
 
     @staticmethod
     async def wait(ev: asyncio.Event, timeout: float) -> bool:
-        """True if woken, False on timeout."""
+        """True if woken, False on timeout. asyncio.timeout, not wait_for: on Python 3.11,
+        wait_for swallows a cancellation that arrives as the event is set, and a loop
+        built on it then never stops (seen as a hung shutdown)."""
         try:
-            await asyncio.wait_for(ev.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await ev.wait()
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
 

@@ -128,8 +128,11 @@ class ClnRpc:
         self._writer.write(json.dumps(body).encode())
         await self._writer.drain()
         try:
-            reply = await asyncio.wait_for(fut, self.timeout_s if timeout_s == -1.0 else timeout_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+            # that arrives with the reply, and the caller's loop then never stops.
+            async with asyncio.timeout(self.timeout_s if timeout_s == -1.0 else timeout_s):
+                reply = await fut
+        except TimeoutError:
             self._pending.pop(req_id, None)
             raise NodeError(f"{method}: no answer from lightningd within {self.timeout_s:.0f}s") from None
         finally:
