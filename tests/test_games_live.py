@@ -143,12 +143,18 @@ class Receiver:
         return web.Response(status=204)
 
 
-async def test_receiver_down_for_an_hour_loses_nothing_and_keeps_order(tmp_path):
+async def hooked_sidecar(tmp_path, extra_toml=""):
+    """A receiver (down until told otherwise) and a sidecar whose deliveries the test drives."""
     clock = FakeClock()
     rcv = Receiver(tmp_path / "data" / "webhook-game.secret", clock)
     runner, url = await serve_app(rcv.app)
-    toml = GAMES_TOML + f'\n[[webhooks]]\nname = "game"\nurl = "{url}/hook"\n'
+    toml = GAMES_TOML + f'\n[[webhooks]]\nname = "game"\nurl = "{url}/hook"\n' + extra_toml
     gs = await start_game_sidecar(tmp_path, toml, clock=clock, manual_delivery=True)
+    return clock, rcv, runner, gs
+
+
+async def test_receiver_down_for_an_hour_loses_nothing_and_keeps_order(tmp_path):
+    clock, rcv, runner, gs = await hooked_sidecar(tmp_path)
     deliver = gs.games.deliverer
     try:
         purchases = [await gs.buy(player=f"p{i}", key=f"k{i}") for i in range(4)]
@@ -184,11 +190,7 @@ async def test_receiver_down_for_an_hour_loses_nothing_and_keeps_order(tmp_path)
 
 
 async def test_events_for_one_purchase_are_delivered_in_order(tmp_path):
-    clock = FakeClock()
-    rcv = Receiver(tmp_path / "data" / "webhook-game.secret", clock)
-    runner, url = await serve_app(rcv.app)
-    toml = GAMES_TOML + f'\n[[webhooks]]\nname = "game"\nurl = "{url}/hook"\n'
-    gs = await start_game_sidecar(tmp_path, toml, clock=clock, manual_delivery=True)
+    clock, rcv, runner, gs = await hooked_sidecar(tmp_path)
     try:
         p = await gs.buy(player="p", key="k")
         clock.advance(601)
@@ -219,12 +221,8 @@ GAMES_ORDER_SQL = "SELECT e.type FROM micropay_webhook_deliveries d JOIN micropa
 
 
 async def test_dead_letter_and_redeliver(tmp_path):
-    clock = FakeClock()
-    rcv = Receiver(tmp_path / "data" / "webhook-game.secret", clock)
-    runner, url = await serve_app(rcv.app)
-    toml = (GAMES_TOML + f'\n[[webhooks]]\nname = "game"\nurl = "{url}/hook"\nevents = ["purchase.paid"]\n'
-            '[webhook_retry]\nfirst_s = 1\nmax_s = 60\ngive_up_after_s = 300\n')
-    gs = await start_game_sidecar(tmp_path, toml, clock=clock, manual_delivery=True)
+    clock, rcv, runner, gs = await hooked_sidecar(
+        tmp_path, 'events = ["purchase.paid"]\n[webhook_retry]\nfirst_s = 1\nmax_s = 60\ngive_up_after_s = 300\n')
     from micropay.games.webhooks import list_deliveries, redeliver
     try:
         p = await gs.buy(player="p", key="k")
@@ -245,3 +243,23 @@ async def test_dead_letter_and_redeliver(tmp_path):
     finally:
         await gs.close()
         await runner.cleanup()
+
+
+async def test_listeners_see_events_written_by_another_sidecar_sharing_the_store(tmp_path):
+    """Two processes' worth of sidecars on one store: a purchase paid through A reaches
+    an SSE listener on B (through B's poller of the shared store, within about a second)."""
+    shared = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    a = await start_game_sidecar(tmp_path / "a", store_url=shared)
+    b = await start_game_sidecar(tmp_path / "b", store_url=shared)
+    try:
+        p = await a.buy(player="zed", key="z")
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{b.url}/v1/events", headers=b.auth()) as resp:
+                reader = asyncio.create_task(read_sse(resp, 1, timeout=5))
+                await asyncio.sleep(0.1)
+                await a.payer.pay(p["invoice"])
+                (_, etype, data, _), = await reader
+        assert etype == "purchase.paid" and data["data"]["purchase"]["id"] == p["id"]
+    finally:
+        await a.close()
+        await b.close()

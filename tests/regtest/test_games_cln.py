@@ -19,6 +19,7 @@ from micropay.receipts import verify_receipt
 from ..browser import chromium_page
 from ..conftest import make_config, serve_app, start_sidecar
 from ..games_util import GameSidecar
+from .test_l402_cln import wait_until
 from .util import opts
 
 GAME = """
@@ -81,15 +82,6 @@ async def game_sidecar(tmp_path, rpc_file, hook_url, expiry=600):
     return GameSidecar(sc, key)
 
 
-async def until(pred, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
 async def read_event(resp, timeout=30.0):
     cur = {}
     async def run():
@@ -132,7 +124,9 @@ async def test_purchase_paid_by_another_node(node_factory, tmp_path):
         assert (receipt["purchase_id"], receipt["sku"], receipt["player_id"]) == (p["id"], "gems-100", "alice")
         assert receipt["amount_msat"] == 50000 and receipt["preimage"] == paid["payment_preimage"]
         assert hashlib.sha256(bytes.fromhex(receipt["preimage"])).hexdigest() == receipt["payment_hash"]
-        assert await until(lambda: _async(len(hooks.events) == 1))
+        async def one_webhook():
+            return len(hooks.events) == 1
+        assert await wait_until(one_webhook)
         assert hooks.events[0]["type"] == "purchase.paid" and hooks.events[0]["id"] == eid
         assert hooks.events[0]["data"]["purchase"]["receipt"] == purchase["receipt"]
         # paying again is refused by the node; the purchase is paid once
@@ -144,10 +138,6 @@ async def test_purchase_paid_by_another_node(node_factory, tmp_path):
     finally:
         await gs.close()
         await hrunner.cleanup()
-
-
-async def _async(value):
-    return value
 
 
 async def test_purchase_expires_on_the_node_and_in_the_api(node_factory, tmp_path):
@@ -167,7 +157,9 @@ async def test_purchase_expires_on_the_node_and_in_the_api(node_factory, tmp_pat
         _, got, _ = await gs.call("GET", f"/v1/purchases/{p['id']}")
         assert got["status"] == "expired"
         assert l2.rpc.listinvoices(payment_hash=p["payment_hash"])["invoices"][0]["status"] == "expired"
-        assert await until(lambda: _async([e["type"] for e in hooks.events] == ["purchase.expired"]))
+        async def expired_webhook():
+            return [e["type"] for e in hooks.events] == ["purchase.expired"]
+        assert await wait_until(expired_webhook)
     finally:
         await gs.close()
         await hrunner.cleanup()

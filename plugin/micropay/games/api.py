@@ -36,6 +36,7 @@ class Games:
         self.deliverer = deliverer
         self.paywall_limit = None    # TokenBucket, made on first use
         self.closing = False         # set at shutdown: event streams end
+        self.openapi: dict[str, Any] | None = None   # built on first request; the config is fixed
 
 
 def bearer(request: web.Request) -> str | None:
@@ -153,8 +154,10 @@ async def get_payout(games: Games, request: web.Request) -> web.Response:
 
 
 async def openapi(games: Games, request: web.Request) -> web.Response:
-    from .openapi import document
-    return web.json_response(document(games.cfg), headers={"Access-Control-Allow-Origin": "*"})
+    if games.openapi is None:
+        from .openapi import document
+        games.openapi = document(games.cfg)
+    return web.json_response(games.openapi, headers={"Access-Control-Allow-Origin": "*"})
 
 
 def add_games_routes(add: Callable[[str, str, Handler], Any], games: Games) -> None:
