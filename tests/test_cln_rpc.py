@@ -7,8 +7,7 @@ import os
 import pytest
 
 from micropay.errors import DuplicateLabel, NodeError, PaymentFailed
-from micropay.lightning.cln import ClnNode, ClnRpc, ClnRpcError, liquidity_failure
-from micropay.tlv import TlvError, onion_payload_records, parse_tlv_stream
+from micropay.lightning.cln import ClnNode, ClnRpc, ClnRpcError
 
 
 class FakeLightningd:
@@ -89,7 +88,7 @@ async def test_errors_are_typed(fake):
         await node.create_invoice(1000, "taken", "mine", 60)
     with pytest.raises(PaymentFailed) as info:
         await node.pay("lnbcrt1x")
-    assert info.value.detail["cln_code"] == 205 and liquidity_failure(info.value)
+    assert info.value.detail["cln_code"] == 205 and info.value.no_liquidity
     with pytest.raises(ClnRpcError) as err:
         await node.rpc.call("invoice", {})
     assert err.value.cln_code == 900 and "Duplicate label" in err.value.message
@@ -130,23 +129,64 @@ async def test_long_socket_paths_are_reached(tmp_path):
     await fake.stop()
 
 
-def test_tlv_stream_parsing():
-    record = b'{"action":"stream"}'
-    stream = bytes([2, 1, 7]) + b"\xfe" + (7629169).to_bytes(4, "big") + bytes([len(record)]) + record
-    assert parse_tlv_stream(stream)[7629169] == record
-    with_length = bytes([len(stream)]) + stream
-    assert onion_payload_records(with_length.hex())[2] == b"\x07"
-    with pytest.raises(TlvError):
-        parse_tlv_stream(b"\x02\x05ab")
+async def read_requests(reader, n):
+    """n JSON-RPC requests as ClnRpc writes them (one JSON object after another)."""
+    dec, buf, out = json.JSONDecoder(), "", []
+    while len(out) < n:
+        buf += (await reader.read(4096)).decode()
+        while buf.strip():
+            try:
+                msg, end = dec.raw_decode(buf.lstrip())
+            except json.JSONDecodeError:
+                break
+            buf = buf.lstrip()[end:]
+            out.append(msg)
+    return out
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+async def test_replies_are_framed_on_bytes_not_on_reads(tmp_path):
+    """A UTF-8 character split across two socket writes, several replies in one write,
+    and replies of several megabytes, all arrive intact."""
+    path = str(tmp_path / "rpc")
+    big = "é€𝄞" * 300_000                                   # ~2.7 MB of multi-byte text
 
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200))
-def test_tlv_parser_only_raises_tlv_error(data):
+    async def handle(reader, writer):
+        requests = await read_requests(reader, 3)
+        replies = b"".join((json.dumps({"jsonrpc": "2.0", "id": r["id"], "result": {"text": big if i == 1 else "é"}},
+                                       ensure_ascii=False) + "\n\n").encode() for i, r in enumerate(requests))
+        cut = replies.index("é".encode()) + 1                  # inside the first é
+        for piece in (replies[:cut], replies[cut:cut + 7], replies[cut + 7:]):
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1)
+    server = await asyncio.start_unix_server(handle, path)
+    rpc = ClnRpc(path)
     try:
-        parse_tlv_stream(data)
-    except TlvError:
-        pass
+        results = await asyncio.gather(*(rpc.call("m", {}) for _ in range(3)))
+    finally:
+        await rpc.close()
+        server.close()
+    assert [r["text"] for r in results] == ["é", big, "é"]
+
+
+async def test_an_8mb_reply_in_small_pieces(tmp_path):
+    path = str(tmp_path / "rpc")
+    invoices = [{"label": f"l{i}", "bolt11": "lnbcrt" + "x" * 200, "description": "ü" * 50} for i in range(25_000)]
+
+    async def handle(reader, writer):
+        req, = await read_requests(reader, 1)
+        reply = (json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": {"invoices": invoices}},
+                            ensure_ascii=False) + "\n\n").encode()
+        assert len(reply) > 8_000_000
+        for i in range(0, len(reply), 65_521):                 # odd piece size: characters get split
+            writer.write(reply[i:i + 65_521])
+            await writer.drain()
+    server = await asyncio.start_unix_server(handle, path)
+    rpc = ClnRpc(path)
+    try:
+        got = await rpc.call("listinvoices", {"x": 1})
+    finally:
+        await rpc.close()
+        server.close()
+    assert got["invoices"] == invoices

@@ -2,8 +2,11 @@
 """A local regtest network to try micropay on: bitcoind and N lightningd (v26.06) with the
 micropay plugin, funded channels in a line (node 1 -> node 2 -> ... -> node N).
 
-    python contrib/regtest/network.py up [--nodes 3] [--dir /tmp/micropay-regtest] [--sidecar-port 8402]
-    python contrib/regtest/network.py down [--dir ...]
+    .venv/bin/python contrib/regtest/network.py up [--nodes 3] [--dir /tmp/micropay-regtest] [--sidecar-port 8402]
+    .venv/bin/python contrib/regtest/network.py down [--dir ...]
+
+Run it with the Python of the environment micropay is installed in (it needs pyln-client
+and starts that environment's micropay-plugin).
 
 `up` prints how to talk to each node and stays in the foreground; Ctrl-C (or `down`
 from another shell) stops every daemon. Everything listens on 127.0.0.1 only.
@@ -27,6 +30,12 @@ from pyln.client import LightningRpc
 FUND_SAT = 2_000_000
 CHANNEL_SAT = 1_000_000
 STARTED: list[subprocess.Popen] = []   # killed if `up` fails half way
+
+
+def _unblock_signals() -> None:
+    """In the child, before exec: `up` blocks SIGINT/SIGTERM for itself (it waits for them
+    with sigwait); the daemons must not inherit that, or `kill <pid>` would not stop them."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def free_port() -> int:
@@ -57,7 +66,8 @@ class Bitcoind:
         self.proc = subprocess.Popen(["bitcoind", *self.args,
                                       "-rpcbind=127.0.0.1", "-rpcallowip=127.0.0.1", "-fallbackfee=0.0002",
                                       "-txindex=1", "-server=1", "-listen=0", "-printtoconsole=0"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_unblock_signals)
         STARTED.append(self.proc)
         wait(lambda: self.proc.poll() is None and self.cli("getblockchaininfo") is not None, "bitcoind", 60)
         if self.proc.poll() is not None:
@@ -80,7 +90,8 @@ class Bitcoind:
 
 
 class Node:
-    def __init__(self, root: Path, index: int, btc: Bitcoind, sidecar_port: int | None) -> None:
+    def __init__(self, root: Path, index: int, btc: Bitcoind, sidecar_port: int | None,
+                 with_plugin: bool = True) -> None:
         self.dir = root / f"lightning-{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -88,11 +99,13 @@ class Node:
         args = ["lightningd", f"--lightning-dir={self.dir}", "--network=regtest", f"--addr=127.0.0.1:{self.port}",
                 f"--alias=micropay-{index}", "--bitcoin-rpcuser=micropay", "--bitcoin-rpcpassword=micropay",
                 f"--bitcoin-rpcport={btc.rpcport}", "--bitcoin-rpcconnect=127.0.0.1", "--developer",
-                "--dev-fast-gossip", "--dev-bitcoind-poll=1", "--log-file=" + str(self.dir / "log"),
-                f"--plugin={plugin}"]
+                "--dev-fast-gossip", "--dev-bitcoind-poll=1", "--log-file=" + str(self.dir / "log")]
+        if with_plugin:
+            args.append(f"--plugin={plugin}")
         if sidecar_port:
             args.append(f"--micropay-listen=127.0.0.1:{sidecar_port}")
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=_unblock_signals)
         STARTED.append(self.proc)
         self.rpc_file = self.dir / "regtest" / "lightning-rpc"
         wait(lambda: self.rpc_file.exists(), f"lightningd {index}")
@@ -101,12 +114,12 @@ class Node:
         self.id = self.rpc.getinfo()["id"]
 
 
-def up(root: Path, n: int, sidecar_port: int | None) -> dict:
+def up(root: Path, n: int, sidecar_port: int | None, with_plugin: bool = True) -> dict:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
     btc = Bitcoind(root)
-    nodes = [Node(root, i + 1, btc, sidecar_port if i == n - 1 else None) for i in range(n)]
+    nodes = [Node(root, i + 1, btc, sidecar_port if i == n - 1 else None, with_plugin) for i in range(n)]
     for node in nodes[:-1]:
         addr = node.rpc.newaddr("bech32")
         btc.cli("sendtoaddress", addr.get("bech32") or addr["p2tr"], str(FUND_SAT / 1e8))
@@ -135,35 +148,39 @@ def down(root: Path) -> None:
         print(f"no network at {root}")
         return
     state = json.loads(state_file.read_text())
+    # a pid from network.json is only ours if that process still runs on our directory
+    ours = [(n["pid"], str(Path(n["rpc_file"]).parent.parent)) for n in state["nodes"]] + \
+        [(state["bitcoind_pid"], str(root / "bitcoind"))]
     for node in state["nodes"]:
         try:
             LightningRpc(node["rpc_file"]).stop()
         except Exception:
-            _kill(node["pid"])
+            _kill(node["pid"], str(Path(node["rpc_file"]).parent.parent))
     subprocess.run(["bitcoin-cli", *state["bitcoin_args"], "stop"], capture_output=True, timeout=30)
     deadline = time.monotonic() + 30
-    pids = [n["pid"] for n in state["nodes"]] + [state["bitcoind_pid"]]
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(_alive(p, d) for p, d in ours):
         time.sleep(0.2)
-    for p in pids:
-        _kill(p)
+    for p, d in ours:
+        _kill(p, d)
     state_file.unlink()
     print(f"stopped the network in {root}")
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, directory: str) -> bool:
+    """The process `pid` runs, and it is the one started on `directory` (not a reused pid)."""
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return directory.encode() in f.read()
+    except OSError:
         return False
 
 
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill(pid: int, directory: str) -> None:
+    if _alive(pid, directory):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def usage(state: dict) -> str:

@@ -2,25 +2,53 @@
 
     lightningd --plugin=$(command -v micropay-plugin)
 
-Every method parses nothing itself: parameters go to the runtime (plugin_runtime.py),
-which validates them and raises typed errors, mapped here to JSON-RPC errors.
+Nothing here waits. lightningd sends the plugin one message at a time (pyln reads them
+on its main thread), and among them the htlc_accepted hook for every HTLC the node
+receives or forwards: a handler that waited would hold up the node's payments. So every
+RPC method hands its work to the runtime's event loop (plugin_runtime.py) and returns;
+the answer is written when the work is done. The hook answers `continue` at once and
+records what it saw in the background.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from pyln.client import Plugin, RpcException
-from pyln.client.plugin import MethodType
+from pyln.client.plugin import MethodType, Request, RequestState
 
-from .errors import MicropayError
+from .errors import MicropayError, PaymentFailed
+from .plugin_options import OPTIONS, SPECS, Settings
+from .stream_attribution import attribute
+
+
+class QuietRequest(Request):
+    """A request whose errors go back without pyln's `traceback` field: an expected
+    failure is not a bug, and file paths are no business of the caller's."""
+
+    def set_exception(self, exc: Exception) -> None:
+        if self.state != RequestState.PENDING:
+            raise ValueError(f"request {self.id} was already answered")
+        if isinstance(exc, RpcException):
+            code, message = exc.code, exc.message
+        else:
+            code, message = -32603, f"internal error in {self.method}"
+        self._write_result({"jsonrpc": "2.0", "id": self.id, "error": {"code": code, "message": message}})
+        self.state = RequestState.FAILED
+        self.termination_tb = ""
+
 
 class MicropayPlugin(Plugin):
-    """pyln's Plugin, with parameter-binding errors answered as JSON-RPC -32602 and
-    expected errors (RpcException) returned without a traceback in the node's log."""
+    """pyln's Plugin, with parameter-binding errors answered as JSON-RPC -32602 and no
+    tracebacks in answers; a bug's traceback goes to the node's log instead."""
+
+    def _parse_request(self, jsrequest: dict[str, Any]) -> Request:
+        return QuietRequest(plugin=self, req_id=jsrequest.get("id"), method=str(jsrequest["method"]),
+                            params=jsrequest["params"], origin=jsrequest.get("origin"), background=False)
 
     def _bind_pos(self, func, params, request):
         try:
@@ -33,6 +61,13 @@ class MicropayPlugin(Plugin):
             return super()._bind_kwargs(func, params, request)
         except TypeError as exc:
             raise RpcException(f"bad parameters: {exc}", code=-32602) from None
+
+    def _getmanifest(self, **kwargs: Any) -> Any:
+        manifest = super()._getmanifest(**kwargs)
+        manifest["cancheck"] = True        # lightningd forwards `check <our method>` and `check setconfig`
+        # `check` answers lightningd's forwarded checks; it is not a command of ours
+        manifest["rpcmethods"] = [m for m in manifest["rpcmethods"] if m["name"] != "check"]
+        return manifest
 
     def _dispatch_request(self, request) -> None:
         method = self.methods.get(request.method)
@@ -52,23 +87,20 @@ class MicropayPlugin(Plugin):
 
 plugin = MicropayPlugin()
 TOPICS = ("micropay_invoice_paid", "streampay_payment", "streampay_state", "micropay_payout")
-OPTIONS = [
-    # name, default, description, type, dynamic
-    ("micropay-data-dir", "", "Directory for micropay keys and database (default: <lightning-dir>/micropay)", "string", False),
-    ("micropay-service", "micropay", "Service name in the L402 tokens this node issues", "string", False),
-    ("micropay-invoice-expiry", 3600, "Default expiry (seconds) of micropay-invoice invoices", "int", True),
-    ("micropay-stream-max-total-msat", 0, "If set, every stream needs max_total_msat at most this (msat)", "int", True),
-    ("micropay-stream-min-interval", 1, "Smallest stream interval allowed (seconds)", "int", True),
-    ("micropay-fetch-max-msat", 100_000, "micropay-fetch: default most paid for one request (msat)", "int", True),
-    ("micropay-fetch-day-budget-msat", 1_000_000, "micropay-fetch: most paid per host per day (msat)", "int", True),
-    ("micropay-payout-player-day-msat", 0, "micropay-payout: most paid to one player per UTC day (msat; 0 disables payouts)", "int", True),
-    ("micropay-payout-day-msat", 0, "micropay-payout: most paid to all players per UTC day (msat; 0 disables payouts)", "int", True),
-    ("micropay-payout-max-fee-msat", 5_000, "micropay-payout: routing fee limit per payout (msat)", "int", True),
-    ("micropay-listen", "", "If set (host:port), run and supervise the L402 sidecar on this address", "string", False),
-    ("micropay-sidecar-config", "", "TOML config for the supervised sidecar (routes, upstream)", "string", False),
-]
-for _name, _default, _desc, _type, _dynamic in OPTIONS:
-    plugin.add_option(_name, _default, _desc, opt_type=_type, dynamic=_dynamic)
+settings = Settings()
+
+
+def _on_change(plugin: Plugin, name: str, value: Any) -> None:
+    """setconfig of a dynamic option: refused (not stored by lightningd) unless valid."""
+    try:
+        settings.set(name, value)
+    except MicropayError as err:
+        raise RpcException(err.message, code=-32602) from None
+
+
+for _spec in OPTIONS:
+    plugin.add_option(_spec.name, _spec.default, _spec.description, opt_type=_spec.opt_type,
+                      dynamic=_spec.dynamic, on_change=_on_change if _spec.dynamic else None)
 for _topic in TOPICS:
     plugin.add_notification_topic(_topic)
 
@@ -84,18 +116,40 @@ class _PluginLogHandler(logging.Handler):
             pass
 
 
-def _rt():
+def _answer(request: Request, work: Callable[[Any], Awaitable[Any]]) -> None:
+    """Run `work(runtime)` on the runtime's loop; answer `request` when it is done."""
     rt = getattr(plugin, "runtime", None)
     if rt is None:
-        raise RpcException("micropay is still starting", code=-32600)
-    return rt
+        request.set_exception(RpcException("micropay is still starting", code=-32600))
+        return
 
-
-def _run(coro) -> Any:
+    def done(fut) -> None:
+        try:
+            result = fut.result()
+        except MicropayError as err:
+            # a payment lightningd refused keeps lightningd's own code (xpay's 205, ...)
+            code = err.detail.get("cln_code") if isinstance(err, PaymentFailed) else None
+            request.set_exception(RpcException(err.message, code=code if isinstance(code, int) else err.rpc_code))
+        except Exception as exc:   # a bug: answer, and log the traceback for us
+            plugin.log("".join(traceback.format_exception(exc)), level="unusual")
+            request.set_exception(RpcException(f"internal error in {request.method}: {exc}", code=-32603))
+        else:
+            request.set_result(result)
     try:
-        return _rt().call(coro)
-    except MicropayError as err:
-        raise RpcException(err.message, code=err.rpc_code) from None
+        rt.submit(work(rt), done)
+    except MicropayError as err:     # raised while building the work: bad parameters
+        request.set_exception(RpcException(err.message, code=err.rpc_code))
+
+
+def rpc_method(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """An RPC method answered later (pyln's background method), described by its docstring.
+    `request` comes first in its signature: pyln inserts it at its index among
+    positional parameters, so anywhere later it would take a parameter's place when a
+    caller passes fewer."""
+    def register(fn: Callable[..., None]) -> Callable[..., None]:
+        plugin.add_method(name, fn, background=True, description=fn.__doc__)
+        return fn
+    return register
 
 
 @plugin.init()
@@ -108,16 +162,26 @@ def init(options: dict[str, Any], configuration: dict[str, Any], plugin: Plugin,
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+    global settings
+    try:
+        settings = Settings(options)   # every option checked before anything starts
+        if settings["micropay-sidecar-config"]:   # found now, not by a sidecar restarting forever
+            from .configfile import load_config
+            load_config(Path(settings["micropay-sidecar-config"]))
+    except MicropayError as err:
+        plugin.log(f"micropay cannot start: {err.message}", level="unusual")
+        return {"disable": f"micropay cannot start: {err.message}"}
     lightning_dir = configuration["lightning-dir"]
-    data_dir = Path(options.get("micropay-data-dir") or os.path.join(lightning_dir, "micropay"))
-    runtime = PluginRuntime(
-        rpc_file=os.path.join(lightning_dir, configuration["rpc-file"]), data_dir=data_dir,
-        service=options.get("micropay-service") or "micropay", option=plugin.get_option,
-        notify=lambda topic, payload: plugin.notify(topic, payload))
+    data_dir = Path(settings["micropay-data-dir"] or os.path.join(lightning_dir, "micropay"))
+    runtime = PluginRuntime(rpc_file=os.path.join(lightning_dir, configuration["rpc-file"]), data_dir=data_dir,
+                            settings=settings, notify=lambda topic, payload: plugin.notify(topic, payload),
+                            node_started_at=time.time() if configuration.get("startup") else None)
     try:
         runtime.start()
     except (MicropayError, OSError) as exc:
-        return {"disable": f"micropay could not start: {getattr(exc, 'message', exc)}"}
+        reason = f"micropay could not start: {getattr(exc, 'message', exc)}"
+        plugin.log(reason, level="unusual")
+        return {"disable": reason}
     plugin.runtime = runtime
     plugin.log(f"micropay ready (data dir {data_dir})")
     return None
@@ -125,115 +189,154 @@ def init(options: dict[str, Any], configuration: dict[str, Any], plugin: Plugin,
 
 # -- priced invoices ----------------------------------------------------------------------
 
-@plugin.method("micropay-invoice")
-def micropay_invoice(plugin: Plugin, amount_msat: Any, description: Any, label: Any = None,
-                     expiry: Any = None, services: Any = None, credits: Any = None,
-                     metadata: Any = None) -> dict[str, Any]:
+@rpc_method("micropay-invoice")
+def micropay_invoice(request: Request, amount_msat: Any, description: Any, label: Any = None, expiry: Any = None,
+                     services: Any = None, credits: Any = None, metadata: Any = None) -> None:
     """Create an invoice and an L402 token bound to its payment hash. The same label
     returns the same invoice and token."""
-    rt = _rt()
-    return _run(rt.issuer.issue(amount_msat, description, label, expiry, services, credits, metadata))
+    _answer(request, lambda rt: rt.issuer.issue(amount_msat, description, label, expiry, services, credits,
+                                                metadata))
 
 
-@plugin.method("micropay-verify")
-def micropay_verify(plugin: Plugin, credential: Any, path: Any = None, method: Any = None) -> dict[str, Any]:
+@rpc_method("micropay-verify")
+def micropay_verify(request: Request, credential: Any = None, path: Any = None, method: Any = None,
+                    **misread: Any) -> None:
     """Check an L402 credential ('<macaroon>:<preimage>'): valid, reason, caveats, credits_left."""
-    return _run(_rt().issuer.verify(credential, path, method))
+    if credential is None and len(misread) == 1:
+        # `lightning-cli micropay-verify <token>=:<preimage>`: the base64 padding made
+        # lightning-cli send it as name=value; put the credential back together.
+        name, value = next(iter(misread.items()))
+        if isinstance(value, str) and ":" in value:
+            credential, misread = f"{name}={value}", {}
+    if misread or credential is None:
+        raise RpcException("micropay-verify takes credential [path] [method]; with lightning-cli, pass it "
+                           "as -k credential='<macaroon>:<preimage>' if its base64 ends in '='", code=-32602)
+    _answer(request, lambda rt: rt.issuer.verify(credential, path, method))
 
 
-@plugin.method("micropay-list")
-def micropay_list(plugin: Plugin, status: Any = None, index: Any = None, start: Any = None,
-                  limit: Any = None) -> dict[str, Any]:
+@rpc_method("micropay-list")
+def micropay_list(request: Request, status: Any = None, index: Any = None, start: Any = None,
+                  limit: Any = None) -> None:
     """Invoices issued with micropay-invoice, paid or not, with their tokens."""
-    return _run(_rt().issuer.list(status, index, start, limit))
+    _answer(request, lambda rt: rt.issuer.list(status, index, start, limit))
 
 
-@plugin.method("micropay-fetch")
-def micropay_fetch(plugin: Plugin, url: Any, method: Any = "GET", headers: Any = None, body: Any = None,
-                   max_msat: Any = None) -> dict[str, Any]:
+@rpc_method("micropay-fetch")
+def micropay_fetch(request: Request, url: Any, method: Any = "GET", headers: Any = None, body: Any = None,
+                   max_msat: Any = None) -> None:
     """HTTP request that pays an L402 challenge from this node within budget."""
-    return _run(_rt().fetch(url, method, headers, body, max_msat))
+    _answer(request, lambda rt: rt.fetch(url=url, method=method, headers=headers, body=body, max_msat=max_msat))
 
 
-@plugin.method("micropay-payout")
-def micropay_payout(plugin: Plugin, player_id: Any, destination: Any, idempotency_key: Any,
-                    amount_msat: Any = None) -> dict[str, Any]:
+@rpc_method("micropay-payout")
+def micropay_payout(request: Request, player_id: Any, destination: Any, idempotency_key: Any,
+                    amount_msat: Any = None) -> None:
     """Pay a player's BOLT11 invoice or BOLT12 offer, within the per-player and per-day caps.
     The same idempotency_key returns the same payout and never pays twice."""
-    return _run(_rt().payout(player_id, destination, idempotency_key, amount_msat))
+    _answer(request, lambda rt: rt.payout(player_id, destination, idempotency_key, amount_msat))
 
 
 # -- streaming payments ---------------------------------------------------------------------
 
-@plugin.method("streampay-start")
-def streampay_start(plugin: Plugin, destination: Any = None, amount_msat: Any = None, interval_s: Any = None,
-                    max_total_msat: Any = None, max_fee_msat: Any = None, splits: Any = None,
-                    metadata: Any = None, label: Any = None) -> dict[str, Any]:
-    """Pay amount_msat every interval_s to a node, an offer, or split recipients."""
-    if amount_msat is None or interval_s is None:
-        raise RpcException("amount_msat and interval_s are required", code=-32602)
-    return _run(_rt().streams.create(destination, amount_msat, interval_s, max_total_msat, max_fee_msat,
-                                     splits, metadata, label))
+@rpc_method("streampay-start")
+def streampay_start(request: Request, destination: Any, amount_msat: Any, interval_s: Any, max_total_msat: Any,
+                    max_fee_msat: Any = None, splits: Any = None, metadata: Any = None, label: Any = None) -> None:
+    """Pay amount_msat every interval_s to a node (keysend) or a BOLT12 offer, or to split
+    recipients (destination then names one of them), never more than max_total_msat in all."""
+    _answer(request, lambda rt: rt.streams.create(destination, amount_msat, interval_s, max_total_msat,
+                                                  max_fee_msat, splits, metadata, label))
 
 
-@plugin.method("streampay-list")
-def streampay_list(plugin: Plugin, state: Any = None) -> dict[str, Any]:
-    """All streams, optionally only those in one state."""
-    rt = _rt()
-
-    async def run() -> dict[str, Any]:
-        now = rt.streams.clock()
-        return {"streams": [s.status(now) for s in rt.streams.streams.values()
-                            if state is None or s.state == state]}
-    return _run(run())
+@rpc_method("streampay-list")
+def streampay_list(request: Request, state: Any = None, label_prefix: Any = None) -> None:
+    """All streams, optionally only those in one state or whose label starts with label_prefix."""
+    _answer(request, lambda rt: rt.streams.list(state, label_prefix))
 
 
-@plugin.method("streampay-status")
-def streampay_status(plugin: Plugin, id: Any) -> dict[str, Any]:
-    """Paid so far, fees, failures, next due time, per-recipient totals."""
-    rt = _rt()
-
-    async def run() -> dict[str, Any]:
-        return rt.streams.get(id).status(rt.streams.clock())
-    return _run(run())
+@rpc_method("streampay-status")
+def streampay_status(request: Request, id: Any = None, label: Any = None) -> None:
+    """A stream (by id or label): paid so far, fees, failures, next due time, per-recipient totals."""
+    _answer(request, lambda rt: rt.streams.status(id, label))
 
 
-def _change(action: str):
-    def handler(plugin: Plugin, id: Any) -> dict[str, Any]:
-        return _run(_rt().streams.change(id, action))
-    handler.__doc__ = f"{action.capitalize()} a stream."
+def _change(action: str, doc: str) -> Callable[..., None]:
+    def handler(request: Request, id: Any = None, label: Any = None) -> None:
+        _answer(request, lambda rt: rt.streams.change(id, action, label))
+    handler.__doc__ = doc
     handler.__name__ = f"streampay_{action}"
     return handler
 
 
-for _action in ("pause", "resume", "stop"):
-    plugin.add_method(f"streampay-{_action}", _change(_action))
+rpc_method("streampay-pause")(_change("pause", "Pause an active stream: nothing is paid until it is resumed."))
+rpc_method("streampay-resume")(_change("resume", "Resume a paused stream from the next interval; missed "
+                                                 "intervals are not paid in a burst."))
+rpc_method("streampay-stop")(_change("stop", "Stop a stream for good; a payment already in flight is still "
+                                             "settled and counted."))
 
 
-@plugin.method("streampay-received")
-def streampay_received(plugin: Plugin, stream_id: Any = None) -> dict[str, Any]:
+@rpc_method("streampay-received")
+def streampay_received(request: Request, stream_id: Any = None) -> None:
     """Incoming streamed payments (bLIP-10 keysends), grouped by stream session."""
     if stream_id is not None and not isinstance(stream_id, str):
         raise RpcException("stream_id must be a string", code=-32602)
-    rt = _rt()
-    return _run(_sessions(rt, stream_id))
+    _answer(request, lambda rt: _sessions(rt, stream_id))
 
 
 async def _sessions(rt, stream_id):
-    return {"sessions": await rt.store.stream_sessions(stream_id)}
+    return {"sessions": [s.to_json() for s in await rt.stream_usage.sessions(stream_id)]}
+
+
+# -- `lightning-cli check` ---------------------------------------------------------------------
+
+def check(request: Request, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """lightningd asks before running one of our commands under `check`: the parameters
+    are bound as the command would bind them (so a missing one is -32602), and a
+    setconfig value of one of our options is checked like setconfig checks it."""
+    params = list(args)
+    name = params.pop(0) if params else kwargs.pop("command_to_check", None)
+    if name == "setconfig":
+        config = params[0] if params else kwargs.get("config")
+        value = params[1] if len(params) > 1 else kwargs.get("val")
+        spec = SPECS.get(config) if isinstance(config, str) else None
+        if spec is not None:
+            if not spec.dynamic:
+                raise RpcException(f"{config} cannot be changed while the plugin runs", code=-32602)
+            try:
+                spec.parse(spec.default if value is None else value)
+            except MicropayError as err:
+                raise RpcException(err.message, code=-32602) from None
+        return {"command_to_check": name}
+    method = plugin.methods.get(name) if isinstance(name, str) else None
+    if method is None or method.mtype != MethodType.RPCMETHOD:
+        raise RpcException(f"unknown command {name!r}", code=-32601)
+    import inspect
+    try:
+        inspect.signature(method.func).bind(request, *params, **kwargs)
+    except TypeError as exc:
+        raise RpcException(f"bad parameters: {exc}", code=-32602) from None
+    return {"command_to_check": name}
+
+
+plugin.add_method("check", check, background=False)
 
 
 # -- hooks and subscriptions ----------------------------------------------------------------
 
+CONTINUE = {"result": "continue"}
+
+
 @plugin.hook("htlc_accepted")
 def on_htlc_accepted(onion: dict[str, Any], htlc: dict[str, Any], plugin: Plugin, **kwargs: Any) -> dict[str, str]:
+    """Every HTLC the node receives or forwards passes here: answer at once, and record a
+    streamed payment in the background."""
     try:
         rt = getattr(plugin, "runtime", None)
-        if rt is not None:
-            rt.incoming_htlc(onion, htlc)
-    except Exception as exc:   # observing only: never block an HTLC on our failure
+        payment = attribute(onion, htlc) if rt is not None else None
+        if payment is not None:
+            rt.spawn(rt.record_stream_payment(payment))
+    except Exception as exc:   # observing only: never hold an HTLC on our failure
         plugin.log(f"micropay: could not attribute incoming HTLC: {exc}", level="warn")
-    return {"result": "continue"}
+    return CONTINUE
 
 
 @plugin.subscribe("invoice_payment")
@@ -261,3 +364,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -30,6 +30,29 @@ def _why_not() -> str | None:
 
 SKIP_REASON = _why_not()
 
+
+def _serialize_ast_parse() -> None:
+    """node_factory.get_nodes starts nodes from a thread pool, and each node's bitcoind
+    proxy builds a Flask app, whose URL rules werkzeug compiles with ast.parse. CPython
+    3.11 keeps the AST builder's recursion depth in state that all threads share, so
+    parses running at once can fail ("SystemError: AST constructor recursion depth
+    mismatch", seen in a CI run; see python/cpython#106905). One parse at a time here;
+    nothing in the tier depends on parsing in parallel."""
+    import ast
+    import threading
+    if getattr(ast.parse, "_one_at_a_time", False):
+        return
+    lock, parse = threading.Lock(), ast.parse
+
+    def one_at_a_time(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+    one_at_a_time._one_at_a_time = True
+    ast.parse = one_at_a_time
+
+
+_serialize_ast_parse()
+
 if SKIP_REASON is None:
     os.environ.setdefault("RUST", "0")          # no cln-grpc in a build without Rust
     os.environ.setdefault("VALGRIND", "0")

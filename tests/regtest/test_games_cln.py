@@ -199,7 +199,7 @@ async def test_payouts_to_another_node(node_factory, tmp_path):
         with pytest.raises(RpcError) as exc:
             l2.rpc.call("micropay-payout", {"player_id": "carol", "destination": offer, "amount_msat": 10_000,
                                             "idempotency_key": "p5"})
-        assert exc.value.error["code"] == 1409 and "cap" in exc.value.error["message"]
+        assert exc.value.error["code"] == 1414 and "cap" in exc.value.error["message"]
         with pytest.raises(RpcError) as exc:
             l2.rpc.call("micropay-payout", {"player_id": "bad id", "destination": inv3, "idempotency_key": "p6"})
         assert exc.value.error["code"] == -32602

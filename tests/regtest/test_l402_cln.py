@@ -10,7 +10,7 @@ from micropay.client import Budget, L402Client, NodeWallet, TokenCache
 from micropay.lightning.cln import ClnNode
 from micropay.receipts import verify_receipt
 
-from ..conftest import make_config, start_sidecar
+from ..conftest import make_config, payment_receipt, start_sidecar
 
 ROUTES = """
 service = "shop"
@@ -76,10 +76,10 @@ async def test_pay_per_request_and_credits_over_cln(node_factory, tmp_path):
         assert len([e for e in events if e.startswith("paid ")]) == 2
 
         async def settled():
-            rec = await sc.rt.store.get_challenge(res.payment_hash)
+            rec = await sc.rt.l402.get_challenge(res.payment_hash)
             return rec is not None and rec.paid_at is not None
         assert await wait_until(settled)
-        assert verify_receipt(await sc.rt.store.get_receipt(res.payment_hash))["amount_msat"] == 21000
+        assert verify_receipt(await payment_receipt(sc.rt.store, res.payment_hash))["amount_msat"] == 21000
         assert sc.rt.metrics.revenue_msat >= 21000
     finally:
         await sc.runner.cleanup()
@@ -100,7 +100,7 @@ async def test_settlements_survive_sidecar_and_node_restarts(node_factory, tmp_p
     sc = await cln_sidecar(tmp_path, l2.rpc.socket_path)        # back: catches up from its cursor
     try:
         async def paid(ph):
-            rec = await sc.rt.store.get_challenge(ph)
+            rec = await sc.rt.l402.get_challenge(ph)
             return rec is not None and rec.paid_at is not None
         assert await wait_until(lambda: paid(challenges[0]["payment_hash"]))
 

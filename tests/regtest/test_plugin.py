@@ -28,13 +28,15 @@ def test_plugin_loads_lists_methods_and_options_and_rejects_bad_params(node_fact
         ("micropay-verify", {"credential": "L402 !!:00"}),
         ("streampay-start", {"destination": "nothex", "amount_msat": 1000, "interval_s": 10}),
         ("streampay-start", {"destination": node.info["id"], "amount_msat": 1000, "interval_s": 0}),
-        ("streampay-status", {"id": "nope"}),
         ("micropay-fetch", {"url": "ftp://x"}),
     ]:
         with pytest.raises(RpcError) as info:
             node.rpc.call(method, params)
         assert info.value.error["code"] == -32602, (method, info.value.error)
         assert "Traceback" not in info.value.error["message"]
+    with pytest.raises(RpcError) as info:                 # well-formed, but no such stream: not found
+        node.rpc.call("streampay-status", {"id": "nope"})
+    assert info.value.error["code"] == 1404 and "no stream with that id" in info.value.error["message"]
     # positional parameters, CLN style
     inv = node.rpc.call("micropay-invoice", [2000, "positional", "pos-label"])
     assert inv["label"] == "pos-label" and inv["amount_msat"] == 2000
@@ -64,6 +66,14 @@ def test_invoice_paid_by_another_node_then_verifies(node_factory):
     assert [i["label"] for i in listed] == ["article-7"] and listed[0]["metadata"] == {"sku": "a7"}
     line = l2.daemon.wait_for_log("listener got micropay_invoice_paid")
     assert inv["payment_hash"] in line and '"amount_msat": 50000' in line and '"sku": "a7"' in line
+    # the listing pages through the node's invoices: ours among others, a page at a time
+    for i in range(3):
+        l2.rpc.invoice(1000, f"not-ours-{i}", "someone else's")
+        l2.rpc.call("micropay-invoice", {"amount_msat": 1000 + i, "description": f"page {i}", "label": f"page-{i}"})
+    first = l2.rpc.call("micropay-list", {"limit": 2})
+    assert [i["label"] for i in first["invoices"]] == ["article-7", "page-0"] and first["next_start"]
+    rest = l2.rpc.call("micropay-list", {"start": first["next_start"], "limit": 10})
+    assert [i["label"] for i in rest["invoices"]] == ["page-1", "page-2"] and rest["next_start"] is None
 
 
 def test_dynamic_options_take_effect_without_restart(node_factory):
@@ -72,8 +82,9 @@ def test_dynamic_options_take_effect_without_restart(node_factory):
     inv = node.rpc.call("micropay-invoice", {"amount_msat": 1000, "description": "short-lived"})
     assert inv["expires_at"] - inv["created_at"] in (599, 600, 601)
     node.rpc.setconfig("micropay-stream-max-total-msat", 5000)
-    with pytest.raises(RpcError, match="max_total_msat is required and at most 5000"):
-        node.rpc.call("streampay-start", {"destination": node.info["id"], "amount_msat": 1000, "interval_s": 60})
+    with pytest.raises(RpcError, match="max_total_msat must be at most 5000"):
+        node.rpc.call("streampay-start", {"destination": "02" + "ab" * 32, "amount_msat": 1000, "interval_s": 60,
+                                          "max_total_msat": 6000})
 
 
 def test_refuses_to_start_with_a_readable_key_file(node_factory, tmp_path):

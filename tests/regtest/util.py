@@ -17,16 +17,20 @@ def plugin_path() -> str:
     return found
 
 
-def listener_path() -> str:
-    """plugins/listener.py behind a wrapper that runs it with this interpreter (the one
+def helper_plugin(name: str) -> str:
+    """plugins/<name>.py behind a wrapper that runs it with this interpreter (the one
     that has pyln-client), whatever `python3` on PATH is."""
     import tempfile
-    wrapper = Path(tempfile.gettempdir()) / f"micropay-listener-{abs(hash(sys.executable))}"
+    wrapper = Path(tempfile.gettempdir()) / f"micropay-{name}-{abs(hash(sys.executable))}"
     if not wrapper.exists():
-        target = Path(__file__).parent / "plugins" / "listener.py"
+        target = Path(__file__).parent / "plugins" / f"{name}.py"
         wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {target} \"$@\"\n")
         wrapper.chmod(0o755)
     return str(wrapper)
+
+
+def listener_path() -> str:
+    return helper_plugin("listener")
 
 
 def opts(listener: bool = False, **extra) -> dict:

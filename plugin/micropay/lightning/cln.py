@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ..errors import BadRequest, DuplicateLabel, NodeError, PaymentFailed
-from .base import DecodedInvoice, Invoice, Payment, Settlement
+from ..errors import BadRequest, DuplicateLabel, NodeError, PaymentFailed, PaymentUnknown
+from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
 
 log = logging.getLogger("micropay.cln")
 
@@ -34,16 +34,13 @@ class ClnRpcError(NodeError):
     """lightningd answered with a JSON-RPC error."""
 
     code = "cln_rpc_error"
+    rpc_code = 1507
 
     def __init__(self, method: str, rpc_error: dict[str, Any]) -> None:
         self.method = method
         self.cln_code = int(rpc_error.get("code", -1))
         self.cln_message = str(rpc_error.get("message", ""))
         super().__init__(f"{method}: {self.cln_message} (code {self.cln_code})", cln_code=self.cln_code)
-
-
-def liquidity_failure(err: Exception) -> bool:
-    return isinstance(err, PaymentFailed) and err.detail.get("cln_code") in LIQUIDITY_CODES
 
 
 async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -82,32 +79,46 @@ class ClnRpc:
             self._read_task = asyncio.create_task(self._read_loop(self._reader), name="cln-rpc-reader")
 
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        decoder, buf = json.JSONDecoder(), ""
+        """Replies are framed on bytes: lightningd ends each JSON message with a blank
+        line ("\\n\\n", which JSON text never contains unescaped). Only a whole message
+        is decoded, so a UTF-8 character split across two reads is never cut, and each
+        byte is scanned once, so a reply of many megabytes parses in linear time."""
+        buf = bytearray()
         try:
             while True:
-                chunk = await reader.read(65536)
+                chunk = await reader.read(1 << 20)
                 if not chunk:
                     break
-                buf += chunk.decode("utf-8")
-                while True:
-                    buf = buf.lstrip()
-                    if not buf:
-                        break
-                    try:
-                        msg, end = decoder.raw_decode(buf)
-                    except json.JSONDecodeError:
-                        break   # incomplete: wait for more bytes
-                    buf = buf[end:]
-                    fut = self._pending.pop(msg.get("id"), None) if isinstance(msg, dict) else None
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-        except (OSError, UnicodeDecodeError) as exc:
+                search_from = max(0, len(buf) - 1)   # a separator may straddle old and new bytes
+                buf += chunk
+                start = 0
+                while (end := buf.find(b"\n\n", search_from)) >= 0:
+                    self._deliver(bytes(buf[start:end]))
+                    start = search_from = end + 2
+                if start:
+                    del buf[:start]
+                if len(buf) > STREAM_LIMIT:
+                    log.warning("lightningd sent a reply larger than %d bytes; reconnecting", STREAM_LIMIT)
+                    break
+        except OSError as exc:
             log.warning("lightningd connection lost: %s", exc)
         finally:
             self._fail_pending(NodeError("connection to lightningd closed"))
             if self._writer is not None:
                 self._writer.close()
             self._writer = None
+
+    def _deliver(self, raw: bytes) -> None:
+        if not raw.strip():
+            return
+        try:
+            msg = json.loads(raw)
+        except ValueError as exc:   # includes UnicodeDecodeError: not ours to guess at
+            log.warning("undecodable reply from lightningd (%d bytes): %s", len(raw), exc)
+            return
+        fut = self._pending.pop(msg.get("id"), None) if isinstance(msg, dict) else None
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     def _fail_pending(self, err: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -155,6 +166,8 @@ class ClnRpc:
 class ClnNode:
     """The Node port on Core Lightning."""
 
+    pays_offers = True
+
     def __init__(self, rpc_file: str | Path, timeout_s: float = 120.0) -> None:
         self.rpc = ClnRpc(rpc_file, timeout_s)
         self.network = "unknown"
@@ -189,6 +202,11 @@ class ClnNode:
         return Invoice(r["bolt11"], r["payment_hash"], amount_msat, r["expires_at"], label,
                        r.get("created_index", 0))
 
+    async def has_invoice(self, payment_hash: str) -> bool:
+        """lightningd keeps its invoices across restarts (a pending challenge's invoice has
+        at least a minute to live, so autoclean has not removed it): no call needed."""
+        return True
+
     async def settlements(self, after_pay_index: int) -> AsyncIterator[Settlement]:
         cursor = after_pay_index
         while True:
@@ -201,20 +219,23 @@ class ClnNode:
                              inv.get("payment_preimage", ""), inv.get("paid_at", 0))
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None,
-                  label: str | None = None) -> Payment:
+                  label: str | None = None, retry_for_s: int | None = None) -> Payment:
         try:
-            r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label},
-                                    timeout_s=None)
+            r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label,
+                                             "retry_for": retry_for_s}, timeout_s=None)
         except ClnRpcError as exc:
-            # Already paid earlier (e.g. by a run that crashed)? Then that payment counts.
+            # Already paid earlier (e.g. by a run that crashed)? Then that payment counts;
+            # still out? Then its outcome is not known yet.
             try:   # BOLT11 or BOLT12 invoice
                 d = await self.rpc.call("decode", {"string": bolt11})
                 payment_hash = d.get("payment_hash") or d.get("invoice_payment_hash")
             except ClnRpcError:
                 payment_hash = None
-            done = await self.completed_payment(payment_hash) if payment_hash else None
-            if done is not None:
-                return done
+            status = await self.payment_status(payment_hash) if payment_hash else None
+            if status is not None and status.state == "complete" and status.payment is not None:
+                return status.payment
+            if status is not None and status.state == "pending":
+                raise PaymentUnknown(f"the payment is still in flight ({exc.cln_message})") from None
             raise _payment_failed(exc) from None
         preimage = r["payment_preimage"]
         return Payment(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, r["amount_msat"],
@@ -242,14 +263,56 @@ class ClnNode:
             raise PaymentFailed(f"fetchinvoice failed: {exc.cln_message}", cln_code=exc.cln_code) from None
         return r["invoice"], d["invoice_payment_hash"]
 
-    async def completed_payment(self, payment_hash: str) -> Payment | None:
+    async def payment_status(self, payment_hash: str) -> PaymentStatus | None:
+        """From lightningd's own record (listsendpays): complete if any part completed,
+        pending if any part is still out, failed if every part failed, None if never tried."""
         parts = (await self.rpc.call("listsendpays", {"payment_hash": payment_hash}))["payments"]
         done = [p for p in parts if p.get("status") == "complete"]
-        if not done:
-            return None
-        amount = sum(p.get("amount_msat", 0) for p in done)
-        sent = sum(p.get("amount_sent_msat", 0) for p in done)
-        return Payment(payment_hash, done[0].get("payment_preimage", ""), amount, sent - amount)
+        if done:
+            amount = sum(p.get("amount_msat", 0) for p in done)
+            sent = sum(p.get("amount_sent_msat", 0) for p in done)
+            return PaymentStatus("complete", Payment(payment_hash, done[0].get("payment_preimage", ""), amount,
+                                                     sent - amount))
+        if any(p.get("status") == "pending" for p in parts):
+            return PaymentStatus("pending")
+        return PaymentStatus("failed") if parts else None
+
+    async def list_invoices(self, index: str, start: int, limit: int) -> list[dict[str, Any]]:
+        """One page of the node's invoices, in `index` (created/updated) order from `start`."""
+        return (await self.rpc.call("listinvoices", {"index": index, "start": start, "limit": limit}))["invoices"]
+
+    async def sendpays_position(self) -> int:
+        r = await self.rpc.call("wait", {"subsystem": "sendpays", "indexname": "created", "nextvalue": 0})
+        return int(r.get("created", 0)) + 1
+
+    async def lookup_payment(self, label: str, start: int) -> PaymentStatus | None:
+        parts = (await self.rpc.call("listsendpays", {"index": "created", "start": start}))["payments"]
+        mine = [p for p in parts if p.get("label") == label]
+        done = [p for p in mine if p.get("status") == "complete"]
+        if done:
+            amount = sum(p["amount_msat"] for p in done)
+            fee = sum(p["amount_sent_msat"] for p in done) - amount
+            return PaymentStatus("complete", Payment(done[0]["payment_hash"], done[0].get("payment_preimage", ""),
+                                                     amount, fee), done[0]["payment_hash"])
+        pending = [p for p in mine if p.get("status") == "pending"]
+        if pending:
+            return PaymentStatus("pending", payment_hash=pending[0]["payment_hash"])
+        return PaymentStatus("failed", payment_hash=mine[0]["payment_hash"]) if mine else None
+
+    async def htlc_in_flight(self, payment_hash: str) -> bool:
+        channels = (await self.rpc.call("listpeerchannels"))["channels"]
+        return any(h.get("payment_hash") == payment_hash and h.get("direction") == "out"
+                   for c in channels for h in c.get("htlcs", []))
+
+    async def wait_until_ready(self, timeout_s: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            channels = (await self.rpc.call("listpeerchannels"))["channels"]
+            if any(c.get("state") == "CHANNELD_NORMAL" and c.get("peer_connected") for c in channels):
+                return True
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(1.0)
 
     async def decode(self, bolt11: str) -> DecodedInvoice:
         try:
@@ -268,4 +331,7 @@ class ClnNode:
 
 
 def _payment_failed(exc: ClnRpcError) -> PaymentFailed:
-    return PaymentFailed(f"payment failed: {exc.cln_message}", cln_code=exc.cln_code)
+    """lightningd's refusal as the port's PaymentFailed; `no_liquidity` when no route had
+    the capacity (the stream engine waits longer before it tries again)."""
+    return PaymentFailed(f"payment failed: {exc.cln_message}", cln_code=exc.cln_code,
+                         no_liquidity=exc.cln_code in LIQUIDITY_CODES)

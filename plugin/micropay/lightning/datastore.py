@@ -1,4 +1,5 @@
-"""JSON records in Core Lightning's datastore, with generation compare-and-swap.
+"""JSON records in Core Lightning's datastore, with generation compare-and-swap (the
+RecordStore port, see base.py).
 
 Keys are arrays under the ("micropay", ...) prefix. `create` is must-create (so a
 retry cannot overwrite), `replace` is must-replace at a known generation (so two
@@ -8,24 +9,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import NodeError
+from .base import RecordExists, StaleRecord
 from .cln import ClnRpc, ClnRpcError
 
 ALREADY_EXISTS, DOES_NOT_EXIST, WRONG_GENERATION = 1202, 1203, 1204
 PREFIX = ("micropay",)
 
 
-class RecordExists(NodeError):
-    code = "record_exists"
-
-
-class StaleRecord(NodeError):
-    """Someone else changed the record since we read it."""
-
-    code = "stale_record"
+__all__ = ["Datastore", "RecordExists", "StaleRecord"]
 
 
 class Datastore:
+    """The RecordStore port on lightningd's datastore."""
+
     def __init__(self, rpc: ClnRpc, prefix: tuple[str, ...] = PREFIX) -> None:
         self.rpc, self.prefix = rpc, list(prefix)
 

@@ -1,0 +1,48 @@
+"""micropay-fetch: an HTTP request from the node that pays L402 challenges within budget."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .client import Budget, L402Client, NodeWallet, TokenCache
+from .errors import BadRequest
+from .lightning.base import Node
+from .params import msat_param
+
+MAX_FETCH_BODY = 1024 * 1024
+
+
+async def fetch(node: Node, data_dir: Path, *, max_msat_default: int, day_budget_msat: int, url: Any,
+                method: Any = "GET", headers: Any = None, body: Any = None, max_msat: Any = None) -> dict[str, Any]:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BadRequest("url must be an http:// or https:// URL")
+    if not isinstance(method, str) or not method.isascii() or not method.isalpha():
+        raise BadRequest("method must be an HTTP method name")
+    hdrs = {} if headers is None else headers
+    if not isinstance(hdrs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hdrs.items()):
+        raise BadRequest("headers must be an object of string values")
+    if isinstance(body, (dict, list)):        # a JSON body, as lightning-cli -k body='{"x":1}' passes it
+        data: bytes | None = json.dumps(body).encode()
+        hdrs = {"Content-Type": "application/json", **hdrs}
+    elif body is None or isinstance(body, str):
+        data = body.encode() if body is not None else None
+    else:
+        raise BadRequest("body must be a string or a JSON object")
+    limit = msat_param(max_msat, "max_msat") if max_msat is not None else max_msat_default
+    budget = Budget(max_per_request_msat=limit, max_per_host_per_day_msat=day_budget_msat,
+                    max_total_msat=None, max_fee_msat=max(1000, limit // 100))
+    events: list[str] = []
+    client = L402Client(NodeWallet(node), budget, TokenCache(data_dir / "fetch-client.json"),
+                        on_event=events.append, max_body_bytes=MAX_FETCH_BODY)
+    res = await client.request(method, url, headers=hdrs, data=data)
+    try:
+        text, encoding = res.body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = base64.b64encode(res.body).decode(), "base64"
+    return {"status": res.status, "headers": res.headers, "body": text, "body_encoding": encoding,
+            "amount_msat": res.paid_msat, "fee_msat": res.fee_msat, "payment_hash": res.payment_hash,
+            "receipt": res.receipt, "log": events}

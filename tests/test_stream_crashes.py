@@ -1,0 +1,201 @@
+"""The stream runner "crashes" at every boundary of a payment and a new process takes
+over: recipients receive exactly what the payer's records say, no sequence is paid
+twice, nothing paid is forgotten, the budget holds, and owed + paid is exact per
+interval.
+
+Boundaries of one payment: the datastore write of the in-flight record (crash before
+it, or after it and before sending); the node has the payment (its record pending with
+or without an HTLC behind it, or complete) and its result never came back; the result
+came back and recording it dies. The node and the datastore are fakes with lightningd's
+semantics: a record per payment label, an HTLC or not, generation compare-and-swap.
+"""
+import hashlib
+
+import pytest
+
+from micropay.errors import PaymentFailed
+from micropay.lightning.base import Payment, PaymentStatus
+from micropay.lightning.datastore import StaleRecord
+from micropay.stream_runner import ORPHAN_GRACE_S, RECONCILE_GRACE_S, StreamRunner
+
+HOST, GUEST = "02" + "a" * 64, "03" + "b" * 64
+T0 = 1_800_000_000.0
+
+
+class Crash(BaseException):
+    """The process dies here: nothing after it runs, no handler sees it."""
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeDatastore:
+    """lightningd's datastore: JSON records with generations; can die around a write."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple, tuple[dict, int]] = {}
+        self.writes = 0
+        self.crash: tuple[int, str] | None = None     # (write number, "before" | "after")
+
+    async def list(self, key):
+        return [(list(k), doc, gen) for k, (doc, gen) in self.records.items() if k[:len(key)] == tuple(key)]
+
+    async def create(self, key, value) -> int:
+        self.records[tuple(key)] = (_copy(value), 0)
+        return 0
+
+    async def replace(self, key, value, generation) -> int:
+        self.writes += 1
+        if self.crash and self.crash[0] == self.writes and self.crash[1] == "before":
+            raise Crash()
+        doc, gen = self.records[tuple(key)]
+        if gen != generation:
+            raise StaleRecord("changed underneath us")
+        self.records[tuple(key)] = (_copy(value), gen + 1)
+        if self.crash and self.crash[0] == self.writes and self.crash[1] == "after":
+            raise Crash()
+        return gen + 1
+
+
+def _copy(doc):
+    import json
+    return json.loads(json.dumps(doc))
+
+
+class FakeNode:
+    """Keysends recorded by label, as lightningd's listsendpays; can die mid-payment."""
+
+    network = "regtest"
+
+    def __init__(self) -> None:
+        self.by_label: dict[str, PaymentStatus] = {}
+        self.htlcs: set[str] = set()
+        self.received: dict[str, int] = {}
+        self.payments = 0
+        self.crash: tuple[int, str] | None = None     # (payment number, mode)
+
+    async def wait_until_ready(self, timeout_s):
+        return True
+
+    async def node_id(self):
+        return "02" + "f" * 64
+
+    async def sendpays_position(self):
+        return 1
+
+    async def lookup_payment(self, label, start):
+        return self.by_label.get(label)
+
+    async def htlc_in_flight(self, payment_hash):
+        return payment_hash in self.htlcs
+
+    def settle(self, label: str, destination: str, amount: int) -> Payment:
+        h = hashlib.sha256(label.encode()).hexdigest()
+        assert self.by_label.get(label, PaymentStatus("failed")).state != "complete", f"{label} paid twice"
+        p = Payment(h, "00" * 32, amount, 10)
+        self.by_label[label] = PaymentStatus("complete", p, h)
+        self.htlcs.discard(h)
+        self.received[destination] = self.received.get(destination, 0) + amount
+        return p
+
+    async def keysend(self, destination, amount_msat, *, label=None, max_fee_msat=None, extratlvs=None,
+                      retry_for_s=None):
+        self.payments += 1
+        h = hashlib.sha256(label.encode()).hexdigest()
+        mode = self.crash[1] if self.crash and self.crash[0] == self.payments else None
+        if mode == "pending_no_htlc":            # record written, HTLC never saved, then death
+            self.by_label[label] = PaymentStatus("pending", payment_hash=h)
+            raise Crash()
+        if mode == "pending_htlc":               # the HTLC is out; it completes later
+            self.by_label[label] = PaymentStatus("pending", payment_hash=h)
+            self.htlcs.add(h)
+            self.later = (label, destination, amount_msat)
+            raise Crash()
+        if self.payments % 7 == 0:               # now and then, an honest failure
+            self.by_label[label] = PaymentStatus("failed", payment_hash=h)
+            raise PaymentFailed("no route", cln_code=205)
+        p = self.settle(label, destination, amount_msat)
+        if mode == "complete":
+            raise Crash()
+        return p
+
+
+def runner(node, ds, clock, **kw):
+    return StreamRunner(node, ds, clock=clock, **kw)
+
+
+async def tick(r: StreamRunner, sid: str, clock: Clock, seconds: int) -> None:
+    for _ in range(seconds):
+        clock.t += 1
+        await r._step(r.streams[sid])
+
+
+CASES = [
+    ("datastore", (3, "before")),     # the in-flight record is never written
+    ("datastore", (3, "after")),      # written, then death before sending
+    ("node", (3, "pending_no_htlc")),
+    ("node", (3, "pending_htlc")),
+    ("node", (3, "complete")),        # paid; the result never came back
+    ("datastore", (4, "before")),     # the result came back; recording it dies
+]
+
+
+@pytest.mark.parametrize("where,crash", CASES)
+@pytest.mark.parametrize("node_restarted", [False, True])
+async def test_crash_at_every_boundary(where, crash, node_restarted):
+    clock, node, ds = Clock(), FakeNode(), FakeDatastore()
+    first = runner(node, ds, clock)
+    s = await first.create(None, 4000, 1, 100_000, 50,
+                           [{"destination": HOST, "share": 1}, {"destination": GUEST, "share": 3}])
+    sid = s["id"]
+    (ds if where == "datastore" else node).crash = crash
+    with pytest.raises(Crash):
+        await tick(first, sid, clock, 30)
+    ds.crash = node.crash = None
+    crashed_at = clock.t
+    # a new process: lightningd restarted with it, or only the plugin did
+    events = []
+    second = runner(node, ds, clock, node_started_at=clock.t if node_restarted else None,
+                    notify=lambda topic, payload: events.append(payload))
+    await second.load()
+    if crash[1] == "pending_htlc":
+        await tick(second, sid, clock, 5)
+        assert second.streams[sid].in_flight is not None          # waits for the HTLC
+        node.settle(*node.later)
+    await tick(second, sid, clock, max(RECONCILE_GRACE_S, ORPHAN_GRACE_S) + 30)
+    st = second.streams[sid]
+    assert st.in_flight is None and clock.t > crashed_at
+    # recipients received exactly what the payer's records say, nothing paid twice
+    assert node.received.get(HOST, 0) == st.paid_by_recipient[0]
+    assert node.received.get(GUEST, 0) == st.paid_by_recipient[1]
+    assert st.paid_msat == sum(node.received.values())
+    assert sum(1 for p in node.by_label.values() if p.state == "complete") == st.payments
+    # the budget and exact per-interval accounting
+    assert st.paid_msat + st.fees_msat <= 100_000
+    assert st.paid_by_recipient[0] + st.owed[0] == 1000 * st.intervals
+    assert st.paid_by_recipient[1] + st.owed[1] == 3000 * st.intervals
+    if crash[1] == "pending_no_htlc":             # settled as failed; its sequence never paid
+        dead = [e for e in events if "no HTLC carries it" in (e.get("error") or "")]
+        assert len(dead) == 1 and dead[0]["seq"] == 3 and dead[0]["status"] == "failed"
+        assert node.by_label[f"streampay-{sid}-3"].state == "pending"
+
+
+async def test_a_payment_that_never_left_is_retried_at_once_after_lightningd_restarted():
+    clock, node, ds = Clock(), FakeNode(), FakeDatastore()
+    first = runner(node, ds, clock)
+    sid = (await first.create(HOST, 1000, 10, 50_000, 50))["id"]
+    ds.crash = (1, "after")                 # the in-flight record written, then death
+    with pytest.raises(Crash):
+        await tick(first, sid, clock, 2)
+    ds.crash = None
+    second = runner(node, ds, clock, node_started_at=clock.t + 1)
+    await second.load()
+    await tick(second, sid, clock, 2)
+    st = second.streams[sid]
+    assert st.in_flight is None and st.payments == 1 and node.received[HOST] == 1000
+    assert st.missed_intervals == 0         # no 60 s wait made it skip intervals
