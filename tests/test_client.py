@@ -6,7 +6,7 @@ import pytest
 from aiohttp import web
 
 from micropay.client import Budget, L402Client, NodeWallet, PaidInvoice, TokenCache
-from micropay.errors import BudgetExceeded, InvoiceMismatch, PaymentFailed
+from micropay.errors import BudgetExceeded, InvoiceMismatch, PaymentFailed, PaymentUnknown
 from micropay.lightning.sandbox import SandboxNetwork
 
 from .conftest import FakeClock, make_config, serve_app, start_sidecar
@@ -128,6 +128,32 @@ async def test_crash_mid_payment_then_retry_pays_once(sidecar, tmp_path):
     assert any("interrupted payment" in e for e in events)
     spends = list(again.cache.state.spends.values())
     assert [(s.status, s.amount_msat) for s in spends] == [("paid", 5000)]
+
+
+class LostAfterPaying:
+    """Pays for real, then the connection to the node drops before the answer: the
+    wallet cannot say whether anything was paid (what kill -9 of lightningd looks like)."""
+
+    def __init__(self, node):
+        self.node = node
+
+    async def pay(self, bolt11, amount_msat, max_fee_msat):
+        await self.node.pay(bolt11, max_fee_msat=max_fee_msat)
+        raise PaymentUnknown("connection to lightningd closed")
+
+
+async def test_an_unknown_outcome_keeps_the_intent_and_the_next_run_finishes_it(sidecar, tmp_path):
+    cache_path = tmp_path / "client.json"
+    balance = sidecar.payer.balance_msat
+    with pytest.raises(PaymentUnknown):
+        await L402Client(LostAfterPaying(sidecar.payer), Budget(), TokenCache(cache_path)).get(
+            sidecar.url + "/api/fortune/1")
+    kept = list(TokenCache(cache_path).state.spends.values())
+    assert [(s.status, s.amount_msat) for s in kept] == [("paying", 5000)]   # counted, not forgotten
+    again = L402Client(NodeWallet(sidecar.payer), Budget(), TokenCache(cache_path))
+    assert (await again.get(sidecar.url + "/api/fortune/1")).status == 200
+    assert sidecar.payer.balance_msat == balance - 5000                      # not paid twice
+    assert [(s.status, s.amount_msat) for s in again.cache.state.spends.values()] == [("paid", 5000)]
 
 
 async def test_failed_payment_releases_the_budget(sidecar, tmp_path):

@@ -3,7 +3,7 @@ import tomllib
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from micropay.config import demo_config, load_config, parse_config
+from micropay.configfile import demo_config, load_config, parse_config
 from micropay.errors import ConfigError
 from micropay.pricing import RouteRule
 
@@ -29,7 +29,9 @@ def test_demo_config_is_valid():
     ('upstream="http://x"\n[[routes]]\npath="/a"\nprice_msat=10\ncredits=2\npass_s=5', "routes[0].credits"),
     ('upstream="http://x"\n[[routes]]\npath="/a"\nprice_msat=10\nprice_hook="nosuchmod:f"', "routes[0].price_hook"),
     ('upstream="http://x"\n[[routes]]\npath="/a"\nprice_msat=10\ncolour="red"', "routes[0].colour"),
-    ('[[routes]]\npath="/a"\nprice_msat=10', "routes[0].upstream"),
+    ('upstream="ftp://x"', "upstream"),
+    ('listen="localhost"', "listen"),
+    ('upstream="http://x"\n[[routes]]\npath="/x/{id"\nprice_msat=10', "routes[0].path"),
     ('[backend]\nkind="lnd"', "backend.kind"),
     ('[backend]\nkind="cln"', "backend.rpc_file"),
     ('[store]\nurl="mysql://x"', "store.url"),
@@ -43,6 +45,39 @@ def test_bad_config_names_file_and_key(tmp_path, text, key):
         load(text, tmp_path)
     msg = str(info.value)
     assert str(tmp_path / "mp.toml") in msg and key in msg
+
+
+def test_routes_without_upstream_are_for_an_app_that_embeds_the_gate(tmp_path):
+    cfg, _ = load('[[routes]]\npath="/a"\nprice_msat=10', tmp_path)
+    assert cfg.routes[0].upstream is None
+    assert cfg.unserved_routes() == [f"{tmp_path / 'mp.toml'}: routes[0].upstream: no upstream for this route "
+                                     "(set routes[0].upstream or a top-level upstream; an app that embeds the "
+                                     "gate serves its routes itself)"]
+
+
+def test_check_config_reports_every_problem_with_its_line(tmp_path):
+    from micropay.config_check import check_file
+    path = tmp_path / "bad.toml"
+    path.write_text('listen = "localhost"\ncolour = 1\n[backend]\nkind = "lnd"\n[[routes]]\npath = "/x/{id"\n'
+                    'price_msat = 10\n[[routes]]\npath = "/a"\nprice_msat = -5\n[[webhooks]]\nname = "w"\n'
+                    'url = "http://"\n')
+    problems, _, cfg = check_file(path)
+    assert cfg is None and [p.split(": ")[0].rsplit(":", 1)[1] + " " + p.split(": ")[1] for p in problems] == [
+        "1 listen", "2 colour", "4 backend.kind", "6 routes[0].path", "10 routes[1].price_msat", "13 webhooks[0].url"]
+    assert all(p.startswith(f"{path}:") for p in problems)
+
+
+def test_check_config_reports_every_problem_of_one_route(tmp_path):
+    from micropay.config_check import check_file
+    path = tmp_path / "bad.toml"
+    path.write_text('[[routes]]\nbogus = 1\npath = "x"\nprice_msat = -1\nmethod = "FETCH"\n'
+                    '[[webhooks]]\nname = "bad name"\nurl = "ftp://x"\n')
+    problems, _, cfg = check_file(path)
+    lines = [p[len(str(path)) + 1:].split(": ")[:2] for p in problems]
+    assert cfg is None and lines == [["2", "routes[0].bogus"], ["3", "routes[0].path"],
+                                     ["4", "routes[0].price_msat"], ["5", "routes[0].method"],
+                                     ["7", "webhooks[0].name"], ["8", "webhooks[0].url"]]
+    assert not any("is required" in p for p in problems[:4])    # a bad path is not also "missing"
 
 
 def test_missing_file(tmp_path):

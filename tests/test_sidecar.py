@@ -2,6 +2,7 @@
 import asyncio
 import base64
 import json
+import stat
 
 import aiohttp
 import bolt11
@@ -9,9 +10,10 @@ import bolt11
 from micropay.l402 import format_authorization, parse_challenges
 from micropay.macaroon import Macaroon
 from micropay.receipts import verify_receipt
+from micropay.store.stream_usage import StreamUsageRepository
 from micropay.tokens import decode_identifier
 
-from .conftest import FakeClock, make_config, serve_app, start_sidecar
+from .conftest import FakeClock, make_config, payment_receipt, serve_app, start_sidecar
 
 
 async def get(url, **kw):
@@ -60,9 +62,13 @@ async def test_paid_request_gets_receipt_and_single_use(sidecar):
     assert receipt["path"] == "/api/joke"
     before = await table_count(sidecar, "challenges")
     status, headers, body = await get(sidecar.url + "/api/joke", headers={"Authorization": auth})
-    assert status == 402 and json.loads(body)["error"] == "credits_exhausted"
-    assert "WWW-Authenticate" not in headers
-    assert await table_count(sidecar, "challenges") == before
+    doc = json.loads(body)
+    assert status == 402 and doc["error"] == "credits_exhausted"
+    # bLIP-26 reusing credentials: a spent credential is answered with a fresh challenge
+    fresh = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+    assert fresh.invoice == doc["invoice"] and doc["price_msat"] == 1000
+    assert fresh.macaroon != auth[5:].split(":")[0]
+    assert await table_count(sidecar, "challenges") == before + 1
 
 
 async def test_prepaid_credits(sidecar):
@@ -88,8 +94,9 @@ async def test_pass_token_is_stateless_and_expires(tmp_path):
             assert verify_receipt(headers["Payment-Receipt"])["type"] == "pass"
         assert await table_count(sc, "credits") == 0          # no store writes on this path
         clock.advance(3601)
-        status, _, body = await get(sc.url + "/api/echo", headers={"Authorization": auth})
-        assert status == 401 and json.loads(body)["error"] == "invalid_credential"
+        status, headers, body = await get(sc.url + "/api/echo", headers={"Authorization": auth})
+        assert status == 402 and json.loads(body)["error"] == "token_expired"
+        assert parse_challenges(headers.getall("WWW-Authenticate"))[0].invoice == json.loads(body)["invoice"]
     finally:
         await sc.runner.cleanup()
 
@@ -128,24 +135,33 @@ async def test_bad_credentials_get_clear_errors_and_leave_nothing(sidecar):
 
 async def test_challenge_reuse_rate_limit_and_pending_bound(tmp_path):
     routes = "".join(f'[[routes]]\npath = "/api/fortune/r{i}"\nprice_msat = {100 + i}\n' for i in range(8))
-    toml = f'demo = true\n[challenges]\nper_client_per_minute = 3\nmax_pending = 4\n{routes}'
+    toml = (f'demo = true\ntrust_forwarded_for = true\n[challenges]\nper_client_per_minute = 3\n'
+            f'max_pending = 40\n{routes}')
     sc = await start_sidecar(make_config(tmp_path, toml))
+
+    def as_client(n):
+        return {"headers": {"X-Forwarded-For": f"192.0.2.{n}"}}
     try:
-        first = json.loads((await get(sc.url + "/api/fortune/r0"))[2])["payment_hash"]
-        assert json.loads((await get(sc.url + "/api/fortune/r0"))[2])["payment_hash"] == first   # reused
-        statuses = [(await get(f"{sc.url}/api/fortune/r{i}"))[0] for i in range(1, 4)]
+        first = json.loads((await get(sc.url + "/api/fortune/r0", **as_client(1)))[2])["payment_hash"]
+        again = json.loads((await get(sc.url + "/api/fortune/r0", **as_client(1)))[2])["payment_hash"]
+        assert again == first                                 # reused
+        statuses = [(await get(f"{sc.url}/api/fortune/r{i}", **as_client(1)))[0] for i in range(1, 4)]
         assert statuses == [402, 402, 429]                    # 3 new invoices a minute
-        status, headers, body = await get(sc.url + "/api/fortune/r5")
+        status, headers, body = await get(sc.url + "/api/fortune/r5", **as_client(1))
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert json.loads(body)["error"] == "rate_limited"
-        sc.rt.metrics.challenges.clear()
-        # the store-wide bound, whatever the client
-        from micropay.sidecar.guard import TokenBucket
-        sc.rt.gate.bucket = TokenBucket(1000)
-        await get(sc.url + "/api/fortune/r6")
-        status, _, body = await get(sc.url + "/api/fortune/r7")
+        from micropay.ratelimit import TokenBucket
+        sc.rt.gate.challenger.bucket = TokenBucket(1000)
+        # one client holds at most a tenth of max_pending (4 here), whatever it asks for
+        statuses = [(await get(f"{sc.url}/api/fortune/r{i}", **as_client(1)))[0] for i in range(3, 8)]
+        assert statuses == [402, 429, 429, 429, 429]
+        # the store-wide bound, reached by many clients
+        for n in range(2, 11):
+            for i in range(4):
+                await get(f"{sc.url}/api/fortune/r{i}", **as_client(n))
+        assert await table_count(sc, "challenges") == 40
+        status, _, body = await get(sc.url + "/api/fortune/r7", **as_client(99))
         assert status == 503 and json.loads(body)["error"] == "too_many_pending_challenges"
-        assert await table_count(sc, "challenges") == 4
     finally:
         await sc.runner.cleanup()
 
@@ -173,14 +189,32 @@ async def test_well_known_and_metrics(sidecar):
     joke = next(r for r in doc["routes"] if r["path"] == "/api/joke")
     assert joke["price_msat"] == 1000 and joke["method"] == ["GET"]
     assert "services=test:0" in joke["caveats"]
-    status, headers, text = await get(sidecar.url + "/metrics")
+    status, headers, body = await get(sidecar.url + "/metrics")   # private by default: it shows revenue
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert json.loads(body)["error"] == "unauthorized"
+    status, _, _ = await get(sidecar.url + "/metrics", headers={"Authorization": "Bearer wrong"})
+    assert status == 401
+    token_file = sidecar.rt.config.data_dir / "metrics.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    status, headers, text = await get(sidecar.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
     text = text.decode()
-    assert headers["Content-Type"].startswith("text/plain")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
     assert 'micropay_challenges_total{route="GET /api/joke"} 1' in text
     assert 'micropay_paid_requests_total{route="GET /api/joke"} 1' in text
     assert 'micropay_rejections_total{reason="malformed_credential"} 1' in text
     assert "micropay_revenue_msat_total 1000" in text
     assert "micropay_gate_latency_seconds_count 3" in text
+
+
+async def test_metrics_can_be_made_public(tmp_path):
+    sc = await start_sidecar(make_config(tmp_path, "demo = true\n[metrics]\npublic = true\n"))
+    try:
+        status, _, text = await get(sc.url + "/metrics")
+        assert status == 200 and b"micropay_settlements_total" in text
+        assert not (sc.rt.config.data_dir / "metrics.token").exists()
+    finally:
+        await sc.runner.cleanup()
 
 
 async def test_settlements_marked_paid_and_caught_up_after_restart(tmp_path):
@@ -195,17 +229,17 @@ async def test_settlements_marked_paid_and_caught_up_after_restart(tmp_path):
     second = json.loads(body)
     await sc.payer.pay(first["invoice"])
     for _ in range(100):
-        if (await sc.rt.store.get_challenge(first["payment_hash"])).paid_at:
+        if (await sc.rt.l402.get_challenge(first["payment_hash"])).paid_at:
             break
         await asyncio.sleep(0.01)
-    assert (await sc.rt.store.get_challenge(first["payment_hash"])).status == "paid"
-    assert verify_receipt(await sc.rt.store.get_receipt(first["payment_hash"]))["amount_msat"] == 1000
+    assert (await sc.rt.l402.get_challenge(first["payment_hash"])).status == "paid"
+    assert verify_receipt(await payment_receipt(sc.rt.store, first["payment_hash"]))["amount_msat"] == 1000
     await sc.runner.cleanup()                       # sidecar down ...
     await sc.payer.pay(second["invoice"])           # ... a payment arrives meanwhile
     sc2 = await start_sidecar(cfg, node=node, sandbox=net)
     try:
         for _ in range(100):
-            rec = await sc2.rt.store.get_challenge(second["payment_hash"])
+            rec = await sc2.rt.l402.get_challenge(second["payment_hash"])
             if rec.paid_at:
                 break
             await asyncio.sleep(0.01)
@@ -288,17 +322,96 @@ async def test_metered_access_paid_by_an_incoming_stream(tmp_path):
     toml = 'demo = true\n[[routes]]\npath = "/api/joke"\nprice_msat = 1000\nstream_msat = 300\n'
     sc = await start_sidecar(make_config(tmp_path, toml))
     try:
-        hdr = {"X-Micropay-Stream": "abc123"}
+        sid = "abc123" * 6
+        hdr = {"X-Micropay-Stream": sid}
         status, _, body = await get(sc.url + "/api/joke", headers=hdr)
         assert status == 402 and json.loads(body)["error"] == "stream_balance_low"
         assert await table_count(sc, "challenges") == 0            # no invoice minted for it
         # what the plugin records when streamed keysends arrive
-        await sc.rt.store.add_stream_payment("ph1", "abc123", 1, 1000, 1, "micropay")
+        await StreamUsageRepository(sc.rt.store).add_payment("ph1", sid, 1, 1000, 1, "micropay")
         results = [await get(sc.url + "/api/joke", headers=hdr) for _ in range(4)]
         assert [r[0] for r in results] == [200, 200, 200, 402]
         assert [r[1].get("Payment-Stream-Balance") for r in results[:3]] == ["700", "400", "100"]
         assert verify_receipt(results[0][1]["Payment-Receipt"])["type"] == "stream"
         status, _, body = await get(sc.url + "/api/joke", headers={"X-Micropay-Stream": "bad id!"})
         assert status == 400
+        # a session another podcast app streams to, keyed by public values: never spendable
+        await StreamUsageRepository(sc.rt.store).add_payment("ph2", "Fountain/feed-42", 1, 100_000, 1, "Fountain")
+        status, _, body = await get(sc.url + "/api/joke", headers={"X-Micropay-Stream": "Fountain/feed-42"})
+        assert status == 400 and "public values" in json.loads(body)["detail"]
+        assert await StreamUsageRepository(sc.rt.store).balance("Fountain/feed-42") == (100_000, 0)
+    finally:
+        await sc.runner.cleanup()
+
+
+def _bigsize(n: int) -> bytes:
+    return bytes([n]) if n < 0xFD else b"\xfd" + n.to_bytes(2, "big") if n < 0x10000 else b"\xfe" + n.to_bytes(4, "big")
+
+
+def _keysend_onion(record: dict) -> dict:
+    """An htlc_accepted onion as lightningd gives it: a length-prefixed TLV payload."""
+    value = json.dumps(record).encode()
+    tlv = _bigsize(7629169) + _bigsize(len(value)) + value
+    return {"payload": (_bigsize(len(tlv)) + tlv).hex()}
+
+
+def test_only_payer_chosen_secret_ids_make_spendable_sessions():
+    from micropay.stream_attribution import attribute
+    htlc = {"payment_hash": "aa" * 32, "amount_msat": "1000msat"}
+    mine = attribute(_keysend_onion({"action": "stream", "app_name": "micropay",
+                                     "micropay_stream_id": "0f" * 16, "micropay_seq": 3}), htlc)
+    assert (mine.stream_id, mine.seq, mine.amount_msat, mine.spendable) == ("0f" * 16, 3, 1000, True)
+    assert mine.shown_id == "0f0f0f0f…"
+    podcast = attribute(_keysend_onion({"action": "boost", "app_name": "Fountain", "feedID": 42}), htlc)
+    assert (podcast.stream_id, podcast.spendable) == ("Fountain/42", False)
+    # a record naming a public value as its "secret" gets a public key, not that value
+    named = attribute(_keysend_onion({"app_name": "x", "micropay_stream_id": "Fountain/42"}), htlc)
+    assert named.stream_id == "x/unknown" and not named.spendable
+    assert attribute(_keysend_onion({"action": "stream", "x": "[" * 10_000}), htlc) is not None
+    assert attribute({"payload": "ff"}, htlc) is None and attribute({}, htlc) is None
+
+
+async def test_a_restarted_sandbox_never_hands_out_an_invoice_it_forgot(tmp_path):
+    cfg = make_config(tmp_path)
+    first = await start_sidecar(cfg)
+    _, _, body = await get(first.url + "/api/joke")
+    old = json.loads(body)["payment_hash"]
+    await first.runner.cleanup()
+    second = await start_sidecar(cfg)              # same store, a new in-memory network
+    try:
+        status, headers, body = await get(second.url + "/api/joke")
+        doc = json.loads(body)
+        assert status == 402 and doc["payment_hash"] != old
+        paid = await second.payer.pay(doc["invoice"])   # payable on the network that is up now
+        assert paid.payment_hash == doc["payment_hash"]
+    finally:
+        await second.runner.cleanup()
+
+
+async def test_a_dynamic_price_binds_the_token_to_its_query(tmp_path):
+    """A price hook next to the config file is found without PYTHONPATH; a token bought
+    at the price for ?n=1 does not open ?n=50, which the hook prices 50 times higher."""
+    from micropay.client import Budget, L402Client, NodeWallet, TokenCache
+    from micropay.configfile import load_config
+    (tmp_path / "shop_prices.py").write_text(
+        "def per_item(request, rule):\n    return 1000 * int(request.query.get('n', '1'))\n")
+    (tmp_path / "shop.toml").write_text(
+        'demo = true\n[[routes]]\nmethod = "GET"\npath = "/api/echo"\nprice_hook = "shop_prices:per_item"\n'
+        'pass_s = 600\n')
+    cfg = load_config(tmp_path / "shop.toml").with_overrides(data_dir=tmp_path / "data")
+    sc = await start_sidecar(cfg)
+    try:
+        status, headers, body = await get(sc.url + "/api/echo?n=1")
+        assert status == 402 and json.loads(body)["price_msat"] == 1000
+        ch = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+        auth = format_authorization(ch.macaroon, (await sc.payer.pay(ch.invoice)).preimage)
+        assert (await get(sc.url + "/api/echo?n=1", headers={"Authorization": auth}))[0] == 200
+        status, _, body = await get(sc.url + "/api/echo?n=50", headers={"Authorization": auth})
+        assert status == 401 and "another query" in json.loads(body)["detail"]
+        # the client knows: it pays the n=50 price for n=50 instead of sending the n=1 token
+        client = L402Client(NodeWallet(sc.payer), Budget(max_per_request_msat=None), TokenCache(tmp_path / "c.json"))
+        assert (await client.get(sc.url + "/api/echo?n=2")).paid_msat == 2000
+        assert (await client.get(sc.url + "/api/echo?n=3")).paid_msat == 3000
+        assert (await client.get(sc.url + "/api/echo?n=2")).paid_msat == 0        # its own pass, reused
     finally:
         await sc.runner.cleanup()

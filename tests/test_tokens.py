@@ -141,3 +141,61 @@ def test_caveat_parser_only_raises_invalid(caveats):
         parse_caveats(tuple(caveats), "demo")
     except InvalidCredential:
         pass
+
+
+async def test_a_running_sidecar_picks_up_rotation_and_retirement(tmp_path):
+    """`micropay keys rotate|retire` in another process reaches a running sidecar within
+    a second: new tokens under the new key, a retired key's tokens refused, also the
+    pass tokens its gate had already admitted."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    from micropay.l402 import format_authorization, parse_challenges
+    from micropay.macaroon import Macaroon
+    from micropay.tokens import RootKeyRing
+
+    from .conftest import make_config, start_sidecar
+    sc = await start_sidecar(make_config(tmp_path))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(sc.url + "/api/echo") as r:
+                ch = parse_challenges(r.headers.getall("WWW-Authenticate"))[0]
+            paid = await sc.payer.pay(ch.invoice)
+            auth = format_authorization(ch.macaroon, paid.preimage)
+            async with s.get(sc.url + "/api/echo", headers={"Authorization": auth}) as r:
+                assert r.status == 200                                    # admitted, now cached
+            old = Macaroon.deserialize(ch.macaroon).location.split(":")[1]
+            ring = RootKeyRing.load_or_create(sc.rt.config.data_dir / "root_keys.json")   # "another process"
+            new = ring.rotate()
+            ring.retire(old)
+            for _ in range(40):
+                if sc.rt.tokens.keyring.current == new:
+                    break
+                await asyncio.sleep(0.1)
+            async with s.get(sc.url + "/api/joke") as r:
+                fresh = parse_challenges(r.headers.getall("WWW-Authenticate"))[0]
+            assert Macaroon.deserialize(fresh.macaroon).location == f"micropay:{new}"
+            async with s.get(sc.url + "/api/echo", headers={"Authorization": auth}) as r:
+                assert r.status == 401 and "retired" in json.loads(await r.read())["detail"]
+    finally:
+        await sc.runner.cleanup()
+
+
+def test_the_client_reads_caveats_as_the_server_does():
+    """One reading of caveats: the client's cached scope is the verifier's, leniently."""
+    from micropay.client import _token_from
+    from micropay.macaroon import Macaroon
+    from micropay.tokens import parse_caveats
+    mac = Macaroon.mint(b"k" * 32, b"\x00" * 66, "micropay:1")
+    for c in ("services=svc:0", "path=/api/*", "credits=10", "credits=3", "credits=7", "method=GET,POST",
+              "method=GET", "svc_valid_until=2000000000", "expiration=1900000000000", "other_capabilities=x"):
+        mac = mac.add_first_party_caveat(c.encode())
+    server = parse_caveats(mac.caveats, "svc")
+    client = _token_from("http://h", mac, mac.serialize(), "", "00" * 32)
+    assert server.credits == client.credits == 3                       # the smallest, on both sides
+    assert server.valid_until == client.valid_until == 1_900_000_000
+    assert sorted(server.methods) == client.methods == ["GET"] and list(server.paths) == client.paths
+    odd = mac.add_first_party_caveat(b"credits=lots").add_first_party_caveat(b"mystery=1")
+    assert _token_from("http://h", odd, odd.serialize(), "", "00" * 32).credits == 3   # skipped, not a crash

@@ -9,15 +9,16 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import Config, demo_config, load_config
-from .errors import MicropayError
+from .config import Config
+from .configfile import demo_config, load_config
+from .errors import ConfigError, MicropayError
 
 log = logging.getLogger("micropay")
 SANDBOX_BANNER = """
 ==============================================================================
   SANDBOX MODE: an in-process test network. Invoices are real BOLT11 (regtest)
   but no bitcoin moves. Pay them with the sandbox wallet:
-      micropay get --wallet sandbox http://{listen}/api/joke
+      micropay get --wallet sandbox http://{listen}{path}
 ==============================================================================
 """
 
@@ -33,14 +34,36 @@ def rpc_file_from(rpc_file: str | None, lightning_dir: str | None, network: str)
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(Path(args.config)) if args.config else demo_config()
+    names_a_node = bool(getattr(args, "rpc_file", None) or getattr(args, "lightning_dir", None))
+    if names_a_node and args.backend == "sandbox":
+        raise ConfigError("--rpc-file/--lightning-dir name a Core Lightning node; they do not go with "
+                          "--backend sandbox")
+    if names_a_node and args.backend is None:
+        args.backend = "cln"       # naming a node means using it, never the sandbox
     return cfg.with_overrides(
         listen=args.listen, data_dir=Path(args.data_dir) if args.data_dir else None,
         store_url=args.store, backend=args.backend,
         rpc_file=rpc_file_from(args.rpc_file, args.lightning_dir, args.network), upstream=args.upstream)
 
 
-async def _serve(cfg: Config) -> None:
+def _stdin_closed(stop: asyncio.Event) -> None:
+    import os
+    try:
+        data = os.read(sys.stdin.fileno(), 4096)
+    except OSError:
+        data = b""
+    if not data:
+        asyncio.get_running_loop().remove_reader(sys.stdin.fileno())
+        log.warning("the supervising process is gone: shutting down")
+        stop.set()
+
+
+async def _serve(cfg: Config, exit_with_stdin: bool = False) -> None:
     from aiohttp import web
+
+    unserved = cfg.unserved_routes()
+    if unserved:
+        raise ConfigError(unserved[0])
 
     from .sidecar.app import build_app, create_runtime, make_runner, settle_heap
 
@@ -53,13 +76,16 @@ async def _serve(cfg: Config) -> None:
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     if rt.is_sandbox:
-        log.warning(SANDBOX_BANNER.format(listen=cfg.listen))
+        example = next((r.path for r in cfg.routes if "{" not in r.path and "*" not in r.path), "/")
+        log.warning(SANDBOX_BANNER.format(listen=cfg.listen, path=example))
     log.info("micropay sidecar (%s backend, store %s) listening on http://%s:%d",
              cfg.backend, cfg.effective_store_url.split("?")[0].split("@")[-1], host, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if exit_with_stdin:            # the supervisor holds the other end: when it is gone, so are we
+        loop.add_reader(sys.stdin.fileno(), lambda: _stdin_closed(stop))
     await stop.wait()
     log.info("shutting down: finishing in-flight requests")
     await runner.cleanup()
@@ -112,23 +138,76 @@ async def _get(args: argparse.Namespace) -> int:
     elif res.status < 400:
         summary += "; no payment needed (free route or cached token)"
     say(summary)
+    if args.receipt_pubkey and res.receipt_error is not None:
+        print(f"micropay: error: the receipt does not verify under --receipt-pubkey: {res.receipt_error}",
+              file=sys.stderr)
+        return 3
     return 0 if res.status < 400 else 1
 
 
 def _keys(args: argparse.Namespace) -> int:
     from .tokens import RootKeyRing
 
-    ring = RootKeyRing.load_or_create(Path(args.data_dir) / "root_keys.json")
+    import datetime as dt
+    data_dir = Path(args.data_dir) if args.data_dir else (
+        load_config(Path(args.config)).data_dir if args.config else Path(".micropay"))
+    path = data_dir / "root_keys.json"
+    if args.action == "list" and not path.exists():
+        raise MicropayError(f"no root key file at {path} (a sidecar or the plugin creates one when it starts; "
+                            "give --data-dir or --config)")
+    ring = RootKeyRing.load_or_create(path)
     if args.action == "rotate":
-        print(f"new current key: {ring.rotate()}")
+        print(f"new current key: {ring.rotate()} (running sidecars and the plugin using {data_dir} issue "
+              "tokens under it within a second; tokens under older keys keep verifying)")
     elif args.action == "retire":
         if not args.kid:
             raise MicropayError("keys retire needs a key id")
         ring.retire(args.kid)
-        print(f"retired {args.kid}; restart the sidecar to stop accepting its tokens")
+        print(f"retired {args.kid}: running sidecars and the plugin using {data_dir} refuse its tokens "
+              "within a second")
     for k in ring.keys.values():
         state = "current" if k.kid == ring.current else ("retired" if k.retired_at else "active")
-        print(f"{k.kid}\t{state}\tcreated {k.created_at}")
+        created = dt.datetime.fromtimestamp(k.created_at, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        print(f"{k.kid}\t{state}\tcreated {created}")
+    return 0
+
+
+def _budget(args: argparse.Namespace) -> int:
+    import time
+    from collections import Counter
+
+    from .client import DAY_S, TokenCache
+    cache = TokenCache(Path(args.cache).expanduser())
+    if args.action == "reset":
+        n = cache.forget_spends()
+        print(f"{cache.path}: forgot {n} completed payments; the total and daily budgets start over "
+              "(cached tokens are kept)")
+        return 0
+    spends = cache.state.spends.values()
+    today = Counter()
+    for s in spends:
+        if s.ts >= time.time() - DAY_S:
+            today[s.host] += s.amount_msat + s.fee_msat
+    print(f"total (counted against --total-budget-msat): {cache.spent(None, 0)} msat in {len(spends)} payments")
+    for host, msat in sorted(today.items()):
+        print(f"  {host}: {msat} msat in the last 24 hours (--day-budget-msat)")
+    return 0
+
+
+async def _sandbox_invoice(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from .inputs import load_json
+    url = f"{args.server.rstrip('/')}/sandbox/wallets/{args.wallet}/invoice"
+    try:
+        async with aiohttp.ClientSession() as s, s.post(url, json={"amount_msat": args.amount_msat,
+                                                                   "description": args.description}) as r:
+            body = load_json(await r.read(), "the sidecar's answer")
+    except (aiohttp.ClientError, ValueError) as exc:
+        raise MicropayError(f"{url}: {exc or type(exc).__name__} (is a sandbox sidecar running there?)") from None
+    if not isinstance(body, dict) or "bolt11" not in body:
+        raise MicropayError(f"{url}: {body.get('detail') if isinstance(body, dict) else body}")
+    print(body["bolt11"])
     return 0
 
 
@@ -144,9 +223,19 @@ def _verify_receipt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _msat_arg(text: str) -> int:
+    from .inputs import decimal
+    value = decimal(text, 20)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (msat), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="micropay", description="Lightning micropayments (L402).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"micropay {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the L402 sidecar (demo API on the sandbox by default)")
@@ -159,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lightning-dir", help="instead of --rpc-file: lightningd's base directory")
     s.add_argument("--network", default="bitcoin", help="with --lightning-dir (default bitcoin)")
     s.add_argument("--upstream", help="default upstream URL for the reverse proxy")
+    s.add_argument("--exit-with-stdin", action="store_true",
+                   help="shut down when stdin closes (for a supervising process that holds the other end)")
 
     g = sub.add_parser("get", help="HTTP request that pays L402 challenges within budgets")
     g.add_argument("url")
@@ -167,13 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-d", "--data", help="request body")
     g.add_argument("--wallet", default="sandbox",
                    help="'sandbox' (the server's sandbox wallet), a sandbox wallet URL, or cln:<lightning-rpc path>")
-    g.add_argument("--max-msat", type=int, default=10_000, help="per-request budget (msat)")
-    g.add_argument("--day-budget-msat", type=int, default=100_000, help="per host per day (msat)")
-    g.add_argument("--total-budget-msat", type=int, default=1_000_000, help="total, all hosts (msat)")
-    g.add_argument("--max-fee-msat", type=int, default=1_000, help="routing fee limit per payment")
-    g.add_argument("--cache", default="~/.micropay/client.json", help="token cache and spend ledger ('' for none)")
-    g.add_argument("--receipt-pubkey", help="server receipt key to pin (hex)")
+    g.add_argument("--max-msat", type=_msat_arg, default=10_000,
+                   help="most paid for one request (msat; default %(default)s)")
+    g.add_argument("--day-budget-msat", type=_msat_arg, default=100_000,
+                   help="most paid to one host in 24 hours (msat; default %(default)s)")
+    g.add_argument("--total-budget-msat", type=_msat_arg, default=1_000_000,
+                   help="most paid in total, all hosts, ever, as recorded in --cache (msat; default %(default)s)")
+    g.add_argument("--max-fee-msat", type=_msat_arg, default=1_000,
+                   help="routing fee limit per payment (msat; default %(default)s)")
+    g.add_argument("--cache", default="~/.micropay/client.json",
+                   help="token cache and spend ledger, 0600 (default %(default)s; '' for none)")
+    g.add_argument("--receipt-pubkey", help="server receipt key to pin (hex); exit 3 if a receipt does not verify")
     g.add_argument("-q", "--quiet", action="store_true")
+
+    b = sub.add_parser("budget", help="what `micropay get` has spent, as its budgets count it; start them over")
+    b.add_argument("action", choices=["show", "reset"])
+    b.add_argument("--cache", default="~/.micropay/client.json", help="the token cache (default %(default)s)")
+
+    w = sub.add_parser("sandbox-invoice", help="an invoice a sandbox wallet is paid on (to try payouts)")
+    w.add_argument("amount_msat", type=_msat_arg)
+    w.add_argument("--server", default="http://127.0.0.1:8402", help="the sandbox sidecar (default %(default)s)")
+    w.add_argument("--wallet", default="default", help="the wallet's name (default %(default)s)")
+    w.add_argument("--description", default="sandbox wallet")
 
     r = sub.add_parser("verify-receipt", help="check a Payment-Receipt offline")
     r.add_argument("receipt", help="the header value, or - for stdin")
@@ -182,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keys", help="list, rotate or retire token root keys")
     k.add_argument("action", choices=["list", "rotate", "retire"])
     k.add_argument("kid", nargs="?")
-    k.add_argument("--data-dir", default=".micropay")
+    k.add_argument("--data-dir", help="the sidecar's or the plugin's data dir (default: the config's, or ./.micropay)")
+    k.add_argument("--config", help="take the data dir from this config file")
 
     c = sub.add_parser("check-config", help="validate a config file")
     c.add_argument("config")
@@ -194,20 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd in ("webhooks", "apikey", "keys", "budget", "check-config", "verify-receipt"):
+        # `micropay webhooks list | head`: end quietly when the reader does. Not for the
+        # commands that talk over sockets, where SIGPIPE would kill on a closed connection.
+        import signal as _signal
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.cmd == "serve":
-            asyncio.run(_serve(_config_from_args(args)))
+            asyncio.run(_serve(_config_from_args(args), args.exit_with_stdin))
             return 0
         if args.cmd == "get":
             return asyncio.run(_get(args))
+        if args.cmd == "budget":
+            return _budget(args)
+        if args.cmd == "sandbox-invoice":
+            return asyncio.run(_sandbox_invoice(args))
         if args.cmd == "verify-receipt":
             return _verify_receipt(args)
         if args.cmd == "keys":
             return _keys(args)
         if args.cmd == "check-config":
-            cfg = load_config(Path(args.config))
+            from .config_check import check_file
+            problems, notes, cfg = check_file(Path(args.config))
+            for line in problems:
+                print(line, file=sys.stderr)
+            for line in notes:
+                print(f"note: {line}", file=sys.stderr)
+            if problems or cfg is None:
+                print(f"micropay: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {args.config}",
+                      file=sys.stderr)
+                return 2
             print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.games.catalog)} catalog items, "
                   f"{len(cfg.games.webhooks)} webhooks, backend {cfg.backend})")
             return 0
@@ -221,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as err:
         print(f"micropay: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:   # a bug or an input we did not foresee: one line, not a traceback
+        log.debug("unexpected error", exc_info=True)
+        print(f"micropay: error: unexpected {type(err).__name__}: {err} (run with -v for details)",
+              file=sys.stderr)
         return 2
     return 2
 

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,26 +21,40 @@ from typing import Any, Callable, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from yarl import URL
 
-from .errors import BudgetExceeded, InvoiceMismatch, MicropayError, PaymentFailed
+from .errors import (BadRequest, BudgetExceeded, ConfigError, ForeignChallenge, InvoiceMismatch, PaymentFailed,
+                     PaymentUnknown, RequestFailed, ResponseTooLarge)
+from .inputs import load_json, read_bounded
 from .l402 import Challenge, format_authorization, parse_challenges
 from .lightning.base import Node
 from .lightning.bolt11codec import decode_invoice
 from .macaroon import Macaroon
-from .patterns import path_matches
+from .patterns import method_allowed, path_matches
+from .pricing import query_digest
 from .receipts import RECEIPT_HEADER, InvalidReceipt, verify_receipt
-from .secretfile import read_secret, write_secret
-from .tokens import decode_identifier
+from .secretfile import private_dir, read_secret, write_secret
+from .tokens import decode_identifier, parse_caveats
 
 DAY_S = 86400
+MAX_CHALLENGE_BODY = 64 * 1024          # a 402/401 body: only its price is read
+DEFAULT_MAX_BODY = 32 * 1024 * 1024     # the answer the caller asked for
 
 
 @dataclass(frozen=True)
 class Budget:
+    """Limits in msat; None means no limit. Negative limits are refused."""
+
     max_per_request_msat: int | None = 10_000
     max_per_host_per_day_msat: int | None = 100_000
     max_total_msat: int | None = 1_000_000
     max_fee_msat: int = 1_000
+
+    def __post_init__(self) -> None:
+        for name in ("max_per_request_msat", "max_per_host_per_day_msat", "max_total_msat", "max_fee_msat"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise BadRequest(f"budget {name} must be a non-negative integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -73,11 +88,29 @@ class SandboxHttpWallet:
     async def pay(self, bolt11: str, amount_msat: int, max_fee_msat: int) -> PaidInvoice:
         async with contextlib.AsyncExitStack() as stack:
             session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
-            async with session.post(f"{self.url}/pay", json={"bolt11": bolt11, "max_fee_msat": max_fee_msat}) as r:
-                body = await r.json(content_type=None)
-                if r.status != 200:
-                    raise PaymentFailed(f"sandbox wallet refused: {body.get('detail', r.status)}")
-        return PaidInvoice(body["preimage"], body["amount_msat"], body["fee_msat"])
+            try:
+                async with session.post(f"{self.url}/pay",
+                                        json={"bolt11": bolt11, "max_fee_msat": max_fee_msat}) as r:
+                    status, (raw, _) = r.status, await read_bounded(r.content, MAX_CHALLENGE_BODY)
+            except ValueError as exc:
+                raise PaymentFailed(f"sandbox wallet URL {self.url} is not valid ({exc})") from None
+            except aiohttp.ClientConnectorError as exc:       # never reached it: nothing paid
+                raise PaymentFailed(f"sandbox wallet at {self.url} unreachable ({type(exc).__name__})") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:  # reached it: it may have paid
+                raise PaymentUnknown(f"sandbox wallet at {self.url} did not answer ({type(exc).__name__}); "
+                                     "the payment will be finished on the next request") from None
+        try:
+            body = load_json(raw, "the sandbox wallet's reply")
+        except BadRequest:
+            raise PaymentFailed(f"the sandbox wallet at {self.url} answered {status} without JSON") from None
+        if not isinstance(body, dict):
+            raise PaymentFailed(f"the sandbox wallet at {self.url} answered {status} with no object")
+        if status != 200:
+            raise PaymentFailed(f"sandbox wallet refused: {body.get('detail', status)}")
+        paid = (body.get("preimage"), body.get("amount_msat"), body.get("fee_msat"))
+        if not (isinstance(paid[0], str) and all(isinstance(v, int) for v in paid[1:])):
+            raise PaymentFailed("the sandbox wallet's reply lacks preimage, amount_msat or fee_msat")
+        return PaidInvoice(*paid)  # type: ignore[arg-type]
 
 
 # -- persisted state ------------------------------------------------------------
@@ -93,10 +126,12 @@ class CachedToken:
     valid_until: int | None
     credits: int | None
     usable: bool = True
+    queries: list[str] | None = None     # query= caveats: bought for exactly these query strings
 
-    def covers(self, origin: str, method: str, path: str, now: float) -> bool:
+    def covers(self, origin: str, method: str, path: str, now: float, query: str = "") -> bool:
         return (self.usable and self.origin == origin
-                and (self.methods is None or method in self.methods)
+                and (self.queries is None or query_digest(query) in self.queries)
+                and method_allowed(frozenset(self.methods) if self.methods is not None else None, method)
                 and all(path_matches(p, path) for p in self.paths)
                 and (self.valid_until is None or now < self.valid_until))
 
@@ -124,17 +159,33 @@ class TokenCache:
     """JSON file (0600) with tokens and the spending ledger, locked while updated."""
 
     def __init__(self, path: Path | None) -> None:
+        if path is not None and path.is_dir():
+            raise ConfigError(f"the token cache must be a file, and {path} is a directory "
+                              f"(for example {path / 'client.json'})")
         self.path = path
         self.state = ClientState()
         self.load()
 
+    def forget_spends(self) -> int:
+        """Start the budgets over: drop the record of completed payments (tokens stay; a
+        payment still being made stays, so it is finished and counted). Returns how many."""
+        with self.locked() as state:
+            done = [h for h, s in state.spends.items() if s.status == "paid"]
+            for h in done:
+                del state.spends[h]
+        return len(done)
+
     def load(self) -> None:
         if self.path is None or not self.path.exists():
             return
-        doc = json.loads(read_secret(self.path) or b"{}")
-        self.state = ClientState(
-            tokens=[CachedToken(**t) for t in doc.get("tokens", [])],
-            spends={k: Spend(**v) for k, v in doc.get("spends", {}).items()})
+        try:
+            doc = load_json(read_secret(self.path) or b"{}", f"{self.path}")
+            self.state = ClientState(
+                tokens=[CachedToken(**t) for t in doc.get("tokens", [])],
+                spends={k: Spend(**v) for k, v in doc.get("spends", {}).items()})
+        except (BadRequest, TypeError, AttributeError):
+            raise ConfigError(f"{self.path}: the token cache is corrupt; move it aside to start a new one "
+                              "(it holds the spending ledger the budgets count)") from None
 
     def save(self) -> None:
         if self.path is None:
@@ -149,8 +200,9 @@ class TokenCache:
         if self.path is None:
             yield self.state
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
+        private_dir(self.path.parent)
+        with os.fdopen(os.open(self.path.with_suffix(".lock"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+                       "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 self.load()
@@ -175,6 +227,7 @@ class Result:
     fee_msat: int = 0
     receipt: dict[str, Any] | None = None
     payment_hash: str | None = None
+    receipt_error: str | None = None     # a receipt came but did not verify
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -183,12 +236,14 @@ class Result:
 class L402Client:
     def __init__(self, wallet: Wallet, budget: Budget = Budget(), cache: TokenCache | None = None,
                  session: aiohttp.ClientSession | None = None, on_event: Callable[[str], None] | None = None,
-                 receipt_pubkey: str | None = None, clock: Callable[[], float] = time.time) -> None:
+                 receipt_pubkey: str | None = None, clock: Callable[[], float] = time.time,
+                 max_body_bytes: int = DEFAULT_MAX_BODY) -> None:
         self.wallet, self.budget = wallet, budget
         self.cache = cache or TokenCache(None)
         self._session, self.clock = session, clock
         self.on_event = on_event or (lambda msg: None)
         self.receipt_pubkey = receipt_pubkey
+        self.max_body_bytes = max_body_bytes
 
     async def request(self, method: str, url: str, *, headers: dict[str, str] | None = None,
                       data: bytes | None = None) -> Result:
@@ -197,17 +252,22 @@ class L402Client:
         method = method.upper()
         async with contextlib.AsyncExitStack() as stack:
             session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
-            token = self._find_token(origin, method, path) or await self._resume(origin, method, path)
+            token = self._find_token(origin, method, path, parts.query) or \
+                await self._resume(origin, method, path, parts.query)
             paid = PaidInvoice("", 0, 0)
             payment_hash = None
             for _attempt in range(3):  # cached token -> fresh challenge -> paid retry
                 hdrs = dict(headers or {})
                 if token is not None:
                     hdrs["Authorization"] = format_authorization(token.macaroon, token.preimage)
-                async with session.request(method, url, headers=hdrs, data=data) as resp:
-                    body = await resp.read()
-                    status, resp_headers = resp.status, resp.headers
-                    challenges = parse_challenges(resp_headers.getall("WWW-Authenticate", []))
+                try:
+                    async with session.request(method, url, headers=hdrs, data=data) as resp:
+                        status, resp_headers = resp.status, resp.headers
+                        body = await self._read_body(resp, status in (401, 402))
+                        answered_by = resp.url.origin()
+                except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+                    raise RequestFailed(f"{method} {url}: {exc or type(exc).__name__}") from None
+                challenges = parse_challenges(resp_headers.getall("WWW-Authenticate", []))
                 if status not in (401, 402):
                     if token is not None and resp_headers.get("Payment-Credits-Remaining") == "0":
                         self._drop_token(token)   # spent its last credit
@@ -221,6 +281,10 @@ class L402Client:
                         continue
                 if status == 401 or not challenges or paid.amount_msat:
                     return self._result(status, resp_headers, body, paid, payment_hash)
+                if answered_by != URL(url).origin():
+                    raise ForeignChallenge(f"the 402 came from {answered_by} after a redirect from {origin}; "
+                                           "not paying a server other than the one asked (request that "
+                                           "URL directly to pay it)")
                 token, paid, payment_hash = await self._pay(origin, parts.netloc, method, path,
                                                             challenges[0], body)
             return self._result(status, resp_headers, body, paid, payment_hash)
@@ -228,11 +292,22 @@ class L402Client:
     async def get(self, url: str, **kw: Any) -> Result:
         return await self.request("GET", url, **kw)
 
+    async def _read_body(self, resp: aiohttp.ClientResponse, challenge: bool) -> bytes:
+        """The body, read up to a bound: a challenge body only needs its price, and an
+        answer larger than max_body_bytes is refused rather than held in memory."""
+        limit = MAX_CHALLENGE_BODY if challenge else self.max_body_bytes
+        body, complete = await read_bounded(resp.content, limit)
+        if complete:
+            return body
+        if challenge:
+            return b""          # no advertised price: the invoice's amount is still checked
+        raise ResponseTooLarge(f"the response body is larger than {limit} bytes; not reading it")
+
     # -- internals -----------------------------------------------------------
-    def _find_token(self, origin: str, method: str, path: str) -> CachedToken | None:
+    def _find_token(self, origin: str, method: str, path: str, query: str = "") -> CachedToken | None:
         now = self.clock()
         for t in self.cache.state.tokens:
-            if t.covers(origin, method, path, now):
+            if t.covers(origin, method, path, now, query):
                 return t
         return None
 
@@ -281,12 +356,15 @@ class L402Client:
         per invoice (paying a paid invoice returns its preimage), so this is safe to repeat."""
         try:
             paid = await self.wallet.pay(intent.bolt11, intent.amount_msat, self.budget.max_fee_msat)
-        except MicropayError:
-            with self.cache.locked() as state:   # nothing was paid: release the reservation
+        except PaymentFailed:
+            with self.cache.locked() as state:   # the wallet says nothing was paid: release the reservation
                 known = state.spends.get(intent.payment_hash)
                 if known is not None and known.status == "paying":
                     del state.spends[intent.payment_hash]
             raise
+        # Any other error (the wallet unreachable, the connection to the node lost) says
+        # nothing of the payment: the intent stays recorded, counted in the budgets, and
+        # the next run finishes it (paying a paid invoice returns its preimage).
         if hashlib.sha256(bytes.fromhex(paid.preimage)).hexdigest() != intent.payment_hash:
             raise PaymentFailed("the wallet returned a preimage that does not match the invoice")
         mac = Macaroon.deserialize(intent.macaroon)
@@ -298,7 +376,7 @@ class L402Client:
                 state.tokens.append(token)
         return token, paid
 
-    async def _resume(self, origin: str, method: str, path: str) -> CachedToken | None:
+    async def _resume(self, origin: str, method: str, path: str, query: str = "") -> CachedToken | None:
         """Finish a payment that an earlier run recorded but did not see through."""
         now = self.clock()
         for intent in list(self.cache.state.spends.values()):
@@ -306,7 +384,7 @@ class L402Client:
                 continue
             candidate = _token_from(origin, Macaroon.deserialize(intent.macaroon), intent.macaroon,
                                     "", intent.payment_hash)
-            if candidate.covers(origin, method, path, now):
+            if candidate.covers(origin, method, path, now, query):
                 self.on_event(f"finishing an interrupted payment ({intent.payment_hash[:16]}…)")
                 token, _ = await self._complete(intent)
                 return token
@@ -332,21 +410,22 @@ class L402Client:
 
     def _result(self, status: int, headers: Any, body: bytes, paid: PaidInvoice,
                 payment_hash: str | None) -> Result:
-        receipt = None
+        receipt = error = None
         raw = headers.get(RECEIPT_HEADER)
         if raw:
             try:
                 receipt = verify_receipt(raw, self.receipt_pubkey)
                 self.on_event(f"receipt verified (signed by {receipt['pubkey'][:16]}…)")
             except InvalidReceipt as exc:
+                error = exc.message
                 self.on_event(f"receipt did not verify: {exc.message}")
-        return Result(status, dict(headers), body, paid.amount_msat, paid.fee_msat, receipt, payment_hash)
+        return Result(status, dict(headers), body, paid.amount_msat, paid.fee_msat, receipt, payment_hash, error)
 
 
 def _advertised_price(body: bytes) -> int | None:
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = load_json(body)
+    except BadRequest:
         return None
     price = doc.get("price_msat") if isinstance(doc, dict) else None
     return price if isinstance(price, int) and not isinstance(price, bool) else None
@@ -354,26 +433,16 @@ def _advertised_price(body: bytes) -> int | None:
 
 def _problem_detail(body: bytes) -> str:
     try:
-        doc = json.loads(body)
-        return str(doc.get("detail") or doc.get("error"))
-    except (ValueError, AttributeError):
+        doc = load_json(body)
+        return str(doc.get("detail") or doc.get("error"))[:200]
+    except (BadRequest, AttributeError):
         return "no detail"
 
 
 def _token_from(origin: str, mac: Macaroon, mac_b64: str, preimage: str, payment_hash: str) -> CachedToken:
-    paths: list[str] = []
-    methods: set[str] | None = None
-    valid_until = credits = None
-    for raw in mac.caveats:
-        key, _, value = raw.decode("utf-8", "replace").partition("=")
-        if key == "path":
-            paths.append(value)
-        elif key == "method":
-            ms = {m.strip().upper() for m in value.split(",")}
-            methods = ms if methods is None else methods & ms
-        elif key.endswith("_valid_until") and value.isdigit():
-            valid_until = int(value) if valid_until is None else min(valid_until, int(value))
-        elif key == "credits" and value.isdigit():
-            credits = int(value)
-    return CachedToken(origin, mac_b64, preimage, payment_hash, paths,
-                       sorted(methods) if methods is not None else None, valid_until, credits)
+    """What the client keeps of a token: the scope its caveats give, read as the server
+    reads them (tokens.parse_caveats), but leniently: what does not parse is skipped."""
+    c = parse_caveats(mac.caveats, service=None, lenient=True)
+    return CachedToken(origin, mac_b64, preimage, payment_hash, list(c.paths),
+                       sorted(c.methods) if c.methods is not None else None, c.valid_until, c.credits, True,
+                       sorted(c.queries) if c.queries is not None else None)

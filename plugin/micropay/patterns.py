@@ -3,6 +3,10 @@
     /api/joke        exact
     /api/*           prefix: '*' at the end matches the rest of the path (or nothing)
     /items/{id}      '{name}' matches one non-empty path segment
+
+Paths are canonical (canonical.py) before they are matched. A pattern that does not
+end in '/' or '*' also matches the path with one trailing '/' ('/api/joke/'), since
+many upstreams serve both alike: what they serve alike is priced alike.
 """
 from __future__ import annotations
 
@@ -25,9 +29,17 @@ def compile_path(pattern: str) -> re.Pattern[str]:
         out.append(r"[^/]+")
         pos = m.end()
     out.append(re.escape(body[pos:]))
-    regex = "".join(out) + (".*" if pattern.endswith("*") else "")
+    if "{" in _SEGMENT.sub("", body) or "}" in _SEGMENT.sub("", body):
+        raise ValueError(f"'{{' and '}}' only make '{{name}}' segments (letters, digits, '_'): {pattern!r}")
+    tail = ".*" if pattern.endswith("*") else ("" if pattern.endswith("/") else "/?")
+    regex = "".join(out) + tail
     return re.compile(regex, re.DOTALL)
 
 
 def path_matches(pattern: str, path: str) -> bool:
     return compile_path(pattern).fullmatch(path) is not None
+
+
+def method_allowed(allowed: frozenset[str] | None, method: str) -> bool:
+    """A rule or caveat that allows GET also allows HEAD (the same resource, without its body)."""
+    return allowed is None or method in allowed or (method == "HEAD" and "GET" in allowed)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Union
 
 from .errors import ConfigError
-from .patterns import compile_path, path_matches
+from .inputs import is_http_url
+from .params import MAX_MSAT
+from .patterns import compile_path, method_allowed, path_matches
 
 PriceHook = Callable[[Any, "RouteRule"], Union[int, Awaitable[int]]]
-MAX_PRICE_MSAT = 21_000_000 * 100_000_000 * 1000
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -39,10 +42,15 @@ class RouteRule:
         return f"{','.join(sorted(self.methods)) if self.methods else '*'} {self.path}"
 
     def matches(self, method: str, path: str) -> bool:
-        return (self.methods is None or method in self.methods) and path_matches(self.path, path)
+        return method_allowed(self.methods, method) and path_matches(self.path, path)
 
-    def caveats(self, service: str, now: int) -> list[str]:
+    def caveats(self, service: str, now: int, query: str | None = None) -> list[str]:
+        """The caveats of a token for this route. A dynamic price was computed for this one
+        request: the token is bound to its query string too (`query=<hash>`), so it cannot
+        buy the same path with a query the hook would have priced higher."""
         out = [f"services={service}:0", f"path={self.path}"]
+        if self.price_hook is not None:
+            out.append(f"query={query_digest(query or '')}")
         if self.methods is not None:
             out.append(f"method={','.join(sorted(self.methods))}")
         if self.capabilities:
@@ -59,9 +67,15 @@ class RouteRule:
         result = self.price_hook(request, self)
         if inspect.isawaitable(result):
             result = await result
-        if not isinstance(result, int) or isinstance(result, bool) or not 0 < result <= MAX_PRICE_MSAT:
+        if not isinstance(result, int) or isinstance(result, bool) or not 0 < result <= MAX_MSAT:
             raise ValueError(f"price hook for {self.key} returned {result!r}, not a positive msat int")
         return result
+
+
+def query_digest(query: str) -> str:
+    """What a `query=` caveat holds: the first 128 bits of SHA-256 of the query string as sent."""
+    import hashlib
+    return hashlib.sha256(query.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 class Pricing:
@@ -75,15 +89,23 @@ class Pricing:
         return None
 
 
-def load_hook(spec: str, where: str) -> PriceHook:
-    """'package.module:function' -> callable, or ConfigError naming where it was asked for."""
+def load_hook(spec: str, where: str, base_dir: Path | None = None) -> PriceHook:
+    """'package.module:function' -> callable, or ConfigError naming where it was asked for.
+    The module is looked for on sys.path, then next to the config file (`base_dir`)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{where}: price_hook must look like 'module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import price_hook module {module_name!r}: {exc}") from None
+    except ImportError as first:
+        if base_dir is None or str(base_dir) in sys.path:
+            raise ConfigError(f"{where}: cannot import price_hook module {module_name!r}: {first}") from None
+        sys.path.insert(0, str(base_dir))     # the config's directory, for the module and its imports
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"{where}: cannot import price_hook module {module_name!r} (looked on sys.path "
+                              f"and in {base_dir}): {exc}") from None
     hook = getattr(module, attr, None)
     if not callable(hook):
         raise ConfigError(f"{where}: {spec!r} is not a callable")
@@ -97,7 +119,8 @@ class _Table:
         self.data, self.where = data, where
 
     def fail(self, key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.where}.{key}: {msg}")
+        # one format everywhere: '<file>: <key>: <problem>', nested keys as 'table.key'
+        return ConfigError(f"{self.where}{'.' if ': ' in self.where else ': '}{key}: {msg}")
 
     def get(self, key: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
         if key not in self.data:
@@ -110,7 +133,7 @@ class _Table:
         return value
 
     def positive_int(self, key: str, default: int | None = None, *, allow_zero: bool = False,
-                     maximum: int = MAX_PRICE_MSAT) -> int | None:
+                     maximum: int = MAX_MSAT) -> int | None:
         value = self.get(key, int, default)
         if value is None:
             return None
@@ -128,7 +151,7 @@ _ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", 
                "free_per_hour", "stream_msat", "description", "price_hook"}
 
 
-def parse_route(data: Any, where: str) -> RouteRule:
+def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRule:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table")
     t = _Table(data, where)
@@ -164,8 +187,8 @@ def parse_route(data: Any, where: str) -> RouteRule:
     if not all(isinstance(c, str) and c and "," not in c for c in caps):
         raise t.fail("capabilities", "must be a list of non-empty strings without commas")
     upstream = t.get("upstream", str)
-    if upstream is not None and not upstream.startswith(("http://", "https://")):
-        raise t.fail("upstream", "must be an http:// or https:// URL")
+    if upstream is not None and not is_http_url(upstream):
+        raise t.fail("upstream", f"must be an http:// or https:// URL with a host, got {upstream!r}")
     return RouteRule(
         path=path, price_msat=price or 0, methods=method_set,
         credits=None if pass_s is not None else (credits or 1), pass_s=pass_s,
@@ -173,5 +196,5 @@ def parse_route(data: Any, where: str) -> RouteRule:
         free_per_hour=t.positive_int("free_per_hour", 0, allow_zero=True, maximum=1_000_000) or 0,
         stream_msat=t.positive_int("stream_msat"),
         description=t.get("description", str, ""),
-        price_hook=load_hook(hook_spec, f"{where}.price_hook") if hook_spec else None,
+        price_hook=load_hook(hook_spec, f"{where}.price_hook", base_dir) if hook_spec else None,
     )

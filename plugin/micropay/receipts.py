@@ -13,21 +13,18 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from coincurve import PrivateKey, PublicKey
 from coincurve.ecdsa import cdata_to_der, deserialize_compact
 
-from .errors import BadRequest, ConfigError
+from .errors import ConfigError, InvalidReceipt
 from .secretfile import read_secret, write_secret
 
 RECEIPT_HEADER = "Payment-Receipt"
 MAX_RECEIPT_LEN = 8192
-
-
-class InvalidReceipt(BadRequest):
-    code = "invalid_receipt"
 
 
 def canonical_json(payload: dict[str, Any]) -> bytes:
@@ -39,11 +36,21 @@ def _b64u(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_B64U = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _unb64u(text: str) -> bytes:
+    """Strict base64url: the alphabet only, no padding, and the one spelling that
+    re-encodes to itself (so a receipt has exactly one valid form)."""
+    if not _B64U.fullmatch(text):
+        raise InvalidReceipt("receipt is not base64url without padding")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise InvalidReceipt("receipt is not base64url") from None
+    if _b64u(data) != text:
+        raise InvalidReceipt("receipt is not in canonical base64url")
+    return data
 
 
 class ReceiptSigner:
@@ -76,15 +83,19 @@ def verify_receipt(receipt: str, pubkey_hex: str | None = None) -> dict[str, Any
     the key the receipt names — which proves integrity but not who signed)."""
     if not isinstance(receipt, str) or len(receipt) > MAX_RECEIPT_LEN or receipt.count(".") != 1:
         raise InvalidReceipt("receipt must be <payload>.<signature>")
-    payload_b64, sig_b64 = receipt.strip().split(".")
+    payload_b64, sig_b64 = receipt.split(".")
     data, sig = _unb64u(payload_b64), _unb64u(sig_b64)
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidReceipt("receipt payload is not JSON") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("pubkey"), str):
         raise InvalidReceipt("receipt payload names no pubkey")
-    if canonical_json(payload) != data:
+    try:
+        canonical = canonical_json(payload)
+    except ValueError:   # NaN or Infinity
+        canonical = b""
+    if canonical != data:
         raise InvalidReceipt("receipt payload is not in canonical form")
     key_hex = pubkey_hex or payload["pubkey"]
     if pubkey_hex is not None and payload["pubkey"] != pubkey_hex:

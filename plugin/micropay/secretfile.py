@@ -1,6 +1,7 @@
 """Files that hold secrets: created 0600 atomically, refused when readable by others."""
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -8,9 +9,29 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+def private_dir(path: Path) -> Path:
+    """Create `path` (and missing parents) if needed; the directory itself is created
+    0700 whatever the umask. An existing directory keeps its mode: it is the user's."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+    return path
+
+
+@contextlib.contextmanager
+def private_umask():
+    """Files created inside are 0600 and directories 0700 (the umask is per process:
+    keep the block short)."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def write_secret(path: Path, data: bytes) -> None:
     """Atomically replace `path` with `data`, mode 0600, parent directory created 0700."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -12,17 +12,21 @@ Caveats (key=value, every one must hold; repeating a key can only narrow access)
     services=<name>:<tier>[,...]        this service must be listed
     <service>_capabilities=a,b          route's required capabilities must be a subset
     <service>_valid_until=<unix>        not after this time
+    expiration=<unix milliseconds>      the same, as lsat-js (boltwall) attenuates tokens
     path=<pattern>                      request path must match (see patterns.py)
     method=GET[,POST]                   request method must be listed
     credits=<n>                         n requests, debited in the store
 Caveats naming another service's capabilities/valid_until are ignored, as Aperture
-does; any other unknown caveat fails verification (fail closed).
+does; any other unknown caveat fails verification (fail closed: bLIP-26 lets a
+verifier skip caveats it does not know, but a holder-added condition that we silently
+ignored would grant more than its author meant).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import logging
 import os
 import struct
 import time
@@ -30,13 +34,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
-from .errors import ConfigError, InvalidCredential, MalformedCredential
+from .errors import ConfigError, InvalidCredential, MalformedCredential, TokenExpired
+from .inputs import decimal
 from .l402 import Credential, parse_authorization
 from .macaroon import FixedKeyHmac, Macaroon
-from .patterns import path_matches
+from .patterns import method_allowed, path_matches
+from .pricing import query_digest
 from .secretfile import read_secret, write_secret
+from .tasks import every
 
 IDENTIFIER_VERSION = 0
 IDENTIFIER_LEN = 66
@@ -78,6 +85,29 @@ class RootKeyRing:
             raise ConfigError(f"root key file: current key id {current!r} is not in the key list")
         self.keys, self.current, self.path = keys, current, path
         self._macs: dict[str, FixedKeyHmac] = {}
+        self._stamp = self._file_stamp()
+        self._checked = time.monotonic()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat() if self.path is not None else None
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino) if st is not None else None
+
+    def refresh(self, every_s: float = 1.0) -> bool:
+        """Re-read the key file if it changed (`micropay keys rotate|retire` by another
+        process); looked at most once per `every_s`. True if the keys changed."""
+        now = time.monotonic()
+        if self.path is None or now - self._checked < every_s:
+            return False
+        self._checked = now
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        fresh = RootKeyRing.load_or_create(self.path)
+        self.keys, self.current, self._macs, self._stamp = fresh.keys, fresh.current, {}, stamp
+        return True
 
     @classmethod
     def ephemeral(cls) -> "RootKeyRing":
@@ -108,6 +138,7 @@ class RootKeyRing:
                "keys": [{"kid": k.kid, "secret": k.secret.hex(), "created_at": k.created_at,
                          "retired_at": k.retired_at} for k in self.keys.values()]}
         write_secret(self.path, json.dumps(doc, indent=1).encode())
+        self._stamp = self._file_stamp()
 
     def rotate(self) -> str:
         """New current key; older keys keep verifying until retired."""
@@ -147,20 +178,23 @@ class Constraints:
     paths: tuple[str, ...] = ()
     methods: frozenset[str] | None = None
     credits: int | None = None
+    queries: frozenset[str] | None = None     # query= caveats: the digest the request's query must have
 
     def check(self, service: str, method: str | None, path: str | None, now: float,
-              required_capabilities: frozenset[str] = frozenset()) -> None:
+              required_capabilities: frozenset[str] = frozenset(), query: str | None = None) -> None:
         """Raise InvalidCredential unless every condition holds. A None method or path
         skips that condition (for checking a token in general, not for a request)."""
         if self.services is not None and service not in self.services:
             raise InvalidCredential(f"token is not valid for service {service!r}")
         if self.valid_until is not None and now > self.valid_until:
-            raise InvalidCredential("token has expired", expired_at=self.valid_until)
-        if method is not None and self.methods is not None and method not in self.methods:
+            raise TokenExpired("token has expired", expired_at=self.valid_until)
+        if method is not None and not method_allowed(self.methods, method):
             raise InvalidCredential(f"token does not allow method {method}")
         for pattern in self.paths if path is not None else ():
             if not path_matches(pattern, path):
                 raise InvalidCredential("token does not cover this path", allowed=pattern)
+        if self.queries is not None and query is not None and query_digest(query) not in self.queries:
+            raise InvalidCredential("token was bought for another query string of this path")
         if required_capabilities and self.capabilities is not None \
                 and not required_capabilities <= self.capabilities:
             raise InvalidCredential("token lacks a required capability",
@@ -172,8 +206,14 @@ def _intersect(old: frozenset[str] | None, new: frozenset[str]) -> frozenset[str
 
 
 @lru_cache(maxsize=4096)   # tokens of one route share their caveats
-def parse_caveats(caveats: tuple[bytes, ...], service: str) -> Constraints:
-    services = capabilities = methods = None
+def parse_caveats(caveats: tuple[bytes, ...], service: str | None, lenient: bool = False) -> Constraints:
+    """The one reading of caveats, for the verifier and for the paying client. Repeated
+    caveats narrow (intersections, the smallest credits and validity; every path must match).
+
+    The verifier (`service` given, strict) refuses what it cannot read and any unknown
+    caveat (fail closed). The client (`service=None`, `lenient`) only learns a token's
+    scope: it takes any `<svc>_valid_until`, and skips what it cannot read."""
+    services = capabilities = methods = queries = None
     valid_until = credits = None
     paths: list[str] = []
     cap_key, until_key = f"{service}_capabilities", f"{service}_valid_until"
@@ -181,40 +221,51 @@ def parse_caveats(caveats: tuple[bytes, ...], service: str) -> Constraints:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
+            if lenient:
+                continue
             raise InvalidCredential("caveat is not UTF-8") from None
         key, sep, value = text.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep:
-            raise InvalidCredential(f"caveat is not key=value: {text[:64]!r}")
-        if key == "services":
-            names = frozenset(item.split(":", 1)[0].strip() for item in value.split(","))
-            services = _intersect(services, names)
-        elif key == cap_key:
-            capabilities = _intersect(capabilities, frozenset(c.strip() for c in value.split(",")))
-        elif key == until_key:
-            t = _caveat_int(key, value)
-            valid_until = t if valid_until is None else min(valid_until, t)
-        elif key == "path":
-            paths.append(value)
-        elif key == "method":
-            methods = _intersect(methods, frozenset(m.strip().upper() for m in value.split(",")))
-        elif key == "credits":
-            n = _caveat_int(key, value)
-            credits = n if credits is None else min(credits, n)
-        elif key.endswith("_capabilities") or key.endswith("_valid_until"):
-            continue  # another service's condition
-        else:
-            raise InvalidCredential(f"unknown caveat {key!r}")
+        try:
+            if not sep:
+                raise InvalidCredential(f"caveat is not key=value: {text[:64]!r}")
+            if key == "services":
+                names = frozenset(item.split(":", 1)[0].strip() for item in value.split(","))
+                services = _intersect(services, names)
+            elif key == cap_key:
+                capabilities = _intersect(capabilities, frozenset(c.strip() for c in value.split(",")))
+            elif key in (until_key, "expiration") or (service is None and key.endswith("_valid_until")):
+                t = _caveat_int(key, value)
+                if key == "expiration":
+                    t //= 1000          # lsat-js: milliseconds since the epoch
+                valid_until = t if valid_until is None else min(valid_until, t)
+            elif key == "path":
+                paths.append(value)
+            elif key == "method":
+                methods = _intersect(methods, frozenset(m.strip().upper() for m in value.split(",")))
+            elif key == "query":
+                queries = _intersect(queries, frozenset({value}))
+            elif key == "credits":
+                n = _caveat_int(key, value, minimum=1)   # credits=0 opens nothing: refuse it outright
+                credits = n if credits is None else min(credits, n)
+            elif key.endswith("_capabilities") or key.endswith("_valid_until"):
+                continue  # another service's condition
+            else:
+                raise InvalidCredential(f"unknown caveat {key!r}")
+        except InvalidCredential:
+            if not lenient:
+                raise
     for p in paths:
-        if not p.startswith("/") or "*" in p[:-1]:
+        if (not p.startswith("/") or "*" in p[:-1]) and not lenient:
             raise InvalidCredential(f"bad path caveat {p!r}")
-    return Constraints(services, capabilities, valid_until, tuple(paths), methods, credits)
+    return Constraints(services, capabilities, valid_until, tuple(paths), methods, credits, queries)
 
 
-def _caveat_int(key: str, value: str) -> int:
-    if not value.isdigit() or len(value) > 18:
-        raise InvalidCredential(f"caveat {key} must be a non-negative integer")
-    return int(value)
+def _caveat_int(key: str, value: str, minimum: int = 0) -> int:
+    n = decimal(value)
+    if n is None or n < minimum:
+        raise InvalidCredential(f"caveat {key} must be an integer of at least {minimum}")
+    return n
 
 
 # -- minting and verification -----------------------------------------------
@@ -241,6 +292,7 @@ class TokenService:
     def __init__(self, keyring: RootKeyRing, service: str, clock: Clock = time.time,
                  cache_size: int = 50_000) -> None:
         self.keyring, self.service, self.clock = keyring, service, clock
+        self.on_keys_changed: list[Callable[[], None]] = []
         self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
         self._cache_size = cache_size
 
@@ -272,7 +324,8 @@ class TokenService:
         return token
 
     def verify_header(self, value: str | None, method: str, path: str,
-                      required_capabilities: frozenset[str] = frozenset()) -> VerifiedToken | None:
+                      required_capabilities: frozenset[str] = frozenset(),
+                      query: str | None = None) -> VerifiedToken | None:
         """Verify an Authorization header value; None if it carries no L402/LSAT credential.
         A header verified before skips parsing as well as the cryptography."""
         token = self._cache.get(value) if value else None
@@ -281,7 +334,7 @@ class TokenService:
             if cred is None:
                 return None
             token = self.verify_credential(cred)
-        token.constraints.check(self.service, method, path, self.clock(), required_capabilities)
+        token.constraints.check(self.service, method, path, self.clock(), required_capabilities, query)
         return token
 
     def verify(self, cred: Credential, method: str, path: str,
@@ -290,6 +343,26 @@ class TokenService:
         token.constraints.check(self.service, method, path, self.clock(), required_capabilities)
         return token
 
+    def refresh_keys(self) -> bool:
+        """Pick up a rotation or retirement made by `micropay keys` (call it about once a
+        second, e.g. from a background task: the request path never waits for it)."""
+        if not self.keyring.refresh():
+            return False
+        self._cache.clear()       # a retired key's tokens must not stay admitted from the cache
+        for listener in self.on_keys_changed:
+            listener()
+        return True
+
     def forget_cached(self) -> None:
         """Drop cached verifications, e.g. after a key was retired."""
         self._cache.clear()
+
+
+async def follow_key_file(tokens: TokenService, every_s: float = 1.0) -> NoReturn:
+    """Pick up `micropay keys rotate|retire` run beside this process, for its whole life."""
+    log = logging.getLogger("micropay.tokens")
+
+    async def look() -> None:
+        if tokens.refresh_keys():
+            log.info("token root keys changed on disk: now issuing under %s", tokens.keyring.current)
+    await every(every_s, look, what="reading the root key file", log=log)

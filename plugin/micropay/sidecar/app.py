@@ -3,22 +3,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestHandler
 
+from ..challenger import LABEL_PREFIX as CHALLENGE_LABEL_PREFIX
 from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, Unauthorized
+from ..http.problems import problem_response
 from ..lightning.base import Node
+from ..metrics import Metrics
 from ..receipts import ReceiptSigner
-from ..store import Store, open_store_from_url
-from ..tokens import RootKeyRing, TokenService
-from .gate import Gate
-from .metrics import Metrics
+from ..secretfile import private_dir, read_secret, write_secret
+from ..settlement import SettlementRouter
+from ..store import CORE_SCHEMA, Store, open_store_from_url
+from ..store.cursors import CursorRepository
+from ..store.l402 import L402Repository
+from ..tasks import every
+from ..tokens import RootKeyRing, TokenService, follow_key_file
+from .gate import Gate, own_endpoint
 from .proxy import ReverseProxy
 
 log = logging.getLogger("micropay.sidecar")
@@ -35,11 +46,16 @@ class Runtime:
     tokens: TokenService
     receipts: ReceiptSigner
     metrics: Metrics = field(default_factory=Metrics)
+    metrics_token: bytes | None = None   # None: /metrics is public
     clock: Callable[[], float] = time.time
     sandbox: object | None = None        # SandboxNetwork in sandbox mode
     extra_routes: list = field(default_factory=list)   # (method, path, handler), gated like the rest
     gate: Gate | None = None
-    games: Any = None                    # games.api.Games
+    games: Any = None                    # games.service.Games
+
+    def __post_init__(self) -> None:
+        self.l402 = L402Repository(self.store)
+        self.cursors = CursorRepository(self.store)
 
     @property
     def is_sandbox(self) -> bool:
@@ -50,28 +66,32 @@ async def create_runtime(config: Config, *, node: Node | None = None,
                          clock: Callable[[], float] = time.time) -> Runtime:
     """Open the store, load or create keys, connect the configured backend."""
     data_dir = config.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(data_dir)
     keyring = RootKeyRing.load_or_create(data_dir / "root_keys.json")
     receipts = ReceiptSigner.load_or_create(data_dir / "receipt_key")
     sandbox = None
     if node is None:
         node, sandbox = await _connect_backend(config, clock)
-    store = open_store_from_url(config.effective_store_url)
+    from ..games.schema import GAMES_SCHEMA
+    store = open_store_from_url(config.effective_store_url, (CORE_SCHEMA, GAMES_SCHEMA))
     await store.open()
     rt = Runtime(config, node, store, TokenService(keyring, config.service, clock), receipts,
-                 clock=clock, sandbox=sandbox)
+                 clock=clock, sandbox=sandbox,
+                 metrics_token=None if config.metrics_public else load_or_create_token(
+                     config.effective_metrics_token_file))
     # Always present, so that a purchase paid after its catalog was removed is still recorded;
     # its routes are served only when a catalog or payouts are configured.
-    from ..games.setup import make_games
-    rt.games = make_games(config, store, node, receipts, clock)
+    from ..games.http.poster import AiohttpPoster
+    from ..games.service import make_games
+    rt.games = make_games(config, store, node, receipts, clock, AiohttpPoster())
     return rt
 
 
 async def _connect_backend(config: Config, clock: Callable[[], float]) -> tuple[Node, object | None]:
     if config.backend == "sandbox":
-        from ..lightning.sandbox import SandboxNetwork
+        from ..lightning.sandbox import PLAY_MONEY_MSAT, SandboxNetwork
         net = SandboxNetwork(clock)
-        return net.add_node("sidecar"), net
+        return net.add_node("sidecar", PLAY_MONEY_MSAT), net   # payouts can be tried before selling
     if config.backend == "cln":
         try:
             from ..lightning.cln import ClnNode
@@ -109,9 +129,71 @@ class AccessLog(AbstractAccessLogger):
                          response.status, response.body_length, time * 1000)
 
 
+class _HeaderDeadline(RequestHandler):
+    """aiohttp's connection handler, closing a connection whose request headers do not
+    arrive in full within `header_timeout_s` of its first byte (a client trickling its
+    headers would otherwise hold the connection for as long as it likes)."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        partial = (not self._messages and self._current_request is None
+                   and self._payload_parser is None and not self._upgraded and not self._force_close)
+        if partial and self._header_timer is None:
+            self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
+        elif not partial and self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_overdue(self) -> None:
+        self._header_timer = None
+        if not self._messages and self._current_request is None:
+            log.info("closing a connection from %s: request headers not complete within %.0fs",
+                      (self.transport.get_extra_info("peername") or ("?",))[0] if self.transport else "?",
+                      self._header_timeout_s)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+
+class _Server(web.Server):
+    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    def __call__(self) -> RequestHandler:
+        return _HeaderDeadline(self, loop=self._loop, header_timeout_s=self._header_timeout_s, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections have a deadline for their request headers."""
+
+    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout_s = header_timeout_s
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # Same handler and settings as aiohttp's own server, with the header deadline added.
+        return _Server(server.request_handler, request_factory=server.request_factory,
+                       handler_cancellation=server.handler_cancellation, loop=server._loop,
+                       header_timeout_s=self._header_timeout_s, **server._kwargs)
+
+
 def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
     kwargs.setdefault("access_log_class", AccessLog)
-    return web.AppRunner(app, max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES, **kwargs)
+    rt = app.get(RUNTIME)
+    timeout = rt.config.header_timeout_s if rt is not None else Config.header_timeout_s
+    return _Runner(app, header_timeout_s=timeout, max_line_size=MAX_HEADER_BYTES,
+                   max_field_size=MAX_HEADER_BYTES, **kwargs)
 
 
 def build_app(rt: Runtime) -> web.Application:
@@ -120,28 +202,31 @@ def build_app(rt: Runtime) -> web.Application:
     app[RUNTIME] = rt
     gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store,
                 receipts=rt.receipts, limits=cfg.limits, metrics=rt.metrics, pricing=cfg.pricing,
-                trust_forwarded_for=cfg.trust_forwarded_for, clock=rt.clock)
+                forwarded_for_hops=cfg.forwarded_for_hops if cfg.trust_forwarded_for else 0,
+                clock=rt.clock)
     rt.gate = gate
     # Every handler is wrapped with the gate rather than using middleware: cheaper per
-    # request, and our own endpoints are priced only if a route says so.
+    # request. The config's routes price the demo, extra routes and the upstream; micropay's
+    # own endpoints only get the canonical-path check, so a catch-all route cannot price them.
     add = lambda method, path, handler: app.router.add_route(method, path, gate.guard(handler))  # noqa: E731
-    add("GET", "/.well-known/l402.json", well_known)
-    add("GET", "/metrics", metrics)
-    add("GET", "/healthz", healthz)
+    add_own = lambda method, path, handler: add(method, path, own_endpoint(handler))  # noqa: E731
+    add_own("GET", "/.well-known/l402.json", well_known)
+    add_own("GET", "/metrics", metrics)
+    add_own("GET", "/healthz", healthz)
     if rt.is_sandbox:
         from .sandbox_api import add_sandbox_routes
-        add_sandbox_routes(add, rt)
+        add_sandbox_routes(add_own, rt)
     if cfg.demo:
         from .demo import add_demo_routes
-        add_demo_routes(add)
-    if rt.games is not None and cfg.games.enabled:
-        from ..games.api import add_games_routes
-        add_games_routes(add, rt.games)
+        add_demo_routes(add, rt)
+    if rt.games is not None and rt.games.cfg.enabled:
+        from ..games.http import add_games_routes
+        add_games_routes(add_own, rt.games)
     for method, path, handler in rt.extra_routes:
         add(method, path, handler)
     has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
     if has_upstream:
-        proxy = ReverseProxy(cfg.pricing, cfg.upstream)
+        proxy = ReverseProxy(cfg.pricing, cfg.upstream, trust_forwarded_for=cfg.trust_forwarded_for)
         app.cleanup_ctx.append(proxy.cleanup_ctx)
         add("*", "/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_background_tasks)
@@ -156,75 +241,48 @@ async def _end_streams(app: web.Application) -> None:
     if rt.games is not None:
         rt.games.closing = True
         rt.games.purchases.hub.notify()
+        rt.games.feed.wake()
 
 
-async def _background_tasks(app: web.Application):
-    rt = app[RUNTIME]
-    tasks = [asyncio.create_task(watch_settlements(rt), name="micropay-settlements"),
-             asyncio.create_task(purge_expired(rt), name="micropay-purge")]
-    if rt.games is not None and rt.config.games.enabled:
-        from ..games.setup import background
+def start_background(rt: Runtime) -> list[asyncio.Task]:
+    """What runs beside the gate: the settlement router (each feature registers the
+    invoices it issued), the purge of expired challenges, the root-key watcher, and the
+    purchases API's own tasks."""
+    assert rt.gate is not None
+    router = SettlementRouter(rt.node, rt.cursors)
+    router.register(CHALLENGE_LABEL_PREFIX, rt.gate.challenger.settled)
+    if rt.games is not None:       # also with the catalog gone: a purchase paid late is still recorded
+        rt.games.register_settlements(router)
+    tasks = [asyncio.create_task(router.run(), name="micropay-settlements"),
+             asyncio.create_task(every(60.0, rt.gate.challenger.purge_expired, what="purging expired challenges",
+                                       log=log), name="micropay-purge"),
+             asyncio.create_task(follow_key_file(rt.tokens), name="micropay-keys")]
+    if rt.games is not None and rt.games.cfg.enabled:
+        from ..games.service import background
         tasks += background(rt.games)
-    yield
+    return tasks
+
+
+async def stop_background(rt: Runtime, tasks: list[asyncio.Task]) -> None:
     for t in tasks:
         t.cancel()
     for t in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await t
+    if rt.gate is not None:
+        try:
+            await rt.gate.challenger.close()
+        except Exception as exc:
+            log.warning("writing the last challenge records failed: %s", exc)
     await rt.node.close()
     await rt.store.close()
 
 
-def cursor_name(node: Node) -> str:
-    return f"settlements:{getattr(node, 'cursor_namespace', 'node')}"
-
-
-async def watch_settlements(rt: Runtime) -> None:
-    """Follow the node's settlements from the persisted cursor; mark challenges paid,
-    store a payment receipt. Each step is idempotent, so a crash between steps only
-    repeats work on restart, never loses or double-counts a payment."""
-    name, backoff = cursor_name(rt.node), 1.0
-    while True:
-        try:
-            after = await rt.store.get_cursor(name)
-            async for s in rt.node.settlements(after):
-                if s.label.startswith("micropay-purchase-"):
-                    await rt.games.purchases.on_settlement(s)
-                elif s.label.startswith("micropay-"):
-                    await record_settlement(rt, s)
-                await rt.store.advance_cursor(name, s.pay_index)
-                backoff = 1.0
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # node restarts, socket drops: resume from the cursor
-            log.warning("settlement stream interrupted (%s); resuming in %.0fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-
-
-async def record_settlement(rt: Runtime, s) -> None:
-    record = await rt.store.get_challenge(s.payment_hash)
-    if await rt.store.mark_paid(s.payment_hash, s.amount_msat, s.paid_at):
-        rt.metrics.record_settlement(s.amount_msat)
-        log.info("paid: %s msat for %s (payment_hash %s)", s.amount_msat,
-                 record.route_key if record else "?", s.payment_hash)
-    if record is not None:
-        receipt = rt.receipts.sign({
-            "v": 1, "type": "payment", "service": rt.config.service,
-            "payment_hash": s.payment_hash, "token_id": record.token_id, "route": record.route_key,
-            "amount_msat": s.amount_msat, "paid_at": s.paid_at})
-        await rt.store.add_receipt(s.payment_hash, receipt, s.paid_at)
-
-
-async def purge_expired(rt: Runtime, every_s: float = 60.0) -> None:
-    while True:
-        try:
-            n = await rt.store.purge_expired(int(rt.clock()) - 60)
-            if n:
-                log.info("purged %d expired unpaid challenges", n)
-        except Exception as exc:
-            log.warning("purging expired challenges failed: %s", exc)
-        await asyncio.sleep(every_s)
+async def _background_tasks(app: web.Application):
+    rt = app[RUNTIME]
+    tasks = start_background(rt)
+    yield
+    await stop_background(rt, tasks)
 
 
 async def well_known(request: web.Request) -> web.Response:
@@ -238,7 +296,8 @@ async def well_known(request: web.Request) -> web.Response:
             "dynamic_price": r.price_hook is not None, "credits": r.credits, "pass_s": r.pass_s,
             "capabilities": sorted(r.capabilities), "free_per_hour": r.free_per_hour,
             "stream_msat": r.stream_msat,
-            "caveats": r.caveats(cfg.service, 0)[:-1] + (
+            "caveats": [c if not c.startswith("query=") else "query=<first 32 hex of sha256(the query string)>"
+                        for c in r.caveats(cfg.service, 0)[:-1]] + (
                 [f"{cfg.service}_valid_until=<issued_at + {r.pass_s}>"] if r.pass_s else [f"credits={r.credits}"]),
             "description": r.description})
     return web.json_response({
@@ -247,8 +306,26 @@ async def well_known(request: web.Request) -> web.Response:
         "invoice_expiry_s": cfg.limits.expiry_s, "routes": routes})
 
 
+def load_or_create_token(path: Path) -> bytes:
+    """A bearer token kept in a 0600 file, made on first use."""
+    if not path.exists():
+        write_secret(path, secrets.token_urlsafe(32).encode() + b"\n")
+    token = read_secret(path).strip()
+    if not token:
+        raise ConfigError(f"{path}: the metrics token file is empty")
+    return token
+
+
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[RUNTIME].metrics.render(),
+    rt = request.app[RUNTIME]
+    if rt.metrics_token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), rt.metrics_token):
+            return problem_response(Unauthorized(
+                "/metrics needs 'Authorization: Bearer <token>' (the token is in "
+                f"{rt.config.effective_metrics_token_file.name} in the data directory)"),
+                {"WWW-Authenticate": 'Bearer realm="micropay-metrics"'})
+    return web.Response(text=rt.metrics.render(),
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

@@ -13,19 +13,24 @@ JOKES = [
 FORTUNES = ["Your channel will be balanced.", "A preimage is in your future.",
             "Low fees await you.", "Patience: the block will come."]
 
-INDEX = """micropay demo (SANDBOX: play money, nothing here is real bitcoin)
-
-Priced routes (see /.well-known/l402.json):
-  GET  /api/joke         1000 msat per request
-  GET  /api/fortune/{n}  5000 msat buys 10 requests
-  GET|POST /api/echo     2000 msat buys an hour
-Pay automatically with the client and the sandbox wallet:
-  micropay get http://{host}/api/joke
-"""
-
-
-async def index(request: web.Request) -> web.Response:
-    return web.Response(text=INDEX.replace("{host}", request.host))
+def front_page(rt, host: str) -> str:
+    """What this sidecar sells and how to pay for it, from the running configuration."""
+    lines = [f"micropay: {rt.config.service}"]
+    if rt.is_sandbox:
+        lines[0] += " (SANDBOX: play money, nothing here is real bitcoin)"
+    else:
+        lines[0] += f" (Lightning, {rt.node.network})"
+    lines += ["", "Priced routes (details at /.well-known/l402.json):"]
+    for r in rt.config.routes:
+        methods = "|".join(sorted(r.methods)) if r.methods else "*"
+        price = "dynamic price" if r.price_hook else f"{r.price_msat} msat"
+        what = f"buys {r.pass_s} s" if r.pass_s else ("per request" if r.credits == 1 else f"buys {r.credits} requests")
+        lines.append(f"  {methods:<9} {r.path:<22} {price} {what}")
+    example = next((r.path for r in rt.config.routes if "{" not in r.path and "*" not in r.path), None)
+    if example is not None:
+        wallet = "--wallet sandbox" if rt.is_sandbox else "--wallet cln:<path to your node's lightning-rpc>"
+        lines += ["", "Pay automatically with the micropay client:", f"  micropay get {wallet} http://{host}{example}"]
+    return "\n".join(lines) + "\n"
 
 
 async def joke(request: web.Request) -> web.Response:
@@ -42,7 +47,9 @@ async def echo(request: web.Request) -> web.Response:
                               "body": body.decode("utf-8", "replace")})
 
 
-def add_demo_routes(add) -> None:
+def add_demo_routes(add, rt) -> None:
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text=front_page(rt, request.host))
     add("GET", "/", index)
     add("GET", "/api/joke", joke)
     add("GET", "/api/fortune/{n}", fortune)

@@ -3,6 +3,12 @@
 Usable as aiohttp middleware (`gate.middleware`, priced by the config's routes) and
 as a decorator on a handler (`@gate.require(price_msat=...)`).
 
+Every priced decision is made on the request's canonical path (canonical.py), computed
+once per request. A target that could be read two ways is refused (400). A handler
+that serves the request itself only runs when aiohttp routed it on that same path
+(otherwise the client is redirected to the canonical URL); the reverse proxy forwards
+exactly the canonical path, so nothing else needs to agree with us.
+
 Hot path for a pass token: parse header -> cached verification -> caveat check ->
 handler -> cached receipt header. No node call, no store access. Credit tokens add
 one atomic store statement (the debit).
@@ -12,26 +18,29 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import re
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
+from ..canonical import BadPath, Target, canonical_target
+from ..challenger import Challenger
 from ..config import ChallengeLimits
-from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MicropayError,
-                      NodeError, Overloaded, RateLimited, UpstreamError)
+from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MicropayError, PricingUnavailable,
+                      StreamBalanceLow, TokenExpired, UpstreamUnreachable)
+from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
+from ..metrics import Metrics
 from ..pricing import Pricing, RouteRule
+from ..ratelimit import FreeTier, client_address
 from ..receipts import RECEIPT_HEADER, ReceiptSigner
-from ..store import ChallengeRecord, Store
+from ..store import Store
+from ..store.l402 import ChallengeRecord, L402Repository
+from ..store.stream_usage import StreamUsageRepository
+from ..stream_attribution import is_secret_stream_id
 from ..tokens import TokenService, VerifiedToken
-from .guard import FreeTier, TokenBucket
-from .metrics import Metrics
-from .responses import problem_response
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -49,65 +58,108 @@ class Paid:
 
 
 PAID = web.RequestKey("micropay_paid", Paid) if hasattr(web, "RequestKey") else "micropay_paid"
-REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
+TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey") else "micropay_target"
+# Set once a gate layer has let a priced request through (paid, free tier, stream): any
+# further layer (middleware and a wrapped handler, or two gates) serves it as it is,
+# so wrapping a handler twice never charges twice.
+ADMITTED = web.RequestKey("micropay_admitted", bool) if hasattr(web, "RequestKey") else "micropay_admitted"
 
+
+def request_target(request: web.Request) -> Target:
+    """The request's canonical target, computed once (raises BadPath)."""
+    target = request.get(TARGET)
+    if target is None:
+        target = request[TARGET] = canonical_target(request.raw_path)
+    return target
 
 STREAM_HEADER = "X-Micropay-Stream"
-STREAM_ID = re.compile(r"[A-Za-z0-9._/-]{1,128}")
+OWN = "micropay_own_endpoint"
 
 
-class StreamBalanceLow(MicropayError):
-    code = "stream_balance_low"
-    http_status = 402
-
-
-class PricingUnavailable(MicropayError):
-    code = "pricing_unavailable"
-    http_status = 503
+def own_endpoint(handler: Handler) -> Handler:
+    """Mark a handler as one of micropay's own endpoints (discovery, health, metrics, the
+    sandbox wallets, the purchases API, the paywall): the gate checks its path is canonical
+    but never prices it, whatever the config's routes say. A catch-all route (`/*`) must not
+    put a price on the wallet that pays it, or on the discovery document."""
+    setattr(handler, OWN, True)
+    return handler
 
 
 class Gate:
     def __init__(self, *, tokens: TokenService, node: Node, store: Store,
                  receipts: ReceiptSigner, limits: ChallengeLimits, metrics: Metrics | None = None,
-                 pricing: Pricing | None = None, trust_forwarded_for: bool = False,
+                 pricing: Pricing | None = None, forwarded_for_hops: int = 0,
                  clock: Callable[[], float] = time.time) -> None:
         self.tokens, self.node, self.store = tokens, node, store
+        self.l402, self.stream_usage = L402Repository(store), StreamUsageRepository(store)
         self.service = tokens.service   # caveats are minted and checked under one name
         self.receipts, self.limits, self.clock = receipts, limits, clock
         self.metrics = metrics or Metrics()
         self.pricing = pricing or Pricing([])
-        self.trust_forwarded_for = trust_forwarded_for
-        self.bucket = TokenBucket(limits.per_client_per_minute)
+        self.forwarded_for_hops = forwarded_for_hops   # 0: X-Forwarded-For is not trusted
+        self.challenger = Challenger(tokens=tokens, node=node, l402=self.l402, limits=limits, receipts=receipts,
+                                     metrics=self.metrics, clock=clock)
         self.free_tier = FreeTier(clock)
         self._pass_receipts: dict[tuple[bytes, str], str] = {}
         self._admitted: dict[tuple[str, str, str], Paid] = {}
+        # True once this gate also runs as a middleware, so that a request may meet it twice
+        # (middleware, then a guarded handler). Only then does guard's fast path look for an
+        # earlier admission: a missing request key costs a KeyError, ~3 us per request.
+        self.layered = False
+        tokens.on_keys_changed.append(self._admitted.clear)   # a retired key admits nothing more
 
     # -- aiohttp integration ---------------------------------------------
-    async def dispatch(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def dispatch(self, request: web.Request, handler: Handler, *,
+                       forwards: bool = False) -> web.StreamResponse:
         """Price the request by the config's routes and admit, challenge or refuse it.
         Any MicropayError raised below (e.g. an unreachable upstream) becomes its JSON
-        problem response."""
+        problem response. `forwards`: the handler forwards the canonical target itself
+        (the reverse proxy), so a non-canonical spelling needs no redirect."""
+        if request.get(ADMITTED):
+            return await handler(request)
         try:
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if auth is not None:
                 hit = self._admitted.get((auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
                     return await self._serve(request, handler, hit, None)
-            rule = self.pricing.match(request.method, request.path)
+            refused = self.check_target(request, forwards)
+            if refused is not None:
+                return refused
+            if getattr(handler, OWN, False) or getattr(request.match_info.handler, OWN, False):
+                return await handler(request)
+            rule = self.pricing.match(request.method, request_target(request).path)
             if rule is None:
                 return await handler(request)
             return await self.handle(request, rule, handler)
         except MicropayError as err:
             return problem_response(err)
 
+    def check_target(self, request: web.Request, forwards: bool) -> web.StreamResponse | None:
+        """None if the request may go on; else the response that refuses or redirects it."""
+        try:
+            target = request_target(request)
+        except BadPath as err:
+            self.metrics.rejections[err.code] += 1
+            return problem_response(err)
+        if not forwards and target.path != request.path:
+            # aiohttp routed this request on another reading of its path than the one the
+            # gate prices: send the client to the canonical URL instead of serving it.
+            return web.Response(status=308, headers={hdrs.LOCATION: target.path_qs})
+        return None
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await self.dispatch(request, handler)
+        self.layered = True        # however it was installed: guarded handlers now check for it
+        return await self.dispatch(request, handler, forwards=getattr(handler, "forwards_target", False))
 
     def guard(self, handler: Handler) -> Handler:
         """Wrap one handler with the gate. Cheaper than the middleware (aiohttp adds two
-        layers per request once an app has any middleware); the sidecar uses this."""
+        layers per request once an app has any middleware); the sidecar uses this. A
+        handler with `forwards_target = True` (the reverse proxy) forwards the canonical
+        target itself."""
         admitted, clock, paid = self._admitted, self.clock, self.metrics.paid_requests
+        forwards = getattr(handler, "forwards_target", False)
 
         @functools.wraps(handler)
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -116,13 +168,16 @@ class Gate:
             if auth is not None:
                 hit = admitted.get((auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or clock() <= hit.valid_until):
+                    if self.layered and request.get(ADMITTED):
+                        return await handler(request)
                     request[PAID] = hit
+                    request[ADMITTED] = True
                     response = await handler(request)
                     paid[hit.route_key] += 1
                     if not response.prepared:
                         response.headers[RECEIPT_HEADER] = hit.headers[RECEIPT_HEADER]
                     return response
-            return await self.dispatch(request, handler)
+            return await self.dispatch(request, handler, forwards=forwards)
         return guarded
 
     def require(self, price_msat: int = 0, *, path: str | None = None, credits: int | None = 1,
@@ -132,6 +187,11 @@ class Gate:
         def wrap(handler: Handler) -> Handler:
             @functools.wraps(handler)
             async def gated(request: web.Request) -> web.StreamResponse:
+                if request.get(ADMITTED):
+                    return await handler(request)
+                refused = self.check_target(request, forwards=False)
+                if refused is not None:
+                    return refused
                 pattern = path or _route_pattern(request)
                 rule = RouteRule(path=pattern, price_msat=price_msat, methods=None,
                                  credits=None if pass_s else credits, pass_s=pass_s,
@@ -143,21 +203,21 @@ class Gate:
 
     # -- the gate ----------------------------------------------------------
     def client_key(self, request: web.Request) -> str:
-        if self.trust_forwarded_for:
-            fwd = request.headers.get("X-Forwarded-For")
-            if fwd:
-                return fwd.split(",")[0].strip()[:64]
-        return request.remote or "unknown"
+        return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()),
+                              self.forwarded_for_hops)
 
     async def handle(self, request: web.Request, rule: RouteRule, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         try:
+            target = request_target(request)
             auth = request.headers.get(hdrs.AUTHORIZATION)
-            token = self.tokens.verify_header(auth, request.method, request.path, rule.capabilities)
+            token = self.tokens.verify_header(auth, request.method, target.path, rule.capabilities,
+                                              target.query or "")
             if token is None:
                 if rule.free_per_hour and self.free_tier.take(self.client_key(request), rule.key,
                                                               rule.free_per_hour):
                     self.metrics.free_requests[rule.key] += 1
+                    request[ADMITTED] = True
                     return await handler(request)
                 stream_id = request.headers.get(STREAM_HEADER)
                 if stream_id is not None and rule.stream_msat:
@@ -167,13 +227,20 @@ class Gate:
                 raise InvalidCredential("token was issued for another route", route=rule.path)
             remaining = None
             if token.constraints.credits is not None:
-                remaining = await self.store.debit_credit(token.token_id_hex, token.constraints.credits)
+                remaining = await self.l402.debit_credit(token.token_id_hex, token.constraints.credits)
                 if remaining is None:
                     raise CreditsExhausted(
                         "all prepaid credits of this token are spent; retry without the "
                         "Authorization header to get a new invoice", token_id=token.token_id_hex)
         except MicropayError as err:
             self.metrics.rejections[err.code] += 1
+            if isinstance(err, (CreditsExhausted, TokenExpired)):
+                # bLIP-26, reusing credentials: a spent or expired credential is answered
+                # with a fresh challenge, so the client can pay again at once.
+                try:
+                    return await self.challenge(request, rule, reason=err)
+                except MicropayError as refused:    # rate limited, overloaded: say that instead
+                    return problem_response(refused)
             return problem_response(err)
         finally:
             self.metrics.observe_latency(time.perf_counter() - started)
@@ -194,11 +261,12 @@ class Gate:
                             dict(admitted.headers, **{"Payment-Credits-Remaining": str(remaining)}), None)
         headers = admitted.headers
         request[PAID] = admitted        # for streamed responses, see on_response_prepare
+        request[ADMITTED] = True
         try:
             response = await handler(request)
-        except UpstreamError:
-            if remaining is not None:   # the request was not served: give the credit back
-                await self.store.refund_credit(admitted.token.token_id_hex)
+        except UpstreamUnreachable:
+            if remaining is not None:   # the request never reached the upstream: give the credit back
+                await self.l402.refund_credit(admitted.token.token_id_hex)
             raise
         self.metrics.paid_requests[admitted.route_key] += 1
         if not response.prepared:
@@ -209,18 +277,21 @@ class Gate:
                               stream_id: str) -> web.StreamResponse:
         """Metered access paid by an incoming payment stream (see streams.py): each
         request spends rule.stream_msat of what the stream has paid this node so far."""
-        if not STREAM_ID.fullmatch(stream_id):
-            raise BadRequest(f"{STREAM_HEADER} must be 1-128 of A-Z a-z 0-9 . _ / -")
-        left = await self.store.debit_stream(stream_id, rule.stream_msat)  # type: ignore[arg-type]
+        if not is_secret_stream_id(stream_id):
+            raise BadRequest(f"{STREAM_HEADER} must be the id of a micropay stream (16-64 lowercase hex "
+                             "characters, the secret its payer chose); streams keyed by public values, "
+                             "such as other podcast apps' feeds, cannot be spent")
+        left = await self.stream_usage.debit(stream_id, rule.stream_msat)  # type: ignore[arg-type]
         if left is None:
-            received, used = await self.store.stream_balance(stream_id)
+            received, used = await self.stream_usage.balance(stream_id)
             raise StreamBalanceLow(
                 f"stream {stream_id} has {received - used} msat left; this costs {rule.stream_msat} msat",
                 received_msat=received, used_msat=used, price_msat=rule.stream_msat)
         receipt = self.receipts.sign({"v": 1, "type": "stream", "service": self.service, "stream_id": stream_id,
-                                      "method": request.method, "path": request.path,
+                                      "method": request.method, "path": request_target(request).path,
                                       "amount_msat": rule.stream_msat, "balance_msat": left,
                                       "ts": int(self.clock())})
+        request[ADMITTED] = True
         response = await handler(request)
         self.metrics.paid_requests[rule.key] += 1
         if not response.prepared:
@@ -252,53 +323,34 @@ class Gate:
         return self.receipts.sign({
             "v": 1, "type": "request", "service": self.service,
             "payment_hash": token.payment_hash.hex(), "token_id": token.token_id_hex,
-            "method": request.method, "path": request.path, "credits_remaining": remaining,
+            "method": request.method, "path": request_target(request).path, "credits_remaining": remaining,
             "ts": int(self.clock())})
 
-    async def challenge(self, request: web.Request, rule: RouteRule) -> web.StreamResponse:
+    async def challenge(self, request: web.Request, rule: RouteRule,
+                        reason: MicropayError | None = None) -> web.StreamResponse:
+        """A 402 with an invoice for `rule` (`reason`: why a credential sent was not enough)."""
         client = self.client_key(request)
+        target = request_target(request)
         try:
-            price = await rule.price_for(request)
+            price = await rule.price_for(_as_canonical(request, target))
         except Exception as exc:
             log.error("price hook for %s failed: %s", rule.key, exc)
             raise PricingUnavailable("the price for this resource cannot be computed right now") from None
-        now = int(self.clock())
-        record, pending, pending_mine = await self.store.admission(
-            client, rule.key, price, now, now + REUSE_MIN_REMAINING_S)
-        if record is not None:
-            self.metrics.challenges_reused[rule.key] += 1
-            return self._challenge_response(request, rule, record)
-        wait = self.bucket.take(client)
-        if wait:
-            raise RateLimited("too many new invoices requested; pay or wait", retry_after_s=int(wait) + 1)
-        if pending >= self.limits.max_pending:
-            raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
-        if pending_mine >= self.limits.max_pending_per_client:
-            raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
-        token_id = os.urandom(32)
-        try:
-            invoice = await self.node.create_invoice(
-                price, label=f"micropay-{token_id.hex()}",
-                description=rule.description or f"{self.service}: {request.method} {request.path}"[:200],
-                expiry_s=self.limits.expiry_s)
-        except NodeError as exc:
-            log.error("creating an invoice failed: %s", exc)
-            raise
-        mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), rule.caveats(self.service, now), token_id)
-        record = ChallengeRecord(invoice.payment_hash, token_id.hex(), rule.key, client, price,
-                                 invoice.bolt11, mac.serialize(), now, invoice.expires_at, rule.credits)
-        await self.store.add_challenge(record)
-        self.metrics.challenges[rule.key] += 1
-        return self._challenge_response(request, rule, record)
+        description = rule.description or f"{self.service}: {request.method} {target.path}"[:200]
+        record = await self.challenger.challenge(client, rule, price, description, target.query)
+        return self._challenge_response(request, rule, record, reason)
 
-    def _challenge_response(self, request: web.Request, rule: RouteRule,
-                            record: ChallengeRecord) -> web.Response:
+    def _challenge_response(self, request: web.Request, rule: RouteRule, record: ChallengeRecord,
+                            reason: MicropayError | None = None) -> web.Response:
         body = payment_required_body(
-            resource=f"{request.method} {request.path}", price_msat=record.price_msat,
+            resource=f"{request.method} {request_target(request).path}", price_msat=record.price_msat,
             invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
             macaroon=record.macaroon, credits=rule.credits,
             valid_until=(record.created_at + rule.pass_s) if rule.pass_s else None,
             description=rule.description)
+        if reason is not None:
+            body.update(type=f"https://micropay.dev/errors/{reason.code}", error=reason.code,
+                        detail=f"{reason.message}. {body['detail']}")
         response = web.Response(status=402, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
                                 headers={"Cache-Control": "no-store"})
         for value in challenge_headers(record.macaroon, record.bolt11):
@@ -310,6 +362,14 @@ async def _add_paid_headers(request: web.Request, response: web.StreamResponse) 
     paid = request.get(PAID)
     if paid is not None:
         response.headers.update(paid.headers)
+
+
+def _as_canonical(request: web.Request, target: Target) -> web.Request:
+    """The request as a price hook should see it: with its canonical path."""
+    if target.path == request.path:
+        return request
+    from yarl import URL
+    return request.clone(rel_url=URL(target.path_qs, encoded=True))
 
 
 def _route_pattern(request: web.Request) -> str:

@@ -1,7 +1,10 @@
 """Reverse proxy to the upstream API: bodies streamed both ways, hop-by-hop headers dropped.
 
-The L402 credential is not forwarded (the upstream never sees preimages); the token
-id and payment hash are passed as X-L402-Token-Id / X-L402-Payment-Hash instead.
+The upstream receives exactly the canonical target the gate priced (canonical.py), never
+the client's own spelling of it. The L402 credential is not forwarded (the upstream
+never sees preimages); the token id and payment hash are passed as X-L402-Token-Id /
+X-L402-Payment-Hash instead. Headers the proxy sets are always its own: a client's copy
+is dropped first.
 """
 from __future__ import annotations
 
@@ -10,16 +13,22 @@ import logging
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
+from yarl import URL
 
-from ..errors import UpstreamError
+from ..errors import UpstreamError, UpstreamUnreachable
 from ..l402 import SCHEMES
 from ..pricing import Pricing
-from .gate import PAID
+from .gate import PAID, STREAM_HEADER, request_target
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
     "Trailers", "Transfer-Encoding", "Upgrade", "Proxy-Connection"))
+TOKEN_ID_HEADER, PAYMENT_HASH_HEADER = "X-L402-Token-Id", "X-L402-Payment-Hash"
+# Set by this proxy only; a client's value would be taken for ours by the upstream.
+PROXY_OWNED = (TOKEN_ID_HEADER, PAYMENT_HASH_HEADER, "X-Forwarded-Proto", "X-Forwarded-Host")
+# What the client may not pass on when X-Forwarded-For is not trusted.
+FORWARDING = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 CHUNK = 64 * 1024
 
 
@@ -34,8 +43,9 @@ def _strip_hop_by_hop(headers: "CIMultiDict[str] | aiohttp.typedefs.LooseHeaders
 
 class ReverseProxy:
     def __init__(self, pricing: Pricing, default_upstream: str | None,
-                 timeout: aiohttp.ClientTimeout | None = None) -> None:
+                 timeout: aiohttp.ClientTimeout | None = None, *, trust_forwarded_for: bool = False) -> None:
         self.pricing, self.default_upstream = pricing, default_upstream
+        self.trust_forwarded_for = trust_forwarded_for
         self.timeout = timeout or aiohttp.ClientTimeout(total=None, connect=10, sock_read=300)
         self._session: aiohttp.ClientSession | None = None
 
@@ -46,44 +56,70 @@ class ReverseProxy:
         yield
         await self._session.close()
 
-    def upstream_for(self, request: web.Request) -> str | None:
-        rule = self.pricing.match(request.method, request.path)
+    def upstream_for(self, method: str, path: str) -> str | None:
+        rule = self.pricing.match(method, path)
         return (rule.upstream if rule and rule.upstream else None) or self.default_upstream
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        upstream = self.upstream_for(request)
-        if upstream is None:
-            raise web.HTTPNotFound()
-        assert self._session is not None, "proxy used outside its cleanup context"
+    def forward_headers(self, request: web.Request) -> CIMultiDict[str]:
         headers = _strip_hop_by_hop(request.headers)
         headers.popall(hdrs.HOST, None)
         auth = headers.get(hdrs.AUTHORIZATION, "")
         if auth.split(" ", 1)[0].upper() in SCHEMES:
             headers.popall(hdrs.AUTHORIZATION)
+        headers.popall(STREAM_HEADER, None)   # a bearer secret, like the credential
+        for name in PROXY_OWNED:
+            headers.popall(name, None)
+        prior = ", ".join(headers.getall("X-Forwarded-For", ())) if self.trust_forwarded_for else ""
+        if not self.trust_forwarded_for:
+            for name in FORWARDING:
+                headers.popall(name, None)
         paid = request.get(PAID)
         if paid is not None:
-            headers["X-L402-Token-Id"] = paid.token.token_id_hex
-            headers["X-L402-Payment-Hash"] = paid.token.payment_hash.hex()
+            headers[TOKEN_ID_HEADER] = paid.token.token_id_hex
+            headers[PAYMENT_HASH_HEADER] = paid.token.payment_hash.hex()
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers["X-Forwarded-Proto"] = request.scheme
         headers["X-Forwarded-Host"] = request.host
-        url = upstream.rstrip("/") + request.rel_url.path_qs
+        return headers
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        target = request_target(request)
+        upstream = self.upstream_for(request.method, target.path)
+        if upstream is None:
+            raise web.HTTPNotFound()
+        assert self._session is not None, "proxy used outside its cleanup context"
+        url = URL(upstream.rstrip("/") + target.path_qs, encoded=True)
         body = request.content if request.body_exists else None
         try:
             upstream_resp = await self._session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                request.method, url, headers=self.forward_headers(request), data=body, allow_redirects=False)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             log.warning("upstream %s unreachable: %s", upstream, exc)
-            raise UpstreamError(f"upstream unavailable ({type(exc).__name__})") from None
+            raise UpstreamUnreachable(f"upstream unavailable ({type(exc).__name__})") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The request may have reached the upstream (and been acted on): not refundable.
+            log.warning("upstream %s failed: %s", upstream, exc)
+            raise UpstreamError(f"upstream failed ({type(exc).__name__})") from None
         async with upstream_resp:
             response = web.StreamResponse(status=upstream_resp.status, reason=upstream_resp.reason,
                                           headers=_strip_hop_by_hop(upstream_resp.headers))
+            paid = request.get(PAID)
             if paid is not None:
                 response.headers.update(paid.headers)   # receipt, credits left
             await response.prepare(request)
-            async for chunk in upstream_resp.content.iter_chunked(CHUNK):
-                await response.write(chunk)
+            try:
+                async for chunk in upstream_resp.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # Too late for an error response: cut the connection so that the client
+                # sees a truncated body rather than a complete-looking one.
+                log.warning("upstream %s broke off its response: %s", upstream, exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
             await response.write_eof()
             return response
+
+    # The gate need not redirect a non-canonical spelling: the canonical target is what is forwarded.
+    handle.forwards_target = True  # type: ignore[attr-defined]

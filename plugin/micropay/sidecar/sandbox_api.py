@@ -1,20 +1,24 @@
 """HTTP access to the sandbox network's customer wallets (sandbox mode only).
 
-    GET  /sandbox/wallets/{name}       balance and node id (created, funded, on first use)
-    POST /sandbox/wallets/{name}/pay   {"bolt11": "...", "max_fee_msat": 1000} -> payment
+    GET  /sandbox/wallets/{name}          balance and node id (created, funded, on first use)
+    POST /sandbox/wallets/{name}/pay      {"bolt11": "...", "max_fee_msat": 1000} -> payment
+    POST /sandbox/wallets/{name}/invoice  {"amount_msat": 1000, "description": "..."} -> an invoice
+                                          this wallet is paid on (to try payouts, say)
 """
 from __future__ import annotations
 
-import json
+import os
 import re
 
 from aiohttp import web
 
 from ..errors import BadRequest, MicropayError
-from .responses import problem_response
+from ..http.problems import problem_response
+from ..inputs import load_json
+from ..lightning.sandbox import PLAY_MONEY_MSAT
+from ..params import MAX_MSAT
 
 WALLET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-STARTING_BALANCE_MSAT = 100_000_000_000   # 1 BTC of play money
 MAX_WALLETS = 1000
 
 
@@ -28,7 +32,7 @@ def add_sandbox_routes(add, rt) -> None:
         if w is None:
             if len(wallets) >= MAX_WALLETS:
                 raise BadRequest("too many sandbox wallets")
-            w = wallets[name] = rt.sandbox.add_node(f"wallet-{name}", STARTING_BALANCE_MSAT)
+            w = wallets[name] = rt.sandbox.add_node(f"wallet-{name}", PLAY_MONEY_MSAT)
         return w
 
     async def get_wallet(request: web.Request) -> web.Response:
@@ -42,10 +46,7 @@ def add_sandbox_routes(add, rt) -> None:
     async def pay(request: web.Request) -> web.Response:
         try:
             w = wallet(request.match_info["name"])
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise BadRequest("body must be JSON") from None
+            body = load_json(await request.read())
             if not isinstance(body, dict) or not isinstance(body.get("bolt11"), str):
                 raise BadRequest("body must be an object with a string 'bolt11'")
             max_fee = body.get("max_fee_msat")
@@ -58,5 +59,23 @@ def add_sandbox_routes(add, rt) -> None:
                                   "amount_msat": p.amount_msat, "fee_msat": p.fee_msat,
                                   "balance_msat": w.balance_msat})
 
+    async def invoice(request: web.Request) -> web.Response:
+        try:
+            w = wallet(request.match_info["name"])
+            body = load_json(await request.read())
+            if not isinstance(body, dict):
+                raise BadRequest("body must be an object with amount_msat")
+            amount, description = body.get("amount_msat"), body.get("description", "sandbox wallet")
+            if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_MSAT:
+                raise BadRequest("amount_msat must be a positive integer")
+            if not isinstance(description, str) or len(description) > 200:
+                raise BadRequest("description must be a string of at most 200 characters")
+            inv = await w.create_invoice(amount, f"wallet-{os.urandom(8).hex()}", description, 3600)
+        except MicropayError as err:
+            return problem_response(err)
+        return web.json_response({"bolt11": inv.bolt11, "payment_hash": inv.payment_hash,
+                                  "amount_msat": inv.amount_msat, "expires_at": inv.expires_at})
+
     add("GET", "/sandbox/wallets/{name}", get_wallet)
     add("POST", "/sandbox/wallets/{name}/pay", pay)
+    add("POST", "/sandbox/wallets/{name}/invoice", invoice)
