@@ -1,6 +1,9 @@
 """Benchmark target: the same tiny handler, bare or behind the micropay gate.
 
-    python bench/_server.py --mode bare|gated --port P [--data-dir D]
+    python bench/_server.py --mode bare|gated|stub --port P [--data-dir D]
+
+`stub`: gated, on a node that hands back a ready-made invoice at once (no signing, no
+I/O), so a 402's figure is the gate's own cost: admission, token, record, response.
 """
 from __future__ import annotations
 
@@ -35,15 +38,42 @@ async def payload(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "n": 42})
 
 
+class StubNode:
+    """A node whose invoices cost nothing to make: the same BOLT11 text every time (the
+    gate never parses it), a fresh payment hash each time."""
+
+    network = "regtest"
+    pays_offers = False
+    cursor_namespace = "stub"
+    BOLT11 = "lnbcrt10n1" + "q" * 300
+
+    async def create_invoice(self, amount_msat, label, description, expiry_s):
+        import os
+        import time
+
+        from micropay.lightning.base import Invoice
+        return Invoice(self.BOLT11, os.urandom(32).hex(), amount_msat, int(time.time()) + expiry_s, label)
+
+    async def has_invoice(self, payment_hash):
+        return True
+
+    async def settlements(self, after_pay_index):
+        await asyncio.Event().wait()
+        yield
+
+    async def close(self):
+        pass
+
+
 async def main(mode: str, port: int, data_dir: str) -> None:
     if mode == "bare":
         app = web.Application()
     else:
-        from micropay.config import parse_config
+        from micropay.configfile import parse_config
         from micropay.sidecar.app import build_app, create_runtime
         cfg = parse_config(tomllib.loads(BENCH_CONFIG), "bench").with_overrides(
             data_dir=Path(data_dir), trust_forwarded_for=True)
-        rt = await create_runtime(cfg)
+        rt = await create_runtime(cfg, node=StubNode() if mode == "stub" else None)
         rt.extra_routes += [("GET", "/pass", payload), ("GET", "/mint", payload)]
         app = build_app(rt)
     if mode == "bare":
@@ -52,7 +82,7 @@ async def main(mode: str, port: int, data_dir: str) -> None:
         app.router.add_get("/healthz", payload)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    if mode == "gated":
+    if mode != "bare":
         from micropay.sidecar.app import settle_heap
         settle_heap()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
@@ -69,7 +99,7 @@ async def bare_402(request: web.Request) -> web.Response:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["bare", "gated"], required=True)
+    ap.add_argument("--mode", choices=["bare", "gated", "stub"], required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--data-dir", default="/tmp/micropay-bench")
     a = ap.parse_args()

@@ -1,6 +1,6 @@
 """Settlement to "paid" event latency over SSE (goal < 50 ms), sandbox + SQLite.
 
-    python bench/bench_events.py [--n 200]
+    python bench/bench_events.py [--n 200] [--listeners 3000]
 
 Ours: a purchase is created through the API, a client listens on its SSE stream, the
 payer node pays; measured from the moment the sandbox node reports the settlement to
@@ -9,6 +9,10 @@ watcher, the store transaction (status, receipt signature, event, outbox), the w
 the store read and the write to the socket.
 Baseline in the same run: a bare aiohttp SSE handler that writes an event the moment
 an asyncio.Event is set, read by the same client code.
+
+With --listeners L: L app-wide SSE listeners are connected, 5 purchases are paid one
+after another, and the time until every listener has all 5 events is measured, against
+a bare aiohttp handler that pushes 5 events to L listeners from memory.
 """
 from __future__ import annotations
 
@@ -85,6 +89,66 @@ async def ours(n: int) -> list[float]:
     return out
 
 
+async def count_events(resp, k: int) -> None:
+    seen = 0
+    async for raw in resp.content:
+        if raw.startswith(b"data: "):
+            seen += 1
+            if seen == k:
+                return
+
+
+async def fanout_baseline(listeners: int, k: int = 5) -> float:
+    waiting: list[asyncio.Queue] = []
+
+    async def handler(request):
+        q: asyncio.Queue = asyncio.Queue()
+        waiting.append(q)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(k):
+            await resp.write(await q.get())
+        return resp
+    app = web.Application()
+    app.router.add_get("/e", handler)
+    runner, url = await serve_app(app)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        streams = [await s.get(f"{url}/e") for _ in range(listeners)]
+        readers = [asyncio.create_task(count_events(r, k)) for r in streams]
+        while len(waiting) < listeners:
+            await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        for i in range(k):
+            for q in waiting:
+                q.put_nowait(f'id: {i}\nevent: purchase.paid\ndata: {{"id":{i}}}\n\n'.encode())
+        await asyncio.gather(*readers)
+        elapsed = time.perf_counter() - t0
+        for r in streams:
+            r.close()
+    await runner.cleanup()
+    return elapsed
+
+
+async def fanout_ours(listeners: int, k: int = 5) -> float:
+    from tests.games_util import GAMES_TOML
+    toml = GAMES_TOML + f"\n[events]\nmax_streams = {listeners}\nmax_streams_per_credential = {listeners}\n"
+    gs = await start_game_sidecar(Path(tempfile.mkdtemp(prefix="micropay-bench-")), toml)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        streams = [await s.get(f"{gs.url}/v1/events", headers=gs.auth()) for _ in range(listeners)]
+        readers = [asyncio.create_task(count_events(r, k)) for r in streams]
+        await asyncio.sleep(0.5)
+        purchases = [await gs.buy(player=f"p{i}", key=f"fan-{i}") for i in range(k)]
+        t0 = time.perf_counter()
+        for p in purchases:
+            await gs.payer.pay(p["invoice"])
+        await asyncio.gather(*readers)
+        elapsed = time.perf_counter() - t0
+        for r in streams:
+            r.close()
+    await gs.close()
+    return elapsed
+
+
 def summary(xs: list[float]) -> str:
     xs = sorted(xs)
     ms = lambda v: f"{v * 1000:.2f} ms"  # noqa: E731
@@ -95,7 +159,16 @@ def summary(xs: list[float]) -> str:
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200)
-    n = ap.parse_args().n
+    ap.add_argument("--listeners", type=int, default=0)
+    args = ap.parse_args()
+    n = args.n
+    if args.listeners:
+        base = await fanout_baseline(args.listeners)
+        mine = await fanout_ours(args.listeners)
+        print(f"baseline (bare aiohttp, 5 events from memory to {args.listeners} listeners): {base:.3f} s")
+        print(f"micropay (5 purchases paid, every listener has all 5 events):     {mine:.3f} s")
+        print(f"ratio: {mine / base:.2f}x")
+        return
     base = await baseline(n)
     mine = await ours(n)
     print(f"baseline (bare aiohttp SSE push): {summary(base)}")

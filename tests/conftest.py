@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from micropay.config import ChallengeLimits, Config, parse_config
+from micropay.config import ChallengeLimits, Config
+from micropay.configfile import parse_config
 from micropay.lightning.sandbox import SandboxNetwork
 from micropay.sidecar.app import Runtime, build_app, create_runtime, make_runner
-from micropay.store import open_store_from_url
+from micropay.games.schema import GAMES_SCHEMA
+from micropay.store import CORE_SCHEMA, open_store_from_url
 
 PG_URL = os.environ.get("MICROPAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -45,10 +47,13 @@ async def drop_pg_schema(url: str) -> None:
         await conn.close()
 
 
+ALL_SCHEMAS = (CORE_SCHEMA, GAMES_SCHEMA)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store(request, tmp_path):
     if request.param == "sqlite":
-        s = open_store_from_url(f"sqlite:///{tmp_path / 'store.sqlite3'}")
+        s = open_store_from_url(f"sqlite:///{tmp_path / 'store.sqlite3'}", ALL_SCHEMAS)
         await s.open()
         yield s
         await s.close()
@@ -56,7 +61,7 @@ async def store(request, tmp_path):
     if PG_SKIP_REASON:
         pytest.skip(PG_SKIP_REASON)
     url = pg_url_with_fresh_schema()
-    s = open_store_from_url(url)
+    s = open_store_from_url(url, ALL_SCHEMAS)
     await s.open()
     yield s
     await s.close()
@@ -153,3 +158,8 @@ def limits():
     return ChallengeLimits()
 
 
+async def payment_receipt(store, payment_hash: str) -> str | None:
+    """The receipt the settlement watcher stored for a paid challenge (no product code reads
+    it back; the tests do, to check it was written)."""
+    rows = await store.query("SELECT receipt FROM micropay_receipts WHERE payment_hash = $1", (payment_hash,))
+    return rows[0][0] if rows else None

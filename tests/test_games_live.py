@@ -235,11 +235,11 @@ async def test_dead_letter_and_redeliver(tmp_path):
             await gs.games.deliverer.run_once()
             clock.advance(60)
         (d,) = await list_deliveries(gs.rt.store)
-        assert d["status"] == "failed" and d["last_error"] == "HTTP 503" and d["attempts"] >= 5
+        assert d.status == "failed" and d.last_error == "HTTP 503" and d.attempts >= 5
         rcv.up = True
-        assert await redeliver(gs.rt.store, d["event_id"], now=int(clock())) == ["game"]
+        assert await redeliver(gs.rt.store, d.event_id, now=int(clock())) == ["game"]
         await gs.games.deliverer.run_once()
-        assert [e["id"] for e in rcv.received] == [d["event_id"]]
+        assert [e["id"] for e in rcv.received] == [d.event_id]
     finally:
         await gs.close()
         await runner.cleanup()
@@ -263,3 +263,76 @@ async def test_listeners_see_events_written_by_another_sidecar_sharing_the_store
     finally:
         await a.close()
         await b.close()
+
+
+async def test_one_event_costs_one_store_read_whatever_the_number_of_listeners(tmp_path):
+    toml = GAMES_TOML + "\n[events]\nmax_streams = 1000\nmax_streams_per_credential = 1000\n"
+    gs = await start_game_sidecar(tmp_path, toml)
+    from micropay.games.repository import EVENTS_AFTER
+    reads = []
+    store_query = gs.rt.store.query
+
+    async def counting(sql, args=()):
+        if sql == EVENTS_AFTER:
+            reads.append(args)
+        return await store_query(sql, args)
+    gs.rt.store.query = counting
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+            streams = [await s.get(f"{gs.url}/v1/events", headers=gs.auth()) for _ in range(200)]
+            readers = [asyncio.create_task(read_sse(r, 5, timeout=20)) for r in streams]
+            await asyncio.sleep(0.2)
+            reads.clear()
+            started = time.perf_counter()
+            for i in range(5):
+                p = await gs.buy(player=f"p{i}", key=f"k{i}")
+                await gs.payer.pay(p["invoice"])
+            results = await asyncio.gather(*readers)
+            elapsed = time.perf_counter() - started
+            for r in streams:
+                r.close()
+        assert all([e[1] for e in got] == ["purchase.paid"] * 5 for got in results)
+        assert len(reads) <= 15, len(reads)      # the feed's reads, not one per listener per event
+        assert elapsed < 5, elapsed
+    finally:
+        await gs.close()
+
+
+async def test_event_streams_are_capped_per_credential_and_overall(tmp_path):
+    toml = GAMES_TOML + "\n[events]\nmax_streams = 3\nmax_streams_per_credential = 2\n"
+    gs = await start_game_sidecar(tmp_path, toml)
+    from micropay.games.apikeys import create_key
+    other, _ = await create_key(gs.rt.store, "other", ["events:read", "purchases:write"])
+    try:
+        async with aiohttp.ClientSession() as s:
+            held = [await s.get(f"{gs.url}/v1/events", headers=gs.auth()) for _ in range(2)]
+            assert [r.status for r in held] == [200, 200]
+            async with s.get(f"{gs.url}/v1/events", headers=gs.auth()) as r:
+                assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+                assert "this credential already holds 2" in (await r.json())["detail"]
+            ws = await s.ws_connect(f"{gs.url}/v1/ws", headers=gs.auth(other))
+            async with s.get(f"{gs.url}/v1/events", headers=gs.auth(other)) as r:
+                assert r.status == 429 and "has 3 event streams open" in (await r.json())["detail"]
+            for r in held:
+                r.close()
+            await ws.close()
+            for _ in range(100):                  # closed streams give their slot back
+                if gs.games.streams.open == 0:
+                    break
+                await asyncio.sleep(0.02)
+            async with s.get(f"{gs.url}/v1/events", headers=gs.auth(other)) as r:
+                assert r.status == 200
+    finally:
+        await gs.close()
+
+
+async def test_the_paywall_frames_only_for_the_configured_origins(tmp_path):
+    for extra, expected in [("", "frame-ancestors 'none'"),
+                            ('\n[paywall]\nframe_ancestors = ["https://game.example", "\'self\'"]\n',
+                             "frame-ancestors https://game.example 'self'")]:
+        gs = await start_game_sidecar(tmp_path / str(len(extra)), GAMES_TOML + extra)
+        try:
+            async with aiohttp.ClientSession() as s, s.get(gs.url + "/paywall/article-1") as r:
+                assert r.status == 200 and r.headers["Content-Security-Policy"].endswith(expected)
+        finally:
+            await gs.close()

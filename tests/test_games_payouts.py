@@ -83,7 +83,7 @@ async def test_payout_http_api(tmp_path):
             status, err, _ = await gs.call("POST", "/v1/payouts", bad)
             assert status == 400, (bad, err)
         reader = await gs.call("POST", "/v1/payouts", body, key=(await _reader_key(gs)))
-        assert reader[0] == 403
+        assert reader[0] == 403 and "--scope payouts:write" in reader[1]["detail"]   # says how to get one
     finally:
         await gs.close()
 

@@ -7,11 +7,11 @@ import pytest
 
 from micropay.games.config import CatalogItem, GamesConfig, WebhookEndpoint
 from micropay.games.purchases import Conflict, Purchases
+from micropay.games.repository import MARK_PURCHASE_PAID, PURCHASE_BY, NewEvent
 from micropay.lightning.base import Settlement
 from micropay.lightning.sandbox import SandboxNetwork
 from micropay.receipts import ReceiptSigner
 from micropay.store.base import Step
-from micropay.store.games import GSQL, NewEvent
 
 
 def service(store, tmp_path, hooks=()):
@@ -58,13 +58,13 @@ async def test_a_failing_step_rolls_everything_back(store, tmp_path):
     purchases, _ = service(store, tmp_path, hooks=("a",))
     p, _ = await purchases.create({"sku": "sword", "player_id": "dave", "idempotency_key": "k"})
     ev = NewEvent("purchase.paid:x", "purchase.paid", p["id"], "dave", {}, 1)
-    mark = Step(GSQL["mark_purchase_paid"], (p["payment_hash"], 1, 1000, "00", "r"), required=True)
+    mark = Step(MARK_PURCHASE_PAID, (p["payment_hash"], 1, 1000, "00", "r"), required=True)
     with pytest.raises(Exception):
         await store.transaction([mark, *ev.steps(["a"]), Step("SELECT no_such_column FROM micropay_events", ())])
     assert (await purchases.get(p["id"]))["status"] == "pending"
     assert await purchases.events_after(0) == []
     # a required step that finds nothing rolls back what came before it, and says which
-    tx = await store.transaction([*ev.steps(["a"]), Step(GSQL["purchase_by_id"], ("pur_nope",), required=True)])
+    tx = await store.transaction([*ev.steps(["a"]), Step(PURCHASE_BY["id"], ("pur_nope",), required=True)])
     assert not tx.ok and tx.failed_step == 2
     assert await purchases.events_after(0) == []
     assert await store.query("SELECT COUNT(*) FROM micropay_webhook_deliveries") == [(0,)]

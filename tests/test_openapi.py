@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 from jsonschema import Draft202012Validator
 
-from micropay.games.openapi import document
+from micropay.games.http.openapi import document
 
 from .games_util import start_game_sidecar
 

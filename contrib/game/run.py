@@ -7,12 +7,15 @@ It starts the micropay sidecar (sandbox backend) and the game server on free por
 127.0.0.1, creates an API key, then plays a player's client: buy 100 gems through the
 game server, watch the purchase over SSE, pay the invoice with a sandbox wallet, and
 check that the game server (webhook + offline receipt check) granted the gems.
-Exits 0 when every step worked; everything runs in a temporary directory.
+Exits 0 when every step worked; everything runs in a temporary directory, removed at
+the end unless --keep is given.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,7 +57,16 @@ def step(msg: str) -> None:
     print(f"run: {msg}", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="contrib/game/run.py",
+        description="Run the example game end to end against the sandbox: start the micropay sidecar and "
+                    "the game server on free 127.0.0.1 ports, buy 100 gems as a player, pay from a "
+                    "sandbox wallet and check that the game granted them. Exits 0 when every step worked.")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary work directory (config, keys, sidecar.log, database) and print "
+                         "its path at the end")
+    args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="micropay-game-"))
     side_port, game_port = free_port(), free_port()
     cfg = (HERE / "game.toml").read_text()
@@ -123,6 +135,10 @@ def main() -> int:
                 out = None
             if out and p is procs[-1]:
                 print(out.rstrip(), flush=True)
+        if args.keep:
+            step(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,2 +1,2 @@
 """micropay: Lightning micropayments (L402) for Core Lightning and aiohttp."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

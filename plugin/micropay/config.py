@@ -1,19 +1,22 @@
-"""The sidecar's TOML configuration. A bad file fails at start-up naming file and key.
+"""The sidecar's settings, and the parsing of its own part of the TOML file.
 
-Every setting can also be given on the command line (`micropay serve --listen ...`);
-the plugin uses the same names with the `micropay-` prefix.
+The whole file (these settings and the features' sections, such as the purchases API's
+catalog) is read by configfile.py. Every setting can also be given on the command line
+(`micropay serve --listen ...`); the plugin uses the same names with the `micropay-`
+prefix.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .games.config import GAMES_KEYS, GamesConfig, parse_games
+from .inputs import decimal, is_http_url
 from .pricing import Pricing, RouteRule, _Table, parse_route
+
+if TYPE_CHECKING:
+    from .games.config import GamesConfig
 
 BACKENDS = ("sandbox", "cln")
 
@@ -24,6 +27,12 @@ class ChallengeLimits:
     per_client_per_minute: int = 30    # new invoices one client may cause per minute
     max_pending: int = 10_000          # unpaid, unexpired challenges across all clients
     max_pending_per_client: int = 50
+
+    @property
+    def client_share(self) -> int:
+        """Most unpaid challenges one client may hold: max_pending_per_client, and never
+        more than a tenth of max_pending, so no single source can fill the store-wide bound."""
+        return min(self.max_pending_per_client, max(1, self.max_pending // 10))
 
 
 @dataclass(frozen=True)
@@ -37,14 +46,22 @@ class Config:
     rpc_file: Path | None = None
     store_url: str | None = None      # default: sqlite in data_dir
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For
+    forwarded_for_hops: int = 1        # how many proxies of ours append to X-Forwarded-For
     demo: bool = False                 # serve the built-in demo API
+    header_timeout_s: float = 15.0     # a connection's request headers must arrive within this
+    metrics_public: bool = False       # /metrics without the bearer token (it shows revenue)
+    metrics_token_file: Path | None = None   # default <data_dir>/metrics.token
     limits: ChallengeLimits = field(default_factory=ChallengeLimits)
     routes: tuple[RouteRule, ...] = ()
-    games: GamesConfig = field(default_factory=GamesConfig)
+    games: "GamesConfig | None" = None   # the purchases API's sections (configfile.py fills it in)
 
     @property
     def pricing(self) -> Pricing:
         return Pricing(list(self.routes))
+
+    @property
+    def effective_metrics_token_file(self) -> Path:
+        return self.data_dir / (self.metrics_token_file or "metrics.token")
 
     @property
     def effective_store_url(self) -> str:
@@ -52,21 +69,32 @@ class Config:
 
     def host_port(self) -> tuple[str, int]:
         host, sep, port = self.listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not 0 < (decimal(port, 5) or 0) < 65536:
             raise ConfigError(f"{self.source}: listen must be host:port, got {self.listen!r}")
         return host.strip("[]") or "127.0.0.1", int(port)
+
+    def unserved_routes(self) -> list[str]:
+        """Problems for `micropay serve`: routes it has nothing to answer with (no upstream,
+        no demo). An app embedding the gate serves its routes itself: for it, none."""
+        if self.demo or self.upstream is not None:
+            return []
+        return [f"{self.source}: routes[{i}].upstream: no upstream for this route (set routes[{i}].upstream or "
+                "a top-level upstream; an app that embeds the gate serves its routes itself)"
+                for i, r in enumerate(self.routes) if r.upstream is None]
 
     def with_overrides(self, **overrides: Any) -> "Config":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-_TOP_KEYS = {"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "demo",
-             "backend", "store", "challenges", "routes"} | GAMES_KEYS
+CORE_KEYS = frozenset({"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "forwarded_for_hops",
+                       "demo", "header_timeout_s", "metrics", "backend", "store", "challenges", "routes"})
 
 
-def parse_config(doc: dict[str, Any], source: str) -> Config:
+def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = frozenset()) -> Config:
+    """The sidecar's own settings. `other_keys`: the top-level keys other sections own
+    (anything else is an unknown key)."""
     top = _Table(doc, source)
-    top.check_keys(_TOP_KEYS)
+    top.check_keys(CORE_KEYS | other_keys)
     service = top.get("service", str, "micropay")
     if not service or not service.replace("-", "").replace("_", "").isalnum():
         raise top.fail("service", "must be letters, digits, '-' or '_'")
@@ -97,35 +125,28 @@ def parse_config(doc: dict[str, Any], source: str) -> Config:
         max_pending_per_client=ch.positive_int("max_pending_per_client", d.max_pending_per_client,
                                                maximum=100_000) or d.max_pending_per_client,
     )
+    metrics = _Table(top.get("metrics", dict, {}), f"{source}: metrics")
+    metrics.check_keys({"public", "token_file"})
+    token_file = metrics.get("token_file", str)
     raw_routes = top.get("routes", list, [])
-    routes = tuple(parse_route(r, f"{source}: routes[{i}]") for i, r in enumerate(raw_routes))
+    base_dir = Path(source).parent if source and not source.startswith("<") else None
+    routes = tuple(parse_route(r, f"{source}: routes[{i}]", base_dir) for i, r in enumerate(raw_routes))
     upstream = top.get("upstream", str)
+    if upstream is not None and not is_http_url(upstream):
+        raise top.fail("upstream", f"must be an http:// or https:// URL with a host, got {upstream!r}")
+    listen = top.get("listen", str, "127.0.0.1:8402")
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not 0 < (decimal(port, 5) or 0) < 65536:
+        raise top.fail("listen", f"must be host:port (e.g. 127.0.0.1:8402), got {listen!r}")
     demo = top.get("demo", bool, False)
-    for i, r in enumerate(routes):
-        if r.upstream is None and upstream is None and not demo:
-            raise ConfigError(f"{source}: routes[{i}].upstream: no upstream for this route "
-                              f"(set routes[{i}].upstream or a top-level upstream)")
     return Config(
-        source=source, service=service, listen=top.get("listen", str, "127.0.0.1:8402"),
+        source=source, service=service, listen=listen,
         data_dir=Path(top.get("data_dir", str, ".micropay")).expanduser(), upstream=upstream,
         backend=kind, rpc_file=Path(rpc_file).expanduser() if rpc_file else None,
         store_url=store_url, trust_forwarded_for=top.get("trust_forwarded_for", bool, False),
-        demo=demo, limits=limits, routes=routes, games=parse_games(top, source),
+        forwarded_for_hops=top.positive_int("forwarded_for_hops", 1, maximum=32) or 1,
+        header_timeout_s=top.positive_int("header_timeout_s", 15, maximum=3600) or 15,
+        metrics_public=metrics.get("public", bool, False),
+        metrics_token_file=Path(token_file).expanduser() if token_file else None,
+        demo=demo, limits=limits, routes=routes,
     )
-
-
-def load_config(path: Path) -> Config:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return parse_config(doc, str(path))
-
-
-def demo_config() -> Config:
-    text = resources.files("micropay").joinpath("demo.toml").read_text(encoding="utf-8")
-    return parse_config(tomllib.loads(text), "<built-in demo config>")

@@ -10,22 +10,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .errors import BadRequest, InvalidCredential
+from .inputs import decimal
 from .l402 import parse_authorization
-from .lightning.cln import ClnNode
-from .lightning.datastore import Datastore, RecordExists
+from .lightning.base import Node, RecordExists, RecordStore
 from .macaroon import Macaroon
 from .params import int_param, msat_param
 from .store import Store
+from .store.issued import IssuedInvoiceRepository
+from .store.l402 import L402Repository
 from .tokens import TokenService, decode_identifier
 
 MAX_DESCRIPTION = 640
 MAX_METADATA_BYTES = 4096
 STATUSES = ("unpaid", "paid", "expired")
+LIST_PAGE = 1000                 # node invoices read per listinvoices call
+DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT = 100, 10_000
+_SERVICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass
@@ -52,9 +58,10 @@ def token_id_for_label(label: str) -> bytes:
 
 
 class InvoiceIssuer:
-    def __init__(self, node: ClnNode, datastore: Datastore, tokens: TokenService, store: Store,
+    def __init__(self, node: Node, datastore: RecordStore, tokens: TokenService, store: Store,
                  default_expiry_s: Callable[[], int] = lambda: 3600) -> None:
-        self.node, self.ds, self.tokens, self.store = node, datastore, tokens, store
+        self.node, self.ds, self.tokens = node, datastore, tokens
+        self.issued, self.l402 = IssuedInvoiceRepository(store), L402Repository(store)
         self.default_expiry_s = default_expiry_s      # read per call: the option is dynamic
 
     async def issue(self, amount_msat: Any, description: Any, label: Any = None, expiry: Any = None,
@@ -75,7 +82,10 @@ class InvoiceIssuer:
         key = ("invoice", label)
         existing = await self.ds.get(key)
         if existing is not None:
-            return self._same_or_conflict(existing[0], amount, description, services_text, n_credits, meta)
+            same = self._same_or_conflict(existing[0], amount, description, services_text, n_credits, meta)
+            # a crash may have come between the datastore record and its index entry
+            await self.issued.record(label, json.dumps(same), int(same.get("created_at", 0)))
+            return same
         invoice = await self.node.create_invoice(amount, label, description, expiry_s)
         caveats = [f"services={services_text}"] + ([f"credits={n_credits}"] if n_credits else [])
         mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), caveats, token_id_for_label(label))
@@ -88,6 +98,7 @@ class InvoiceIssuer:
             stored = await self.ds.get(key)
             assert stored is not None
             return self._same_or_conflict(stored[0], amount, description, services_text, n_credits, meta)
+        await self.issued.record(label, json.dumps(record.public()), record.created_at)
         return record.public()
 
     @staticmethod
@@ -122,34 +133,49 @@ class InvoiceIssuer:
             out["reason"] = err.message
             return out
         if token.constraints.credits is not None:
-            left = await self.store.credits_remaining(token.token_id_hex)
+            left = await self.l402.credits_remaining(token.token_id_hex)
             out["credits_left"] = token.constraints.credits if left is None else left
         out["valid"] = True
         return out
 
+    async def mirror(self) -> None:
+        """Copy the datastore records into the store's index once (records issued before
+        the index existed); from then on `issue` adds each new one."""
+        if await self.issued.count() == 0:
+            for key, rec, _ in await self.ds.list(("invoice",)):
+                await self.issued.record(key[-1], json.dumps(rec), int(rec.get("created_at", 0)))
+
     async def list(self, status: Any = None, index: Any = None, start: Any = None,
                    limit: Any = None) -> dict[str, Any]:
+        """Our invoices, in the node's `index` order from `start`: the node's invoices are
+        read a page at a time (never all at once) and matched with our records by label.
+        `next_start` is where the next call goes on from (None at the end)."""
         if status is not None and status not in STATUSES:
             raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
-        if index is not None and index not in ("created", "updated"):
+        index = "created" if index is None else index
+        if index not in ("created", "updated"):
             raise BadRequest("index must be 'created' or 'updated'")
-        params: dict[str, Any] = {}
-        if index is not None:
-            params = {"index": index, "start": int_param(start or 0, "start", 0, 2**63),
-                      "limit": None if limit is None else int_param(limit, "limit", 1, 100_000)}
-        elif start is not None or limit is not None:
-            raise BadRequest("start and limit need index ('created' or 'updated')")
-        ours = {key[-1]: rec for key, rec, _ in await self.ds.list(("invoice",))}
-        invoices = (await self.node.rpc.call("listinvoices", params))["invoices"]
-        out = []
-        for inv in invoices:
-            rec = ours.get(inv["label"])
-            if rec is None or (status is not None and inv["status"] != status):
-                continue
-            out.append(dict(rec, status=inv["status"], created_index=inv.get("created_index"),
-                            updated_index=inv.get("updated_index"), paid_at=inv.get("paid_at"),
-                            amount_received_msat=inv.get("amount_received_msat")))
-        return {"invoices": out}
+        position = int_param(0 if start is None else start, "start", 0, 2**63)
+        want = int_param(DEFAULT_LIST_LIMIT if limit is None else limit, "limit", 1, MAX_LIST_LIMIT)
+        out: list[dict[str, Any]] = []
+        while len(out) < want:
+            page = await self.node.list_invoices(index, position, LIST_PAGE)
+            if not page:
+                return {"invoices": out, "next_start": None}
+            ours = await self.issued.records([inv["label"] for inv in page])
+            for inv in page:
+                position = int(inv.get(f"{index}_index", position)) + 1
+                rec = ours.get(inv["label"])
+                if rec is None or (status is not None and inv["status"] != status):
+                    continue
+                out.append(dict(json.loads(rec), status=inv["status"], created_index=inv.get("created_index"),
+                                updated_index=inv.get("updated_index"), paid_at=inv.get("paid_at"),
+                                amount_received_msat=inv.get("amount_received_msat")))
+                if len(out) == want:
+                    break
+            if len(page) < LIST_PAGE and len(out) < want:
+                return {"invoices": out, "next_start": None}
+        return {"invoices": out, "next_start": position}
 
 
 def _services(value: Any, default_service: str) -> str:
@@ -161,7 +187,7 @@ def _services(value: Any, default_service: str) -> str:
     out = []
     for item in items:
         name, _, tier = item.strip().partition(":")
-        if not name.replace("-", "").replace("_", "").isalnum() or (tier and not tier.isdigit()):
+        if not _SERVICE_NAME.fullmatch(name) or (tier and decimal(tier, 9) is None):
             raise BadRequest(f"bad service entry {item!r}: expected name:tier")
         out.append(f"{name}:{tier or 0}")
     return ",".join(out)

@@ -1,12 +1,22 @@
-"""Runs streams against a Core Lightning node, persisting every step in its datastore.
+"""Runs streams against a node (the Node port), persisting every step in the records the
+node keeps (the RecordStore port: lightningd's datastore on Core Lightning).
 
 Per payment: (1) the stream record, with the payment as `in_flight` (label, amount,
 sequence, where to look in listsendpays), is written with generation compare-and-swap;
 (2) the payment is sent (`xkeysend` with the bLIP-10 record, or `fetchinvoice` + `xpay`
 for an offer) under that label; (3) the outcome is written. After a restart an
-`in_flight` payment is reconciled from `listsendpays` by its label before anything new
-is paid: complete -> counted, pending -> waited for, failed -> counted as a failure,
-absent long after it started -> it never left, and is retried under a new label.
+`in_flight` payment is reconciled from the node's record of the payment (listsendpays,
+by its label) before anything new is paid:
+    complete -> counted;
+    pending  -> waited for, unless no HTLC carries it: lightningd writes the record
+                before it saves the HTLC, and a crash in between leaves a record that can
+                never complete; after ORPHAN_GRACE_S of that it is counted as failed (its
+                sequence is never paid again; what it owed is paid under a new one);
+    failed   -> counted as a failure;
+    absent   -> it never left: retried under a new label, at once if lightningd itself
+                started after it (no xpay of an earlier run can still be routing it), else
+                after RECONCILE_GRACE_S.
+After start-up, payments wait (up to READY_TIMEOUT_S) for a usable channel.
 
 One record per stream (not per payment) keeps the datastore small for long streams.
 """
@@ -19,25 +29,30 @@ import os
 import time
 from typing import Any, Callable
 
-from .errors import BadRequest, NodeError, PaymentFailed
-from .lightning.cln import ClnNode, ClnRpcError, liquidity_failure
-from .lightning.datastore import Datastore, StaleRecord
-from .params import int_param, msat_param
-from .streams import Stream, parse_recipients
+from .errors import BadRequest, NodeError, NotFound, PaymentFailed
+from .lightning.base import Node, RecordStore, StaleRecord
+from .params import MAX_MSAT, int_param, msat_param
+from .streams import STATES, Stream, parse_recipients
 
 log = logging.getLogger("micropay.streams")
 RETRY_FOR_S = 30                 # xkeysend/xpay retry window; also bounds reconcile waits
 RECONCILE_GRACE_S = RETRY_FOR_S + 30
+ORPHAN_GRACE_S = 60              # a pending record with no HTLC behind it for this long is dead
+READY_TIMEOUT_S = 60             # after start-up, how long payments wait for a usable channel
 SCHEDULE_SLACK_S = 0.05
 Notify = Callable[[str, dict[str, Any]], None]
 
 
 class StreamRunner:
-    def __init__(self, node: ClnNode, datastore: Datastore, *, clock: Callable[[], float] = time.time,
+    def __init__(self, node: Node, datastore: RecordStore, *, clock: Callable[[], float] = time.time,
                  notify: Notify | None = None, min_interval_s: Callable[[], int] = lambda: 1,
-                 max_total_limit_msat: Callable[[], int | None] = lambda: None) -> None:
-        """The limits are callables, read on each use, since their plugin options are dynamic."""
+                 max_total_limit_msat: Callable[[], int | None] = lambda: None,
+                 node_started_at: float | None = None, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        """The limits are callables, read on each use, since their plugin options are dynamic.
+        `node_started_at`: when lightningd started, if this run began with it."""
         self.node, self.ds, self.clock = node, datastore, clock
+        self.node_started_at, self.ready_timeout_s = node_started_at, ready_timeout_s
+        self._orphan_since: dict[str, float] = {}
         self.notify = notify or (lambda topic, payload: None)
         self.min_interval_s, self.max_total_limit_msat = min_interval_s, max_total_limit_msat
         self.streams: dict[str, Stream] = {}
@@ -48,12 +63,16 @@ class StreamRunner:
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
+        await self.load()
+        self._task = asyncio.create_task(self._run(), name="micropay-streams")
+
+    async def load(self) -> None:
+        """Read every stream from the datastore (at start-up)."""
         for key, doc, gen in await self.ds.list(("stream",)):
             s = Stream.from_json(doc)
             self.streams[s.id], self._gen[s.id] = s, gen
             self._schedule(s)
         log.info("loaded %d streams", len(self.streams))
-        self._task = asyncio.create_task(self._run(), name="micropay-streams")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -64,20 +83,24 @@ class StreamRunner:
                 pass
 
     # -- RPC-facing operations -----------------------------------------------------
-    async def create(self, destination: Any, amount_msat: Any, interval_s: Any, max_total_msat: Any = None,
+    async def create(self, destination: Any, amount_msat: Any, interval_s: Any, max_total_msat: Any,
                      max_fee_msat: Any = None, splits: Any = None, metadata: Any = None,
                      label: Any = None) -> dict[str, Any]:
         recipients = parse_recipients(destination, splits)
+        own = await self.node.node_id()
+        if any(r.destination == own for r in recipients):
+            raise BadRequest("a stream cannot pay this node itself")
         amount = msat_param(amount_msat, "amount_msat")
         interval = int_param(interval_s, "interval_s", self.min_interval_s(), 365 * 86400)
-        cap = None if max_total_msat is None else msat_param(max_total_msat, "max_total_msat")
+        if max_total_msat is None:
+            raise BadRequest("max_total_msat is required: every stream has a hard budget")
+        cap = msat_param(max_total_msat, "max_total_msat")
         limit = self.max_total_limit_msat()
-        if limit is not None:
-            if cap is None or cap > limit:
-                raise BadRequest(f"max_total_msat is required and at most {limit} "
-                                 "on this node (option micropay-stream-max-total-msat)")
-        fee = 1000 + amount // 100 if max_fee_msat is None else int_param(max_fee_msat, "max_fee_msat", 0, 10**12)
-        if cap is not None and cap < amount + fee:
+        if limit is not None and cap > limit:
+            raise BadRequest(f"max_total_msat must be at most {limit} on this node "
+                             "(option micropay-stream-max-total-msat)")
+        fee = 1000 + amount // 100 if max_fee_msat is None else int_param(max_fee_msat, "max_fee_msat", 0, MAX_MSAT)
+        if cap < amount + fee:
             raise BadRequest("max_total_msat must cover at least one interval's amount plus max_fee_msat")
         meta = {} if metadata is None else metadata
         if not isinstance(meta, dict):
@@ -87,7 +110,7 @@ class StreamRunner:
         if label and any(s.label == label for s in self.streams.values()):
             existing = next(s for s in self.streams.values() if s.label == label)
             return existing.status(self.clock())       # same label: the same stream
-        s = Stream.create(os.urandom(8).hex(), recipients, amount, interval, cap, fee, self.clock(),
+        s = Stream.create(os.urandom(16).hex(), recipients, amount, interval, cap, fee, self.clock(),
                           label or "", meta)
         self._gen[s.id] = await self.ds.create(("stream", s.id), s.to_json())
         self.streams[s.id] = s
@@ -95,13 +118,38 @@ class StreamRunner:
         self._schedule(s)
         return s.status(self.clock())
 
-    def get(self, stream_id: Any) -> Stream:
-        if not isinstance(stream_id, str) or stream_id not in self.streams:
-            raise BadRequest(f"no stream with id {stream_id!r}")
+    async def list(self, state: Any = None, label_prefix: Any = None) -> dict[str, Any]:
+        if state is not None and state not in STATES:
+            raise BadRequest(f"state must be one of {', '.join(STATES)}")
+        if label_prefix is not None and not isinstance(label_prefix, str):
+            raise BadRequest("label_prefix must be a string")
+        now = self.clock()
+        return {"streams": [s.status(now) for s in self.streams.values()
+                            if (state is None or s.state == state)
+                            and (label_prefix is None or s.label.startswith(label_prefix))]}
+
+    async def status(self, stream_id: Any = None, label: Any = None) -> dict[str, Any]:
+        return self.get(stream_id, label).status(self.clock())
+
+    def get(self, stream_id: Any = None, label: Any = None) -> Stream:
+        """A stream by its id, or by its label (so a rune can limit a caller to the
+        streams whose labels it chose: pnamelabel^<prefix>)."""
+        if (stream_id is None) == (label is None):
+            raise BadRequest("give a stream's id or its label, not both")
+        if label is not None:
+            found = next((s for s in self.streams.values() if isinstance(label, str) and label and s.label == label),
+                         None)
+            if found is None:
+                raise NotFound("no stream has that label")
+            return found
+        if not isinstance(stream_id, str):
+            raise BadRequest("id must be a stream id (a string)")
+        if stream_id not in self.streams:
+            raise NotFound("no stream with that id")
         return self.streams[stream_id]
 
-    async def change(self, stream_id: Any, action: str) -> dict[str, Any]:
-        s = self.get(stream_id)
+    async def change(self, stream_id: Any, action: str, label: Any = None) -> dict[str, Any]:
+        s = self.get(stream_id, label)
         now = self.clock()
         {"pause": lambda: s.pause("paused by request"), "resume": lambda: s.resume(now),
          "stop": s.stop}[action]()
@@ -122,6 +170,8 @@ class StreamRunner:
                 _resolve(self._wake_fut)
 
     async def _run(self) -> None:
+        if not await self.node.wait_until_ready(self.ready_timeout_s):
+            log.warning("no usable channel after %.0fs; streams go on regardless", self.ready_timeout_s)
         while True:
             now = self.clock()
             while self._heap and self._heap[0][0] <= now:
@@ -162,7 +212,7 @@ class StreamRunner:
         sendpays_start = None
         while (plan := s.next_payment(self.clock())) is not None:
             if sendpays_start is None:    # one look-up per batch: a lower start only widens the search
-                sendpays_start = await self._sendpays_index()
+                sendpays_start = await self.node.sendpays_position()
             # Saving the new in-flight payment also saves the previous payment's outcome.
             dirty = await self._pay(s, *plan, sendpays_start=sendpays_start)
         if dirty or s.state != "active":
@@ -183,11 +233,13 @@ class StreamRunner:
                                             max_fee_msat=s.max_fee_msat, extratlvs=s.tlv_record(),
                                             retry_for_s=RETRY_FOR_S)
             else:
-                inv = (await self.node.rpc.call("fetchinvoice", {"offer": r.destination,
-                                                                "amount_msat": amount}))["invoice"]
-                p = await self._xpay(inv, flight.label, s.max_fee_msat)
-        except (PaymentFailed, ClnRpcError) as exc:
-            s.failed(exc.message, liquidity_failure(exc), self.clock())
+                invoice, _ = await self.node.fetch_invoice(r.destination, amount)
+                p = await self.node.pay(invoice, max_fee_msat=s.max_fee_msat, label=flight.label,
+                                        retry_for_s=RETRY_FOR_S)
+        except PaymentFailed as exc:
+            # lightningd's own verdict. Anything else (the connection to it dropped) leaves
+            # the payment in flight, to be settled from lightningd's record.
+            s.failed(exc.message, isinstance(exc, PaymentFailed) and exc.no_liquidity, self.clock())
             log.info("stream %s seq %d to %s failed: %s", s.id, flight.seq, r.destination[:16], exc.message)
             self._payment_event(s, flight, "failed", 0, exc.message)
             return True
@@ -195,42 +247,37 @@ class StreamRunner:
         self._payment_event(s, flight, "complete", p.fee_msat, None)
         return True
 
-    async def _xpay(self, invstring: str, label: str, max_fee_msat: int):
-        from .lightning.base import Payment
-        try:
-            r = await self.node.rpc.call("xpay", {"invstring": invstring, "label": label,
-                                                  "maxfee": max_fee_msat, "retry_for": RETRY_FOR_S},
-                                         timeout_s=None)
-        except ClnRpcError as exc:
-            raise PaymentFailed(f"payment failed: {exc.cln_message}", cln_code=exc.cln_code) from None
-        return Payment("", r["payment_preimage"], r["amount_msat"], r["amount_sent_msat"] - r["amount_msat"])
-
-    async def _sendpays_index(self) -> int:
-        r = await self.node.rpc.call("wait", {"subsystem": "sendpays", "indexname": "created", "nextvalue": 0})
-        return int(r.get("created", 0)) + 1
-
     async def _reconcile(self, s: Stream) -> bool:
         """Settle an in-flight payment from an earlier run. False while it is pending."""
         f = s.in_flight
         assert f is not None
-        parts = (await self.node.rpc.call("listsendpays", {"index": "created",
-                                                            "start": f.sendpays_start}))["payments"]
-        mine = [p for p in parts if p.get("label") == f.label]
-        complete = [p for p in mine if p.get("status") == "complete"]
-        if complete:
-            fee = sum(p["amount_sent_msat"] - p["amount_msat"] for p in complete)
+        now = self.clock()
+        found = await self.node.lookup_payment(f.label, f.sendpays_start)
+        if found is not None and found.state == "complete":
+            fee = found.payment.fee_msat if found.payment is not None else 0
             log.info("stream %s seq %d: found complete after restart; not paying again", s.id, f.seq)
-            s.succeeded(fee, self.clock())
+            s.succeeded(fee, now)
             self._payment_event(s, f, "complete", fee, None)
-        elif any(p.get("status") == "pending" for p in mine):
-            return False
-        elif mine:
-            s.failed("failed (found after restart)", False, self.clock())
+        elif found is not None and found.state == "pending":
+            if await self.node.htlc_in_flight(found.payment_hash):
+                self._orphan_since.pop(f.label, None)
+                return False
+            since = self._orphan_since.setdefault(f.label, now)
+            if now - since < ORPHAN_GRACE_S:
+                return False
+            del self._orphan_since[f.label]
+            error = "lightningd recorded the payment but no HTLC carries it (it cannot complete)"
+            log.warning("stream %s seq %d: %s; counted as failed, not paid again", s.id, f.seq, error)
+            s.failed(error, False, now)
+            self._payment_event(s, f, "failed", 0, error)
+        elif found is not None:
+            s.failed("failed (found after restart)", False, now)
             self._payment_event(s, f, "failed", 0, "failed before restart")
-        elif self.clock() - f.started_at < RECONCILE_GRACE_S:
-            return False          # xpay may still be routing it; wait before concluding
+        elif (self.node_started_at is None or f.started_at >= self.node_started_at) \
+                and now - f.started_at < RECONCILE_GRACE_S:
+            return False          # an xpay of this node may still be routing it; wait before concluding
         else:
-            log.info("stream %s seq %d never left; retrying under a new label", s.id, f.seq)
+            log.info("stream %s seq %d never left; paying what it owed under a new label", s.id, f.seq)
             s.abandon()
         await self._save(s)
         return True
@@ -248,6 +295,7 @@ class StreamRunner:
             "paid_msat": s.paid_msat, "fees_msat": s.fees_msat})
 
     def _state_changed(self, s: Stream) -> None:
+        log.info("stream %s is %s%s", s.id, s.state, f": {s.reason}" if s.reason else "")
         self.notify("streampay_state", {"stream_id": s.id, "state": s.state, "reason": s.reason})
 
 

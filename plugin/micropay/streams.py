@@ -247,14 +247,15 @@ class Stream:
             "max_total_msat": self.max_total_msat, "max_fee_msat": self.max_fee_msat,
             "paid_msat": self.paid_msat, "fees_msat": self.fees_msat, "payments": self.payments,
             "failures": self.failures, "last_error": self.last_error, "intervals": self.intervals,
-            "missed_intervals": self.missed_intervals, "last_paid_at": self.last_paid_at,
-            "next_due": self.next_due if self.state == "active" else None,
-            "in_flight": asdict(self.in_flight) if self.in_flight else None,
+            "missed_intervals": self.missed_intervals, "last_paid_at": _seconds(self.last_paid_at),
+            "next_due": _seconds(self.next_due) if self.state == "active" else None,
+            "in_flight": dict(asdict(self.in_flight), started_at=_seconds(self.in_flight.started_at))
+            if self.in_flight else None,
             "recipients": [{"destination": r.destination, "name": r.name, "share": r.share,
                             "paid_msat": self.paid_by_recipient[i], "owed_msat": self.owed[i],
                             "suspended": self.suspended[i], "piece_msat": self.piece[i]}
                            for i, r in enumerate(self.recipients)],
-            "metadata": self.metadata, "created_at": self.created_at,
+            "metadata": self.metadata, "created_at": _seconds(self.created_at),
         }
 
     def tlv_record(self, app_name: str = "micropay") -> dict[str, str]:
@@ -276,6 +277,11 @@ class Stream:
 _STREAM_FIELDS = tuple(f.name for f in fields(Stream))
 
 
+def _seconds(t: float | None) -> int | None:
+    """Timestamps in answers are whole unix seconds, as on the receiving side."""
+    return None if t is None else int(round(t))
+
+
 # -- input validation -------------------------------------------------------------
 
 def parse_recipients(destination: Any, splits: Any) -> list[Recipient]:
@@ -294,7 +300,10 @@ def parse_recipients(destination: Any, splits: Any) -> list[Recipient]:
         if not isinstance(name, str) or len(name) > 100:
             raise BadRequest(f"splits[{k}].name must be a string of at most 100 characters")
         out.append(Recipient(_destination(s.get("destination"), f"splits[{k}].destination"), share, name))
-    if destination is not None and destination not in [r.destination for r in out]:
+    destinations = [r.destination for r in out]
+    if len(set(destinations)) != len(destinations):
+        raise BadRequest("splits name the same destination twice; give it one entry with the summed share")
+    if destination is not None and _destination(destination, "destination") not in destinations:
         raise BadRequest("with splits, destination must be omitted or be one of the split destinations")
     return out
 

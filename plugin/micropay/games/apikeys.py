@@ -15,26 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import BadRequest, MicropayError
+from ..errors import BadRequest, Forbidden, Unauthorized
 from ..store import Store
-from ..store.games import GSQL
+from .repository import ApiKeyRepository, StoredApiKey
 
 SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write")
 DEFAULT_SCOPES = ("purchases:write", "purchases:read", "events:read")
 KEY_RE = re.compile(r"mpk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 CACHE_TTL_S = 5.0   # a revoked key stops working within this long in a running sidecar
-
-
-class Unauthorized(MicropayError):
-    code = "unauthorized"
-    http_status = 401
-    rpc_code = 1401
-
-
-class Forbidden(MicropayError):
-    code = "forbidden"
-    http_status = 403
-    rpc_code = 1403
 
 
 @dataclass(frozen=True)
@@ -69,29 +57,27 @@ async def create_key(store: Store, name: str, scopes: list[str], now: int | None
     kid = os.urandom(6).hex()
     secret = base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
     created = int(time.time() if now is None else now)
-    await store.query(GSQL["add_api_key"], (kid, name, _hash(secret), " ".join(sorted(scope_set)), created))
+    await ApiKeyRepository(store).add(kid, name, _hash(secret), scope_set, created)
     return f"mpk_{kid}_{secret}", ApiKey(kid, name, scope_set, created, None)
 
 
-def _record(row) -> ApiKey:
-    return ApiKey(row[0], row[1], frozenset(row[3].split()), int(row[4]),
-                  int(row[5]) if row[5] is not None else None)
+def _public(k: StoredApiKey) -> ApiKey:
+    return ApiKey(k.kid, k.name, k.scopes, k.created_at, k.revoked_at)
 
 
 async def list_keys(store: Store) -> list[ApiKey]:
-    return [_record(r) for r in await store.query(GSQL["list_api_keys"])]
+    return [_public(k) for k in await ApiKeyRepository(store).all()]
 
 
 async def revoke_key(store: Store, kid: str, now: int | None = None) -> bool:
-    rows = await store.query(GSQL["revoke_api_key"], (kid, int(time.time() if now is None else now)))
-    return bool(rows)
+    return await ApiKeyRepository(store).revoke(kid, int(time.time() if now is None else now))
 
 
 class ApiKeyVerifier:
     """Checks `Authorization: Bearer mpk_...` against the store, caching briefly."""
 
     def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
-        self.store, self.clock = store, clock
+        self.repo, self.clock = ApiKeyRepository(store), clock
         self._cache: dict[str, tuple[float, str, ApiKey]] = {}
 
     async def verify(self, presented: str, scope: str) -> ApiKey:
@@ -102,17 +88,20 @@ class ApiKeyVerifier:
         now = self.clock()
         hit = self._cache.get(kid)
         if hit is None or hit[0] < now:
-            rows = await self.store.query(GSQL["get_api_key"], (kid,))
-            if not rows:
+            stored = await self.repo.get(kid)
+            if stored is None:
                 raise Unauthorized("unknown API key")
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            hit = self._cache[kid] = (now + CACHE_TTL_S, rows[0][2], _record(rows[0]))
+            hit = self._cache[kid] = (now + CACHE_TTL_S, stored.key_hash, _public(stored))
         _, key_hash, key = hit
         if not hmac.compare_digest(key_hash, _hash(secret)):
             raise Unauthorized("unknown API key")
         if key.revoked_at is not None:
             raise Unauthorized("API key revoked")
         if scope not in key.scopes:
-            raise Forbidden(f"this API key lacks the {scope!r} scope")
+            raise Forbidden(f"this API key lacks the {scope!r} scope (keys get "
+                            f"{' '.join(DEFAULT_SCOPES)} unless created with --scope; create one with "
+                            f"`micropay apikey create --name NAME --scope {scope}`, repeating --scope for "
+                            "each scope it needs)")
         return key

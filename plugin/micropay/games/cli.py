@@ -9,10 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, demo_config, load_config
+from ..config import Config
+from ..configfile import demo_config, load_config
 from ..errors import MicropayError
-from ..store import Store, open_store_from_url
+from ..store import CORE_SCHEMA, Store, open_store_from_url
 from . import apikeys, webhooks
+from .repository import Delivery, DeliveryStatus
+from .schema import GAMES_SCHEMA
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -50,10 +53,11 @@ def add_parsers(sub: Any) -> None:
     rd.add_argument("event_id", type=int)
     rd.add_argument("--endpoint", default="")
     _store_args(rd)
-    ro = ws.add_parser("rotate-secret", help="new signing secret for an endpoint; the old one keeps "
-                       "signing too until --drop-old")
+    ro = ws.add_parser("rotate-secret", help="a new signing secret for an endpoint (the previous one keeps "
+                       "signing too); with --drop-old, keep only the newest secret instead")
     ro.add_argument("endpoint")
-    ro.add_argument("--drop-old", action="store_true", help="sign with the newest secret only")
+    ro.add_argument("--drop-old", action="store_true",
+                    help="make no new secret: drop every secret but the newest (the one the receiver has now)")
     _store_args(ro)
 
 
@@ -63,7 +67,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _with_store(args: argparse.Namespace, fn) -> int:
-    store: Store = open_store_from_url(_config(args).effective_store_url)
+    store: Store = open_store_from_url(_config(args).effective_store_url, (CORE_SCHEMA, GAMES_SCHEMA))
     await store.open()
     try:
         return await fn(store)
@@ -98,12 +102,12 @@ def run_apikey(args: argparse.Namespace) -> int:
     return asyncio.run(_with_store(args, go))
 
 
-def _delivery_line(d: dict[str, Any]) -> str:
-    when = d["delivered_at"] or d["next_at"]
-    return (f"{d['event_id']}\t{d['type']}\t{d['subject_id']}\t{d['endpoint']}\t{d['status']}\t"
-            f"attempts={d['attempts']}\t{'at' if d['delivered_at'] else 'next'}="
-            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(int(when)))}"
-            + (f"\t{d['last_error']}" if d["last_error"] and d["status"] != "delivered" else ""))
+def _delivery_line(d: Delivery) -> str:
+    when = d.delivered_at or d.next_at
+    return (f"{d.event_id}\t{d.type}\t{d.subject_id}\t{d.endpoint}\t{d.status}\t"
+            f"attempts={d.attempts}\t{'at' if d.delivered_at else 'next'}="
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(when))}"
+            + (f"\t{d.last_error}" if d.last_error and d.status != DeliveryStatus.DELIVERED else ""))
 
 
 def run_webhooks(args: argparse.Namespace) -> int:
@@ -111,25 +115,32 @@ def run_webhooks(args: argparse.Namespace) -> int:
         cfg = _config(args)
         ep = next((w for w in cfg.games.webhooks if w.name == args.endpoint), None)
         if ep is None:
-            raise MicropayError(f"no webhook endpoint named {args.endpoint!r} in the config")
+            where = "the built-in demo config: pass --config <your sidecar's config>" if not args.config \
+                else cfg.source
+            raise MicropayError(f"no webhook endpoint named {args.endpoint!r} in {where}")
         f = webhooks.SecretFile(ep.secret_path(cfg.data_dir))
-        f.rotate(keep_old=not args.drop_old)
-        print(f"{f.path}: new secret first{'' if args.drop_old else ', previous secret kept'}; the sidecar "
-              "signs with every secret in the file (no restart needed). Give the receiver the new secret "
-              "(first line), then run again with --drop-old.")
+        if args.drop_old:
+            dropped = f.drop_old()
+            print(f"{f.path}: the sidecar now signs with the newest secret only ({dropped} older dropped; "
+                  "no restart needed)")
+            return 0
+        f.rotate()
+        print(f"{f.path}: a new secret is on the first line, the previous one is kept; the sidecar signs with "
+              "both (no restart needed). Give the receiver the new secret, then run this again with "
+              "--drop-old to sign with it only.")
         return 0
 
     async def go(store: Store) -> int:
         if args.action == "list":
             rows = await webhooks.list_deliveries(store, args.status or "", args.endpoint, args.purchase,
                                                   max(1, min(args.limit, 1000)))
-            _print(args, rows, [_delivery_line(d) for d in rows] or ["no deliveries"])
+            _print(args, [d.to_json() for d in rows], [_delivery_line(d) for d in rows] or ["no deliveries"])
         elif args.action == "show":
             rows = await webhooks.get_deliveries(store, args.event_id)
             if not rows:
                 raise MicropayError(f"no deliveries for event {args.event_id}")
             body = json.loads(webhooks.event_body(rows[0]))
-            _print(args, {"event": body, "deliveries": rows},
+            _print(args, {"event": body, "deliveries": [d.to_json() for d in rows]},
                    [json.dumps(body, indent=2, sort_keys=True)] + [_delivery_line(d) for d in rows])
         elif args.action == "redeliver":
             eps = await webhooks.redeliver(store, args.event_id, args.endpoint, int(time.time()))

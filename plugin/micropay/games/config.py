@@ -25,6 +25,10 @@
     per_player_day_msat = 1_000_000
     per_day_msat = 50_000_000
     max_fee_msat = 5_000
+
+    [events]
+    max_streams = 2000                 # concurrent SSE/WebSocket streams, all callers
+    max_streams_per_credential = 10    # per API key, or per purchase's client token
 """
 from __future__ import annotations
 
@@ -34,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..inputs import is_http_url
 from ..pricing import _Table
+from ..tasks import backoff_delay
 
 SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -68,6 +74,9 @@ class WebhookEndpoint:
         return self.secret_file if self.secret_file.is_absolute() else data_dir / self.secret_file
 
 
+WEBHOOK_JITTER = 0.1
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     first_s: int = 1
@@ -75,8 +84,10 @@ class RetryPolicy:
     give_up_after_s: int = 3 * 86400
 
     def delay(self, attempts: int) -> int:
-        """Seconds to wait after the `attempts`-th failed attempt (1-based): doubling, capped."""
-        return min(self.max_s, self.first_s * 2 ** min(attempts - 1, 40))
+        """Seconds to wait after the `attempts`-th failed attempt (1-based): doubling, capped,
+        and up to a tenth shorter at random, so that retries after a receiver's outage
+        spread out instead of arriving together."""
+        return max(1, round(backoff_delay(attempts, self.first_s, self.max_s, jitter=WEBHOOK_JITTER)))
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,9 @@ class GamesConfig:
     webhooks: tuple[WebhookEndpoint, ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     payouts: PayoutCaps | None = None
+    max_streams: int = 2000
+    max_streams_per_credential: int = 10
+    frame_ancestors: tuple[str, ...] = ()     # origins that may put the paywall in an <iframe>
 
     @property
     def enabled(self) -> bool:
@@ -108,13 +122,17 @@ class GamesConfig:
         return [w.name for w in self.webhooks if event_type in w.events]
 
 
-GAMES_KEYS = {"catalog", "purchases", "webhooks", "webhook_retry", "payouts"}
+GAMES_KEYS = {"catalog", "purchases", "webhooks", "webhook_retry", "payouts", "events", "paywall"}
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 
-def parse_games(top: _Table, source: str) -> GamesConfig:
+def parse_games(top: _Table, source: str, index_offset: dict[str, int] | None = None) -> GamesConfig:
+    """`index_offset`: where the entries given start in the file's lists (to name them right
+    when entries are checked one at a time)."""
+    offset = index_offset or {}
     items = []
     seen: set[str] = set()
-    for i, raw in enumerate(top.get("catalog", list, [])):
+    for i, raw in enumerate(top.get("catalog", list, []), offset.get("catalog", 0)):
         where = f"{source}: catalog[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
@@ -138,7 +156,7 @@ def parse_games(top: _Table, source: str) -> GamesConfig:
     expiry = p.positive_int("expiry_s", 900, maximum=7 * 86400) or 900
 
     hooks, names = [], set()
-    for i, raw in enumerate(top.get("webhooks", list, [])):
+    for i, raw in enumerate(top.get("webhooks", list, []), offset.get("webhooks", 0)):
         where = f"{source}: webhooks[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
@@ -151,8 +169,8 @@ def parse_games(top: _Table, source: str) -> GamesConfig:
             raise t.fail("name", f"duplicate webhook name {name!r}")
         names.add(name)
         url = t.get("url", str)
-        if url is None or not url.startswith(("http://", "https://")):
-            raise t.fail("url", "is required: an http:// or https:// URL")
+        if url is None or not is_http_url(url):
+            raise t.fail("url", "is required: an http:// or https:// URL with a host")
         events = t.get("events", list, list(EVENT_TYPES))
         bad = [e for e in events if e not in EVENT_TYPES]
         if bad or not events:
@@ -182,4 +200,14 @@ def parse_games(top: _Table, source: str) -> GamesConfig:
                          "is required: payouts are capped per player and per day")
         payouts = PayoutCaps(per_player, per_day,
                              t.positive_int("max_fee_msat", 5_000, allow_zero=True) or 0)
-    return GamesConfig(tuple(items), expiry, tuple(hooks), retry, payouts)
+    ev = _Table(top.get("events", dict, {}), f"{source}: events")
+    ev.check_keys({"max_streams", "max_streams_per_credential"})
+    max_streams = ev.positive_int("max_streams", 2000, maximum=1_000_000) or 2000
+    per_credential = ev.positive_int("max_streams_per_credential", 10, maximum=1_000_000) or 10
+    pw = _Table(top.get("paywall", dict, {}), f"{source}: paywall")
+    pw.check_keys({"frame_ancestors"})
+    ancestors = pw.get("frame_ancestors", list, [])
+    if not all(isinstance(a, str) and (a == "'self'" or _ORIGIN.fullmatch(a)) for a in ancestors):
+        raise pw.fail("frame_ancestors", "must be a list of origins like \"https://game.example\" or \"'self'\"")
+    return GamesConfig(tuple(items), expiry, tuple(hooks), retry, payouts, max_streams, per_credential,
+                       tuple(ancestors))

@@ -9,101 +9,77 @@ Lightning makes idempotent (same payment hash).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import time
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, NoReturn
 
-from ..errors import BadRequest, MicropayError, PaymentFailed
+from ..errors import (BadRequest, Conflict, MicropayError, NotFound, PaymentFailed, PaymentUnknown,
+                      PayoutCapReached, PayoutsDisabled)
 from ..lightning.base import Node
-from ..params import MAX_MSAT
 from ..store import Store
-from ..store.base import Step
-from ..store.games import GSQL, PAYOUT_FIELDS, NewEvent, row_dict
+from ..tasks import every
 from .config import PayoutCaps
-from .purchases import Conflict, EventHub, NotFound, check_idempotency_key, check_player_id
+from .events import EventHub
+from .models import PAYOUT_CREATE
+from .repository import CapReached, NewEvent, Payout, PayoutRepository, PayoutStatus
 
 log = logging.getLogger("micropay.payouts")
-MAX_DESTINATION = 4096
-
-
-class PayoutCapReached(MicropayError):
-    code = "payout_cap_reached"
-    http_status = 409
-    rpc_code = 1409
-
-
-class PayoutsDisabled(MicropayError):
-    code = "payouts_disabled"
-    http_status = 403
-    rpc_code = 1403
+LEASE_S = 30                     # a payout's lease: renewed while a process works on it, so a
+RENEW_EVERY_S = 10               # crashed process's payouts are resumed within LEASE_S
+DEFAULT_MAX_FEE_MSAT = 5_000     # the micropay-payout-max-fee-msat default
 
 
 def utc_day(t: float) -> str:
     return dt.datetime.fromtimestamp(int(t), dt.timezone.utc).strftime("%Y-%m-%d")
 
 
-def view(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "idempotency_key": row["idempotency_key"], "player_id": row["player_id"],
-            "destination": row["destination"], "amount_msat": int(row["amount_msat"]),
-            "fee_msat": None if row["fee_msat"] is None else int(row["fee_msat"]),
-            "status": row["status"], "error": row["error"], "payment_hash": row["payment_hash"],
-            "preimage": row["preimage"], "day": row["day"], "created_at": int(row["created_at"]),
-            "updated_at": int(row["updated_at"])}
+def view(p: Payout) -> dict[str, Any]:
+    return {"id": p.id, "idempotency_key": p.idempotency_key, "player_id": p.player_id,
+            "destination": p.destination, "amount_msat": p.amount_msat, "fee_msat": p.fee_msat,
+            "status": str(p.status), "error": p.error, "payment_hash": p.payment_hash, "preimage": p.preimage,
+            "day": p.day, "created_at": p.created_at, "updated_at": p.updated_at}
 
 
 class Payouts:
     def __init__(self, caps: PayoutCaps | None, store: Store, node: Node, *,
                  endpoints_for: Callable[[str], list[str]] = lambda t: [], hub: EventHub | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.caps, self.store, self.node = caps, store, node
+        self.caps, self.repo, self.node = caps, PayoutRepository(store), node
         self.endpoints_for, self.hub, self.clock = endpoints_for, hub, clock
 
-    async def _one(self, key: str, value: str) -> dict[str, Any] | None:
-        rows = await self.store.query(GSQL[key], (value,))
-        return row_dict(PAYOUT_FIELDS, rows[0]) if rows else None
-
     async def get(self, payout_id: str) -> dict[str, Any]:
-        row = await self._one("payout_by_id", payout_id)
-        if row is None:
+        p = await self.repo.by_id(payout_id)
+        if p is None:
             raise NotFound("no such payout")
-        return view(row)
+        return view(p)
 
     async def create(self, body: Any) -> tuple[dict[str, Any], bool]:
         if self.caps is None:
             raise PayoutsDisabled("payouts are disabled: set the per-player and per-day caps ([payouts] in the "
                                   "sidecar config, or the micropay-payout-*-msat plugin options)")
-        if not isinstance(body, dict):
-            raise BadRequest("body must be a JSON object")
-        unknown = sorted(set(body) - {"player_id", "destination", "amount_msat", "idempotency_key"})
-        if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}")
-        player = check_player_id(body.get("player_id"))
-        key = check_idempotency_key(body.get("idempotency_key"))
-        dest = body.get("destination")
-        if not isinstance(dest, str) or not 0 < len(dest) <= MAX_DESTINATION:
-            raise BadRequest("destination must be a BOLT11 invoice or a BOLT12 offer")
-        dest = dest.strip()
+        fields = PAYOUT_CREATE.parse(body)
+        player, key, amount = fields["player_id"], fields["idempotency_key"], fields["amount_msat"]
+        dest = fields["destination"].strip()
         if dest.lower().startswith("lightning:"):
             dest = dest[10:]
-        amount = body.get("amount_msat")
-        if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool)
-                                   or not 0 < amount <= MAX_MSAT):
-            raise BadRequest("amount_msat must be a positive integer")
 
-        existing = await self._one("payout_by_key", key)
+        existing = await self.repo.by_key(key)
         if existing is not None:
-            if (existing["player_id"], existing["destination"]) != (player, dest) or (
-                    amount is not None and amount != existing["amount_msat"]):
+            if (existing.player_id, existing.destination) != (player, dest) or (
+                    amount is not None and amount != existing.amount_msat):
                 raise Conflict("idempotency_key was already used for a different payout",
-                               reason="idempotency_key_reused", payout_id=existing["id"])
+                               reason="idempotency_key_reused", payout_id=existing.id)
             return view(existing), False
 
         is_offer = dest.lower().startswith("lno1")
         invoice, payment_hash = (None, None) if is_offer else (dest, None)
         if is_offer:
-            if not hasattr(self.node, "fetch_invoice"):
+            if not self.node.pays_offers:
                 raise BadRequest("paying offers needs the cln backend")
             if amount is None:
                 raise BadRequest("amount_msat is required when paying an offer")
@@ -120,67 +96,118 @@ class Payouts:
         now = int(self.clock())
         day = utc_day(now)
         pid = "pay_" + os.urandom(12).hex()
-        tx = await self.store.transaction([
-            Step(GSQL["lock"], ("payouts",)),
-            Step(GSQL["payout_player_room"], (day, player, amount, self.caps.per_player_day_msat), required=True),
-            Step(GSQL["payout_day_room"], (day, amount, self.caps.per_day_msat), required=True),
-            Step(GSQL["add_payout"], (pid, key, player, dest, invoice, payment_hash, amount, day, now)),
-        ])
-        if not tx.ok:
-            existing = await self._one("payout_by_key", key)
+        new = Payout(pid, key, player, dest, invoice, payment_hash, amount, None, PayoutStatus.SENDING, None, day,
+                     now, now, None, self.caps.max_fee_msat, now + LEASE_S)
+        reserved = await self.repo.reserve(new, self.caps.per_player_day_msat, self.caps.per_day_msat)
+        if reserved is not True:
+            existing = await self.repo.by_key(key)
             if existing is not None:
-                return view(existing), False
-            player_total, day_total = (await self.store.query(GSQL["payout_totals"], (day, player)))[0]
-            if tx.failed_step == 1:
+                return view(existing), False       # the same key, created meanwhile
+            player_total, day_total = await self.repo.totals(day, player)
+            if reserved == CapReached.PER_PLAYER_DAY:
                 raise PayoutCapReached(
                     f"player {player!r} would exceed the daily payout cap of {self.caps.per_player_day_msat} msat",
-                    cap="per_player_day", cap_msat=self.caps.per_player_day_msat, used_msat=int(player_total))
+                    cap=str(reserved), cap_msat=self.caps.per_player_day_msat, used_msat=player_total)
             raise PayoutCapReached(f"the daily payout cap of {self.caps.per_day_msat} msat would be exceeded",
-                                   cap="per_day", cap_msat=self.caps.per_day_msat, used_msat=int(day_total))
-        if not tx.rows[3]:
-            return view(await self._one("payout_by_key", key)), False   # type: ignore[arg-type]
+                                   cap=str(CapReached.PER_DAY), cap_msat=self.caps.per_day_msat, used_msat=day_total)
         log.info("payout %s reserved: %d msat to player %s", pid, amount, player)
-        return await self._send(await self._one("payout_by_id", pid)), True  # type: ignore[arg-type]
+        async with self._leased(pid):
+            return await self._send(new), True
 
-    async def _send(self, row: dict[str, Any]) -> dict[str, Any]:
-        pid = row["id"]
-        invoice = row["invoice"]
+    @contextlib.asynccontextmanager
+    async def _leased(self, pid: str):
+        """Keep the payout's lease while we work on it; a crash lets it run out."""
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(RENEW_EVERY_S)
+                await self.repo.renew_lease(pid, int(self.clock()) + LEASE_S)
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    async def _send(self, row: Payout, resume: bool = False) -> dict[str, Any]:
+        """Pay the payout, or settle it from what the node recorded. Its status comes from
+        the node's own record of the payment (complete -> paid, pending -> still
+        sending, failed -> failed), never from an attempt the node refused for a passing
+        reason. With `resume`, an attempt the node already recorded as failed is final."""
+        pid = row.id
+        invoice, payment_hash = row.invoice, row.payment_hash
         if invoice is None:   # an offer: fetch the invoice once, persist it, then pay it
             try:
-                invoice, payment_hash = await self.node.fetch_invoice(  # type: ignore[attr-defined]
-                    row["destination"], int(row["amount_msat"]))
+                invoice, payment_hash = await self.node.fetch_invoice(row.destination, row.amount_msat)
             except MicropayError as exc:
-                return await self._finish(row, "failed", error=f"could not fetch an invoice from the offer: "
+                return await self._finish(row, PayoutStatus.FAILED, error=f"could not fetch an invoice from the offer: "
                                                                  f"{exc.message}")
-            await self.store.query(GSQL["set_payout_invoice"], (pid, invoice, payment_hash, int(self.clock())))
+            await self.repo.set_invoice(pid, invoice, payment_hash, int(self.clock()))
+        if payment_hash is None:
+            payment_hash = (await self.node.decode(invoice)).payment_hash
+        known = await self.node.payment_status(payment_hash)
+        if known is not None and known.state == "complete":
+            return await self._paid(row, known.payment)
+        if known is not None and known.state == "pending":
+            return await self.get(pid)           # still out: whoever holds the lease next looks again
+        if known is not None and resume:
+            return await self._finish(row, PayoutStatus.FAILED, error="the node recorded this payment as failed")
         try:
-            p = await self.node.pay(invoice, max_fee_msat=self.caps.max_fee_msat if self.caps else None,
-                                    label=f"micropay-payout-{pid}")
+            p = await self.node.pay(invoice, max_fee_msat=self._fee_cap(row), label=f"micropay-payout-{pid}")
+        except PaymentUnknown:
+            return await self.get(pid)           # out, outcome unknown: settled from the node's record later
         except PaymentFailed as exc:
-            return await self._finish(row, "failed", error=exc.message)
-        return await self._finish(row, "paid", fee_msat=p.fee_msat, preimage=p.preimage)
+            after = await self.node.payment_status(payment_hash)
+            if after is not None and after.state == "complete":
+                return await self._paid(row, after.payment)
+            if after is not None and after.state == "pending":
+                return await self.get(pid)
+            return await self._finish(row, PayoutStatus.FAILED, error=exc.message)
+        return await self._paid(row, p)
 
-    async def _finish(self, row: dict[str, Any], status: str, *, fee_msat: int | None = None,
+    def _fee_cap(self, row: Payout) -> int:
+        """The fee cap the payout was created under (rows from before 0.2 have none: the
+        current cap, or the option's default)."""
+        if row.max_fee_msat is not None:
+            return row.max_fee_msat
+        return self.caps.max_fee_msat if self.caps is not None else DEFAULT_MAX_FEE_MSAT
+
+    async def _paid(self, row: Payout, p: Any) -> dict[str, Any]:
+        return await self._finish(row, PayoutStatus.PAID, fee_msat=p.fee_msat, preimage=p.preimage)
+
+    async def _finish(self, row: Payout, status: PayoutStatus, *, fee_msat: int | None = None,
                       preimage: str | None = None, error: str | None = None) -> dict[str, Any]:
         now = int(self.clock())
-        done = dict(row, status=status, fee_msat=fee_msat, preimage=preimage, error=error, updated_at=now)
-        ev = NewEvent(f"payout.{status}:{row['id']}", f"payout.{status}", row["id"], row["player_id"],
+        done = replace(row, status=status, fee_msat=fee_msat, preimage=preimage, error=error, updated_at=now)
+        ev = NewEvent(f"payout.{status}:{row.id}", f"payout.{status}", row.id, row.player_id,
                       {"payout": view(done)}, now)
-        tx = await self.store.transaction(
-            [Step(GSQL["finish_payout"], (row["id"], status, fee_msat, preimage, error, now), required=True)]
-            + ev.steps(self.endpoints_for(ev.type)))
-        if tx.ok and self.hub is not None:
+        if await self.repo.finish(row.id, status, fee_msat, preimage, error, now, ev, self.endpoints_for(ev.type)) \
+                and self.hub is not None:
             self.hub.notify()
-        log.info("payout %s %s%s", row["id"], status, f": {error}" if error else "")
-        return await self.get(row["id"])
+        log.info("payout %s %s%s", row.id, status, f": {error}" if error else "")
+        return await self.get(row.id)
 
-    async def resume_sending(self) -> int:
-        """At start-up: finish payouts a crash left 'sending'."""
-        rows = [row_dict(PAYOUT_FIELDS, r) for r in await self.store.query(GSQL["payouts_sending"])]
+    async def resume_sending(self, ready_timeout_s: float = 120.0) -> int:
+        """Act on payouts left 'sending' (by a crash, or a payment still out) whose lease
+        has run out: settle them from the node's record, or pay them. Waits first until
+        the node can pay, so a restart does not fail them before its peers are back."""
+        rows = await self.repo.sending(int(self.clock()))
+        if not rows:
+            return 0
+        if not await self.node.wait_until_ready(ready_timeout_s):
+            log.warning("the node has no usable channel yet; resuming %d payouts anyway", len(rows))
+        n = 0
         for row in rows:
-            log.info("resuming payout %s left in flight", row["id"])
+            now = int(self.clock())
+            if not await self.repo.claim(row.id, now + LEASE_S, now):
+                continue                       # another process holds it
+            n += 1
             try:
-                await self._send(row)   # type: ignore[arg-type]
+                async with self._leased(row.id):
+                    done = await self._send(row, resume=True)
+                log.info("payout %s resumed: %s", row.id, done["status"])
             except MicropayError as exc:
-                log.warning("payout %s still unresolved: %s", row["id"], exc.message)
-        return len(rows)
+                log.warning("payout %s still unresolved: %s", row.id, exc.message)
+        return n
+
+    async def watch(self, every_s: float = 5.0) -> NoReturn:
+        """Keep resuming payouts in flight until they are settled (runs for the process's life)."""
+        await every(every_s, self.resume_sending, what="resuming payouts", log=log)

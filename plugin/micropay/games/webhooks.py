@@ -2,7 +2,8 @@
 
 Each (event, endpoint) row is pending until a 2xx answer (delivered) or until it is
 older than `give_up_after_s` (failed; `micropay webhooks redeliver` re-queues it).
-After the n-th failure the next attempt waits first_s * 2^(n-1), capped at max_s.
+After the n-th failure the next attempt waits first_s * 2^(n-1), capped at max_s, and
+up to a tenth less at random (tasks.backoff_delay), so retries spread out.
 A later event for the same purchase waits until the earlier one has left 'pending'.
 """
 from __future__ import annotations
@@ -13,13 +14,12 @@ import logging
 import os
 import base64
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable, Protocol
 
-import aiohttp
-
+from ..errors import MicropayError
 from ..secretfile import read_secret, write_secret
 from ..store import Store
-from ..store.games import DELIVERY_FIELDS, GSQL, row_dict
+from .repository import Delivery, OutboxRepository
 from .config import GamesConfig, WebhookEndpoint
 from .signing import EVENT_ID_HEADER, EVENT_TYPE_HEADER, SIGNATURE_HEADER, sign
 
@@ -53,25 +53,49 @@ class SecretFile:
             self._stamp = stamp
         return self._secrets
 
-    def rotate(self, keep_old: bool = True) -> str:
-        old = self.secrets()[:1] if keep_old and self.path.exists() else []
+    def rotate(self) -> str:
+        """A new secret first; the previous newest one keeps signing too."""
+        old = self.secrets()[:1] if self.path.exists() else []
         fresh = new_secret()
         write_secret(self.path, ("\n".join([fresh, *old]) + "\n").encode())
         return fresh
 
+    def drop_old(self) -> int:
+        """Sign with the newest secret only (the one the receiver was given last); creates
+        none. Returns how many older secrets were dropped."""
+        secrets = self.secrets()
+        if not secrets:
+            raise MicropayError(f"{self.path}: no secret to keep")
+        write_secret(self.path, (secrets[0] + "\n").encode())
+        return len(secrets) - 1
 
-def event_body(d: dict[str, Any]) -> bytes:
-    return json.dumps({"id": int(d["event_id"]), "type": d["type"], "created_at": int(d["event_created_at"]),
-                       "data": json.loads(d["data"])}, sort_keys=True, separators=(",", ":")).encode()
+
+class DeliveryFailed(Exception):
+    """The receiver could not be reached, or broke off, or took too long."""
+
+
+class Poster(Protocol):
+    """How a webhook leaves the process: HTTP POST (adapter: games/http/poster.py)."""
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
+        """The receiver's HTTP status; raises DeliveryFailed when there is none."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def event_body(d: Delivery) -> bytes:
+    return json.dumps({"id": d.event_id, "type": d.type, "created_at": d.event_created_at,
+                       "data": json.loads(d.data)}, sort_keys=True, separators=(",", ":")).encode()
 
 
 class WebhookDeliverer:
-    def __init__(self, cfg: GamesConfig, store: Store, data_dir: Path,
+    def __init__(self, cfg: GamesConfig, store: Store, data_dir: Path, poster: Poster,
                  clock: Callable[[], float], hub=None) -> None:
-        self.cfg, self.store, self.clock, self.hub = cfg, store, clock, hub
+        self.cfg, self.outbox, self.clock, self.hub = cfg, OutboxRepository(store), clock, hub
         self.endpoints: dict[str, WebhookEndpoint] = {w.name: w for w in cfg.webhooks}
         self.secrets = {w.name: SecretFile(w.secret_path(data_dir)) for w in cfg.webhooks}
-        self._session: aiohttp.ClientSession | None = None
+        self.poster = poster
         self.delivered = self.failed_attempts = 0
 
     def check_secrets(self) -> None:
@@ -82,70 +106,61 @@ class WebhookDeliverer:
                 raise ConfigError(f"{f.path}: webhook {name!r} secret file holds no secret")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.poster.close()
 
     async def run_once(self) -> int:
         """Attempt every delivery that is due now. Returns how many were attempted."""
         now = int(self.clock())
-        rows = await self.store.query(GSQL["due_deliveries"], (now, BATCH))
-        if not rows:
+        due = await self.outbox.due(now, BATCH)
+        if not due:
             return 0
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                headers={"User-Agent": "micropay-webhooks/1"}, connector=aiohttp.TCPConnector(limit=PARALLEL))
         sem = asyncio.Semaphore(PARALLEL)
 
-        async def one(d: dict[str, Any]) -> None:
+        async def one(d: Delivery) -> None:
             async with sem:
                 await self._attempt(d)
-        await asyncio.gather(*(one(row_dict(DELIVERY_FIELDS, r)) for r in rows))
-        return len(rows)
+        await asyncio.gather(*(one(d) for d in due))
+        return len(due)
 
-    async def _attempt(self, d: dict[str, Any]) -> None:
-        ep = self.endpoints.get(d["endpoint"])
+    async def _attempt(self, d: Delivery) -> None:
+        ep = self.endpoints.get(d.endpoint)
         now = int(self.clock())
         lease = now + int(ep.timeout_s if ep else 0) + LEASE_S
-        if not await self.store.query(GSQL["claim_delivery"], (d["event_id"], d["endpoint"], d["next_at"], lease)):
+        if not await self.outbox.claim(d, lease):
             return   # another deliverer took it
         if ep is None:
             error = "endpoint no longer configured"
         else:
             body = event_body(d)
-            headers = {"Content-Type": "application/json", EVENT_ID_HEADER: str(d["event_id"]),
-                       EVENT_TYPE_HEADER: d["type"], "Micropay-Delivery-Attempt": str(int(d["attempts"]) + 1),
+            headers = {"Content-Type": "application/json", EVENT_ID_HEADER: str(d.event_id),
+                       EVENT_TYPE_HEADER: d.type, "Micropay-Delivery-Attempt": str(d.attempts + 1),
                        SIGNATURE_HEADER: sign(body, self.secrets[ep.name].secrets(), now)}
             error = None
             try:
-                assert self._session is not None
-                async with self._session.post(ep.url, data=body, headers=headers, allow_redirects=False,
-                                              timeout=aiohttp.ClientTimeout(total=ep.timeout_s)) as resp:
-                    await resp.read()
-                    if not 200 <= resp.status < 300:
-                        error = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                error = f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+                status = await self.poster.post(ep.url, body, headers, ep.timeout_s)
+                if not 200 <= status < 300:
+                    error = f"HTTP {status}"
+            except DeliveryFailed as exc:
+                error = str(exc)[:200]
         done_at = int(self.clock())
         if error is None:
-            await self.store.query(GSQL["delivery_done"], (d["event_id"], d["endpoint"], done_at))
+            await self.outbox.delivered(d, done_at)
             self.delivered += 1
-            log.info("webhook %s delivered to %s (event %s, attempt %d)", d["type"], d["endpoint"],
-                     d["event_id"], int(d["attempts"]) + 1)
+            log.info("webhook %s delivered to %s (event %s, attempt %d)", d.type, d.endpoint,
+                     d.event_id, d.attempts + 1)
             return
         self.failed_attempts += 1
-        attempts = int(d["attempts"]) + 1
-        give_up = done_at - int(d["created_at"]) >= self.cfg.retry.give_up_after_s
+        attempts = d.attempts + 1
+        give_up = done_at - d.created_at >= self.cfg.retry.give_up_after_s
         nxt = done_at + self.cfg.retry.delay(attempts)
-        await self.store.query(GSQL["delivery_retry"], (d["event_id"], d["endpoint"], done_at, nxt, error,
-                                                        "failed" if give_up else "pending"))
+        await self.outbox.attempt_failed(d, done_at, nxt, error, give_up)
         if give_up:
             log.error("webhook to %s gave up after %d attempts (event %s): %s; "
-                      "requeue with: micropay webhooks redeliver %s", d["endpoint"], attempts, d["event_id"],
-                      error, d["event_id"])
+                      "requeue with: micropay webhooks redeliver %s", d.endpoint, attempts, d.event_id,
+                      error, d.event_id)
         else:
-            log.warning("webhook to %s failed (event %s, attempt %d): %s; next in %ds", d["endpoint"],
-                        d["event_id"], attempts, error, nxt - done_at)
+            log.warning("webhook to %s failed (event %s, attempt %d): %s; next in %ds", d.endpoint,
+                        d.event_id, attempts, error, nxt - done_at)
 
     async def run(self, idle_s: float = 5.0) -> None:
         while True:
@@ -160,9 +175,9 @@ class WebhookDeliverer:
             if n >= BATCH:
                 continue
             wait = idle_s
-            rows = await self.store.query(GSQL["next_due"])
-            if rows and rows[0][0] is not None:
-                wait = max(0.05, min(idle_s, int(rows[0][0]) - self.clock()))
+            next_at = await self.outbox.next_due_at()
+            if next_at is not None:
+                wait = max(0.05, min(idle_s, next_at - self.clock()))
             if ev is not None:
                 await self.hub.wait(ev, wait)
             else:
@@ -170,14 +185,13 @@ class WebhookDeliverer:
 
 
 async def list_deliveries(store: Store, status: str = "", endpoint: str = "", subject: str = "",
-                          limit: int = 50) -> list[dict[str, Any]]:
-    rows = await store.query(GSQL["list_deliveries"], (status, endpoint, subject, limit))
-    return [row_dict(DELIVERY_FIELDS, r) for r in rows]
+                          limit: int = 50) -> list[Delivery]:
+    return await OutboxRepository(store).listing(status, endpoint, subject, limit)
 
 
-async def get_deliveries(store: Store, event_id: int) -> list[dict[str, Any]]:
-    return [row_dict(DELIVERY_FIELDS, r) for r in await store.query(GSQL["get_deliveries"], (event_id,))]
+async def get_deliveries(store: Store, event_id: int) -> list[Delivery]:
+    return await OutboxRepository(store).of_event(event_id)
 
 
 async def redeliver(store: Store, event_id: int, endpoint: str = "", now: int = 0) -> list[str]:
-    return [r[0] for r in await store.query(GSQL["redeliver"], (event_id, endpoint, now))]
+    return await OutboxRepository(store).redeliver(event_id, endpoint, now)

@@ -7,7 +7,7 @@ import bolt11
 from bitstring import BitArray
 from bolt11 import Bolt11, Feature, Features, FeatureState, MilliSatoshi, TagChar, Tags
 
-from ..errors import BadRequest
+from ..errors import InvalidInvoice
 from .base import DecodedInvoice
 
 MAX_BOLT11_LEN = 4096
@@ -30,10 +30,6 @@ def _u5_to_bitarray(arr: list[int]) -> BitArray:
 _decode_module = sys.modules["bolt11.decode"]
 _slow_u5_to_bitarray = _decode_module.u5_to_bitarray
 _decode_module.u5_to_bitarray = _u5_to_bitarray
-
-
-class InvalidInvoice(BadRequest):
-    code = "invalid_invoice"
 
 
 def encode_invoice(*, currency: str, amount_msat: int, payment_hash: bytes, payment_secret: bytes,

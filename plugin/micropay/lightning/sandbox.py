@@ -3,7 +3,9 @@
 Nodes have secp256k1 keys and issue real BOLT11 invoices (regtest prefix `bcrt`,
 signed with coincurve) that the bolt11 package and lightningd's `decode` accept.
 Paying an invoice through another sandbox node moves msat between their balances and
-settles the invoice, which then appears in the payee's settlement stream.
+settles the invoice, which then appears in the payee's settlement stream. Keysend moves
+msat to a node of the network without an invoice. Payments are atomic: complete, or
+never made. Offers (BOLT12) are not supported: `pays_offers` is False.
 State lives in memory: a restarted sandbox starts empty (tokens already issued keep
 verifying, since verification needs no node).
 """
@@ -14,12 +16,12 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 from coincurve import PrivateKey
 
 from ..errors import DuplicateLabel, PaymentFailed
-from .base import DecodedInvoice, Invoice, Payment, Settlement
+from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
 from .bolt11codec import InvalidInvoice, decode_invoice, encode_invoice
 
 Clock = Callable[[], float]
@@ -32,6 +34,9 @@ class _InvoiceState:
     description: str
     paid_by: str | None = None
     settlement: Settlement | None = None
+
+
+PLAY_MONEY_MSAT = 100_000_000_000   # 1 BTC: what sandbox wallets and the sidecar's own node start with
 
 
 class SandboxNetwork:
@@ -49,8 +54,20 @@ class SandboxNetwork:
         return amount_msat * self.fee_ppm // 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """An outgoing payment, as the node records it (listsendpays on Core Lightning)."""
+
+    index: int
+    label: str | None
+    payment: Payment
+
+
 class SandboxNode:
+    """The Node port on the in-process network."""
+
     network = "regtest"
+    pays_offers = False
 
     def __init__(self, net: SandboxNetwork, alias: str, key: PrivateKey, balance_msat: int) -> None:
         self.net, self.alias, self._key = net, alias, key
@@ -61,6 +78,9 @@ class SandboxNode:
         self._settled: list[Settlement] = []
         self._created = 0
         self._waiters: set[asyncio.Future[None]] = set()
+        self._sent: dict[str, Payment] = {}       # outgoing, by payment hash
+        self._sends: list[_Sent] = []             # outgoing, in order, with their labels
+        self.keysends_received: list[tuple[int, dict[str, str]]] = []   # (amount, extra TLVs)
 
     @property
     def cursor_namespace(self) -> str:
@@ -107,8 +127,8 @@ class SandboxNode:
     async def decode(self, bolt11: str) -> DecodedInvoice:
         return decode_invoice(bolt11)
 
-    async def pay(self, bolt11: str, max_fee_msat: int | None = None,
-                  label: str | None = None) -> Payment:
+    async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
+                  retry_for_s: int | None = None) -> Payment:
         dec = decode_invoice(bolt11)
         payee = self.net.nodes.get(dec.payee)
         state = payee._by_hash.get(dec.payment_hash) if payee else None
@@ -131,7 +151,71 @@ class SandboxNode:
         payee.balance_msat += amount
         state.paid_by = self.id
         payee._settle(state)
-        return Payment(dec.payment_hash, state.preimage.hex(), amount, fee)
+        return self._record(Payment(dec.payment_hash, state.preimage.hex(), amount, fee), label)
+
+    async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
+                      max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
+                      retry_for_s: int | None = None) -> Payment:
+        payee = self.net.nodes.get(destination)
+        if payee is None or payee is self:
+            raise PaymentFailed("no route to the destination: not another node of this sandbox network")
+        if amount_msat <= 0:
+            raise PaymentFailed("amount_msat must be positive")
+        fee = self.net.fee_for(amount_msat)
+        if max_fee_msat is not None and fee > max_fee_msat:
+            raise PaymentFailed(f"fee {fee} msat exceeds max_fee_msat {max_fee_msat}")
+        if self.balance_msat < amount_msat + fee:
+            raise PaymentFailed(f"insufficient balance: {self.balance_msat} msat", no_liquidity=True)
+        preimage = os.urandom(32)
+        self.balance_msat -= amount_msat + fee
+        payee.balance_msat += amount_msat
+        payee.keysends_received.append((amount_msat, dict(extratlvs or {})))
+        return self._record(Payment(hashlib.sha256(preimage).hexdigest(), preimage.hex(), amount_msat, fee), label)
+
+    async def fetch_invoice(self, offer: str, amount_msat: int) -> tuple[str, str]:
+        raise PaymentFailed("the sandbox does not support offers (BOLT12); use the cln backend")
+
+    def _record(self, p: Payment, label: str | None) -> Payment:
+        self._sent[p.payment_hash] = p
+        self._sends.append(_Sent(len(self._sends) + 1, label, p))
+        return p
+
+    async def sendpays_position(self) -> int:
+        return len(self._sends) + 1
+
+    async def lookup_payment(self, label: str, start: int) -> PaymentStatus | None:
+        for sent in self._sends[max(0, start - 1):]:
+            if sent.label == label:
+                return PaymentStatus("complete", sent.payment, sent.payment.payment_hash)
+        return None
+
+    async def htlc_in_flight(self, payment_hash: str) -> bool:
+        return False           # payments are atomic: nothing is ever in flight
+
+    async def list_invoices(self, index: str, start: int, limit: int) -> list[dict[str, Any]]:
+        """Its invoices in creation order (the sandbox keeps no separate update order:
+        "updated" lists them in the order they were paid, unpaid ones last)."""
+        states = sorted(self._by_hash.values(), key=lambda st: st.invoice.created_index)
+        out = []
+        for st in states:
+            inv = st.invoice
+            updated = st.settlement.pay_index if st.settlement is not None else None
+            out.append({"label": inv.label, "bolt11": inv.bolt11, "payment_hash": inv.payment_hash,
+                        "amount_msat": inv.amount_msat, "status": self.invoice_status(inv.payment_hash),
+                        "expires_at": inv.expires_at, "created_index": inv.created_index,
+                        "updated_index": updated,
+                        "paid_at": st.settlement.paid_at if st.settlement is not None else None,
+                        "amount_received_msat": st.settlement.amount_msat if st.settlement is not None else None})
+        key = "created_index" if index == "created" else "updated_index"
+        return [r for r in out if r[key] is not None and r[key] >= start][:limit]
+
+    async def payment_status(self, payment_hash: str) -> PaymentStatus | None:
+        """Sandbox payments are atomic: complete, or never made."""
+        p = self._sent.get(payment_hash)
+        return PaymentStatus("complete", p) if p is not None else None
+
+    async def wait_until_ready(self, timeout_s: float) -> bool:
+        return True
 
     def _settle(self, state: _InvoiceState) -> None:
         s = Settlement(len(self._settled) + 1, state.invoice.label, state.invoice.payment_hash,
@@ -141,6 +225,9 @@ class SandboxNode:
         for fut in list(self._waiters):
             if not fut.done():
                 fut.set_result(None)
+
+    async def has_invoice(self, payment_hash: str) -> bool:
+        return payment_hash in self._by_hash
 
     def invoice_status(self, payment_hash: str) -> str | None:
         state = self._by_hash.get(payment_hash)

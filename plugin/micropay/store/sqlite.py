@@ -8,33 +8,61 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import SCHEMA, RollBack, Step, Store, TxResult
-from .games import GAMES_SCHEMA, SERIAL_PK
+from ..errors import StoreUnavailable
+from ..secretfile import private_dir, private_umask
+from .base import RollBack, Step, Store, TxResult
+from .schema import (APPLIED, INTERIM_TABLE, RECORD_STEP, SERIAL_PK, STEPS_TABLE, Schema, interim_steps,
+                     steps_to_apply)
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+_UNAVAILABLE = re.compile(r"locked|busy|disk I/O|unable to open|readonly|full")
 
 
 class SqliteStore(Store):
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, schemas: tuple[Schema, ...] = ()) -> None:
+        self.path, self.schemas = Path(path), schemas
         self.url = f"sqlite:///{self.path}"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="micropay-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._sql_cache: dict[str, str] = {}
 
     def _connect(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
+        private_dir(self.path.parent)
+        # SQLite creates -wal and -shm with the database file's mode: create all three 0600.
+        with private_umask():
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         conn.execute("PRAGMA busy_timeout=30000")
-        for stmt in SCHEMA + GAMES_SCHEMA:
-            conn.execute(stmt.replace(SERIAL_PK, "INTEGER PRIMARY KEY AUTOINCREMENT"))
         self._conn = conn
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the schemas up to date (schema.py), one process at a time."""
+        assert self._conn is not None
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute(STEPS_TABLE)
+            if self._run("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1", (INTERIM_TABLE,)):
+                (interim,), = self._run(f"SELECT COALESCE(MAX(version), 0) FROM {INTERIM_TABLE}", ())
+                for component, version in interim_steps(int(interim)):
+                    self._run(RECORD_STEP + " ON CONFLICT DO NOTHING",
+                              (component, version, "applied by a development build", int(time.time())))
+                self._conn.execute(f"DROP TABLE {INTERIM_TABLE}")
+            applied = {c: int(v) for c, v in self._run(APPLIED, ())}
+            for schema, m in steps_to_apply(applied, self.schemas):
+                for stmt in m.statements:
+                    self._conn.execute(stmt.replace(SERIAL_PK, "INTEGER PRIMARY KEY AUTOINCREMENT"))
+                self._run(RECORD_STEP, (schema.component, m.version, m.description, int(time.time())))
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
 
     async def open(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._connect)
@@ -54,7 +82,12 @@ class SqliteStore(Store):
 
     def _run(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         assert self._conn is not None, "store is not open"
-        return self._conn.execute(self._translate(sql), tuple(args)).fetchall()
+        try:
+            return self._conn.execute(self._translate(sql), tuple(args)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if _UNAVAILABLE.search(str(exc)):      # locked past busy_timeout, or the disk failed
+                raise StoreUnavailable(f"the store is unavailable ({exc}); try again shortly") from None
+            raise
 
     async def _execute(self, sql: str, args: Sequence[Any]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)
@@ -68,7 +101,7 @@ class SqliteStore(Store):
     def _run_tx(self, steps: list[Step]) -> TxResult:
         assert self._conn is not None, "store is not open"
         out: list[list[tuple[Any, ...]]] = []
-        self._conn.execute("BEGIN IMMEDIATE")   # take the write lock now: no lost updates
+        self._run("BEGIN IMMEDIATE", ())   # take the write lock now: no lost updates
         try:
             for i, step in enumerate(steps):
                 rows = self._run(step.sql, step.args)

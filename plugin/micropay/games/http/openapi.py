@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__
-from .config import EVENT_TYPES
+from ... import __version__
+from ..config import EVENT_TYPES
+from ..models import PAYOUT_CREATE, PURCHASE_CREATE
 
 if TYPE_CHECKING:
-    from .config import GamesConfig
+    from ..config import GamesConfig
 
 JSON = "application/json"
 PROBLEM = "application/problem+json"
@@ -64,12 +65,7 @@ SCHEMAS: dict[str, Any] = {
                                    "description": {"type": "string"}, "unlockable": {"type": "boolean"}}},
     "Catalog": {"type": "object", "required": ["items"],
                 "properties": {"items": {"type": "array", "items": _ref("CatalogItem")}}},
-    "PurchaseCreate": {"type": "object", "additionalProperties": False,
-                       "required": ["sku", "player_id", "idempotency_key"], "properties": {
-                           "sku": {"type": "string"},
-                           "player_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
-                           "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-                           "metadata": {"type": ["object", "null"], "description": "at most 4096 bytes as JSON"}}},
+    "PurchaseCreate": PURCHASE_CREATE.schema(),
     "Purchase": {"type": "object", "required": [
         "id", "sku", "player_id", "price_msat", "metadata", "status", "invoice", "payment_hash", "created_at",
         "expires_at", "paid_at", "amount_received_msat", "preimage", "receipt"], "properties": {
@@ -86,15 +82,7 @@ SCHEMAS: dict[str, Any] = {
                          "this purchase only; returned on creation"}}},
     "PurchaseList": {"type": "object", "required": ["purchases", "next_cursor"], "properties": {
         "purchases": {"type": "array", "items": _ref("Purchase")}, "next_cursor": _nullable("string")}},
-    "PayoutCreate": {"type": "object", "additionalProperties": False,
-                     "required": ["player_id", "destination", "idempotency_key"], "properties": {
-                         "player_id": {"type": "string", "pattern": "^[A-Za-z0-9._:@-]{1,128}$"},
-                         "destination": {"type": "string", "minLength": 4, "maxLength": 4096,
-                                         "pattern": "^([Ll][Ii][Gg][Hh][Tt][Nn][Ii][Nn][Gg]:)?[Ll][Nn][A-Za-z0-9]+$",
-                                         "description": "BOLT11 invoice or BOLT12 offer (checked by the node)"},
-                         "amount_msat": {"type": "integer", "minimum": 1,
-                                         "description": "required for an offer; must match an invoice"},
-                         "idempotency_key": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}},
+    "PayoutCreate": PAYOUT_CREATE.schema(),
     "Payout": {"type": "object", "required": [
         "id", "idempotency_key", "player_id", "destination", "amount_msat", "fee_msat", "status", "error",
         "payment_hash", "preimage", "day", "created_at", "updated_at"], "properties": {

@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import os
 import re
-from typing import TYPE_CHECKING
-
 import segno
 from aiohttp import web
 
-from ..errors import BadRequest, MicropayError, RateLimited
-from ..sidecar.guard import TokenBucket
-from .apikeys import Unauthorized
-from .purchases import NotFound
-
-if TYPE_CHECKING:
-    from .api import Games
+from ...errors import BadRequest, NotFound, NotPaid, RateLimited
+from ...inputs import load_json, read_bounded
+from ...ratelimit import TokenBucket
+from ..apikeys import Unauthorized
+from ..service import Games
 
 COOKIE = "micropay_reader"
 READER = re.compile(r"[0-9a-f]{32}")
@@ -31,12 +26,6 @@ NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                     "Cache-Control": "no-store"}
 INVOICES_PER_MINUTE = 20   # per client address
-
-
-class NotPaid(MicropayError):
-    code = "payment_required"
-    http_status = 402
-    rpc_code = 1402
 
 
 def qr_svg(bolt11: str) -> str:
@@ -47,7 +36,7 @@ def qr_svg(bolt11: str) -> str:
     return buf.getvalue().decode("ascii")
 
 
-def _item(games: "Games", request: web.Request):
+def _item(games: Games, request: web.Request):
     item = games.cfg.item(request.match_info["sku"])
     if item is None or item.content is None:
         raise NotFound("no such paywalled item")
@@ -123,21 +112,25 @@ body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:
 """
 
 
-async def page(games: "Games", request: web.Request) -> web.Response:
+async def page(games: Games, request: web.Request) -> web.Response:
     item = _item(games, request)
     text = PAGE.format(title=html.escape(item.title), sku=html.escape(item.sku, quote=True),
                        description=html.escape(item.description), price_msat=item.price_msat,
                        price_sat=f"{item.price_msat / 1000:g}")
+    ancestors = " ".join(games.cfg.frame_ancestors) or "'none'"
     resp = web.Response(text=text, content_type="text/html", charset="utf-8", headers=dict(
         SECURITY_HEADERS, **{"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                             "style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"}))
+                             f"style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors {ancestors}"}))
     if _reader(request) is None:
-        resp.set_cookie(COOKIE, os.urandom(16).hex(), max_age=365 * 86400, httponly=True, samesite="Lax",
-                        path="/paywall/")
+        # Framed by another site, the reader cookie must be a third-party cookie, which
+        # browsers only keep over HTTPS (SameSite=None; Secure).
+        cross_site = bool(games.cfg.frame_ancestors) and request.secure
+        resp.set_cookie(COOKIE, os.urandom(16).hex(), max_age=365 * 86400, httponly=True,
+                        samesite="None" if cross_site else "Lax", secure=cross_site, path="/paywall/")
     return resp
 
 
-async def purchase(games: "Games", request: web.Request) -> web.Response:
+async def purchase(games: Games, request: web.Request) -> web.Response:
     """Start (or find the paid) purchase for this reader. Rate limited per client address."""
     item = _item(games, request)
     if games.paywall_limit is None:
@@ -148,10 +141,10 @@ async def purchase(games: "Games", request: web.Request) -> web.Response:
     reader = _reader(request)
     if reader is None:
         raise BadRequest("load the paywall page first (it sets the reader cookie)")
-    try:
-        body = json.loads(await request.content.read(1024))
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("body must be JSON") from None
+    raw, complete = await read_bounded(request.content, 1024)
+    if not complete:
+        raise BadRequest("body must be at most 1024 bytes")
+    body = load_json(raw)
     nonce = body.get("nonce") if isinstance(body, dict) else None
     if not isinstance(nonce, str) or not NONCE.fullmatch(nonce):
         raise BadRequest("nonce must be 8-64 of A-Z a-z 0-9 _ -")
@@ -169,7 +162,7 @@ async def purchase(games: "Games", request: web.Request) -> web.Response:
                              headers=SECURITY_HEADERS)
 
 
-async def content(games: "Games", request: web.Request) -> web.Response:
+async def content(games: Games, request: web.Request) -> web.Response:
     item = _item(games, request)
     pid, token = request.query.get("purchase", ""), request.query.get("token", "")
     if not pid or not token or not games.purchases.check_client_token(pid, token):

@@ -1,0 +1,60 @@
+"""The core component's tables: the gate's challenges, credits and payment receipts,
+settlement cursors, incoming stream payments, and the plugin's issued invoices. Their
+statements live with their repositories (l402.py, cursors.py, stream_usage.py,
+issued.py); this is their history, one step per change (see schema.py)."""
+from __future__ import annotations
+
+from .schema import Migration, Schema
+
+_RELEASE_0_1_0 = (
+    """CREATE TABLE IF NOT EXISTS micropay_challenges (
+        payment_hash TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        route_key TEXT NOT NULL,
+        client_key TEXT NOT NULL,
+        price_msat BIGINT NOT NULL,
+        bolt11 TEXT NOT NULL,
+        macaroon TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        credits BIGINT,
+        paid_at BIGINT,
+        received_msat BIGINT)""",
+    """CREATE INDEX IF NOT EXISTS micropay_challenges_pending
+        ON micropay_challenges (client_key, route_key, expires_at)""",
+    """CREATE INDEX IF NOT EXISTS micropay_challenges_unpaid
+        ON micropay_challenges (expires_at) WHERE paid_at IS NULL""",
+    """CREATE TABLE IF NOT EXISTS micropay_credits (
+        token_id TEXT PRIMARY KEY,
+        remaining BIGINT NOT NULL CHECK (remaining >= 0))""",
+    """CREATE TABLE IF NOT EXISTS micropay_cursors (
+        name TEXT PRIMARY KEY,
+        value BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS micropay_stream_payments (
+        payment_hash TEXT PRIMARY KEY,
+        stream_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        amount_msat BIGINT NOT NULL,
+        received_at BIGINT NOT NULL,
+        app_name TEXT NOT NULL)""",
+    """CREATE INDEX IF NOT EXISTS micropay_stream_payments_stream
+        ON micropay_stream_payments (stream_id)""",
+    """CREATE TABLE IF NOT EXISTS micropay_stream_usage (
+        stream_id TEXT PRIMARY KEY,
+        used_msat BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS micropay_receipts (
+        payment_hash TEXT PRIMARY KEY,
+        receipt TEXT NOT NULL,
+        created_at BIGINT NOT NULL)""",
+)
+
+
+CORE_SCHEMA = Schema("core", (
+    Migration(1, "the core tables of release 0.1.0", _RELEASE_0_1_0),
+    Migration(2, "the plugin's issued invoices mirrored from the node's datastore, to list them by label", (
+        """CREATE TABLE IF NOT EXISTS micropay_issued_invoices (
+            label TEXT PRIMARY KEY,
+            record TEXT NOT NULL,
+            created_at BIGINT NOT NULL)""",
+    )),
+))

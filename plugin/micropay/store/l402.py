@@ -1,0 +1,130 @@
+"""The gate's repository: issued challenges (token + invoice), prepaid credits, and the
+receipts of settled payments."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .base import Step, Store
+
+
+class ChallengeStatus(enum.StrEnum):
+    PENDING = "pending"
+    PAID = "paid"
+
+
+@dataclass(frozen=True, slots=True)
+class ChallengeRecord:
+    """An issued token and its invoice, pending until paid or expired."""
+
+    payment_hash: str
+    token_id: str
+    route_key: str
+    client_key: str
+    price_msat: int
+    bolt11: str
+    macaroon: str
+    created_at: int
+    expires_at: int
+    credits: int | None = None
+    paid_at: int | None = None
+    received_msat: int | None = None
+
+    @property
+    def status(self) -> ChallengeStatus:
+        return ChallengeStatus.PAID if self.paid_at is not None else ChallengeStatus.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What the gate needs before minting a challenge."""
+
+    reusable: ChallengeRecord | None    # a pending challenge of this client and route to hand out again
+    pending_mine: int                   # unpaid, unexpired challenges of this client
+
+
+_COLS = ("payment_hash, token_id, route_key, client_key, price_msat, bolt11, macaroon, "
+         "created_at, expires_at, credits, paid_at, received_msat")
+ADD = (f"INSERT INTO micropay_challenges ({_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
+       "ON CONFLICT (payment_hash) DO NOTHING")
+GET = f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1"
+# One statement: this client's unpaid challenges, and the one it may be handed again for
+# this route and price (valid past $5; a token already spending credits is paid, even if
+# its settlement has not been recorded yet). Both read the (client, route, expiry) index.
+ADMISSION = (f"SELECT (SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
+             f"AND expires_at > $4), r.* FROM (SELECT 1) AS one LEFT JOIN (SELECT {_COLS} FROM micropay_challenges "
+             "WHERE client_key = $1 AND route_key = $2 AND price_msat = $3 AND paid_at IS NULL AND expires_at > $5 "
+             "AND NOT EXISTS (SELECT 1 FROM micropay_credits c WHERE c.token_id = micropay_challenges.token_id) "
+             "ORDER BY expires_at DESC LIMIT 1) AS r ON TRUE")
+COUNT_PENDING = "SELECT COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1"
+MARK_PAID = ("UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
+             "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash")
+PURGE = "DELETE FROM micropay_challenges WHERE paid_at IS NULL AND expires_at < $1 RETURNING payment_hash"
+# First use inserts (initial - 1); later uses decrement while > 0. No row back: exhausted.
+DEBIT = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, $2 - 1) "
+         "ON CONFLICT (token_id) DO UPDATE SET remaining = micropay_credits.remaining - 1 "
+         "WHERE micropay_credits.remaining > 0 RETURNING remaining")
+REFUND = "UPDATE micropay_credits SET remaining = remaining + 1 WHERE token_id = $1"
+REMAINING = "SELECT remaining FROM micropay_credits WHERE token_id = $1"
+ADD_RECEIPT = ("INSERT INTO micropay_receipts (payment_hash, receipt, created_at) VALUES ($1, $2, $3) "
+               "ON CONFLICT (payment_hash) DO NOTHING")
+
+
+class L402Repository:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- challenges -------------------------------------------------------------
+    async def add_challenge(self, ch: ChallengeRecord) -> None:
+        await self.store.execute(ADD, (ch.payment_hash, ch.token_id, ch.route_key, ch.client_key, ch.price_msat,
+                                       ch.bolt11, ch.macaroon, ch.created_at, ch.expires_at, ch.credits))
+
+    async def get_challenge(self, payment_hash: str) -> ChallengeRecord | None:
+        row = await self.store.fetchrow(GET, (payment_hash,))
+        return ChallengeRecord(*row) if row else None
+
+    async def admission(self, client_key: str, route_key: str, price_msat: int, now: int,
+                        reuse_after: int) -> Admission:
+        """A pending challenge this client may be handed again for this route and price
+        (valid past `reuse_after`), and how many it holds unpaid: one statement."""
+        row = await self.store.fetchrow(ADMISSION, (client_key, route_key, price_msat, now, reuse_after))
+        assert row is not None
+        return Admission(ChallengeRecord(*row[1:]) if row[1] is not None else None, int(row[0]))
+
+    async def count_pending(self, now: int) -> int:
+        """Unpaid, unexpired challenges of all clients (reads every one of them: callers
+        cache it, see challenger.PendingCount)."""
+        row = await self.store.fetchrow(COUNT_PENDING, (now,))
+        return int(row[0]) if row else 0
+
+    async def add_challenges(self, records: list[ChallengeRecord]) -> None:
+        """Several at once, in one transaction."""
+        await self.store.transaction([Step(ADD, (ch.payment_hash, ch.token_id, ch.route_key, ch.client_key,
+                                                 ch.price_msat, ch.bolt11, ch.macaroon, ch.created_at,
+                                                 ch.expires_at, ch.credits)) for ch in records])
+
+    async def mark_paid(self, payment_hash: str, received_msat: int, paid_at: int) -> bool:
+        """True the first time; False if already paid or unknown."""
+        return await self.store.fetchrow(MARK_PAID, (payment_hash, paid_at, received_msat)) is not None
+
+    async def purge_expired(self, before: int) -> int:
+        """Delete unpaid challenges that expired before `before`. Returns how many."""
+        return len(await self.store.query(PURGE, (before,)))
+
+    # -- credits ----------------------------------------------------------------
+    async def debit_credit(self, token_id: str, initial: int) -> int | None:
+        """Spend one credit. Returns credits left, or None if none were left."""
+        row = await self.store.fetchrow(DEBIT, (token_id, initial))
+        return int(row[0]) if row else None
+
+    async def refund_credit(self, token_id: str) -> None:
+        """Give back one credit debited for a request that could not be served."""
+        await self.store.execute(REFUND, (token_id,))
+
+    async def credits_remaining(self, token_id: str) -> int | None:
+        row = await self.store.fetchrow(REMAINING, (token_id,))
+        return int(row[0]) if row else None
+
+    # -- receipts of settled payments ---------------------------------------------
+    async def add_receipt(self, payment_hash: str, receipt: str, created_at: int) -> None:
+        await self.store.execute(ADD_RECEIPT, (payment_hash, receipt, created_at))

@@ -1,0 +1,83 @@
+"""The gate's repository (store/l402.py), against SQLite and PostgreSQL (the `store` fixture)."""
+import asyncio
+
+import pytest
+
+from micropay.store.l402 import ChallengeRecord, ChallengeStatus, L402Repository
+
+
+def record(ph="aa", client="c1", route="GET /a", price=1000, expires=2000, created=1000):
+    return ChallengeRecord(ph, "t" + ph, route, client, price, "lnbcrt1", "mac", created, expires, 1)
+
+
+@pytest.fixture
+def repo(store):
+    return L402Repository(store)
+
+
+async def test_challenge_lifecycle(repo):
+    await repo.add_challenge(record())
+    await repo.add_challenge(record())          # idempotent
+    got = await repo.get_challenge("aa")
+    assert got.status == ChallengeStatus.PENDING and got.price_msat == 1000
+    assert (await repo.admission("c1", "GET /a", 1000, 1500, 1500)).reusable.payment_hash == "aa"
+    assert (await repo.admission("c1", "GET /a", 999, 1500, 1500)).reusable is None     # price changed
+    assert (await repo.admission("c2", "GET /a", 1000, 1500, 1500)).reusable is None    # another client
+    assert (await repo.admission("c1", "GET /a", 1000, 1500, 2500)).reusable is None    # too close to expiry
+    assert (await repo.admission("c2", "GET /a", 1000, 1500, 1500)).pending_mine == 0
+    assert (await repo.admission("c1", "GET /a", 1000, 1500, 1500)).pending_mine == 1
+    assert await repo.count_pending(1500) == 1
+    assert await repo.mark_paid("aa", 1000, 1600) is True
+    assert await repo.mark_paid("aa", 1000, 1700) is False                      # once only
+    got = await repo.get_challenge("aa")
+    assert got.status == ChallengeStatus.PAID and got.paid_at == 1600
+    assert await repo.count_pending(1500) == 0
+    assert await repo.mark_paid("unknown", 1, 1) is False
+
+
+async def test_purge_only_expired_unpaid(repo):
+    await repo.add_challenge(record("a1", expires=100))
+    await repo.add_challenge(record("a2", expires=100))
+    await repo.add_challenge(record("a3", expires=5000))
+    await repo.add_challenge(record("a4", expires=100))
+    await repo.mark_paid("a4", 1000, 50)
+    assert await repo.purge_expired(200) == 2
+    assert await repo.get_challenge("a1") is None
+    assert await repo.get_challenge("a3") is not None and await repo.get_challenge("a4") is not None
+
+
+async def test_credits_debit_and_refund(repo):
+    assert await repo.credits_remaining("t") is None
+    assert [await repo.debit_credit("t", 3) for _ in range(4)] == [2, 1, 0, None]
+    await repo.refund_credit("t")
+    assert await repo.debit_credit("t", 3) == 0
+
+
+@pytest.mark.parametrize("n,k", [(40, 7), (5, 12)])
+async def test_concurrent_debits_succeed_exactly_min_n_k(repo, n, k):
+    results = await asyncio.gather(*(repo.debit_credit("tok", k) for _ in range(n)))
+    ok = [r for r in results if r is not None]
+    assert len(ok) == min(n, k)
+    assert sorted(ok) == list(range(k - len(ok), k))   # every remaining count handed out once
+
+
+async def test_receipts_are_write_once(repo, store):
+    await repo.add_receipt("ph", "r1", 1)
+    await repo.add_receipt("ph", "r2", 2)
+    assert await store.query("SELECT receipt FROM micropay_receipts WHERE payment_hash = $1", ("ph",)) == [("r1",)]
+
+
+async def test_records_written_together(repo):
+    await repo.add_challenges([record("x1"), record("x2", client="c2")])
+    await repo.add_challenges([record("x1")])                   # again: nothing changes
+    assert await repo.count_pending(1500) == 2
+
+
+async def test_admission_reads_reuse_and_counts_together(repo):
+    await repo.add_challenge(record("b1", client="c1"))
+    await repo.add_challenge(record("b2", client="c2", route="GET /b"))
+    adm = await repo.admission("c1", "GET /a", 1000, 1500, 1500)
+    assert adm.reusable.payment_hash == "b1" and adm.pending_mine == 1
+    assert await repo.count_pending(1500) == 2
+    await repo.debit_credit("tb1", 1)     # its token is in use: paid, even before settlement
+    assert (await repo.admission("c1", "GET /a", 1000, 1500, 1500)).reusable is None
