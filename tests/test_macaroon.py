@@ -97,3 +97,15 @@ def test_b64_decoder_only_raises_malformed(text):
         b64decode_any(text)
     except MalformedCredential:
         pass
+
+
+@pytest.mark.parametrize("size", [0, 1, 32, 63, 64, 65, 100, 200])
+def test_fast_hmac_matches_the_standard_library_for_every_key_length(size):
+    import hashlib
+    import hmac
+    from micropay.macaroon import FixedKeyHmac, _hmac
+    key, msg = bytes(range(size % 256)) * (size // 256 + 1), b"caveat = value"
+    key = key[:size]
+    expected = hmac.digest(key, msg, hashlib.sha256)
+    assert _hmac(key, msg) == expected
+    assert FixedKeyHmac(key)(msg) == expected

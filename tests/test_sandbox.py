@@ -94,13 +94,6 @@ def test_decode_rejects_garbage(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 31), max_size=400))
-def test_fast_u5_conversion_matches_the_bolt11_package(values):
-    from micropay.lightning import bolt11codec
-    assert bolt11codec._u5_to_bitarray(values) == bolt11codec._slow_u5_to_bitarray(values)
-
-
-@settings(max_examples=300, deadline=None)
 @given(st.text(max_size=300) | st.from_regex(r"lnbcrt[0-9a-z]{0,200}", fullmatch=True))
 def test_invoice_parser_only_raises_invalid_invoice(text):
     try:

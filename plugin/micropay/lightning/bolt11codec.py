@@ -25,11 +25,29 @@ def _u5_to_bitarray(arr: list[int]) -> BitArray:
     return BitArray(bytes=(n << (nbytes * 8 - nbits)).to_bytes(nbytes, "big"), length=nbits)
 
 
-# bolt11.decode looks the helper up in its module's namespace; give it the fast one.
-# tests/test_sandbox.py checks both produce identical bits.
-_decode_module = sys.modules["bolt11.decode"]
-_slow_u5_to_bitarray = _decode_module.u5_to_bitarray
-_decode_module.u5_to_bitarray = _u5_to_bitarray
+# bolt11.decode looks the helper up in its module's namespace; give it the fast one, but
+# only after checking that it still computes what the library's own helper computes. If
+# a bolt11 release renames the helper or changes what it returns, the library's code
+# stays in place (slower, still correct). tests/test_bolt11codec.py covers both paths.
+_PROBES = ([], [0], [31], [1, 2, 3, 4, 5, 6, 7, 8], [31] * 13, list(range(32)) * 3)
+
+
+def install_fast_path(module=None) -> bool:
+    """Swap in _u5_to_bitarray when the library's helper agrees with it; True if swapped."""
+    module = module if module is not None else sys.modules.get("bolt11.decode")
+    original = getattr(module, "u5_to_bitarray", None)
+    if original is None or original is _u5_to_bitarray:
+        return original is _u5_to_bitarray
+    try:
+        same = all(original(list(p)) == _u5_to_bitarray(list(p)) for p in _PROBES)
+    except Exception:
+        same = False
+    if same:
+        module.u5_to_bitarray = _u5_to_bitarray
+    return same
+
+
+FAST_DECODE = install_fast_path()
 
 
 def encode_invoice(*, currency: str, amount_msat: int, payment_hash: bytes, payment_secret: bytes,
