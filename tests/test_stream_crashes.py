@@ -171,14 +171,14 @@ async def test_crash_at_every_boundary(where, crash, node_restarted):
     st = second.streams[sid]
     assert st.in_flight is None and clock.t > crashed_at
     # recipients received exactly what the payer's records say, nothing paid twice
-    assert node.received.get(HOST, 0) == st.paid_by_recipient[0]
-    assert node.received.get(GUEST, 0) == st.paid_by_recipient[1]
+    assert node.received.get(HOST, 0) == st.recipients[0].paid_msat
+    assert node.received.get(GUEST, 0) == st.recipients[1].paid_msat
     assert st.paid_msat == sum(node.received.values())
     assert sum(1 for p in node.by_label.values() if p.state == "complete") == st.payments
     # the budget and exact per-interval accounting
     assert st.paid_msat + st.fees_msat <= 100_000
-    assert st.paid_by_recipient[0] + st.owed[0] == 1000 * st.intervals
-    assert st.paid_by_recipient[1] + st.owed[1] == 3000 * st.intervals
+    assert st.recipients[0].paid_msat + st.recipients[0].owed == 1000 * st.intervals
+    assert st.recipients[1].paid_msat + st.recipients[1].owed == 3000 * st.intervals
     if crash[1] == "pending_no_htlc":             # settled as failed; its sequence never paid
         dead = [e for e in events if "no HTLC carries it" in (e.get("error") or "")]
         assert len(dead) == 1 and dead[0]["seq"] == 3 and dead[0]["status"] == "failed"

@@ -36,7 +36,7 @@ def test_pays_the_amount_every_interval():
 def test_splits_are_exact_with_remainders_carried():
     s = Stream.create("s2", [Recipient(A, 1), Recipient(B, 1), Recipient(C, 1)], 1000, 1, None, 0, now=0)
     run(s, 2.5)                                   # 3 intervals: 3000 msat over 3 recipients
-    assert s.paid_msat + sum(s.owed) + sum(c for c in s.carry) / 3 == 3000
+    assert s.paid_msat + sum(r.owed for r in s.recipients) + sum(r.carry for r in s.recipients) / 3 == 3000
     run_more = Stream.from_json(json.loads(json.dumps(s.to_json())))
     assert run_more == s                          # persistence round trip
 
@@ -50,8 +50,8 @@ def test_no_msat_lost_to_rounding(amount, shares, intervals):
         s.accrue(float(k))
     total = sum(shares)
     # everything accrued is owed, plus remainders smaller than one msat per recipient
-    assert sum(s.owed) * total + sum(s.carry) == amount * intervals * total
-    assert all(0 <= c < total for c in s.carry)
+    assert sum(r.owed for r in s.recipients) * total + sum(r.carry for r in s.recipients) == amount * intervals * total
+    assert all(0 <= r.carry < total for r in s.recipients)
 
 
 def test_budget_caps_amounts_plus_fees():
@@ -77,7 +77,7 @@ def test_everyone_failing_pauses_with_reason_and_resume_clears():
     assert s.state == "paused" and "failed 5 times" in s.reason
     assert s.failures == MAX_CONSECUTIVE_FAILURES       # backoff kept it from hammering
     s.resume(101)
-    assert s.state == "active" and not any(s.suspended)
+    assert s.state == "active" and not any(r.suspended for r in s.recipients)
 
 
 def test_liquidity_failures_shrink_pieces_then_recover():
@@ -90,7 +90,7 @@ def test_liquidity_failures_shrink_pieces_then_recover():
 
     run(s, 200, pay=pay, step=0.5)
     assert sizes[:4] == [64_000, 32_000, 16_000, 8000]  # multiplicative decrease
-    assert s.paid_msat == s.intervals * 64_000 - s.owed[0]
+    assert s.paid_msat == s.intervals * 64_000 - s.recipients[0].owed
     assert 8000 < max(sizes[4:]) <= 24_000              # additive recovery probes up, then halves again
     assert min(sizes) >= MIN_PIECE_MSAT
 
@@ -137,3 +137,19 @@ def test_bad_recipients(dest, splits):
 def test_good_recipients():
     assert [r.destination for r in parse_recipients(None, [{"destination": A, "share": 3},
                                                            {"destination": "lno1qgsq"}])] == [A, "lno1qgsq"]
+
+
+# A stream as release 0.1.0 wrote it to the datastore (per-recipient accounts in parallel
+# lists), produced by that release's streams.py: one payment to the host, one failure.
+RELEASE_0_1_0_STREAM = '{"id": "s1", "recipients": [{"destination": "02aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "share": 1, "name": "host"}, {"destination": "03bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "share": 3, "name": "guest"}], "amount_msat": 10001, "interval_s": 60, "max_total_msat": 1000000, "max_fee_msat": 50, "created_at": 1000.0, "label": "pod", "metadata": {}, "state": "active", "reason": null, "next_due": 1060.0, "intervals": 1, "missed_intervals": 0, "owed": [0, 7500], "carry": [1, 3], "piece": [2501, 3750], "retry_at": [0.0, 1003.0], "consecutive_failures": [0, 1], "suspended": [false, false], "paid_msat": 2500, "fees_msat": 3, "paid_by_recipient": [2500, 0], "payments": 1, "failures": 1, "last_error": "no route", "seq": 2, "in_flight": null, "last_paid_at": 1001.0}'
+
+
+def test_a_stream_persisted_by_release_0_1_0_resumes_with_its_accounts():
+    s = Stream.from_json(json.loads(RELEASE_0_1_0_STREAM))
+    host, guest = s.recipients
+    assert (host.name, host.share, host.paid_msat, host.owed, host.carry, host.piece) == ("host", 1, 2500, 0, 1, 2501)
+    assert (guest.owed, guest.carry, guest.piece, guest.retry_at, guest.consecutive_failures) == (7500, 3, 3750, 1003.0, 1)
+    assert s.paid_msat == 2500 and s.fees_msat == 3 and s.seq == 2
+    again = Stream.from_json(json.loads(json.dumps(s.to_json())))
+    assert again.to_json() == s.to_json()
+    assert "owed" not in s.to_json() and s.to_json()["recipients"][1]["owed"] == 7500

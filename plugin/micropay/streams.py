@@ -34,9 +34,18 @@ TLV_PODCAST = 7629169            # bLIP-10 value-for-value record
 
 @dataclass
 class Recipient:
+    """One payee of a stream: what the caller asked for, and its own accounts."""
+
     destination: str             # node id (66 hex) or BOLT12 offer ("lno1...")
     share: int = 1
     name: str = ""
+    owed: int = 0                # accrued and not yet paid
+    carry: int = 0               # remainder of the exact split, in 1/total_shares msat
+    piece: int = 0               # the largest payment to try now (AIMD)
+    retry_at: float = 0.0
+    consecutive_failures: int = 0
+    suspended: bool = False
+    paid_msat: int = 0
 
     @property
     def kind(self) -> str:
@@ -71,15 +80,8 @@ class Stream:
     next_due: float = 0.0
     intervals: int = 0
     missed_intervals: int = 0
-    owed: list[int] = field(default_factory=list)
-    carry: list[int] = field(default_factory=list)
-    piece: list[int] = field(default_factory=list)
-    retry_at: list[float] = field(default_factory=list)
-    consecutive_failures: list[int] = field(default_factory=list)
-    suspended: list[bool] = field(default_factory=list)
     paid_msat: int = 0
     fees_msat: int = 0
-    paid_by_recipient: list[int] = field(default_factory=list)
     payments: int = 0
     failures: int = 0
     last_error: str | None = None
@@ -92,26 +94,31 @@ class Stream:
     def create(cls, stream_id: str, recipients: list[Recipient], amount_msat: int, interval_s: int,
                max_total_msat: int | None, max_fee_msat: int, now: float, label: str = "",
                metadata: dict[str, Any] | None = None) -> "Stream":
-        n = len(recipients)
         s = cls(stream_id, recipients, amount_msat, interval_s, max_total_msat, max_fee_msat, now,
-                label, metadata or {}, next_due=now, owed=[0] * n, carry=[0] * n, retry_at=[0.0] * n,
-                consecutive_failures=[0] * n, suspended=[False] * n, paid_by_recipient=[0] * n)
-        s.piece = [s.full_piece(i) for i in range(n)]
+                label, metadata or {}, next_due=now)
+        for i, r in enumerate(recipients):
+            r.piece = s.full_piece(i)
         return s
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready view (shares lists with the stream: serialize it right away).
         Hand-built: dataclasses.asdict deep-copies and was most of the scheduler's CPU."""
         doc = {name: getattr(self, name) for name in _STREAM_FIELDS}
-        doc["recipients"] = [{"destination": r.destination, "share": r.share, "name": r.name}
-                             for r in self.recipients]
+        doc["recipients"] = [vars(r).copy() for r in self.recipients]
         doc["in_flight"] = vars(self.in_flight).copy() if self.in_flight is not None else None
         return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "Stream":
         doc = dict(doc)
-        doc["recipients"] = [Recipient(**r) for r in doc["recipients"]]
+        recipients = [dict(r) for r in doc["recipients"]]
+        # Release 0.1.0 kept the per-recipient accounts in parallel lists on the stream.
+        for old, new in _PER_RECIPIENT_LISTS.items():
+            values = doc.pop(old, None)
+            if values is not None:
+                for r, v in zip(recipients, values, strict=True):
+                    r[new] = v
+        doc["recipients"] = [Recipient(**r) for r in recipients]
         doc["in_flight"] = InFlight(**doc["in_flight"]) if doc.get("in_flight") else None
         return cls(**doc)
 
@@ -139,10 +146,10 @@ class Stream:
             self.missed_intervals += behind
             self.next_due += behind * self.interval_s
         total = self.total_shares
-        for i, r in enumerate(self.recipients):
-            numerator = self.amount_msat * r.share + self.carry[i]
-            self.owed[i] += numerator // total
-            self.carry[i] = numerator % total
+        for r in self.recipients:
+            numerator = self.amount_msat * r.share + r.carry
+            r.owed += numerator // total
+            r.carry = numerator % total
         self.intervals += 1
         self.next_due += self.interval_s
         return 1
@@ -155,9 +162,10 @@ class Stream:
         left = self.budget_left()
         for k in range(len(self.recipients)):
             i = (self.seq + k) % len(self.recipients)     # round robin
-            if self.owed[i] <= 0 or self.suspended[i] or now < self.retry_at[i]:
+            r = self.recipients[i]
+            if r.owed <= 0 or r.suspended or now < r.retry_at:
                 continue
-            amount = min(self.owed[i], self.piece[i])
+            amount = min(r.owed, r.piece)
             if left is not None:
                 amount = min(amount, left - self.max_fee_msat)
                 if amount <= 0:
@@ -171,9 +179,9 @@ class Stream:
         if self.state != "active":
             return None
         times = [self.next_due]
-        for i in range(len(self.recipients)):
-            if self.owed[i] > 0 and not self.suspended[i]:
-                times.append(self.retry_at[i])
+        for r in self.recipients:
+            if r.owed > 0 and not r.suspended:
+                times.append(r.retry_at)
         return min(times)
 
     def begin(self, recipient: int, amount: int, now: float, sendpays_start: int = 0) -> InFlight:
@@ -186,31 +194,32 @@ class Stream:
         f = self.in_flight
         assert f is not None
         self.last_paid_at = now
-        i = f.recipient
-        self.owed[i] -= f.amount_msat
+        r = self.recipients[f.recipient]
+        r.owed -= f.amount_msat
+        r.paid_msat += f.amount_msat
         self.paid_msat += f.amount_msat
-        self.paid_by_recipient[i] += f.amount_msat
         self.fees_msat += fee_msat
         self.payments += 1
-        self.consecutive_failures[i] = 0
-        self.retry_at[i] = 0.0
-        self.piece[i] = min(self.full_piece(i), self.piece[i] + max(1, self.full_piece(i) // 8))
+        r.consecutive_failures = 0
+        r.retry_at = 0.0
+        full = self.full_piece(f.recipient)
+        r.piece = min(full, r.piece + max(1, full // 8))
         self.in_flight = None
 
     def failed(self, error: str, liquidity: bool, now: float) -> None:
         f = self.in_flight
         assert f is not None
-        i = f.recipient
+        r = self.recipients[f.recipient]
         self.failures += 1
-        self.consecutive_failures[i] += 1
+        r.consecutive_failures += 1
         self.last_error = error
         if liquidity:
-            self.piece[i] = max(MIN_PIECE_MSAT, self.piece[i] // 2)
-        backoff = min(MAX_BACKOFF_S, float(self.interval_s), 2.0 ** (self.consecutive_failures[i] - 1))
-        self.retry_at[i] = now + backoff
-        if self.consecutive_failures[i] >= MAX_CONSECUTIVE_FAILURES:
-            self.suspended[i] = True
-            if all(self.suspended):
+            r.piece = max(MIN_PIECE_MSAT, r.piece // 2)
+        backoff = min(MAX_BACKOFF_S, float(self.interval_s), 2.0 ** (r.consecutive_failures - 1))
+        r.retry_at = now + backoff
+        if r.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            r.suspended = True
+            if all(x.suspended for x in self.recipients):
                 self.state = "paused"
                 self.reason = f"every recipient failed {MAX_CONSECUTIVE_FAILURES} times in a row; last: {error}"
         self.in_flight = None
@@ -226,9 +235,8 @@ class Stream:
     def resume(self, now: float) -> None:
         self._require({"paused"}, "resume")
         self.state, self.reason = "active", None
-        self.suspended = [False] * len(self.recipients)
-        self.consecutive_failures = [0] * len(self.recipients)
-        self.retry_at = [0.0] * len(self.recipients)
+        for r in self.recipients:
+            r.suspended, r.consecutive_failures, r.retry_at = False, 0, 0.0
         if self.next_due < now:
             self.next_due = now
 
@@ -252,9 +260,9 @@ class Stream:
             "in_flight": dict(asdict(self.in_flight), started_at=_seconds(self.in_flight.started_at))
             if self.in_flight else None,
             "recipients": [{"destination": r.destination, "name": r.name, "share": r.share,
-                            "paid_msat": self.paid_by_recipient[i], "owed_msat": self.owed[i],
-                            "suspended": self.suspended[i], "piece_msat": self.piece[i]}
-                           for i, r in enumerate(self.recipients)],
+                            "paid_msat": r.paid_msat, "owed_msat": r.owed,
+                            "suspended": r.suspended, "piece_msat": r.piece}
+                           for r in self.recipients],
             "metadata": self.metadata, "created_at": _seconds(self.created_at),
         }
 
@@ -275,6 +283,9 @@ class Stream:
 
 
 _STREAM_FIELDS = tuple(f.name for f in fields(Stream))
+_PER_RECIPIENT_LISTS = {"owed": "owed", "carry": "carry", "piece": "piece", "retry_at": "retry_at",
+                        "consecutive_failures": "consecutive_failures", "suspended": "suspended",
+                        "paid_by_recipient": "paid_msat"}
 
 
 def _seconds(t: float | None) -> int | None:
