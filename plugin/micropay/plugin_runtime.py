@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 from .errors import NodeError
 from .invoices import InvoiceIssuer
@@ -34,7 +34,6 @@ from .stream_runner import StreamRunner
 from .tokens import RootKeyRing, TokenService, follow_key_file
 
 log = logging.getLogger("micropay.plugin")
-T = TypeVar("T")
 Done = Callable[["concurrent.futures.Future[Any]"], None]
 
 

@@ -444,15 +444,3 @@ class PayoutRepository:
             [Step(FINISH_PAYOUT, (payout_id, str(status), fee_msat, preimage, error, now), required=True)]
             + event.steps(endpoints))
         return tx.ok
-
-
-class GamesRepositories:
-    """All of them over one store."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.purchases = PurchaseRepository(store)
-        self.events = EventRepository(store)
-        self.outbox = OutboxRepository(store)
-        self.api_keys = ApiKeyRepository(store)
-        self.payouts = PayoutRepository(store)

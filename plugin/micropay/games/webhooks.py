@@ -96,7 +96,6 @@ class WebhookDeliverer:
         self.endpoints: dict[str, WebhookEndpoint] = {w.name: w for w in cfg.webhooks}
         self.secrets = {w.name: SecretFile(w.secret_path(data_dir)) for w in cfg.webhooks}
         self.poster = poster
-        self.delivered = self.failed_attempts = 0
 
     def check_secrets(self) -> None:
         """At start-up: create missing secret files, refuse unreadable or empty ones."""
@@ -145,11 +144,9 @@ class WebhookDeliverer:
         done_at = int(self.clock())
         if error is None:
             await self.outbox.delivered(d, done_at)
-            self.delivered += 1
             log.info("webhook %s delivered to %s (event %s, attempt %d)", d.type, d.endpoint,
                      d.event_id, d.attempts + 1)
             return
-        self.failed_attempts += 1
         attempts = d.attempts + 1
         give_up = done_at - d.created_at >= self.cfg.retry.give_up_after_s
         nxt = done_at + self.cfg.retry.delay(attempts)

@@ -9,7 +9,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -32,6 +32,10 @@ from ..tokens import RootKeyRing, TokenService, follow_key_file
 from .gate import Gate, own_endpoint
 from .proxy import ReverseProxy
 
+if TYPE_CHECKING:                     # wired in at start-up; imported lazily so that a
+    from ..games.service import Games     # sidecar without games never loads that package
+    from ..lightning.sandbox import SandboxNetwork
+
 log = logging.getLogger("micropay.sidecar")
 RUNTIME = web.AppKey("micropay_runtime", "Runtime")
 
@@ -48,10 +52,10 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)
     metrics_token: bytes | None = None   # None: /metrics is public
     clock: Callable[[], float] = time.time
-    sandbox: object | None = None        # SandboxNetwork in sandbox mode
+    sandbox: SandboxNetwork | None = None   # the play-money network in sandbox mode
     extra_routes: list = field(default_factory=list)   # (method, path, handler), gated like the rest
     gate: Gate | None = None
-    games: Any = None                    # games.service.Games
+    games: Games | None = None           # the purchases API, when configured
 
     def __post_init__(self) -> None:
         self.l402 = L402Repository(self.store)

@@ -59,10 +59,6 @@ class Store(abc.ABC):
         rows = await self._fetchall(sql, args)
         return rows[0] if rows else None
 
-    async def _fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
-        """Several read queries; adapters may run them in one round trip."""
-        return [await self._fetchall(sql, args) for sql, args in queries]
-
     @abc.abstractmethod
     async def _transaction(self, steps: Sequence[Step]) -> TxResult:
         """Run `steps` in one transaction. If a step marked `required` returns no row,
@@ -80,6 +76,3 @@ class Store(abc.ABC):
 
     async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         return await self._fetchrow(sql, args)
-
-    async def fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
-        return await self._fetch_batch(queries)

@@ -95,9 +95,6 @@ class SqliteStore(Store):
     async def _fetchall(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)
 
-    def _run_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
-        return [self._run(sql, args) for sql, args in queries]
-
     def _run_tx(self, steps: list[Step]) -> TxResult:
         assert self._conn is not None, "store is not open"
         out: list[list[tuple[Any, ...]]] = []
@@ -119,6 +116,3 @@ class SqliteStore(Store):
 
     async def _transaction(self, steps) -> TxResult:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_tx, list(steps))
-
-    async def _fetch_batch(self, queries: list[tuple[str, Sequence[Any]]]) -> list[list[tuple[Any, ...]]]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch, queries)
