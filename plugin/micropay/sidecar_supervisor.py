@@ -57,8 +57,8 @@ class SidecarSupervisor:
                 backoff.reset()            # it ran a while: a new failure starts the series over
             self.restarts += 1
             wait = backoff.next()
-            log.warning("sidecar exited with %s; restart %d in %.1fs (its log: %s)", code, self.restarts,
-                        wait, self.data_dir / "sidecar.log")
+            log.warning("sidecar exited with %s; restarting in %.1fs (restart %d; its log: %s)", code, wait,
+                        self.restarts, self.data_dir / "sidecar.log")
             await asyncio.sleep(wait)
 
     async def stop(self) -> None:
