@@ -87,6 +87,42 @@ class CreditsExhausted(MicropayError):
     rpc_code = 1402
 
 
+class PaymentSchemeError(MicropayError):
+    """A "Payment" (MPP) credential that was not accepted. Answered with 402, a fresh
+    challenge and the problem type the Lightning charge draft defines for the case."""
+
+    code = "payment_credential_refused"
+    http_status = 402
+    rpc_code = 1420
+    problem_type = "https://paymentauth.org/problems/payment-required"
+
+
+class PaymentCredentialMalformed(PaymentSchemeError):
+    code = "payment_credential_malformed"
+    rpc_code = 1416
+    problem_type = "https://paymentauth.org/problems/lightning/malformed-credential"
+
+
+class PaymentUnknownChallenge(PaymentSchemeError):
+    """Not a challenge this server issued, altered, for another route, or already used."""
+
+    code = "payment_unknown_challenge"
+    rpc_code = 1417
+    problem_type = "https://paymentauth.org/problems/lightning/unknown-challenge"
+
+
+class PaymentInvalidPreimage(PaymentSchemeError):
+    code = "payment_invalid_preimage"
+    rpc_code = 1418
+    problem_type = "https://paymentauth.org/problems/lightning/invalid-preimage"
+
+
+class PaymentChallengeExpired(PaymentSchemeError):
+    code = "payment_challenge_expired"
+    rpc_code = 1419
+    problem_type = "https://paymentauth.org/problems/lightning/expired-invoice"
+
+
 class NotPaid(MicropayError):
     """Paid content asked for before its purchase was paid (the browser paywall)."""
 

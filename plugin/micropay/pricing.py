@@ -20,6 +20,7 @@ from .patterns import compile_path, method_allowed, path_matches
 
 PriceHook = Callable[[Any, "RouteRule"], Union[int, Awaitable[int]]]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SCHEMES = frozenset({"l402", "payment"})   # L402 (bLIP-26) and the "Payment" scheme (MPP charge)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RouteRule:
     stream_msat: int | None = None           # price per request when paid by an incoming stream
     description: str = ""
     price_hook: PriceHook | None = field(default=None, compare=False)
+    schemes: frozenset[str] = SCHEMES          # the 402 dialects offered: "l402", "payment"
 
     @property
     def key(self) -> str:
@@ -148,7 +150,7 @@ class _Table:
 
 
 _ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", "capabilities",
-               "free_per_hour", "stream_msat", "description", "price_hook"}
+               "free_per_hour", "stream_msat", "description", "price_hook", "schemes"}
 
 
 def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRule:
@@ -186,6 +188,13 @@ def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRul
     caps = t.get("capabilities", list, [])
     if not all(isinstance(c, str) and c and "," not in c for c in caps):
         raise t.fail("capabilities", "must be a list of non-empty strings without commas")
+    per_request = pass_s is None and (credits or 1) == 1
+    schemes = t.get("schemes", list, sorted(SCHEMES) if per_request else ["l402"])
+    if not schemes or not all(isinstance(x, str) and x.lower() in SCHEMES for x in schemes):
+        raise t.fail("schemes", f"must be a non-empty list of {', '.join(repr(x) for x in sorted(SCHEMES))}")
+    if "payment" in {x.lower() for x in schemes} and not per_request:
+        raise t.fail("schemes", "a Payment charge buys one request; credits bundles and passes are "
+                                "offered as L402 tokens only")
     upstream = t.get("upstream", str)
     if upstream is not None and not is_http_url(upstream):
         raise t.fail("upstream", f"must be an http:// or https:// URL with a host, got {upstream!r}")
@@ -197,4 +206,5 @@ def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRul
         stream_msat=t.positive_int("stream_msat"),
         description=t.get("description", str, ""),
         price_hook=load_hook(hook_spec, f"{where}.price_hook", base_dir) if hook_spec else None,
+        schemes=frozenset(x.lower() for x in schemes),
     )

@@ -1,4 +1,9 @@
-"""The payment gate: admit a request with a valid L402 credential, or answer 402.
+"""The payment gate: admit a request with a valid L402 or Payment credential, or answer 402.
+
+A 402 offers the route's schemes on one invoice: `L402` (bLIP-26) and, for per-request
+routes priced in whole satoshis, `Payment` (the MPP charge intent, payment_auth.py).
+Paying once buys one of them: a Payment credential is consumed by writing its token's
+credit ledger to zero, the same row an L402 credits token debits.
 
 Usable as aiohttp middleware (`gate.middleware`, priced by the config's routes) and
 as a decorator on a handler (`@gate.require(price_msat=...)`).
@@ -27,13 +32,16 @@ from aiohttp import hdrs, web
 from ..canonical import BadPath, Target, canonical_target
 from ..challenger import Challenger
 from ..config import ChallengeLimits
-from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MicropayError, PricingUnavailable,
-                      StreamBalanceLow, TokenExpired, UpstreamUnreachable)
+from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MicropayError, PaymentSchemeError,
+                      PaymentUnknownChallenge, PricingUnavailable, StreamBalanceLow, TokenExpired,
+                      UpstreamUnreachable)
 from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
 from ..metrics import Metrics
-from ..pricing import Pricing, RouteRule
+from ..payment_auth import Binder, charge_challenge, is_payment, parse_credential, verify_charge, whole_sats
+from ..payment_auth import receipt as payment_receipt
+from ..pricing import Pricing, RouteRule, query_digest
 from ..ratelimit import FreeTier, client_address
 from ..receipts import RECEIPT_HEADER, ReceiptSigner
 from ..store import Store
@@ -52,7 +60,7 @@ class Paid:
     """What the gate attaches to an admitted request (request[PAID])."""
 
     route_key: str
-    token: VerifiedToken
+    token: VerifiedToken | None      # None: admitted by a Payment (MPP) credential
     headers: dict[str, str]          # Payment-Receipt (+ Payment-Credits-Remaining)
     valid_until: int | None
 
@@ -107,6 +115,22 @@ class Gate:
         # earlier admission: a missing request key costs a KeyError, ~3 us per request.
         self.layered = False
         tokens.on_keys_changed.append(self._admitted.clear)   # a retired key admits nothing more
+        self.binder = self._binder()
+        tokens.on_keys_changed.append(self._rebind)
+
+    def _binder(self) -> Binder:
+        """Payment challenge ids are bound under keys derived from the root keys, so every
+        replica that verifies L402 tokens verifies Payment challenges too."""
+        ring = self.tokens.keyring
+        keys = [ring.keys[ring.current]] + [k for kid, k in ring.keys.items() if kid != ring.current]
+        return Binder([k.secret for k in keys])
+
+    def _rebind(self) -> None:
+        self.binder = self._binder()
+
+    def offers_payment(self, rule: RouteRule, price_msat: int) -> bool:
+        return ("payment" in rule.schemes and rule.pass_s is None and rule.credits == 1
+                and whole_sats(price_msat))
 
     # -- aiohttp integration ---------------------------------------------
     async def dispatch(self, request: web.Request, handler: Handler, *,
@@ -211,6 +235,8 @@ class Gate:
         try:
             target = request_target(request)
             auth = request.headers.get(hdrs.AUTHORIZATION)
+            if is_payment(auth):
+                return await self._handle_payment(request, rule, handler, auth, target)  # type: ignore[arg-type]
             token = self.tokens.verify_header(auth, request.method, target.path, rule.capabilities,
                                               target.query or "")
             if token is None:
@@ -254,6 +280,32 @@ class Gate:
             self._admitted[(auth, request.method, request.raw_path)] = admitted
         return await self._serve(request, handler, admitted, remaining)
 
+    async def _handle_payment(self, request: web.Request, rule: RouteRule, handler: Handler, auth: str,
+                              target: Target) -> web.StreamResponse:
+        """A Payment (MPP charge) credential: verified without the store, then consumed
+        once, atomically, across replicas. Anything wrong gets a 402 with a fresh
+        challenge and the draft's problem type; a consumed credential is never served again,
+        even if serving fails (the draft's rule; Lightning payments are final)."""
+        now = int(self.clock())
+        try:
+            if "payment" not in rule.schemes:
+                raise PaymentUnknownChallenge("this route does not offer the Payment scheme")
+            charge = verify_charge(self.binder, parse_credential(auth), realm=self.service, now=now)
+            if charge.opaque.get("route") != rule.key:
+                raise PaymentUnknownChallenge("the challenge was issued for another route")
+            if rule.price_hook is not None and charge.opaque.get("query") != query_digest(target.query or ""):
+                raise PaymentUnknownChallenge("the challenge was priced for another query string")
+            if not await self.l402.consume_whole(charge.opaque.get("token", "")):
+                raise PaymentUnknownChallenge("this challenge was already used")
+        except PaymentSchemeError as err:
+            self.metrics.rejections[err.code] += 1
+            try:
+                return await self.challenge(request, rule, reason=err)
+            except MicropayError as refused:      # rate limited, overloaded: say that instead
+                return problem_response(refused)
+        headers = {RECEIPT_HEADER: payment_receipt(charge.challenge_id, charge.payment_hash, now)}
+        return await self._serve(request, handler, Paid(rule.key, None, headers, None), None)
+
     async def _serve(self, request: web.Request, handler: Handler, admitted: "Paid",
                      remaining: int | None) -> web.StreamResponse:
         if remaining is not None:
@@ -265,7 +317,8 @@ class Gate:
         try:
             response = await handler(request)
         except UpstreamUnreachable:
-            if remaining is not None:   # the request never reached the upstream: give the credit back
+            if remaining is not None and admitted.token is not None:
+                # the request never reached the upstream: give the credit back
                 await self.l402.refund_credit(admitted.token.token_id_hex)
             raise
         self.metrics.paid_requests[admitted.route_key] += 1
@@ -338,10 +391,10 @@ class Gate:
             raise PricingUnavailable("the price for this resource cannot be computed right now") from None
         description = rule.description or f"{self.service}: {request.method} {target.path}"[:200]
         record = await self.challenger.challenge(client, rule, price, description, target.query)
-        return self._challenge_response(request, rule, record, reason)
+        return self._challenge_response(request, rule, record, reason, description)
 
     def _challenge_response(self, request: web.Request, rule: RouteRule, record: ChallengeRecord,
-                            reason: MicropayError | None = None) -> web.Response:
+                            reason: MicropayError | None = None, description: str = "") -> web.Response:
         body = payment_required_body(
             resource=f"{request.method} {request_target(request).path}", price_msat=record.price_msat,
             invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
@@ -349,12 +402,22 @@ class Gate:
             valid_until=(record.created_at + rule.pass_s) if rule.pass_s else None,
             description=rule.description)
         if reason is not None:
-            body.update(type=f"https://micropay.dev/errors/{reason.code}", error=reason.code,
-                        detail=f"{reason.message}. {body['detail']}")
+            body.update(type=getattr(reason, "problem_type", f"https://micropay.dev/errors/{reason.code}"),
+                        error=reason.code, detail=f"{reason.message}. {body['detail']}")
         response = web.Response(status=402, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
                                 headers={"Cache-Control": "no-store"})
-        for value in challenge_headers(record.macaroon, record.bolt11):
-            response.headers.add(hdrs.WWW_AUTHENTICATE, value)
+        if "l402" in rule.schemes:
+            for value in challenge_headers(record.macaroon, record.bolt11):
+                response.headers.add(hdrs.WWW_AUTHENTICATE, value)
+        if self.offers_payment(rule, record.price_msat):
+            opaque = {"route": rule.key, "token": record.token_id}
+            if rule.price_hook is not None:
+                opaque["query"] = query_digest(request_target(request).query or "")
+            offer = charge_challenge(self.binder, realm=self.service, bolt11=record.bolt11,
+                                     payment_hash=record.payment_hash, price_msat=record.price_msat,
+                                     expires_at=record.expires_at, opaque=opaque,
+                                     description=(description or rule.description)[:200])
+            response.headers.add(hdrs.WWW_AUTHENTICATE, offer.header())
         return response
 
 

@@ -64,6 +64,8 @@ PURGE = "DELETE FROM micropay_challenges WHERE paid_at IS NULL AND expires_at < 
 DEBIT = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, $2 - 1) "
          "ON CONFLICT (token_id) DO UPDATE SET remaining = micropay_credits.remaining - 1 "
          "WHERE micropay_credits.remaining > 0 RETURNING remaining")
+CONSUME_WHOLE = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, 0) "
+                 "ON CONFLICT (token_id) DO NOTHING RETURNING remaining")
 REFUND = "UPDATE micropay_credits SET remaining = remaining + 1 WHERE token_id = $1"
 REMAINING = "SELECT remaining FROM micropay_credits WHERE token_id = $1"
 ADD_RECEIPT = ("INSERT INTO micropay_receipts (payment_hash, receipt, created_at) VALUES ($1, $2, $3) "
@@ -116,6 +118,14 @@ class L402Repository:
         """Spend one credit. Returns credits left, or None if none were left."""
         row = await self.store.fetchrow(DEBIT, (token_id, initial))
         return int(row[0]) if row else None
+
+    async def consume_whole(self, token_id: str) -> bool:
+        """Spend a token's purchase at once, if nothing of it was spent yet: True exactly
+        once per token, across every process sharing the store (a Payment credential and
+        the L402 token of the same invoice share this ledger)."""
+        if len(token_id) != 64 or token_id.strip("0123456789abcdef"):
+            return False
+        return await self.store.fetchrow(CONSUME_WHOLE, (token_id,)) is not None
 
     async def refund_credit(self, token_id: str) -> None:
         """Give back one credit debited for a request that could not be served."""

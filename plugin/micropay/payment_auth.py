@@ -1,0 +1,262 @@
+"""The "Payment" HTTP authentication scheme (draft-httpauth-payment, "MPP") with the
+Lightning method's charge intent (draft-lightning-charge): wire format and checks, no I/O.
+
+A 402 offers it beside L402 on the same invoice. The challenge needs no store write:
+its `id` is an HMAC-SHA256 over the seven positional slots the core draft recommends
+(realm, method, intent, request, expires, digest, opaque), under a key derived from
+the sidecar's root keys, so every replica sharing those keys verifies it. `opaque`
+carries what the server needs back (the route, the L402 token id of the same invoice,
+the query digest for hook-priced routes, the payment hash and the price), bound by the
+same HMAC. The preimage is
+checked against the payment hash inside the bound `request`. Single use is the store's
+job (the caller records the consumption atomically).
+
+JSON objects on the wire are JCS (RFC 8785) and base64url without padding. Our objects
+hold only ASCII keys, strings and small integers, for which JCS is sorted keys, no
+whitespace, and JSON string escaping of control characters, `"` and `\\`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import (PaymentChallengeExpired, PaymentCredentialMalformed, PaymentInvalidPreimage,
+                     PaymentUnknownChallenge)
+
+SCHEME = "Payment"
+METHOD = "lightning"
+CHARGE = "charge"
+MAX_CREDENTIAL_LEN = 16_384            # a credential echoes a challenge with a BOLT11 invoice
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NETWORKS = (("lnbcrt", "regtest"), ("lntbs", "signet"), ("lnbc", "mainnet"))   # longest prefix first
+_decode_json = json.JSONDecoder().decode     # json.loads minus its per-call set-up
+_REQUIRED_ECHO = ("id", "realm", "method", "intent", "request")
+ECHO_FIELDS = ("id", "realm", "method", "intent", "request", "expires", "opaque", "digest", "description")
+
+
+# -- encodings ------------------------------------------------------------------------
+
+def jcs(obj: Any) -> bytes:
+    """RFC 8785 for objects of ASCII keys, strings, integers, lists and objects."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64url(text: str, limit: int = MAX_CREDENTIAL_LEN) -> bytes:
+    """Decode base64url with or without padding; ValueError on anything else.
+    (binascii's strict mode checks the alphabet in C: a regular expression over a 1 kB
+    credential cost more than the rest of its verification.)"""
+    if not isinstance(text, str) or len(text) > limit or "+" in text or "/" in text or text.endswith("==="):
+        raise ValueError("not base64url")
+    text = text.rstrip("=")
+    try:
+        data = (text + "=" * (-len(text) % 4)).encode("ascii").translate(_FROM_URLSAFE)
+        return binascii.a2b_base64(data, strict_mode=True)
+    except (binascii.Error, ValueError):       # UnicodeEncodeError is a ValueError
+        raise ValueError("not base64url") from None
+
+
+def encode_object(obj: dict[str, Any]) -> str:
+    return b64url(jcs(obj))
+
+
+def rfc3339(ts: int) -> str:
+    return dt.datetime.fromtimestamp(int(ts), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> int:
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except (TypeError, ValueError):
+        raise ValueError("not an RFC 3339 date-time") from None
+    if value.tzinfo is None:
+        raise ValueError("an RFC 3339 date-time needs a time zone")
+    return int(value.timestamp())
+
+
+def network_of(bolt11: str) -> str | None:
+    """The Lightning method's network name for an invoice, None for testnet (not listed)."""
+    lower = bolt11.lower()
+    for prefix, name in _NETWORKS:
+        if lower.startswith(prefix) and not (prefix == "lnbc" and lower.startswith("lnbcrt")):
+            return name
+    return None
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- challenges -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    id: str
+    realm: str
+    method: str
+    intent: str
+    request: str                 # base64url JCS
+    expires: str = ""
+    opaque: str = ""             # base64url JCS, flat string map
+    digest: str = ""
+    description: str = ""
+
+    def header(self) -> str:
+        params = [("id", self.id), ("realm", self.realm), ("method", self.method), ("intent", self.intent),
+                  ("request", self.request)]
+        params += [(k, v) for k, v in (("expires", self.expires), ("digest", self.digest),
+                                       ("opaque", self.opaque), ("description", self.description)) if v]
+        return SCHEME + " " + ", ".join(f"{k}={_quote(v)}" for k, v in params)
+
+    def echo(self) -> dict[str, str]:
+        """The challenge as a credential echoes it."""
+        return {k: getattr(self, k) for k in ECHO_FIELDS if getattr(self, k)}
+
+
+class Binder:
+    """Challenge ids bound to their parameters (the core draft's HMAC-SHA256 binding)."""
+
+    def __init__(self, secrets: list[bytes], *, derive: bool = True) -> None:
+        """`secrets`: the root keys, current first; each is turned into its own binding
+        key so the root key itself never signs anything but macaroons. `derive=False`
+        uses the secrets as HMAC keys as they are (to compare with other implementations)."""
+        if not secrets:
+            raise ValueError("at least one binding secret is needed")
+        self._keys = [hmac.digest(s, b"micropay payment-auth challenge binding v1", hashlib.sha256)
+                      if derive else s for s in secrets]
+
+    @staticmethod
+    def _input(realm: str, method: str, intent: str, request: str, expires: str, digest: str,
+               opaque: str) -> bytes:
+        return "|".join((realm, method, intent, request, expires, digest, opaque)).encode()
+
+    def bind(self, realm: str, method: str, intent: str, request: str, expires: str = "",
+             digest: str = "", opaque: str = "") -> str:
+        """The id for these parameters, under the current (first) key."""
+        msg = self._input(realm, method, intent, request, expires, digest, opaque)
+        return b64url(hmac.digest(self._keys[0], msg, hashlib.sha256))
+
+    def verify(self, echo: dict[str, str]) -> bool:
+        """True when the echoed id was made by one of our keys for exactly these parameters."""
+        msg = self._input(echo.get("realm", ""), echo.get("method", ""), echo.get("intent", ""),
+                          echo.get("request", ""), echo.get("expires", ""), echo.get("digest", ""),
+                          echo.get("opaque", ""))
+        given = echo.get("id", "").encode()
+        ok = False
+        for key in self._keys:       # every key in the ring: a rotation keeps recent challenges valid
+            ok |= hmac.compare_digest(b64url(hmac.digest(key, msg, hashlib.sha256)).encode(), given)
+        return ok
+
+
+def whole_sats(price_msat: int) -> bool:
+    """The Lightning method's `amount` is in satoshis: other prices are L402 only."""
+    return price_msat > 0 and price_msat % 1000 == 0
+
+
+def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: str, price_msat: int,
+                     expires_at: int, description: str, opaque: dict[str, str]) -> Challenge:
+    """A charge challenge for an invoice the node issued (L402's, shared)."""
+    if not whole_sats(price_msat):
+        raise ValueError("a Payment charge needs a whole number of satoshis")
+    details = {"invoice": bolt11, "paymentHash": payment_hash}
+    network = network_of(bolt11)
+    if network is not None:
+        details["network"] = network
+    request = encode_object({"amount": str(price_msat // 1000), "currency": "sat",
+                             "description": description, "methodDetails": details})
+    expires = rfc3339(expires_at)            # the invoice's own expiry: never later
+    opaque_b64 = encode_object(dict(opaque, hash=payment_hash, msat=str(price_msat)))
+    cid = binder.bind(realm, METHOD, CHARGE, request, expires, "", opaque_b64)
+    return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64)
+
+
+# -- credentials ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    challenge: dict[str, str]
+    payload: dict[str, Any]
+    source: str | None
+
+
+def is_payment(authorization: str | None) -> bool:
+    """The Authorization header names the Payment scheme (with or without a credential)."""
+    return (authorization is not None and authorization[:7].lower() == "payment"
+            and (len(authorization) == 7 or authorization[7] == " "))
+
+
+def parse_credential(authorization: str) -> Credential:
+    """`Payment <base64url JSON>` -> Credential. Raises PaymentCredentialMalformed."""
+    token = authorization[8:].strip() if is_payment(authorization) else ""
+    try:
+        doc = _decode_json(unb64url(token).decode())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise PaymentCredentialMalformed("the credential is not base64url-encoded JSON") from None
+    if type(doc) is not dict:
+        raise PaymentCredentialMalformed("the credential must be a JSON object")
+    challenge, payload, source = doc.get("challenge"), doc.get("payload"), doc.get("source")
+    if type(challenge) is not dict:
+        raise PaymentCredentialMalformed("challenge must echo id, realm, method, intent and request")
+    for k in _REQUIRED_ECHO:
+        if not challenge.get(k):
+            raise PaymentCredentialMalformed("challenge must echo id, realm, method, intent and request")
+    for v in challenge.values():
+        if type(v) is not str:
+            raise PaymentCredentialMalformed("every echoed challenge parameter must be a string")
+    if type(payload) is not dict:
+        raise PaymentCredentialMalformed("payload must be an object")
+    if source is not None and not isinstance(source, str):
+        raise PaymentCredentialMalformed("source must be a string")
+    return Credential({k: v for k, v in challenge.items() if k in ECHO_FIELDS}, payload, source)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedCharge:
+    challenge_id: str
+    payment_hash: str
+    amount_msat: int
+    opaque: dict[str, str]
+
+
+def verify_charge(binder: Binder, cred: Credential, *, realm: str, now: int) -> VerifiedCharge:
+    """Steps 2-6 of the Lightning charge verification, statelessly. Raises a Payment* error."""
+    echo = cred.challenge
+    if echo.get("method") != METHOD or echo.get("intent") != CHARGE or echo.get("realm") != realm:
+        raise PaymentUnknownChallenge("this server issued no such challenge (method, intent or realm)")
+    if not binder.verify(echo):
+        raise PaymentUnknownChallenge("this server issued no such challenge, or it was altered")
+    preimage = cred.payload.get("preimage")
+    if not isinstance(preimage, str) or not _HEX64.fullmatch(preimage):
+        raise PaymentCredentialMalformed("payload.preimage must be 64 lowercase hex characters")
+    try:
+        # Everything echoed is exactly what we issued (the HMAC above), so the payment
+        # hash and amount are read from `opaque`, which we also wrote, rather than by
+        # decoding `request` (which carries the invoice: twice the bytes to decode).
+        expires = parse_rfc3339(echo["expires"]) if echo.get("expires") else None
+        opaque = _decode_json(unb64url(echo["opaque"]).decode()) if echo.get("opaque") else {}
+        payment_hash = opaque["hash"]
+        amount_msat = int(opaque["msat"])
+    except (ValueError, KeyError, TypeError):      # bound by our HMAC: only if we wrote it wrong
+        raise PaymentUnknownChallenge("the challenge's request cannot be read") from None
+    if expires is None or expires <= now:
+        raise PaymentChallengeExpired("the challenge and its invoice have expired")
+    if hashlib.sha256(bytes.fromhex(preimage)).hexdigest() != payment_hash:
+        raise PaymentInvalidPreimage("SHA-256 of the preimage is not this challenge's payment hash")
+    return VerifiedCharge(echo["id"], payment_hash, amount_msat, opaque)
+
+
+def receipt(challenge_id: str, payment_hash: str, now: int) -> str:
+    """The Payment-Receipt header value for a served charge."""
+    return encode_object({"method": METHOD, "challengeId": challenge_id, "reference": payment_hash,
+                          "status": "success", "timestamp": rfc3339(now)})

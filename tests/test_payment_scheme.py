@@ -1,0 +1,245 @@
+"""The "Payment" scheme (MPP, Lightning charge) beside L402 on the sidecar, over HTTP on
+127.0.0.1 with the sandbox backend: one invoice, either envelope, each payment once."""
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from micropay import payment_auth as pa
+from micropay.l402 import format_authorization, parse_challenges
+
+from .conftest import PG_SKIP_REASON, drop_pg_schema, make_config, pg_url_with_fresh_schema, start_sidecar
+from .helpers_proc import ServerProcess, free_port
+
+ROUTES = """
+service = "shop"
+demo = true
+[[routes]]
+method = "GET"
+path = "/api/joke"
+price_msat = 1000
+[[routes]]
+method = "GET"
+path = "/api/fortune/*"
+price_msat = 5000
+credits = 3
+[[routes]]
+method = "GET"
+path = "/api/echo"
+price_msat = 2000
+schemes = ["payment"]
+"""
+
+
+@pytest.fixture
+async def sc(tmp_path):
+    sidecar = await start_sidecar(make_config(tmp_path, ROUTES))
+    yield sidecar
+    await sidecar.runner.cleanup()
+
+
+async def fetch(url, headers=None):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers=headers or {}) as r:
+            return r.status, r.headers.copy(), await r.read()
+
+
+def payment_offer(headers) -> str | None:
+    return next((v for v in headers.getall("WWW-Authenticate", []) if v.startswith("Payment ")), None)
+
+
+def echo_of(header: str) -> dict:
+    """Parse our own challenge header back into its auth-params (quoted-string values)."""
+    import re
+    return {k: v.replace('\\"', '"') for k, v in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', header[8:])}
+
+
+async def buy_payment(sc, path):
+    """A 402 for `path`, its invoice paid by the payer node; returns (challenge echo, preimage, headers)."""
+    status, headers, _ = await fetch(sc.url + path)
+    assert status == 402
+    offer = payment_offer(headers)
+    assert offer is not None, headers.getall("WWW-Authenticate")
+    echo = echo_of(offer)
+    request = json.loads(pa.unb64url(echo["request"]))
+    paid = await sc.payer.pay(request["methodDetails"]["invoice"])
+    await settled(sc, request["methodDetails"]["paymentHash"])
+    return echo, paid.preimage, headers
+
+
+async def settled(sc, payment_hash):
+    """Wait until the sidecar has seen the payment (its pending challenge is no longer
+    handed out again to the same client)."""
+    for _ in range(500):
+        record = await sc.rt.l402.get_challenge(payment_hash)
+        if record is not None and record.paid_at is not None:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the sidecar never saw {payment_hash} paid")
+
+
+def credential(echo, preimage):
+    return "Payment " + pa.encode_object({"challenge": echo, "payload": {"preimage": preimage}})
+
+
+async def test_one_402_offers_both_schemes_on_one_invoice(sc):
+    status, headers, body = await fetch(sc.url + "/api/joke")
+    assert status == 402 and headers["Cache-Control"] == "no-store"
+    l402 = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+    echo = echo_of(payment_offer(headers))
+    request = json.loads(pa.unb64url(echo["request"]))
+    assert request["methodDetails"]["invoice"] == l402.invoice == json.loads(body)["invoice"]
+    assert request["amount"] == "1" and request["currency"] == "sat"
+    assert request["methodDetails"]["network"] == "regtest"
+    assert (echo["realm"], echo["method"], echo["intent"]) == ("shop", "lightning", "charge")
+    assert pa.parse_rfc3339(echo["expires"]) == json.loads(body)["expires_at"]
+
+
+async def test_routes_that_a_charge_cannot_express_offer_l402_only(sc, tmp_path):
+    status, headers, _ = await fetch(sc.url + "/api/fortune/1")           # a credits bundle
+    assert status == 402 and payment_offer(headers) is None
+    assert parse_challenges(headers.getall("WWW-Authenticate"))
+    status, headers, _ = await fetch(sc.url + "/api/echo")                # configured Payment only
+    assert [v.split(" ")[0] for v in headers.getall("WWW-Authenticate")] == ["Payment"]
+    odd = await start_sidecar(make_config(tmp_path / "odd", ROUTES.replace("price_msat = 1000", "price_msat = 1500")))
+    try:
+        status, headers, _ = await fetch(odd.url + "/api/joke")           # 1.5 sat: no `amount` for it
+        assert status == 402 and payment_offer(headers) is None
+    finally:
+        await odd.runner.cleanup()
+
+
+async def test_a_payment_credential_is_served_once_with_a_receipt(sc):
+    echo, preimage, _ = await buy_payment(sc, "/api/joke")
+    status, headers, body = await fetch(sc.url + "/api/joke", {"Authorization": credential(echo, preimage)})
+    assert status == 200 and "joke" in json.loads(body)
+    receipt = json.loads(pa.unb64url(headers["Payment-Receipt"]))
+    assert receipt["status"] == "success" and receipt["method"] == "lightning"
+    assert receipt["challengeId"] == echo["id"] and len(receipt["reference"]) == 64
+    # replay: a 402 with a fresh challenge and the draft's problem type
+    status, headers, body = await fetch(sc.url + "/api/joke", {"Authorization": credential(echo, preimage)})
+    doc = json.loads(body)
+    assert status == 402 and doc["type"] == "https://paymentauth.org/problems/lightning/unknown-challenge"
+    assert "Payment-Receipt" not in headers and headers["Cache-Control"] == "no-store"
+    fresh = echo_of(payment_offer(headers))
+    assert fresh["id"] != echo["id"]
+
+
+async def test_paying_once_buys_one_envelope_not_both(sc):
+    echo, preimage, headers = await buy_payment(sc, "/api/joke")
+    l402 = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+    status, _, _ = await fetch(sc.url + "/api/joke", {"Authorization": credential(echo, preimage)})
+    assert status == 200
+    status, _, body = await fetch(sc.url + "/api/joke",
+                                  {"Authorization": format_authorization(l402.macaroon, preimage)})
+    assert status == 402 and json.loads(body)["error"] == "credits_exhausted"
+    # and the other way round: the L402 token first, then the Payment credential is used up
+    echo, preimage, headers = await buy_payment(sc, "/api/joke")
+    l402 = parse_challenges(headers.getall("WWW-Authenticate"))[0]
+    status, _, _ = await fetch(sc.url + "/api/joke", {"Authorization": format_authorization(l402.macaroon, preimage)})
+    assert status == 200
+    status, _, body = await fetch(sc.url + "/api/joke", {"Authorization": credential(echo, preimage)})
+    assert status == 402 and json.loads(body)["error"] == "payment_unknown_challenge"
+
+
+async def test_a_credential_for_one_route_does_not_open_another(sc):
+    echo, preimage, _ = await buy_payment(sc, "/api/echo")
+    status, _, body = await fetch(sc.url + "/api/joke", {"Authorization": credential(echo, preimage)})
+    assert status == 402 and "another route" in json.loads(body)["detail"]
+
+
+async def test_a_preimage_with_another_challenge_is_refused(sc):
+    _, preimage, _ = await buy_payment(sc, "/api/joke")
+    status, headers, _ = await fetch(sc.url + "/api/joke")
+    other = echo_of(payment_offer(headers))          # a second, unpaid challenge
+    status, _, body = await fetch(sc.url + "/api/joke", {"Authorization": credential(other, preimage)})
+    assert status == 402 and json.loads(body)["type"].endswith("/lightning/invalid-preimage")
+
+
+@pytest.mark.parametrize("value", ["Payment", "Payment %%%", "Payment " + pa.b64url(b"{}"), "payment e30",
+                                   "Payment " + "A" * 20000])
+async def test_malformed_credentials_get_a_402_with_a_fresh_challenge(sc, value):
+    status, headers, body = await fetch(sc.url + "/api/joke", {"Authorization": value})
+    assert status == 402, body
+    assert json.loads(body)["type"].endswith("/lightning/malformed-credential")
+    assert payment_offer(headers) is not None
+
+
+async def test_exactly_one_of_200_concurrent_replays_is_served(sc):
+    echo, preimage, _ = await buy_payment(sc, "/api/joke")
+    auth = {"Authorization": credential(echo, preimage)}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
+        async def one():
+            async with s.get(sc.url + "/api/joke", headers=auth) as r:
+                await r.read()
+                return r.status
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses.count(200) == 1 and statuses.count(402) == 199
+
+
+async def test_pympp_parses_our_challenge_and_its_credential_is_served(sc):
+    """A client nobody here wrote: pympp's parser and serializer drive the charge."""
+    mpp = pytest.importorskip("mpp", reason="pympp is not installed (pip install '.[test]')")
+    status, headers, _ = await fetch(sc.url + "/api/joke")
+    challenge = mpp.parse_www_authenticate(payment_offer(headers))
+    assert challenge.method == "lightning" and challenge.intent == "charge"
+    invoice = challenge.request["methodDetails"]["invoice"]
+    paid = await sc.payer.pay(invoice)
+    cred = mpp.Credential(challenge=challenge.to_echo(), payload={"preimage": paid.preimage})
+    status, headers, body = await fetch(sc.url + "/api/joke", {"Authorization": cred.to_authorization()})
+    assert status == 200, body
+    receipt = mpp.parse_payment_receipt(headers["Payment-Receipt"])
+    assert receipt.status == "success" and receipt.reference == challenge.request["methodDetails"]["paymentHash"]
+
+
+def test_pympp_computes_the_same_challenge_id_from_the_same_secret():
+    mpp = pytest.importorskip("mpp", reason="pympp is not installed (pip install '.[test]')")
+    ours = pa.charge_challenge(pa.Binder([b"server-secret"], derive=False), realm="shop", bolt11="lnbcrt10n1x",
+                               payment_hash="ab" * 32, price_msat=1000, expires_at=1_800_000_000,
+                               description="d", opaque={"route": "GET /x", "token": "cd" * 32})
+    theirs = mpp.Challenge.create(secret_key="server-secret", realm="shop", method="lightning", intent="charge",
+                                  request=json.loads(pa.unb64url(ours.request)), expires=ours.expires,
+                                  meta=json.loads(pa.unb64url(ours.opaque)))
+    assert theirs.id == ours.id
+
+
+@pytest.mark.postgres
+def test_one_credential_is_served_once_by_two_sidecars_sharing_postgresql(tmp_path):
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url = pg_url_with_fresh_schema()
+    cfg = tmp_path / "shared.toml"
+    cfg.write_text(f'service = "shop"\ndemo = true\ndata_dir = "{tmp_path / "data"}"\n[store]\nurl = "{url}"\n'
+                   '[[routes]]\nmethod = "GET"\npath = "/api/joke"\nprice_msat = 1000\n')
+    servers = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            servers.append(ServerProcess(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
+                                         tmp_path, port))
+        asyncio.run(_replay_across(servers))
+    finally:
+        for s in servers:
+            s.stop()
+        asyncio.run(drop_pg_schema(url))
+
+
+async def _replay_across(servers):
+    a, b = servers
+    async with aiohttp.ClientSession() as s:
+        async with s.get(a.url + "/api/joke") as r:
+            echo = echo_of(payment_offer(r.headers))
+        invoice = json.loads(pa.unb64url(echo["request"]))["methodDetails"]["invoice"]
+        async with s.post(a.url + "/sandbox/wallets/w/pay", json={"bolt11": invoice}) as r:
+            preimage = (await r.json())["preimage"]
+        auth = {"Authorization": credential(echo, preimage)}
+
+        async def one(i):
+            async with s.get((a, b)[i % 2].url + "/api/joke", headers=auth) as r:
+                await r.read()
+                return r.status
+        statuses = await asyncio.gather(*(one(i) for i in range(200)))
+    # every replay is refused: with a fresh challenge (402), or, once the client's budget
+    # of new invoices is spent, told to wait (429)
+    assert statuses.count(200) == 1 and statuses.count(402) + statuses.count(429) == 199, statuses
