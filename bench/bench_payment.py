@@ -49,14 +49,14 @@ def main() -> None:
         offers.append(args)
         ch = pa.charge_challenge(binder, **args)
         payment.append("Payment " + pa.encode_object({"challenge": ch.echo(), "payload": {"preimage": pre.hex()}}))
-    firsts = []
-    for _ in range(3):
+    firsts, verifies, renders = [], [], []
+    for _ in range(7):               # interleaved rounds: a noisy neighbour slows both alike
         svc.forget_cached()
         firsts.append(per_op_us(lambda h: svc.verify_header(h, "GET", "/api/x"), l402))
-    base = min(firsts)
-    verify = min(per_op_us(lambda h: pa.verify_charge(binder, pa.parse_credential(h), realm="bench", now=now),
-                           payment) for _ in range(3))
-    render = min(per_op_us(lambda a: pa.charge_challenge(binder, **a).header(), offers) for _ in range(3))
+        verifies.append(per_op_us(lambda h: pa.verify_charge(binder, pa.parse_credential(h), realm="bench",
+                                                             now=now), payment))
+        renders.append(per_op_us(lambda a: pa.charge_challenge(binder, **a).header(), offers))
+    base, verify, render = min(firsts), min(verifies), min(renders)
     print(f"L402 credential, first seen (baseline) : {base:7.2f} us/op")
     print(f"Payment credential (parse + verify)    : {verify:7.2f} us/op   ratio {verify / base:4.2f}x L402"
           f"   (goal <= 1.2x)")

@@ -17,13 +17,13 @@ whitespace, and JSON string escaping of control characters, `"` and `\\`.
 """
 from __future__ import annotations
 
-import base64
 import binascii
 import datetime as dt
 import hashlib
 import hmac
 import json
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ METHOD = "lightning"
 CHARGE = "charge"
 MAX_CREDENTIAL_LEN = 16_384            # a credential echoes a challenge with a BOLT11 invoice
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NETWORKS = (("lnbcrt", "regtest"), ("lntbs", "signet"), ("lnbc", "mainnet"))   # longest prefix first
 _decode_json = json.JSONDecoder().decode     # json.loads minus its per-call set-up
@@ -44,13 +45,16 @@ ECHO_FIELDS = ("id", "realm", "method", "intent", "request", "expires", "opaque"
 
 # -- encodings ------------------------------------------------------------------------
 
+_encode_jcs = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+
+
 def jcs(obj: Any) -> bytes:
     """RFC 8785 for objects of ASCII keys, strings, integers, lists and objects."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode_jcs(obj).encode()
 
 
 def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def unb64url(text: str, limit: int = MAX_CREDENTIAL_LEN) -> bytes:
@@ -72,7 +76,7 @@ def encode_object(obj: dict[str, Any]) -> str:
 
 
 def rfc3339(ts: int) -> str:
-    return dt.datetime.fromtimestamp(int(ts), dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
 
 
 def parse_rfc3339(text: str) -> int:
@@ -95,7 +99,9 @@ def network_of(bolt11: str) -> str | None:
 
 
 def _quote(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if '"' in value or "\\" in value:
+        value = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{value}"'
 
 
 # -- challenges -----------------------------------------------------------------------
