@@ -34,6 +34,16 @@ def test_paid_request_end_to_end_from_the_cli(demo_server, tmp_path):
     assert wallet["balance_msat"] == 100_000_000_000 - 1000
 
 
+def test_cli_answers_with_the_payment_scheme_when_asked(demo_server, tmp_path):
+    server, _ = demo_server
+    res = run_cli("get", "--prefer", "payment", "--cache", str(tmp_path / "c.json"), f"{server.url}/api/joke",
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "joke" in json.loads(res.stdout)
+    assert "Payment charge of 1000 msat" in res.stderr and "Payment receipt for" in res.stderr
+    assert "HTTP 200" in res.stderr
+
+
 def test_cli_budget_refusal_is_a_clear_error(demo_server, tmp_path):
     server, _ = demo_server
     res = run_cli("get", "--max-msat", "10", "--cache", "", f"{server.url}/api/joke", cwd=tmp_path)

@@ -243,3 +243,85 @@ async def _replay_across(servers):
     # every replay is refused: with a fresh challenge (402), or, once the client's budget
     # of new invoices is spent, told to wait (429)
     assert statuses.count(200) == 1 and statuses.count(402) + statuses.count(429) == 199, statuses
+
+
+# -- the client pays either scheme ------------------------------------------------------
+
+from micropay.client import Budget, L402Client, NodeWallet, TokenCache  # noqa: E402
+from micropay.errors import BudgetExceeded  # noqa: E402
+
+
+def client(sc, tmp_path, **kw):
+    return L402Client(NodeWallet(sc.payer), kw.pop("budget", Budget()), TokenCache(tmp_path / "client.json"), **kw)
+
+
+async def test_the_client_pays_a_payment_only_route_and_reads_its_receipt(sc, tmp_path):
+    balance = sc.payer.balance_msat
+    r = await client(sc, tmp_path).get(sc.url + "/api/echo")
+    assert r.status == 200 and r.paid_msat == 2000 and r.receipt_error is None
+    assert r.receipt["status"] == "success" and r.receipt["reference"] == r.payment_hash
+    assert sc.payer.balance_msat == balance - 2000
+    r = await client(sc, tmp_path).get(sc.url + "/api/echo")        # single use: pays again
+    assert r.status == 200 and r.paid_msat == 2000
+
+
+async def test_the_client_prefers_l402_and_pays_payment_when_asked(sc, tmp_path):
+    c = client(sc, tmp_path / "a")
+    r = await c.get(sc.url + "/api/joke")
+    assert r.status == 200 and r.receipt["type"] == "request"     # micropay's signed L402 receipt
+    assert c.cache.state.tokens                                    # an L402 token was kept
+    events = []
+    p = client(sc, tmp_path / "b", prefer_payment=True, on_event=events.append)
+    r = await p.get(sc.url + "/api/joke")
+    assert r.status == 200 and r.receipt["method"] == "lightning" and not p.cache.state.tokens
+    assert any("Payment charge" in e for e in events)
+
+
+async def test_payment_charges_count_against_the_budgets(sc, tmp_path):
+    with pytest.raises(BudgetExceeded):
+        await client(sc, tmp_path, budget=Budget(max_per_request_msat=1000)).get(sc.url + "/api/echo")
+    c = client(sc, tmp_path / "day", budget=Budget(max_per_host_per_day_msat=4500, max_fee_msat=0))
+    assert (await c.get(sc.url + "/api/echo")).status == 200
+    assert (await c.get(sc.url + "/api/echo")).status == 200
+    with pytest.raises(BudgetExceeded):
+        await c.get(sc.url + "/api/echo")
+
+
+class CrashAfterPaying:
+    def __init__(self, node):
+        self.node = node
+
+    async def pay(self, bolt11, amount_msat, max_fee_msat):
+        await self.node.pay(bolt11, max_fee_msat=max_fee_msat)
+        raise KeyboardInterrupt("process killed mid-payment")
+
+
+async def test_a_charge_paid_by_a_run_that_died_is_presented_by_the_next_not_paid_again(sc, tmp_path):
+    balance = sc.payer.balance_msat
+    crashing = L402Client(CrashAfterPaying(sc.payer), Budget(), TokenCache(tmp_path / "c.json"))
+    with pytest.raises(KeyboardInterrupt):
+        await crashing.get(sc.url + "/api/echo")
+    assert sc.payer.balance_msat == balance - 2000
+    events = []
+    again = L402Client(NodeWallet(sc.payer), Budget(), TokenCache(tmp_path / "c.json"), on_event=events.append)
+    r = await again.get(sc.url + "/api/echo")
+    assert r.status == 200 and sc.payer.balance_msat == balance - 2000
+    assert any("interrupted payment" in e for e in events)
+    assert [(s.status, s.amount_msat) for s in again.cache.state.spends.values()] == [("paid", 2000)]
+
+
+async def test_a_challenge_whose_invoice_disagrees_is_not_paid(sc, tmp_path, monkeypatch):
+    from micropay.errors import InvoiceMismatch
+    real = pa.charge_challenge
+
+    def lying(binder, **kw):                      # a server that says 1 sat but invoices 2
+        ch = real(binder, **kw)
+        doc = json.loads(pa.unb64url(ch.request))
+        doc["amount"] = str(int(doc["amount"]) - 1)
+        return pa.Challenge(ch.id, ch.realm, ch.method, ch.intent, pa.encode_object(doc), ch.expires, ch.opaque)
+    import micropay.sidecar.gate as gate_module
+    monkeypatch.setattr(gate_module, "charge_challenge", lying)
+    balance = sc.payer.balance_msat
+    with pytest.raises(InvoiceMismatch):
+        await client(sc, tmp_path).get(sc.url + "/api/echo")
+    assert sc.payer.balance_msat == balance

@@ -121,7 +121,8 @@ async def _get(args: argparse.Namespace) -> int:
     budget = Budget(args.max_msat, args.day_budget_msat, args.total_budget_msat, args.max_fee_msat)
     cache = TokenCache(Path(args.cache).expanduser() if args.cache else None)
     say = (lambda m: None) if args.quiet else (lambda m: print(f"micropay: {m}", file=sys.stderr))
-    client = L402Client(wallet, budget, cache, on_event=say, receipt_pubkey=args.receipt_pubkey)
+    client = L402Client(wallet, budget, cache, on_event=say, receipt_pubkey=args.receipt_pubkey,
+                        prefer_payment=args.prefer == "payment")
     try:
         res = await client.request(args.method, args.url, headers=headers,
                                    data=args.data.encode() if args.data is not None else None)
@@ -268,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="routing fee limit per payment (msat; default %(default)s)")
     g.add_argument("--cache", default="~/.micropay/client.json",
                    help="token cache and spend ledger, 0600 (default %(default)s; '' for none)")
+    g.add_argument("--prefer", choices=["l402", "payment"], default="l402",
+                   help="when a 402 offers both L402 and the Payment scheme (MPP) on one invoice, answer "
+                        "with this one (default l402: its token is reusable); a 402 offering only one is paid "
+                        "with that one")
     g.add_argument("--receipt-pubkey", help="server receipt key to pin (hex); exit 3 if a receipt does not verify")
     g.add_argument("-q", "--quiet", action="store_true")
 

@@ -30,6 +30,7 @@ from .l402 import Challenge, format_authorization, parse_challenges
 from .lightning.base import Node
 from .lightning.bolt11codec import decode_invoice
 from .macaroon import Macaroon
+from . import payment_auth
 from .patterns import method_allowed, path_matches
 from .pricing import query_digest
 from .receipts import RECEIPT_HEADER, InvalidReceipt, verify_receipt
@@ -147,6 +148,8 @@ class Spend:
     origin: str = ""
     bolt11: str = ""   # kept while "paying", so a run that died mid-payment can finish it
     macaroon: str = ""
+    challenge: dict[str, str] | None = None   # a Payment (MPP) charge: its echo, kept while "paying"
+    resource: str = ""                        # "METHOD /path" a Payment charge was asked for
 
 
 @dataclass
@@ -237,8 +240,12 @@ class L402Client:
     def __init__(self, wallet: Wallet, budget: Budget = Budget(), cache: TokenCache | None = None,
                  session: aiohttp.ClientSession | None = None, on_event: Callable[[str], None] | None = None,
                  receipt_pubkey: str | None = None, clock: Callable[[], float] = time.time,
-                 max_body_bytes: int = DEFAULT_MAX_BODY) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY, prefer_payment: bool = False) -> None:
+        """`prefer_payment`: when a 402 offers both L402 and the "Payment" scheme (MPP
+        charge) on one invoice, answer with Payment. By default L402 is preferred: its
+        token can be reused (credits, passes), a Payment credential serves one request."""
         self.wallet, self.budget = wallet, budget
+        self.prefer_payment = prefer_payment
         self.cache = cache or TokenCache(None)
         self._session, self.clock = session, clock
         self.on_event = on_event or (lambda msg: None)
@@ -256,10 +263,13 @@ class L402Client:
                 await self._resume(origin, method, path, parts.query)
             paid = PaidInvoice("", 0, 0)
             payment_hash = None
+            one_shot = None if token is not None else await self._resume_charge(origin, method, path)
             for _attempt in range(3):  # cached token -> fresh challenge -> paid retry
                 hdrs = dict(headers or {})
                 if token is not None:
                     hdrs["Authorization"] = format_authorization(token.macaroon, token.preimage)
+                elif one_shot is not None:
+                    hdrs["Authorization"] = one_shot
                 try:
                     async with session.request(method, url, headers=hdrs, data=data) as resp:
                         status, resp_headers = resp.status, resp.headers
@@ -267,11 +277,20 @@ class L402Client:
                         answered_by = resp.url.origin()
                 except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
                     raise RequestFailed(f"{method} {url}: {exc or type(exc).__name__}") from None
-                challenges = parse_challenges(resp_headers.getall("WWW-Authenticate", []))
+                offered = resp_headers.getall("WWW-Authenticate", [])
+                challenges = parse_challenges(offered)
+                charge = next((c for c in payment_auth.parse_challenges(offered)
+                               if c.method == payment_auth.METHOD and c.intent == payment_auth.CHARGE), None)
                 if status not in (401, 402):
                     if token is not None and resp_headers.get("Payment-Credits-Remaining") == "0":
                         self._drop_token(token)   # spent its last credit
-                    return self._result(status, resp_headers, body, paid, payment_hash)
+                    return self._result(status, resp_headers, body, paid, payment_hash,
+                                        charged=one_shot is not None and token is None)
+                if one_shot is not None:
+                    self.on_event(f"{status} for the Payment credential of {method} {path}: {_problem_detail(body)}")
+                    one_shot = None
+                    if paid.amount_msat:
+                        return self._result(status, resp_headers, body, paid, payment_hash)
                 if token is not None:
                     self.on_event(f"{status} with cached token for {method} {path}: "
                                   f"{_problem_detail(body)}; dropping it")
@@ -279,12 +298,16 @@ class L402Client:
                     token = None
                     if not challenges:
                         continue
-                if status == 401 or not challenges or paid.amount_msat:
+                if status == 401 or not (challenges or charge) or paid.amount_msat:
                     return self._result(status, resp_headers, body, paid, payment_hash)
                 if answered_by != URL(url).origin():
                     raise ForeignChallenge(f"the 402 came from {answered_by} after a redirect from {origin}; "
                                            "not paying a server other than the one asked (request that "
                                            "URL directly to pay it)")
+                if charge is not None and (self.prefer_payment or not challenges):
+                    one_shot, paid, payment_hash = await self._pay_charge(origin, parts.netloc, method, path,
+                                                                          charge, body)
+                    continue
                 token, paid, payment_hash = await self._pay(origin, parts.netloc, method, path,
                                                             challenges[0], body)
             return self._result(status, resp_headers, body, paid, payment_hash)
@@ -367,14 +390,16 @@ class L402Client:
         # the next run finishes it (paying a paid invoice returns its preimage).
         if hashlib.sha256(bytes.fromhex(paid.preimage)).hexdigest() != intent.payment_hash:
             raise PaymentFailed("the wallet returned a preimage that does not match the invoice")
-        mac = Macaroon.deserialize(intent.macaroon)
-        token = _token_from(intent.origin, mac, intent.macaroon, paid.preimage, intent.payment_hash)
+        token = None
+        if intent.macaroon:
+            mac = Macaroon.deserialize(intent.macaroon)
+            token = _token_from(intent.origin, mac, intent.macaroon, paid.preimage, intent.payment_hash)
         with self.cache.locked() as state:
             state.spends[intent.payment_hash] = Spend(intent.payment_hash, intent.host, paid.amount_msat,
                                                       paid.fee_msat, intent.ts, "paid")
-            if not any(t.macaroon == token.macaroon for t in state.tokens):
+            if token is not None and not any(t.macaroon == token.macaroon for t in state.tokens):
                 state.tokens.append(token)
-        return token, paid
+        return token, paid  # type: ignore[return-value]
 
     async def _resume(self, origin: str, method: str, path: str, query: str = "") -> CachedToken | None:
         """Finish a payment that an earlier run recorded but did not see through."""
@@ -388,6 +413,66 @@ class L402Client:
                 self.on_event(f"finishing an interrupted payment ({intent.payment_hash[:16]}…)")
                 token, _ = await self._complete(intent)
                 return token
+        return None
+
+    async def _pay_charge(self, origin: str, host: str, method: str, path: str, ch: payment_auth.Challenge,
+                          body: bytes) -> tuple[str, PaidInvoice, str]:
+        """Pay a Payment (MPP, Lightning charge) challenge within the budgets; returns the
+        one-shot Authorization value. The same checks as for L402: the invoice is the
+        authority, and its hash, amount and expiry must agree with what the challenge says."""
+        try:
+            request = payment_auth.decode_request(ch)
+            details = request["methodDetails"]
+            invoice, sats = details["invoice"], int(request["amount"])
+            if request.get("currency") != "sat" or not isinstance(invoice, str):
+                raise ValueError("not a sat-denominated charge")
+        except (ValueError, KeyError, TypeError):
+            raise InvoiceMismatch("the Payment challenge's request cannot be read; not paying") from None
+        inv = decode_invoice(invoice)
+        if details.get("paymentHash", inv.payment_hash) != inv.payment_hash:
+            raise InvoiceMismatch("the challenge's paymentHash differs from the invoice's; not paying")
+        if inv.amount_msat is None or inv.amount_msat != sats * 1000:
+            raise InvoiceMismatch(f"the invoice asks {inv.amount_msat} msat but the challenge says {sats} sat; "
+                                  "not paying")
+        advertised = _advertised_price(body)
+        if advertised is not None and advertised != inv.amount_msat:
+            raise InvoiceMismatch(f"the invoice asks {inv.amount_msat} msat but the price is "
+                                  f"{advertised} msat; not paying")
+        now = self.clock()
+        try:
+            expires = payment_auth.parse_rfc3339(ch.expires) if ch.expires else inv.expires_at
+        except ValueError:
+            raise InvoiceMismatch("the Payment challenge's expires is not an RFC 3339 time; not paying") from None
+        if now >= min(expires, inv.expires_at):
+            raise PaymentFailed("the challenge has expired")
+        self.on_event(f"402 for {method} {path}: Payment charge of {inv.amount_msat} msat "
+                      f"(payment_hash {inv.payment_hash[:16]}…, {inv.description!r})")
+        with self.cache.locked() as state:
+            known = state.spends.get(inv.payment_hash)
+            if known is not None and known.status == "paid":
+                raise PaymentFailed("the server sent an invoice this client has already paid; "
+                                    "not paying twice")
+            if known is None:
+                self._check_budget(host, inv.amount_msat, now)
+                state.spends[inv.payment_hash] = Spend(
+                    inv.payment_hash, host, inv.amount_msat, self.budget.max_fee_msat, int(now), "paying",
+                    origin, invoice, "", ch.echo(), f"{method} {path}")
+        _, paid = await self._complete(state.spends[inv.payment_hash])
+        self.on_event(f"paid {paid.amount_msat} msat + {paid.fee_msat} msat fee; "
+                      f"spent today at {host}: {self.cache.spent(host, now - DAY_S)} msat")
+        return payment_auth.format_credential(ch, paid.preimage), paid, inv.payment_hash
+
+    async def _resume_charge(self, origin: str, method: str, path: str) -> str | None:
+        """Finish a Payment charge an earlier run recorded for this request but did not
+        see through, and present it (the credential is good until the challenge expires)."""
+        for intent in list(self.cache.state.spends.values()):
+            if (intent.status == "paying" and intent.challenge and intent.origin == origin
+                    and intent.resource == f"{method} {path}"):
+                self.on_event(f"finishing an interrupted payment ({intent.payment_hash[:16]}…)")
+                ch = payment_auth.Challenge(**{k: intent.challenge.get(k, "")
+                                               for k in payment_auth.ECHO_FIELDS})
+                _, paid = await self._complete(intent)
+                return payment_auth.format_credential(ch, paid.preimage)
         return None
 
     def _check_budget(self, host: str, amount: int, now: float) -> None:
@@ -409,10 +494,21 @@ class L402Client:
                                      f"{spent} of {b.max_total_msat} msat spent")
 
     def _result(self, status: int, headers: Any, body: bytes, paid: PaidInvoice,
-                payment_hash: str | None) -> Result:
+                payment_hash: str | None, charged: bool = False) -> Result:
         receipt = error = None
         raw = headers.get(RECEIPT_HEADER)
-        if raw:
+        if raw and charged:
+            # The Payment scheme's receipt: base64url JSON naming the payment, not signed.
+            try:
+                doc = payment_auth.decode_request(payment_auth.Challenge("", "", "", "", raw))
+                if doc.get("status") != "success" or (payment_hash and doc.get("reference") != payment_hash):
+                    raise ValueError("it does not name this payment as a success")
+                receipt = doc
+                self.on_event(f"Payment receipt for {doc.get('reference', '')[:16]}…")
+            except ValueError as exc:
+                error = f"the Payment-Receipt cannot be read: {exc}"
+                self.on_event(error)
+        elif raw:
             try:
                 receipt = verify_receipt(raw, self.receipt_pubkey)
                 self.on_event(f"receipt verified (signed by {receipt['pubkey'][:16]}…)")

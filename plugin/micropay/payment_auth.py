@@ -187,6 +187,44 @@ def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: s
     return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64)
 
 
+_PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+_UNESCAPE = re.compile(r"\\(.)")
+_SPLIT = re.compile(r"(?:^|,)\s*(?=(?:L402|LSAT|Payment)\s)", re.IGNORECASE)
+
+
+def parse_challenges(values: list[str]) -> list[Challenge]:
+    """The Payment challenges among WWW-Authenticate values (several headers, or one
+    comma-joined header that may also hold L402 challenges). Incomplete ones are skipped."""
+    found: list[Challenge] = []
+    for value in values:
+        for chunk in _SPLIT.split(value):
+            scheme, _, rest = chunk.strip().partition(" ")
+            if scheme.lower() != "payment":
+                continue
+            params: dict[str, str] = {}
+            for m in _PARAM.finditer(rest):
+                text = _UNESCAPE.sub(r"\1", m.group(2)) if m.group(2) is not None else m.group(3)
+                params.setdefault(m.group(1).lower(), text)
+            if all(params.get(k) for k in _REQUIRED_ECHO):
+                found.append(Challenge(params["id"], params["realm"], params["method"], params["intent"],
+                                       params["request"], params.get("expires", ""), params.get("opaque", ""),
+                                       params.get("digest", ""), params.get("description", "")))
+    return found
+
+
+def decode_request(ch: Challenge) -> dict[str, Any]:
+    """The challenge's `request` object; ValueError if it is not base64url JSON of an object."""
+    doc = _decode_json(unb64url(ch.request).decode())
+    if type(doc) is not dict:
+        raise ValueError("request is not a JSON object")
+    return doc
+
+
+def format_credential(ch: Challenge, preimage_hex: str) -> str:
+    """The Authorization value that presents a paid charge."""
+    return "Payment " + encode_object({"challenge": ch.echo(), "payload": {"preimage": preimage_hex}})
+
+
 # -- credentials ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
