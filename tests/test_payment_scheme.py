@@ -110,6 +110,12 @@ async def test_routes_that_a_charge_cannot_express_offer_l402_only(sc, tmp_path)
         await odd.runner.cleanup()
 
 
+async def test_discovery_says_which_schemes_each_route_offers(sc):
+    status, _, body = await fetch(sc.url + "/.well-known/l402.json")
+    offered = {r["path"]: r["schemes"] for r in json.loads(body)["routes"]}
+    assert offered == {"/api/joke": ["L402", "Payment"], "/api/fortune/*": ["L402"], "/api/echo": ["Payment"]}
+
+
 async def test_a_payment_credential_is_served_once_with_a_receipt(sc):
     echo, preimage, _ = await buy_payment(sc, "/api/joke")
     status, headers, body = await fetch(sc.url + "/api/joke", {"Authorization": credential(echo, preimage)})

@@ -21,6 +21,7 @@ from ..errors import ConfigError, Unauthorized
 from ..http.problems import problem_response
 from ..lightning.base import Node
 from ..metrics import Metrics
+from ..payment_auth import whole_sats
 from ..receipts import ReceiptSigner
 from ..secretfile import private_dir, read_secret, write_secret
 from ..settlement import SettlementRouter
@@ -289,6 +290,16 @@ async def _background_tasks(app: web.Application):
     await stop_background(rt, tasks)
 
 
+def _schemes_offered(r) -> list[str]:
+    """What a 402 for this route offers: L402, and the Payment scheme (MPP charge) on
+    per-request routes priced in whole satoshis (a dynamic price decides per request)."""
+    out = ["L402"] if "l402" in r.schemes else []
+    if ("payment" in r.schemes and r.pass_s is None and r.credits == 1
+            and (r.price_hook is not None or whole_sats(r.price_msat))):
+        out.append("Payment")
+    return out
+
+
 async def well_known(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     cfg = rt.config
@@ -299,7 +310,7 @@ async def well_known(request: web.Request) -> web.Response:
             "price_msat": r.price_msat if r.price_hook is None else None,
             "dynamic_price": r.price_hook is not None, "credits": r.credits, "pass_s": r.pass_s,
             "capabilities": sorted(r.capabilities), "free_per_hour": r.free_per_hour,
-            "stream_msat": r.stream_msat,
+            "stream_msat": r.stream_msat, "schemes": _schemes_offered(r),
             "caveats": [c if not c.startswith("query=") else "query=<first 32 hex of sha256(the query string)>"
                         for c in r.caveats(cfg.service, 0)[:-1]] + (
                 [f"{cfg.service}_valid_until=<issued_at + {r.pass_s}>"] if r.pass_s else [f"credits={r.credits}"]),
