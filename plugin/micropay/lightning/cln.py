@@ -167,6 +167,7 @@ class ClnNode:
     """The Node port on Core Lightning."""
 
     pays_offers = True
+    pending_wait_s = 60.0   # how long pay() waits on an earlier attempt still in flight
 
     def __init__(self, rpc_file: str | Path, timeout_s: float = 120.0) -> None:
         self.rpc = ClnRpc(rpc_file, timeout_s)
@@ -220,23 +221,33 @@ class ClnNode:
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None,
                   label: str | None = None, retry_for_s: int | None = None) -> Payment:
-        try:
-            r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label,
-                                             "retry_for": retry_for_s}, timeout_s=None)
-        except ClnRpcError as exc:
-            # Already paid earlier (e.g. by a run that crashed)? Then that payment counts;
-            # still out? Then its outcome is not known yet.
-            try:   # BOLT11 or BOLT12 invoice
-                d = await self.rpc.call("decode", {"string": bolt11})
-                payment_hash = d.get("payment_hash") or d.get("invoice_payment_hash")
-            except ClnRpcError:
-                payment_hash = None
-            status = await self.payment_status(payment_hash) if payment_hash else None
-            if status is not None and status.state == "complete" and status.payment is not None:
-                return status.payment
-            if status is not None and status.state == "pending":
-                raise PaymentUnknown(f"the payment is still in flight ({exc.cln_message})") from None
-            raise _payment_failed(exc) from None
+        waited = False
+        while True:
+            try:
+                r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label,
+                                                 "retry_for": retry_for_s}, timeout_s=None)
+                break
+            except ClnRpcError as exc:
+                # Already paid earlier (e.g. by a run that crashed)? Then that payment counts.
+                # Still out (an attempt from before a restart)? Wait a while for its outcome:
+                # complete counts, failed means it is safe to pay now; still pending after
+                # that, and the outcome is not known yet.
+                try:   # BOLT11 or BOLT12 invoice
+                    d = await self.rpc.call("decode", {"string": bolt11})
+                    payment_hash = d.get("payment_hash") or d.get("invoice_payment_hash")
+                except ClnRpcError:
+                    payment_hash = None
+                status = await self.payment_status(payment_hash) if payment_hash else None
+                if status is not None and status.state == "pending" and not waited:
+                    waited = True
+                    status = await self._wait_while_pending(payment_hash, self.pending_wait_s)  # type: ignore[arg-type]
+                    if status is not None and status.state == "failed":
+                        continue           # the earlier attempt failed for good: pay now
+                if status is not None and status.state == "complete" and status.payment is not None:
+                    return status.payment
+                if status is not None and status.state == "pending":
+                    raise PaymentUnknown(f"the payment is still in flight ({exc.cln_message})") from None
+                raise _payment_failed(exc) from None
         preimage = r["payment_preimage"]
         return Payment(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, r["amount_msat"],
                        r["amount_sent_msat"] - r["amount_msat"])
@@ -262,6 +273,16 @@ class ClnNode:
         except ClnRpcError as exc:
             raise PaymentFailed(f"fetchinvoice failed: {exc.cln_message}", cln_code=exc.cln_code) from None
         return r["invoice"], d["invoice_payment_hash"]
+
+    async def _wait_while_pending(self, payment_hash: str, timeout_s: float) -> PaymentStatus | None:
+        """lightningd's record of the payment once it is no longer pending (or when
+        `timeout_s` has passed): after a restart, its HTLC resolves once the peer is back."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            status = await self.payment_status(payment_hash)
+            if status is None or status.state != "pending" or asyncio.get_running_loop().time() >= deadline:
+                return status
+            await asyncio.sleep(0.5)
 
     async def payment_status(self, payment_hash: str) -> PaymentStatus | None:
         """From lightningd's own record (listsendpays): complete if any part completed,
