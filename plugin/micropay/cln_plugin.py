@@ -201,7 +201,8 @@ def micropay_invoice(request: Request, amount_msat: Any, description: Any, label
 @rpc_method("micropay-verify")
 def micropay_verify(request: Request, credential: Any = None, path: Any = None, method: Any = None,
                     **misread: Any) -> None:
-    """Check an L402 credential ('<macaroon>:<preimage>'): valid, reason, caveats, credits_left."""
+    """Check an L402 credential ('<macaroon>:<preimage>': valid, reason, caveats, credits_left), or use a
+    Payment (MPP charge) credential ('Payment <base64url>', single use: valid once, with its receipt)."""
     if credential is None and len(misread) == 1:
         # `lightning-cli micropay-verify <token>=:<preimage>`: the base64 padding made
         # lightning-cli send it as name=value; put the credential back together.

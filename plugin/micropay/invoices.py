@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .errors import BadRequest, InvalidCredential
+from . import payment_auth
+from .errors import BadRequest, InvalidCredential, PaymentSchemeError
 from .inputs import decimal
 from .l402 import parse_authorization
 from .lightning.base import Node, RecordExists, RecordStore
@@ -48,6 +49,7 @@ class IssuedInvoice:
     description: str
     created_at: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    payment_challenge: str | None = None   # WWW-Authenticate: Payment (MPP charge) on the same invoice
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,9 +91,16 @@ class InvoiceIssuer:
         invoice = await self.node.create_invoice(amount, label, description, expiry_s)
         caveats = [f"services={services_text}"] + ([f"credits={n_credits}"] if n_credits else [])
         mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), caveats, token_id_for_label(label))
+        challenge = None
+        if payment_auth.whole_sats(amount) and n_credits in (None, 1):
+            challenge = payment_auth.charge_challenge(
+                payment_auth.binder_for(self.tokens.keyring), realm=self.tokens.service, bolt11=invoice.bolt11,
+                payment_hash=invoice.payment_hash, price_msat=amount, expires_at=invoice.expires_at,
+                description=description[:200], opaque={"token": token_id_for_label(label).hex(), "label": label},
+            ).header()
         record = IssuedInvoice(label, invoice.bolt11, invoice.payment_hash, amount, invoice.expires_at,
                                mac.serialize(), token_id_for_label(label).hex(), services_text, n_credits,
-                               description, int(time.time()), meta)
+                               description, int(time.time()), meta, challenge)
         try:
             await self.ds.create(key, record.public())
         except RecordExists:   # a concurrent call with the same label won
@@ -111,7 +120,10 @@ class InvoiceIssuer:
 
     async def verify(self, credential: Any, path: Any = None, method: Any = None) -> dict[str, Any]:
         if not isinstance(credential, str) or not credential:
-            raise BadRequest("credential must be a string: 'L402 <macaroon>:<preimage>' or '<macaroon>:<preimage>'")
+            raise BadRequest("credential must be a string: 'L402 <macaroon>:<preimage>', '<macaroon>:<preimage>' "
+                             "or 'Payment <base64url>'")
+        if payment_auth.is_payment(credential):
+            return await self._verify_payment(credential)
         header = credential if credential.split(" ", 1)[0].upper() in ("L402", "LSAT") else f"L402 {credential}"
         if path is not None and (not isinstance(path, str) or not path.startswith("/")):
             raise BadRequest("path must start with '/'")
@@ -136,6 +148,28 @@ class InvoiceIssuer:
             left = await self.l402.credits_remaining(token.token_id_hex)
             out["credits_left"] = token.constraints.credits if left is None else left
         out["valid"] = True
+        return out
+
+    async def _verify_payment(self, credential: str) -> dict[str, Any]:
+        """A Payment (MPP charge) credential for an invoice issued here: checked, then
+        consumed, once (a second verify of it answers valid: false, already used). It
+        spends the same credit ledger as the L402 token of that invoice."""
+        now = int(self.tokens.clock())
+        cred = payment_auth.parse_credential(credential)      # PaymentCredentialMalformed -> 1416
+        out: dict[str, Any] = {"valid": False, "reason": None, "scheme": "Payment",
+                               "challenge_id": cred.challenge.get("id"), "payment_hash": None, "label": None,
+                               "receipt": None}
+        try:
+            charge = payment_auth.verify_charge(payment_auth.binder_for(self.tokens.keyring), cred,
+                                                realm=self.tokens.service, now=now)
+        except PaymentSchemeError as err:
+            out["reason"] = err.message
+            return out
+        out["payment_hash"], out["label"] = charge.payment_hash, charge.opaque.get("label")
+        if not await self.l402.consume_whole(charge.opaque.get("token", "")):
+            out["reason"] = "this credential (or the L402 token of the same invoice) was already used"
+            return out
+        out["valid"], out["receipt"] = True, payment_auth.receipt(charge.challenge_id, charge.payment_hash, now)
         return out
 
     async def mirror(self) -> None:

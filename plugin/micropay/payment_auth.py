@@ -165,6 +165,13 @@ class Binder:
         return ok
 
 
+def binder_for(keyring: Any) -> Binder:
+    """The binder of a token key ring (tokens.RootKeyRing): current key first, the others
+    after it, so challenges made before a rotation still verify while their key is kept."""
+    keys = [keyring.keys[keyring.current]] + [k for kid, k in keyring.keys.items() if kid != keyring.current]
+    return Binder([k.secret for k in keys])
+
+
 def whole_sats(price_msat: int) -> bool:
     """The Lightning method's `amount` is in satoshis: other prices are L402 only."""
     return price_msat > 0 and price_msat % 1000 == 0

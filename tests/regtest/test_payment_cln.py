@@ -64,3 +64,20 @@ async def test_the_client_pays_a_charge_from_its_node(node_factory, tmp_path):
     finally:
         await sc.runner.cleanup()
         await payer.close()
+
+
+def test_the_plugin_issues_and_verifies_payment_credentials(node_factory):
+    from .util import opts
+    l1, l2 = node_factory.line_graph(2, opts=[{}, opts()], wait_for_announce=True)
+    inv = l2.rpc.call("micropay-invoice", {"amount_msat": 21000, "description": "an article", "label": "a-1",
+                                           "credits": 1})
+    (charge,) = pa.parse_challenges([inv["payment_challenge"]])
+    paid = l1.rpc.call("xpay", {"invstring": inv["bolt11"]})
+    credential = pa.format_credential(charge, paid["payment_preimage"])
+    ok = l2.rpc.call("micropay-verify", {"credential": credential})
+    assert ok["valid"] and ok["scheme"] == "Payment" and ok["label"] == "a-1"
+    assert json.loads(pa.unb64url(ok["receipt"]))["reference"] == inv["payment_hash"]
+    again = l2.rpc.call("micropay-verify", [credential])
+    assert not again["valid"] and "already used" in again["reason"]
+    l402 = l2.rpc.call("micropay-verify", {"credential": f"{inv['token']}:{paid['payment_preimage']}"})
+    assert l402["valid"] and l402["credits_left"] == 0

@@ -39,7 +39,8 @@ from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
 from ..metrics import Metrics
-from ..payment_auth import Binder, charge_challenge, is_payment, parse_credential, verify_charge, whole_sats
+from ..payment_auth import (Binder, binder_for, charge_challenge, is_payment, parse_credential, verify_charge,
+                           whole_sats)
 from ..payment_auth import receipt as payment_receipt
 from ..pricing import Pricing, RouteRule, query_digest
 from ..ratelimit import FreeTier, client_address
@@ -121,9 +122,7 @@ class Gate:
     def _binder(self) -> Binder:
         """Payment challenge ids are bound under keys derived from the root keys, so every
         replica that verifies L402 tokens verifies Payment challenges too."""
-        ring = self.tokens.keyring
-        keys = [ring.keys[ring.current]] + [k for kid, k in ring.keys.items() if kid != ring.current]
-        return Binder([k.secret for k in keys])
+        return binder_for(self.tokens.keyring)
 
     def _rebind(self) -> None:
         self.binder = self._binder()
