@@ -193,7 +193,7 @@ HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max
                         ("GET", "/v1/purchases/pur_x/events?token={q}"), ("POST", "/v1/payouts"),
                         ("GET", "/v1/events?last_event_id={q}"), ("POST", "/paywall/article-1/purchase"),
                         ("POST", "/sandbox/wallets/fuzz/pay"), ("GET", "/metrics")]),
-       HEADER_TEXT, st.binary(max_size=300), st.sampled_from(["L402 ", "LSAT ", "Bearer ", "", "Bearer mpk_"]))
+       HEADER_TEXT, st.binary(max_size=300), st.sampled_from(["L402 ", "LSAT ", "Bearer ", "", "Bearer mpk_", "Payment ", "Payment eyJ"]))
 def test_fuzzed_requests_never_get_a_5xx(threaded_games, endpoint, text, body, scheme):
     from urllib.parse import quote
     from .rawhttp import raw_request

@@ -331,3 +331,35 @@ async def test_a_challenge_whose_invoice_disagrees_is_not_paid(sc, tmp_path, mon
     with pytest.raises(InvoiceMismatch):
         await client(sc, tmp_path).get(sc.url + "/api/echo")
     assert sc.payer.balance_msat == balance
+
+
+async def test_behind_the_proxy_the_upstream_never_sees_the_payment_credential(tmp_path):
+    from .test_proxy import start_upstream
+    up_runner, up_url, seen = await start_upstream()
+    sidecar = await start_sidecar(make_config(tmp_path, f'''
+service = "px"
+upstream = "{up_url}"
+[[routes]]
+path = "/api/upload"
+method = "POST"
+price_msat = 3000
+'''))
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(sidecar.url + "/api/upload", data=b"x") as r:
+                assert r.status == 402
+                (charge,) = pa.parse_challenges(r.headers.getall("WWW-Authenticate"))
+            request = pa.decode_request(charge)
+            paid = await sidecar.payer.pay(request["methodDetails"]["invoice"])
+            async with s.post(sidecar.url + "/api/upload", data=b"hello",
+                              headers={"Authorization": pa.format_credential(charge, paid.preimage)}) as r:
+                assert r.status == 200, await r.text()
+                assert json.loads(pa.unb64url(r.headers["Payment-Receipt"]))["status"] == "success"
+                assert (await r.json())["bytes"] == 5
+        h = seen["headers"]
+        assert "Authorization" not in h                      # the preimage stays with the gate
+        assert h["X-L402-Payment-Hash"] == request["methodDetails"]["paymentHash"]
+        assert len(h["X-L402-Token-Id"]) == 64
+    finally:
+        await sidecar.runner.cleanup()
+        await up_runner.cleanup()

@@ -64,6 +64,15 @@ class Paid:
     token: VerifiedToken | None      # None: admitted by a Payment (MPP) credential
     headers: dict[str, str]          # Payment-Receipt (+ Payment-Credits-Remaining)
     valid_until: int | None
+    charge: tuple[str, str] | None = None   # a Payment credential's (token id, payment hash)
+
+    @property
+    def token_id(self) -> str:
+        return self.token.token_id_hex if self.token is not None else (self.charge or ("", ""))[0]
+
+    @property
+    def payment_hash(self) -> str:
+        return self.token.payment_hash.hex() if self.token is not None else (self.charge or ("", ""))[1]
 
 
 PAID = web.RequestKey("micropay_paid", Paid) if hasattr(web, "RequestKey") else "micropay_paid"
@@ -303,7 +312,8 @@ class Gate:
             except MicropayError as refused:      # rate limited, overloaded: say that instead
                 return problem_response(refused)
         headers = {RECEIPT_HEADER: payment_receipt(charge.challenge_id, charge.payment_hash, now)}
-        return await self._serve(request, handler, Paid(rule.key, None, headers, None), None)
+        admitted = Paid(rule.key, None, headers, None, (charge.opaque.get("token", ""), charge.payment_hash))
+        return await self._serve(request, handler, admitted, None)
 
     async def _serve(self, request: web.Request, handler: Handler, admitted: "Paid",
                      remaining: int | None) -> web.StreamResponse:

@@ -17,6 +17,7 @@ from yarl import URL
 
 from ..errors import UpstreamError, UpstreamUnreachable
 from ..l402 import SCHEMES
+from ..payment_auth import is_payment
 from ..pricing import Pricing
 from .gate import PAID, STREAM_HEADER, request_target
 
@@ -64,8 +65,8 @@ class ReverseProxy:
         headers = _strip_hop_by_hop(request.headers)
         headers.popall(hdrs.HOST, None)
         auth = headers.get(hdrs.AUTHORIZATION, "")
-        if auth.split(" ", 1)[0].upper() in SCHEMES:
-            headers.popall(hdrs.AUTHORIZATION)
+        if auth.split(" ", 1)[0].upper() in SCHEMES or is_payment(auth):
+            headers.popall(hdrs.AUTHORIZATION)      # the preimage never reaches the upstream
         headers.popall(STREAM_HEADER, None)   # a bearer secret, like the credential
         for name in PROXY_OWNED:
             headers.popall(name, None)
@@ -75,8 +76,8 @@ class ReverseProxy:
                 headers.popall(name, None)
         paid = request.get(PAID)
         if paid is not None:
-            headers[TOKEN_ID_HEADER] = paid.token.token_id_hex
-            headers[PAYMENT_HASH_HEADER] = paid.token.payment_hash.hex()
+            headers[TOKEN_ID_HEADER] = paid.token_id
+            headers[PAYMENT_HASH_HEADER] = paid.payment_hash
         peer = request.remote or ""
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers["X-Forwarded-Proto"] = request.scheme
