@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "micropay"
 # The pure core: rules and formats, no I/O framework, no adapter, no feature.
 CORE = {"l402", "tokens", "macaroon", "streams", "receipts", "canonical", "tlv", "params", "errors",
         "patterns", "pricing", "inputs", "tomlpos", "ratelimit", "tasks", "metrics", "secretfile",
-        "payment_auth"}
+        "payment_auth", "discovery"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
 SERVICES = {"challenger", "settlement", "invoices", "stream_runner", "stream_attribution",
             "games.purchases", "games.payouts", "games.webhooks", "games.events", "games.service",

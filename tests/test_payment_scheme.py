@@ -363,3 +363,44 @@ price_msat = 3000
     finally:
         await sidecar.runner.cleanup()
         await up_runner.cleanup()
+
+
+async def test_openapi_describes_the_priced_routes_with_payment_offers(sc):
+    status, headers, body = await fetch(sc.url + "/openapi.json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    doc = json.loads(body)
+    assert doc["openapi"].startswith("3.1") and doc["info"]["title"] == "shop"
+    joke = doc["paths"]["/api/joke"]["get"]
+    assert joke["x-payment-info"] == {"offers": [{"intent": "charge", "method": "lightning", "currency": "sat",
+                                                  "amount": "1", "description": "one request per payment"}]}
+    assert "402" in joke["responses"]
+    fortune = doc["paths"]["/api/fortune/{rest}"]
+    assert "x-payment-info" not in fortune["get"] and fortune["parameters"][0]["name"] == "rest"
+    assert doc["paths"]["/api/echo"]["get"]["x-payment-info"]["offers"][0]["amount"] == "2"
+    # the offer matches what the 402 then says (the challenge stays authoritative)
+    _, headers, _ = await fetch(sc.url + "/api/joke")
+    (charge,) = pa.parse_challenges(headers.getall("WWW-Authenticate"))
+    assert pa.decode_request(charge)["amount"] == joke["x-payment-info"]["offers"][0]["amount"]
+
+
+async def test_openapi_can_be_left_to_the_upstream(tmp_path):
+    sidecar = await start_sidecar(make_config(tmp_path, "openapi = false\n" + ROUTES))
+    try:
+        status, _, _ = await fetch(sidecar.url + "/openapi.json")
+        assert status == 404
+    finally:
+        await sidecar.runner.cleanup()
+
+
+async def test_with_the_purchases_api_one_openapi_document_holds_both(tmp_path):
+    from .games_util import GAMES_TOML, start_game_sidecar
+    toml = GAMES_TOML.replace('service = "game"\n', 'service = "game"\ndemo = true\n', 1) + \
+        '\n[[routes]]\nmethod = "GET"\npath = "/api/joke"\nprice_msat = 3000\n'
+    gs = await start_game_sidecar(tmp_path, toml)
+    try:
+        status, _, body = await fetch(gs.sc.url + "/openapi.json")
+        doc = json.loads(body)
+        assert status == 200 and "/v1/purchases" in doc["paths"]
+        assert doc["paths"]["/api/joke"]["get"]["x-payment-info"]["offers"][0]["amount"] == "3"
+    finally:
+        await gs.close()

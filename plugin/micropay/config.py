@@ -48,6 +48,7 @@ class Config:
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For
     forwarded_for_hops: int = 1        # how many proxies of ours append to X-Forwarded-For
     demo: bool = False                 # serve the built-in demo API
+    openapi: bool = True               # serve /openapi.json describing the priced routes
     header_timeout_s: float = 15.0     # a connection's request headers must arrive within this
     metrics_public: bool = False       # /metrics without the bearer token (it shows revenue)
     metrics_token_file: Path | None = None   # default <data_dir>/metrics.token
@@ -87,7 +88,8 @@ class Config:
 
 
 CORE_KEYS = frozenset({"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "forwarded_for_hops",
-                       "demo", "header_timeout_s", "metrics", "backend", "store", "challenges", "routes"})
+                       "demo", "header_timeout_s", "metrics", "backend", "store", "challenges", "routes",
+                       "openapi"})
 
 
 def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = frozenset()) -> Config:
@@ -148,5 +150,5 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
         header_timeout_s=top.positive_int("header_timeout_s", 15, maximum=3600) or 15,
         metrics_public=metrics.get("public", bool, False),
         metrics_token_file=Path(token_file).expanduser() if token_file else None,
-        demo=demo, limits=limits, routes=routes,
+        demo=demo, limits=limits, routes=routes, openapi=top.get("openapi", bool, True),
     )

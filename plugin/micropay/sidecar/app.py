@@ -21,7 +21,7 @@ from ..errors import ConfigError, Unauthorized
 from ..http.problems import problem_response
 from ..lightning.base import Node
 from ..metrics import Metrics
-from ..payment_auth import whole_sats
+from ..discovery import document as openapi_document, payment_paths, schemes_offered
 from ..receipts import ReceiptSigner
 from ..secretfile import private_dir, read_secret, write_secret
 from ..settlement import SettlementRouter
@@ -57,6 +57,7 @@ class Runtime:
     extra_routes: list = field(default_factory=list)   # (method, path, handler), gated like the rest
     gate: Gate | None = None
     games: Games | None = None           # the purchases API, when configured
+    openapi_doc: dict | None = None      # /openapi.json, built on first request
 
     def __post_init__(self) -> None:
         self.l402 = L402Repository(self.store)
@@ -226,7 +227,10 @@ def build_app(rt: Runtime) -> web.Application:
         add_demo_routes(add, rt)
     if rt.games is not None and rt.games.cfg.enabled:
         from ..games.http import add_games_routes
+        rt.games.openapi_extra_paths = payment_paths(cfg.routes) if cfg.openapi else {}
         add_games_routes(add_own, rt.games)
+    elif cfg.openapi and cfg.routes:
+        add_own("GET", "/openapi.json", openapi)
     for method, path, handler in rt.extra_routes:
         add(method, path, handler)
     has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
@@ -290,14 +294,13 @@ async def _background_tasks(app: web.Application):
     await stop_background(rt, tasks)
 
 
-def _schemes_offered(r) -> list[str]:
-    """What a 402 for this route offers: L402, and the Payment scheme (MPP charge) on
-    per-request routes priced in whole satoshis (a dynamic price decides per request)."""
-    out = ["L402"] if "l402" in r.schemes else []
-    if ("payment" in r.schemes and r.pass_s is None and r.credits == 1
-            and (r.price_hook is not None or whole_sats(r.price_msat))):
-        out.append("Payment")
-    return out
+async def openapi(request: web.Request) -> web.Response:
+    """The priced routes as OpenAPI with x-payment-info (draft-payment-discovery)."""
+    rt = request.app[RUNTIME]
+    if rt.openapi_doc is None:
+        from .. import __version__
+        rt.openapi_doc = openapi_document(rt.config.service, __version__, rt.config.routes)
+    return web.json_response(rt.openapi_doc, headers={"Access-Control-Allow-Origin": "*"})
 
 
 async def well_known(request: web.Request) -> web.Response:
@@ -310,7 +313,7 @@ async def well_known(request: web.Request) -> web.Response:
             "price_msat": r.price_msat if r.price_hook is None else None,
             "dynamic_price": r.price_hook is not None, "credits": r.credits, "pass_s": r.pass_s,
             "capabilities": sorted(r.capabilities), "free_per_hour": r.free_per_hour,
-            "stream_msat": r.stream_msat, "schemes": _schemes_offered(r),
+            "stream_msat": r.stream_msat, "schemes": schemes_offered(r),
             "caveats": [c if not c.startswith("query=") else "query=<first 32 hex of sha256(the query string)>"
                         for c in r.caveats(cfg.service, 0)[:-1]] + (
                 [f"{cfg.service}_valid_until=<issued_at + {r.pass_s}>"] if r.pass_s else [f"credits={r.credits}"]),

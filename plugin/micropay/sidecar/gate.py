@@ -39,8 +39,8 @@ from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
 from ..metrics import Metrics
-from ..payment_auth import (Binder, binder_for, charge_challenge, is_payment, parse_credential, verify_charge,
-                           whole_sats)
+from ..discovery import offers_payment
+from ..payment_auth import Binder, binder_for, charge_challenge, is_payment, parse_credential, verify_charge
 from ..payment_auth import receipt as payment_receipt
 from ..pricing import Pricing, RouteRule, query_digest
 from ..ratelimit import FreeTier, client_address
@@ -137,8 +137,7 @@ class Gate:
         self.binder = self._binder()
 
     def offers_payment(self, rule: RouteRule, price_msat: int) -> bool:
-        return ("payment" in rule.schemes and rule.pass_s is None and rule.credits == 1
-                and whole_sats(price_msat))
+        return offers_payment(rule, price_msat)
 
     # -- aiohttp integration ---------------------------------------------
     async def dispatch(self, request: web.Request, handler: Handler, *,

@@ -69,5 +69,8 @@ async def get_payout(games: Games, request: web.Request) -> web.Response:
 async def openapi(games: Games, request: web.Request) -> web.Response:
     if games.openapi is None:
         from .openapi import document
-        games.openapi = document(games.cfg)
+        doc = document(games.cfg)
+        for path, item in games.openapi_extra_paths.items():      # priced routes, with x-payment-info
+            doc["paths"].setdefault(path, item)
+        games.openapi = doc
     return web.json_response(games.openapi, headers={"Access-Control-Allow-Origin": "*"})
