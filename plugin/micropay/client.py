@@ -500,7 +500,7 @@ class L402Client:
         if raw and charged:
             # The Payment scheme's receipt: base64url JSON naming the payment, not signed.
             try:
-                doc = payment_auth.decode_request(payment_auth.Challenge("", "", "", "", raw))
+                doc = payment_auth.decode_object(raw)
                 if doc.get("status") != "success" or (payment_hash and doc.get("reference") != payment_hash):
                     raise ValueError("it does not name this payment as a success")
                 receipt = doc

@@ -219,12 +219,20 @@ def parse_challenges(values: list[str]) -> list[Challenge]:
     return found
 
 
+def decode_object(text: str) -> dict[str, Any]:
+    """base64url JSON of an object (a `request`, a `Payment-Receipt`); ValueError otherwise."""
+    try:
+        doc = _decode_json(unb64url(text).decode())
+    except (UnicodeDecodeError, RecursionError):
+        raise ValueError("not base64url JSON") from None
+    if type(doc) is not dict:
+        raise ValueError("not a JSON object")
+    return doc
+
+
 def decode_request(ch: Challenge) -> dict[str, Any]:
     """The challenge's `request` object; ValueError if it is not base64url JSON of an object."""
-    doc = _decode_json(unb64url(ch.request).decode())
-    if type(doc) is not dict:
-        raise ValueError("request is not a JSON object")
-    return doc
+    return decode_object(ch.request)
 
 
 def format_credential(ch: Challenge, preimage_hex: str) -> str:
