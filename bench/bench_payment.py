@@ -17,19 +17,14 @@ import os
 import time
 
 from micropay import payment_auth as pa
+from common import per_op_us
+
 from micropay.l402 import format_authorization
 from micropay.tokens import RootKeyRing, TokenService
 
 CAVEATS = ["services=bench:0", "path=/api/*", "method=GET", "bench_capabilities=read",
            "bench_valid_until=4102444800"]
 INVOICE = "lnbcrt10n1" + "q" * 300          # the length of a real regtest invoice
-
-
-def per_op_us(fn, items) -> float:
-    start = time.perf_counter()
-    for item in items:
-        fn(item)
-    return (time.perf_counter() - start) / len(items) * 1e6
 
 
 def main() -> None:

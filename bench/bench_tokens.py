@@ -11,20 +11,14 @@ import argparse
 import hashlib
 import hmac
 import os
-import time
+
+from common import per_op_us
 
 from micropay.l402 import format_authorization
 from micropay.tokens import RootKeyRing, TokenService
 
 CAVEATS = ["services=bench:0", "path=/api/*", "method=GET", "bench_capabilities=read",
            "bench_valid_until=4102444800"]
-
-
-def per_op_us(fn, items) -> float:
-    start = time.perf_counter()
-    for item in items:
-        fn(item)
-    return (time.perf_counter() - start) / len(items) * 1e6
 
 
 def main() -> None:

@@ -17,6 +17,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def per_op_us(fn, items) -> float:
+    """Microseconds per call of fn over items (one pass, wall clock)."""
+    start = time.perf_counter()
+    for item in items:
+        fn(item)
+    return (time.perf_counter() - start) / len(items) * 1e6
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

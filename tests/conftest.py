@@ -1,6 +1,8 @@
 """Shared fixtures: stores (SQLite and PostgreSQL), sandbox network, a running sidecar."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -163,3 +165,26 @@ async def payment_receipt(store, payment_hash: str) -> str | None:
     it back; the tests do, to check it was written)."""
     rows = await store.query("SELECT receipt FROM micropay_receipts WHERE payment_hash = $1", (payment_hash,))
     return rows[0][0] if rows else None
+
+
+@contextlib.contextmanager
+def sidecars_sharing_postgres(tmp_path: Path, config_body: str, n: int = 2):
+    """`n` `micropay serve` processes on 127.0.0.1 sharing one fresh PostgreSQL schema
+    (skips, saying why, without PostgreSQL). `config_body`: the TOML after the store."""
+    from .helpers_proc import ServerProcess, free_port
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url = pg_url_with_fresh_schema()
+    cfg = tmp_path / "shared.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\ndemo = true\n{config_body}\n[store]\nurl = "{url}"\n')
+    servers = []
+    try:
+        for _ in range(n):
+            port = free_port()
+            servers.append(ServerProcess(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
+                                         tmp_path, port))
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+        asyncio.run(drop_pg_schema(url))

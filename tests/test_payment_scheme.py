@@ -9,8 +9,8 @@ import pytest
 from micropay import payment_auth as pa
 from micropay.l402 import format_authorization, parse_challenges
 
-from .conftest import PG_SKIP_REASON, drop_pg_schema, make_config, pg_url_with_fresh_schema, start_sidecar
-from .helpers_proc import ServerProcess, free_port
+from .conftest import make_config, sidecars_sharing_postgres, start_sidecar
+from .test_client import CrashAfterPaying
 
 ROUTES = """
 service = "shop"
@@ -212,23 +212,9 @@ def test_pympp_computes_the_same_challenge_id_from_the_same_secret():
 
 @pytest.mark.postgres
 def test_one_credential_is_served_once_by_two_sidecars_sharing_postgresql(tmp_path):
-    if PG_SKIP_REASON:
-        pytest.skip(PG_SKIP_REASON)
-    url = pg_url_with_fresh_schema()
-    cfg = tmp_path / "shared.toml"
-    cfg.write_text(f'service = "shop"\ndemo = true\ndata_dir = "{tmp_path / "data"}"\n[store]\nurl = "{url}"\n'
-                   '[[routes]]\nmethod = "GET"\npath = "/api/joke"\nprice_msat = 1000\n')
-    servers = []
-    try:
-        for _ in range(2):
-            port = free_port()
-            servers.append(ServerProcess(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
-                                         tmp_path, port))
+    with sidecars_sharing_postgres(tmp_path, 'service = "shop"\n[[routes]]\nmethod = "GET"\npath = "/api/joke"\n'
+                                             'price_msat = 1000\n') as servers:
         asyncio.run(_replay_across(servers))
-    finally:
-        for s in servers:
-            s.stop()
-        asyncio.run(drop_pg_schema(url))
 
 
 async def _replay_across(servers):
@@ -291,15 +277,6 @@ async def test_payment_charges_count_against_the_budgets(sc, tmp_path):
     assert (await c.get(sc.url + "/api/echo")).status == 200
     with pytest.raises(BudgetExceeded):
         await c.get(sc.url + "/api/echo")
-
-
-class CrashAfterPaying:
-    def __init__(self, node):
-        self.node = node
-
-    async def pay(self, bolt11, amount_msat, max_fee_msat):
-        await self.node.pay(bolt11, max_fee_msat=max_fee_msat)
-        raise KeyboardInterrupt("process killed mid-payment")
 
 
 async def test_a_charge_paid_by_a_run_that_died_is_presented_by_the_next_not_paid_again(sc, tmp_path):

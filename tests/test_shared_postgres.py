@@ -7,8 +7,7 @@ import pytest
 
 from micropay.l402 import format_authorization, parse_challenges
 
-from .conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
-from .helpers_proc import ServerProcess, free_port
+from .conftest import sidecars_sharing_postgres
 
 pytestmark = pytest.mark.postgres
 
@@ -17,32 +16,9 @@ N_REQUESTS, K_CREDITS = 40, 13
 
 @pytest.fixture
 def two_sidecars(tmp_path):
-    if PG_SKIP_REASON:
-        pytest.skip(PG_SKIP_REASON)
-    url = pg_url_with_fresh_schema()
-    cfg = tmp_path / "shared.toml"
-    cfg.write_text(f'''
-service = "shared"
-demo = true
-data_dir = "{tmp_path / 'data'}"
-[store]
-url = "{url}"
-[[routes]]
-path = "/api/fortune/*"
-price_msat = 5000
-credits = {K_CREDITS}
-''')
-    servers = []
-    try:
-        for _ in range(2):
-            port = free_port()
-            servers.append(ServerProcess(["serve", "--config", str(cfg), "--listen", f"127.0.0.1:{port}"],
-                                         tmp_path, port))
+    with sidecars_sharing_postgres(tmp_path, f'service = "shared"\n[[routes]]\npath = "/api/fortune/*"\n'
+                                             f'price_msat = 5000\ncredits = {K_CREDITS}\n') as servers:
         yield servers
-    finally:
-        for s in servers:
-            s.stop()
-        asyncio.run(drop_pg_schema(url))
 
 
 async def test_credits_across_two_processes(two_sidecars):

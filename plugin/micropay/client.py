@@ -359,20 +359,25 @@ class L402Client:
         amount = inv.amount_msat
         self.on_event(f"402 for {method} {path}: invoice for {amount} msat "
                       f"(payment_hash {inv.payment_hash[:16]}…, {inv.description!r})")
+        intent = self._reserve(Spend(inv.payment_hash, host, amount, self.budget.max_fee_msat, int(now), "paying",
+                                     origin, ch.invoice, ch.macaroon), now)
+        token, paid = await self._complete(intent)
+        self.on_event(f"paid {paid.amount_msat} msat + {paid.fee_msat} msat fee; "
+                      f"spent today at {host}: {self.cache.spent(host, now - DAY_S)} msat")
+        return token, paid, inv.payment_hash
+
+    def _reserve(self, intent: Spend, now: float) -> Spend:
+        """Record the intent to pay before paying (within the budgets), or return the one
+        an earlier run recorded for the same invoice; never an invoice already paid."""
         with self.cache.locked() as state:
-            known = state.spends.get(inv.payment_hash)
+            known = state.spends.get(intent.payment_hash)
             if known is not None and known.status == "paid":
                 raise PaymentFailed("the server sent an invoice this client has already paid; "
                                     "not paying twice")
             if known is None:
-                self._check_budget(host, amount, now)
-                state.spends[inv.payment_hash] = Spend(
-                    inv.payment_hash, host, amount, self.budget.max_fee_msat, int(now), "paying",
-                    origin, ch.invoice, ch.macaroon)
-        token, paid = await self._complete(state.spends[inv.payment_hash])
-        self.on_event(f"paid {paid.amount_msat} msat + {paid.fee_msat} msat fee; "
-                      f"spent today at {host}: {self.cache.spent(host, now - DAY_S)} msat")
-        return token, paid, inv.payment_hash
+                self._check_budget(intent.host, intent.amount_msat, now)
+                state.spends[intent.payment_hash] = known = intent
+            return known
 
     async def _complete(self, intent: Spend) -> tuple[CachedToken, PaidInvoice]:
         """Pay a recorded intent and turn it into a cached token. Wallets are idempotent
@@ -447,17 +452,9 @@ class L402Client:
             raise PaymentFailed("the challenge has expired")
         self.on_event(f"402 for {method} {path}: Payment charge of {inv.amount_msat} msat "
                       f"(payment_hash {inv.payment_hash[:16]}…, {inv.description!r})")
-        with self.cache.locked() as state:
-            known = state.spends.get(inv.payment_hash)
-            if known is not None and known.status == "paid":
-                raise PaymentFailed("the server sent an invoice this client has already paid; "
-                                    "not paying twice")
-            if known is None:
-                self._check_budget(host, inv.amount_msat, now)
-                state.spends[inv.payment_hash] = Spend(
-                    inv.payment_hash, host, inv.amount_msat, self.budget.max_fee_msat, int(now), "paying",
-                    origin, invoice, "", ch.echo(), f"{method} {path}")
-        _, paid = await self._complete(state.spends[inv.payment_hash])
+        intent = self._reserve(Spend(inv.payment_hash, host, inv.amount_msat, self.budget.max_fee_msat, int(now),
+                                     "paying", origin, invoice, "", ch.echo(), f"{method} {path}"), now)
+        _, paid = await self._complete(intent)
         self.on_event(f"paid {paid.amount_msat} msat + {paid.fee_msat} msat fee; "
                       f"spent today at {host}: {self.cache.spent(host, now - DAY_S)} msat")
         return payment_auth.format_credential(ch, paid.preimage), paid, inv.payment_hash
