@@ -84,9 +84,10 @@ class Node(Protocol):
     async def node_id(self) -> str: ...
 
     # -- receiving -------------------------------------------------------------------
-    async def create_invoice(self, amount_msat: int, label: str, description: str,
+    async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int) -> Invoice:
-        """Idempotent by label: the same label returns the same invoice."""
+        """Idempotent by label: the same label returns the same invoice. `amount_msat`
+        None: an amountless invoice (the payer chooses; a session's return invoice)."""
         ...
 
     async def has_invoice(self, payment_hash: str) -> bool:
@@ -106,8 +107,9 @@ class Node(Protocol):
 
     # -- paying ----------------------------------------------------------------------
     async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
-                  retry_for_s: int | None = None) -> Payment:
-        """Raises PaymentFailed (nothing is out) or PaymentUnknown (it may be)."""
+                  retry_for_s: int | None = None, amount_msat: int | None = None) -> Payment:
+        """Raises PaymentFailed (nothing is out) or PaymentUnknown (it may be).
+        `amount_msat`: what to pay on an amountless invoice (refused on one with an amount)."""
         ...
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,

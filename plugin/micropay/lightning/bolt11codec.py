@@ -50,7 +50,7 @@ def install_fast_path(module=None) -> bool:
 FAST_DECODE = install_fast_path()
 
 
-def encode_invoice(*, currency: str, amount_msat: int, payment_hash: bytes, payment_secret: bytes,
+def encode_invoice(*, currency: str, amount_msat: int | None, payment_hash: bytes, payment_secret: bytes,
                    description: str, created_at: int, expiry_s: int, privkey_hex: str) -> str:
     tags = Tags()
     tags.add(TagChar.payment_hash, payment_hash.hex())
@@ -62,7 +62,7 @@ def encode_invoice(*, currency: str, amount_msat: int, payment_hash: bytes, paym
         Feature.var_onion_optin: FeatureState.required,
         Feature.payment_secret: FeatureState.required,
     }))
-    inv = Bolt11(currency=currency, date=created_at, tags=tags, amount_msat=MilliSatoshi(amount_msat))
+    inv = Bolt11(currency=currency, date=created_at, tags=tags, amount_msat=MilliSatoshi(amount_msat) if amount_msat is not None else None)
     return bolt11.encode(inv, privkey_hex)
 
 

@@ -187,10 +187,11 @@ class ClnNode:
             await self.connect()
         return self._id  # type: ignore[return-value]
 
-    async def create_invoice(self, amount_msat: int, label: str, description: str,
+    async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int) -> Invoice:
         try:
-            r = await self.rpc.call("invoice", {"amount_msat": amount_msat, "label": label,
+            r = await self.rpc.call("invoice", {"amount_msat": "any" if amount_msat is None else amount_msat,
+                                                "label": label,
                                                 "description": description, "expiry": expiry_s})
         except ClnRpcError as exc:
             if exc.cln_code != INVOICE_LABEL_ALREADY_EXISTS:
@@ -220,12 +221,14 @@ class ClnNode:
                              inv.get("payment_preimage", ""), inv.get("paid_at", 0))
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None,
-                  label: str | None = None, retry_for_s: int | None = None) -> Payment:
+                  label: str | None = None, retry_for_s: int | None = None,
+                  amount_msat: int | None = None) -> Payment:
         waited = False
         while True:
             try:
                 r = await self.rpc.call("xpay", {"invstring": bolt11, "maxfee": max_fee_msat, "label": label,
-                                                 "retry_for": retry_for_s}, timeout_s=None)
+                                                 "retry_for": retry_for_s, "amount_msat": amount_msat},
+                                        timeout_s=None)
                 break
             except ClnRpcError as exc:
                 # Already paid earlier (e.g. by a run that crashed)? Then that payment counts.

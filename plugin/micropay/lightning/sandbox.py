@@ -89,7 +89,7 @@ class SandboxNode:
     async def node_id(self) -> str:
         return self.id
 
-    async def create_invoice(self, amount_msat: int, label: str, description: str,
+    async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int) -> Invoice:
         existing = self._by_label.get(label)
         if existing is not None:
@@ -97,7 +97,7 @@ class SandboxNode:
             if inv.amount_msat != amount_msat or existing.description != description:
                 raise DuplicateLabel(f"label {label!r} already used for a different invoice")
             return inv
-        if amount_msat <= 0:
+        if amount_msat is not None and amount_msat <= 0:
             raise InvalidInvoice("amount_msat must be positive")
         preimage = os.urandom(32)
         payment_hash = hashlib.sha256(preimage).digest()
@@ -128,15 +128,21 @@ class SandboxNode:
         return decode_invoice(bolt11)
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
-                  retry_for_s: int | None = None) -> Payment:
+                  retry_for_s: int | None = None, amount_msat: int | None = None) -> Payment:
         dec = decode_invoice(bolt11)
         payee = self.net.nodes.get(dec.payee)
         state = payee._by_hash.get(dec.payment_hash) if payee else None
         if payee is None or state is None:
             raise PaymentFailed("no route to the payee: not a node of this sandbox network")
-        if dec.amount_msat is None:
-            raise PaymentFailed("amountless invoices are not supported by the sandbox")
-        amount, fee = dec.amount_msat, self.net.fee_for(dec.amount_msat)
+        if dec.amount_msat is None and amount_msat is None:
+            raise PaymentFailed("an amountless invoice needs amount_msat")
+        if dec.amount_msat is not None and amount_msat is not None and amount_msat != dec.amount_msat:
+            raise PaymentFailed("amount_msat differs from the invoice's amount")
+        if amount_msat is not None and amount_msat <= 0:
+            raise PaymentFailed("amount_msat must be positive")
+        amount = dec.amount_msat if dec.amount_msat is not None else amount_msat
+        assert amount is not None
+        fee = self.net.fee_for(amount)
         if state.settlement is not None:
             if state.paid_by == self.id:  # paying again is a no-op, like xpay on a paid invoice
                 return Payment(dec.payment_hash, state.preimage.hex(), amount, fee)
@@ -150,7 +156,7 @@ class SandboxNode:
         self.balance_msat -= amount + fee
         payee.balance_msat += amount
         state.paid_by = self.id
-        payee._settle(state)
+        payee._settle(state, amount)
         return self._record(Payment(dec.payment_hash, state.preimage.hex(), amount, fee), label)
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
@@ -217,9 +223,9 @@ class SandboxNode:
     async def wait_until_ready(self, timeout_s: float) -> bool:
         return True
 
-    def _settle(self, state: _InvoiceState) -> None:
+    def _settle(self, state: _InvoiceState, amount_msat: int) -> None:
         s = Settlement(len(self._settled) + 1, state.invoice.label, state.invoice.payment_hash,
-                       state.invoice.amount_msat, state.preimage.hex(), int(self.net.clock()))
+                       amount_msat, state.preimage.hex(), int(self.net.clock()))
         state.settlement = s
         self._settled.append(s)
         for fut in list(self._waiters):

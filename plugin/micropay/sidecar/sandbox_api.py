@@ -3,7 +3,8 @@
     GET  /sandbox/wallets/{name}          balance and node id (created, funded, on first use)
     POST /sandbox/wallets/{name}/pay      {"bolt11": "...", "max_fee_msat": 1000} -> payment
     POST /sandbox/wallets/{name}/invoice  {"amount_msat": 1000, "description": "..."} -> an invoice
-                                          this wallet is paid on (to try payouts, say)
+                                          this wallet is paid on (to try payouts, say); without
+                                          amount_msat, an amountless one (a session's return invoice)
 """
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ def add_sandbox_routes(add, rt) -> None:
             w = wallet(request.match_info["name"])
             body = load_json(await request.read())
             if not isinstance(body, dict):
-                raise BadRequest("body must be an object with amount_msat")
+                raise BadRequest("body must be an object")
             amount, description = body.get("amount_msat"), body.get("description", "sandbox wallet")
-            if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_MSAT:
-                raise BadRequest("amount_msat must be a positive integer")
+            if amount is not None and (not isinstance(amount, int) or isinstance(amount, bool)
+                                       or not 0 < amount <= MAX_MSAT):
+                raise BadRequest("amount_msat must be a positive integer (or left out: any amount)")
             if not isinstance(description, str) or len(description) > 200:
                 raise BadRequest("description must be a string of at most 200 characters")
             inv = await w.create_invoice(amount, f"wallet-{os.urandom(8).hex()}", description, 3600)
