@@ -123,6 +123,38 @@ class PaymentChallengeExpired(PaymentSchemeError):
     problem_type = "https://paymentauth.org/problems/lightning/expired-invoice"
 
 
+class PaymentSessionNotFound(PaymentSchemeError):
+    """A session action naming a session this server does not hold."""
+
+    code = "payment_session_not_found"
+    rpc_code = 1421
+    problem_type = "https://paymentauth.org/problems/lightning/session-not-found"
+
+
+class PaymentSessionClosed(PaymentSchemeError):
+    """An action on a session that was closed (by its client, or idle on the server)."""
+
+    code = "payment_session_closed"
+    rpc_code = 1422
+    problem_type = "https://paymentauth.org/problems/lightning/session-closed"
+
+
+class PaymentInsufficientBalance(PaymentSchemeError):
+    """The session's balance does not cover the next unit: top it up."""
+
+    code = "payment_insufficient_balance"
+    rpc_code = 1423
+    problem_type = "https://paymentauth.org/problems/lightning/insufficient-balance"
+
+
+class PaymentInvalidReturnInvoice(PaymentSchemeError):
+    """An open action's return invoice is not an amountless BOLT11 invoice of our network."""
+
+    code = "payment_invalid_return_invoice"
+    rpc_code = 1424
+    problem_type = "https://paymentauth.org/problems/lightning/invalid-return-invoice"
+
+
 class NotPaid(MicropayError):
     """Paid content asked for before its purchase was paid (the browser paywall)."""
 

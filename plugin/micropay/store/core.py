@@ -1,7 +1,7 @@
 """The core component's tables: the gate's challenges, credits and payment receipts,
-settlement cursors, incoming stream payments, and the plugin's issued invoices. Their
-statements live with their repositories (l402.py, cursors.py, stream_usage.py,
-issued.py); this is their history, one step per change (see schema.py)."""
+settlement cursors, incoming stream payments, the plugin's issued invoices, and Payment
+sessions. Their statements live with their repositories (l402.py, cursors.py,
+stream_usage.py, issued.py, sessions.py); this is their history, one step per change (see schema.py)."""
 from __future__ import annotations
 
 from .schema import Migration, Schema
@@ -56,5 +56,31 @@ CORE_SCHEMA = Schema("core", (
             label TEXT PRIMARY KEY,
             record TEXT NOT NULL,
             created_at BIGINT NOT NULL)""",
+    )),
+    Migration(3, "Payment sessions (draft-lightning-session): balances and consumed challenges", (
+        """CREATE TABLE IF NOT EXISTS micropay_sessions (
+            session_id TEXT PRIMARY KEY,
+            route_key TEXT NOT NULL,
+            unit_msat BIGINT NOT NULL,
+            deposit_msat BIGINT NOT NULL,
+            spent_msat BIGINT NOT NULL,
+            return_invoice TEXT NOT NULL,
+            status TEXT NOT NULL,
+            opened_at BIGINT NOT NULL,
+            active_at BIGINT NOT NULL,
+            closed_at BIGINT,
+            refund_msat BIGINT,
+            refund_status TEXT,
+            lease_until_ms BIGINT NOT NULL,
+            CHECK (spent_msat >= 0 AND spent_msat <= deposit_msat))""",
+        """CREATE INDEX IF NOT EXISTS micropay_sessions_status
+            ON micropay_sessions (status, active_at)""",
+        """CREATE TABLE IF NOT EXISTS micropay_session_actions (
+            challenge_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            response TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            PRIMARY KEY (challenge_id, action))""",
     )),
 ))

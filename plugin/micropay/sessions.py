@@ -1,0 +1,355 @@
+"""Payment sessions (draft-lightning-session) as a service, with no HTTP in it: open on a
+paid deposit, spend per unit, top up, close with a refund of the unspent balance to the
+client's return invoice, close idle sessions, finish closes a crash interrupted.
+
+Spending per unit without a store write per unit. The store holds each session's
+deposit and what is spent of it; a replica takes units from it in one atomic UPDATE
+(`spent + n*unit <= deposit`) and serves them from memory: a *lease*. A session used
+now and then takes one unit per request (the lease is empty as soon as it is served).
+A busy one takes 2, 4, ... up to `max_lease_units` at a time while it keeps using
+them up within `lease_s`. Units are never served past their lease's `lease_s`, and the
+ones left then are given back to the store; so no more is ever served than was paid,
+on any number of replicas, and a close waits at most `lease_s` (and only when some
+replica took more than one unit lately) before it fixes the refund. The price of that:
+a replica that is killed (not stopped) keeps the units it held unserved, at most
+`max_lease_units` per busy session, and they are not refunded (docs/reliability.md).
+
+A close (the client's, or the idle timer's): the session stops spending at once
+(status closing), units held by this replica come back, other replicas' leases run out,
+the refund is fixed (refunding, deposit - spent), and exactly one attempt pays it to the
+return invoice with the node's `pay` (an amount on an amountless invoice). After a crash
+the node's own record of that payment decides: complete is succeeded, failed is failed,
+no record means the attempt never reached the node and is made now.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from .errors import (NodeError, PaymentFailed, PaymentInsufficientBalance, PaymentInvalidReturnInvoice,
+                     PaymentSchemeError, PaymentSessionClosed, PaymentSessionNotFound, PaymentUnknown,
+                     PaymentUnknownChallenge)
+from .lightning.base import Node
+from .payment_auth import SessionAction, network_of
+from .store.sessions import RefundStatus, SessionRecord, SessionRepository, SessionStatus
+
+log = logging.getLogger("micropay.sessions")
+
+LEASE_S = 1.0
+MAX_LEASE_UNITS = 256
+RESUME_AFTER_S = 120           # a close left unfinished this long ago is taken over (crash)
+ACTIONS_KEPT_S = 86_400        # consumed challenges' responses, for retries (the draft: >= 5 min)
+
+
+@dataclass(slots=True)
+class _Lease:
+    unit_msat: int
+    size: int                        # units taken by the last reservation
+    units: int                       # of them, not served yet
+    taken_at: float                  # monotonic
+    until: float                     # monotonic: none served after this
+
+
+@dataclass
+class CloseResult:
+    session_id: str
+    refund_msat: int
+    refund_status: RefundStatus
+
+    def body(self) -> dict[str, Any]:
+        return {"status": "closed", "refundSats": self.refund_msat // 1000, "refundStatus": str(self.refund_status)}
+
+
+@dataclass
+class SessionLedger:
+    repo: SessionRepository
+    node: Node
+    clock: Callable[[], float] = time.time
+    monotonic: Callable[[], float] = time.monotonic
+    lease_s: float = LEASE_S
+    max_lease_units: int = MAX_LEASE_UNITS
+    idle_timeouts: dict[str, int] = field(default_factory=dict)     # route key -> seconds
+    refund_max_fee_msat: Callable[[int], int] = lambda refund: max(5_000, refund // 100)
+    _leases: dict[str, _Lease] = field(default_factory=dict)
+    _reserving: dict[str, asyncio.Future] = field(default_factory=dict)
+    _topped: dict[str, asyncio.Event] = field(default_factory=dict)
+    _closing: dict[str, asyncio.Task] = field(default_factory=dict)
+
+    # -- opening and topping up ---------------------------------------------------
+    async def open(self, act: SessionAction, now: int) -> bool:
+        """Open a session on a paid deposit (verified by payment_auth.verify_session).
+        True when opened now; False when this very credential opened it before (a retry:
+        serve it as the session's bearer). Raises for anything else."""
+        await self._check_return_invoice(act)
+        opened = await self.repo.open(session_id=act.session_id, token_id=act.token_id, route_key=act.route,
+                                      unit_msat=act.unit_msat, deposit_msat=act.deposit_msat,
+                                      return_invoice=act.return_invoice, now=now, challenge_id=act.challenge_id,
+                                      response={"status": "open", "sessionId": act.session_id})
+        if opened:
+            log.info("session %s opened: %d msat deposit, %d msat per unit (%s)", act.session_id,
+                     act.deposit_msat, act.unit_msat, act.route)
+            return True
+        if await self.repo.action_response(act.challenge_id, "open") is not None:
+            return False
+        raise PaymentUnknownChallenge("this deposit was already used")
+
+    async def _check_return_invoice(self, act: SessionAction) -> None:
+        try:
+            decoded = await self.node.decode(act.return_invoice)
+        except (NodeError, ValueError) as exc:
+            raise PaymentInvalidReturnInvoice(f"the return invoice is not a BOLT11 invoice ({exc})") from None
+        except Exception:    # a decoder's own error types: still not an invoice
+            raise PaymentInvalidReturnInvoice("the return invoice is not a BOLT11 invoice") from None
+        if decoded.amount_msat:
+            raise PaymentInvalidReturnInvoice("the return invoice must not encode an amount: the refund's is "
+                                              "fixed at close")
+        if network_of(act.return_invoice) != network_of(act.deposit_invoice):
+            raise PaymentInvalidReturnInvoice("the return invoice is for another network than the deposit")
+        if decoded.expires_at <= self.clock():
+            raise PaymentInvalidReturnInvoice("the return invoice has expired")
+
+    async def top_up(self, act: SessionAction, now: int) -> dict[str, Any]:
+        """Add a paid deposit to an open session; the response body. A retry of the same
+        credential gets the first response again."""
+        response = {"status": "ok"}
+        outcome = await self.repo.top_up(session_id=act.session_id, token_id=act.token_id,
+                                         deposit_msat=act.deposit_msat, now=now, challenge_id=act.challenge_id,
+                                         response=response)
+        if outcome == "ok":
+            log.info("session %s topped up by %d msat", act.session_id, act.deposit_msat)
+            event = self._topped.pop(act.session_id, None)
+            if event is not None:
+                event.set()               # streams of this process held for a top-up go on
+            return response
+        earlier = await self.repo.action_response(act.challenge_id, "topUp")
+        if earlier is not None:
+            return earlier
+        if outcome == "used":
+            raise PaymentUnknownChallenge("this deposit was already used")
+        raise await self.refusal(act.session_id)
+
+    async def refusal(self, session_id: str) -> PaymentSchemeError:
+        """Why a session cannot be spent on: not found, closed, or empty."""
+        rec = await self.repo.get(session_id)
+        if rec is None:
+            return PaymentSessionNotFound("no such session")
+        if rec.status != SessionStatus.OPEN:
+            return PaymentSessionClosed("the session is closed; open a new one")
+        return PaymentInsufficientBalance(f"the session has {rec.balance_msat // 1000} sat left; one unit costs "
+                                         f"{rec.unit_msat // 1000} sat: top it up", balance_msat=rec.balance_msat)
+
+    # -- spending -----------------------------------------------------------------
+    async def spend(self, session_id: str, unit_msat: int) -> bool:
+        """Take one unit of an open session's balance. False: closed, or not enough left."""
+        lease = self._leases.get(session_id)
+        if lease is not None and lease.units and self.monotonic() < lease.until:
+            lease.units -= 1
+            return True
+        return await self._spend_reserving(session_id, unit_msat)
+
+    async def _spend_reserving(self, session_id: str, unit_msat: int) -> bool:
+        while True:
+            pending = self._reserving.get(session_id)
+            if pending is not None:          # another request of this session is reserving: share it
+                await asyncio.shield(pending)
+            lease = self._leases.get(session_id)
+            now = self.monotonic()
+            if lease is not None and lease.units and now < lease.until:
+                lease.units -= 1
+                return True
+            if pending is None:
+                break
+        done = asyncio.get_running_loop().create_future()
+        self._reserving[session_id] = done
+        try:
+            if lease is not None and lease.units:       # expired with units left: they go back first
+                left, lease.units = lease.units, 0
+                await self.repo.release(session_id, left * lease.unit_msat)
+            busy = lease is not None and lease.unit_msat == unit_msat and now - lease.taken_at < self.lease_s
+            size = min(lease.size * 2, self.max_lease_units) if busy and lease is not None else 1
+            until_ms = math.ceil((self.clock() + self.lease_s) * 1000) if size > 1 else 0
+            got = await self.repo.reserve(session_id, size * unit_msat, int(self.clock()), until_ms)
+            if got is None and size > 1:
+                size = 1
+                got = await self.repo.reserve(session_id, unit_msat, int(self.clock()))
+            if got is None:
+                self._leases.pop(session_id, None)
+                return False
+            self._leases[session_id] = _Lease(unit_msat, size, size - 1, now, now + self.lease_s)
+            return True
+        finally:
+            del self._reserving[session_id]
+            done.set_result(None)
+
+    async def give_back(self, session_id: str, unit_msat: int) -> None:
+        """One unit spent for a request that could not be served goes back."""
+        lease = self._leases.get(session_id)
+        if lease is not None and lease.unit_msat == unit_msat and self.monotonic() < lease.until:
+            lease.units += 1
+        else:
+            await self.repo.release(session_id, unit_msat)
+
+    async def wait_for_balance(self, session_id: str, unit_msat: int, timeout_s: float) -> bool:
+        """Spend one unit as soon as a top-up allows it (this process's top-ups wake the
+        waiter at once; another replica's are seen within a second). False after
+        `timeout_s`, or once the session is no longer open."""
+        deadline = self.monotonic() + timeout_s
+        while True:
+            if await self.spend(session_id, unit_msat):
+                return True
+            rec = await self.repo.get(session_id)
+            left = deadline - self.monotonic()
+            if rec is None or rec.status != SessionStatus.OPEN or left <= 0:
+                return False
+            event = self._topped.setdefault(session_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), min(1.0, left))
+            except TimeoutError:
+                pass
+
+    async def flush_leases(self) -> None:
+        """Give back the units of leases that ran out unserved (run every lease_s / 2)."""
+        now = self.monotonic()
+        for session_id, lease in list(self._leases.items()):
+            if now < lease.until or session_id in self._reserving:
+                continue
+            del self._leases[session_id]
+            if lease.units:
+                await self.repo.release(session_id, lease.units * lease.unit_msat)
+
+    async def _release_local(self, session_id: str) -> None:
+        pending = self._reserving.get(session_id)
+        if pending is not None:
+            await asyncio.shield(pending)
+        lease = self._leases.pop(session_id, None)
+        if lease is not None and lease.units:
+            await self.repo.release(session_id, lease.units * lease.unit_msat)
+
+    # -- closing ----------------------------------------------------------------
+    async def close(self, session_id: str, *, challenge_id: str | None = None, why: str = "client") -> CloseResult:
+        """Close an open session and refund what is left of it, once. Raises
+        PaymentSessionNotFound / PaymentSessionClosed if it is not open."""
+        if not await self.repo.begin_close(session_id, int(self.clock())):
+            rec = await self.repo.get(session_id)
+            if rec is None:
+                raise PaymentSessionNotFound("no such session")
+            raise PaymentSessionClosed("the session is already closed")
+        log.info("session %s closing (%s)", session_id, why)
+        task = asyncio.get_running_loop().create_task(self._finish(session_id, challenge_id),
+                                                      name=f"micropay-session-close-{session_id[:12]}")
+        self._closing[session_id] = task
+        task.add_done_callback(lambda _t: self._closing.pop(session_id, None))
+        return await asyncio.shield(task)      # a client that goes away does not stop the refund
+
+    async def _finish(self, session_id: str, challenge_id: str | None) -> CloseResult:
+        event = self._topped.pop(session_id, None)
+        if event is not None:
+            event.set()                    # held streams see the session closed
+        await self._release_local(session_id)
+        rec = await self.repo.get(session_id)
+        assert rec is not None
+        if rec.status == SessionStatus.CLOSING:
+            wait = rec.lease_until_ms / 1000 + self.lease_s / 2 + 0.1 - self.clock()
+            if wait > 0:                   # another replica may hold units: they come back meanwhile
+                await asyncio.sleep(min(wait, 2 * self.lease_s + 1))
+            await self.repo.fix_refund(session_id)
+            rec = await self.repo.get(session_id)
+            assert rec is not None
+        refund = rec.refund_msat or 0
+        status = RefundStatus.SKIPPED if refund == 0 else await self._refund(rec, refund)
+        if status is None:                 # outcome unknown: left as refunding, settled by resume()
+            raise PaymentUnknown("the refund's outcome is not known yet; it is settled from the node's record")
+        await self.repo.finish(session_id, status)
+        result = CloseResult(session_id, refund, status)
+        if challenge_id is not None:
+            await self.repo.add_action(challenge_id, session_id, "close", result.body(), int(self.clock()))
+        (log.warning if status == RefundStatus.FAILED else log.info)(
+            "session %s closed: refund %d msat %s", session_id, refund, status)
+        return result
+
+    async def _refund(self, rec: SessionRecord, refund_msat: int) -> RefundStatus | None:
+        """One attempt to pay the refund (or the outcome of the attempt made before a crash)."""
+        try:
+            decoded = await self.node.decode(rec.return_invoice)
+            earlier = await self.node.payment_status(decoded.payment_hash)
+            if earlier is not None and earlier.state == "complete":
+                return RefundStatus.SUCCEEDED
+            if earlier is not None and earlier.state == "failed":
+                return RefundStatus.FAILED
+            await self.node.pay(rec.return_invoice, max_fee_msat=self.refund_max_fee_msat(refund_msat),
+                                label=f"micropay-refund-{rec.session_id}", amount_msat=refund_msat)
+            return RefundStatus.SUCCEEDED
+        except PaymentUnknown as exc:
+            log.warning("session %s: refund of %d msat in flight, outcome unknown (%s)", rec.session_id,
+                        refund_msat, exc)
+            return None
+        except (PaymentFailed, NodeError, ValueError) as exc:
+            log.warning("session %s: refund of %d msat to the return invoice failed: %s", rec.session_id,
+                        refund_msat, exc)
+            return RefundStatus.FAILED
+
+    async def close_idle(self) -> int:
+        """Close the sessions idle past their route's timeout (the draft: a server-side
+        close refunds like the client's). Returns how many."""
+        if not self.idle_timeouts:
+            return 0
+        now = int(self.clock())
+        closed = 0
+        for session_id in await self.repo.idle(now - min(self.idle_timeouts.values())):
+            rec = await self.repo.get(session_id)
+            if rec is None or rec.status != SessionStatus.OPEN:
+                continue
+            timeout = self.idle_timeouts.get(rec.route_key, min(self.idle_timeouts.values()))
+            if rec.active_at >= now - timeout or session_id in self._leases:
+                continue
+            try:
+                await self.close(session_id, why=f"idle for {now - rec.active_at} s")
+                closed += 1
+            except (PaymentSessionClosed, PaymentSessionNotFound):
+                pass               # another replica closed it first
+            except PaymentUnknown:
+                pass
+        return closed
+
+    async def resume(self) -> int:
+        """Finish closes that a crash interrupted (closing or refunding for a while)."""
+        finished = 0
+        for session_id in await self.repo.unfinished(int(self.clock()) - RESUME_AFTER_S):
+            if session_id in self._closing:
+                continue
+            try:
+                await self._finish(session_id, None)
+                finished += 1
+            except PaymentUnknown:
+                pass
+            except Exception as exc:      # one bad session must not stop the others
+                log.error("session %s: finishing its close failed: %s", session_id, exc)
+        return finished
+
+    async def purge(self) -> None:
+        await self.repo.purge_actions(int(self.clock()) - ACTIONS_KEPT_S)
+
+    async def stop(self) -> None:
+        """At shutdown: units held unserved go back, closes under way finish."""
+        for task in list(self._closing.values()):
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 30)
+            except Exception:
+                pass
+        for session_id in list(self._leases):
+            try:
+                await self._release_local(session_id)
+            except Exception as exc:
+                log.warning("giving back session %s's unserved units failed: %s", session_id, exc)
+
+
+def periodic_jobs(ledger: SessionLedger) -> list[tuple[float, Callable[[], Awaitable[Any]], str]]:
+    """The ledger's background work: (period, job, what), for tasks.every."""
+    return [(ledger.lease_s / 2, ledger.flush_leases, "giving back unserved session units"),
+            (10.0, ledger.close_idle, "closing idle sessions"),
+            (30.0, ledger.resume, "finishing interrupted session closes"),
+            (3600.0, ledger.purge, "purging old session actions")]

@@ -1,0 +1,160 @@
+"""Payment sessions (draft-lightning-session): each session's deposit, what has been
+spent of it, its return invoice and its close; and the responses of consumed session
+challenges (the draft's idempotency by challenge id, per action).
+
+Every change is one atomic statement or one transaction, so replicas sharing the store
+agree: a deposit invoice opens or tops up exactly once (its token row in
+micropay_credits, the same single-use ledger L402 and charge credentials use); spending
+is `spent + x <= deposit` checked and applied in one UPDATE; a close moves the status
+open -> closing -> refunding (the refund fixed) -> closed (its outcome recorded).
+"""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .base import Step, Store
+from .l402 import CONSUME_WHOLE
+
+
+class SessionStatus(enum.StrEnum):
+    OPEN = "open"
+    CLOSING = "closing"        # no more spending; reserved units are coming back
+    REFUNDING = "refunding"    # refund_msat fixed; the single refund attempt is under way
+    CLOSED = "closed"
+
+
+class RefundStatus(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    session_id: str
+    route_key: str
+    unit_msat: int
+    deposit_msat: int
+    spent_msat: int
+    return_invoice: str
+    status: SessionStatus
+    opened_at: int
+    active_at: int
+    closed_at: int | None
+    refund_msat: int | None
+    refund_status: RefundStatus | None
+    lease_until_ms: int = 0
+
+    @property
+    def balance_msat(self) -> int:
+        return self.deposit_msat - self.spent_msat
+
+
+_COLS = ("session_id, route_key, unit_msat, deposit_msat, spent_msat, return_invoice, status, opened_at, "
+         "active_at, closed_at, refund_msat, refund_status, lease_until_ms")
+INSERT = (f"INSERT INTO micropay_sessions ({_COLS}) VALUES ($1,$2,$3,$4,0,$5,'open',$6,$6,NULL,NULL,NULL,0) "
+          "ON CONFLICT (session_id) DO NOTHING RETURNING session_id")
+GET = f"SELECT {_COLS} FROM micropay_sessions WHERE session_id = $1"
+TOP_UP = ("UPDATE micropay_sessions SET deposit_msat = deposit_msat + $2, active_at = $3 "
+          "WHERE session_id = $1 AND status = 'open' RETURNING deposit_msat - spent_msat")
+# $4: until when (ms) the reserving replica may serve the units it takes beyond the first
+# (0 when it takes one): a close waits that long for unserved units to come back.
+RESERVE = ("UPDATE micropay_sessions SET spent_msat = spent_msat + $2, active_at = $3, "
+           "lease_until_ms = CASE WHEN $4 > lease_until_ms THEN $4 ELSE lease_until_ms END WHERE session_id = $1 AND status = 'open' AND spent_msat + $2 <= deposit_msat "
+           "RETURNING deposit_msat - spent_msat")
+RELEASE = ("UPDATE micropay_sessions SET spent_msat = spent_msat - $2 "
+           "WHERE session_id = $1 AND status IN ('open', 'closing') AND spent_msat >= $2 RETURNING session_id")
+BEGIN_CLOSE = ("UPDATE micropay_sessions SET status = 'closing', closed_at = $2 "
+               "WHERE session_id = $1 AND status = 'open' RETURNING session_id")
+FIX_REFUND = ("UPDATE micropay_sessions SET status = 'refunding', refund_msat = deposit_msat - spent_msat "
+              "WHERE session_id = $1 AND status = 'closing' RETURNING refund_msat")
+FINISH = ("UPDATE micropay_sessions SET status = 'closed', refund_status = $2 "
+          "WHERE session_id = $1 AND status = 'refunding' RETURNING session_id")
+IDLE = ("SELECT session_id FROM micropay_sessions WHERE status = 'open' AND active_at < $1 "
+        "ORDER BY active_at LIMIT $2")
+UNFINISHED = ("SELECT session_id FROM micropay_sessions WHERE status IN ('closing', 'refunding') "
+              "AND closed_at < $1 ORDER BY closed_at LIMIT $2")
+ADD_ACTION = ("INSERT INTO micropay_session_actions (challenge_id, session_id, action, response, created_at) "
+              "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (challenge_id, action) DO NOTHING")
+GET_ACTION = "SELECT response FROM micropay_session_actions WHERE challenge_id = $1 AND action = $2"
+PURGE_ACTIONS = "DELETE FROM micropay_session_actions WHERE created_at < $1 RETURNING challenge_id"
+
+
+def _record(row: tuple[Any, ...]) -> SessionRecord:
+    r = list(row)
+    r[6] = SessionStatus(r[6])
+    r[11] = RefundStatus(r[11]) if r[11] is not None else None
+    return SessionRecord(*r)
+
+
+class SessionRepository:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def open(self, *, session_id: str, token_id: str, route_key: str, unit_msat: int, deposit_msat: int,
+                   return_invoice: str, now: int, challenge_id: str, response: dict[str, Any]) -> bool:
+        """Open a session on a paid deposit, consuming its invoice's token, and record the
+        response for retries: all or nothing. False if the deposit was already used."""
+        result = await self.store.transaction([
+            Step(CONSUME_WHOLE, (token_id,), required=True),
+            Step(INSERT, (session_id, route_key, unit_msat, deposit_msat, return_invoice, now), required=True),
+            Step(ADD_ACTION, (challenge_id, session_id, "open", json.dumps(response), now)),
+        ])
+        return result.ok
+
+    async def top_up(self, *, session_id: str, token_id: str, deposit_msat: int, now: int, challenge_id: str,
+                     response: dict[str, Any]) -> str:
+        """Add a paid deposit to an open session: "ok", "used" (the deposit was already
+        used) or "not_open" (no such open session; the deposit stays unused)."""
+        result = await self.store.transaction([
+            Step(CONSUME_WHOLE, (token_id,), required=True),
+            Step(TOP_UP, (session_id, deposit_msat, now), required=True),
+            Step(ADD_ACTION, (challenge_id, session_id, "topUp", json.dumps(response), now)),
+        ])
+        return "ok" if result.ok else ("used" if result.failed_step == 0 else "not_open")
+
+    async def get(self, session_id: str) -> SessionRecord | None:
+        row = await self.store.fetchrow(GET, (session_id,))
+        return _record(row) if row else None
+
+    async def reserve(self, session_id: str, amount_msat: int, now: int, lease_until_ms: int = 0) -> int | None:
+        """Move `amount_msat` from the session's balance to spent, if the session is open
+        and the balance covers it. Returns the balance left, or None."""
+        row = await self.store.fetchrow(RESERVE, (session_id, amount_msat, now, lease_until_ms))
+        return int(row[0]) if row else None
+
+    async def release(self, session_id: str, amount_msat: int) -> bool:
+        """Give back reserved units that were not served (while the refund is not fixed)."""
+        return await self.store.fetchrow(RELEASE, (session_id, amount_msat)) is not None
+
+    async def begin_close(self, session_id: str, now: int) -> bool:
+        return await self.store.fetchrow(BEGIN_CLOSE, (session_id, now)) is not None
+
+    async def fix_refund(self, session_id: str) -> int | None:
+        row = await self.store.fetchrow(FIX_REFUND, (session_id,))
+        return int(row[0]) if row else None
+
+    async def finish(self, session_id: str, refund_status: RefundStatus) -> bool:
+        return await self.store.fetchrow(FINISH, (session_id, str(refund_status))) is not None
+
+    async def idle(self, before: int, limit: int = 100) -> list[str]:
+        return [r[0] for r in await self.store.query(IDLE, (before, limit))]
+
+    async def unfinished(self, closed_before: int, limit: int = 100) -> list[str]:
+        return [r[0] for r in await self.store.query(UNFINISHED, (closed_before, limit))]
+
+    async def add_action(self, challenge_id: str, session_id: str, action: str, response: dict[str, Any],
+                         now: int) -> None:
+        await self.store.execute(ADD_ACTION, (challenge_id, session_id, action, json.dumps(response), now))
+
+    async def action_response(self, challenge_id: str, action: str) -> dict[str, Any] | None:
+        """What a consumed challenge's action answered (a bearer or close credential may
+        echo the challenge an open used: the key is the challenge and the action)."""
+        row = await self.store.fetchrow(GET_ACTION, (challenge_id, action))
+        return json.loads(row[0]) if row else None
+
+    async def purge_actions(self, before: int) -> int:
+        return len(await self.store.query(PURGE_ACTIONS, (before,)))
