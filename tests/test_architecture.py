@@ -25,8 +25,8 @@ SERVICES = {"challenger", "settlement", "invoices", "stream_runner", "stream_att
             "games.apikeys"}
 ADAPTERS = {"lightning.cln", "lightning.sandbox", "lightning.datastore", "store.sqlite", "store.postgres",
             "games.http.poster"}
-# Where aiohttp may be imported: the HTTP edges and the client.
-AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli")
+# Where aiohttp may be imported: the HTTP edges and the clients.
+AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "session_client", "cli")
 
 
 def _name(path: Path) -> str:

@@ -153,3 +153,62 @@ def test_the_receipt_is_what_the_draft_says():
     doc = json.loads(pa.unb64url(pa.receipt("cid", HASH, NOW)))
     assert doc == {"method": "lightning", "challengeId": "cid", "reference": HASH, "status": "success",
                    "timestamp": "2027-01-15T08:00:00Z"}
+
+
+# -- the session intent -------------------------------------------------------------------
+
+def session_challenge(**kw):
+    args = dict(realm="shop", bolt11="lnbcrt100n1pexample", payment_hash=HASH, unit_msat=2000, deposit_msat=40000,
+                expires_at=NOW + 600, idle_timeout_s=300, description="GET /gen", unit_type="chunk",
+                opaque={"route": "GET /gen", "token": "cd" * 32})
+    args.update(kw)
+    return pa.session_challenge(BINDER, **args)
+
+
+def verify_session(ch, payload, now=NOW):
+    return pa.verify_session(BINDER, pa.parse_credential(pa.format_session_credential(ch, payload)),
+                             realm="shop", now=now)
+
+
+def test_a_session_challenge_carries_the_unit_price_and_the_deposit():
+    ch = session_challenge()
+    assert ch.intent == "session" and pa.unb64url(ch.request) == pa.jcs(pa.decode_request(ch))
+    assert pa.decode_request(ch) == {"amount": "2", "currency": "sat", "description": "GET /gen",
+                                     "depositInvoice": "lnbcrt100n1pexample", "paymentHash": HASH,
+                                     "depositAmount": "40", "idleTimeout": "300", "unitType": "chunk"}
+    with pytest.raises(ValueError):
+        session_challenge(unit_msat=1500)
+
+
+def test_each_session_action_is_verified_against_its_own_secret():
+    ch = session_challenge()
+    opened = verify_session(ch, {"action": "open", "preimage": PREIMAGE.hex(), "returnInvoice": "lnbcrt1pret"})
+    assert (opened.action, opened.session_id, opened.deposit_msat, opened.unit_msat) == ("open", HASH, 40000, 2000)
+    assert opened.return_invoice == "lnbcrt1pret" and opened.deposit_invoice == "lnbcrt100n1pexample"
+    top = verify_session(ch, {"action": "topUp", "sessionId": "ee" * 32, "topUpPreimage": PREIMAGE.hex()})
+    assert (top.action, top.session_id, top.deposit_msat) == ("topUp", "ee" * 32, 40000)
+    bearer = verify_session(ch, {"action": "bearer", "sessionId": HASH, "preimage": PREIMAGE.hex()},
+                            now=NOW + 10_000)      # bearer and close may echo an expired challenge
+    assert bearer.action == "bearer" and bearer.deposit_msat == 0
+    with pytest.raises(PaymentChallengeExpired):     # a deposit's challenge may not be expired
+        verify_session(ch, {"action": "topUp", "sessionId": HASH, "topUpPreimage": PREIMAGE.hex()}, now=NOW + 600)
+    with pytest.raises(PaymentInvalidPreimage):
+        verify_session(ch, {"action": "bearer", "sessionId": "ee" * 32, "preimage": PREIMAGE.hex()})
+    with pytest.raises(PaymentInvalidPreimage):
+        verify_session(ch, {"action": "open", "preimage": "11" * 32, "returnInvoice": "lnbcrt1pret"})
+    with pytest.raises(PaymentUnknownChallenge):     # a charge challenge is not a session's
+        verify_session(challenge(), {"action": "bearer", "sessionId": HASH, "preimage": PREIMAGE.hex()})
+    with pytest.raises(PaymentCredentialMalformed):
+        verify_session(ch, {"action": "open", "preimage": PREIMAGE.hex()})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["action", "preimage", "sessionId", "topUpPreimage", "returnInvoice", "x"]),
+                       st.one_of(st.sampled_from(["open", "bearer", "topUp", "close", PREIMAGE.hex(), HASH]),
+                                 st.none(), st.integers(), st.text(max_size=70), st.lists(st.integers(), max_size=2)),
+                       max_size=5))
+def test_any_session_payload_is_accepted_or_refused_with_a_payment_error(payload):
+    try:
+        verify_session(session_challenge(), payload)
+    except PaymentSchemeError:
+        pass

@@ -19,7 +19,7 @@ def offers_payment(rule: RouteRule, price_msat: int | None = None) -> bool:
     """Whether the route's 402 carries a Payment charge: per-request routes (a charge buys
     one request) at a whole number of satoshis. `price_msat`: this request's price; without
     it, the route's (a hook-priced route may offer it, decided per request)."""
-    if "payment" not in rule.schemes or rule.pass_s is not None or rule.credits != 1:
+    if "payment" not in rule.schemes or rule.pass_s is not None or rule.credits != 1 or rule.session:
         return False
     if price_msat is None:
         return rule.price_hook is not None or whole_sats(rule.price_msat)
@@ -60,7 +60,16 @@ def payment_paths(routes: Iterable[RouteRule]) -> dict[str, Any]:
                         "content": {"application/problem+json": {"schema": {"type": "object"}}}},
             },
         }
-        if offers_payment(rule):
+        if rule.session is not None:
+            op["x-payment-info"] = {"offers": [{
+                "intent": "session", "method": "lightning", "currency": "sat",
+                "amount": str(rule.price_msat // 1000), "unitType": rule.session.unit_type,
+                "depositAmount": str(rule.price_msat * rule.session.deposit_units // 1000),
+                "idleTimeout": str(rule.session.idle_timeout_s),
+                "description": "a prepaid session: the amount is one unit (a request, or an event of a "
+                               "streamed response); the unspent deposit is refunded at close",
+            }]}
+        elif offers_payment(rule):
             op["x-payment-info"] = {"offers": [{
                 "intent": "charge", "method": "lightning", "currency": "sat",
                 "amount": None if rule.price_hook is not None else str(rule.price_msat // 1000),
@@ -76,7 +85,8 @@ def payment_paths(routes: Iterable[RouteRule]) -> dict[str, Any]:
 
 def schemes_offered(rule: RouteRule) -> list[str]:
     """What a 402 for this route offers (discovery documents name them)."""
-    return (["L402"] if "l402" in rule.schemes else []) + (["Payment"] if offers_payment(rule) else [])
+    return (["L402"] if "l402" in rule.schemes else []) + (
+        ["Payment"] if offers_payment(rule) or rule.session is not None else [])
 
 
 def document(service: str, version: str, routes: Iterable[RouteRule]) -> dict[str, Any]:

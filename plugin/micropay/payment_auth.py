@@ -1,5 +1,6 @@
 """The "Payment" HTTP authentication scheme (draft-httpauth-payment, "MPP") with the
-Lightning method's charge intent (draft-lightning-charge): wire format and checks, no I/O.
+Lightning method's charge intent (draft-lightning-charge) and session intent
+(draft-lightning-session): wire format and checks, no I/O.
 
 A 402 offers it beside L402 on the same invoice. The challenge needs no store write:
 its `id` is an HMAC-SHA256 over the seven positional slots the core draft recommends
@@ -33,6 +34,8 @@ from .errors import (PaymentChallengeExpired, PaymentCredentialMalformed, Paymen
 SCHEME = "Payment"
 METHOD = "lightning"
 CHARGE = "charge"
+SESSION = "session"
+SESSION_ACTIONS = ("open", "bearer", "topUp", "close")
 MAX_CREDENTIAL_LEN = 16_384            # a credential echoes a challenge with a BOLT11 invoice
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
@@ -319,3 +322,109 @@ def receipt(challenge_id: str, payment_hash: str, now: int) -> str:
     """The Payment-Receipt header value for a served charge."""
     return encode_object({"method": METHOD, "challengeId": challenge_id, "reference": payment_hash,
                           "status": "success", "timestamp": rfc3339(now)})
+
+
+# -- the session intent (draft-lightning-session) ---------------------------------------
+
+def session_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: str, unit_msat: int,
+                      deposit_msat: int, expires_at: int, idle_timeout_s: int, description: str,
+                      unit_type: str, opaque: dict[str, str]) -> Challenge:
+    """A session challenge: `amount` is the price of one unit, the invoice is the deposit
+    (to open a session, or to top one up: the same challenge serves both)."""
+    if not whole_sats(unit_msat) or not whole_sats(deposit_msat):
+        raise ValueError("a Payment session needs whole satoshis per unit and per deposit")
+    fields = {"amount": str(unit_msat // 1000), "currency": "sat", "description": description,
+              "depositInvoice": bolt11, "paymentHash": payment_hash,
+              "depositAmount": str(deposit_msat // 1000), "idleTimeout": str(idle_timeout_s)}
+    if unit_type:
+        fields["unitType"] = unit_type
+    request = encode_object(fields)
+    expires = rfc3339(expires_at)
+    opaque_b64 = encode_object(dict(opaque, hash=payment_hash, msat=str(deposit_msat), unit=str(unit_msat)))
+    cid = binder.bind(realm, METHOD, SESSION, request, expires, "", opaque_b64)
+    return Challenge(cid, realm, METHOD, SESSION, request, expires, opaque_b64)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAction:
+    """A verified session credential. `session_id` is the deposit's payment hash for
+    open, and the named session for the others; `deposit_msat` is what an open or
+    topUp pays in (0 for bearer and close)."""
+
+    action: str
+    challenge_id: str
+    session_id: str
+    route: str
+    unit_msat: int
+    deposit_msat: int
+    token_id: str              # the deposit invoice's token (single use), "" for bearer/close
+    return_invoice: str = ""
+    deposit_invoice: str = ""
+
+
+def _hex64(payload: dict[str, Any], key: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise PaymentCredentialMalformed(f"payload.{key} must be 64 lowercase hex characters")
+    return value
+
+
+def verify_session(binder: Binder, cred: Credential, *, realm: str, now: int) -> SessionAction:
+    """Check a session credential without the store: the echoed challenge is ours and
+    unaltered, and the preimage opens what it claims to (the deposit's payment hash for
+    open and topUp, the session id for bearer and close). Expiry applies to the actions
+    that pay a deposit; bearer and close may echo any earlier challenge of ours."""
+    echo = cred.challenge
+    if echo.get("method") != METHOD or echo.get("intent") != SESSION or echo.get("realm") != realm:
+        raise PaymentUnknownChallenge("this server issued no such session challenge (method, intent or realm)")
+    if not binder.verify(echo):
+        raise PaymentUnknownChallenge("this server issued no such challenge, or it was altered")
+    action = cred.payload.get("action")
+    if action not in SESSION_ACTIONS:
+        raise PaymentCredentialMalformed("payload.action must be one of " + ", ".join(SESSION_ACTIONS))
+    try:
+        opaque = _decode_json(unb64url(echo["opaque"]).decode()) if echo.get("opaque") else {}
+        deposit_hash, deposit_msat, unit_msat = opaque["hash"], int(opaque["msat"]), int(opaque["unit"])
+        expires = parse_rfc3339(echo["expires"]) if echo.get("expires") else None
+    except (ValueError, KeyError, TypeError):      # bound by our HMAC: only if we wrote it wrong
+        raise PaymentUnknownChallenge("the challenge's parameters cannot be read") from None
+    route, token = opaque.get("route", ""), opaque.get("token", "")
+    if action in ("open", "topUp"):
+        preimage = _hex64(cred.payload, "preimage" if action == "open" else "topUpPreimage")
+        if expires is None or expires <= now:
+            raise PaymentChallengeExpired("the challenge and its deposit invoice have expired")
+        if hashlib.sha256(bytes.fromhex(preimage)).hexdigest() != deposit_hash:
+            raise PaymentInvalidPreimage("SHA-256 of the preimage is not this challenge's payment hash")
+        if action == "open":
+            ret = cred.payload.get("returnInvoice")
+            if not isinstance(ret, str) or not ret or len(ret) > 4096:
+                raise PaymentCredentialMalformed("payload.returnInvoice must be a BOLT11 invoice")
+            try:
+                deposit_invoice = decode_request(Challenge(**{k: echo.get(k, "") for k in ECHO_FIELDS}))
+            except ValueError:
+                raise PaymentUnknownChallenge("the challenge's request cannot be read") from None
+            return SessionAction("open", echo["id"], deposit_hash, route, unit_msat, deposit_msat, token,
+                                 ret, str(deposit_invoice.get("depositInvoice", "")))
+        return SessionAction("topUp", echo["id"], _hex64(cred.payload, "sessionId"), route, unit_msat,
+                             deposit_msat, token)
+    session_id = _hex64(cred.payload, "sessionId")
+    preimage = _hex64(cred.payload, "preimage")
+    if hashlib.sha256(bytes.fromhex(preimage)).hexdigest() != session_id:
+        raise PaymentInvalidPreimage("SHA-256 of the preimage is not the session id")
+    return SessionAction(action, echo["id"], session_id, route, unit_msat, 0, "")
+
+
+def format_session_credential(ch: Challenge, payload: dict[str, str]) -> str:
+    """The Authorization value for a session action (`payload` holds `action` and its fields)."""
+    return "Payment " + encode_object({"challenge": ch.echo(), "payload": payload})
+
+
+def session_receipt(session_id: str, now: int, **extra: Any) -> str:
+    """Payment-Receipt for a session action (close adds refundSats and refundStatus)."""
+    return encode_object(dict({"method": METHOD, "reference": session_id, "status": "success",
+                               "timestamp": rfc3339(now)}, **extra))
+
+
+def sse_event(event: str, data: dict[str, Any]) -> bytes:
+    """One Server-Sent Events event with a JSON data line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

@@ -3,9 +3,13 @@
 A rule matches a method and a path pattern (patterns.py). What one payment buys:
     credits = N     N requests (default 1: plain pay-per-request), debited in the store
     pass_s  = S     any number of requests for S seconds, verified statelessly
+    session         a deposit of `deposit_units` units, spent per request or per event
+                    of a streamed response, topped up, the rest refunded at close
+                    (the Payment scheme's session intent; price_msat is one unit)
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
@@ -17,6 +21,16 @@ from .errors import ConfigError
 from .inputs import is_http_url
 from .params import MAX_MSAT
 from .patterns import compile_path, method_allowed, path_matches
+
+@dataclass(frozen=True)
+class SessionPolicy:
+    """A session route's terms (config: `session = true` or a `[routes.session]` table)."""
+
+    deposit_units: int = 20          # the draft's recommended deposit: 20 units
+    idle_timeout_s: int = 300        # the draft's recommended idle timeout: 5 minutes
+    hold_s: int = 60                 # a stream held for a top-up waits this long (the draft's 60 s)
+    unit_type: str = "request"       # a label for clients: "chunk", "token", ...
+
 
 PriceHook = Callable[[Any, "RouteRule"], Union[int, Awaitable[int]]]
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -37,10 +51,12 @@ class RouteRule:
     description: str = ""
     price_hook: PriceHook | None = field(default=None, compare=False)
     schemes: frozenset[str] = SCHEMES          # the 402 dialects offered: "l402", "payment"
+    session: SessionPolicy | None = None       # a Payment session route (price_msat per unit)
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        """Stable name of the rule, used for challenge reuse and metrics labels."""
+        """Stable name of the rule, used for challenge reuse and metrics labels (computed
+        once: the session bearer path reads it on every request)."""
         return f"{','.join(sorted(self.methods)) if self.methods else '*'} {self.path}"
 
     def matches(self, method: str, path: str) -> bool:
@@ -150,7 +166,34 @@ class _Table:
 
 
 _ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", "capabilities",
-               "free_per_hour", "stream_msat", "description", "price_hook", "schemes"}
+               "free_per_hour", "stream_msat", "description", "price_hook", "schemes", "session"}
+_SESSION_KEYS = {"deposit_units", "idle_timeout_s", "hold_s", "unit_type"}
+
+
+def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
+    raw = t.data.get("session")
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise t.fail("session", "must be true or a table (deposit_units, idle_timeout_s, hold_s, unit_type)")
+    s = _Table(raw, f"{t.where}.session" if ": " in t.where else f"{t.where}: session")
+    s.check_keys(_SESSION_KEYS)
+    for key in ("credits", "pass_s", "price_hook", "free_per_hour", "stream_msat"):
+        if key in t.data:
+            raise t.fail(key, "a session route is priced per unit by price_msat alone")
+    if price is None or price % 1000:
+        raise t.fail("price_msat", "a session unit must be a whole number of satoshis (a multiple of 1000)")
+    unit_type = s.get("unit_type", str, "request")
+    if not unit_type or len(unit_type) > 40:
+        raise s.fail("unit_type", "must be a short label such as \"chunk\" or \"token\"")
+    policy = SessionPolicy(deposit_units=s.positive_int("deposit_units", 20, maximum=1_000_000) or 20,
+                           idle_timeout_s=s.positive_int("idle_timeout_s", 300, maximum=30 * 86400) or 300,
+                           hold_s=s.positive_int("hold_s", 60, maximum=3600) or 60, unit_type=unit_type)
+    if price * policy.deposit_units > MAX_MSAT:
+        raise s.fail("deposit_units", f"the deposit ({price} msat x {policy.deposit_units}) is too large")
+    return policy
 
 
 def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRule:
@@ -189,7 +232,11 @@ def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRul
     if not all(isinstance(c, str) and c and "," not in c for c in caps):
         raise t.fail("capabilities", "must be a list of non-empty strings without commas")
     per_request = pass_s is None and (credits or 1) == 1
-    schemes = t.get("schemes", list, sorted(SCHEMES) if per_request else ["l402"])
+    session = _parse_session(t, price)
+    schemes = t.get("schemes", list, ["payment"] if session else sorted(SCHEMES) if per_request else ["l402"])
+    if session is not None and [x.lower() for x in schemes if isinstance(x, str)] != ["payment"]:
+        raise t.fail("schemes", "a session route offers the Payment scheme's session intent only: "
+                                "schemes = [\"payment\"]")
     if not schemes or not all(isinstance(x, str) and x.lower() in SCHEMES for x in schemes):
         raise t.fail("schemes", f"must be a non-empty list of {', '.join(repr(x) for x in sorted(SCHEMES))}")
     if "payment" in {x.lower() for x in schemes} and not per_request:
@@ -207,4 +254,5 @@ def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRul
         description=t.get("description", str, ""),
         price_hook=load_hook(hook_spec, f"{where}.price_hook", base_dir) if hook_spec else None,
         schemes=frozenset(x.lower() for x in schemes),
+        session=session,
     )

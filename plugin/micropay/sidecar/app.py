@@ -266,6 +266,10 @@ def start_background(rt: Runtime) -> list[asyncio.Task]:
              asyncio.create_task(every(60.0, rt.gate.challenger.purge_expired, what="purging expired challenges",
                                        log=log), name="micropay-purge"),
              asyncio.create_task(follow_key_file(rt.tokens), name="micropay-keys")]
+    if any(r.session is not None for r in rt.config.routes):
+        from ..sessions import periodic_jobs
+        tasks += [asyncio.create_task(every(period, job, what=what, log=log), name=f"micropay-sessions-{i}")
+                  for i, (period, job, what) in enumerate(periodic_jobs(rt.gate.sessions))]
     if rt.games is not None and rt.games.cfg.enabled:
         from ..games.service import background
         tasks += background(rt.games)
@@ -279,6 +283,10 @@ async def stop_background(rt: Runtime, tasks: list[asyncio.Task]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await t
     if rt.gate is not None:
+        try:
+            await rt.gate.sessions.stop()
+        except Exception as exc:
+            log.warning("stopping the session ledger failed: %s", exc)
         try:
             await rt.gate.challenger.close()
         except Exception as exc:

@@ -3,7 +3,9 @@
 A 402 offers the route's schemes on one invoice: `L402` (bLIP-26) and, for per-request
 routes priced in whole satoshis, `Payment` (the MPP charge intent, payment_auth.py).
 Paying once buys one of them: a Payment credential is consumed by writing its token's
-credit ledger to zero, the same row an L402 credits token debits.
+credit ledger to zero, the same row an L402 credits token debits. Session routes
+(`session` in the route's config) speak the Payment scheme's session intent instead:
+session_gate.py.
 
 Usable as aiohttp middleware (`gate.middleware`, priced by the config's routes) and
 as a decorator on a handler (`@gate.require(price_msat=...)`).
@@ -47,9 +49,12 @@ from ..ratelimit import FreeTier, client_address
 from ..receipts import RECEIPT_HEADER, ReceiptSigner
 from ..store import Store
 from ..store.l402 import ChallengeRecord, L402Repository
+from ..sessions import SessionLedger
+from ..store.sessions import SessionRepository
 from ..store.stream_usage import StreamUsageRepository
 from ..stream_attribution import is_secret_stream_id
 from ..tokens import TokenService, VerifiedToken
+from .session_gate import SESSION_METER, SessionGate
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,6 +132,11 @@ class Gate:
         tokens.on_keys_changed.append(self._admitted.clear)   # a retired key admits nothing more
         self.binder = self._binder()
         tokens.on_keys_changed.append(self._rebind)
+        self.sessions = SessionLedger(SessionRepository(store), node, clock=clock, idle_timeouts={
+            r.key: r.session.idle_timeout_s for r in self.pricing.rules if r.session is not None})
+        self.session_gate = SessionGate(ledger=self.sessions, challenger=self.challenger,
+                                        binder=lambda: self.binder, realm=self.service, metrics=self.metrics,
+                                        clock=clock)
 
     def _binder(self) -> Binder:
         """Payment challenge ids are bound under keys derived from the root keys, so every
@@ -190,6 +200,7 @@ class Gate:
         handler with `forwards_target = True` (the reverse proxy) forwards the canonical
         target itself."""
         admitted, clock, paid = self._admitted, self.clock, self.metrics.paid_requests
+        bearers, session_gate = self.session_gate.bearers, self.session_gate
         forwards = getattr(handler, "forwards_target", False)
 
         @functools.wraps(handler)
@@ -208,6 +219,14 @@ class Gate:
                     if not response.prepared:
                         response.headers[RECEIPT_HEADER] = hit.headers[RECEIPT_HEADER]
                     return response
+                # A Payment session's bearer credential verified before (session_gate.py)
+                known = bearers.get((auth, request.method, request.raw_path))
+                if known is not None and not (self.layered and request.get(ADMITTED)):
+                    try:
+                        return await session_gate.bearer(request, handler, known, self._serve_session,
+                                                         self.challenge)
+                    except MicropayError as err:
+                        return problem_response(err)
             return await self.dispatch(request, handler, forwards=forwards)
         return guarded
 
@@ -242,6 +261,9 @@ class Gate:
         try:
             target = request_target(request)
             auth = request.headers.get(hdrs.AUTHORIZATION)
+            if rule.session is not None:
+                return await self.session_gate.handle(request, rule, handler, auth, self._serve_session,
+                                                      self.challenge)
             if is_payment(auth):
                 return await self._handle_payment(request, rule, handler, auth, target)  # type: ignore[arg-type]
             token = self.tokens.verify_header(auth, request.method, target.path, rule.capabilities,
@@ -328,11 +350,19 @@ class Gate:
             if remaining is not None and admitted.token is not None:
                 # the request never reached the upstream: give the credit back
                 await self.l402.refund_credit(admitted.token.token_id_hex)
+            meter = request.get(SESSION_METER)
+            if meter is not None:
+                await meter.give_back()
             raise
         self.metrics.paid_requests[admitted.route_key] += 1
         if not response.prepared:
             response.headers.update(headers)
         return response
+
+    async def _serve_session(self, request: web.Request, handler: Handler, route_key: str, session_id: str,
+                             headers: dict[str, str]) -> web.StreamResponse:
+        """A request admitted on a Payment session (its first unit is spent)."""
+        return await self._serve(request, handler, Paid(route_key, None, headers, None, ("", session_id)), None)
 
     async def _serve_streamed(self, request: web.Request, rule: RouteRule, handler: Handler,
                               stream_id: str) -> web.StreamResponse:
@@ -398,6 +428,9 @@ class Gate:
             log.error("price hook for %s failed: %s", rule.key, exc)
             raise PricingUnavailable("the price for this resource cannot be computed right now") from None
         description = rule.description or f"{self.service}: {request.method} {target.path}"[:200]
+        if rule.session is not None:
+            return await self.session_gate.challenge(request, rule, client, f"{request.method} {target.path}",
+                                                     description, reason)
         record = await self.challenger.challenge(client, rule, price, description, target.query)
         return self._challenge_response(request, rule, record, reason, description)
 

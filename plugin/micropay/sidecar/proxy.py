@@ -20,6 +20,7 @@ from ..l402 import SCHEMES
 from ..payment_auth import is_payment
 from ..pricing import Pricing
 from .gate import PAID, STREAM_HEADER, request_target
+from .session_gate import SESSION_METER, SSE_TYPE, SessionMeter
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -76,8 +77,9 @@ class ReverseProxy:
                 headers.popall(name, None)
         paid = request.get(PAID)
         if paid is not None:
-            headers[TOKEN_ID_HEADER] = paid.token_id
-            headers[PAYMENT_HASH_HEADER] = paid.payment_hash
+            if paid.token_id:
+                headers[TOKEN_ID_HEADER] = paid.token_id
+            headers[PAYMENT_HASH_HEADER] = paid.payment_hash    # a session's: its deposit's
         peer = request.remote or ""
         headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         headers["X-Forwarded-Proto"] = request.scheme
@@ -109,7 +111,11 @@ class ReverseProxy:
             if paid is not None:
                 response.headers.update(paid.headers)   # receipt, credits left
             await response.prepare(request)
+            meter = request.get(SESSION_METER)
             try:
+                if meter is not None and upstream_resp.content_type == SSE_TYPE:
+                    await metered_events(upstream_resp.content.iter_chunked(CHUNK), response, meter)
+                    return response
                 async for chunk in upstream_resp.content.iter_chunked(CHUNK):
                     await response.write(chunk)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -124,3 +130,62 @@ class ReverseProxy:
 
     # The gate need not redirect a non-canonical spelling: the canonical target is what is forwarded.
     handle.forwards_target = True  # type: ignore[attr-defined]
+
+
+_EVENT_END = (b"\r\n\r\n", b"\n\n", b"\r\r")
+MAX_EVENT = 1024 ** 2
+
+
+def _split_event(buf: bytearray) -> bytes | None:
+    """The first complete SSE event in `buf` (removed from it), or None."""
+    found = [(i, len(sep)) for sep in _EVENT_END if (i := buf.find(sep)) >= 0]
+    if not found:
+        return None
+    i, n = min(found)
+    event = bytes(buf[:i + n])
+    del buf[:i + n]
+    return event
+
+
+def _billable(event: bytes) -> bool | None:
+    """True for an event that carries data (one unit), None for the `[DONE]` sentinel,
+    False for comments and keep-alives (free)."""
+    lines = event.splitlines()
+    data = [ln for ln in lines if ln.startswith(b"data:")]
+    if not data:
+        return False
+    if len(data) == 1 and data[0][5:].strip() == b"[DONE]":
+        return None
+    return True
+
+
+async def metered_events(chunks, response: web.StreamResponse, meter: SessionMeter) -> None:
+    """Forward an upstream SSE stream, spending one session unit per data event (the
+    draft's per-chunk billing): when the balance runs out the meter holds the stream for
+    a top-up, or ends it. A `payment-receipt` event goes before the `[DONE]` sentinel,
+    or at the end if the upstream sends none."""
+    buf = bytearray()
+    receipt_sent = False
+    async for chunk in chunks:
+        buf += chunk
+        while (event := _split_event(buf)) is not None:
+            billable = _billable(event)
+            if billable is None:
+                await response.write(meter.receipt_event())
+                receipt_sent = True
+            elif billable and not await meter.charge(response):
+                await response.write_eof()
+                return
+            await response.write(event)
+        if len(buf) > MAX_EVENT:       # an event this large is not SSE: pass it on, one unit
+            if not await meter.charge(response):
+                await response.write_eof()
+                return
+            await response.write(bytes(buf))
+            buf.clear()
+    if buf.strip():
+        if _billable(bytes(buf)) and await meter.charge(response):
+            await response.write(bytes(buf) + b"\n\n")
+    if not receipt_sent:
+        await response.write(meter.receipt_event())
+    await response.write_eof()

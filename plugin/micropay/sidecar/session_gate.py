@@ -1,0 +1,207 @@
+"""The gate for session routes: the Payment scheme's session intent over HTTP
+(draft-lightning-session). The bookkeeping is sessions.SessionLedger's; this module
+speaks the wire.
+
+    no credential      402, `WWW-Authenticate: Payment ... intent="session"` with a
+                       deposit invoice (price_msat x deposit_units)
+    action="open"      the deposit's preimage and an amountless return invoice: the
+                       session opens and this request is served as its first unit
+    action="bearer"    the session's preimage: served, one unit per request, or one per
+                       event of an SSE response (see SessionMeter)
+    action="topUp"     a new deposit's preimage: 200 {"status":"ok"}; held streams go on
+    action="close"     200 {"status":"closed","refundSats":N,"refundStatus":...}
+
+A refused credential gets a 402 with a fresh challenge and the draft's problem type.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Awaitable, Callable
+
+from aiohttp import hdrs, web
+
+from ..challenger import Challenger
+from ..errors import MicropayError, PaymentCredentialMalformed, PaymentSchemeError, PaymentUnknownChallenge
+from ..http.problems import problem_response
+from ..l402 import PROBLEM_CONTENT_TYPE, problem_body
+from ..metrics import Metrics
+from ..payment_auth import (Binder, is_payment, parse_credential, session_challenge, session_receipt, sse_event,
+                            verify_session)
+from ..pricing import RouteRule
+from ..receipts import RECEIPT_HEADER
+from ..sessions import SessionLedger
+
+log = logging.getLogger("micropay.gate")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+BEARER_CACHE_SIZE = 100_000
+SSE_TYPE = "text/event-stream"
+
+
+class SessionMeter:
+    """Spends a session's units for one admitted request. The request's first unit is
+    paid at admission; a streamed response calls `charge` before each further unit
+    (proxy.py does it per SSE event). When the balance runs out, `charge` emits the
+    `payment-need-topup` event and holds the stream until a top-up (True) or `hold_s`
+    (a `session-timeout` event, then False: end the response)."""
+
+    __slots__ = ("ledger", "session_id", "unit_msat", "hold_s", "units", "_prepaid", "clock")
+
+    def __init__(self, ledger: SessionLedger, session_id: str, unit_msat: int, hold_s: float,
+                 clock: Callable[[], float]) -> None:
+        self.ledger, self.session_id, self.unit_msat, self.hold_s = ledger, session_id, unit_msat, hold_s
+        self.units, self._prepaid, self.clock = 0, True, clock
+
+    async def charge(self, response: web.StreamResponse) -> bool:
+        if self._prepaid:
+            self._prepaid = False
+        elif not await self.ledger.spend(self.session_id, self.unit_msat):
+            await response.write(sse_event("payment-need-topup", await self._balance()))
+            if not await self.ledger.wait_for_balance(self.session_id, self.unit_msat, self.hold_s):
+                await response.write(sse_event("session-timeout", await self._balance()))
+                return False
+        self.units += 1
+        return True
+
+    async def give_back(self) -> None:
+        """The request never reached the upstream: its unit goes back to the session."""
+        if self.units <= 1:
+            await self.ledger.give_back(self.session_id, self.unit_msat)
+
+    async def _balance(self) -> dict[str, object]:
+        rec = await self.ledger.repo.get(self.session_id)
+        spent = rec.spent_msat // 1000 if rec is not None else 0
+        return {"sessionId": self.session_id, "balanceSpent": spent, "balanceRequired": self.unit_msat // 1000}
+
+    def receipt_event(self) -> bytes:
+        """The final `payment-receipt` event of a stream (before its `[DONE]`)."""
+        return sse_event("payment-receipt", {
+            "method": "lightning", "reference": self.session_id, "status": "success",
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock())),
+            "spent": self.units * self.unit_msat // 1000, "units": self.units})
+
+
+SESSION_METER = web.RequestKey("micropay_session_meter", SessionMeter) if hasattr(web, "RequestKey") \
+    else "micropay_session_meter"
+
+
+class SessionGate:
+    def __init__(self, *, ledger: SessionLedger, challenger: Challenger, binder: Callable[[], Binder],
+                 realm: str, metrics: Metrics, clock: Callable[[], float]) -> None:
+        self.ledger, self.challenger, self._binder = ledger, challenger, binder
+        self.realm, self.metrics, self.clock = realm, metrics, clock
+        # A bearer credential is the same header on every request of its session: once
+        # verified, later requests for the same method and raw path skip parsing it, and
+        # the gate's fast path (Gate.guard) skips pricing the path again.
+        self.bearers: dict[tuple[str, str, str], tuple[RouteRule, str, int]] = {}
+        self._receipts: dict[str, tuple[int, dict[str, str]]] = {}
+
+    async def handle(self, request: web.Request, rule: RouteRule, handler: Handler, auth: str | None,
+                     serve: Callable[..., Awaitable[web.StreamResponse]],
+                     challenge_for: Callable[..., Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """`serve(request, handler, route_key, session_id, headers)` serves an admitted request;
+        `challenge_for(request, rule, reason)` answers 402."""
+        assert rule.session is not None
+        if not is_payment(auth):
+            return await challenge_for(request, rule, None)
+        key = (auth, request.method, request.raw_path)
+        known = self.bearers.get(key)
+        try:
+            if known is not None:
+                return await self.bearer(request, handler, known, serve, challenge_for)
+            now = int(self.clock())
+            try:
+                act = verify_session(self._binder(), parse_credential(auth), realm=self.realm, now=now)
+            except (KeyError, TypeError, ValueError):   # a payload of the right shape with wrong types
+                raise PaymentCredentialMalformed("the session credential's payload is malformed") from None
+            if act.route != rule.key:
+                raise PaymentUnknownChallenge("the challenge was issued for another route")
+            if act.action == "topUp":
+                return _json(await self.ledger.top_up(act, now), session_receipt(act.session_id, now))
+            if act.action == "close":
+                earlier = await self.ledger.repo.action_response(act.challenge_id, "close")
+                if earlier is None:
+                    earlier = (await self.ledger.close(act.session_id, challenge_id=act.challenge_id)).body()
+                return _json(earlier, session_receipt(act.session_id, now, refundSats=earlier["refundSats"],
+                                                      refundStatus=earlier["refundStatus"]))
+            if act.action == "open":
+                await self.ledger.open(act, now)
+            if not await self.ledger.spend(act.session_id, act.unit_msat):
+                raise await self.ledger.refusal(act.session_id)
+            if act.action == "bearer":
+                if len(self.bearers) >= BEARER_CACHE_SIZE:
+                    self.bearers.clear()
+                self.bearers[key] = (rule, act.session_id, act.unit_msat)
+            return await self._serve(request, rule, handler, act.session_id, act.unit_msat, serve)
+        except PaymentSchemeError as err:
+            self.metrics.rejections[err.code] += 1
+            try:
+                return await challenge_for(request, rule, err)
+            except MicropayError as refused:     # rate limited, overloaded: say that instead
+                return problem_response(refused)
+
+    async def bearer(self, request: web.Request, handler: Handler, known: tuple[RouteRule, str, int],
+                     serve: Callable[..., Awaitable[web.StreamResponse]],
+                     challenge_for: Callable[..., Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A bearer credential verified before: spend a unit and serve (the hot path)."""
+        rule, session_id, unit_msat = known
+        if await self.ledger.spend(session_id, unit_msat):
+            return await self._serve(request, rule, handler, session_id, unit_msat, serve)
+        self.bearers.pop((request.headers.get(hdrs.AUTHORIZATION, ""), request.method, request.raw_path), None)
+        err = await self.ledger.refusal(session_id)
+        self.metrics.rejections[err.code] += 1
+        try:
+            return await challenge_for(request, rule, err)
+        except MicropayError as refused:          # rate limited, overloaded: say that instead
+            return problem_response(refused)
+
+    async def _serve(self, request: web.Request, rule: RouteRule, handler: Handler, session_id: str,
+                     unit_msat: int, serve: Callable) -> web.StreamResponse:
+        assert rule.session is not None
+        request[SESSION_METER] = SessionMeter(self.ledger, session_id, unit_msat, rule.session.hold_s, self.clock)
+        return await serve(request, handler, rule.key, session_id, self._receipt(session_id))
+
+    def _receipt(self, session_id: str) -> dict[str, str]:
+        """The session's Payment-Receipt header, made once per second per session."""
+        now = int(self.clock())
+        cached = self._receipts.get(session_id)
+        if cached is None or cached[0] != now:
+            if len(self._receipts) >= BEARER_CACHE_SIZE:
+                self._receipts.clear()
+            cached = self._receipts[session_id] = (now, {RECEIPT_HEADER: session_receipt(session_id, now)})
+        return cached[1]
+
+    async def challenge(self, request: web.Request, rule: RouteRule, client: str, resource: str,
+                        description: str, reason: MicropayError | None) -> web.Response:
+        """A 402 with a deposit invoice for a session of `rule`."""
+        policy = rule.session
+        assert policy is not None
+        deposit = rule.price_msat * policy.deposit_units
+        record = await self.challenger.challenge(client, rule, deposit, description, None)
+        offer = session_challenge(self._binder(), realm=self.realm, bolt11=record.bolt11,
+                                  payment_hash=record.payment_hash, unit_msat=rule.price_msat,
+                                  deposit_msat=deposit, expires_at=record.expires_at,
+                                  idle_timeout_s=policy.idle_timeout_s, description=description[:200],
+                                  unit_type=policy.unit_type, opaque={"route": rule.key, "token": record.token_id})
+        body = problem_body(
+            title="Payment Required", status=402, code="payment_required",
+            detail=(f"Pay the deposit invoice ({deposit // 1000} sat, {policy.deposit_units} units of "
+                    f"{rule.price_msat // 1000} sat) and open a session: 'Authorization: Payment <credential>' "
+                    "with action \"open\", the preimage and an amountless return invoice for the refund."),
+            resource=resource, unit_msat=rule.price_msat, deposit_msat=deposit, invoice=record.bolt11,
+            payment_hash=record.payment_hash, expires_at=record.expires_at, idle_timeout_s=policy.idle_timeout_s,
+            unit_type=policy.unit_type, description=rule.description,
+            how_to_pay={"scheme": "Payment", "method": "lightning", "intent": "session",
+                        "spec": "https://paymentauth.org (draft-lightning-session)"})
+        if reason is not None:
+            body.update(type=getattr(reason, "problem_type", f"https://micropay.dev/errors/{reason.code}"),
+                        error=reason.code, detail=f"{reason.message}. {body['detail']}")
+            body.update(reason.detail)
+        return web.Response(status=402, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
+                            headers={"Cache-Control": "no-store", hdrs.WWW_AUTHENTICATE: offer.header()})
+
+
+def _json(body: dict[str, object], receipt: str) -> web.Response:
+    return web.Response(text=json.dumps(body), content_type="application/json",
+                        headers={RECEIPT_HEADER: receipt, "Cache-Control": "no-store"})
