@@ -123,6 +123,12 @@ async def _get(args: argparse.Namespace) -> int:
     say = (lambda m: None) if args.quiet else (lambda m: print(f"micropay: {m}", file=sys.stderr))
     client = L402Client(wallet, budget, cache, on_event=say, receipt_pubkey=args.receipt_pubkey,
                         prefer_payment=args.prefer == "payment")
+    if args.session:
+        try:
+            return await _session_get(args, client, wallet, headers, say)
+        finally:
+            if node is not None:
+                await node.close()
     try:
         res = await client.request(args.method, args.url, headers=headers,
                                    data=args.data.encode() if args.data is not None else None)
@@ -144,6 +150,22 @@ async def _get(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 3
     return 0 if res.status < 400 else 1
+
+
+async def _session_get(args: argparse.Namespace, client, wallet, headers: dict[str, str], say) -> int:
+    """`micropay get --session`: open a Payment session, print the stream's events as
+    they come (topping up within the budgets when asked), close it, report the refund."""
+    from .session_client import PaymentSession
+
+    async with PaymentSession(client, wallet, args.url) as s:
+        async for ev in s.stream(args.method, headers=headers,
+                                 data=args.data.encode() if args.data is not None else None):
+            sys.stdout.write(ev.data if ev.data.endswith("\n") else ev.data + "\n")
+            sys.stdout.flush()
+    closed = s.closed or {}
+    say(f"session {s.session_id}: deposited {s.deposited_msat} msat in {1 + s.top_ups} payment(s); "
+        f"closed, refund {closed.get('refundSats')} sat {closed.get('refundStatus')}")
+    return 0 if closed.get("refundStatus") in ("succeeded", "skipped") else 1
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -273,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a 402 offers both L402 and the Payment scheme (MPP) on one invoice, answer "
                         "with this one (default l402: its token is reusable); a 402 offering only one is paid "
                         "with that one")
+    g.add_argument("--session", action="store_true",
+                   help="open a Payment session (draft-lightning-session) for a streaming endpoint: print its "
+                        "events, top it up within the budgets when the server asks, close it and get the "
+                        "unspent deposit refunded to the wallet (--max-msat applies to the unit price)")
     g.add_argument("--receipt-pubkey", help="server receipt key to pin (hex); exit 3 if a receipt does not verify")
     g.add_argument("-q", "--quiet", action="store_true")
 

@@ -79,6 +79,11 @@ class NodeWallet:
         p = await self.node.pay(bolt11, max_fee_msat=max_fee_msat)
         return PaidInvoice(p.preimage, p.amount_msat, p.fee_msat)
 
+    async def invoice_any(self, description: str, expiry_s: int) -> str:
+        """An amountless invoice of this node (a Payment session's return invoice)."""
+        inv = await self.node.create_invoice(None, f"micropay-return-{os.urandom(8).hex()}", description, expiry_s)
+        return inv.bolt11
+
 
 class SandboxHttpWallet:
     """A sandbox wallet exposed by a sidecar in sandbox mode: .../sandbox/wallets/<name>."""
@@ -112,6 +117,23 @@ class SandboxHttpWallet:
         if not (isinstance(paid[0], str) and all(isinstance(v, int) for v in paid[1:])):
             raise PaymentFailed("the sandbox wallet's reply lacks preimage, amount_msat or fee_msat")
         return PaidInvoice(*paid)  # type: ignore[arg-type]
+
+    async def invoice_any(self, description: str, expiry_s: int) -> str:
+        """An amountless invoice of this sandbox wallet (a Payment session's return invoice)."""
+        async with contextlib.AsyncExitStack() as stack:
+            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
+            try:
+                async with session.post(f"{self.url}/invoice", json={"description": description[:200]}) as r:
+                    status, (raw, _) = r.status, await read_bounded(r.content, MAX_CHALLENGE_BODY)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                raise RequestFailed(f"sandbox wallet at {self.url}: {type(exc).__name__}") from None
+        try:
+            body = load_json(raw, "the sandbox wallet's reply")
+        except BadRequest:
+            body = None
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("bolt11"), str):
+            raise RequestFailed(f"the sandbox wallet at {self.url} made no invoice ({status})")
+        return body["bolt11"]
 
 
 # -- persisted state ------------------------------------------------------------
@@ -366,16 +388,18 @@ class L402Client:
                       f"spent today at {host}: {self.cache.spent(host, now - DAY_S)} msat")
         return token, paid, inv.payment_hash
 
-    def _reserve(self, intent: Spend, now: float) -> Spend:
+    def _reserve(self, intent: Spend, now: float, per_request_msat: int | None = None) -> Spend:
         """Record the intent to pay before paying (within the budgets), or return the one
-        an earlier run recorded for the same invoice; never an invoice already paid."""
+        an earlier run recorded for the same invoice; never an invoice already paid.
+        `per_request_msat`: what the per-request budget applies to, when the payment
+        buys more than one request (a session's deposit: its unit price)."""
         with self.cache.locked() as state:
             known = state.spends.get(intent.payment_hash)
             if known is not None and known.status == "paid":
                 raise PaymentFailed("the server sent an invoice this client has already paid; "
                                     "not paying twice")
             if known is None:
-                self._check_budget(intent.host, intent.amount_msat, now)
+                self._check_budget(intent.host, intent.amount_msat, now, per_request_msat)
                 state.spends[intent.payment_hash] = known = intent
             return known
 
@@ -433,9 +457,7 @@ class L402Client:
                 raise ValueError("not a sat-denominated charge")
         except (ValueError, KeyError, TypeError):
             raise InvoiceMismatch("the Payment challenge's request cannot be read; not paying") from None
-        inv = decode_invoice(invoice)
-        if details.get("paymentHash", inv.payment_hash) != inv.payment_hash:
-            raise InvoiceMismatch("the challenge's paymentHash differs from the invoice's; not paying")
+        inv = challenge_invoice(invoice, details.get("paymentHash"))
         if inv.amount_msat is None or inv.amount_msat != sats * 1000:
             raise InvoiceMismatch(f"the invoice asks {inv.amount_msat} msat but the challenge says {sats} sat; "
                                   "not paying")
@@ -472,11 +494,12 @@ class L402Client:
                 return payment_auth.format_credential(ch, paid.preimage)
         return None
 
-    def _check_budget(self, host: str, amount: int, now: float) -> None:
+    def _check_budget(self, host: str, amount: int, now: float, per_request_msat: int | None = None) -> None:
         b = self.budget
         worst = amount + b.max_fee_msat
-        if b.max_per_request_msat is not None and amount > b.max_per_request_msat:
-            raise BudgetExceeded(f"price {amount} msat is over the per-request budget "
+        per_request = amount if per_request_msat is None else per_request_msat
+        if b.max_per_request_msat is not None and per_request > b.max_per_request_msat:
+            raise BudgetExceeded(f"price {per_request} msat is over the per-request budget "
                                  f"{b.max_per_request_msat} msat")
         if b.max_per_host_per_day_msat is not None:
             spent = self.cache.spent(host, now - DAY_S)
@@ -513,6 +536,15 @@ class L402Client:
                 error = exc.message
                 self.on_event(f"receipt did not verify: {exc.message}")
         return Result(status, dict(headers), body, paid.amount_msat, paid.fee_msat, receipt, payment_hash, error)
+
+
+def challenge_invoice(invoice: str, payment_hash: Any) -> Any:
+    """The decoded invoice a Payment challenge names, refused if the challenge's
+    `paymentHash` (when given) is not the invoice's: the invoice is the authority."""
+    inv = decode_invoice(invoice)
+    if payment_hash is not None and payment_hash != inv.payment_hash:
+        raise InvoiceMismatch("the challenge's paymentHash differs from the invoice's; not paying")
+    return inv
 
 
 def _advertised_price(body: bytes) -> int | None:

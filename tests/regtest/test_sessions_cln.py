@@ -1,0 +1,109 @@
+"""Payment sessions on a real network: the sidecar on node B through Core Lightning in
+front of an SSE upstream, node A's client opening a session, spending it by a stream,
+topping it up twice mid-stream with xpay, and closing it: the refund is paid by node B
+with xpay (an amount on A's amountless return invoice) and arrives at A."""
+import asyncio
+
+from micropay import payment_auth as pa
+from micropay.client import Budget, L402Client, NodeWallet, TokenCache
+from micropay.lightning.cln import ClnNode
+from micropay.session_client import PaymentSession
+from micropay.store.sessions import RefundStatus, SessionStatus
+
+from ..conftest import make_config, start_sidecar
+from ..test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
+from .test_l402_cln import wait_until
+
+
+def give_outbound_liquidity(payer, merchant) -> None:
+    """A fresh channel is all on the payer's side; a refund needs the merchant to have
+    spendable balance above its channel reserve (a real merchant node needs that too)."""
+    inv = merchant.rpc.invoice(200_000_000, "liquidity", "liquidity")
+    payer.rpc.call("xpay", {"invstring": inv["bolt11"]})
+
+
+def to_us_msat(node) -> int:
+    return sum(c["to_us_msat"] for c in node.rpc.listpeerchannels()["channels"])
+
+
+async def no_htlcs(node) -> bool:
+    return all(not c.get("htlcs") for c in node.rpc.listpeerchannels()["channels"])
+
+
+async def test_a_session_streamed_topped_up_and_closed_refunds_the_payer(node_factory, tmp_path):
+    l1, l2 = node_factory.line_graph(2, wait_for_announce=True)
+    up_runner, up_url, seen = await start_upstream()
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    sc = await start_sidecar(make_config(tmp_path, routes(up_url)), node=node)
+    payer = ClnNode(l1.rpc.socket_path)
+    await payer.connect()
+    try:
+        give_outbound_liquidity(l1, l2)
+        assert await wait_until(lambda: no_htlcs(l1))
+        start = to_us_msat(l1)
+        client = L402Client(NodeWallet(payer), Budget(max_per_request_msat=10_000, max_per_host_per_day_msat=500_000),
+                            TokenCache(tmp_path / "client.json"))
+        events = []
+        session = PaymentSession(client, NodeWallet(payer), sc.url + "/gen?n=12")
+        async with session as s:
+            async for ev in s.stream():
+                events.append(ev.json()["i"])
+            assert s.top_ups == 2
+            assert await wait_until(lambda: no_htlcs(l1))
+            before_close = to_us_msat(l1)
+        assert events == list(range(12)) and seen["gen"] == list(range(12))
+        closed = session.closed
+        refund_msat = 3 * DEPOSIT_UNITS * UNIT_MSAT - 12 * UNIT_MSAT
+        assert closed == {"status": "closed", "refundSats": refund_msat // 1000, "refundStatus": "succeeded"}
+
+        # the refund arrived at A: its balance moved by exactly the refund
+        assert await wait_until(lambda: no_htlcs(l1))
+        assert to_us_msat(l1) - before_close == refund_msat
+        # and over the whole session A paid exactly the 12 units (one channel: no routing fees)
+        assert start - to_us_msat(l1) == 12 * UNIT_MSAT
+        # A's return invoice was paid once, with the refund as its amount
+        (ret,) = [i for i in l1.rpc.listinvoices()["invoices"] if i["label"].startswith("micropay-return-")]
+        assert ret["status"] == "paid" and ret["amount_received_msat"] == refund_msat
+        # B's refund went out once, with xpay
+        sent = [p for p in l2.rpc.listsendpays()["payments"] if p["payment_hash"] == ret["payment_hash"]]
+        assert [p["status"] for p in sent if p["status"] == "complete"] == ["complete"]
+        rec = await sc.rt.gate.sessions.repo.get(session.session_id)
+        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED
+        assert rec.refund_msat == refund_msat and rec.spent_msat == 12 * UNIT_MSAT
+        # three deposits paid on B's invoices, each once
+        deposits = [i for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid"
+                    and i["label"] != "liquidity"]
+        assert sorted(i["amount_received_msat"] for i in deposits) == [DEPOSIT_UNITS * UNIT_MSAT] * 3
+    finally:
+        await sc.runner.cleanup()
+        await payer.close()
+        await up_runner.cleanup()
+
+
+async def test_an_idle_session_is_refunded_by_the_server(node_factory, tmp_path):
+    l1, l2 = node_factory.line_graph(2, wait_for_announce=True)
+    up_runner, up_url, seen = await start_upstream()
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    sc = await start_sidecar(make_config(tmp_path, routes(up_url, idle_s=1)), node=node)
+    try:
+        give_outbound_liquidity(l1, l2)
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            async with http.get(sc.url + "/gen?n=1") as r:
+                (ch,) = [c for c in pa.parse_challenges(r.headers.getall("WWW-Authenticate")) if c.intent == "session"]
+            req = pa.decode_request(ch)
+            paid = l1.rpc.call("xpay", {"invstring": req["depositInvoice"]})
+            ret = l1.rpc.call("invoice", {"amount_msat": "any", "label": "ret", "description": "refund"})
+            auth = pa.format_session_credential(ch, {"action": "open", "preimage": paid["payment_preimage"],
+                                                     "returnInvoice": ret["bolt11"]})
+            async with http.get(sc.url + "/gen?n=1", headers={"Authorization": auth}) as r:
+                assert r.status == 200 and b'data: {"i": 0}' in await r.read()
+        await asyncio.sleep(2.1)
+        assert await sc.rt.gate.sessions.close_idle() == 1
+        (inv,) = l1.rpc.listinvoices("ret")["invoices"]
+        assert inv["status"] == "paid" and inv["amount_received_msat"] == (DEPOSIT_UNITS - 1) * UNIT_MSAT
+    finally:
+        await sc.runner.cleanup()
+        await up_runner.cleanup()
