@@ -31,7 +31,36 @@ pass_s = 86400
 method = "GET"
 path = "/mint"
 price_msat = 1000
+[[routes]]
+method = "GET"
+path = "/sess"
+price_msat = 1000
+[routes.session]
+deposit_units = 1000000
+[[routes]]
+method = "GET"
+path = "/sse"
+price_msat = 1000
+[routes.session]
+deposit_units = 1000000
 """
+SSE_EVENTS = 2000      # events per /sse response
+EVENT = b'data: {"token":"lorem"}\n\n'
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    """A streamed response of SSE_EVENTS events; on a session route, each event is a unit
+    (the handler charges the session before writing it, as the proxy does)."""
+    from micropay.sidecar.session_gate import SESSION_METER
+    meter = request.get(SESSION_METER)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await resp.prepare(request)
+    for _ in range(SSE_EVENTS):
+        if meter is not None and not await meter.charge(resp):
+            break
+        await resp.write(EVENT)
+    await resp.write_eof()
+    return resp
 
 
 async def payload(request: web.Request) -> web.Response:
@@ -74,10 +103,13 @@ async def main(mode: str, port: int, data_dir: str) -> None:
         cfg = parse_config(tomllib.loads(BENCH_CONFIG), "bench").with_overrides(
             data_dir=Path(data_dir), trust_forwarded_for=True)
         rt = await create_runtime(cfg, node=StubNode() if mode == "stub" else None)
-        rt.extra_routes += [("GET", "/pass", payload), ("GET", "/mint", payload)]
+        rt.extra_routes += [("GET", "/pass", payload), ("GET", "/mint", payload), ("GET", "/sess", payload),
+                            ("GET", "/sse", sse)]
         app = build_app(rt)
     if mode == "bare":
         app.router.add_get("/pass", payload)
+        app.router.add_get("/sess", payload)
+        app.router.add_get("/sse", sse)
         app.router.add_get("/bare402", bare_402)
         app.router.add_get("/healthz", payload)
     runner = web.AppRunner(app, access_log=None)

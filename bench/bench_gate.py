@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import Target, wrk, wrk_run
+from common import Target, median as med, rounds_line, wrk, wrk_run
 
 
 def main() -> None:
@@ -34,9 +34,8 @@ def main() -> None:
     finally:
         bare.stop()
         gated.stop()
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    print(f"bare aiohttp handler : {max(b):9.0f} req/s best, {med(b):.0f} median  (rounds: {', '.join(f'{x:.0f}' for x in b)})")
-    print(f"gated, valid token   : {max(g):9.0f} req/s best, {med(g):.0f} median  (rounds: {', '.join(f'{x:.0f}' for x in g)})")
+    print(rounds_line("bare aiohttp handler", b))
+    print(rounds_line("gated, valid token  ", g))
     print(f"ratio gated/bare     : {max(g) / max(b):9.3f}x best, {med(g) / med(b):.3f}x median   (goal >= 0.90x)")
     print(f"server CPU / request : bare {min(bcpu):.1f} us, gated {min(gcpu):.1f} us (least of the rounds) "
           f"-> CPU-bound ratio {min(bcpu) / min(gcpu):.3f}x")

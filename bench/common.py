@@ -25,6 +25,16 @@ def per_op_us(fn, items) -> float:
     return (time.perf_counter() - start) / len(items) * 1e6
 
 
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def rounds_line(label: str, rates: list[float]) -> str:
+    """'label : best req/s, median (rounds: ...)', as the throughput benchmarks print it."""
+    return (f"{label} : {max(rates):9.0f} req/s best, {median(rates):.0f} median  "
+            f"(rounds: {', '.join(f'{x:.0f}' for x in rates)})")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,6 +84,26 @@ class Target:
                                      headers={"Content-Type": "application/json"})
         preimage = json.loads(urllib.request.urlopen(req).read())["preimage"]
         return format_authorization(ch.macaroon, preimage)
+
+    def open_session(self, path: str) -> str:
+        """Authorization header value of a bearer credential for a session opened on
+        `path`, its deposit paid by a sandbox wallet."""
+        from micropay import payment_auth as pa
+        try:
+            urllib.request.urlopen(self.url + path)
+        except urllib.error.HTTPError as e:
+            ch = next(c for c in pa.parse_challenges(e.headers.get_all("WWW-Authenticate")) if c.intent == "session")
+
+        def wallet(op: str, body: dict) -> dict:
+            req = urllib.request.Request(f"{self.url}/sandbox/wallets/bench/{op}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req).read())
+        preimage = wallet("pay", {"bolt11": pa.decode_request(ch)["depositInvoice"]})["preimage"]
+        ret = wallet("invoice", {"description": "bench refund"})["bolt11"]
+        sid = pa.decode_request(ch)["paymentHash"]
+        opening = pa.format_session_credential(ch, {"action": "open", "preimage": preimage, "returnInvoice": ret})
+        urllib.request.urlopen(urllib.request.Request(self.url + path, headers={"Authorization": opening})).read()
+        return pa.format_session_credential(ch, {"action": "bearer", "sessionId": sid, "preimage": preimage})
 
     def stop(self) -> None:
         if self.proc.poll() is None:
