@@ -145,11 +145,18 @@ class SessionLedger:
     # -- spending -----------------------------------------------------------------
     async def spend(self, session_id: str, unit_msat: int) -> bool:
         """Take one unit of an open session's balance. False: closed, or not enough left."""
+        if self.take_leased(session_id):
+            return True
+        return await self._spend_reserving(session_id, unit_msat)
+
+    def take_leased(self, session_id: str) -> bool:
+        """Take one unit from this replica's lease, if it holds one (no store, no await:
+        the gate's hot path). False: `spend` has to reserve (or refuse)."""
         lease = self._leases.get(session_id)
         if lease is not None and lease.units and self.monotonic() < lease.until:
             lease.units -= 1
             return True
-        return await self._spend_reserving(session_id, unit_msat)
+        return False
 
     async def _spend_reserving(self, session_id: str, unit_msat: int) -> bool:
         while True:

@@ -26,7 +26,6 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -54,6 +53,7 @@ from ..store.sessions import SessionRepository
 from ..store.stream_usage import StreamUsageRepository
 from ..stream_attribution import is_secret_stream_id
 from ..tokens import TokenService, VerifiedToken
+from .paid import PAID, Paid
 from .session_gate import SESSION_METER, SessionGate
 
 log = logging.getLogger("micropay.gate")
@@ -61,26 +61,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMITTED_CACHE_SIZE = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class Paid:
-    """What the gate attaches to an admitted request (request[PAID])."""
-
-    route_key: str
-    token: VerifiedToken | None      # None: admitted by a Payment (MPP) credential
-    headers: dict[str, str]          # Payment-Receipt (+ Payment-Credits-Remaining)
-    valid_until: int | None
-    charge: tuple[str, str] | None = None   # a Payment credential's (token id, payment hash)
-
-    @property
-    def token_id(self) -> str:
-        return self.token.token_id_hex if self.token is not None else (self.charge or ("", ""))[0]
-
-    @property
-    def payment_hash(self) -> str:
-        return self.token.payment_hash.hex() if self.token is not None else (self.charge or ("", ""))[1]
-
-
-PAID = web.RequestKey("micropay_paid", Paid) if hasattr(web, "RequestKey") else "micropay_paid"
 TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey") else "micropay_target"
 # Set once a gate layer has let a priced request through (paid, free tier, stream): any
 # further layer (middleware and a wrapped handler, or two gates) serves it as it is,
@@ -201,6 +181,7 @@ class Gate:
         target itself."""
         admitted, clock, paid = self._admitted, self.clock, self.metrics.paid_requests
         bearers, session_gate = self.session_gate.bearers, self.session_gate
+        take_leased, serve = self.sessions.take_leased, self._serve
         forwards = getattr(handler, "forwards_target", False)
 
         @functools.wraps(handler)
@@ -219,12 +200,14 @@ class Gate:
                     if not response.prepared:
                         response.headers[RECEIPT_HEADER] = hit.headers[RECEIPT_HEADER]
                     return response
-                # A Payment session's bearer credential verified before (session_gate.py)
+                # A Payment session's bearer credential verified before (session_gate.py):
+                # served here when this replica's lease holds a unit of its session.
                 known = bearers.get((auth, request.method, request.raw_path))
                 if known is not None and not (self.layered and request.get(ADMITTED)):
                     try:
-                        return await session_gate.bearer(request, handler, known, self._serve_session,
-                                                         self.challenge)
+                        if take_leased(known.session_id):
+                            return await serve(request, handler, session_gate.admit(request, known), None)
+                        return await session_gate.bearer(request, handler, known, serve, self.challenge)
                     except MicropayError as err:
                         return problem_response(err)
             return await self.dispatch(request, handler, forwards=forwards)
@@ -262,7 +245,7 @@ class Gate:
             target = request_target(request)
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if rule.session is not None:
-                return await self.session_gate.handle(request, rule, handler, auth, self._serve_session,
+                return await self.session_gate.handle(request, rule, handler, auth, self._serve,
                                                       self.challenge)
             if is_payment(auth):
                 return await self._handle_payment(request, rule, handler, auth, target)  # type: ignore[arg-type]
@@ -358,11 +341,6 @@ class Gate:
         if not response.prepared:
             response.headers.update(headers)
         return response
-
-    async def _serve_session(self, request: web.Request, handler: Handler, route_key: str, session_id: str,
-                             headers: dict[str, str]) -> web.StreamResponse:
-        """A request admitted on a Payment session (its first unit is spent)."""
-        return await self._serve(request, handler, Paid(route_key, None, headers, None, ("", session_id)), None)
 
     async def _serve_streamed(self, request: web.Request, rule: RouteRule, handler: Handler,
                               stream_id: str) -> web.StreamResponse:

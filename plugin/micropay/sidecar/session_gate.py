@@ -32,6 +32,7 @@ from ..payment_auth import (Binder, is_payment, parse_credential, session_challe
 from ..pricing import RouteRule
 from ..receipts import RECEIPT_HEADER
 from ..sessions import SessionLedger
+from .paid import Paid
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,6 +87,27 @@ SESSION_METER = web.RequestKey("micropay_session_meter", SessionMeter) if hasatt
     else "micropay_session_meter"
 
 
+class Bearer:
+    """A session credential admitted before for one method and raw path (the gate's
+    bearer cache), with the Paid record its requests get, remade once a second (the
+    receipt's timestamp is in whole seconds)."""
+
+    __slots__ = ("rule", "session_id", "unit_msat", "hold_s", "_second", "_paid")
+
+    def __init__(self, rule: RouteRule, session_id: str, unit_msat: int) -> None:
+        assert rule.session is not None
+        self.rule, self.session_id, self.unit_msat = rule, session_id, unit_msat
+        self.hold_s = rule.session.hold_s
+        self._second, self._paid = -1, None
+
+    def paid(self, now: int) -> Paid:
+        if now != self._second or self._paid is None:
+            self._second = now
+            self._paid = Paid(self.rule.key, None, {RECEIPT_HEADER: session_receipt(self.session_id, now)}, None,
+                              ("", self.session_id))
+        return self._paid
+
+
 class SessionGate:
     def __init__(self, *, ledger: SessionLedger, challenger: Challenger, binder: Callable[[], Binder],
                  realm: str, metrics: Metrics, clock: Callable[[], float]) -> None:
@@ -94,13 +116,12 @@ class SessionGate:
         # A bearer credential is the same header on every request of its session: once
         # verified, later requests for the same method and raw path skip parsing it, and
         # the gate's fast path (Gate.guard) skips pricing the path again.
-        self.bearers: dict[tuple[str, str, str], tuple[RouteRule, str, int]] = {}
-        self._receipts: dict[str, tuple[int, dict[str, str]]] = {}
+        self.bearers: dict[tuple[str, str, str], Bearer] = {}
 
     async def handle(self, request: web.Request, rule: RouteRule, handler: Handler, auth: str | None,
                      serve: Callable[..., Awaitable[web.StreamResponse]],
                      challenge_for: Callable[..., Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """`serve(request, handler, route_key, session_id, headers)` serves an admitted request;
+        """`serve(request, handler, paid, None)` serves an admitted request (Gate._serve);
         `challenge_for(request, rule, reason)` answers 402."""
         assert rule.session is not None
         if not is_payment(auth):
@@ -129,11 +150,12 @@ class SessionGate:
                 await self.ledger.open(act, now)
             if not await self.ledger.spend(act.session_id, act.unit_msat):
                 raise await self.ledger.refusal(act.session_id)
+            admitted = Bearer(rule, act.session_id, act.unit_msat)
             if act.action == "bearer":
                 if len(self.bearers) >= BEARER_CACHE_SIZE:
                     self.bearers.clear()
-                self.bearers[key] = (rule, act.session_id, act.unit_msat)
-            return await self._serve(request, rule, handler, act.session_id, act.unit_msat, serve)
+                self.bearers[key] = admitted
+            return await serve(request, handler, self.admit(request, admitted), None)
         except PaymentSchemeError as err:
             self.metrics.rejections[err.code] += 1
             try:
@@ -141,36 +163,27 @@ class SessionGate:
             except MicropayError as refused:     # rate limited, overloaded: say that instead
                 return problem_response(refused)
 
-    async def bearer(self, request: web.Request, handler: Handler, known: tuple[RouteRule, str, int],
+    async def bearer(self, request: web.Request, handler: Handler, known: Bearer,
                      serve: Callable[..., Awaitable[web.StreamResponse]],
                      challenge_for: Callable[..., Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """A bearer credential verified before: spend a unit and serve (the hot path)."""
-        rule, session_id, unit_msat = known
-        if await self.ledger.spend(session_id, unit_msat):
-            return await self._serve(request, rule, handler, session_id, unit_msat, serve)
+        """A bearer credential verified before: spend a unit and serve. (Gate.guard serves
+        one whose unit is in this replica's lease without coming here.)"""
+        if await self.ledger.spend(known.session_id, known.unit_msat):
+            return await serve(request, handler, self.admit(request, known), None)
         self.bearers.pop((request.headers.get(hdrs.AUTHORIZATION, ""), request.method, request.raw_path), None)
-        err = await self.ledger.refusal(session_id)
+        err = await self.ledger.refusal(known.session_id)
         self.metrics.rejections[err.code] += 1
         try:
-            return await challenge_for(request, rule, err)
+            return await challenge_for(request, known.rule, err)
         except MicropayError as refused:          # rate limited, overloaded: say that instead
             return problem_response(refused)
 
-    async def _serve(self, request: web.Request, rule: RouteRule, handler: Handler, session_id: str,
-                     unit_msat: int, serve: Callable) -> web.StreamResponse:
-        assert rule.session is not None
-        request[SESSION_METER] = SessionMeter(self.ledger, session_id, unit_msat, rule.session.hold_s, self.clock)
-        return await serve(request, handler, rule.key, session_id, self._receipt(session_id))
-
-    def _receipt(self, session_id: str) -> dict[str, str]:
-        """The session's Payment-Receipt header, made once per second per session."""
-        now = int(self.clock())
-        cached = self._receipts.get(session_id)
-        if cached is None or cached[0] != now:
-            if len(self._receipts) >= BEARER_CACHE_SIZE:
-                self._receipts.clear()
-            cached = self._receipts[session_id] = (now, {RECEIPT_HEADER: session_receipt(session_id, now)})
-        return cached[1]
+    def admit(self, request: web.Request, bearer: Bearer) -> Paid:
+        """A request of `bearer`'s session whose first unit is spent: its meter (further
+        units of a streamed response) and the Paid record to serve it with."""
+        request[SESSION_METER] = SessionMeter(self.ledger, bearer.session_id, bearer.unit_msat, bearer.hold_s,
+                                              self.clock)
+        return bearer.paid(int(self.clock()))
 
     async def challenge(self, request: web.Request, rule: RouteRule, client: str, resource: str,
                         description: str, reason: MicropayError | None) -> web.Response:
