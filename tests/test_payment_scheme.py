@@ -381,3 +381,19 @@ async def test_with_the_purchases_api_one_openapi_document_holds_both(tmp_path):
         assert doc["paths"]["/api/joke"]["get"]["x-payment-info"]["offers"][0]["amount"] == "3"
     finally:
         await gs.close()
+
+
+async def test_micropay_fetch_pays_the_payment_scheme_when_asked_and_refuses_bad_params(sc, tmp_path):
+    from micropay.errors import BadRequest
+    from micropay.plugin_fetch import fetch as plugin_fetch
+    limits = {"max_msat_default": 10_000, "day_budget_msat": 100_000}
+    balance = sc.payer.balance_msat
+    got = await plugin_fetch(sc.payer, tmp_path, url=sc.url + "/api/joke", prefer="payment", **limits)
+    assert got["status"] == 200 and got["amount_msat"] == 1000 and got["receipt"]["method"] == "lightning"
+    got = await plugin_fetch(sc.payer, tmp_path, url=sc.url + "/api/joke", **limits)       # L402 by default
+    assert got["status"] == 200 and got["receipt"]["type"] == "request"
+    assert sc.payer.balance_msat == balance - 2000
+    for bad in ({"prefer": "mpp"}, {"prefer": 1}, {"session": "yes"}):
+        with pytest.raises(BadRequest):
+            await plugin_fetch(sc.payer, tmp_path, url=sc.url + "/api/joke", **limits, **bad)
+    assert sc.payer.balance_msat == balance - 2000                 # a refused call paid nothing

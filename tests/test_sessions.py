@@ -185,6 +185,28 @@ async def test_open_stream_top_up_twice_and_close_with_the_refund_at_the_payer(e
     assert env.seen["headers"][0]["X-L402-Payment-Hash"] == s.session_id
 
 
+async def test_the_plugins_fetch_reads_a_stream_on_a_session_and_closes_it(env, tmp_path):
+    """micropay-fetch's session mode (the plugin's code, on the sandbox node): the events,
+    two top-ups paid within budget, the session closed and the rest refunded to the node."""
+    from micropay.plugin_fetch import fetch as plugin_fetch
+    before = env.payer.balance_msat
+    got = await plugin_fetch(env.payer, tmp_path, max_msat_default=10_000, day_budget_msat=100_000,
+                             url=env.url + "/gen?n=12", session=True)
+    assert [json.loads(e["data"])["i"] for e in got["events"]] == list(range(12)) and not got["truncated"]
+    deposited = 3 * UNIT_MSAT * DEPOSIT_UNITS
+    assert (got["top_ups"], got["amount_msat"], got["unit_msat"]) == (2, deposited, UNIT_MSAT)
+    assert got["refund_status"] == "succeeded" and got["refund_msat"] == deposited - 12 * UNIT_MSAT
+    assert before - env.payer.balance_msat == 12 * UNIT_MSAT
+    rec = await env.rt.gate.sessions.repo.get(got["session_id"])
+    assert rec.status == SessionStatus.CLOSED and rec.spent_msat == 12 * UNIT_MSAT
+    # a unit price over the per-request budget: nothing paid, nothing opened
+    from micropay.errors import BudgetExceeded
+    with pytest.raises(BudgetExceeded):
+        await plugin_fetch(env.payer, tmp_path, max_msat_default=UNIT_MSAT - 1, day_budget_msat=100_000,
+                           url=env.url + "/gen?n=1", session=True)
+    assert before - env.payer.balance_msat == 12 * UNIT_MSAT
+
+
 async def test_bearer_requests_spend_one_unit_each_then_get_a_fresh_challenge(env):
     ch, pre, sid, bearer = await opened(env)
     served = 1                                   # the open request was the first unit

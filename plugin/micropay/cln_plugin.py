@@ -224,9 +224,12 @@ def micropay_list(request: Request, status: Any = None, index: Any = None, start
 
 @rpc_method("micropay-fetch")
 def micropay_fetch(request: Request, url: Any, method: Any = "GET", headers: Any = None, body: Any = None,
-                   max_msat: Any = None) -> None:
-    """HTTP request that pays an L402 challenge from this node within budget."""
-    _answer(request, lambda rt: rt.fetch(url=url, method=method, headers=headers, body=body, max_msat=max_msat))
+                   max_msat: Any = None, prefer: Any = None, session: Any = None) -> None:
+    """HTTP request that pays a 402 (L402, or the Payment scheme when prefer=payment or
+    offered alone) from this node within budget; session=true reads a streaming endpoint
+    through a Payment session, closed (and the rest refunded) at the end."""
+    _answer(request, lambda rt: rt.fetch(url=url, method=method, headers=headers, body=body, max_msat=max_msat,
+                                         prefer=prefer, session=session))
 
 
 @rpc_method("micropay-payout")

@@ -3,6 +3,7 @@ front of an SSE upstream, node A's client opening a session, spending it by a st
 topping it up twice mid-stream with xpay, and closing it: the refund is paid by node B
 with xpay (an amount on A's amountless return invoice) and arrives at A."""
 import asyncio
+import json
 
 from micropay import payment_auth as pa
 from micropay.client import Budget, L402Client, NodeWallet, TokenCache
@@ -13,6 +14,7 @@ from micropay.store.sessions import RefundStatus, SessionStatus
 from ..conftest import make_config, start_sidecar
 from ..test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
 from .test_l402_cln import wait_until
+from .util import opts
 
 
 def give_outbound_liquidity(payer, merchant) -> None:
@@ -78,6 +80,38 @@ async def test_a_session_streamed_topped_up_and_closed_refunds_the_payer(node_fa
     finally:
         await sc.runner.cleanup()
         await payer.close()
+        await up_runner.cleanup()
+
+
+async def test_micropay_fetch_reads_a_stream_on_a_session_from_the_node(node_factory, tmp_path):
+    """The plugin's micropay-fetch with session=true, on node A (micropay loaded): it pays
+    the deposit and two top-ups with A's xpay, closes the session, and B's refund reaches
+    an amountless invoice of A."""
+    l1, l2 = node_factory.line_graph(2, opts=[opts(), {}], wait_for_announce=True)
+    up_runner, up_url, seen = await start_upstream()
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    sc = await start_sidecar(make_config(tmp_path, routes(up_url)), node=node)
+    try:
+        give_outbound_liquidity(l1, l2)
+        assert await wait_until(lambda: no_htlcs(l1))
+        start = to_us_msat(l1)
+        # the RPC waits on this process's sidecar and upstream: call it from a thread
+        got = await asyncio.to_thread(l1.rpc.call, "micropay-fetch",
+                                      {"url": sc.url + "/gen?n=12", "session": True, "max_msat": 10_000})
+        assert [json.loads(e["data"])["i"] for e in got["events"]] == list(range(12)), got["events"]
+        deposited, refund_msat = 3 * DEPOSIT_UNITS * UNIT_MSAT, 3 * DEPOSIT_UNITS * UNIT_MSAT - 12 * UNIT_MSAT
+        assert (got["top_ups"], got["amount_msat"]) == (2, deposited)
+        assert (got["refund_status"], got["refund_msat"]) == ("succeeded", refund_msat)
+        assert seen["gen"] == list(range(12))
+        assert await wait_until(lambda: no_htlcs(l1))
+        assert start - to_us_msat(l1) == 12 * UNIT_MSAT        # the units, and nothing more
+        (ret,) = [i for i in l1.rpc.listinvoices()["invoices"] if i["label"].startswith("micropay-return-")]
+        assert ret["status"] == "paid" and ret["amount_received_msat"] == refund_msat
+        rec = await sc.rt.gate.sessions.repo.get(got["session_id"])
+        assert rec.status == SessionStatus.CLOSED and rec.spent_msat == 12 * UNIT_MSAT
+    finally:
+        await sc.runner.cleanup()
         await up_runner.cleanup()
 
 
