@@ -189,7 +189,8 @@ class Gate:
             # Inline fast path for an already-admitted pass credential (see dispatch).
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if auth is not None:
-                hit = admitted.get((auth, request.method, request.raw_path))
+                key = (auth, request.method, request.raw_path)
+                hit = admitted.get(key)
                 if hit is not None and (hit.valid_until is None or clock() <= hit.valid_until):
                     if self.layered and request.get(ADMITTED):
                         return await handler(request)
@@ -202,7 +203,7 @@ class Gate:
                     return response
                 # A Payment session's bearer credential verified before (session_gate.py):
                 # served here when this replica's lease holds a unit of its session.
-                known = bearers.get((auth, request.method, request.raw_path))
+                known = bearers.get(key)
                 if known is not None and not (self.layered and request.get(ADMITTED)):
                     try:
                         if take_leased(known.session_id):
