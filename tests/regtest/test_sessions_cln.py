@@ -141,3 +141,85 @@ async def test_an_idle_session_is_refunded_by_the_server(node_factory, tmp_path)
     finally:
         await sc.runner.cleanup()
         await up_runner.cleanup()
+
+
+SLOW_ROUTES = """
+service = "llm"
+upstream = "{up}"
+[[routes]]
+method = "GET"
+path = "/slow"
+price_msat = 2000
+[routes.session]
+deposit_units = 100
+idle_timeout_s = 1
+"""
+
+
+async def test_a_payer_killed_mid_session_is_refunded_by_the_servers_idle_close(node_factory, tmp_path):
+    """kill -9 of the paying lightningd while its micropay-fetch reads a session stream:
+    nothing is paid twice, and the server's idle close refunds exactly what was not
+    served to the payer's return invoice, which the restarted node receives."""
+    from aiohttp import web
+    from pyln.client import LightningRpc
+
+    from ..conftest import serve_app
+    from .test_kill_campaigns import KILLED, _quietly, kill_and_restart
+    l1, l2 = node_factory.line_graph(2, opts=[opts(may_reconnect=True, broken_log=KILLED), {"may_reconnect": True}],
+                                     wait_for_announce=True)
+    written = []
+
+    async def slow(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(80):
+            await resp.write(f"data: {json.dumps({'i': i})}\n\n".encode())
+            written.append(i)
+            await asyncio.sleep(0.1)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+    up = web.Application()
+    up.router.add_get("/slow", slow)
+    up_runner, up_url = await serve_app(up)
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    sc = await start_sidecar(make_config(tmp_path, SLOW_ROUTES.format(up=up_url)), node=node)
+    ledger = sc.rt.gate.sessions
+    try:
+        give_outbound_liquidity(l1, l2)
+        assert await wait_until(lambda: no_htlcs(l1))
+        start = to_us_msat(l1)
+        rpc1 = LightningRpc(l1.rpc.socket_path)
+        fetching = asyncio.ensure_future(asyncio.to_thread(
+            _quietly, rpc1.call, "micropay-fetch", {"url": sc.url + "/slow", "session": True, "max_msat": 10_000}))
+        for _ in range(300):
+            if len(written) >= 10:
+                break
+            await asyncio.sleep(0.05)
+        assert len(written) >= 10, "the stream never started"
+        await asyncio.to_thread(kill_and_restart, l1, l2)
+        await fetching                               # the RPC's connection died with lightningd
+        await asyncio.to_thread(l1.wait_channel_active, l1.get_channel_scid(l2))
+
+        (deposit,) = [i for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid" and i["label"] != "liquidity"]
+        sid = deposit["payment_hash"]
+        await asyncio.sleep(ledger.lease_s + 1.1)    # past the lease and the 1 s idle timeout
+        await ledger.flush_leases()
+        assert await ledger.close_idle() == 1
+        rec = await ledger.repo.get(sid)
+        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED
+        assert rec.deposit_msat == 100 * 2000 and 0 < rec.spent_msat < rec.deposit_msat
+        assert rec.refund_msat == rec.deposit_msat - rec.spent_msat
+        # the restarted payer got the refund on its return invoice, once
+        (ret,) = [i for i in l1.rpc.listinvoices()["invoices"] if i["label"].startswith("micropay-return-")]
+        assert ret["status"] == "paid" and ret["amount_received_msat"] == rec.refund_msat
+        # one deposit paid, once; over the session the payer lost exactly the units spent
+        assert [p["status"] for p in l1.rpc.listsendpays()["payments"] if p["payment_hash"] == sid] == ["complete"]
+        assert await wait_until(lambda: no_htlcs(l1))
+        assert start - to_us_msat(l1) == rec.spent_msat
+        assert await ledger.close_idle() == 0                    # closed once, refunded once
+        print(f"killed after {len(written)} events written; {rec.spent_msat // 2000} units spent, "
+              f"{rec.refund_msat} msat refunded")
+    finally:
+        await sc.runner.cleanup()
+        await up_runner.cleanup()
