@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-from common import Target, script, wrk_run
+from common import Target, script
 
 
 def measure(target: Target, path: str, seconds: int) -> tuple[float, float]:
     """(responses per second, server CPU microseconds per response)."""
-    before = target.cpu_seconds()
-    rate, total = wrk_run(target.url + path, seconds, connections=16, script=script(path))
-    return rate, (target.cpu_seconds() - before) / max(total, 1) * 1e6
+    return target.measure(path, seconds, connections=16, script=script(path))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import Target, median as med, rounds_line, wrk, wrk_run
+from common import Target, alternate, median as med, rounds_line, wrk
 
 
 def main() -> None:
@@ -22,15 +22,9 @@ def main() -> None:
     try:
         auth = gated.buy_pass()
         wrk(bare.url + "/pass", 1), wrk(gated.url + "/pass", 1, headers={"Authorization": auth})  # warm up
-        b, g, bcpu, gcpu = [], [], [], []
-        for _ in range(a.rounds):
-            # The same request (Authorization header included) to both, so the ratio is
-            # the gate's cost, not the cost of parsing a larger request.
-            for target, rates, cpus in ((bare, b, bcpu), (gated, g, gcpu)):
-                before = target.cpu_seconds()
-                rate, total = wrk_run(target.url + "/pass", a.seconds, headers={"Authorization": auth})
-                rates.append(rate)
-                cpus.append((target.cpu_seconds() - before) / max(total, 1) * 1e6)
+        # The same request (Authorization header included) to both, so the ratio is the
+        # gate's cost, not the cost of parsing a larger request.
+        b, g, bcpu, gcpu = alternate(bare, gated, "/pass", a.seconds, a.rounds, {"Authorization": auth})
     finally:
         bare.stop()
         gated.stop()

@@ -20,7 +20,7 @@ import argparse
 import time
 import urllib.request
 
-from common import Target, median as med, rounds_line, wrk_run
+from common import Target, alternate, median as med, rounds_line, wrk_run
 
 SSE_EVENTS = 2000
 
@@ -48,13 +48,7 @@ def main() -> None:
         sse_auth = gated.open_session("/sse")
         wrk_run(bare.url + "/sess", 1, headers={"Authorization": auth})          # warm up
         wrk_run(gated.url + "/sess", 1, headers={"Authorization": auth})
-        b, g, bcpu, gcpu = [], [], [], []
-        for _ in range(a.rounds):
-            for target, rates, cpus in ((bare, b, bcpu), (gated, g, gcpu)):
-                before = target.cpu_seconds()
-                rate, total = wrk_run(target.url + "/sess", a.seconds, headers={"Authorization": auth})
-                rates.append(rate)
-                cpus.append((target.cpu_seconds() - before) / max(total, 1) * 1e6)
+        b, g, bcpu, gcpu = alternate(bare, gated, "/sess", a.seconds, a.rounds, {"Authorization": auth})
         read_streams(bare, sse_auth, 2), read_streams(gated, sse_auth, 2)         # warm up
         sb, sg = [], []
         for _ in range(3):

@@ -72,6 +72,12 @@ class Target:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def measure(self, path: str, seconds: int, **wrk_kwargs) -> tuple[float, float]:
+        """One wrk run on `path`: (requests per second, server CPU microseconds per request)."""
+        before = self.cpu_seconds()
+        rate, total = wrk_run(self.url + path, seconds, **wrk_kwargs)
+        return rate, (self.cpu_seconds() - before) / max(total, 1) * 1e6
+
     def buy_pass(self, path: str = "/pass") -> str:
         """Authorization header value for a paid pass token (sandbox wallet)."""
         from micropay.l402 import format_authorization, parse_challenges
@@ -162,3 +168,16 @@ def script(path: str) -> str:
     return f.name
 
 
+
+
+def alternate(bare: Target, gated: Target, path: str, seconds: int, rounds: int,
+              headers: dict[str, str]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """The same request to both targets, alternating rounds so drift hits both alike:
+    (bare rates, gated rates, bare CPU us/request, gated CPU us/request)."""
+    b, g, bcpu, gcpu = [], [], [], []
+    for _ in range(rounds):
+        for target, rates, cpus in ((bare, b, bcpu), (gated, g, gcpu)):
+            rate, cpu = target.measure(path, seconds, headers=headers)
+            rates.append(rate)
+            cpus.append(cpu)
+    return b, g, bcpu, gcpu

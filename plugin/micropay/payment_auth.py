@@ -293,14 +293,8 @@ class VerifiedCharge:
 
 def verify_charge(binder: Binder, cred: Credential, *, realm: str, now: int) -> VerifiedCharge:
     """Steps 2-6 of the Lightning charge verification, statelessly. Raises a Payment* error."""
-    echo = cred.challenge
-    if echo.get("method") != METHOD or echo.get("intent") != CHARGE or echo.get("realm") != realm:
-        raise PaymentUnknownChallenge("this server issued no such challenge (method, intent or realm)")
-    if not binder.verify(echo):
-        raise PaymentUnknownChallenge("this server issued no such challenge, or it was altered")
-    preimage = cred.payload.get("preimage")
-    if not isinstance(preimage, str) or not _HEX64.fullmatch(preimage):
-        raise PaymentCredentialMalformed("payload.preimage must be 64 lowercase hex characters")
+    echo = _our_echo(binder, cred, CHARGE, realm, "challenge")
+    preimage = _hex64(cred.payload, "preimage")
     try:
         # Everything echoed is exactly what we issued (the HMAC above), so the payment
         # hash and amount are read from `opaque`, which we also wrote, rather than by
@@ -362,6 +356,17 @@ class SessionAction:
     deposit_invoice: str = ""
 
 
+def _our_echo(binder: Binder, cred: Credential, intent: str, realm: str, what: str) -> dict[str, str]:
+    """The credential's echoed challenge, if this server issued it for `intent` and it is
+    unaltered (its id is the HMAC of its parameters)."""
+    echo = cred.challenge
+    if echo.get("method") != METHOD or echo.get("intent") != intent or echo.get("realm") != realm:
+        raise PaymentUnknownChallenge(f"this server issued no such {what} (method, intent or realm)")
+    if not binder.verify(echo):
+        raise PaymentUnknownChallenge("this server issued no such challenge, or it was altered")
+    return echo
+
+
 def _hex64(payload: dict[str, Any], key: str) -> str:
     value = payload.get(key)
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
@@ -374,11 +379,7 @@ def verify_session(binder: Binder, cred: Credential, *, realm: str, now: int) ->
     unaltered, and the preimage opens what it claims to (the deposit's payment hash for
     open and topUp, the session id for bearer and close). Expiry applies to the actions
     that pay a deposit; bearer and close may echo any earlier challenge of ours."""
-    echo = cred.challenge
-    if echo.get("method") != METHOD or echo.get("intent") != SESSION or echo.get("realm") != realm:
-        raise PaymentUnknownChallenge("this server issued no such session challenge (method, intent or realm)")
-    if not binder.verify(echo):
-        raise PaymentUnknownChallenge("this server issued no such challenge, or it was altered")
+    echo = _our_echo(binder, cred, SESSION, realm, "session challenge")
     action = cred.payload.get("action")
     if action not in SESSION_ACTIONS:
         raise PaymentCredentialMalformed("payload.action must be one of " + ", ".join(SESSION_ACTIONS))
