@@ -199,3 +199,31 @@ async def test_a_payment_that_never_left_is_retried_at_once_after_lightningd_res
     st = second.streams[sid]
     assert st.in_flight is None and st.payments == 1 and node.received[HOST] == 1000
     assert st.missed_intervals == 0         # no 60 s wait made it skip intervals
+
+
+class SlowDatastore(FakeDatastore):
+    """A datastore whose writes take a while, as lightningd's do over RPC."""
+
+    async def replace(self, key, value, generation) -> int:
+        import asyncio
+        await asyncio.sleep(0.02)
+        return await super().replace(key, value, generation)
+
+
+async def test_a_stop_while_the_loop_records_a_payment_is_not_refused_as_stale():
+    """Seen on regtest: streampay-stop answered "changed by someone else" because its
+    write and the payment loop's (both of this process) started from one generation."""
+    import asyncio
+    clock, node, ds = Clock(), FakeNode(), SlowDatastore()
+    r = runner(node, ds, clock)
+    sid = (await r.create(HOST, 1000, 1, 50_000, 50))["id"]
+    clock.t += 1
+    step = asyncio.ensure_future(r._step(r.streams[sid]))    # writes the in-flight record, pays, records
+    await asyncio.sleep(0.01)                                 # its first write is under way
+    stopped = await r.change(sid, "stop")
+    await step
+    assert stopped["state"] == "stopped"
+    again = runner(node, ds, clock)
+    await again.load()                                        # what a restart would read
+    st = again.streams[sid]
+    assert st.state == "stopped" and st.in_flight is None and st.payments == 1 and node.received[HOST] == 1000

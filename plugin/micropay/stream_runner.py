@@ -57,6 +57,7 @@ class StreamRunner:
         self.min_interval_s, self.max_total_limit_msat = min_interval_s, max_total_limit_msat
         self.streams: dict[str, Stream] = {}
         self._gen: dict[str, int] = {}
+        self._saving: dict[str, asyncio.Lock] = {}
         self._heap: list[tuple[float, str]] = []
         self._wake_fut: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -283,10 +284,16 @@ class StreamRunner:
         return True
 
     async def _save(self, s: Stream) -> None:
-        try:
-            self._gen[s.id] = await self.ds.replace(("stream", s.id), s.to_json(), self._gen[s.id])
-        except StaleRecord:
-            raise NodeError(f"stream {s.id} was changed by someone else; refusing to overwrite") from None
+        """Write the stream's record. This process's writes of one stream go one at a time:
+        an RPC (stop, pause) and the payment loop both change the same in-memory stream,
+        and two writes from the same generation would make one of them stale (seen on
+        regtest: a stop refused while the loop was recording a payment). The later write
+        carries both changes. StaleRecord then means another process wrote it."""
+        async with self._saving.setdefault(s.id, asyncio.Lock()):
+            try:
+                self._gen[s.id] = await self.ds.replace(("stream", s.id), s.to_json(), self._gen[s.id])
+            except StaleRecord:
+                raise NodeError(f"stream {s.id} was changed by someone else; refusing to overwrite") from None
 
     def _payment_event(self, s: Stream, f, status: str, fee: int, error: str | None) -> None:
         self.notify("streampay_payment", {
