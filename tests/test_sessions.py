@@ -4,6 +4,7 @@ SSE event of a proxied stream), top-up mid-stream, close with a refund that reac
 payer's wallet, idle close, replays, and bad credentials."""
 import asyncio
 import json
+import os
 
 import aiohttp
 import pytest
@@ -111,7 +112,8 @@ async def deposit(sc, path="/one"):
 
 
 async def return_invoice(sc, amount_msat=None):
-    return (await sc.payer.create_invoice(amount_msat, f"ret-{id(object())}-{amount_msat}", "refund",
+    # a fresh label each time (the node answers a label it knows with that invoice again)
+    return (await sc.payer.create_invoice(amount_msat, f"ret-{os.urandom(8).hex()}-{amount_msat}", "refund",
                                           86400)).bolt11
 
 
@@ -236,7 +238,10 @@ async def test_bearer_requests_spend_one_unit_each_then_get_a_fresh_challenge(en
     assert ok.count(200) == ONE_UNITS
 
 
-async def test_close_refunds_once_and_a_retry_gets_the_same_answer(env):
+async def test_close_refunds_once_and_then_every_action_is_refused_with_the_refund_named(env):
+    """The draft: servers MUST reject any action on a closed session. A repeated close
+    (the same credential, or under another challenge) is refused too, and its problem
+    names the refund, so a client whose close answer was lost still learns it."""
     ch, pre, sid, bearer = await opened(env)
     await fetch(env.url + "/one", bearer)        # 2 units spent
     before = env.payer.balance_msat
@@ -249,16 +254,28 @@ async def test_close_refunds_once_and_a_retry_gets_the_same_answer(env):
     receipt = pa.decode_object(headers["Payment-Receipt"])
     assert receipt["refundSats"] == expect["refundSats"] and receipt["refundStatus"] == "succeeded"
     assert env.payer.balance_msat - before == (ONE_UNITS - 2) * UNIT_MSAT
-    status, _, body = await fetch(env.url + "/one", close)      # the same close credential again
-    assert status == 200 and json.loads(body) == expect
-    assert env.payer.balance_msat - before == (ONE_UNITS - 2) * UNIT_MSAT   # paid once
-    # a bearer after the close, or a close under another challenge: session-closed
-    status, headers, body = await fetch(env.url + "/one", bearer)
-    assert status == 402 and problem(body)["type"].endswith("/session-closed")
     ch2, _ = await deposit(env)
     other = pa.format_session_credential(ch2, {"action": "close", "sessionId": sid, "preimage": pre})
-    status, _, body = await fetch(env.url + "/one", other)
-    assert status == 402 and problem(body)["type"].endswith("/session-closed")
+    before = env.payer.balance_msat
+    for again in (close, other, bearer):
+        status, headers, body = await fetch(env.url + "/one", again)
+        assert status == 402 and problem(body)["type"].endswith("/session-closed"), body
+        assert problem(body)["refundSats"] == expect["refundSats"] and problem(body)["refundStatus"] == "succeeded"
+        assert session_offer(headers).id not in (ch.id, ch2.id)         # a fresh challenge
+    assert env.payer.balance_msat == before                                  # refunded once
+
+
+async def test_concurrent_closes_refund_once_one_answer_and_the_rest_refused_alike(env):
+    ch, pre, sid, bearer = await opened(env)
+    before = env.payer.balance_msat
+    close = pa.format_session_credential(ch, {"action": "close", "sessionId": sid, "preimage": pre})
+    answers = await asyncio.gather(*(fetch(env.url + "/one", close) for _ in range(5)))
+    statuses = sorted(a[0] for a in answers)
+    assert statuses == [200, 402, 402, 402, 402], statuses
+    for status, _, body in answers:
+        if status == 402:
+            assert problem(body)["type"].endswith("/session-closed")
+    assert env.payer.balance_msat - before == (ONE_UNITS - 1) * UNIT_MSAT
 
 
 async def test_a_close_with_nothing_left_skips_the_refund(env):
@@ -270,15 +287,21 @@ async def test_a_close_with_nothing_left_skips_the_refund(env):
     assert status == 200 and json.loads(body) == {"status": "closed", "refundSats": 0, "refundStatus": "skipped"}
 
 
-async def test_a_retried_open_does_not_open_twice(env):
+async def test_a_replayed_open_is_refused_and_spends_nothing(env):
+    """The draft's Open Verification: a consumed challenge is rejected (docs/protocol.md
+    says why this, and not the idempotent replay, is our answer)."""
     ch, pre = await deposit(env)
     auth = pa.format_session_credential(ch, {"action": "open", "preimage": pre,
                                              "returnInvoice": await return_invoice(env)})
     assert (await fetch(env.url + "/one", auth))[0] == 200
-    assert (await fetch(env.url + "/one", auth))[0] == 200          # served as the session's bearer
+    served = env.seen["one"]
+    status, headers, body = await fetch(env.url + "/one", auth)
+    assert status == 402 and problem(body)["type"].endswith("/unknown-challenge")
+    assert "bearer" in problem(body)["detail"]
+    assert env.seen["one"] == served                              # the upstream saw nothing
     await settle(env)
     rec = await env.rt.gate.sessions.repo.get(pa.decode_request(ch)["paymentHash"])
-    assert rec.deposit_msat == ONE_UNITS * UNIT_MSAT and rec.spent_msat == 2 * UNIT_MSAT
+    assert rec.deposit_msat == ONE_UNITS * UNIT_MSAT and rec.spent_msat == 1 * UNIT_MSAT
 
 
 async def test_one_deposit_opens_one_session_or_tops_up_once(env):

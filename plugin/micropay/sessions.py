@@ -80,24 +80,26 @@ class SessionLedger:
     _closing: dict[str, asyncio.Task] = field(default_factory=dict)
 
     # -- opening and topping up ---------------------------------------------------
-    async def open(self, act: SessionAction, now: int) -> bool:
-        """Open a session on a paid deposit (verified by payment_auth.verify_session).
-        True when opened now; False when this very credential opened it before (a retry:
-        serve it as the session's bearer). Raises for anything else."""
-        await self._check_return_invoice(act)
-        opened = await self.repo.open(session_id=act.session_id, token_id=act.token_id, route_key=act.route,
-                                      unit_msat=act.unit_msat, deposit_msat=act.deposit_msat,
-                                      return_invoice=act.return_invoice, now=now, challenge_id=act.challenge_id,
-                                      response={"status": "open", "sessionId": act.session_id})
-        if opened:
+    async def open(self, act: SessionAction, now: int) -> None:
+        """Open a session on a paid deposit (verified by payment_auth.verify_session), at
+        the unit price its challenge named. An open credential is single use: presented
+        again it is refused (the draft's Open Verification, step 1; docs/protocol.md)."""
+        return_hash = await self._check_return_invoice(act)
+        outcome = await self.repo.open(session_id=act.session_id, token_id=act.token_id, route_key=act.route,
+                                       unit_msat=act.unit_msat, deposit_msat=act.deposit_msat,
+                                       return_invoice=act.return_invoice, return_hash=return_hash, now=now)
+        if outcome == "ok":
             log.info("session %s opened: %d msat deposit, %d msat per unit (%s)", act.session_id,
                      act.deposit_msat, act.unit_msat, act.route)
-            return True
-        if await self.repo.action_response(act.challenge_id, "open") is not None:
-            return False
-        raise PaymentUnknownChallenge("this deposit was already used")
+            return
+        if outcome == "return_taken":
+            raise PaymentInvalidReturnInvoice("the return invoice is already named by another session: make a "
+                                              "fresh one for each session (the deposit is still unused)")
+        raise PaymentUnknownChallenge("this deposit was already used to open the session: send its requests "
+                                      "with action \"bearer\"")
 
-    async def _check_return_invoice(self, act: SessionAction) -> None:
+    async def _check_return_invoice(self, act: SessionAction) -> str:
+        """The return invoice's payment hash, once it is shown to be usable for a refund."""
         try:
             decoded = await self.node.decode(act.return_invoice)
         except (NodeError, ValueError) as exc:
@@ -111,6 +113,10 @@ class SessionLedger:
             raise PaymentInvalidReturnInvoice("the return invoice is for another network than the deposit")
         if decoded.expires_at <= self.clock():
             raise PaymentInvalidReturnInvoice("the return invoice has expired")
+        if await self.repo.return_taken(decoded.payment_hash) not in (None, act.session_id):
+            raise PaymentInvalidReturnInvoice("the return invoice is already named by another session: make a "
+                                              "fresh one for each session (the deposit is still unused)")
+        return decoded.payment_hash
 
     async def top_up(self, act: SessionAction, now: int) -> dict[str, Any]:
         """Add a paid deposit to an open session; the response body. A retry of the same
@@ -125,7 +131,7 @@ class SessionLedger:
             if event is not None:
                 event.set()               # streams of this process held for a top-up go on
             return response
-        earlier = await self.repo.action_response(act.challenge_id, "topUp")
+        earlier = await self.repo.action_response(act.challenge_id, "topUp", act.session_id)
         if earlier is not None:
             return earlier
         if outcome == "used":
@@ -138,22 +144,24 @@ class SessionLedger:
         if rec is None:
             return PaymentSessionNotFound("no such session")
         if rec.status != SessionStatus.OPEN:
-            return PaymentSessionClosed("the session is closed; open a new one")
+            return closed_error(rec)
         return PaymentInsufficientBalance(f"the session has {rec.balance_msat // 1000} sat left; one unit costs "
                                          f"{rec.unit_msat // 1000} sat: top it up", balance_msat=rec.balance_msat)
 
     # -- spending -----------------------------------------------------------------
     async def spend(self, session_id: str, unit_msat: int) -> bool:
-        """Take one unit of an open session's balance. False: closed, or not enough left."""
-        if self.take_leased(session_id):
+        """Take one unit of an open session's balance. False: closed, or not enough left.
+        `unit_msat` is the session record's own unit price (fixed when it opened): never
+        one read from a request."""
+        if self.take_leased(session_id, unit_msat):
             return True
         return await self._spend_reserving(session_id, unit_msat)
 
-    def take_leased(self, session_id: str) -> bool:
-        """Take one unit from this replica's lease, if it holds one (no store, no await:
-        the gate's hot path). False: `spend` has to reserve (or refuse)."""
+    def take_leased(self, session_id: str, unit_msat: int) -> bool:
+        """Take one unit from this replica's lease, if it holds one taken at this price
+        (no store, no await: the gate's hot path). False: `spend` has to reserve (or refuse)."""
         lease = self._leases.get(session_id)
-        if lease is not None and lease.units and self.monotonic() < lease.until:
+        if lease is not None and lease.units and lease.unit_msat == unit_msat and self.monotonic() < lease.until:
             lease.units -= 1
             return True
         return False
@@ -165,7 +173,7 @@ class SessionLedger:
                 await asyncio.shield(pending)
             lease = self._leases.get(session_id)
             now = self.monotonic()
-            if lease is not None and lease.units and now < lease.until:
+            if lease is not None and lease.units and lease.unit_msat == unit_msat and now < lease.until:
                 lease.units -= 1
                 return True
             if pending is None:
@@ -173,7 +181,7 @@ class SessionLedger:
         done = asyncio.get_running_loop().create_future()
         self._reserving[session_id] = done
         try:
-            if lease is not None and lease.units:       # expired with units left: they go back first
+            if lease is not None and lease.units:       # expired with units left: they go back first (at their price)
                 left, lease.units = lease.units, 0
                 await self.repo.release(session_id, left * lease.unit_msat)
             busy = lease is not None and lease.unit_msat == unit_msat and now - lease.taken_at < self.lease_s
@@ -193,19 +201,25 @@ class SessionLedger:
             done.set_result(None)
 
     async def give_back(self, session_id: str, unit_msat: int) -> None:
-        """One unit spent for a request that could not be served goes back."""
+        """One unit taken (at `unit_msat`, the price `spend` took it at) for an event or a
+        request that was not delivered goes back, at that price."""
         lease = self._leases.get(session_id)
         if lease is not None and lease.unit_msat == unit_msat and self.monotonic() < lease.until:
             lease.units += 1
         else:
             await self.repo.release(session_id, unit_msat)
 
-    async def wait_for_balance(self, session_id: str, unit_msat: int, timeout_s: float) -> bool:
+    async def wait_for_balance(self, session_id: str, unit_msat: int, timeout_s: float,
+                               gone: Callable[[], bool] = lambda: False) -> bool:
         """Spend one unit as soon as a top-up allows it (this process's top-ups wake the
         waiter at once; another replica's are seen within a second). False after
-        `timeout_s`, or once the session is no longer open."""
+        `timeout_s`, once the session is no longer open, or as soon as `gone()` says the
+        client the unit was for has left (checked every quarter second): nothing is spent
+        for it then."""
         deadline = self.monotonic() + timeout_s
         while True:
+            if gone():
+                return False
             if await self.spend(session_id, unit_msat):
                 return True
             rec = await self.repo.get(session_id)
@@ -213,10 +227,12 @@ class SessionLedger:
             if rec is None or rec.status != SessionStatus.OPEN or left <= 0:
                 return False
             event = self._topped.setdefault(session_id, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), min(1.0, left))
-            except TimeoutError:
-                pass
+            waited = self.monotonic()
+            while not gone() and not event.is_set() and self.monotonic() - waited < min(1.0, left):
+                try:
+                    await asyncio.wait_for(event.wait(), 0.25)
+                except TimeoutError:
+                    pass
 
     async def flush_leases(self) -> None:
         """Give back the units of leases that ran out unserved (run every lease_s / 2)."""
@@ -237,22 +253,23 @@ class SessionLedger:
             await self.repo.release(session_id, lease.units * lease.unit_msat)
 
     # -- closing ----------------------------------------------------------------
-    async def close(self, session_id: str, *, challenge_id: str | None = None, why: str = "client") -> CloseResult:
+    async def close(self, session_id: str, *, why: str = "client") -> CloseResult:
         """Close an open session and refund what is left of it, once. Raises
-        PaymentSessionNotFound / PaymentSessionClosed if it is not open."""
+        PaymentSessionNotFound / PaymentSessionClosed if it is not open (a second close,
+        even one racing the first, is refused: the draft's rule for closed sessions)."""
         if not await self.repo.begin_close(session_id, int(self.clock())):
             rec = await self.repo.get(session_id)
             if rec is None:
                 raise PaymentSessionNotFound("no such session")
-            raise PaymentSessionClosed("the session is already closed")
+            raise closed_error(rec)
         log.info("session %s closing (%s)", session_id, why)
-        task = asyncio.get_running_loop().create_task(self._finish(session_id, challenge_id),
+        task = asyncio.get_running_loop().create_task(self._finish(session_id),
                                                       name=f"micropay-session-close-{session_id[:12]}")
         self._closing[session_id] = task
         task.add_done_callback(lambda _t: self._closing.pop(session_id, None))
         return await asyncio.shield(task)      # a client that goes away does not stop the refund
 
-    async def _finish(self, session_id: str, challenge_id: str | None) -> CloseResult:
+    async def _finish(self, session_id: str) -> CloseResult:
         event = self._topped.pop(session_id, None)
         if event is not None:
             event.set()                    # held streams see the session closed
@@ -272,23 +289,41 @@ class SessionLedger:
             raise PaymentUnknown("the refund's outcome is not known yet; it is settled from the node's record")
         await self.repo.finish(session_id, status)
         result = CloseResult(session_id, refund, status)
-        if challenge_id is not None:
-            await self.repo.add_action(challenge_id, session_id, "close", result.body(), int(self.clock()))
         (log.warning if status == RefundStatus.FAILED else log.info)(
             "session %s closed: refund %d msat %s", session_id, refund, status)
         return result
 
     async def _refund(self, rec: SessionRecord, refund_msat: int) -> RefundStatus | None:
-        """One attempt to pay the refund (or the outcome of the attempt made before a crash)."""
+        """One attempt to pay the refund (or the outcome of the attempt made before a crash).
+        The attempt is found by its own label, from where the node's payment records
+        stood before it was made: another payment to the same invoice (another session
+        naming it, or the payer itself) is never taken for this refund."""
+        label = refund_label(rec.session_id)
         try:
-            decoded = await self.node.decode(rec.return_invoice)
-            earlier = await self.node.payment_status(decoded.payment_hash)
+            start = await self.repo.refund_from(rec.session_id, await self.node.sendpays_position()) \
+                if rec.refund_from is None else rec.refund_from
+            earlier = await self.node.lookup_payment(label, start)
             if earlier is not None and earlier.state == "complete":
                 return RefundStatus.SUCCEEDED
             if earlier is not None and earlier.state == "failed":
                 return RefundStatus.FAILED
-            await self.node.pay(rec.return_invoice, max_fee_msat=self.refund_max_fee_msat(refund_msat),
-                                label=f"micropay-refund-{rec.session_id}", amount_msat=refund_msat)
+            if earlier is not None:
+                raise PaymentUnknown("the refund is still pending at the node")
+            other = await self.node.payment_status((await self.node.decode(rec.return_invoice)).payment_hash)
+            if other is not None and other.state != "failed":
+                # Paid (or being paid) by another payment of this node: a node answers a
+                # second payment of a paid invoice with the first one's success.
+                log.warning("session %s: the return invoice was already paid by another payment; the refund of "
+                            "%d msat cannot go there", rec.session_id, refund_msat)
+                if other.state == "pending":
+                    raise PaymentUnknown("another payment to the return invoice is pending")
+                return RefundStatus.FAILED
+            paid = await self.node.pay(rec.return_invoice, max_fee_msat=self.refund_max_fee_msat(refund_msat),
+                                       label=label, amount_msat=refund_msat)
+            if paid.amount_msat != refund_msat:
+                log.warning("session %s: the node reported a payment of %d msat for a refund of %d msat",
+                            rec.session_id, paid.amount_msat, refund_msat)
+                return RefundStatus.FAILED
             return RefundStatus.SUCCEEDED
         except PaymentUnknown as exc:
             log.warning("session %s: refund of %d msat in flight, outcome unknown (%s)", rec.session_id,
@@ -329,7 +364,7 @@ class SessionLedger:
             if session_id in self._closing:
                 continue
             try:
-                await self._finish(session_id, None)
+                await self._finish(session_id)
                 finished += 1
             except PaymentUnknown:
                 pass
@@ -352,6 +387,22 @@ class SessionLedger:
                 await self._release_local(session_id)
             except Exception as exc:
                 log.warning("giving back session %s's unserved units failed: %s", session_id, exc)
+
+
+def refund_label(session_id: str) -> str:
+    """The node label of a session's refund payment."""
+    return f"micropay-refund-{session_id}"
+
+
+def closed_error(rec: SessionRecord) -> PaymentSessionClosed:
+    """The refusal of any action on a session that is no longer open, with what became
+    of its refund (so a client whose close answer was lost still learns it)."""
+    if rec.status == SessionStatus.CLOSED:
+        return PaymentSessionClosed("the session is closed; open a new one", sessionId=rec.session_id,
+                                    refundSats=(rec.refund_msat or 0) // 1000,
+                                    refundStatus=str(rec.refund_status or RefundStatus.SKIPPED))
+    return PaymentSessionClosed("the session is closing; its refund is under way", sessionId=rec.session_id,
+                                refundStatus="pending")
 
 
 def periodic_jobs(ledger: SessionLedger) -> list[tuple[float, Callable[[], Awaitable[Any]], str]]:

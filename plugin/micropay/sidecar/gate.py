@@ -117,6 +117,7 @@ class Gate:
         self.session_gate = SessionGate(ledger=self.sessions, challenger=self.challenger,
                                         binder=lambda: self.binder, realm=self.service, metrics=self.metrics,
                                         clock=clock)
+        tokens.on_keys_changed.append(self.session_gate.bearers.clear)   # nor a retired key's session bearers
 
     def _binder(self) -> Binder:
         """Payment challenge ids are bound under keys derived from the root keys, so every
@@ -206,7 +207,7 @@ class Gate:
                 known = bearers.get(key)
                 if known is not None and not (self.layered and request.get(ADMITTED)):
                     try:
-                        if take_leased(known.session_id):
+                        if take_leased(known.session_id, known.unit_msat):
                             return await serve(request, handler, session_gate.admit(request, known), None)
                         return await session_gate.bearer(request, handler, known, serve, self.challenge)
                     except MicropayError as err:

@@ -23,15 +23,17 @@ from typing import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from ..challenger import Challenger
-from ..errors import MicropayError, PaymentCredentialMalformed, PaymentSchemeError, PaymentUnknownChallenge
+from ..errors import (MicropayError, PaymentCredentialMalformed, PaymentInvalidPreimage, PaymentSchemeError,
+                      PaymentSessionNotFound, PaymentUnknownChallenge)
 from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, problem_body
 from ..metrics import Metrics
-from ..payment_auth import (Binder, is_payment, parse_credential, session_challenge, session_receipt, sse_event,
-                            verify_session)
+from ..payment_auth import (Binder, SessionAction, is_payment, parse_credential, session_challenge, session_receipt,
+                            sse_event, verify_session)
 from ..pricing import RouteRule
 from ..receipts import RECEIPT_HEADER
-from ..sessions import SessionLedger
+from ..sessions import SessionLedger, closed_error
+from ..store.sessions import SessionRecord, SessionStatus
 from .paid import Paid
 
 log = logging.getLogger("micropay.gate")
@@ -41,33 +43,54 @@ SSE_TYPE = "text/event-stream"
 
 
 class SessionMeter:
-    """Spends a session's units for one admitted request. The request's first unit is
-    paid at admission; a streamed response calls `charge` before each further unit
-    (proxy.py does it per SSE event). When the balance runs out, `charge` emits the
+    """Spends a session's units for one admitted request, at the session's own unit
+    price. The request's first unit is paid at admission; a streamed response calls
+    `charge` before each further event (proxy.py does it per SSE event) and `undelivered`
+    when writing that event failed. When the balance runs out, `charge` emits the
     `payment-need-topup` event and holds the stream until a top-up (True) or `hold_s`
-    (a `session-timeout` event, then False: end the response)."""
+    (a `session-timeout` event, then False: end the response); a client that leaves
+    during the hold ends it at once, with nothing spent for it."""
 
-    __slots__ = ("ledger", "session_id", "unit_msat", "hold_s", "units", "_prepaid", "clock")
+    __slots__ = ("ledger", "session_id", "unit_msat", "hold_s", "units", "_prepaid", "clock", "_request")
 
     def __init__(self, ledger: SessionLedger, session_id: str, unit_msat: int, hold_s: float,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], request: web.Request | None = None) -> None:
         self.ledger, self.session_id, self.unit_msat, self.hold_s = ledger, session_id, unit_msat, hold_s
-        self.units, self._prepaid, self.clock = 0, True, clock
+        self.units, self._prepaid, self.clock, self._request = 0, True, clock, request
+
+    def client_gone(self) -> bool:
+        """The client of this request closed its connection."""
+        if self._request is None:
+            return False
+        transport = self._request.transport
+        return transport is None or transport.is_closing()
 
     async def charge(self, response: web.StreamResponse) -> bool:
         if self._prepaid:
             self._prepaid = False
         elif not await self.ledger.spend(self.session_id, self.unit_msat):
             await response.write(sse_event("payment-need-topup", await self._balance()))
-            if not await self.ledger.wait_for_balance(self.session_id, self.unit_msat, self.hold_s):
+            if not await self.ledger.wait_for_balance(self.session_id, self.unit_msat, self.hold_s,
+                                                      self.client_gone):
+                if self.client_gone():
+                    raise ClientGone("the client disconnected while its stream waited for a top-up")
                 await response.write(sse_event("session-timeout", await self._balance()))
                 return False
         self.units += 1
         return True
 
+    async def undelivered(self) -> None:
+        """The event `charge` was last called for never reached the client: its unit goes
+        back, at the price it was taken at."""
+        self.units -= 1
+        await self.ledger.give_back(self.session_id, self.unit_msat)
+
     async def give_back(self) -> None:
         """The request never reached the upstream: its unit goes back to the session."""
+        if self.units == 0 and not self._prepaid:
+            return                           # (its unit was given back as undelivered)
         if self.units <= 1:
+            self._prepaid = False
             await self.ledger.give_back(self.session_id, self.unit_msat)
 
     async def _balance(self) -> dict[str, object]:
@@ -83,6 +106,10 @@ class SessionMeter:
             "spent": self.units * self.unit_msat // 1000, "units": self.units})
 
 
+class ClientGone(ConnectionResetError):
+    """The client of a metered stream left: nothing more is charged or written."""
+
+
 SESSION_METER = web.RequestKey("micropay_session_meter", SessionMeter) if hasattr(web, "RequestKey") \
     else "micropay_session_meter"
 
@@ -95,6 +122,7 @@ class Bearer:
     __slots__ = ("rule", "session_id", "unit_msat", "hold_s", "_second", "_paid")
 
     def __init__(self, rule: RouteRule, session_id: str, unit_msat: int) -> None:
+        """`unit_msat`: the session record's unit price, never a request's."""
         assert rule.session is not None
         self.rule, self.session_id, self.unit_msat = rule, session_id, unit_msat
         self.hold_s = rule.session.hold_s
@@ -132,25 +160,22 @@ class SessionGate:
             if known is not None:
                 return await self.bearer(request, handler, known, serve, challenge_for)
             now = int(self.clock())
-            try:
-                act = verify_session(self._binder(), parse_credential(auth), realm=self.realm, now=now)
-            except (KeyError, TypeError, ValueError):   # a payload of the right shape with wrong types
-                raise PaymentCredentialMalformed("the session credential's payload is malformed") from None
-            if act.route != rule.key:
-                raise PaymentUnknownChallenge("the challenge was issued for another route")
-            if act.action == "topUp":
-                return _json(await self.ledger.top_up(act, now), session_receipt(act.session_id, now))
-            if act.action == "close":
-                earlier = await self.ledger.repo.action_response(act.challenge_id, "close")
-                if earlier is None:
-                    earlier = (await self.ledger.close(act.session_id, challenge_id=act.challenge_id)).body()
-                return _json(earlier, session_receipt(act.session_id, now, refundSats=earlier["refundSats"],
-                                                      refundStatus=earlier["refundStatus"]))
+            act = await self._verify(auth, rule, now)
             if act.action == "open":
                 await self.ledger.open(act, now)
-            if not await self.ledger.spend(act.session_id, act.unit_msat):
+                unit_msat = act.unit_msat            # the price the paid deposit's challenge named
+            else:
+                rec = await self._session_of(act, rule)
+                if act.action == "topUp":
+                    return _json(await self.ledger.top_up(act, now), session_receipt(act.session_id, now))
+                if act.action == "close":
+                    body = (await self.ledger.close(act.session_id)).body()
+                    return _json(body, session_receipt(act.session_id, now, refundSats=body["refundSats"],
+                                                       refundStatus=body["refundStatus"]))
+                unit_msat = rec.unit_msat
+            if not await self.ledger.spend(act.session_id, unit_msat):
                 raise await self.ledger.refusal(act.session_id)
-            admitted = Bearer(rule, act.session_id, act.unit_msat)
+            admitted = Bearer(rule, act.session_id, unit_msat)
             if act.action == "bearer":
                 if len(self.bearers) >= BEARER_CACHE_SIZE:
                     self.bearers.clear()
@@ -162,6 +187,40 @@ class SessionGate:
                 return await challenge_for(request, rule, err)
             except MicropayError as refused:     # rate limited, overloaded: say that instead
                 return problem_response(refused)
+
+    async def _verify(self, auth: str, rule: RouteRule, now: int) -> SessionAction:
+        """The credential's action, checked statelessly (payment_auth.verify_session) and
+        issued for this route. An unknown session is `session-not-found` whatever the
+        preimage (the draft's Bearer Verification looks the session up first)."""
+        cred = parse_credential(auth)
+        try:
+            act = verify_session(self._binder(), cred, realm=self.realm, now=now)
+        except PaymentInvalidPreimage:
+            sid = cred.payload.get("sessionId")
+            if cred.payload.get("action") in ("bearer", "close") and isinstance(sid, str) \
+                    and await self.ledger.repo.get(sid) is None:
+                raise PaymentSessionNotFound("no such session") from None
+            raise
+        except (KeyError, TypeError, ValueError):   # a payload of the right shape with wrong types
+            raise PaymentCredentialMalformed("the session credential's payload is malformed") from None
+        if act.route != rule.key:
+            raise PaymentUnknownChallenge("the challenge was issued for another route")
+        return act
+
+    async def _session_of(self, act: SessionAction, rule: RouteRule) -> SessionRecord:
+        """The record of the session a bearer, topUp or close names: it decides the
+        route and the unit price, whatever challenge the credential echoes. Refused when
+        unknown, opened on another route, or (but for a topUp, which says so itself)
+        no longer open."""
+        rec = await self.ledger.repo.get(act.session_id)
+        if rec is None:
+            raise PaymentSessionNotFound("no such session")
+        if rec.route_key != rule.key:
+            raise PaymentUnknownChallenge(f"this session was opened for {rec.route_key}: it is spent, topped up "
+                                          "and closed there only, with challenges of that route")
+        if act.action != "topUp" and rec.status != SessionStatus.OPEN:
+            raise closed_error(rec)
+        return rec
 
     async def bearer(self, request: web.Request, handler: Handler, known: Bearer,
                      serve: Callable[..., Awaitable[web.StreamResponse]],
@@ -182,7 +241,7 @@ class SessionGate:
         """A request of `bearer`'s session whose first unit is spent: its meter (further
         units of a streamed response) and the Paid record to serve it with."""
         request[SESSION_METER] = SessionMeter(self.ledger, bearer.session_id, bearer.unit_msat, bearer.hold_s,
-                                              self.clock)
+                                              self.clock, request)
         return bearer.paid(int(self.clock()))
 
     async def challenge(self, request: web.Request, rule: RouteRule, client: str, resource: str,

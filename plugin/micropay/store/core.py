@@ -83,4 +83,14 @@ CORE_SCHEMA = Schema("core", (
             created_at BIGINT NOT NULL,
             PRIMARY KEY (challenge_id, action))""",
     )),
+    Migration(4, "Payment sessions: a return invoice names one session; a refund is found by its own attempt", (
+        # the return invoice's payment hash: unique, so that one session's refund can
+        # never be reported as another's (NULL in sessions opened before this step)
+        "ALTER TABLE micropay_sessions ADD COLUMN return_hash TEXT",
+        """CREATE UNIQUE INDEX IF NOT EXISTS micropay_sessions_return_hash
+            ON micropay_sessions (return_hash)""",
+        # where the node's payment records stood before the refund attempt (its label is
+        # looked up from there on)
+        "ALTER TABLE micropay_sessions ADD COLUMN refund_from BIGINT",
+    )),
 ))

@@ -47,6 +47,8 @@ class SessionRecord:
     refund_msat: int | None
     refund_status: RefundStatus | None
     lease_until_ms: int = 0
+    return_hash: str | None = None     # the return invoice's payment hash (unique across sessions)
+    refund_from: int | None = None     # the node's payment records before the refund attempt
 
     @property
     def balance_msat(self) -> int:
@@ -54,9 +56,14 @@ class SessionRecord:
 
 
 _COLS = ("session_id, route_key, unit_msat, deposit_msat, spent_msat, return_invoice, status, opened_at, "
-         "active_at, closed_at, refund_msat, refund_status, lease_until_ms")
-INSERT = (f"INSERT INTO micropay_sessions ({_COLS}) VALUES ($1,$2,$3,$4,0,$5,'open',$6,$6,NULL,NULL,NULL,0) "
-          "ON CONFLICT (session_id) DO NOTHING RETURNING session_id")
+         "active_at, closed_at, refund_msat, refund_status, lease_until_ms, return_hash, refund_from")
+# No conflict target: a session id or a return invoice already taken both make it a no-op.
+INSERT = (f"INSERT INTO micropay_sessions ({_COLS}) "
+          "VALUES ($1,$2,$3,$4,0,$5,'open',$6,$6,NULL,NULL,NULL,0,$7,NULL) "
+          "ON CONFLICT DO NOTHING RETURNING session_id")
+RETURN_TAKEN = "SELECT session_id FROM micropay_sessions WHERE return_hash = $1"
+SET_REFUND_FROM = ("UPDATE micropay_sessions SET refund_from = $2 WHERE session_id = $1 AND refund_from IS NULL "
+                   "AND status = 'refunding' RETURNING refund_from")
 GET = f"SELECT {_COLS} FROM micropay_sessions WHERE session_id = $1"
 TOP_UP = ("UPDATE micropay_sessions SET deposit_msat = deposit_msat + $2, active_at = $3 "
           "WHERE session_id = $1 AND status = 'open' RETURNING deposit_msat - spent_msat")
@@ -79,7 +86,8 @@ UNFINISHED = ("SELECT session_id FROM micropay_sessions WHERE status IN ('closin
               "AND closed_at < $1 ORDER BY closed_at LIMIT $2")
 ADD_ACTION = ("INSERT INTO micropay_session_actions (challenge_id, session_id, action, response, created_at) "
               "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (challenge_id, action) DO NOTHING")
-GET_ACTION = "SELECT response FROM micropay_session_actions WHERE challenge_id = $1 AND action = $2"
+GET_ACTION = ("SELECT response FROM micropay_session_actions WHERE challenge_id = $1 AND action = $2 "
+              "AND session_id = $3")
 PURGE_ACTIONS = "DELETE FROM micropay_session_actions WHERE created_at < $1 RETURNING challenge_id"
 
 
@@ -95,15 +103,26 @@ class SessionRepository:
         self.store = store
 
     async def open(self, *, session_id: str, token_id: str, route_key: str, unit_msat: int, deposit_msat: int,
-                   return_invoice: str, now: int, challenge_id: str, response: dict[str, Any]) -> bool:
-        """Open a session on a paid deposit, consuming its invoice's token, and record the
-        response for retries: all or nothing. False if the deposit was already used."""
+                   return_invoice: str, return_hash: str, now: int) -> str:
+        """Open a session on a paid deposit, consuming its invoice's token: all or nothing.
+        "ok"; "used" (the deposit was already used: a replayed open); "return_taken" (the
+        return invoice is named by another session; the deposit stays unused)."""
         result = await self.store.transaction([
             Step(CONSUME_WHOLE, (token_id,), required=True),
-            Step(INSERT, (session_id, route_key, unit_msat, deposit_msat, return_invoice, now), required=True),
-            Step(ADD_ACTION, (challenge_id, session_id, "open", json.dumps(response), now)),
+            Step(INSERT, (session_id, route_key, unit_msat, deposit_msat, return_invoice, now, return_hash),
+                 required=True),
         ])
-        return result.ok
+        if result.ok:
+            return "ok"
+        if result.failed_step == 0:
+            return "used"
+        taken = await self.store.fetchrow(RETURN_TAKEN, (return_hash,))
+        return "return_taken" if taken is not None and taken[0] != session_id else "used"
+
+    async def return_taken(self, return_hash: str) -> str | None:
+        """The session that names this return invoice, if any."""
+        row = await self.store.fetchrow(RETURN_TAKEN, (return_hash,))
+        return row[0] if row else None
 
     async def top_up(self, *, session_id: str, token_id: str, deposit_msat: int, now: int, challenge_id: str,
                      response: dict[str, Any]) -> str:
@@ -137,6 +156,16 @@ class SessionRepository:
         row = await self.store.fetchrow(FIX_REFUND, (session_id,))
         return int(row[0]) if row else None
 
+    async def refund_from(self, session_id: str, position: int) -> int:
+        """Where the refund attempt's record is looked up from: set once, before the
+        attempt; the position set first wins (a retry after a crash reads it back)."""
+        row = await self.store.fetchrow(SET_REFUND_FROM, (session_id, position))
+        if row is not None:
+            return int(row[0])
+        rec = await self.get(session_id)
+        assert rec is not None and rec.refund_from is not None, "refund_from set outside 'refunding'"
+        return rec.refund_from
+
     async def finish(self, session_id: str, refund_status: RefundStatus) -> bool:
         return await self.store.fetchrow(FINISH, (session_id, str(refund_status))) is not None
 
@@ -150,10 +179,10 @@ class SessionRepository:
                          now: int) -> None:
         await self.store.execute(ADD_ACTION, (challenge_id, session_id, action, json.dumps(response), now))
 
-    async def action_response(self, challenge_id: str, action: str) -> dict[str, Any] | None:
-        """What a consumed challenge's action answered (a bearer or close credential may
-        echo the challenge an open used: the key is the challenge and the action)."""
-        row = await self.store.fetchrow(GET_ACTION, (challenge_id, action))
+    async def action_response(self, challenge_id: str, action: str, session_id: str) -> dict[str, Any] | None:
+        """What a consumed challenge's action answered for this session (a retried topUp
+        gets its first answer; another session never gets it)."""
+        row = await self.store.fetchrow(GET_ACTION, (challenge_id, action, session_id))
         return json.loads(row[0]) if row else None
 
     async def purge_actions(self, before: int) -> int:
