@@ -20,7 +20,7 @@ from ..l402 import SCHEMES
 from ..payment_auth import is_payment
 from ..pricing import Pricing
 from .gate import PAID, STREAM_HEADER, request_target
-from .session_gate import SESSION_METER, SSE_TYPE, SessionMeter
+from .session_gate import SESSION_METER, SSE_TYPE, ClientGone, SessionMeter
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -118,6 +118,12 @@ class ReverseProxy:
                     return response
                 async for chunk in upstream_resp.content.iter_chunked(CHUNK):
                     await response.write(chunk)
+            except ConnectionResetError:
+                # Writing to the client failed (aiohttp's ClientConnectionResetError is
+                # also a ClientError: told apart first). Nothing is wrong upstream.
+                log.info("client %s disconnected during the response to %s %s", request.remote, request.method,
+                         target.path)
+                return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Too late for an error response: cut the connection so that the client
                 # sees a truncated body rather than a complete-looking one.
@@ -162,8 +168,10 @@ def _billable(event: bytes) -> bool | None:
 async def metered_events(chunks, response: web.StreamResponse, meter: SessionMeter) -> None:
     """Forward an upstream SSE stream, spending one session unit per data event (the
     draft's per-chunk billing): when the balance runs out the meter holds the stream for
-    a top-up, or ends it. A `payment-receipt` event goes before the `[DONE]` sentinel,
-    or at the end if the upstream sends none."""
+    a top-up, or ends it. A unit is kept only for an event written to a client that is
+    still there: a write that fails, or a client that left, gives it back and ends the
+    stream (ConnectionResetError). A `payment-receipt` event goes before the `[DONE]`
+    sentinel, or at the end if the upstream sends none."""
     buf = bytearray()
     receipt_sent = False
     async for chunk in chunks:
@@ -171,21 +179,33 @@ async def metered_events(chunks, response: web.StreamResponse, meter: SessionMet
         while (event := _split_event(buf)) is not None:
             billable = _billable(event)
             if billable is None:
-                await response.write(meter.receipt_event())
+                await _deliver(response, meter.receipt_event(), None)
                 receipt_sent = True
             elif billable and not await meter.charge(response):
                 await response.write_eof()
                 return
-            await response.write(event)
+            await _deliver(response, event, meter if billable else None)
         if len(buf) > MAX_EVENT:       # an event this large is not SSE: pass it on, one unit
             if not await meter.charge(response):
                 await response.write_eof()
                 return
-            await response.write(bytes(buf))
+            await _deliver(response, bytes(buf), meter)
             buf.clear()
     if buf.strip():
         if _billable(bytes(buf)) and await meter.charge(response):
-            await response.write(bytes(buf) + b"\n\n")
+            await _deliver(response, bytes(buf) + b"\n\n", meter)
     if not receipt_sent:
-        await response.write(meter.receipt_event())
+        await _deliver(response, meter.receipt_event(), None)
     await response.write_eof()
+
+
+async def _deliver(response: web.StreamResponse, data: bytes, charged: SessionMeter | None) -> None:
+    """Write to the client; if it is gone, the unit `charged` took for this goes back."""
+    try:
+        if charged is not None and charged.client_gone():
+            raise ClientGone("the client disconnected")
+        await response.write(data)
+    except ConnectionResetError:
+        if charged is not None:
+            await charged.undelivered()
+        raise
