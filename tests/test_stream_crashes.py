@@ -227,3 +227,51 @@ async def test_a_stop_while_the_loop_records_a_payment_is_not_refused_as_stale()
     await again.load()                                        # what a restart would read
     st = again.streams[sid]
     assert st.state == "stopped" and st.in_flight is None and st.payments == 1 and node.received[HOST] == 1000
+
+
+async def _crash_mid_payment(mode):
+    clock, node, ds = Clock(), FakeNode(), FakeDatastore()
+    first = runner(node, ds, clock)
+    sid = (await first.create(HOST, 1000, 1, 20_000, 50))["id"]
+    node.crash = (2, mode)
+    with pytest.raises(Crash):
+        await tick(first, sid, clock, 5)
+    node.crash = None
+    events = []
+    second = runner(node, ds, clock, node_started_at=clock.t,     # lightningd restarted with it
+                    notify=lambda topic, payload: events.append(payload))
+    await second.load()
+    second.events = events
+    return clock, node, second, sid
+
+
+async def test_a_pending_payment_with_no_htlc_is_failed_after_the_grace_and_its_amount_paid_once():
+    clock, node, second, sid = await _crash_mid_payment("pending_no_htlc")
+    dead = f"streampay-{sid}-2"
+    await tick(second, sid, clock, ORPHAN_GRACE_S - 1)
+    st = second.streams[sid]
+    assert st.in_flight is not None and st.in_flight.label == dead      # within the grace: waited for
+    paid_before = st.paid_msat
+    await tick(second, sid, clock, 5)
+    st = second.streams[sid]
+    assert st.in_flight is None or st.in_flight.label != dead
+    dead_events = [e for e in second.events if e["seq"] == 2 and e["status"] != "complete"]
+    assert len(dead_events) == 1 and "no HTLC" in dead_events[0]["error"]
+    assert node.by_label[dead].state == "pending"                       # never completed, never paid again
+    # the budget: the dead payment cost nothing; what it owed was paid under a new sequence
+    assert st.paid_msat > paid_before and st.paid_msat == node.received[HOST]
+    assert st.paid_msat + st.recipients[0].owed == 1000 * st.intervals
+    assert st.paid_msat + st.fees_msat <= 20_000
+
+
+async def test_a_pending_payment_with_its_htlc_out_is_waited_for_past_the_grace():
+    clock, node, second, sid = await _crash_mid_payment("pending_htlc")
+    await tick(second, sid, clock, 3 * ORPHAN_GRACE_S)
+    st = second.streams[sid]
+    assert st.in_flight is not None and st.in_flight.seq == 2 and not second.events
+    node.settle(*node.later)
+    await tick(second, sid, clock, 2)
+    st = second.streams[sid]
+    assert [e["status"] for e in second.events if e["seq"] == 2] == ["complete"]
+    assert st.paid_msat == node.received[HOST]
+    assert sum(1 for p in node.by_label.values() if p.state == "complete") == st.payments

@@ -7,15 +7,16 @@ sequence, where to look in listsendpays), is written with generation compare-and
 for an offer) under that label; (3) the outcome is written. After a restart an
 `in_flight` payment is reconciled from the node's record of the payment (listsendpays,
 by its label) before anything new is paid:
+by the rule every payer shares (lightning/outcome.py):
     complete -> counted;
-    pending  -> waited for, unless no HTLC carries it: lightningd writes the record
-                before it saves the HTLC, and a crash in between leaves a record that can
-                never complete; after ORPHAN_GRACE_S of that it is counted as failed (its
-                sequence is never paid again; what it owed is paid under a new one);
+    pending  -> waited for, unless no HTLC carries it for ORPHAN_GRACE_S: then it is dead
+                and counted as failed (its sequence is never paid again; what it owed is
+                paid under a new one);
     failed   -> counted as a failure;
     absent   -> it never left: retried under a new label, at once if lightningd itself
                 started after it (no xpay of an earlier run can still be routing it), else
-                after RECONCILE_GRACE_S.
+                after RECONCILE_GRACE_S (a new label is a new payment: this wait is the
+                streams' own).
 After start-up, payments wait (up to READY_TIMEOUT_S) for a usable channel.
 
 One record per stream (not per payment) keeps the datastore small for long streams.
@@ -31,13 +32,13 @@ from typing import Any, Callable
 
 from .errors import BadRequest, NodeError, NotFound, PaymentFailed
 from .lightning.base import Node, RecordStore, StaleRecord
+from .lightning.outcome import ORPHAN_GRACE_S, OrphanWatch, Outcome
 from .params import MAX_MSAT, int_param, msat_param
 from .streams import STATES, Stream, parse_recipients
 
 log = logging.getLogger("micropay.streams")
 RETRY_FOR_S = 30                 # xkeysend/xpay retry window; also bounds reconcile waits
 RECONCILE_GRACE_S = RETRY_FOR_S + 30
-ORPHAN_GRACE_S = 60              # a pending record with no HTLC behind it for this long is dead
 READY_TIMEOUT_S = 60             # after start-up, how long payments wait for a usable channel
 SCHEDULE_SLACK_S = 0.05
 Notify = Callable[[str, dict[str, Any]], None]
@@ -52,7 +53,7 @@ class StreamRunner:
         `node_started_at`: when lightningd started, if this run began with it."""
         self.node, self.ds, self.clock = node, datastore, clock
         self.node_started_at, self.ready_timeout_s = node_started_at, ready_timeout_s
-        self._orphan_since: dict[str, float] = {}
+        self._outcomes = OrphanWatch(node, grace_s=ORPHAN_GRACE_S)
         self.notify = notify or (lambda topic, payload: None)
         self.min_interval_s, self.max_total_limit_msat = min_interval_s, max_total_limit_msat
         self.streams: dict[str, Stream] = {}
@@ -253,25 +254,19 @@ class StreamRunner:
         f = s.in_flight
         assert f is not None
         now = self.clock()
-        found = await self.node.lookup_payment(f.label, f.sendpays_start)
-        if found is not None and found.state == "complete":
-            fee = found.payment.fee_msat if found.payment is not None else 0
+        settled = await self._outcomes.settle(label=f.label, sendpays_start=f.sendpays_start, now=now)
+        if settled.outcome is Outcome.SUCCEEDED:
+            fee = settled.payment.fee_msat if settled.payment is not None else 0
             log.info("stream %s seq %d: found complete after restart; not paying again", s.id, f.seq)
             s.succeeded(fee, now)
             self._payment_event(s, f, "complete", fee, None)
-        elif found is not None and found.state == "pending":
-            if await self.node.htlc_in_flight(found.payment_hash):
-                self._orphan_since.pop(f.label, None)
-                return False
-            since = self._orphan_since.setdefault(f.label, now)
-            if now - since < ORPHAN_GRACE_S:
-                return False
-            del self._orphan_since[f.label]
-            error = "lightningd recorded the payment but no HTLC carries it (it cannot complete)"
-            log.warning("stream %s seq %d: %s; counted as failed, not paid again", s.id, f.seq, error)
-            s.failed(error, False, now)
-            self._payment_event(s, f, "failed", 0, error)
-        elif found is not None:
+        elif settled.outcome is Outcome.IN_FLIGHT:
+            return False
+        elif settled.orphaned:
+            log.warning("stream %s seq %d: %s; counted as failed, not paid again", s.id, f.seq, settled.detail)
+            s.failed(settled.detail, False, now)
+            self._payment_event(s, f, "failed", 0, settled.detail)
+        elif settled.outcome is Outcome.FAILED:
             s.failed("failed (found after restart)", False, now)
             self._payment_event(s, f, "failed", 0, "failed before restart")
         elif (self.node_started_at is None or f.started_at >= self.node_started_at) \
