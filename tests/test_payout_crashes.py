@@ -2,9 +2,10 @@
 twice, nothing paid is forgotten or recorded as failed, and caps hold.
 
 Boundaries: before the reservation is written; after it and before the payment is
-sent; after the node has the payment (pending, or complete) and before its result
-came back; after the result and before it is recorded. The node is a fake behind the
-Node port that keeps, like lightningd, its own record of every payment by hash.
+sent; after the node has the payment (pending with its HTLC out, pending with no HTLC
+behind it, or complete) and before its result came back; after the result and before
+it is recorded. The node is a fake behind the Node port that keeps, like lightningd,
+its own record of every payment by hash and the HTLCs its channels carry.
 """
 import asyncio
 import hashlib
@@ -31,7 +32,8 @@ class FakeNode:
     def __init__(self) -> None:
         self.record: dict[str, PaymentStatus] = {}
         self.sent: dict[str, int] = {}            # payment hash -> times money actually moved
-        self.crash_in_pay: str | None = None      # "before", "pending", "after"
+        self.htlcs: set[str] = set()              # payment hashes with an HTLC in a channel
+        self.crash_in_pay: str | None = None      # "before", "pending", "pending_no_htlc", "after"
         self.refuse = False                       # channels down: every attempt fails at once
         self.ready = True
 
@@ -49,6 +51,9 @@ class FakeNode:
     async def payment_status(self, payment_hash: str) -> PaymentStatus | None:
         return self.record.get(payment_hash)
 
+    async def htlc_in_flight(self, payment_hash: str) -> bool:
+        return payment_hash in self.htlcs
+
     async def wait_until_ready(self, timeout_s: float) -> bool:
         return self.ready
 
@@ -58,6 +63,7 @@ class FakeNode:
         if self.record.get(h, PaymentStatus("failed")).state != "complete":
             self.sent[h] = self.sent.get(h, 0) + 1
         self.record[h] = PaymentStatus("complete", p)
+        self.htlcs.discard(h)
         return p
 
     async def pay(self, bolt11: str, max_fee_msat=None, label=None) -> Payment:
@@ -70,7 +76,11 @@ class FakeNode:
         mode, self.crash_in_pay = self.crash_in_pay, None
         if mode == "before":
             raise Crash()
-        if mode == "pending":
+        if mode == "pending":                     # the HTLC is out; lightningd dies
+            self.record[h] = PaymentStatus("pending")
+            self.htlcs.add(h)
+            raise Crash()
+        if mode == "pending_no_htlc":             # recorded, killed before the HTLC was saved
             self.record[h] = PaymentStatus("pending")
             raise Crash()
         p = self.complete(bolt11)
@@ -205,3 +215,83 @@ async def test_two_processes_resuming_together_act_once(store, node):
     done = await asyncio.gather(*(process(store, node, clock=clock).resume_sending(ready_timeout_s=0)
                                   for _ in range(4)))
     assert sum(done) == 1 and calls == [inv] and node.sent == {node.hash_of(inv): 1}
+
+
+class Clock:
+    def __init__(self, t: float = 1_800_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def _crash_with(store, node, mode, amount=3000, player="alice", key="k1"):
+    inv = node.invoice(amount)
+    node.crash_in_pay = mode
+    with pytest.raises(Crash):
+        await process(store, node).create({"player_id": player, "destination": inv, "idempotency_key": key})
+    return inv, await only_payout(store)
+
+
+async def test_a_pending_payment_with_no_htlc_is_failed_after_the_grace_and_gives_the_caps_back(store, node):
+    """lightningd killed between recording the payment and saving its HTLC: the record
+    stays pending for ever and nothing can complete it (issue 17, section 7)."""
+    from micropay.games.payouts import utc_day
+    from micropay.lightning.outcome import ORPHAN_GRACE_S
+    inv, pid = await _crash_with(store, node, "pending_no_htlc")
+    repo, day = PayoutRepository(store), utc_day(1_800_000_000)
+    clock = Clock(1_800_000_000.0 + 60)                     # the creator's lease ran out
+    resumer = process(store, node, clock=clock)
+    assert await resumer.resume_sending(ready_timeout_s=0) == 1
+    assert await status_of(store, pid) == "sending"         # first seen so: it may be a part being added
+    assert (await repo.totals(day, "alice"))[0] == 3000
+    # a new process starts the grace again: one look is never enough
+    clock.t += ORPHAN_GRACE_S + 1
+    await process(store, node, clock=clock).resume_sending(ready_timeout_s=0)
+    assert await status_of(store, pid) == "sending"
+    clock.t += 31                                           # past the lease that look took
+    await resumer.resume_sending(ready_timeout_s=0)         # seen so for longer than the grace
+    p = await resumer.get(pid)
+    assert p["status"] == "failed" and "no HTLC" in p["error"]
+    assert node.sent == {} and node.record[node.hash_of(inv)].state == "pending"
+    assert await repo.totals(day, "alice") == (0, 0)        # the caps are given back
+    big, created = await resumer.create({"player_id": "alice", "destination": node.invoice(10_000),
+                                         "idempotency_key": "k2"})
+    assert created and big["status"] == "paid"              # the whole player cap is usable again
+    again, created = await resumer.create({"player_id": "alice", "destination": inv, "idempotency_key": "k1"})
+    assert not created and again["status"] == "failed" and node.sent.get(node.hash_of(inv)) is None
+
+
+async def test_a_pending_payment_with_its_htlc_out_stays_sending_however_long(store, node):
+    from micropay.games.payouts import utc_day
+    from micropay.lightning.outcome import ORPHAN_GRACE_S
+    inv, pid = await _crash_with(store, node, "pending")
+    clock = Clock(1_800_000_000.0 + 60)
+    resumer = process(store, node, clock=clock)
+    for _ in range(4):                                      # well past the grace, lease after lease
+        await resumer.resume_sending(ready_timeout_s=0)
+        clock.t += ORPHAN_GRACE_S
+    assert await status_of(store, pid) == "sending" and node.sent == {}
+    assert (await PayoutRepository(store).totals(utc_day(1_800_000_000), "alice"))[0] == 3000
+    node.complete(inv)                                      # the HTLC settles, hours later perhaps
+    await resumer.resume_sending(ready_timeout_s=0)
+    assert await status_of(store, pid) == "paid" and node.sent == {node.hash_of(inv): 1}
+
+
+async def test_an_htlc_seen_in_between_starts_the_grace_again(store, node):
+    from micropay.lightning.outcome import ORPHAN_GRACE_S
+    inv, pid = await _crash_with(store, node, "pending_no_htlc")
+    h = node.hash_of(inv)
+    clock = Clock(1_800_000_000.0 + 60)
+    resumer = process(store, node, clock=clock)
+    await resumer.resume_sending(ready_timeout_s=0)         # no HTLC: the grace starts
+    clock.t += 31
+    node.htlcs.add(h)                                       # an HTLC after all (a part being added)
+    await resumer.resume_sending(ready_timeout_s=0)
+    node.htlcs.discard(h)
+    clock.t += ORPHAN_GRACE_S - 1                           # the grace since the first look is over...
+    await resumer.resume_sending(ready_timeout_s=0)
+    assert await status_of(store, pid) == "sending"         # ...but not since the HTLC went
+    clock.t += ORPHAN_GRACE_S
+    await resumer.resume_sending(ready_timeout_s=0)
+    assert await status_of(store, pid) == "failed" and node.sent == {}

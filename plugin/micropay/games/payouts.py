@@ -4,8 +4,13 @@ and per day overall, idempotent by key.
 The payout row is reserved (status 'sending') in the same transaction that checks the
 caps, under a lock row, so concurrent requests cannot overshoot a cap. Only then is
 the payment sent. A failed payment stops counting against the caps. A payout left
-'sending' by a crash is resumed at start-up by paying the same invoice again, which
-Lightning makes idempotent (same payment hash).
+'sending' (by a crash, or a payment still out) is settled by the resume loop from the
+node's record of its payment hash, by the rule every payer shares
+(lightning/outcome.py): complete -> paid; failed -> failed; pending with an HTLC ->
+still sending; pending with no HTLC behind it for ORPHAN_GRACE_S -> dead, so failed
+(the money never left, and lightningd never pays that hash again), which gives its
+share of the caps back; no record -> paid now, on the same invoice, which Lightning
+makes idempotent (same payment hash).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Any, Callable, NoReturn
 from ..errors import (BadRequest, Conflict, MicropayError, NotFound, PaymentFailed, PaymentUnknown,
                       PayoutCapReached, PayoutsDisabled)
 from ..lightning.base import Node
+from ..lightning.outcome import OrphanWatch, Outcome, Settled
 from ..store import Store
 from ..tasks import every
 from .config import PayoutCaps
@@ -51,6 +57,7 @@ class Payouts:
                  clock: Callable[[], float] = time.time) -> None:
         self.caps, self.repo, self.node = caps, PayoutRepository(store), node
         self.endpoints_for, self.hub, self.clock = endpoints_for, hub, clock
+        self._outcomes = OrphanWatch(node)     # payments seen pending with no HTLC, and since when
 
     async def get(self, payout_id: str) -> dict[str, Any]:
         p = await self.repo.by_id(payout_id)
@@ -128,10 +135,10 @@ class Payouts:
             task.cancel()
 
     async def _send(self, row: Payout, resume: bool = False) -> dict[str, Any]:
-        """Pay the payout, or settle it from what the node recorded. Its status comes from
-        the node's own record of the payment (complete -> paid, pending -> still
-        sending, failed -> failed), never from an attempt the node refused for a passing
-        reason. With `resume`, an attempt the node already recorded as failed is final."""
+        """Pay the payout, or settle it from what the node recorded (lightning/outcome.py):
+        complete -> paid, pending -> still sending (dead after the grace -> failed),
+        failed -> failed, never from an attempt the node refused for a passing reason.
+        With `resume`, an attempt the node already recorded as failed is final."""
         pid = row.id
         invoice, payment_hash = row.invoice, row.payment_hash
         if invoice is None:   # an offer: fetch the invoice once, persist it, then pay it
@@ -143,25 +150,31 @@ class Payouts:
             await self.repo.set_invoice(pid, invoice, payment_hash, int(self.clock()))
         if payment_hash is None:
             payment_hash = (await self.node.decode(invoice)).payment_hash
-        known = await self.node.payment_status(payment_hash)
-        if known is not None and known.state == "complete":
-            return await self._paid(row, known.payment)
-        if known is not None and known.state == "pending":
-            return await self.get(pid)           # still out: whoever holds the lease next looks again
-        if known is not None and resume:
-            return await self._finish(row, PayoutStatus.FAILED, error="the node recorded this payment as failed")
+        known = await self._outcomes.settle(payment_hash=payment_hash, now=self.clock())
+        if known.outcome is not Outcome.NOT_SENT and (resume or known.outcome is not Outcome.FAILED
+                                                      or known.orphaned):
+            return await self._settled(row, known)
         try:
             p = await self.node.pay(invoice, max_fee_msat=self._fee_cap(row), label=f"micropay-payout-{pid}")
         except PaymentUnknown:
             return await self.get(pid)           # out, outcome unknown: settled from the node's record later
         except PaymentFailed as exc:
-            after = await self.node.payment_status(payment_hash)
-            if after is not None and after.state == "complete":
-                return await self._paid(row, after.payment)
-            if after is not None and after.state == "pending":
-                return await self.get(pid)
+            after = await self._outcomes.settle(payment_hash=payment_hash, now=self.clock())
+            if after.outcome in (Outcome.SUCCEEDED, Outcome.IN_FLIGHT) or after.orphaned:
+                return await self._settled(row, after)
             return await self._finish(row, PayoutStatus.FAILED, error=exc.message)
         return await self._paid(row, p)
+
+    async def _settled(self, row: Payout, known: Settled) -> dict[str, Any]:
+        """Record what the node's record says of the payout's payment (never NOT_SENT)."""
+        if known.outcome is Outcome.SUCCEEDED:
+            return await self._paid(row, known.payment)
+        if known.outcome is Outcome.IN_FLIGHT:
+            return await self.get(row.id)        # still out: whoever holds the lease next looks again
+        if known.orphaned:
+            log.warning("payout %s: %s; failed, its caps given back", row.id, known.detail)
+            return await self._finish(row, PayoutStatus.FAILED, error=known.detail)
+        return await self._finish(row, PayoutStatus.FAILED, error="the node recorded this payment as failed")
 
     def _fee_cap(self, row: Payout) -> int:
         """The fee cap the payout was created under (rows from before 0.2 have none: the
