@@ -6,6 +6,14 @@ pays through a Wallet, and retries with the credential. Tokens and the spending 
 are persisted (mode 0600), so credits are reused across runs and budgets hold across
 runs. A payment is recorded under its payment hash before and after paying, so a crash
 and a retry never count (or, with an idempotent wallet, pay) the same invoice twice.
+
+Paying from a node (NodeWallet), a payment is first settled from the node's own record
+of it, by the rule every payer shares (lightning/outcome.py): complete -> paid, not
+paid again; pending with an HTLC -> waited for; pending with no HTLC behind it (a
+lightningd killed between recording it and sending it) -> seen so twice, a grace
+apart (the first sighting is kept in the ledger, so separate runs count), it is dead:
+nothing was paid, the budget it held is given back, and the invoice is remembered as
+one this node cannot pay (lightningd refuses its hash while the dead record is there).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from .errors import (BadRequest, BudgetExceeded, ConfigError, ForeignChallenge, 
 from .inputs import load_json, read_bounded
 from .l402 import Challenge, format_authorization, parse_challenges
 from .lightning.base import Node
+from .lightning.outcome import ORPHAN_GRACE_S, Outcome, Settled, settle_payment
 from .lightning.bolt11codec import decode_invoice
 from .macaroon import Macaroon
 from . import payment_auth
@@ -40,6 +49,7 @@ from .tokens import decode_identifier, parse_caveats
 DAY_S = 86400
 MAX_CHALLENGE_BODY = 64 * 1024          # a 402/401 body: only its price is read
 DEFAULT_MAX_BODY = 32 * 1024 * 1024     # the answer the caller asked for
+DEAD_KEPT_S = 14 * DAY_S                # how long an invoice found dead at the node is remembered
 
 
 @dataclass(frozen=True)
@@ -69,11 +79,21 @@ class Wallet(Protocol):
     async def pay(self, bolt11: str, amount_msat: int, max_fee_msat: int) -> PaidInvoice: ...
 
 
+class PaymentNeverLeft(PaymentFailed):
+    """The node recorded the payment but it is dead (pending with no HTLC behind it past
+    the grace): nothing was paid, and this node cannot pay that invoice any more."""
+
+
 class NodeWallet:
     """Pays with any Node adapter (an in-process sandbox node, or a CLN node)."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, node: Node, orphan_grace_s: float = ORPHAN_GRACE_S) -> None:
+        self.node, self.orphan_grace_s = node, orphan_grace_s
+
+    async def settle(self, payment_hash: str, orphan_since: float | None, now: float) -> Settled:
+        """What the node recorded of our payment to this hash (lightning/outcome.py)."""
+        return await settle_payment(self.node, payment_hash=payment_hash, orphan_since=orphan_since, now=now,
+                                    grace_s=self.orphan_grace_s)
 
     async def pay(self, bolt11: str, amount_msat: int, max_fee_msat: int) -> PaidInvoice:
         p = await self.node.pay(bolt11, max_fee_msat=max_fee_msat)
@@ -172,12 +192,14 @@ class Spend:
     macaroon: str = ""
     challenge: dict[str, str] | None = None   # a Payment (MPP) charge: its echo, kept while "paying"
     resource: str = ""                        # "METHOD /path" a Payment charge was asked for
+    orphan_since: int | None = None           # first seen pending at the node with no HTLC behind it
 
 
 @dataclass
 class ClientState:
     tokens: list[CachedToken] = field(default_factory=list)
     spends: dict[str, Spend] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)   # payment hash -> when found dead at the node
 
 
 class TokenCache:
@@ -207,8 +229,9 @@ class TokenCache:
             doc = load_json(read_secret(self.path) or b"{}", f"{self.path}")
             self.state = ClientState(
                 tokens=[CachedToken(**t) for t in doc.get("tokens", [])],
-                spends={k: Spend(**v) for k, v in doc.get("spends", {}).items()})
-        except (BadRequest, TypeError, AttributeError):
+                spends={k: Spend(**v) for k, v in doc.get("spends", {}).items()},
+                dead={k: int(v) for k, v in doc.get("dead", {}).items()})
+        except (BadRequest, TypeError, AttributeError, ValueError):
             raise ConfigError(f"{self.path}: the token cache is corrupt; move it aside to start a new one "
                               "(it holds the spending ledger the budgets count)") from None
 
@@ -216,7 +239,8 @@ class TokenCache:
         if self.path is None:
             return
         doc = {"tokens": [asdict(t) for t in self.state.tokens if t.usable],
-               "spends": {k: asdict(v) for k, v in self.state.spends.items()}}
+               "spends": {k: asdict(v) for k, v in self.state.spends.items()},
+               "dead": self.state.dead}
         write_secret(self.path, json.dumps(doc, indent=1).encode())
 
     @contextlib.contextmanager
@@ -398,6 +422,9 @@ class L402Client:
             if known is not None and known.status == "paid":
                 raise PaymentFailed("the server sent an invoice this client has already paid; "
                                     "not paying twice")
+            if known is None and intent.payment_hash in state.dead:
+                raise PaymentNeverLeft("the server sent an invoice whose earlier payment is dead at this node "
+                                       "(recorded, never sent); the node cannot pay it: ask for a new one")
             if known is None:
                 self._check_budget(intent.host, intent.amount_msat, now, per_request_msat)
                 state.spends[intent.payment_hash] = known = intent
@@ -405,15 +432,22 @@ class L402Client:
 
     async def _complete(self, intent: Spend) -> tuple[CachedToken, PaidInvoice]:
         """Pay a recorded intent and turn it into a cached token. Wallets are idempotent
-        per invoice (paying a paid invoice returns its preimage), so this is safe to repeat."""
+        per invoice (paying a paid invoice returns its preimage), so this is safe to repeat.
+        A wallet that pays from a node settles an earlier attempt from the node's record
+        first (see the module's docstring); a dead one raises PaymentNeverLeft."""
+        paid = await self._from_node_record(intent)
         try:
-            paid = await self.wallet.pay(intent.bolt11, intent.amount_msat, self.budget.max_fee_msat)
+            if paid is None:
+                paid = await self.wallet.pay(intent.bolt11, intent.amount_msat, self.budget.max_fee_msat)
         except PaymentFailed:
-            with self.cache.locked() as state:   # the wallet says nothing was paid: release the reservation
-                known = state.spends.get(intent.payment_hash)
-                if known is not None and known.status == "paying":
-                    del state.spends[intent.payment_hash]
+            self._release(intent)                # the wallet says nothing was paid
             raise
+        except PaymentUnknown:
+            if intent.orphan_since is None:
+                raise
+            paid = await self._from_node_record(intent)   # the node waited on it: dead by now?
+            if paid is None:
+                raise
         # Any other error (the wallet unreachable, the connection to the node lost) says
         # nothing of the payment: the intent stays recorded, counted in the budgets, and
         # the next run finishes it (paying a paid invoice returns its preimage).
@@ -430,6 +464,44 @@ class L402Client:
                 state.tokens.append(token)
         return token, paid  # type: ignore[return-value]
 
+    def _release(self, intent: Spend, dead: bool = False) -> None:
+        """Nothing of the intent was paid: give its reservation back to the budgets."""
+        with self.cache.locked() as state:
+            known = state.spends.get(intent.payment_hash)
+            if known is not None and known.status == "paying":
+                del state.spends[intent.payment_hash]
+            if dead:
+                now = int(self.clock())
+                state.dead[intent.payment_hash] = now
+                for h in [h for h, t in state.dead.items() if t < now - DEAD_KEPT_S]:
+                    del state.dead[h]          # its invoice expired long ago
+
+    async def _from_node_record(self, intent: Spend) -> PaidInvoice | None:
+        """The node's record of an earlier attempt at this intent, by the shared rule:
+        complete -> what it paid; dead -> released and PaymentNeverLeft; otherwise None
+        (pay it: the node pays a hash once, and waits on an attempt still in flight).
+        The first sighting of a pending record with no HTLC is kept in the ledger."""
+        settle = getattr(self.wallet, "settle", None)
+        if settle is None:
+            return None
+        now = self.clock()
+        found: Settled = await settle(intent.payment_hash, intent.orphan_since, now)
+        if found.outcome is Outcome.SUCCEEDED and found.payment is not None:
+            return PaidInvoice(found.payment.preimage, found.payment.amount_msat, found.payment.fee_msat)
+        if found.orphaned:
+            self._release(intent, dead=True)
+            self.on_event(f"an earlier payment ({intent.payment_hash[:16]}…) is dead at the node: {found.detail}; "
+                          f"nothing was paid and its {intent.amount_msat} msat are back in the budgets")
+            raise PaymentNeverLeft(f"{found.detail}: nothing was paid; the budget it held is given back")
+        since = None if found.orphan_since is None else int(found.orphan_since)
+        if since != intent.orphan_since:
+            intent.orphan_since = since
+            with self.cache.locked() as state:
+                known = state.spends.get(intent.payment_hash)
+                if known is not None and known.status == "paying":
+                    known.orphan_since = since
+        return None
+
     async def _resume(self, origin: str, method: str, path: str, query: str = "") -> CachedToken | None:
         """Finish a payment that an earlier run recorded but did not see through."""
         now = self.clock()
@@ -440,7 +512,10 @@ class L402Client:
                                     "", intent.payment_hash)
             if candidate.covers(origin, method, path, now, query):
                 self.on_event(f"finishing an interrupted payment ({intent.payment_hash[:16]}…)")
-                token, _ = await self._complete(intent)
+                try:
+                    token, _ = await self._complete(intent)
+                except PaymentNeverLeft:
+                    continue                     # nothing was paid: a fresh challenge is asked for
                 return token
         return None
 
@@ -490,7 +565,10 @@ class L402Client:
                 self.on_event(f"finishing an interrupted payment ({intent.payment_hash[:16]}…)")
                 ch = payment_auth.Challenge(**{k: intent.challenge.get(k, "")
                                                for k in payment_auth.ECHO_FIELDS})
-                _, paid = await self._complete(intent)
+                try:
+                    _, paid = await self._complete(intent)
+                except PaymentNeverLeft:
+                    continue                     # nothing was paid: a fresh challenge is asked for
                 return payment_auth.format_credential(ch, paid.preimage)
         return None
 
