@@ -2,8 +2,9 @@
 
 - streams: each recipient received exactly what the payer's records say it was paid,
   no sequence paid twice, paid + fees within the budget, owed + paid exact per interval;
-- payouts: every payout the payee was paid for is recorded paid (never failed), and
-  the caps hold;
+- payouts: every payout the payee was paid for is recorded paid (never failed), the
+  caps hold, and none is left 'sending': a payment lightningd recorded and was killed
+  before sending (pending, no HTLC) is settled failed after the grace, freeing its caps;
 - micropay-fetch: no invoice paid twice, every payment the node made is in the client's
   ledger;
 - purchases: every paid purchase is paid and its webhook delivered (a duplicate carries
@@ -27,6 +28,9 @@ import urllib.request
 import pytest
 from pyln.client import LightningRpc, RpcError
 from pyln.testing.utils import wait_for
+
+from micropay.games.payouts import LEASE_S
+from micropay.lightning.outcome import ORPHAN_GRACE_S
 
 from .test_fetch_and_supervision import _up, alive, free_port, sidecar_pids
 from .util import helper_plugin, opts
@@ -105,6 +109,9 @@ def test_kill_the_payers_lightningd_mid_split_stream(node_factory):
 
 
 HOLD_MSAT = 777_777
+# A dead payout payment is seen by the resume loop once a lease has run out, and again
+# a grace later (each look takes a lease): this long after a restart it is settled.
+PAYOUT_SETTLE_S = ORPHAN_GRACE_S + 3 * LEASE_S + 30
 
 
 def test_kill_the_payers_lightningd_mid_payout(node_factory):
@@ -116,10 +123,10 @@ def test_kill_the_payers_lightningd_mid_payout(node_factory):
                                                                  "micropay-payout-day-msat": 10 * cap}),
                  {"may_reconnect": True, "plugin": helper_plugin("hold")}],
         wait_for_announce=True)
-    outcomes = []
+    outcomes, bodies = [], {}
     for i in range(3):
         inv = l3.rpc.invoice(HOLD_MSAT, f"held-{i}", "held payout")["bolt11"]
-        key = {"player_id": "p1", "destination": inv, "idempotency_key": f"win-{i}"}
+        key = bodies[f"win-{i}"] = {"player_id": "p1", "destination": inv, "idempotency_key": f"win-{i}"}
         rpc2 = LightningRpc(l2.rpc.socket_path)
         t = threading.Thread(target=lambda key=key: _quietly(rpc2.call, "micropay-payout", key), daemon=True)
         t.start()
@@ -127,21 +134,49 @@ def test_kill_the_payers_lightningd_mid_payout(node_factory):
         kill_and_restart(l2, l1, l3)
         t.join(30)
         l2.rpc.call("micropay-payout", key)          # the game server retries with the same key
-        wait_for(lambda key=key: l2.rpc.call("micropay-payout", key)["status"] in ("paid", "failed"), timeout=120)
+        wait_for(lambda key=key: l2.rpc.call("micropay-payout", key)["status"] in ("paid", "failed"),
+                 timeout=PAYOUT_SETTLE_S)
         final = l2.rpc.call("micropay-payout", key)
         paid_at_payee = l3.rpc.listinvoices(f"held-{i}")["invoices"][0]["status"] == "paid"
         assert final["status"] == ("paid" if paid_at_payee else "failed"), (final, paid_at_payee)
         outcomes.append(final["status"])
-    # the cap counts every payout the payee was paid for: with three paid, a fourth is refused
+    # the cap counts every payout the payee was paid for, and only those: with three paid,
+    # a fourth is refused; with fewer (a failed or dead one gave its share back), it fits
     inv = l3.rpc.invoice(HOLD_MSAT, "held-3", "one too many")["bolt11"]
-    fourth = {"player_id": "p1", "destination": inv, "idempotency_key": "win-3"}
+    fourth = bodies["win-3"] = {"player_id": "p1", "destination": inv, "idempotency_key": "win-3"}
+    keys = [f"win-{i}" for i in range(3)]
     if outcomes.count("paid") == 3:
         with pytest.raises(RpcError) as refused:
             l2.rpc.call("micropay-payout", fourth)
         assert refused.value.error["code"] == 1414, refused.value.error  # the cap, not a conflict
+    else:
+        l2.rpc.call("micropay-payout", fourth)       # not refused by the cap
+        keys.append("win-3")
+    # no payout is left 'sending' (issue 17, section 7): each is paid or failed, and a
+    # failed one's payment is failed at l2 or dead there (pending with no HTLC behind it)
+    wait_for(lambda: all(_payout(l2, bodies[k])["status"] != "sending" for k in keys), timeout=PAYOUT_SETTLE_S)
+    sendpays = l2.rpc.listsendpays()["payments"]
+    htlcs = {h["payment_hash"] for c in l2.rpc.listpeerchannels()["channels"] for h in c.get("htlcs", [])}
+    dead = 0
+    for k in keys:
+        p = _payout(l2, bodies[k])
+        parts = [x["status"] for x in sendpays if x["payment_hash"] == p["payment_hash"]]
+        if p["status"] == "failed":
+            assert "complete" not in parts, (p, parts)
+            assert p["payment_hash"] not in htlcs, p
+            dead += "pending" in parts
+        else:
+            assert p["status"] == "paid" and "complete" in parts, (p, parts)
     paid = sum(HOLD_MSAT for i in range(4) if l3.rpc.listinvoices(f"held-{i}")["invoices"][0]["status"] == "paid")
     assert paid <= cap
-    print(f"payouts: 3 kills, outcomes {outcomes}, {paid} msat paid against a {cap} cap, 0 violations")
+    assert paid == HOLD_MSAT * sum(_payout(l2, bodies[k])["status"] == "paid" for k in keys)
+    print(f"payouts: 3 kills, outcomes {outcomes}, {dead} dead payments settled failed, {paid} msat paid "
+          f"against a {cap} cap, none left sending, 0 violations")
+
+
+def _payout(node, body):
+    """The payout, as micropay-payout answers a retry with the same key (it never pays twice)."""
+    return node.rpc.call("micropay-payout", body)
 
 
 def _quietly(fn, *args):
