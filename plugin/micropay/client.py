@@ -492,7 +492,8 @@ class L402Client:
             self._release(intent, dead=True)
             self.on_event(f"an earlier payment ({intent.payment_hash[:16]}…) is dead at the node: {found.detail}; "
                           f"nothing was paid and its {intent.amount_msat} msat are back in the budgets")
-            raise PaymentNeverLeft(f"{found.detail}: nothing was paid; the budget it held is given back")
+            raise PaymentNeverLeft(f"the payment is dead at this node: {found.detail}; nothing was paid and "
+                                   "the budget it held is given back")
         since = None if found.orphan_since is None else int(found.orphan_since)
         if since != intent.orphan_since:
             intent.orphan_since = since
