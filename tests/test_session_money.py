@@ -26,6 +26,8 @@ def two_routes(up_url: str, cheap_msat: int = 1000, premium_msat: int = 10_000, 
     return f"""
 service = "money"
 upstream = "{up_url}"
+[challenges]
+per_client_per_minute = 1000     # every refusal carries a fresh invoice: these tests send many
 [[routes]]
 method = "GET"
 path = "/api/cheap"
@@ -203,3 +205,61 @@ async def test_a_refund_is_found_by_its_own_attempt_not_by_the_invoice_paid_by_s
     # the invoice was already paid: this refund's own attempt failed, and it says so
     assert result.refund_status == RefundStatus.FAILED and result.refund_msat == 10_000
     assert await merchant.lookup_payment(refund_label(sid), 1) is None
+
+
+def _invoice_with_route_hint(base_fee_msat: int, ppm: int) -> str:
+    """An amountless regtest invoice whose one route hint charges base + ppm."""
+    import os
+    import time
+
+    import bolt11
+    from bolt11 import Bolt11, Feature, Features, FeatureState, TagChar, Tags
+    from bolt11.models.routehint import Route, RouteHint
+    from coincurve import PrivateKey
+    key = PrivateKey()
+    tags = Tags()
+    tags.add(TagChar.payment_hash, os.urandom(32).hex())
+    tags.add(TagChar.payment_secret, os.urandom(32).hex())
+    tags.add(TagChar.description, "refund")
+    tags.add(TagChar.expire_time, 86400)
+    tags.add(TagChar.min_final_cltv_expiry, 18)
+    tags.add(TagChar.route_hint, RouteHint([Route(PrivateKey().public_key.format().hex(), "1x2x3", base_fee_msat,
+                                                   ppm, 40)]))
+    tags.add(TagChar.features, Features.from_feature_list({Feature.var_onion_optin: FeatureState.required,
+                                                           Feature.payment_secret: FeatureState.required}))
+    return bolt11.encode(Bolt11(currency="bcrt", date=int(time.time()), tags=tags), key.secret.hex())
+
+
+def test_a_return_invoice_whose_route_hints_cost_more_than_the_refund_fee_cap_is_refused_at_open(world, tmp_path):
+    lt, up = world
+    toml = two_routes(up.url, deposit_units=20).replace("deposit_units = 20\n", "deposit_units = 20\n"
+                                                        "refund_max_fee_msat = 2000\n", 1)
+    sc = lt.run(start_sidecar(make_config(tmp_path, toml)))
+    try:
+        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/cheap") == 2000
+        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/premium") == 5000      # the default
+        ch, pre = paid_challenge(lt, sc, "/api/cheap")
+        # a 20 sat deposit through a hint of 1 sat + 5%: 2000 msat, at the cap: accepted later
+        dear = _invoice_with_route_hint(1500, 50_000)      # 1500 + 1000 msat > 2000
+        auth = pa.format_session_credential(ch, {"action": "open", "preimage": pre, "returnInvoice": dear})
+        status, _, body = raw_request(sc.port, "GET", "/api/cheap", {"Authorization": auth})
+        problem = json.loads(body)
+        assert status == 402 and problem["type"].endswith("/invalid-return-invoice"), body
+        assert "2500 msat" in problem["detail"] and "at most 2000 msat" in problem["detail"]
+        fair = _invoice_with_route_hint(1000, 50_000)      # 1000 + 1000 msat: at the cap
+        auth = pa.format_session_credential(ch, {"action": "open", "preimage": pre, "returnInvoice": fair})
+        status, _, body = raw_request(sc.port, "GET", "/api/cheap", {"Authorization": auth})
+        assert status == 200, body                          # the deposit was still unused
+    finally:
+        lt.run(sc.runner.cleanup())
+
+
+def test_the_refund_is_paid_with_the_routes_fee_cap(tmp_path):
+    """The cap reaches the node's pay call (the operator pays the fee on top of the refund)."""
+    from micropay.pricing import Pricing, parse_route
+    rule = parse_route({"path": "/x", "price_msat": 1000, "session": {"refund_max_fee_msat": 1234}}, "t")
+    assert rule.session.refund_max_fee_msat == 1234
+    for bad in (-1, 1.5, "5000", True, 10_000_001):
+        with pytest.raises(Exception, match="refund_max_fee_msat"):
+            parse_route({"path": "/x", "price_msat": 1000, "session": {"refund_max_fee_msat": bad}}, "t")
+    assert Pricing([rule]).rules[0].session.refund_max_fee_msat == 1234

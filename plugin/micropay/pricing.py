@@ -30,6 +30,7 @@ class SessionPolicy:
     idle_timeout_s: int = 300        # the draft's recommended idle timeout: 5 minutes
     hold_s: int = 60                 # a stream held for a top-up waits this long (the draft's 60 s)
     unit_type: str = "request"       # a label for clients: "chunk", "token", ...
+    refund_max_fee_msat: int = 5000  # routing fee the operator pays at most per refund (on top of it)
 
 
 PriceHook = Callable[[Any, "RouteRule"], Union[int, Awaitable[int]]]
@@ -167,7 +168,7 @@ class _Table:
 
 _ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", "capabilities",
                "free_per_hour", "stream_msat", "description", "price_hook", "schemes", "session"}
-_SESSION_KEYS = {"deposit_units", "idle_timeout_s", "hold_s", "unit_type"}
+_SESSION_KEYS = {"deposit_units", "idle_timeout_s", "hold_s", "unit_type", "refund_max_fee_msat"}
 
 
 def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
@@ -177,7 +178,8 @@ def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
     if raw is True:
         raw = {}
     if not isinstance(raw, dict):
-        raise t.fail("session", "must be true or a table (deposit_units, idle_timeout_s, hold_s, unit_type)")
+        raise t.fail("session", "must be true or a table (deposit_units, idle_timeout_s, hold_s, unit_type, "
+                     "refund_max_fee_msat)")
     s = _Table(raw, f"{t.where}.session" if ": " in t.where else f"{t.where}: session")
     s.check_keys(_SESSION_KEYS)
     for key in ("credits", "pass_s", "price_hook", "free_per_hour", "stream_msat"):
@@ -190,10 +192,18 @@ def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
         raise s.fail("unit_type", "must be a short label such as \"chunk\" or \"token\"")
     policy = SessionPolicy(deposit_units=s.positive_int("deposit_units", 20, maximum=1_000_000) or 20,
                            idle_timeout_s=s.positive_int("idle_timeout_s", 300, maximum=30 * 86400) or 300,
-                           hold_s=s.positive_int("hold_s", 60, maximum=3600) or 60, unit_type=unit_type)
+                           hold_s=s.positive_int("hold_s", 60, maximum=3600) or 60, unit_type=unit_type,
+                           refund_max_fee_msat=_refund_fee_cap(s))
     if price * policy.deposit_units > MAX_MSAT:
         raise s.fail("deposit_units", f"the deposit ({price} msat x {policy.deposit_units}) is too large")
     return policy
+
+
+def _refund_fee_cap(s: "_Table") -> int:
+    value = s.data.get("refund_max_fee_msat", 5000)
+    if type(value) is not int or not 0 <= value <= 10_000_000:
+        raise s.fail("refund_max_fee_msat", "must be a whole number of millisatoshis from 0 to 10000000")
+    return value
 
 
 def parse_route(data: Any, where: str, base_dir: Path | None = None) -> RouteRule:

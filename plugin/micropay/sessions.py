@@ -34,6 +34,7 @@ from .errors import (NodeError, PaymentFailed, PaymentInsufficientBalance, Payme
                      PaymentSchemeError, PaymentSessionClosed, PaymentSessionNotFound, PaymentUnknown,
                      PaymentUnknownChallenge)
 from .lightning.base import Node
+from .lightning.bolt11codec import InvalidInvoice, route_hint_fee_msat
 from .payment_auth import SessionAction, network_of
 from .store.sessions import RefundStatus, SessionRecord, SessionRepository, SessionStatus
 
@@ -42,6 +43,7 @@ log = logging.getLogger("micropay.sessions")
 LEASE_S = 1.0
 MAX_LEASE_UNITS = 256
 RESUME_AFTER_S = 120           # a close left unfinished this long ago is taken over (crash)
+DEFAULT_REFUND_MAX_FEE_MSAT = 5_000   # pricing.SessionPolicy.refund_max_fee_msat's default
 ACTIONS_KEPT_S = 86_400        # consumed challenges' responses, for retries (the draft: >= 5 min)
 
 
@@ -73,7 +75,7 @@ class SessionLedger:
     lease_s: float = LEASE_S
     max_lease_units: int = MAX_LEASE_UNITS
     idle_timeouts: dict[str, int] = field(default_factory=dict)     # route key -> seconds
-    refund_max_fee_msat: Callable[[int], int] = lambda refund: max(5_000, refund // 100)
+    refund_fee_caps: dict[str, int] = field(default_factory=dict)   # route key -> msat (refund_max_fee_msat)
     _leases: dict[str, _Lease] = field(default_factory=dict)
     _reserving: dict[str, asyncio.Future] = field(default_factory=dict)
     _topped: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -113,10 +115,24 @@ class SessionLedger:
             raise PaymentInvalidReturnInvoice("the return invoice is for another network than the deposit")
         if decoded.expires_at <= self.clock():
             raise PaymentInvalidReturnInvoice("the return invoice has expired")
+        cap = self.refund_fee_cap(act.route)
+        try:
+            hint_fee = route_hint_fee_msat(act.return_invoice, act.deposit_msat)
+        except InvalidInvoice:           # the node decoded it; its route hints are not readable here
+            hint_fee = 0
+        if hint_fee > cap:
+            raise PaymentInvalidReturnInvoice(
+                f"the return invoice's route hints charge {hint_fee} msat to carry a refund of the deposit; this "
+                f"server pays at most {cap} msat of routing fees per refund: give an invoice reachable for less")
         if await self.repo.return_taken(decoded.payment_hash) not in (None, act.session_id):
             raise PaymentInvalidReturnInvoice("the return invoice is already named by another session: make a "
                                               "fresh one for each session (the deposit is still unused)")
         return decoded.payment_hash
+
+    def refund_fee_cap(self, route_key: str) -> int:
+        """The most the operator pays in routing fees for one refund of this route's
+        sessions (on top of the refund: the client gets the whole unspent balance)."""
+        return self.refund_fee_caps.get(route_key, DEFAULT_REFUND_MAX_FEE_MSAT)
 
     async def top_up(self, act: SessionAction, now: int) -> dict[str, Any]:
         """Add a paid deposit to an open session; the response body. A retry of the same
@@ -318,7 +334,7 @@ class SessionLedger:
                 if other.state == "pending":
                     raise PaymentUnknown("another payment to the return invoice is pending")
                 return RefundStatus.FAILED
-            paid = await self.node.pay(rec.return_invoice, max_fee_msat=self.refund_max_fee_msat(refund_msat),
+            paid = await self.node.pay(rec.return_invoice, max_fee_msat=self.refund_fee_cap(rec.route_key),
                                        label=label, amount_msat=refund_msat)
             if paid.amount_msat != refund_msat:
                 log.warning("session %s: the node reported a payment of %d msat for a refund of %d msat",

@@ -66,6 +66,24 @@ def encode_invoice(*, currency: str, amount_msat: int | None, payment_hash: byte
     return bolt11.encode(inv, privkey_hex)
 
 
+def route_hint_fee_msat(text: str, amount_msat: int) -> int:
+    """The least fee the invoice's route hints charge to carry `amount_msat` to its payee
+    (0 without hints; what a payer pays the hops before the hints is not known here).
+    Raises InvalidInvoice."""
+    try:
+        hints = bolt11.decode(text.strip()).route_hints
+    except Exception as exc:  # the library raises many types for bad input
+        raise InvalidInvoice(f"not a valid BOLT11 invoice ({type(exc).__name__})") from None
+    fees = []
+    for hint in (hints or []):
+        fee, forward = 0, amount_msat
+        for hop in reversed(hint.routes):     # the last hop is next to the payee
+            hop_fee = hop.base_fee + forward * hop.ppm_fee // 1_000_000
+            fee, forward = fee + hop_fee, forward + hop_fee
+        fees.append(fee)
+    return min(fees, default=0)
+
+
 def decode_invoice(text: str) -> DecodedInvoice:
     """Decode and check the signature. Raises InvalidInvoice, never a library error."""
     if not isinstance(text, str) or not text or len(text) > MAX_BOLT11_LEN:
