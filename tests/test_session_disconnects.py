@@ -187,3 +187,39 @@ def test_a_client_that_leaves_between_events_pays_for_the_events_it_read(world):
     rec = settled_record(lt, sc, sid, wait_s=1.5)          # the upstream's next events come meanwhile
     assert rec.spent_msat == (1 + delivered) * UNIT_MSAT
     close_and_check_refund(lt, sc, ch, pre, sid, 1 + delivered, deposits=2)
+
+
+def test_a_client_killed_between_a_top_up_and_the_close_closes_the_session_at_its_next_start(world, tmp_path):
+    """kill -9 of `micropay get --session` right after its top-up: the session stays open
+    on the server (idle timeout 300 s). The next run with the same ledger closes it first,
+    and the refund is paid then: deposits less what the server recorded as spent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    lt, sc = world
+    cache = tmp_path / "client.json"
+    cmd = [sys.executable, "-m", "micropay.cli", "get", "--session", "--cache", str(cache),
+           "--max-msat", "5000"]
+    first = subprocess.Popen(cmd + [sc.url + "/gen?n=30&gap=0.3"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"topped up" not in seen and time.monotonic() < deadline:
+        line = first.stderr.readline()
+        if not line:
+            break
+        seen += line
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    assert b"topped up" in seen, seen
+    ledger = json.loads(cache.read_text())
+    (sid,) = ledger["sessions"]                              # the open session, recorded
+    assert lt.run(sc.rt.gate.sessions.repo.get(sid)).status == "open"
+    second = subprocess.run(cmd + [sc.url + "/gen?n=1"], capture_output=True, timeout=60)
+    assert second.returncode == 0, second.stderr.decode()
+    assert f"session {sid[:16]}… left open by an earlier run: closed, refund".encode() in second.stderr
+    rec = lt.run(sc.rt.gate.sessions.repo.get(sid))
+    assert rec.status == "closed" and rec.refund_status == "succeeded"
+    assert rec.refund_msat == rec.deposit_msat - rec.spent_msat == 2 * DEPOSIT_UNITS * UNIT_MSAT - rec.spent_msat
+    assert json.loads(cache.read_text())["sessions"] == {}  # and the second run's own session closed too

@@ -200,6 +200,10 @@ class ClientState:
     tokens: list[CachedToken] = field(default_factory=list)
     spends: dict[str, Spend] = field(default_factory=dict)
     dead: dict[str, int] = field(default_factory=dict)   # payment hash -> when found dead at the node
+    # Payment sessions whose deposit is paid and that are not known closed (session id ->
+    # what closing them needs: session_client.OpenSession's fields), so a run that died
+    # mid-session closes them at its next start and the refund comes back at once.
+    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class TokenCache:
@@ -230,7 +234,8 @@ class TokenCache:
             self.state = ClientState(
                 tokens=[CachedToken(**t) for t in doc.get("tokens", [])],
                 spends={k: Spend(**v) for k, v in doc.get("spends", {}).items()},
-                dead={k: int(v) for k, v in doc.get("dead", {}).items()})
+                dead={k: int(v) for k, v in doc.get("dead", {}).items()},
+                sessions={k: dict(v) for k, v in doc.get("sessions", {}).items()})
         except (BadRequest, TypeError, AttributeError, ValueError):
             raise ConfigError(f"{self.path}: the token cache is corrupt; move it aside to start a new one "
                               "(it holds the spending ledger the budgets count)") from None
@@ -240,7 +245,7 @@ class TokenCache:
             return
         doc = {"tokens": [asdict(t) for t in self.state.tokens if t.usable],
                "spends": {k: asdict(v) for k, v in self.state.spends.items()},
-               "dead": self.state.dead}
+               "dead": self.state.dead, "sessions": self.state.sessions}
         write_secret(self.path, json.dumps(doc, indent=1).encode())
 
     @contextlib.contextmanager

@@ -11,6 +11,12 @@ Every deposit (the opening one and each top-up) is paid through the L402Client's
 ledger: recorded before paying, checked against the daily and total budgets (the
 per-request budget applies to the unit price), never paid twice. A refund does not
 raise the budgets back: they count what left the wallet.
+
+A session whose deposit is paid is recorded in the same 0600 file until it is known
+closed. A run that died mid-session (killed between a top-up and the close, say) leaves
+it there, and the next PaymentSession for the same origin closes it first, so the
+refund comes back at once rather than after the server's idle timeout; a session whose
+open never reached the server is opened and closed then (the deposit back, less one unit).
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ class PaymentSession:
 
     async def __aenter__(self) -> "PaymentSession":
         self._session = self.client._session or await self._stack.enter_async_context(aiohttp.ClientSession())
+        await self.close_left_over()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -144,6 +151,9 @@ class PaymentSession:
         ret = await self.wallet.invoice_any(f"refund of a micropay session at {self.host}", RETURN_INVOICE_EXPIRY_S)
         self.challenge, self.preimage = ch, preimage
         self.session_id = payment_auth.decode_request(ch)["paymentHash"]
+        with self.client.cache.locked() as state:      # before the open is sent: see close_left_over
+            state.sessions[self.session_id] = {"origin": self.origin, "url": url, "method": method,
+                                               "preimage": preimage, "challenge": ch.echo(), "returnInvoice": ret}
         return self._authorization({"action": "open", "preimage": preimage, "returnInvoice": ret}, ch)
 
     async def top_up(self, method: str = "GET", url: str | None = None) -> None:
@@ -170,11 +180,52 @@ class PaymentSession:
         if body.get("status") != "closed":
             raise RequestFailed(f"the session was not closed: {body}")
         self.closed = body
+        self._forget(self.session_id)
         self.client.on_event(f"session {self.session_id[:16]}… closed: refund {body.get('refundSats')} sat "
                              f"{body.get('refundStatus')}")
         return body
 
-    async def _send(self, method: str, url: str, auth: str) -> dict[str, Any]:
+    def _forget(self, session_id: str) -> None:
+        with self.client.cache.locked() as state:
+            state.sessions.pop(session_id, None)
+
+    async def close_left_over(self) -> int:
+        """Close the sessions of this origin that an earlier run left open (see the module's
+        docstring). Returns how many were settled; one that cannot be reached now stays
+        recorded for the next run."""
+        left = {sid: rec for sid, rec in self.client.cache.state.sessions.items() if rec.get("origin") == self.origin}
+        settled = 0
+        for sid, rec in left.items():
+            try:
+                ch = payment_auth.Challenge(**rec["challenge"])
+                close = payment_auth.format_session_credential(
+                    ch, {"action": "close", "sessionId": sid, "preimage": rec["preimage"]})
+                status, body = await self._exchange(rec["method"], rec["url"], close)
+                if status == 402 and str(body.get("type", "")).endswith("/session-not-found"):
+                    # the open never reached the server: open it now, then close it
+                    opening = payment_auth.format_session_credential(
+                        ch, {"action": "open", "preimage": rec["preimage"], "returnInvoice": rec["returnInvoice"]})
+                    await self._exchange(rec["method"], rec["url"], opening)
+                    status, body = await self._exchange(rec["method"], rec["url"], close)
+            except (RequestFailed, KeyError, TypeError) as exc:
+                self.client.on_event(f"session {sid[:16]}… left open by an earlier run: not closed now ({exc})")
+                continue
+            if status == 200 and body.get("status") == "closed":
+                self.client.on_event(f"session {sid[:16]}… left open by an earlier run: closed, refund "
+                                     f"{body.get('refundSats')} sat {body.get('refundStatus')}")
+            elif status == 402 and str(body.get("type", "")).endswith(("/session-closed", "/session-not-found")):
+                self.client.on_event(f"session {sid[:16]}… left open by an earlier run: the server had closed it "
+                                     f"(refund {body.get('refundSats', '?')} sat {body.get('refundStatus', '?')})")
+            else:
+                self.client.on_event(f"session {sid[:16]}… left open by an earlier run: not closed now "
+                                     f"({status}: {body.get('detail', '')})")
+                continue
+            self._forget(sid)
+            settled += 1
+        return settled
+
+    async def _exchange(self, method: str, url: str, auth: str) -> tuple[int, dict[str, Any]]:
+        """Send one credential; the status and the JSON body ({} if it is not JSON)."""
         assert self._session is not None
         try:
             async with self._session.request(method, url, headers={"Authorization": auth}) as resp:
@@ -186,9 +237,12 @@ class PaymentSession:
             body = load_json(raw)
         except Exception:
             body = None
-        if status != 200 or not isinstance(body, dict):
-            detail = body.get("detail") if isinstance(body, dict) else raw[:200]
-            raise RequestFailed(f"{method} {url} answered {status}: {detail}")
+        return status, body if isinstance(body, dict) else {}
+
+    async def _send(self, method: str, url: str, auth: str) -> dict[str, Any]:
+        status, body = await self._exchange(method, url, auth)
+        if status != 200 or not body:
+            raise RequestFailed(f"{method} {url} answered {status}: {body.get('detail', '')}")
         return body
 
     # -- requests and streams ---------------------------------------------------------
