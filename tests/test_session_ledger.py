@@ -155,3 +155,53 @@ async def test_a_refund_that_fails_closes_the_session_anyway_and_is_not_retried(
     assert await ledger.resume() == 0
     with pytest.raises(PaymentSessionClosed):
         await ledger.close(sid)
+
+
+class _PendingRefundNode:
+    """The merchant's node after a kill -9 mid-refund: lightningd recorded the refund's
+    payment as pending; `htlc` says whether a channel carries its HTLC. Everything else
+    is the sandbox node's."""
+
+    def __init__(self, node, htlc: bool) -> None:
+        self._node, self.htlc, self.paid = node, htlc, 0
+
+    def __getattr__(self, name):
+        return getattr(self._node, name)
+
+    async def lookup_payment(self, label, start):
+        from micropay.lightning.base import PaymentStatus
+        return PaymentStatus("pending", payment_hash="ab" * 32) if label.startswith("micropay-refund-") else None
+
+    async def htlc_in_flight(self, payment_hash):
+        return self.htlc
+
+    async def pay(self, *a, **kw):
+        self.paid += 1
+        return await self._node.pay(*a, **kw)
+
+
+@pytest.mark.parametrize("htlc", [False, True])
+async def test_a_refund_left_pending_by_a_crash_is_settled_by_the_one_rule(world, htlc):
+    """Pending with no HTLC behind it for the grace: dead, the session closes with the
+    refund failed, and nothing is paid again. Pending with its HTLC out: it stays
+    refunding, however long, and is never paid a second time."""
+    from micropay.lightning.outcome import ORPHAN_GRACE_S
+    ledger, merchant, payer, clock = world
+    sid = await open_session(ledger, payer, units=10)
+    assert await ledger.repo.begin_close(sid, int(clock()))
+    assert await ledger.repo.fix_refund(sid) == 10 * UNIT
+    await ledger.repo.refund_from(sid, await merchant.sendpays_position())     # the attempt, then the crash
+    node = _PendingRefundNode(merchant, htlc)
+    restarted = SessionLedger(ledger.repo, node, clock=clock, lease_s=0.2)
+    clock.advance(RESUME_AFTER_S + 1)
+    before = payer.balance_msat
+    assert await restarted.resume() == 0                      # first seen pending: within the grace
+    assert (await ledger.repo.get(sid)).status == SessionStatus.REFUNDING
+    clock.advance(ORPHAN_GRACE_S + 1)
+    assert await restarted.resume() == (0 if htlc else 1)
+    rec = await ledger.repo.get(sid)
+    if htlc:
+        assert rec.status == SessionStatus.REFUNDING and rec.refund_status is None
+    else:
+        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.FAILED
+    assert node.paid == 0 and payer.balance_msat == before

@@ -17,8 +17,10 @@ a replica that is killed (not stopped) keeps the units it held unserved, at most
 A close (the client's, or the idle timer's): the session stops spending at once
 (status closing), units held by this replica come back, other replicas' leases run out,
 the refund is fixed (refunding, deposit - spent), and exactly one attempt pays it to the
-return invoice with the node's `pay` (an amount on an amountless invoice). After a crash
-the node's own record of that payment decides: complete is succeeded, failed is failed,
+return invoice with the node's `pay` (an amount on an amountless invoice), under the
+label `micropay-refund-<session id>`. After a crash the node's own record of that
+attempt decides, by the one rule in lightning/outcome.py: complete is succeeded, failed
+(or dead: pending with no HTLC past the grace) is failed, pending is looked at again,
 no record means the attempt never reached the node and is made now.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .errors import (NodeError, PaymentFailed, PaymentInsufficientBalance, Payme
                      PaymentUnknownChallenge)
 from .lightning.base import Node
 from .lightning.bolt11codec import InvalidInvoice, route_hint_fee_msat
+from .lightning.outcome import OrphanWatch, Outcome
 from .payment_auth import SessionAction, network_of
 from .store.sessions import RefundStatus, SessionRecord, SessionRepository, SessionStatus
 
@@ -80,6 +83,10 @@ class SessionLedger:
     _reserving: dict[str, asyncio.Future] = field(default_factory=dict)
     _topped: dict[str, asyncio.Event] = field(default_factory=dict)
     _closing: dict[str, asyncio.Task] = field(default_factory=dict)
+    _orphans: OrphanWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._orphans = OrphanWatch(self.node)
 
     # -- opening and topping up ---------------------------------------------------
     async def open(self, act: SessionAction, now: int) -> None:
@@ -318,13 +325,18 @@ class SessionLedger:
         try:
             start = await self.repo.refund_from(rec.session_id, await self.node.sendpays_position()) \
                 if rec.refund_from is None else rec.refund_from
-            earlier = await self.node.lookup_payment(label, start)
-            if earlier is not None and earlier.state == "complete":
+            earlier = await self._orphans.settle(now=self.clock(), label=label, sendpays_start=start)
+            if earlier.outcome == Outcome.SUCCEEDED:
                 return RefundStatus.SUCCEEDED
-            if earlier is not None and earlier.state == "failed":
+            if earlier.outcome == Outcome.FAILED:
+                # failed, or dead (recorded, no HTLC, past the grace): nothing of it left
+                # the node, and the draft asks for one attempt, not retries
+                if earlier.orphaned:
+                    log.warning("session %s: the refund attempt died with its node (%s)", rec.session_id,
+                                earlier.detail)
                 return RefundStatus.FAILED
-            if earlier is not None:
-                raise PaymentUnknown("the refund is still pending at the node")
+            if earlier.outcome == Outcome.IN_FLIGHT:
+                raise PaymentUnknown(f"the refund is still pending at the node: {earlier.detail}")
             other = await self.node.payment_status((await self.node.decode(rec.return_invoice)).payment_hash)
             if other is not None and other.state != "failed":
                 # Paid (or being paid) by another payment of this node: a node answers a
