@@ -83,6 +83,9 @@ class PaymentNeverLeft(PaymentFailed):
     """The node recorded the payment but it is dead (pending with no HTLC behind it past
     the grace): nothing was paid, and this node cannot pay that invoice any more."""
 
+    code = "payment_dead"
+    rpc_code = 1520
+
 
 class NodeWallet:
     """Pays with any Node adapter (an in-process sandbox node, or a CLN node)."""

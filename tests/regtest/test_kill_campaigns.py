@@ -248,7 +248,8 @@ def _fetch_until_known(node, url, tries=3):
         try:
             return node.rpc.call("micropay-fetch", {"url": url})
         except RpcError as exc:
-            if exc.error["code"] == 1501 and "dead at this node" in exc.error["message"]:
+            if exc.error["code"] == 1520:          # PaymentNeverLeft: dead at this node
+                assert "dead at this node" in exc.error["message"], exc.error
                 return {"dead": exc.error["message"]}
             if exc.error["code"] != 1505:
                 raise
