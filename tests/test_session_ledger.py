@@ -205,3 +205,33 @@ async def test_a_refund_left_pending_by_a_crash_is_settled_by_the_one_rule(world
     else:
         assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.FAILED
     assert node.paid == 0 and payer.balance_msat == before
+
+
+async def test_a_node_lost_during_the_refund_leaves_it_to_the_nodes_record_not_a_guess(world):
+    """The connection to lightningd dies while the refund is out (a kill -9): the close
+    does not call it failed; the node's record settles it once it is back, paid once."""
+    from micropay.errors import NodeError, PaymentUnknown
+    ledger, merchant, payer, clock = world
+
+    class DiesAfterPaying:
+        def __init__(self, node):
+            self._node = node
+
+        def __getattr__(self, name):
+            return getattr(self._node, name)
+
+        async def pay(self, *a, **kw):
+            await self._node.pay(*a, **kw)               # it went out...
+            raise NodeError("connection to lightningd closed")      # ...and the answer was lost
+
+    sid = await open_session(ledger, payer, units=10)
+    before = payer.balance_msat
+    dying = SessionLedger(ledger.repo, DiesAfterPaying(merchant), clock=clock, lease_s=0.2)
+    with pytest.raises(PaymentUnknown):
+        await dying.close(sid)
+    assert (await ledger.repo.get(sid)).status == SessionStatus.REFUNDING
+    clock.advance(RESUME_AFTER_S + 1)
+    assert await SessionLedger(ledger.repo, merchant, clock=clock).resume() == 1
+    rec = await ledger.repo.get(sid)
+    assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED
+    assert payer.balance_msat - before == 10 * UNIT                  # once

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from .errors import (NodeError, PaymentFailed, PaymentInsufficientBalance, PaymentInvalidReturnInvoice,
+from .errors import (BadRequest, NodeError, PaymentFailed, PaymentInsufficientBalance, PaymentInvalidReturnInvoice,
                      PaymentSchemeError, PaymentSessionClosed, PaymentSessionNotFound, PaymentUnknown,
                      PaymentUnknownChallenge)
 from .lightning.base import Node
@@ -357,10 +357,16 @@ class SessionLedger:
             log.warning("session %s: refund of %d msat in flight, outcome unknown (%s)", rec.session_id,
                         refund_msat, exc)
             return None
-        except (PaymentFailed, NodeError, ValueError) as exc:
+        except (PaymentFailed, BadRequest, ValueError) as exc:
             log.warning("session %s: refund of %d msat to the return invoice failed: %s", rec.session_id,
                         refund_msat, exc)
             return RefundStatus.FAILED
+        except NodeError as exc:
+            # the node went away (killed, restarted) while the refund may have been out:
+            # its record decides later (resume), never a guess now
+            log.warning("session %s: refund of %d msat: lost the node mid-attempt (%s); settled from its record "
+                        "later", rec.session_id, refund_msat, exc)
+            return None
 
     async def close_idle(self) -> int:
         """Close the sessions idle past their route's timeout (the draft: a server-side
