@@ -1,4 +1,4 @@
-"""The challenge service (micropay/challenger.py), with no HTTP: reuse, limits, records."""
+"""The challenge service (micropay/challenger.py), with no HTTP: freshness, limits, records."""
 import pytest
 
 from micropay.challenger import Challenger
@@ -22,13 +22,20 @@ def challenger(store, tmp_path, **limits):
     return c, net
 
 
-async def test_a_client_gets_its_pending_challenge_back(store, tmp_path):
-    c, _ = challenger(store, tmp_path)
+async def test_every_challenge_is_new_even_for_a_client_holding_a_pending_one(store, tmp_path):
+    """The Payment drafts: challenges MUST NOT be reused, a fresh invoice for every
+    unauthenticated request. Asking again, before or after the first record is written,
+    gets another invoice, payment hash, token and macaroon."""
+    c, net = challenger(store, tmp_path)
     first = await c.challenge("1.2.3.4", RULE, 1000, "d", None)
-    assert (await c.challenge("1.2.3.4", RULE, 1000, "d", None)) == first
-    assert (await c.challenge("5.6.7.8", RULE, 1000, "d", None)).payment_hash != first.payment_hash
-    assert (await c.challenge("1.2.3.4", RULE, 2000, "d", None)).payment_hash != first.payment_hash  # new price
-    assert c.metrics.challenges[RULE.key] == 3 and c.metrics.challenges_reused[RULE.key] == 1
+    second = await c.challenge("1.2.3.4", RULE, 1000, "d", None)     # first not written yet
+    await c.close()
+    third = await c.challenge("1.2.3.4", RULE, 1000, "d", None)      # first two written
+    records = (first, second, third)
+    for field in ("payment_hash", "token_id", "bolt11", "macaroon"):
+        assert len({getattr(r, field) for r in records}) == 3, field
+    assert c.metrics.challenges[RULE.key] == 3
+    assert [await c.node.has_invoice(r.payment_hash) for r in records] == [True] * 3   # three on the node
 
 
 async def test_limits_refuse_before_any_invoice_is_made(store, tmp_path):
@@ -65,17 +72,32 @@ async def _first(it):
         return
 
 
-async def test_a_record_not_written_yet_is_reused_counted_and_written_at_close(store, tmp_path):
-    c, _ = challenger(store, tmp_path, max_pending_per_client=2, per_client_per_minute=100)
+async def test_records_not_written_yet_count_against_the_client_and_are_written_at_close(store, tmp_path):
+    c, _ = challenger(store, tmp_path, max_pending_per_client=3, per_client_per_minute=100)
     first = await c.challenge("a", RULE, 1000, "d", None)
     assert c.writer.holds(first.payment_hash)                        # not written yet ...
-    assert await c.challenge("a", RULE, 1000, "d", None) == first     # ... and handed out again
-    await c.challenge("a", RouteRule(path="/2", price_msat=1), 1, "d", None)
-    with pytest.raises(RateLimited, match="for this client"):          # ... and counted
-        await c.challenge("a", RouteRule(path="/3", price_msat=1), 1, "d", None)
+    await c.challenge("a", RULE, 1000, "d", None)                     # (a new one each time)
+    await c.close()                                                   # two written,
+    await c.challenge("a", RULE, 1000, "d", None)                     # one not yet:
+    with pytest.raises(RateLimited, match="for this client"):          # all three counted
+        await c.challenge("a", RULE, 1000, "d", None)
     await c.close()
     assert not c.writer.holds(first.payment_hash)
     assert (await c.l402.get_challenge(first.payment_hash)) == first
+    assert await c.l402.count_pending_of("a", 1_800_000_000) == 3
+    assert await c.l402.count_pending_of("b", 1_800_000_000) == 0
+
+
+async def test_the_same_client_is_held_by_its_bucket_with_a_retry_after(store, tmp_path):
+    """Without reuse, what bounds the invoices one client makes is its token bucket
+    (per_client_per_minute): past it, RateLimited with the seconds to wait."""
+    c, _ = challenger(store, tmp_path, per_client_per_minute=3, max_pending_per_client=50)
+    made = [await c.challenge("a", RULE, 1000, "d", None) for _ in range(3)]
+    with pytest.raises(RateLimited, match="too many new invoices") as refused:
+        await c.challenge("a", RULE, 1000, "d", None)
+    assert 1 <= refused.value.detail["retry_after_s"] <= 21
+    assert len({r.payment_hash for r in made}) == 3
+    await c.challenge("b", RULE, 1000, "d", None)                   # another client is not held
 
 
 async def test_records_made_together_are_written_in_one_transaction(store, tmp_path):

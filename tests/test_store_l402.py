@@ -20,14 +20,12 @@ async def test_challenge_lifecycle(repo):
     await repo.add_challenge(record())          # idempotent
     got = await repo.get_challenge("aa")
     assert got.status == ChallengeStatus.PENDING and got.price_msat == 1000
-    assert (await repo.admission("c1", "GET /a", 1000, 1500, 1500)).reusable.payment_hash == "aa"
-    assert (await repo.admission("c1", "GET /a", 999, 1500, 1500)).reusable is None     # price changed
-    assert (await repo.admission("c2", "GET /a", 1000, 1500, 1500)).reusable is None    # another client
-    assert (await repo.admission("c1", "GET /a", 1000, 1500, 2500)).reusable is None    # too close to expiry
-    assert (await repo.admission("c2", "GET /a", 1000, 1500, 1500)).pending_mine == 0
-    assert (await repo.admission("c1", "GET /a", 1000, 1500, 1500)).pending_mine == 1
+    assert await repo.count_pending_of("c1", 1500) == 1
+    assert await repo.count_pending_of("c2", 1500) == 0                           # another client
+    assert await repo.count_pending_of("c1", 2000) == 0                           # expired
     assert await repo.count_pending(1500) == 1
     assert await repo.mark_paid("aa", 1000, 1600) is True
+    assert await repo.count_pending_of("c1", 1500) == 0                           # paid
     assert await repo.mark_paid("aa", 1000, 1700) is False                      # once only
     got = await repo.get_challenge("aa")
     assert got.status == ChallengeStatus.PAID and got.paid_at == 1600
@@ -73,11 +71,9 @@ async def test_records_written_together(repo):
     assert await repo.count_pending(1500) == 2
 
 
-async def test_admission_reads_reuse_and_counts_together(repo):
+async def test_a_client_s_pending_count_is_its_own_across_routes(repo):
     await repo.add_challenge(record("b1", client="c1"))
+    await repo.add_challenge(record("b3", client="c1", route="GET /b", price=5))
     await repo.add_challenge(record("b2", client="c2", route="GET /b"))
-    adm = await repo.admission("c1", "GET /a", 1000, 1500, 1500)
-    assert adm.reusable.payment_hash == "b1" and adm.pending_mine == 1
-    assert await repo.count_pending(1500) == 2
-    await repo.debit_credit("tb1", 1)     # its token is in use: paid, even before settlement
-    assert (await repo.admission("c1", "GET /a", 1000, 1500, 1500)).reusable is None
+    assert await repo.count_pending_of("c1", 1500) == 2 and await repo.count_pending_of("c2", 1500) == 1
+    assert await repo.count_pending(1500) == 3

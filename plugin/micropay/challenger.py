@@ -1,21 +1,22 @@
 """The L402 challenge as a service, with no HTTP in it: price -> admission -> invoice ->
 token -> record, and what happens when such an invoice is paid.
 
-Admission keeps the node's invoice count finite: a client asking again for a route it
-already holds an unpaid challenge for gets that same challenge back (while it has at
-least REUSE_MIN_REMAINING_S to live and its node still knows the invoice); otherwise a
-new one costs a token of the client's bucket, and is refused past the store-wide and
-per-client bounds of unpaid challenges.
+Every challenge is new: a fresh invoice and token each time, never one handed out before
+(the Payment drafts: challenges "MUST NOT be cached or reused", a fresh invoice for every
+unauthenticated request; bLIP-26: a new credential for each challenge). What keeps the
+node's invoice count finite is admission: a new challenge costs a token of the client's
+bucket (per_client_per_minute), and is refused past the per-client and store-wide bounds
+of unpaid challenges (client_share, max_pending), with 429 / 503 and Retry-After.
 
-What a 402 costs (bench/bench_challenge.py): one statement reads the client's reusable
-challenge and its unpaid count together; the store-wide count reads every unpaid row, so
-it is read at most once a second and this process's new challenges are added to it;
-the record of a new challenge is written after the 402 has gone out, by a writer that
-puts all records made meanwhile in one transaction (RecordWriter). Until it is written,
-this process finds it for reuse and counts it. A crash in those milliseconds loses the
-record, which is harmless: the token needs no record to be verified or to spend its
-credits, so a payment made on it still buys what it says; only the sidecar's own note
-of that payment (the "payment" receipt, the revenue counter) is missing.
+What a 402 costs (bench/bench_challenge.py): one statement counts the client's unpaid
+challenges; the store-wide count reads every unpaid row, so it is read at most once a
+second and this process's new challenges are added to it; the record of a new challenge
+is written after the 402 has gone out, by a writer that puts all records made meanwhile
+in one transaction (RecordWriter). Until it is written, this process counts it. A crash
+in those milliseconds loses the record, which is harmless: the token needs no record to
+be verified or to spend its credits, so a payment made on it still buys what it says;
+only the sidecar's own note of that payment (the "payment" receipt, the revenue counter)
+is missing.
 """
 from __future__ import annotations
 
@@ -37,7 +38,6 @@ from .tasks import Backoff
 from .tokens import TokenService
 
 log = logging.getLogger("micropay.gate")
-REUSE_MIN_REMAINING_S = 60     # reuse a pending challenge only if it has this long left
 LABEL_PREFIX = "micropay-"     # invoice labels: micropay-<token id hex>
 PENDING_COUNT_MAX_AGE_S = 1.0
 MAX_UNWRITTEN = 100_000        # records the writer holds while the store is away; older ones are dropped
@@ -63,7 +63,7 @@ class PendingCount:
 
 class RecordWriter:
     """Writes new challenge records soon after their 402: all made meanwhile in one
-    transaction. Records not yet written are found by `unwritten`."""
+    transaction. Records not yet written are counted per client by `unwritten`."""
 
     def __init__(self, l402: L402Repository) -> None:
         self.l402 = l402
@@ -81,8 +81,9 @@ class RecordWriter:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._drain(), name="micropay-challenge-records")
 
-    def unwritten(self, client_key: str) -> list[ChallengeRecord]:
-        return self._by_client.get(client_key, [])
+    def unwritten(self, client_key: str) -> int:
+        """How many of this client's records are not written yet."""
+        return len(self._by_client.get(client_key, ()))
 
     def holds(self, payment_hash: str) -> bool:
         return payment_hash in self._queue
@@ -138,23 +139,16 @@ class Challenger:
 
     async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
                         query: str | None) -> ChallengeRecord:
-        """An unpaid challenge for `client` to buy `rule` at `price_msat`: one it holds
-        already, or a new invoice and token. Raises RateLimited, Overloaded, NodeError."""
+        """A new unpaid challenge for `client` to buy `rule` at `price_msat`: a new invoice
+        and token, never one handed out before. Raises RateLimited, Overloaded, NodeError."""
         now = int(self.clock())
-        reuse_after = now + REUSE_MIN_REMAINING_S
-        adm = await self.l402.admission(client, rule.key, price_msat, now, reuse_after)
-        unwritten = self.writer.unwritten(client)
-        record = adm.reusable or next((r for r in reversed(unwritten) if r.route_key == rule.key
-                                       and r.price_msat == price_msat and r.expires_at > reuse_after), None)
-        if record is not None and await self.node.has_invoice(record.payment_hash):
-            self.metrics.challenges_reused[rule.key] += 1
-            return record      # (a node that forgot the invoice, a restarted sandbox, gets a new one)
         wait = self.bucket.take(client)
         if wait:
             raise RateLimited("too many new invoices requested; pay or wait", retry_after_s=int(wait) + 1)
         if await self.pending.value() >= self.limits.max_pending:
             raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
-        if adm.pending_mine + len(unwritten) >= self.limits.client_share:
+        mine = await self.l402.count_pending_of(client, now) + self.writer.unwritten(client)
+        if mine >= self.limits.client_share:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
         token_id = os.urandom(32)
         try:

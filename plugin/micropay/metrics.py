@@ -14,7 +14,6 @@ def _esc(value: str) -> str:
 class Metrics:
     def __init__(self) -> None:
         self.challenges: Counter[str] = Counter()        # by route
-        self.challenges_reused: Counter[str] = Counter()
         self.paid_requests: Counter[str] = Counter()     # by route
         self.rejections: Counter[str] = Counter()        # by reason code
         self.free_requests: Counter[str] = Counter()
@@ -50,8 +49,6 @@ class Metrics:
                 lines.append(f'{name}{{{label}="{_esc(key)}"}} {n}')
 
         counter("micropay_challenges_total", "402 challenges with a new invoice.", self.challenges.items())
-        counter("micropay_challenges_reused_total", "402 challenges that reused a pending invoice.",
-                self.challenges_reused.items())
         counter("micropay_paid_requests_total", "Requests admitted with a valid paid token.",
                 self.paid_requests.items())
         counter("micropay_free_requests_total", "Requests admitted by a free tier.", self.free_requests.items())

@@ -35,27 +35,15 @@ class ChallengeRecord:
         return ChallengeStatus.PAID if self.paid_at is not None else ChallengeStatus.PENDING
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """What the gate needs before minting a challenge."""
-
-    reusable: ChallengeRecord | None    # a pending challenge of this client and route to hand out again
-    pending_mine: int                   # unpaid, unexpired challenges of this client
-
-
 _COLS = ("payment_hash, token_id, route_key, client_key, price_msat, bolt11, macaroon, "
          "created_at, expires_at, credits, paid_at, received_msat")
 ADD = (f"INSERT INTO micropay_challenges ({_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
        "ON CONFLICT (payment_hash) DO NOTHING")
 GET = f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1"
-# One statement: this client's unpaid challenges, and the one it may be handed again for
-# this route and price (valid past $5; a token already spending credits is paid, even if
-# its settlement has not been recorded yet). Both read the (client, route, expiry) index.
-ADMISSION = (f"SELECT (SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
-             f"AND expires_at > $4), r.* FROM (SELECT 1) AS one LEFT JOIN (SELECT {_COLS} FROM micropay_challenges "
-             "WHERE client_key = $1 AND route_key = $2 AND price_msat = $3 AND paid_at IS NULL AND expires_at > $5 "
-             "AND NOT EXISTS (SELECT 1 FROM micropay_credits c WHERE c.token_id = micropay_challenges.token_id) "
-             "ORDER BY expires_at DESC LIMIT 1) AS r ON TRUE")
+# This client's unpaid, unexpired challenges (the per-client bound; reads the
+# (client, route, expiry) index).
+COUNT_PENDING_OF = ("SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
+                    "AND expires_at > $2")
 COUNT_PENDING = "SELECT COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1"
 MARK_PAID = ("UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
              "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash")
@@ -85,13 +73,10 @@ class L402Repository:
         row = await self.store.fetchrow(GET, (payment_hash,))
         return ChallengeRecord(*row) if row else None
 
-    async def admission(self, client_key: str, route_key: str, price_msat: int, now: int,
-                        reuse_after: int) -> Admission:
-        """A pending challenge this client may be handed again for this route and price
-        (valid past `reuse_after`), and how many it holds unpaid: one statement."""
-        row = await self.store.fetchrow(ADMISSION, (client_key, route_key, price_msat, now, reuse_after))
-        assert row is not None
-        return Admission(ChallengeRecord(*row[1:]) if row[1] is not None else None, int(row[0]))
+    async def count_pending_of(self, client_key: str, now: int) -> int:
+        """How many unpaid, unexpired challenges this client holds."""
+        row = await self.store.fetchrow(COUNT_PENDING_OF, (client_key, now))
+        return int(row[0]) if row else 0
 
     async def count_pending(self, now: int) -> int:
         """Unpaid, unexpired challenges of all clients (reads every one of them: callers
