@@ -1,4 +1,5 @@
-"""Inputs from the review that produced 500s or tracebacks: each gets a 400/401 problem body."""
+"""Inputs from the review that produced 500s or tracebacks: each gets a 400 problem body, or
+(a bad L402 credential) a 402 with a fresh challenge."""
 import base64
 import json
 
@@ -65,22 +66,26 @@ async def test_non_ascii_last_event_id_is_400(gs):
         assert status == 400 and "Last-Event-ID" in body["detail"]
 
 
-async def attenuated(sidecar, caveat: bytes) -> str:
+async def attenuated(sidecar, caveat: bytes) -> tuple[str, str]:
+    """A paid token with `caveat` appended by its holder: (Authorization value, token id)."""
     status, headers, _ = await get(sidecar.url + "/api/fortune/1")
     ch = parse_challenges(headers.getall("WWW-Authenticate"))[0]
     paid = await sidecar.payer.pay(ch.invoice)
     mac = Macaroon.deserialize(ch.macaroon).add_first_party_caveat(caveat)
-    return format_authorization(mac.serialize(), paid.preimage)
+    return format_authorization(mac.serialize(), paid.preimage), mac.identifier[34:].hex()
 
 
 @pytest.mark.parametrize("caveat", [b"credits=0", "credits=²".encode(), "test_valid_until=²".encode(),
                                     b"credits=-1", b"credits=99999999999999999999"])
-async def test_holder_appended_caveats_that_crashed_are_401(sidecar, caveat):
-    auth = await attenuated(sidecar, caveat)
+async def test_holder_appended_caveats_that_crashed_are_refused_with_a_fresh_challenge(sidecar, caveat):
+    """bLIP-26: a credential that fails verification gets a 402 and a new challenge."""
+    auth, token_id = await attenuated(sidecar, caveat)
     status, headers, body = await get(sidecar.url + "/api/fortune/1", headers={"Authorization": auth})
-    assert status == 401, body
-    assert json.loads(body)["error"] == "invalid_credential"
-    assert await sidecar.rt.l402.credits_remaining(json.loads(body).get("token_id", "x")) is None
+    assert status == 402, body
+    doc = json.loads(body)
+    assert doc["error"] == "invalid_credential" and doc["invoice"] not in auth
+    assert parse_challenges(headers.getall("WWW-Authenticate"))[0].invoice == doc["invoice"]
+    assert await sidecar.rt.l402.credits_remaining(token_id) is None        # nothing spent
 
 
 def test_load_json_and_decimal():

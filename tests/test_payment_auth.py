@@ -81,6 +81,40 @@ def test_a_paid_credential_verifies():
     assert ok.opaque == {"route": "GET /api/joke", "token": "ab" * 32, "hash": HASH, "msat": "1000"}
 
 
+def test_the_body_digest_is_rfc_9530s_sha_256_content_digest():
+    # RFC 9530's own example: {"hello": "world"} and its sha-256 Content-Digest
+    assert pa.content_digest(b'{"hello": "world"}') == "sha-256=:X48E9qOokqqrvdts8nOJRJN3OWDUoyWxBf7kbu9DBPE=:"
+
+
+def test_a_charge_bound_to_a_body_is_served_for_that_body_only():
+    body = pa.content_digest(b'{"qty": 1}')
+    ch = challenge(digest=body)
+    assert ch.digest == body and f'digest="{body}"' in ch.header()
+    cred = pa.parse_credential(credential(ch))
+    assert pa.verify_charge(BINDER, cred, realm="shop", now=NOW, digest=body).challenge_id == ch.id
+    for other in (pa.content_digest(b'{"qty": 1000}'), pa.content_digest(b""), ""):
+        with pytest.raises(PaymentUnknownChallenge, match="another body"):
+            pa.verify_charge(BINDER, cred, realm="shop", now=NOW, digest=other)
+    # nor may the client drop or change the digest it echoes: the id binds it
+    for echoed in ("", pa.content_digest(b"x")):
+        with pytest.raises(PaymentUnknownChallenge):
+            pa.verify_charge(BINDER, pa.parse_credential(credential(ch, digest=echoed)), realm="shop", now=NOW,
+                             digest=echoed)
+    # and a challenge issued without a body buys no request with one
+    with pytest.raises(PaymentUnknownChallenge, match="another body"):
+        pa.verify_charge(BINDER, pa.parse_credential(credential(challenge())), realm="shop", now=NOW, digest=body)
+
+
+def test_pympp_binds_the_digest_as_we_do():
+    mpp = pytest.importorskip("mpp", reason="pympp is not installed (pip install '.[test]')")
+    body = pa.content_digest(b"{}")
+    ours = challenge(pa.Binder([b"server-secret"], derive=False), digest=body)
+    theirs = mpp.Challenge.create(secret_key="server-secret", realm="shop", method="lightning", intent="charge",
+                                  request=json.loads(pa.unb64url(ours.request)), expires=ours.expires,
+                                  digest=body, meta=json.loads(pa.unb64url(ours.opaque)))
+    assert theirs.id == ours.id
+
+
 def test_the_binding_matches_the_core_drafts_recipe():
     """HMAC-SHA256 over realm|method|intent|request|expires|digest|opaque, base64url."""
     import hmac

@@ -16,7 +16,7 @@ async def start_upstream():
     seen = {}
 
     async def stream(request):
-        resp = web.StreamResponse()
+        resp = web.StreamResponse(headers={"Cache-Control": "public, max-age=60"})   # a paid answer: made private
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         for i in range(5):
@@ -94,6 +94,7 @@ async def test_streamed_response_arrives_in_chunks_with_receipt(proxied):
         async with s.get(sc.url + "/api/stream", headers={"Authorization": auth}) as r:
             assert r.status == 200
             assert verify_receipt(r.headers["Payment-Receipt"])["type"] == "pass"
+            assert r.headers["Cache-Control"] == "private, max-age=60"    # the upstream's, made private
             chunks = [c async for c in r.content.iter_any()]
     assert b"".join(chunks) == b"".join(f"chunk{i}\n".encode() for i in range(5))
     assert len(chunks) > 1      # not buffered into one piece

@@ -101,39 +101,48 @@ async def test_pass_token_is_stateless_and_expires(tmp_path):
         await sc.runner.cleanup()
 
 
-async def test_bad_credentials_get_clear_errors_and_leave_nothing(sidecar):
+async def test_bad_credentials_get_a_fresh_challenge_and_spend_nothing(sidecar):
+    """bLIP-26's server flow: a request whose L402 is "invalid or insufficient in some
+    way" gets a 402 with a new credential and invoice; its own example of a malformed
+    credential (a 24-hex preimage) included. The body's `error` says what was wrong."""
     good = await buy(sidecar, "/api/fortune/1")
     mac_b64, preimage = good[5:].split(":")
     mac = Macaroon.deserialize(mac_b64)
     urlsafe = base64.urlsafe_b64encode(mac.to_bytes()).decode().rstrip("=")
     forged = Macaroon(mac.identifier, mac.caveats[:-1] + (b"credits=999",), mac.signature, mac.location)
     wider = mac.add_first_party_caveat(b"path=/api/joke")
-    challenges, credits = await table_count(sidecar, "challenges"), await table_count(sidecar, "credits")
+    credits = await table_count(sidecar, "credits")
     cases = [
-        ("L402 garbage", 400, "malformed_credential"),
-        ("L402 " + "A" * 10_000 + ":" + "0" * 64, 400, "malformed_credential"),
-        (f"L402 {mac_b64}:nothex", 400, "malformed_credential"),
-        (f"L402 AAAA:{preimage}", 400, "malformed_credential"),
-        (f"L402 {mac_b64}:{'00' * 32}", 401, "invalid_credential"),
-        (f"L402 {forged.serialize()}:{preimage}", 401, "invalid_credential"),
-        (f"L402 {wider.serialize()}:{preimage}", 401, "invalid_credential"),
+        ("L402 AGIAJEemVQUTEyNCR0exk7ek90Cg==:1234abcd1234abcd1234abcd", "malformed_credential"),  # bLIP-26's
+        ("L402 garbage", "malformed_credential"),
+        ("L402 " + "A" * 10_000 + ":" + "0" * 64, "malformed_credential"),
+        (f"L402 {mac_b64}:nothex", "malformed_credential"),
+        (f"L402 AAAA:{preimage}", "malformed_credential"),
+        (f"L402 {mac_b64}:{'00' * 32}", "invalid_credential"),
+        (f"L402 {forged.serialize()}:{preimage}", "invalid_credential"),
+        (f"L402 {wider.serialize()}:{preimage}", "invalid_credential"),
     ]
-    for header, status_want, code in cases:
+    invoices = set()
+    for header, code in cases:
         status, headers, body = await get(sidecar.url + "/api/fortune/1", headers={"Authorization": header})
         doc = json.loads(body)
-        assert (status, doc["error"]) == (status_want, code), header[:40]
+        assert (status, doc["error"]) == (402, code), header[:40]
         assert headers["Content-Type"].startswith("application/problem+json")
-    # a token for one route does not open another
-    status, _, _ = await get(sidecar.url + "/api/echo", headers={"Authorization": good})
-    assert status == 401
-    assert await table_count(sidecar, "challenges") == challenges
-    assert await table_count(sidecar, "credits") == credits
+        assert headers["Cache-Control"] == "no-store"
+        (fresh,) = [c for c in parse_challenges(headers.getall("WWW-Authenticate")) if c.scheme == "L402"]
+        assert fresh.invoice == doc["invoice"] and fresh.macaroon not in header
+        invoices.add(fresh.invoice)
+    assert len(invoices) == len(cases)                         # a new invoice every time
+    # a token for one route does not open another: a challenge for that one instead
+    status, _, body = await get(sidecar.url + "/api/echo", headers={"Authorization": good})
+    assert status == 402 and json.loads(body)["error"] == "invalid_credential"
+    assert await table_count(sidecar, "credits") == credits   # nothing spent
     # and the genuine one, in LSAT and URL-safe form, still works
     status, _, _ = await get(sidecar.url + "/api/fortune/2", headers={"Authorization": f"LSAT {urlsafe}:{preimage}"})
     assert status == 200
 
 
-async def test_challenge_reuse_rate_limit_and_pending_bound(tmp_path):
+async def test_fresh_challenges_rate_limit_and_pending_bound(tmp_path):
     routes = "".join(f'[[routes]]\npath = "/api/fortune/r{i}"\nprice_msat = {100 + i}\n' for i in range(8))
     toml = (f'demo = true\ntrust_forwarded_for = true\n[challenges]\nper_client_per_minute = 3\n'
             f'max_pending = 40\n{routes}')
@@ -144,9 +153,9 @@ async def test_challenge_reuse_rate_limit_and_pending_bound(tmp_path):
     try:
         first = json.loads((await get(sc.url + "/api/fortune/r0", **as_client(1)))[2])["payment_hash"]
         again = json.loads((await get(sc.url + "/api/fortune/r0", **as_client(1)))[2])["payment_hash"]
-        assert again == first                                 # reused
-        statuses = [(await get(f"{sc.url}/api/fortune/r{i}", **as_client(1)))[0] for i in range(1, 4)]
-        assert statuses == [402, 402, 429]                    # 3 new invoices a minute
+        assert again != first                                 # never the same challenge twice
+        statuses = [(await get(f"{sc.url}/api/fortune/r{i}", **as_client(1)))[0] for i in range(1, 3)]
+        assert statuses == [402, 429]                         # 3 new invoices a minute
         status, headers, body = await get(sc.url + "/api/fortune/r5", **as_client(1))
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert json.loads(body)["error"] == "rate_limited"
@@ -200,7 +209,7 @@ async def test_well_known_and_metrics(sidecar):
     status, headers, text = await get(sidecar.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
     text = text.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    assert 'micropay_challenges_total{route="GET /api/joke"} 1' in text
+    assert 'micropay_challenges_total{route="GET /api/joke"} 2' in text    # the malformed one got a 402 too
     assert 'micropay_paid_requests_total{route="GET /api/joke"} 1' in text
     assert 'micropay_rejections_total{reason="malformed_credential"} 1' in text
     assert "micropay_revenue_msat_total 1000" in text
@@ -407,7 +416,8 @@ async def test_a_dynamic_price_binds_the_token_to_its_query(tmp_path):
         auth = format_authorization(ch.macaroon, (await sc.payer.pay(ch.invoice)).preimage)
         assert (await get(sc.url + "/api/echo?n=1", headers={"Authorization": auth}))[0] == 200
         status, _, body = await get(sc.url + "/api/echo?n=50", headers={"Authorization": auth})
-        assert status == 401 and "another query" in json.loads(body)["detail"]
+        doc = json.loads(body)       # refused, with a challenge at the n=50 price
+        assert status == 402 and "another query" in doc["detail"] and doc["price_msat"] == 50_000
         # the client knows: it pays the n=50 price for n=50 instead of sending the n=1 token
         client = L402Client(NodeWallet(sc.payer), Budget(max_per_request_msat=None), TokenCache(tmp_path / "c.json"))
         assert (await client.get(sc.url + "/api/echo?n=2")).paid_msat == 2000

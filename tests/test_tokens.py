@@ -178,7 +178,9 @@ async def test_a_running_sidecar_picks_up_rotation_and_retirement(tmp_path):
                 fresh = parse_challenges(r.headers.getall("WWW-Authenticate"))[0]
             assert Macaroon.deserialize(fresh.macaroon).location == f"micropay:{new}"
             async with s.get(sc.url + "/api/echo", headers={"Authorization": auth}) as r:
-                assert r.status == 401 and "retired" in json.loads(await r.read())["detail"]
+                doc = json.loads(await r.read())       # refused, with a challenge under the new key
+                assert r.status == 402 and "retired" in doc["detail"] and doc["error"] == "invalid_credential"
+                assert Macaroon.deserialize(doc["macaroon"]).location == f"micropay:{new}"
     finally:
         await sc.runner.cleanup()
 

@@ -272,6 +272,14 @@ class ResponseTooLarge(MicropayError):
     rpc_code = 1413
 
 
+class RequestBodyTooLarge(MicropayError):
+    """A Payment credential on a request whose body is larger than the gate binds."""
+
+    code = "request_body_too_large"
+    http_status = 413
+    rpc_code = 1433
+
+
 class RequestFailed(MicropayError):
     """The HTTP request itself failed: bad URL, no connection, broken response."""
 

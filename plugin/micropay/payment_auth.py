@@ -180,9 +180,18 @@ def whole_sats(price_msat: int) -> bool:
     return price_msat > 0 and price_msat % 1000 == 0
 
 
+def content_digest(body: bytes) -> str:
+    """The request body's digest as RFC 9530's Content-Digest writes it (sha-256, a
+    structured-field byte sequence: standard base64 between colons): the value of the
+    core draft's `digest` parameter."""
+    return "sha-256=:" + binascii.b2a_base64(hashlib.sha256(body).digest(), newline=False).decode() + ":"
+
+
 def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: str, price_msat: int,
-                     expires_at: int, description: str, opaque: dict[str, str]) -> Challenge:
-    """A charge challenge for an invoice the node issued (L402's, shared)."""
+                     expires_at: int, description: str, opaque: dict[str, str], digest: str = "") -> Challenge:
+    """A charge challenge for an invoice the node issued (L402's, shared). `digest`: the
+    request body's content_digest, for a request that has one (POST, PUT, PATCH): the
+    credential then buys a request with that body only."""
     if not whole_sats(price_msat):
         raise ValueError("a Payment charge needs a whole number of satoshis")
     details = {"invoice": bolt11, "paymentHash": payment_hash}
@@ -193,8 +202,8 @@ def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: s
                              "description": description, "methodDetails": details})
     expires = rfc3339(expires_at)            # the invoice's own expiry: never later
     opaque_b64 = encode_object(dict(opaque, hash=payment_hash, msat=str(price_msat)))
-    cid = binder.bind(realm, METHOD, CHARGE, request, expires, "", opaque_b64)
-    return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64)
+    cid = binder.bind(realm, METHOD, CHARGE, request, expires, digest, opaque_b64)
+    return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64, digest)
 
 
 _PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
@@ -291,9 +300,15 @@ class VerifiedCharge:
     opaque: dict[str, str]
 
 
-def verify_charge(binder: Binder, cred: Credential, *, realm: str, now: int) -> VerifiedCharge:
-    """Steps 2-6 of the Lightning charge verification, statelessly. Raises a Payment* error."""
+def verify_charge(binder: Binder, cred: Credential, *, realm: str, now: int, digest: str = "") -> VerifiedCharge:
+    """Steps 2-6 of the Lightning charge verification, statelessly. Raises a Payment* error.
+    `digest`: this request's body digest (content_digest), "" for a request without a body;
+    it must be the one the challenge was issued for (the core draft: "Reject the credential
+    if the digests do not match"), so a credential bought for one body buys no other, and
+    one bought for a request without a body buys none with a body."""
     echo = _our_echo(binder, cred, CHARGE, realm, "challenge")
+    if not hmac.compare_digest(echo.get("digest", "").encode(), digest.encode()):
+        raise PaymentUnknownChallenge("the challenge was issued for a request with another body (digest)")
     preimage = _hex64(cred.payload, "preimage")
     try:
         # Everything echoed is exactly what we issued (the HMAC above), so the payment

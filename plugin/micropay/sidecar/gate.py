@@ -33,15 +33,17 @@ from aiohttp import hdrs, web
 from ..canonical import BadPath, Target, canonical_target
 from ..challenger import Challenger
 from ..config import ChallengeLimits
-from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MicropayError, PaymentSchemeError,
-                      PaymentUnknownChallenge, PricingUnavailable, StreamBalanceLow, TokenExpired,
-                      UpstreamUnreachable)
+from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
+                      PaymentSchemeError, PaymentUnknownChallenge, PricingUnavailable, RequestBodyTooLarge,
+                      StreamBalanceLow, UpstreamUnreachable)
+from ..http.caching import make_private
 from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
 from ..metrics import Metrics
 from ..discovery import offers_payment
-from ..payment_auth import Binder, binder_for, charge_challenge, is_payment, parse_credential, verify_charge
+from ..payment_auth import (Binder, binder_for, charge_challenge, content_digest, is_payment, parse_credential,
+                            verify_charge)
 from ..payment_auth import receipt as payment_receipt
 from ..pricing import Pricing, RouteRule, query_digest
 from ..ratelimit import FreeTier, client_address
@@ -59,6 +61,14 @@ from .session_gate import SESSION_METER, SessionGate
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ADMITTED_CACHE_SIZE = 100_000
+# A Payment charge binds the request body (the core draft's `digest`) of these methods,
+# and of any request that has a body, up to this many bytes (the sidecar app's own
+# client_max_size, which also bounds it): a larger body is offered L402 only.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+MAX_BOUND_BODY = 1024 ** 2
+# L402 credentials that fail verification, malformed ones included, are answered like a
+# missing one (bLIP-26's server flow): 402 with a fresh challenge, the reason in the body.
+REFUSED_L402 = (MalformedCredential, InvalidCredential, CreditsExhausted)
 
 
 TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey") else "micropay_target"
@@ -66,6 +76,9 @@ TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey")
 # further layer (middleware and a wrapped handler, or two gates) serves it as it is,
 # so wrapping a handler twice never charges twice.
 ADMITTED = web.RequestKey("micropay_admitted", bool) if hasattr(web, "RequestKey") else "micropay_admitted"
+# The request body once the gate has read it (to bind or check a Payment charge's
+# digest): the handler's request.read() still gets it, and the reverse proxy forwards it.
+BODY = web.RequestKey("micropay_body", bytes) if hasattr(web, "RequestKey") else "micropay_body"
 
 
 def request_target(request: web.Request) -> Target:
@@ -203,6 +216,7 @@ class Gate:
                     paid[hit.route_key] += 1
                     if not response.prepared:
                         response.headers[RECEIPT_HEADER] = hit.headers[RECEIPT_HEADER]
+                        make_private(response.headers)
                     return response
                 # A Payment session's bearer credential verified before (session_gate.py):
                 # served here when this replica's lease holds a unit of its session.
@@ -239,6 +253,26 @@ class Gate:
         return wrap
 
     # -- the gate ----------------------------------------------------------
+    async def body_digest(self, request: web.Request) -> str | None:
+        """What a Payment charge binds of the request's body: "" for a request without one
+        (a GET), the body's RFC 9530 digest for one with a body of at most MAX_BOUND_BODY
+        bytes, None for a larger one. The body is read once (and kept: see BODY)."""
+        if request.method not in BODY_METHODS and not request.body_exists:
+            return ""
+        body = request.get(BODY)
+        if body is None:
+            length = request.content_length
+            if length is not None and length > MAX_BOUND_BODY:
+                return None
+            try:
+                body = await request.read()      # also bounded by the app's client_max_size
+            except web.HTTPRequestEntityTooLarge:
+                return None
+            if len(body) > MAX_BOUND_BODY:
+                return None
+            request[BODY] = body
+        return content_digest(body)
+
     def client_key(self, request: web.Request) -> str:
         return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()),
                               self.forwarded_for_hops)
@@ -276,9 +310,10 @@ class Gate:
                         "Authorization header to get a new invoice", token_id=token.token_id_hex)
         except MicropayError as err:
             self.metrics.rejections[err.code] += 1
-            if isinstance(err, (CreditsExhausted, TokenExpired)):
-                # bLIP-26, reusing credentials: a spent or expired credential is answered
-                # with a fresh challenge, so the client can pay again at once.
+            if isinstance(err, REFUSED_L402):
+                # bLIP-26: a credential that is "invalid or insufficient in some way"
+                # (malformed, forged, wrong preimage or route, spent, expired) is answered
+                # with a 402 and a new credential to pay for, so the client can pay again.
                 try:
                     return await self.challenge(request, rule, reason=err)
                 except MicropayError as refused:    # rate limited, overloaded: say that instead
@@ -306,7 +341,12 @@ class Gate:
         try:
             if "payment" not in rule.schemes:
                 raise PaymentUnknownChallenge("this route does not offer the Payment scheme")
-            charge = verify_charge(self.binder, parse_credential(auth), realm=self.service, now=now)
+            cred = parse_credential(auth)
+            digest = await self.body_digest(request)
+            if digest is None:
+                raise RequestBodyTooLarge(f"a Payment credential binds request bodies of at most {MAX_BOUND_BODY} "
+                                          "bytes; send a smaller body, or pay with L402")
+            charge = verify_charge(self.binder, cred, realm=self.service, now=now, digest=digest)
             if charge.opaque.get("route") != rule.key:
                 raise PaymentUnknownChallenge("the challenge was issued for another route")
             if rule.price_hook is not None and charge.opaque.get("query") != query_digest(target.query or ""):
@@ -344,6 +384,7 @@ class Gate:
         self.metrics.paid_requests[admitted.route_key] += 1
         if not response.prepared:
             response.headers.update(headers)
+            make_private(response.headers)
         return response
 
     async def _serve_streamed(self, request: web.Request, rule: RouteRule, handler: Handler,
@@ -370,6 +411,7 @@ class Gate:
         if not response.prepared:
             response.headers[RECEIPT_HEADER] = receipt
             response.headers["Payment-Stream-Balance"] = str(left)
+            make_private(response.headers)
         return response
 
     def install(self, app: web.Application, *, middleware: bool = True) -> None:
@@ -413,11 +455,15 @@ class Gate:
         if rule.session is not None:
             return await self.session_gate.challenge(request, rule, client, f"{request.method} {target.path}",
                                                      description, reason)
+        digest = await self.body_digest(request) if self.offers_payment(rule, price) else None
         record = await self.challenger.challenge(client, rule, price, description, target.query)
-        return self._challenge_response(request, rule, record, reason, description)
+        return self._challenge_response(request, rule, record, reason, description, digest)
 
     def _challenge_response(self, request: web.Request, rule: RouteRule, record: ChallengeRecord,
-                            reason: MicropayError | None = None, description: str = "") -> web.Response:
+                            reason: MicropayError | None = None, description: str = "",
+                            digest: str | None = "") -> web.Response:
+        """`digest`: the request body's, which the Payment charge binds; None (a body larger
+        than the gate binds): no Payment charge is offered, L402 only."""
         body = payment_required_body(
             resource=f"{request.method} {request_target(request).path}", price_msat=record.price_msat,
             invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
@@ -432,13 +478,13 @@ class Gate:
         if "l402" in rule.schemes:
             for value in challenge_headers(record.macaroon, record.bolt11):
                 response.headers.add(hdrs.WWW_AUTHENTICATE, value)
-        if self.offers_payment(rule, record.price_msat):
+        if digest is not None and self.offers_payment(rule, record.price_msat):
             opaque = {"route": rule.key, "token": record.token_id}
             if rule.price_hook is not None:
                 opaque["query"] = query_digest(request_target(request).query or "")
             offer = charge_challenge(self.binder, realm=self.service, bolt11=record.bolt11,
                                      payment_hash=record.payment_hash, price_msat=record.price_msat,
-                                     expires_at=record.expires_at, opaque=opaque,
+                                     expires_at=record.expires_at, opaque=opaque, digest=digest,
                                      description=(description or rule.description)[:200])
             response.headers.add(hdrs.WWW_AUTHENTICATE, offer.header())
         return response
@@ -448,6 +494,7 @@ async def _add_paid_headers(request: web.Request, response: web.StreamResponse) 
     paid = request.get(PAID)
     if paid is not None:
         response.headers.update(paid.headers)
+        make_private(response.headers)
 
 
 def _as_canonical(request: web.Request, target: Target) -> web.Request:

@@ -16,10 +16,11 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ..errors import UpstreamError, UpstreamUnreachable
+from ..http.caching import make_private
 from ..l402 import SCHEMES
 from ..payment_auth import is_payment
 from ..pricing import Pricing
-from .gate import PAID, STREAM_HEADER, request_target
+from .gate import BODY, PAID, STREAM_HEADER, request_target
 from .session_gate import SESSION_METER, SSE_TYPE, ClientGone, SessionMeter
 
 log = logging.getLogger("micropay.proxy")
@@ -93,7 +94,11 @@ class ReverseProxy:
             raise web.HTTPNotFound()
         assert self._session is not None, "proxy used outside its cleanup context"
         url = URL(upstream.rstrip("/") + target.path_qs, encoded=True)
-        body = request.content if request.body_exists else None
+        # A body the gate read (to bind a Payment charge to it) is forwarded as read;
+        # any other is streamed.
+        body = request.get(BODY)
+        if body is None and request.body_exists:
+            body = request.content
         try:
             upstream_resp = await self._session.request(
                 request.method, url, headers=self.forward_headers(request), data=body, allow_redirects=False)
@@ -110,6 +115,7 @@ class ReverseProxy:
             paid = request.get(PAID)
             if paid is not None:
                 response.headers.update(paid.headers)   # receipt, credits left
+                make_private(response.headers)          # a receipt is never for a shared cache
             await response.prepare(request)
             meter = request.get(SESSION_METER)
             try:

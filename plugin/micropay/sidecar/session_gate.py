@@ -275,5 +275,6 @@ class SessionGate:
 
 
 def _json(body: dict[str, object], receipt: str) -> web.Response:
+    # A response with a Payment-Receipt is `private` (core draft, Caching: MUST).
     return web.Response(text=json.dumps(body), content_type="application/json",
-                        headers={RECEIPT_HEADER: receipt, "Cache-Control": "no-store"})
+                        headers={RECEIPT_HEADER: receipt, "Cache-Control": "private, no-store"})
