@@ -313,6 +313,63 @@ async def test_a_challenge_whose_invoice_disagrees_is_not_paid(sc, tmp_path, mon
     assert sc.payer.balance_msat == balance
 
 
+async def test_openapi_describes_the_priced_routes_with_payment_offers(sc):
+    status, headers, body = await fetch(sc.url + "/openapi.json")
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    doc = json.loads(body)
+    assert doc["openapi"].startswith("3.1") and doc["info"]["title"] == "shop"
+    joke = doc["paths"]["/api/joke"]["get"]
+    assert joke["x-payment-info"] == {"offers": [{"intent": "charge", "method": "lightning", "currency": "sat",
+                                                  "amount": "1", "description": "one request per payment"}]}
+    assert "402" in joke["responses"]
+    fortune = doc["paths"]["/api/fortune/{rest}"]
+    assert "x-payment-info" not in fortune["get"] and fortune["parameters"][0]["name"] == "rest"
+    assert doc["paths"]["/api/echo"]["get"]["x-payment-info"]["offers"][0]["amount"] == "2"
+    # the offer matches what the 402 then says (the challenge stays authoritative)
+    _, headers, _ = await fetch(sc.url + "/api/joke")
+    (charge,) = pa.parse_challenges(headers.getall("WWW-Authenticate"))
+    assert pa.decode_request(charge)["amount"] == joke["x-payment-info"]["offers"][0]["amount"]
+
+
+async def test_openapi_can_be_left_to_the_upstream(tmp_path):
+    sidecar = await start_sidecar(make_config(tmp_path, "openapi = false\n" + ROUTES))
+    try:
+        status, _, _ = await fetch(sidecar.url + "/openapi.json")
+        assert status == 404
+    finally:
+        await sidecar.runner.cleanup()
+
+
+async def test_with_the_purchases_api_one_openapi_document_holds_both(tmp_path):
+    from .games_util import GAMES_TOML, start_game_sidecar
+    toml = GAMES_TOML.replace('service = "game"\n', 'service = "game"\ndemo = true\n', 1) + \
+        '\n[[routes]]\nmethod = "GET"\npath = "/api/joke"\nprice_msat = 3000\n'
+    gs = await start_game_sidecar(tmp_path, toml)
+    try:
+        status, _, body = await fetch(gs.sc.url + "/openapi.json")
+        doc = json.loads(body)
+        assert status == 200 and "/v1/purchases" in doc["paths"]
+        assert doc["paths"]["/api/joke"]["get"]["x-payment-info"]["offers"][0]["amount"] == "3"
+    finally:
+        await gs.close()
+
+
+async def test_micropay_fetch_pays_the_payment_scheme_when_asked_and_refuses_bad_params(sc, tmp_path):
+    from micropay.errors import BadRequest
+    from micropay.plugin_fetch import fetch as plugin_fetch
+    limits = {"max_msat_default": 10_000, "day_budget_msat": 100_000}
+    balance = sc.payer.balance_msat
+    got = await plugin_fetch(sc.payer, tmp_path, url=sc.url + "/api/joke", prefer="payment", **limits)
+    assert got["status"] == 200 and got["amount_msat"] == 1000 and got["receipt"]["method"] == "lightning"
+    got = await plugin_fetch(sc.payer, tmp_path, url=sc.url + "/api/joke", **limits)       # L402 by default
+    assert got["status"] == 200 and got["receipt"]["type"] == "request"
+    assert sc.payer.balance_msat == balance - 2000
+    for bad in ({"prefer": "mpp"}, {"prefer": 1}, {"session": "yes"}):
+        with pytest.raises(BadRequest):
+            await plugin_fetch(sc.payer, tmp_path, url=sc.url + "/api/joke", **limits, **bad)
+    assert sc.payer.balance_msat == balance - 2000                 # a refused call paid nothing
+
+
 # -- every 402 is a new challenge (issue 17, 4) ------------------------------------------
 
 def invoice_of(echo):
