@@ -223,3 +223,77 @@ async def test_a_payer_killed_mid_session_is_refunded_by_the_servers_idle_close(
     finally:
         await sc.runner.cleanup()
         await up_runner.cleanup()
+
+
+async def test_the_merchants_lightningd_killed_mid_refund_pays_it_exactly_once(node_factory, tmp_path):
+    """kill -9 of the merchant's lightningd while a close's refund is in flight (its HTLC
+    held by the payer's node): the close does not guess; after the restart the node's
+    record settles it, the refund is paid exactly once, and the store agrees with what
+    the payer's node received."""
+    import time
+
+    from micropay.errors import PaymentUnknown
+    from micropay.sessions import RESUME_AFTER_S, SessionLedger
+
+    from .test_kill_campaigns import KILLED, kill_and_restart
+    from .util import helper_plugin
+    refund_msat = (DEPOSIT_UNITS - 1) * UNIT_MSAT          # the open's event spends one unit
+    l1, l2 = node_factory.line_graph(
+        2, opts=[{"may_reconnect": True, "plugin": helper_plugin("hold"), "hold-msat": refund_msat},
+                 {"may_reconnect": True, "broken_log": KILLED}], wait_for_announce=True)
+    up_runner, up_url, seen = await start_upstream()
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    sc = await start_sidecar(make_config(tmp_path, routes(up_url)), node=node)
+    ledger = sc.rt.gate.sessions
+    try:
+        give_outbound_liquidity(l1, l2)
+        assert await wait_until(lambda: no_htlcs(l1))
+        import aiohttp
+        async with aiohttp.ClientSession() as http:
+            async with http.get(sc.url + "/gen?n=1") as r:
+                (ch,) = [c for c in pa.parse_challenges(r.headers.getall("WWW-Authenticate")) if c.intent == "session"]
+            paid = l1.rpc.call("xpay", {"invstring": pa.decode_request(ch)["depositInvoice"]})
+            ret = l1.rpc.call("invoice", {"amount_msat": "any", "label": "ret", "description": "refund"})
+            auth = pa.format_session_credential(ch, {"action": "open", "preimage": paid["payment_preimage"],
+                                                     "returnInvoice": ret["bolt11"]})
+            async with http.get(sc.url + "/gen?n=1", headers={"Authorization": auth}) as r:
+                assert r.status == 200
+        sid = pa.decode_request(ch)["paymentHash"]
+        await asyncio.sleep(ledger.lease_s + 0.1)
+        await ledger.flush_leases()
+        assert await wait_until(lambda: no_htlcs(l1))
+        before = to_us_msat(l1)
+        closing = asyncio.ensure_future(ledger.close(sid))
+        await asyncio.to_thread(l1.daemon.wait_for_log, "holding an HTLC")     # the refund is out
+        await asyncio.to_thread(kill_and_restart, l2, l1)
+        try:
+            await closing
+            raise AssertionError("the close reported an outcome it could not know")
+        except PaymentUnknown:
+            pass
+        assert (await ledger.repo.get(sid)).status == SessionStatus.REFUNDING
+        await asyncio.to_thread(l2.wait_channel_active, l2.get_channel_scid(l1))
+
+        # another sidecar process, later: it finishes the close from the node's record
+        later = ClnNode(l2.rpc.socket_path)
+        await later.connect()
+        resumer = SessionLedger(ledger.repo, later, clock=lambda: time.time() + RESUME_AFTER_S + 1)
+        deadline = time.monotonic() + 60
+        while (await ledger.repo.get(sid)).status != SessionStatus.CLOSED and time.monotonic() < deadline:
+            await resumer.resume()
+            await asyncio.sleep(1)
+        rec = await ledger.repo.get(sid)
+        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED, rec
+        assert rec.refund_msat == refund_msat
+        (inv,) = l1.rpc.listinvoices("ret")["invoices"]
+        assert inv["status"] == "paid" and inv["amount_received_msat"] == refund_msat
+        sent = [p for p in l2.rpc.listsendpays()["payments"] if p["payment_hash"] == inv["payment_hash"]]
+        assert [p["status"] for p in sent] == ["complete"], sent           # one attempt, completed once
+        assert await wait_until(lambda: no_htlcs(l1))
+        assert to_us_msat(l1) - before == refund_msat
+        assert await resumer.resume() == 0
+        await later.close()
+    finally:
+        await sc.runner.cleanup()
+        await up_runner.cleanup()
