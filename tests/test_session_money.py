@@ -263,3 +263,29 @@ def test_the_refund_is_paid_with_the_routes_fee_cap(tmp_path):
         with pytest.raises(Exception, match="refund_max_fee_msat"):
             parse_route({"path": "/x", "price_msat": 1000, "session": {"refund_max_fee_msat": bad}}, "t")
     assert Pricing([rule]).rules[0].session.refund_max_fee_msat == 1234
+
+
+def test_a_close_echoing_a_challenge_another_session_closed_with_closes_its_own_session(world, tmp_path):
+    """Close answers were kept by (challenge id, action): a victim echoing the challenge an
+    attacker's close had used got the attacker's answer and its own session stayed open.
+    Each close now closes, and answers for, the session it names."""
+    lt, up = world
+    sc = lt.run(start_sidecar(make_config(tmp_path, two_routes(up.url, deposit_units=10))))
+    try:
+        ch_a, pre_a, sid_a = open_on(lt, sc, "/api/cheap")
+        ch_b, pre_b, sid_b = open_on(lt, sc, "/api/cheap")
+        bearer_b = {"Authorization": pa.format_session_credential(ch_b, {"action": "bearer", "sessionId": sid_b,
+                                                                        "preimage": pre_b})}
+        assert raw_request(sc.port, "GET", "/api/cheap", bearer_b)[0] == 200            # B spends 2 units
+        shared = ch_a                                          # both closes echo A's challenge
+        answers = {}
+        for sid, pre in ((sid_a, pre_a), (sid_b, pre_b)):
+            close = pa.format_session_credential(shared, {"action": "close", "sessionId": sid, "preimage": pre})
+            status, _, body = raw_request(sc.port, "GET", "/api/cheap", {"Authorization": close})
+            assert status == 200, body
+            answers[sid] = json.loads(body)
+        assert answers[sid_a]["refundSats"] == 9 and answers[sid_b]["refundSats"] == 8
+        for sid in (sid_a, sid_b):
+            assert lt.run(sc.rt.gate.sessions.repo.get(sid)).status == "closed"
+    finally:
+        lt.run(sc.runner.cleanup())
