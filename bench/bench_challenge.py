@@ -3,8 +3,9 @@ of the same size.
 
     python bench/bench_challenge.py [--seconds 5] [--rounds 3]
 
-Every request carries a distinct X-Forwarded-For (trusted in this config), so no pending
-challenge is reused: each 402 is a new invoice, token and store row. Two gated targets:
+Every request carries an X-Forwarded-For (trusted in this config) never seen before by
+the target, so no client reaches its rate limit: each 402 is a new invoice, token and
+store row (as every 402 is since issue 17). Two gated targets:
 `stub`, whose node hands back a ready invoice at once, measures the gate's own cost per
 402 (goal: at most 150 us of server CPU more than the bare 402); `sandbox` adds what the
 in-process node costs to make and sign a real BOLT11 invoice.

@@ -149,21 +149,25 @@ def wrk_run(url: str, seconds: int = 5, connections: int = 32, headers: dict[str
     return float(m.group(1)), int(total.group(1)) if total else 0
 
 
-# wrk script: every request from a distinct client (X-Forwarded-For), so no pending
-# challenge is reused and each 402 mints a new invoice.
+# wrk script: every request from a distinct client (X-Forwarded-For), so no client's
+# per-minute bucket or pending bound is reached, in this run or a later one on the same
+# target. (Until issue 17 the counter restarted with each run, so from the second round
+# on every client asked again and, under the old reuse rule, got its pending challenge
+# back without a new invoice: later rounds measured reuse, not new challenges.)
 DISTINCT_CLIENTS_LUA = """
 counter = 0
 request = function()
   counter = counter + 1
-  wrk.headers["X-Forwarded-For"] = "bench-client-" .. counter
+  wrk.headers["X-Forwarded-For"] = "bench-%s-" .. counter
   return wrk.format(nil, "%s")
 end
 """
 
 
 def script(path: str) -> str:
+    """A wrk script whose clients are new to the target: a prefix of its own per run."""
     f = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
-    f.write(DISTINCT_CLIENTS_LUA % path)
+    f.write(DISTINCT_CLIENTS_LUA % (os.urandom(6).hex(), path))
     f.close()
     return f.name
 
