@@ -70,8 +70,19 @@ class RawSSE:
                 raise EOFError("the server closed the stream")
             self.buf += chunk
 
-    def leave(self) -> None:
+    def leave(self) -> int:
+        """Close the connection; returns how many data events had reached this socket
+        unread (a busy server may write several at once: they were delivered too)."""
+        self.sock.setblocking(False)
+        try:
+            while chunk := self.sock.recv(65536):
+                self.buf += chunk
+        except (BlockingIOError, ConnectionError):
+            pass
         self.sock.close()
+        body = self.buf.split(b"\r\n\r\n", 1)[1] if not self.head_read and b"\r\n\r\n" in self.buf else self.buf
+        complete = body[:body.rfind(b"\n\n") + 2] if b"\n\n" in body else b""
+        return complete.count(b'data: {"i"')
 
 
 @pytest.fixture
@@ -151,7 +162,7 @@ def test_a_client_that_leaves_during_a_hold_is_not_charged_when_a_top_up_comes(w
     stream = RawSSE(sc.port, "/gen?n=25", bearer)
     delivered = read_until_hold(stream)
     assert delivered == DEPOSIT_UNITS - 1                  # the open's event took the first unit
-    stream.leave()
+    assert stream.leave() == 0                             # held: nothing more was written
     time.sleep(0.6)                                        # the server notices within a quarter second
     top_up(lt, sc, sid)
     rec = settled_record(lt, sc, sid, wait_s=1.0)
@@ -164,9 +175,10 @@ def test_a_client_that_leaves_as_the_top_up_arrives_is_charged_only_for_what_it_
     ch, pre, sid, bearer = open_session(lt, sc)
     stream = RawSSE(sc.port, "/gen?n=25", bearer)
     delivered = read_until_hold(stream)
+    assert delivered == DEPOSIT_UNITS - 1
     t_ch, t_pre = deposit(lt, sc)
     auth = pa.format_session_credential(t_ch, {"action": "topUp", "sessionId": sid, "topUpPreimage": t_pre})
-    stream.leave()                                         # the same moment: leave, top up
+    assert stream.leave() == 0                             # the same moment: leave, top up
     assert lt.run(_fetch(sc.url + "/gen?n=1", auth))[0] == 200
     rec = settled_record(lt, sc, sid, wait_s=1.0)
     assert rec.spent_msat == (1 + delivered) * UNIT_MSAT
@@ -183,7 +195,7 @@ def test_a_client_that_leaves_between_events_pays_for_the_events_it_read(world):
         name, data = stream.next_event()
         assert name == "message"
         delivered += 1
-    stream.leave()
+    delivered += stream.leave()                            # any that reached the socket unread
     rec = settled_record(lt, sc, sid, wait_s=1.5)          # the upstream's next events come meanwhile
     assert rec.spent_msat == (1 + delivered) * UNIT_MSAT
     close_and_check_refund(lt, sc, ch, pre, sid, 1 + delivered, deposits=2)
