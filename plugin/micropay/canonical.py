@@ -7,7 +7,12 @@ the upstream serves can never differ. No I/O.
     refused           encoded '/', '?', '#' or '\\'; a raw '\\' or '#'; a control character
                       (raw or encoded); a '%' not followed by two hex digits; percent-escapes
                       that are not UTF-8; anything that is not an absolute path ('*',
-                      'http://host/...')
+                      'http://host/...'); spellings common upstreams read as another path:
+                      a ';' in the path (raw or encoded: Tomcat, Jetty and Spring strip
+                      ';' path parameters, so '/api;/premium' and '/..;/' would be served as
+                      '/api/premium' and '/../'), a segment ending in '.' or whitespace
+                      ('/premium.', '/premium%20': Windows servers drop them, Spring's
+                      suffix match ignores a trailing '.')
     canonical path    decoded, dot segments resolved (RFC 3986 5.2.4), repeated '/' collapsed;
                       used for pricing and token caveats
     forwarded         the canonical path re-encoded, plus the query exactly as it was sent
@@ -22,9 +27,10 @@ from .errors import BadPath
 
 # Characters a path segment may carry unencoded (RFC 3986 pchar minus '%').
 _SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
-# A target already in canonical form: absolute path of plain segments, none empty,
-# none '.' or '..', no escapes. Most requests take this path and skip the slow one.
-_PLAIN = re.compile(r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9!$&'()*+,;=:@\-._~]+)*/?")
+# A target already in canonical form: absolute path of plain segments, none empty, no
+# ';', none ending in '.' (so none is '.' or '..'), no escapes. Most requests take this
+# path and skip the slow one.
+_PLAIN = re.compile(r"(?:/[A-Za-z0-9!$&'()*+,=:@\-._~]*[A-Za-z0-9!$&'()*+,=:@\-_~])*/?")
 _REFUSED_BYTES = frozenset(b"/?#\\") | frozenset(range(0x20)) | {0x7F}
 _HEX = frozenset("0123456789abcdefABCDEF")
 
@@ -59,6 +65,10 @@ def canonical_target(raw: str) -> Target:
             if out:
                 out.pop()
         elif text not in ("", "."):
+            if ";" in text:
+                raise BadPath("the path must not contain ';' (path parameters: many servers strip them)")
+            if text[-1] == "." or text[-1].isspace():
+                raise BadPath("a path segment must not end in '.' or whitespace (many servers drop them)")
             out.append(text)
     trailing = bool(out) and text in ("", ".", "..")   # '/a/b/', '/a/b/.' and '/a/b/c/..' end in '/'
     decoded = "/" + "/".join(out) + ("/" if trailing else "")
