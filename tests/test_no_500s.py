@@ -210,3 +210,188 @@ def test_fuzzed_requests_never_get_a_5xx(threaded_games, endpoint, text, body, s
     status, _, resp = raw_request(gs.sc.port, method, path, headers if method == "GET" else
                                   dict(headers, **{"Content-Length": str(len(body))}), body=body, timeout=10)
     assert status < 500 or (status == 502 and b"upstream" in resp), (method, path, status, resp[:200])
+
+
+# -- non-UTF-8 header bytes and lone surrogates, in every header of every route ----------
+
+UP_TOML = '''
+[challenges]
+per_client_per_minute = 100000
+max_pending = 10000000
+max_pending_per_client = 100000
+[[routes]]
+method = "GET"
+path = "/api/charge"
+price_msat = 1000
+[[routes]]
+method = "GET"
+path = "/api/session"
+price_msat = 2000
+session = true
+'''
+
+# Every header the sidecar, the gate, the proxy, the purchases API or aiohttp itself reads,
+# and one it does not.
+HEADERS = ["Authorization", "Cookie", "Last-Event-ID", "Content-Type", "X-Forwarded-For", "X-Forwarded-Host",
+           "X-Forwarded-Proto", "Forwarded", "Host", "Accept", "Accept-Encoding", "Accept-Language", "Origin",
+           "Referer", "User-Agent", "If-None-Match", "If-Modified-Since", "Range", "Idempotency-Key",
+           "Content-Encoding", "Connection", "Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+           "Payment-Stream-Id", "X-Payment-Stream", "Content-Digest", "Expect", "X-Fuzz"]
+# Not UTF-8: a lone continuation byte, a truncated sequence, a UTF-8-encoded surrogate
+# (CESU), an overlong '/', and the bytes from the review.
+BAD_BYTES = b"\xff\xfe \x80 caf\xc3 \xed\xa0\x80 \xc0\xaf"
+AUTH_VALUES = [b"Bearer \xff\xfe", b"Bearer mpk_\xff", b"L402 \xff\xfe:\xff", b"LSAT \xc3",
+               b"Payment \xff\xfe", b"Payment eyJ\xed\xa0\x80", b"\xff\xfe", b"Bearer " + BAD_BYTES]
+
+
+def send_raw(port: int, method: str, target: str, headers: list[tuple[str, bytes]], body: bytes = b"",
+             timeout: float = 10) -> tuple[int, bytes]:
+    """One request with header values as raw bytes (http.client's putheader sends bytes
+    as they are; a str it would encode as latin-1). A Host among them replaces the one
+    http.client would add."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.putrequest(method, target, skip_host=any(k.lower() == "host" for k, _ in headers),
+                        skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        if method in ("POST", "PUT", "PATCH"):
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body if method in ("POST", "PUT", "PATCH") else None)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def hostile_stack(tmp_path_factory):
+    from .rawhttp import LoopThread, RecordingUpstream
+    lt = LoopThread()
+    up = lt.run(RecordingUpstream().start())
+    toml = f'upstream = "{up.url}"\ndemo = true\n' + GAMES_TOML + UP_TOML
+    gs = lt.run(start_game_sidecar(tmp_path_factory.mktemp("hostile"), toml))
+    yield lt, gs, up
+    lt.run(gs.close())
+    lt.run(up.stop())
+    lt.stop()
+
+
+def every_route(app) -> list[tuple[str, str]]:
+    """(method, path) for every route the sidecar serves, path parameters filled in."""
+    import re
+    found = set()
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else "/"
+        path = re.sub(r"\{tail[^}]*\}", "free/x", path)
+        path = re.sub(r"\{[^}]*\}", "x1", path)
+        methods = ["GET", "POST"] if route.method == "*" else [route.method]
+        found.update((m, path) for m in methods if m != "HEAD")
+    found.update({("GET", "/api/charge"), ("GET", "/api/session")})     # priced routes of the proxy
+    return sorted(found)
+
+
+def test_every_route_is_fuzzed(hostile_stack):
+    lt, gs, up = hostile_stack
+    routes = every_route(gs.sc.runner.app)
+    paths = {p for _, p in routes}
+    assert {"/metrics", "/v1/purchases", "/sandbox/wallets/x1/invoice", "/api/charge", "/api/session",
+            "/free/x", "/healthz", "/.well-known/l402.json"} <= paths, paths
+
+
+def assert_no_5xx(port, method, path, headers, body=b"{}"):
+    status, resp = send_raw(port, method, path, headers, body)
+    assert status < 500, (method, path, headers, status, resp[:300])
+    return status
+
+
+def test_non_utf8_bytes_in_every_header_of_every_route_never_get_a_5xx(hostile_stack):
+    lt, gs, up = hostile_stack
+    port = gs.sc.port
+    for method, path in every_route(gs.sc.runner.app):
+        for name in HEADERS:
+            assert_no_5xx(port, method, path, [(name, BAD_BYTES)])
+        for value in AUTH_VALUES:
+            assert_no_5xx(port, method, path, [("Authorization", value)])
+        assert_no_5xx(port, method, path, [(name, BAD_BYTES) for name in HEADERS if name != "Host"])
+
+
+def test_metrics_with_a_non_utf8_bearer_token_is_401(hostile_stack):
+    """The review's input: raw bytes 'Authorization: Bearer \\xff\\xfe' gave a 500."""
+    lt, gs, up = hostile_stack
+    status, body = send_raw(gs.sc.port, "GET", "/metrics", [("Authorization", b"Bearer \xff\xfe")])
+    assert status == 401 and b"unauthorized" in body, body
+    token = gs.rt.metrics_token
+    status, _ = send_raw(gs.sc.port, "GET", "/metrics", [("Authorization", b"Bearer " + token)])
+    assert status == 200
+
+
+def payment_with(echo: dict, payload: dict) -> bytes:
+    """A Payment credential as JSON text with \\u escapes (json.dumps writes a lone
+    surrogate as '\\ud800', which is valid JSON)."""
+    from micropay import payment_auth as pa
+    return b"Payment " + pa.b64url(json.dumps({"challenge": echo, "payload": payload}).encode()).encode()
+
+
+def offered_echo(port: int, path: str, intent: str) -> dict:
+    from micropay import payment_auth as pa
+    from .rawhttp import raw_request
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        values = [v for k, v in resp.getheaders() if k.lower() == "www-authenticate"]
+    finally:
+        conn.close()
+    return next(c for c in pa.parse_challenges(values) if c.intent == intent).echo()
+
+
+@pytest.mark.parametrize("path,intent", [("/api/charge", "charge"), ("/api/session", "session")])
+def test_lone_surrogates_in_a_payment_credential_are_malformed(hostile_stack, path, intent):
+    """The review's input: a Payment credential echoing id "\\ud800" gave a 500 on a
+    charge route (UnicodeEncodeError in Binder.verify). Any lone surrogate, in any field
+    of the echo or the payload (keys too), is a malformed credential: 402 and a fresh
+    challenge."""
+    lt, gs, up = hostile_stack
+    port = gs.sc.port
+    echo = offered_echo(port, path, intent)
+    payload = {"preimage": "00" * 32, "action": "bearer", "sessionId": "00" * 32, "returnInvoice": "lnbcrt1"}
+    cases = [(dict(echo, id="\ud800"), payload)]
+    cases += [(dict(echo, **{k: echo[k] + "\udfff"}), payload) for k in echo]
+    cases += [(echo, dict(payload, **{k: "\ud800"})) for k in payload]
+    cases += [(dict(echo, **{"\ud800": "x"}), payload), (echo, dict(payload, extra=["\ud83d"]))]
+    before = len(up.seen)
+    for e, p in cases:
+        status, body = send_raw(port, "GET", path, [("Authorization", payment_with(e, p))])
+        assert status == 402, (e, p, body)
+        doc = json.loads(body)
+        assert doc["error"] == "payment_credential_malformed", doc
+    assert up.seen[before:] == []
+
+
+def test_lone_surrogates_in_json_bodies_of_every_post_route_never_get_a_5xx(hostile_stack):
+    lt, gs, up = hostile_stack
+    bodies = [json.dumps({"x": "\ud800"}).encode(), json.dumps({"\udfff": 1}).encode(),
+              json.dumps(purchase(player_id="\ud800")).encode(), json.dumps({"bolt11": "\ud800"}).encode(),
+              json.dumps({"amount_msat": 1000, "description": "\udc80"}).encode(), b'"\\ud800"']
+    for method, path in every_route(gs.sc.runner.app):
+        if method != "POST":
+            continue
+        for body in bodies:
+            for headers in ([("Content-Type", b"application/json")],
+                            [("Content-Type", b"application/json"), ("Authorization", b"Bearer " + gs.key.encode())]):
+                assert_no_5xx(gs.sc.port, method, path, headers, body)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data(), st.sampled_from(HEADERS),
+       st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+       st.sampled_from([b"", b"Bearer ", b"Bearer mpk_", b"L402 ", b"Payment ", b"Payment eyJ"]))
+def test_fuzzed_header_bytes_never_get_a_5xx(hostile_stack, data, name, value, prefix):
+    lt, gs, up = hostile_stack
+    method, path = data.draw(st.sampled_from(every_route(gs.sc.runner.app)))
+    headers = [(name, (prefix if name == "Authorization" else b"") + value)]
+    assert_no_5xx(gs.sc.port, method, path, headers)

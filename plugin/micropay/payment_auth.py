@@ -148,7 +148,10 @@ class Binder:
     @staticmethod
     def _input(realm: str, method: str, intent: str, request: str, expires: str, digest: str,
                opaque: str) -> bytes:
-        return "|".join((realm, method, intent, request, expires, digest, opaque)).encode()
+        # surrogatepass: a lone surrogate in an echoed parameter (parse_credential refuses
+        # them, but verify takes any dict) makes a mismatch, never an exception.
+        text = "|".join((realm, method, intent, request, expires, digest, opaque))
+        return text.encode("utf-8", "surrogatepass")
 
     def bind(self, realm: str, method: str, intent: str, request: str, expires: str = "",
              digest: str = "", opaque: str = "") -> str:
@@ -161,7 +164,7 @@ class Binder:
         msg = self._input(echo.get("realm", ""), echo.get("method", ""), echo.get("intent", ""),
                           echo.get("request", ""), echo.get("expires", ""), echo.get("digest", ""),
                           echo.get("opaque", ""))
-        given = echo.get("id", "").encode()
+        given = echo.get("id", "").encode("utf-8", "surrogatepass")
         ok = False
         for key in self._keys:       # every key in the ring: a rotation keeps recent challenges valid
             ok |= hmac.compare_digest(b64url(hmac.digest(key, msg, hashlib.sha256)).encode(), given)
@@ -234,12 +237,35 @@ def parse_challenges(values: list[str]) -> list[Challenge]:
 def decode_object(text: str) -> dict[str, Any]:
     """base64url JSON of an object (a `request`, a `Payment-Receipt`); ValueError otherwise."""
     try:
-        doc = _decode_json(unb64url(text).decode())
+        json_text = unb64url(text).decode()
+        doc = _decode_json(json_text)
     except (UnicodeDecodeError, RecursionError):
         raise ValueError("not base64url JSON") from None
     if type(doc) is not dict:
         raise ValueError("not a JSON object")
+    if "\\u" in json_text and _has_lone_surrogate(doc):
+        raise ValueError("the JSON holds a lone surrogate")
     return doc
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """A string anywhere in decoded JSON (keys included) holds a lone surrogate: JSON's
+    `\\ud800` escape decodes to one, and such a string cannot be encoded as UTF-8."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif type(item) is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return False
 
 
 def decode_request(ch: Challenge) -> dict[str, Any]:
@@ -271,7 +297,8 @@ def parse_credential(authorization: str) -> Credential:
     """`Payment <base64url JSON>` -> Credential. Raises PaymentCredentialMalformed."""
     token = authorization[8:].strip() if is_payment(authorization) else ""
     try:
-        doc = _decode_json(unb64url(token).decode())
+        token_text = unb64url(token).decode()
+        doc = _decode_json(token_text)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise PaymentCredentialMalformed("the credential is not base64url-encoded JSON") from None
     if type(doc) is not dict:
@@ -289,6 +316,9 @@ def parse_credential(authorization: str) -> Credential:
         raise PaymentCredentialMalformed("payload must be an object")
     if source is not None and not isinstance(source, str):
         raise PaymentCredentialMalformed("source must be a string")
+    if "\\u" in token_text and _has_lone_surrogate(doc):
+        raise PaymentCredentialMalformed("the credential's JSON holds a lone surrogate (\\ud800-\\udfff): "
+                                         "not Unicode text")
     return Credential({k: v for k, v in challenge.items() if k in ECHO_FIELDS}, payload, source)
 
 

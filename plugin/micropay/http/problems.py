@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from ..errors import InvalidCredential, MicropayError
 from ..l402 import PROBLEM_CONTENT_TYPE, problem_body
@@ -25,3 +26,12 @@ def problem_response(err: MicropayError, headers: dict[str, str] | None = None) 
     hdrs.update(headers or {})
     return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
                         headers=hdrs)
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """aiohttp's own handling of `Expect` (100-continue), except for an expectation it
+    does not know: aiohttp's 417 echoes the header's value, and a value that is not
+    UTF-8 (raw bytes arrive as surrogates) made that a 500. Ours does not echo it."""
+    if request.version != HttpVersion11 or request.headers.get(hdrs.EXPECT, "").lower() == "100-continue":
+        return await _default_expect_handler(request)
+    raise web.HTTPExpectationFailed(text="the only expectation served is 100-continue")

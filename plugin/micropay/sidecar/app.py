@@ -18,7 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from ..challenger import LABEL_PREFIX as CHALLENGE_LABEL_PREFIX
 from ..config import Config
 from ..errors import ConfigError, Unauthorized
-from ..http.problems import problem_response
+from ..http.problems import expect_handler, problem_response
 from ..lightning.base import Node
 from ..metrics import Metrics
 from ..discovery import document as openapi_document, payment_paths, schemes_offered
@@ -214,7 +214,8 @@ def build_app(rt: Runtime) -> web.Application:
     # Every handler is wrapped with the gate rather than using middleware: cheaper per
     # request. The config's routes price the demo, extra routes and the upstream; micropay's
     # own endpoints only get the canonical-path check, so a catch-all route cannot price them.
-    add = lambda method, path, handler: app.router.add_route(method, path, gate.guard(handler))  # noqa: E731
+    add = lambda method, path, handler: app.router.add_route(method, path, gate.guard(handler),  # noqa: E731
+                                                            expect_handler=expect_handler)
     add_own = lambda method, path, handler: add(method, path, own_endpoint(handler))  # noqa: E731
     add_own("GET", "/.well-known/l402.json", well_known)
     add_own("GET", "/metrics", metrics)
@@ -346,7 +347,8 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if rt.metrics_token is not None:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), rt.metrics_token):
+        given = given.strip()      # raw header bytes that are not UTF-8 arrive as surrogates: never a token
+        if scheme.lower() != "bearer" or not given.isascii() or not hmac.compare_digest(given.encode(), rt.metrics_token):
             return problem_response(Unauthorized(
                 "/metrics needs 'Authorization: Bearer <token>' (the token is in "
                 f"{rt.config.effective_metrics_token_file.name} in the data directory)"),

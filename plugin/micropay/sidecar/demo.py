@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import random
+import re
 
 from aiohttp import web
+
+# What a Host header may hold to be shown back (a name or address and a port); anything
+# else (raw bytes that are not UTF-8 arrive as surrogates) shows the listen address.
+_HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](?::[0-9]{1,5})?")
 
 JOKES = [
     "Why did the node refuse the HTLC? It had no channel for that kind of talk.",
@@ -49,7 +54,8 @@ async def echo(request: web.Request) -> web.Response:
 
 def add_demo_routes(add, rt) -> None:
     async def index(request: web.Request) -> web.Response:
-        return web.Response(text=front_page(rt, request.host))
+        host = request.host
+        return web.Response(text=front_page(rt, host if _HOST.fullmatch(host) else rt.config.listen))
     add("GET", "/", index)
     add("GET", "/api/joke", joke)
     add("GET", "/api/fortune/{n}", fortune)
