@@ -5,6 +5,10 @@
     POST /sandbox/wallets/{name}/invoice  {"amount_msat": 1000, "description": "..."} -> an invoice
                                           this wallet is paid on (to try payouts, say); without
                                           amount_msat, an amountless one (a session's return invoice)
+
+A new invoice is a new invoice whichever node makes it: the invoice endpoint draws on the
+same per-client token bucket as the gate's challenges (`[challenges]
+per_client_per_minute`), and past it answers 429 with Retry-After.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import re
 
 from aiohttp import web
 
-from ..errors import BadRequest, MicropayError
+from ..errors import BadRequest, MicropayError, RateLimited
 from ..http.problems import problem_response
 from ..inputs import load_json
 from ..lightning.sandbox import PLAY_MONEY_MSAT
@@ -72,6 +76,9 @@ def add_sandbox_routes(add, rt) -> None:
                 raise BadRequest("amount_msat must be a positive integer (or left out: any amount)")
             if not isinstance(description, str) or len(description) > 200:
                 raise BadRequest("description must be a string of at most 200 characters")
+            wait = rt.gate.challenger.bucket.take(rt.gate.client_key(request))
+            if wait > 0:
+                raise RateLimited("too many new invoices requested; wait", retry_after_s=int(wait) + 1)
             inv = await w.create_invoice(amount, f"wallet-{os.urandom(8).hex()}", description, 3600)
         except MicropayError as err:
             return problem_response(err)
