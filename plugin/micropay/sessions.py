@@ -96,7 +96,8 @@ class SessionLedger:
         return_hash = await self._check_return_invoice(act)
         outcome = await self.repo.open(session_id=act.session_id, token_id=act.token_id, route_key=act.route,
                                        unit_msat=act.unit_msat, deposit_msat=act.deposit_msat,
-                                       return_invoice=act.return_invoice, return_hash=return_hash, now=now)
+                                       return_invoice=act.return_invoice, return_hash=return_hash, now=now,
+                                       idle_timeout_s=self.idle_timeouts.get(act.route))
         if outcome == "ok":
             log.info("session %s opened: %d msat deposit, %d msat per unit (%s)", act.session_id,
                      act.deposit_msat, act.unit_msat, act.route)
@@ -368,19 +369,30 @@ class SessionLedger:
                         "later", rec.session_id, refund_msat, exc)
             return None
 
-    async def close_idle(self) -> int:
-        """Close the sessions idle past their route's timeout (the draft: a server-side
-        close refunds like the client's). Returns how many."""
+    async def close_idle(self, limit: int = 100) -> int:
+        """Close the sessions idle past their idle timeout (the draft: a server-side close
+        refunds like the client's), at most `limit` of them, the earliest due first: each
+        session's deadline is stored with it (active_at + the timeout of its route when it
+        opened), so sessions with long timeouts never hold up the close of short ones.
+        Returns how many."""
         if not self.idle_timeouts:
             return 0
         now = int(self.clock())
+        # sessions without a deadline (opened before it was stored): their route's
+        # timeout now, or the shortest one for a route no longer configured
+        for route_key, timeout_s in self.idle_timeouts.items():
+            await self.repo.set_idle_timeout(timeout_s, route_key)
+        await self.repo.set_idle_timeout(min(self.idle_timeouts.values()))
         closed = 0
-        for session_id in await self.repo.idle(now - min(self.idle_timeouts.values())):
+        for session_id in await self.repo.idle(now, limit):
             rec = await self.repo.get(session_id)
             if rec is None or rec.status != SessionStatus.OPEN:
                 continue
-            timeout = self.idle_timeouts.get(rec.route_key, min(self.idle_timeouts.values()))
-            if rec.active_at >= now - timeout or session_id in self._leases:
+            timeout = rec.idle_timeout_s or self.idle_timeouts.get(rec.route_key, min(self.idle_timeouts.values()))
+            if rec.active_at + timeout >= now:
+                await self.repo.refresh_due(session_id)      # its deadline fell behind its activity
+                continue
+            if session_id in self._leases:
                 continue
             try:
                 await self.close(session_id, why=f"idle for {now - rec.active_at} s")

@@ -93,4 +93,13 @@ CORE_SCHEMA = Schema("core", (
         # looked up from there on)
         "ALTER TABLE micropay_sessions ADD COLUMN refund_from BIGINT",
     )),
+    Migration(5, "Payment sessions: each session's idle timeout and when it falls due, for the idle closer", (
+        # the idle timeout the session was opened with, and active_at + it: the idle
+        # closer takes open sessions in the order they fall due (NULL in sessions opened
+        # before this step, until the closer fills them in from the configuration)
+        "ALTER TABLE micropay_sessions ADD COLUMN idle_timeout_s BIGINT",
+        "ALTER TABLE micropay_sessions ADD COLUMN idle_due_at BIGINT",
+        """CREATE INDEX IF NOT EXISTS micropay_sessions_due
+            ON micropay_sessions (status, idle_due_at)""",
+    )),
 ))

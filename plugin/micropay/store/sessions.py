@@ -49,6 +49,8 @@ class SessionRecord:
     lease_until_ms: int = 0
     return_hash: str | None = None     # the return invoice's payment hash (unique across sessions)
     refund_from: int | None = None     # the node's payment records before the refund attempt
+    idle_timeout_s: int | None = None  # the route's idle timeout when the session opened
+    idle_due_at: int | None = None     # active_at + idle_timeout_s: when the idle closer may close it
 
     @property
     def balance_msat(self) -> int:
@@ -56,20 +58,24 @@ class SessionRecord:
 
 
 _COLS = ("session_id, route_key, unit_msat, deposit_msat, spent_msat, return_invoice, status, opened_at, "
-         "active_at, closed_at, refund_msat, refund_status, lease_until_ms, return_hash, refund_from")
+         "active_at, closed_at, refund_msat, refund_status, lease_until_ms, return_hash, refund_from, "
+         "idle_timeout_s, idle_due_at")
 # No conflict target: a session id or a return invoice already taken both make it a no-op.
 INSERT = (f"INSERT INTO micropay_sessions ({_COLS}) "
-          "VALUES ($1,$2,$3,$4,0,$5,'open',$6,$6,NULL,NULL,NULL,0,$7,NULL) "
+          "VALUES ($1,$2,$3,$4,0,$5,'open',$6,$6,NULL,NULL,NULL,0,$7,NULL,$8,$9) "
           "ON CONFLICT DO NOTHING RETURNING session_id")
 RETURN_TAKEN = "SELECT session_id FROM micropay_sessions WHERE return_hash = $1"
 SET_REFUND_FROM = ("UPDATE micropay_sessions SET refund_from = $2 WHERE session_id = $1 AND refund_from IS NULL "
                    "AND status = 'refunding' RETURNING refund_from")
 GET = f"SELECT {_COLS} FROM micropay_sessions WHERE session_id = $1"
-TOP_UP = ("UPDATE micropay_sessions SET deposit_msat = deposit_msat + $2, active_at = $3 "
+# Every statement that moves active_at moves idle_due_at with it.
+TOP_UP = ("UPDATE micropay_sessions SET deposit_msat = deposit_msat + $2, active_at = $3, "
+          "idle_due_at = $3 + idle_timeout_s "
           "WHERE session_id = $1 AND status = 'open' RETURNING deposit_msat - spent_msat")
 # $4: until when (ms) the reserving replica may serve the units it takes beyond the first
 # (0 when it takes one): a close waits that long for unserved units to come back.
 RESERVE = ("UPDATE micropay_sessions SET spent_msat = spent_msat + $2, active_at = $3, "
+           "idle_due_at = $3 + idle_timeout_s, "
            "lease_until_ms = CASE WHEN $4 > lease_until_ms THEN $4 ELSE lease_until_ms END WHERE session_id = $1 AND status = 'open' AND spent_msat + $2 <= deposit_msat "
            "RETURNING deposit_msat - spent_msat")
 RELEASE = ("UPDATE micropay_sessions SET spent_msat = spent_msat - $2 "
@@ -80,8 +86,22 @@ FIX_REFUND = ("UPDATE micropay_sessions SET status = 'refunding', refund_msat = 
               "WHERE session_id = $1 AND status = 'closing' RETURNING refund_msat")
 FINISH = ("UPDATE micropay_sessions SET status = 'closed', refund_status = $2 "
           "WHERE session_id = $1 AND status = 'refunding' RETURNING session_id")
-IDLE = ("SELECT session_id FROM micropay_sessions WHERE status = 'open' AND active_at < $1 "
-        "ORDER BY active_at LIMIT $2")
+# The open sessions in the order they fall due (index micropay_sessions_due), whatever
+# each one's idle timeout: a thousand sessions with a day's timeout never hold up one
+# with a minute's.
+IDLE = ("SELECT session_id FROM micropay_sessions WHERE status = 'open' AND idle_due_at < $1 "
+        "ORDER BY idle_due_at LIMIT $2")
+# Sessions opened before idle_due_at existed (or by a replica that does not know it):
+# their route's timeout from the configuration ($2), for one route ($1) or any.
+SET_TIMEOUT_ROUTE = ("UPDATE micropay_sessions SET idle_timeout_s = COALESCE(idle_timeout_s, $2), "
+                     "idle_due_at = active_at + COALESCE(idle_timeout_s, $2) "
+                     "WHERE status = 'open' AND idle_due_at IS NULL AND route_key = $1 RETURNING session_id")
+SET_TIMEOUT_ANY = ("UPDATE micropay_sessions SET idle_timeout_s = COALESCE(idle_timeout_s, $1), "
+                   "idle_due_at = active_at + COALESCE(idle_timeout_s, $1) "
+                   "WHERE status = 'open' AND idle_due_at IS NULL RETURNING session_id")
+# A due time that fell behind active_at (moved by a replica that does not know it).
+REFRESH_DUE = ("UPDATE micropay_sessions SET idle_due_at = active_at + idle_timeout_s "
+               "WHERE session_id = $1 AND idle_timeout_s IS NOT NULL RETURNING idle_due_at")
 UNFINISHED = ("SELECT session_id FROM micropay_sessions WHERE status IN ('closing', 'refunding') "
               "AND closed_at < $1 ORDER BY closed_at LIMIT $2")
 ADD_ACTION = ("INSERT INTO micropay_session_actions (challenge_id, session_id, action, response, created_at) "
@@ -103,13 +123,14 @@ class SessionRepository:
         self.store = store
 
     async def open(self, *, session_id: str, token_id: str, route_key: str, unit_msat: int, deposit_msat: int,
-                   return_invoice: str, return_hash: str, now: int) -> str:
+                   return_invoice: str, return_hash: str, now: int, idle_timeout_s: int | None = None) -> str:
         """Open a session on a paid deposit, consuming its invoice's token: all or nothing.
         "ok"; "used" (the deposit was already used: a replayed open); "return_taken" (the
         return invoice is named by another session; the deposit stays unused)."""
         result = await self.store.transaction([
             Step(CONSUME_WHOLE, (token_id,), required=True),
-            Step(INSERT, (session_id, route_key, unit_msat, deposit_msat, return_invoice, now, return_hash),
+            Step(INSERT, (session_id, route_key, unit_msat, deposit_msat, return_invoice, now, return_hash,
+                          idle_timeout_s, None if idle_timeout_s is None else now + idle_timeout_s),
                  required=True),
         ])
         if result.ok:
@@ -169,8 +190,19 @@ class SessionRepository:
     async def finish(self, session_id: str, refund_status: RefundStatus) -> bool:
         return await self.store.fetchrow(FINISH, (session_id, str(refund_status))) is not None
 
-    async def idle(self, before: int, limit: int = 100) -> list[str]:
-        return [r[0] for r in await self.store.query(IDLE, (before, limit))]
+    async def idle(self, now: int, limit: int = 100) -> list[str]:
+        """Open sessions whose idle deadline is before `now`, the earliest due first."""
+        return [r[0] for r in await self.store.query(IDLE, (now, limit))]
+
+    async def set_idle_timeout(self, timeout_s: int, route_key: str | None = None) -> int:
+        """Give open sessions without an idle deadline this timeout (those of `route_key`,
+        or any). Returns how many."""
+        if route_key is None:
+            return len(await self.store.query(SET_TIMEOUT_ANY, (timeout_s,)))
+        return len(await self.store.query(SET_TIMEOUT_ROUTE, (route_key, timeout_s)))
+
+    async def refresh_due(self, session_id: str) -> None:
+        await self.store.fetchrow(REFRESH_DUE, (session_id,))
 
     async def unfinished(self, closed_before: int, limit: int = 100) -> list[str]:
         return [r[0] for r in await self.store.query(UNFINISHED, (closed_before, limit))]
