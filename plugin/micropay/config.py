@@ -50,6 +50,12 @@ class Config:
     demo: bool = False                 # serve the built-in demo API
     openapi: bool = True               # serve /openapi.json describing the priced routes
     header_timeout_s: float = 15.0     # a connection's request headers must arrive within this
+    body_timeout_s: float = 30.0       # a request body read by the gate or the proxy arrives within this
+    max_body_bytes: int = 64 * 1024 ** 2   # largest request body the proxy forwards (413 above)
+    max_connections: int = 0           # open client connections; 0: from the open-files limit
+    max_connections_per_client: int = 256   # open connections of one client address
+    upstream_connections: int = 256    # the reverse proxy's connection pool
+    upstream_connections_per_client: int = 32   # of that pool, what one client may hold
     metrics_public: bool = False       # /metrics without the bearer token (it shows revenue)
     metrics_token_file: Path | None = None   # default <data_dir>/metrics.token
     limits: ChallengeLimits = field(default_factory=ChallengeLimits)
@@ -88,7 +94,9 @@ class Config:
 
 
 CORE_KEYS = frozenset({"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "forwarded_for_hops",
-                       "demo", "header_timeout_s", "metrics", "backend", "store", "challenges", "routes",
+                       "demo", "header_timeout_s", "body_timeout_s", "max_body_bytes", "max_connections",
+                       "max_connections_per_client", "upstream_connections", "upstream_connections_per_client",
+                       "metrics", "backend", "store", "challenges", "routes",
                        "openapi"})
 
 
@@ -141,6 +149,11 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
     if not sep or not host or not 0 < (decimal(port, 5) or 0) < 65536:
         raise top.fail("listen", f"must be host:port (e.g. 127.0.0.1:8402), got {listen!r}")
     demo = top.get("demo", bool, False)
+    upstream_pool = top.positive_int("upstream_connections", 256, maximum=100_000) or 256
+    upstream_share = top.positive_int("upstream_connections_per_client", 32, maximum=100_000) or 32
+    if upstream_share > upstream_pool:
+        raise top.fail("upstream_connections_per_client",
+                       f"must be at most upstream_connections ({upstream_pool}), got {upstream_share}")
     return Config(
         source=source, service=service, listen=listen,
         data_dir=Path(top.get("data_dir", str, ".micropay")).expanduser(), upstream=upstream,
@@ -148,6 +161,13 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
         store_url=store_url, trust_forwarded_for=top.get("trust_forwarded_for", bool, False),
         forwarded_for_hops=top.positive_int("forwarded_for_hops", 1, maximum=32) or 1,
         header_timeout_s=top.positive_int("header_timeout_s", 15, maximum=3600) or 15,
+        body_timeout_s=top.positive_int("body_timeout_s", 30, maximum=3600) or 30,
+        max_body_bytes=top.positive_int("max_body_bytes", Config.max_body_bytes, maximum=2 ** 40)
+        or Config.max_body_bytes,
+        max_connections=top.positive_int("max_connections", 0, allow_zero=True, maximum=10_000_000) or 0,
+        max_connections_per_client=top.positive_int("max_connections_per_client", 256, maximum=10_000_000) or 256,
+        upstream_connections=upstream_pool,
+        upstream_connections_per_client=upstream_share,
         metrics_public=metrics.get("public", bool, False),
         metrics_token_file=Path(token_file).expanduser() if token_file else None,
         demo=demo, limits=limits, routes=routes, openapi=top.get("openapi", bool, True),

@@ -280,6 +280,14 @@ class RequestBodyTooLarge(MicropayError):
     rpc_code = 1433
 
 
+class RequestTimeout(MicropayError):
+    """A request body that did not arrive within the server's body deadline."""
+
+    code = "request_timeout"
+    http_status = 408
+    rpc_code = 1425
+
+
 class RequestFailed(MicropayError):
     """The HTTP request itself failed: bad URL, no connection, broken response."""
 
@@ -347,3 +355,12 @@ class UpstreamUnreachable(UpstreamError):
 
     code = "upstream_unavailable"
     rpc_code = 1511
+
+
+class UpstreamBusy(RateLimited):
+    """This client already holds its share of the connections to the upstream: the
+    request was not forwarded (retry when one of its requests has finished)."""
+
+    code = "upstream_busy"
+    http_status = 503
+    rpc_code = 1513

@@ -282,6 +282,14 @@ class VerifiedToken:
         return self.token_id.hex()
 
 
+CACHE_MAX_BYTES = 32 * 1024 ** 2
+
+
+def _cached_bytes(raw: str) -> int:
+    """What a cached verification holds: the credential, its decoded macaroon and caveats."""
+    return 3 * len(raw) + 1024
+
+
 class TokenService:
     """Mints tokens and verifies credentials without touching the node or the store.
 
@@ -295,6 +303,9 @@ class TokenService:
         self.on_keys_changed: list[Callable[[], None]] = []
         self._cache: OrderedDict[str, VerifiedToken] = OrderedDict()
         self._cache_size = cache_size
+        # Bounded in bytes too: a holder can attenuate one paid token into any number of
+        # distinct valid credentials, each up to a header's size.
+        self._cache_bytes, self._cache_max_bytes = 0, CACHE_MAX_BYTES
 
     def mint(self, payment_hash: bytes, caveats: list[str], token_id: bytes | None = None) -> Macaroon:
         token_id = token_id or os.urandom(32)
@@ -319,8 +330,9 @@ class TokenService:
             raise InvalidCredential("preimage does not match the token's payment hash")
         token = VerifiedToken(token_id, payment_hash, parse_caveats(mac.caveats, self.service), mac)
         self._cache[cred.raw] = token
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._cache_bytes += _cached_bytes(cred.raw)
+        while len(self._cache) > self._cache_size or self._cache_bytes > self._cache_max_bytes:
+            self._cache_bytes -= _cached_bytes(self._cache.popitem(last=False)[0])
         return token
 
     def verify_header(self, value: str | None, method: str, path: str,
@@ -349,6 +361,7 @@ class TokenService:
         if not self.keyring.refresh():
             return False
         self._cache.clear()       # a retired key's tokens must not stay admitted from the cache
+        self._cache_bytes = 0
         for listener in self.on_keys_changed:
             listener()
         return True
@@ -356,6 +369,7 @@ class TokenService:
     def forget_cached(self) -> None:
         """Drop cached verifications, e.g. after a key was retired."""
         self._cache.clear()
+        self._cache_bytes = 0
 
 
 async def follow_key_file(tokens: TokenService, every_s: float = 1.0) -> NoReturn:

@@ -31,7 +31,9 @@ from ..store.l402 import L402Repository
 from ..tasks import every
 from ..tokens import RootKeyRing, TokenService, follow_key_file
 from .gate import Gate, own_endpoint
-from .proxy import ReverseProxy
+from .limits import (HEADERS_LATE, Connections, connection_limit, escape_for_log, flush_throttled_logs,
+                     peer_key, throttle_accept_errors)
+from .proxy import ProxyLimits, ReverseProxy
 
 if TYPE_CHECKING:                     # wired in at start-up; imported lazily so that a
     from ..games.service import Games     # sidecar without games never loads that package
@@ -128,22 +130,40 @@ def settle_heap() -> None:
 
 class AccessLog(AbstractAccessLogger):
     """One line per request, without the query string: it may carry a purchase's
-    client token (EventSource cannot send headers), and tokens stay out of logs."""
+    client token (EventSource cannot send headers), and tokens stay out of logs. The
+    path is logged as the client sent it (not decoded: `%0a` stays `%0a`), with any
+    control character escaped, so that no request can write a line of its own."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, request.method, request.path,
+        self.logger.info('%s "%s %s" %s %s %.1fms', request.remote, escape_for_log(request.method),
+                         escape_for_log(request.raw_path.split("?", 1)[0]),
                          response.status, response.body_length, time * 1000)
 
 
-class _HeaderDeadline(RequestHandler):
-    """aiohttp's connection handler, closing a connection whose request headers do not
-    arrive in full within `header_timeout_s` of its first byte (a client trickling its
-    headers would otherwise hold the connection for as long as it likes)."""
+class _Guarded(RequestHandler):
+    """aiohttp's connection handler, with what a client may hold of the server bounded:
+    the connection counts against `max_connections` and its address's share (past
+    either it gets a short refusal and is closed), and its request headers must arrive
+    in full within `header_timeout_s` of the connection being made (for a keep-alive
+    connection's next request: of its first byte). A client that connects and sends
+    nothing, or trickles its headers, cannot hold a connection for long."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, connections: Connections, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._connections, self._counted_as = connections, None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = peer_key(transport)
+        refusal = self._connections.admit(peer)
+        super().connection_made(transport)
+        if refusal is not None:
+            transport.write(refusal)          # type: ignore[attr-defined]
+            self.force_close()
+            return
+        self._counted_as = peer
+        self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -158,48 +178,62 @@ class _HeaderDeadline(RequestHandler):
     def _headers_overdue(self) -> None:
         self._header_timer = None
         if not self._messages and self._current_request is None:
-            log.info("closing a connection from %s: request headers not complete within %.0fs",
-                      (self.transport.get_extra_info("peername") or ("?",))[0] if self.transport else "?",
-                      self._header_timeout_s)
+            HEADERS_LATE(self._counted_as or "?", self._header_timeout_s)
             self.force_close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._counted_as is not None:
+            self._connections.release(self._counted_as)
+            self._counted_as = None
         super().connection_lost(exc)
 
 
 class _Server(web.Server):
-    def __init__(self, *args: Any, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, connections: Connections, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_timeout_s = header_timeout_s
+        self._header_timeout_s, self.open_connections = header_timeout_s, connections
 
     def __call__(self) -> RequestHandler:
-        return _HeaderDeadline(self, loop=self._loop, header_timeout_s=self._header_timeout_s, **self._kwargs)
+        return _Guarded(self, loop=self._loop, header_timeout_s=self._header_timeout_s,
+                        connections=self.open_connections, **self._kwargs)
 
 
 class _Runner(web.AppRunner):
-    """An AppRunner whose connections have a deadline for their request headers."""
+    """An AppRunner whose connections are bounded (see _Guarded), and whose loop logs
+    failed accepts once per interval (limits.throttle_accept_errors)."""
 
-    def __init__(self, app: web.Application, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, header_timeout_s: float, connections: Connections,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self._header_timeout_s = header_timeout_s
+        self._header_timeout_s, self.open_connections = header_timeout_s, connections
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        flush_throttled_logs()          # what was counted but not yet logged
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        # Same handler and settings as aiohttp's own server, with the header deadline added.
+        throttle_accept_errors(asyncio.get_running_loop())
+        # Same handler and settings as aiohttp's own server, with the bounds added.
         return _Server(server.request_handler, request_factory=server.request_factory,
                        handler_cancellation=server.handler_cancellation, loop=server._loop,
-                       header_timeout_s=self._header_timeout_s, **server._kwargs)
+                       header_timeout_s=self._header_timeout_s, connections=self.open_connections,
+                       **server._kwargs)
 
 
 def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
     kwargs.setdefault("access_log_class", AccessLog)
     rt = app.get(RUNTIME)
-    timeout = rt.config.header_timeout_s if rt is not None else Config.header_timeout_s
-    return _Runner(app, header_timeout_s=timeout, max_line_size=MAX_HEADER_BYTES,
-                   max_field_size=MAX_HEADER_BYTES, **kwargs)
+    cfg = rt.config if rt is not None else Config()
+    has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
+    limit = connection_limit(cfg.max_connections, cfg.upstream_connections if has_upstream else 0)
+    # Behind proxies of ours every connection comes from one of them: only the total counts.
+    connections = Connections(limit, cfg.max_connections_per_client, by_address=not cfg.trust_forwarded_for)
+    return _Runner(app, header_timeout_s=cfg.header_timeout_s, connections=connections,
+                   max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES, **kwargs)
 
 
 def build_app(rt: Runtime) -> web.Application:
@@ -209,7 +243,7 @@ def build_app(rt: Runtime) -> web.Application:
     gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store,
                 receipts=rt.receipts, limits=cfg.limits, metrics=rt.metrics, pricing=cfg.pricing,
                 forwarded_for_hops=cfg.forwarded_for_hops if cfg.trust_forwarded_for else 0,
-                clock=rt.clock)
+                body_timeout_s=cfg.body_timeout_s, clock=rt.clock)
     rt.gate = gate
     # Every handler is wrapped with the gate rather than using middleware: cheaper per
     # request. The config's routes price the demo, extra routes and the upstream; micropay's
@@ -236,7 +270,8 @@ def build_app(rt: Runtime) -> web.Application:
         add(method, path, handler)
     has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
     if has_upstream:
-        proxy = ReverseProxy(cfg.pricing, cfg.upstream, trust_forwarded_for=cfg.trust_forwarded_for)
+        proxy = ReverseProxy(cfg.pricing, cfg.upstream, trust_forwarded_for=cfg.trust_forwarded_for,
+                             client_key=gate.client_key, limits=ProxyLimits.of(cfg))
         app.cleanup_ctx.append(proxy.cleanup_ctx)
         add("*", "/{tail:.*}", proxy.handle)
     app.cleanup_ctx.append(_background_tasks)

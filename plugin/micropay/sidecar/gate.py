@@ -22,6 +22,7 @@ one atomic store statement (the debit).
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -35,7 +36,7 @@ from ..challenger import Challenger
 from ..config import ChallengeLimits
 from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
                       PaymentSchemeError, PaymentUnknownChallenge, PricingUnavailable, RequestBodyTooLarge,
-                      StreamBalanceLow, UpstreamUnreachable)
+                      RequestTimeout, StreamBalanceLow, UpstreamBusy, UpstreamUnreachable)
 from ..http.caching import make_private
 from ..http.problems import problem_response
 from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
@@ -55,12 +56,20 @@ from ..store.sessions import SessionRepository
 from ..store.stream_usage import StreamUsageRepository
 from ..stream_attribution import is_secret_stream_id
 from ..tokens import TokenService, VerifiedToken
+from .cache import INLINE_KEY_CHARS, BoundedCache, digest_key, request_key
 from .paid import PAID, Paid
 from .session_gate import SESSION_METER, SessionGate
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The admitted-credentials cache (and the session gate's bearer cache): at most this many
+# entries and bytes (cache.py: long keys are kept as digests, every entry is counted).
 ADMITTED_CACHE_SIZE = 100_000
+ADMITTED_CACHE_BYTES = 32 * 1024 ** 2
+PASS_RECEIPTS_BYTES = 8 * 1024 ** 2
+# What a handler raises when it did not act on the request (the reverse proxy never
+# reached the upstream): what the request spent is given back.
+UNSERVED = (UpstreamUnreachable, UpstreamBusy, RequestTimeout, RequestBodyTooLarge)
 # A Payment charge binds the request body (the core draft's `digest`) of these methods,
 # and of any request that has a body, up to this many bytes (the sidecar app's own
 # client_max_size, which also bounds it): a larger body is offered L402 only.
@@ -104,7 +113,7 @@ def own_endpoint(handler: Handler) -> Handler:
 class Gate:
     def __init__(self, *, tokens: TokenService, node: Node, store: Store,
                  receipts: ReceiptSigner, limits: ChallengeLimits, metrics: Metrics | None = None,
-                 pricing: Pricing | None = None, forwarded_for_hops: int = 0,
+                 pricing: Pricing | None = None, forwarded_for_hops: int = 0, body_timeout_s: float = 30.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.tokens, self.node, self.store = tokens, node, store
         self.l402, self.stream_usage = L402Repository(store), StreamUsageRepository(store)
@@ -113,11 +122,12 @@ class Gate:
         self.metrics = metrics or Metrics()
         self.pricing = pricing or Pricing([])
         self.forwarded_for_hops = forwarded_for_hops   # 0: X-Forwarded-For is not trusted
+        self.body_timeout_s = body_timeout_s
         self.challenger = Challenger(tokens=tokens, node=node, l402=self.l402, limits=limits, receipts=receipts,
                                      metrics=self.metrics, clock=clock)
         self.free_tier = FreeTier(clock)
-        self._pass_receipts: dict[tuple[bytes, str], str] = {}
-        self._admitted: dict[tuple[str, str, str], Paid] = {}
+        self._pass_receipts: BoundedCache[str] = BoundedCache(PASS_RECEIPTS_BYTES)
+        self._admitted: BoundedCache[Paid] = BoundedCache(ADMITTED_CACHE_BYTES, ADMITTED_CACHE_SIZE)
         # True once this gate also runs as a middleware, so that a request may meet it twice
         # (middleware, then a guarded handler). Only then does guard's fast path look for an
         # earlier admission: a missing request key costs a KeyError, ~3 us per request.
@@ -157,7 +167,7 @@ class Gate:
         try:
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if auth is not None:
-                hit = self._admitted.get((auth, request.method, request.raw_path))
+                hit = self._admitted.get(request_key(auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
                     return await self._serve(request, handler, hit, None)
             refused = self.check_target(request, forwards)
@@ -205,14 +215,19 @@ class Gate:
             # Inline fast path for an already-admitted pass credential (see dispatch).
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if auth is not None:
-                key = (auth, request.method, request.raw_path)
+                raw_path = request.raw_path
+                key = (auth, request.method, raw_path) if len(auth) + len(raw_path) <= INLINE_KEY_CHARS \
+                    else digest_key(auth, request.method, raw_path)     # = request_key(), inlined
                 hit = admitted.get(key)
                 if hit is not None and (hit.valid_until is None or clock() <= hit.valid_until):
                     if self.layered and request.get(ADMITTED):
                         return await handler(request)
                     request[PAID] = hit
                     request[ADMITTED] = True
-                    response = await handler(request)
+                    try:
+                        response = await handler(request)
+                    except MicropayError as err:       # e.g. the upstream is unreachable (a pass: nothing to give back)
+                        return problem_response(err)
                     paid[hit.route_key] += 1
                     if not response.prepared:
                         response.headers[RECEIPT_HEADER] = hit.headers[RECEIPT_HEADER]
@@ -265,9 +280,13 @@ class Gate:
             if length is not None and length > MAX_BOUND_BODY:
                 return None
             try:
-                body = await request.read()      # also bounded by the app's client_max_size
+                async with asyncio.timeout(self.body_timeout_s):
+                    body = await request.read()      # also bounded by the app's client_max_size
             except web.HTTPRequestEntityTooLarge:
                 return None
+            except TimeoutError:
+                raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:.0f} s "
+                                     "(a request body must arrive within the server's body deadline)") from None
             if len(body) > MAX_BOUND_BODY:
                 return None
             request[BODY] = body
@@ -326,9 +345,7 @@ class Gate:
         if remaining is None:
             # A pass token admitted for this method and path stays admitted until it
             # expires: later requests skip parsing, verification and route matching.
-            if len(self._admitted) >= ADMITTED_CACHE_SIZE:
-                self._admitted.clear()
-            self._admitted[(auth, request.method, request.raw_path)] = admitted
+            self._admitted.put(request_key(auth, request.method, request.raw_path), admitted)  # type: ignore[arg-type]
         return await self._serve(request, handler, admitted, remaining)
 
     async def _handle_payment(self, request: web.Request, rule: RouteRule, handler: Handler, auth: str,
@@ -373,10 +390,13 @@ class Gate:
         request[ADMITTED] = True
         try:
             response = await handler(request)
-        except UpstreamUnreachable:
+        except UNSERVED:
+            # The request never reached the upstream: what it spent goes back (a credit;
+            # a Payment charge, whose credential then works again; a session's unit).
             if remaining is not None and admitted.token is not None:
-                # the request never reached the upstream: give the credit back
                 await self.l402.refund_credit(admitted.token.token_id_hex)
+            elif admitted.token is None and admitted.charge is not None and admitted.charge[0]:
+                await self.l402.give_back_whole(admitted.charge[0])
             meter = request.get(SESSION_METER)
             if meter is not None:
                 await meter.give_back()
@@ -427,13 +447,12 @@ class Gate:
             key = (token.token_id, token.constraints.paths[0])
             cached = self._pass_receipts.get(key)
             if cached is None:
-                if len(self._pass_receipts) > 100_000:
-                    self._pass_receipts.clear()
-                cached = self._pass_receipts[key] = self.receipts.sign({
+                cached = self.receipts.sign({
                     "v": 1, "type": "pass", "service": self.service,
                     "payment_hash": token.payment_hash.hex(), "token_id": token.token_id_hex,
                     "scope": key[1], "valid_until": token.constraints.valid_until,
                     "issued_at": int(self.clock())})
+                self._pass_receipts.put(key, cached)
             return cached
         return self.receipts.sign({
             "v": 1, "type": "request", "service": self.service,

@@ -4,24 +4,38 @@ The upstream receives exactly the canonical target the gate priced (canonical.py
 the client's own spelling of it. The L402 credential is not forwarded (the upstream
 never sees preimages); the token id and payment hash are passed as X-L402-Token-Id /
 X-L402-Payment-Hash instead. Headers the proxy sets are always its own: a client's copy
-is dropped first.
+is dropped first, in every spelling an upstream may read as ours (`X_L402_Token_Id`:
+WSGI and CGI servers map `_` and `-` to one name), and so are the method-override
+headers (the gate priced the request's own method). The proxy adds no header of its
+own beyond those (no Accept-Encoding, Accept or User-Agent).
+
+A request body is read before an upstream connection is taken: whole when it is at
+most 1 MiB, within `body_timeout_s` (a client trickling its body holds no upstream
+connection); a larger one once its first MiB has arrived, the rest streamed. Each
+client holds at most `upstream_connections_per_client` of the pool at once.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..errors import UpstreamError, UpstreamUnreachable
+from ..errors import UpstreamBusy, UpstreamError, UpstreamUnreachable
 from ..http.caching import make_private
 from ..l402 import SCHEMES
 from ..payment_auth import is_payment
 from ..pricing import Pricing
-from .gate import BODY, PAID, STREAM_HEADER, request_target
+from .gate import BODY, MAX_BOUND_BODY, PAID, STREAM_HEADER, request_target
+from .limits import escape_for_log, read_body, rest_of_body
 from .session_gate import SESSION_METER, SSE_TYPE, ClientGone, SessionMeter
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (
@@ -32,7 +46,36 @@ TOKEN_ID_HEADER, PAYMENT_HASH_HEADER = "X-L402-Token-Id", "X-L402-Payment-Hash"
 PROXY_OWNED = (TOKEN_ID_HEADER, PAYMENT_HASH_HEADER, "X-Forwarded-Proto", "X-Forwarded-Host")
 # What the client may not pass on when X-Forwarded-For is not trusted.
 FORWARDING = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
+# Headers that make some frameworks serve another method than the one the gate priced.
+METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+# Headers aiohttp's client adds when the request has none; a proxy adds none of them.
+NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 CHUNK = 64 * 1024
+# Header names as an upstream may read them: WSGI (wsgiref, gunicorn's environ), CGI and
+# PHP turn `-` into `_` (and some other punctuation), case-insensitively.
+_FOLD = str.maketrans({c: "-" for c in "_.!#$%&'*+^`|~"})
+
+
+def header_form(name: str) -> str:
+    """The name `name` is read as by an upstream that folds `_` into `-` and ignores case."""
+    return name.lower().translate(_FOLD)
+
+
+_OWNED_FORMS = frozenset(header_form(n) for n in (*PROXY_OWNED, STREAM_HEADER, *METHOD_OVERRIDES))
+_FORWARDING_FORMS = frozenset(header_form(n) for n in FORWARDING)
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    pool: int = 256                  # connections to upstreams, in all
+    per_client: int = 32             # of which one client may hold at once
+    body_timeout_s: float = 30.0     # a body's first MiB (a smaller one: all of it) arrives within this
+    max_body_bytes: int = 64 * 1024 ** 2
+
+    @classmethod
+    def of(cls, cfg: "Config") -> "ProxyLimits":
+        return cls(pool=cfg.upstream_connections, per_client=cfg.upstream_connections_per_client,
+                   body_timeout_s=cfg.body_timeout_s, max_body_bytes=cfg.max_body_bytes)
 
 
 def _strip_hop_by_hop(headers: "CIMultiDict[str] | aiohttp.typedefs.LooseHeaders") -> CIMultiDict[str]:
@@ -46,16 +89,20 @@ def _strip_hop_by_hop(headers: "CIMultiDict[str] | aiohttp.typedefs.LooseHeaders
 
 class ReverseProxy:
     def __init__(self, pricing: Pricing, default_upstream: str | None,
-                 timeout: aiohttp.ClientTimeout | None = None, *, trust_forwarded_for: bool = False) -> None:
+                 timeout: aiohttp.ClientTimeout | None = None, *, trust_forwarded_for: bool = False,
+                 client_key: Callable[[web.Request], str] | None = None, limits: ProxyLimits | None = None) -> None:
         self.pricing, self.default_upstream = pricing, default_upstream
         self.trust_forwarded_for = trust_forwarded_for
         self.timeout = timeout or aiohttp.ClientTimeout(total=None, connect=10, sock_read=300)
+        self.limits = limits or ProxyLimits()
+        self.client_key = client_key or (lambda request: request.remote or "")
+        self.held: dict[str, int] = {}        # upstream connections in use, per client
         self._session: aiohttp.ClientSession | None = None
 
     async def cleanup_ctx(self, app: web.Application):  # aiohttp cleanup context
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256), timeout=self.timeout, auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar())
+            connector=aiohttp.TCPConnector(limit=self.limits.pool), timeout=self.timeout, auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=NOT_ADDED)
         yield
         await self._session.close()
 
@@ -69,12 +116,13 @@ class ReverseProxy:
         auth = headers.get(hdrs.AUTHORIZATION, "")
         if auth.split(" ", 1)[0].upper() in SCHEMES or is_payment(auth):
             headers.popall(hdrs.AUTHORIZATION)      # the preimage never reaches the upstream
-        headers.popall(STREAM_HEADER, None)   # a bearer secret, like the credential
-        for name in PROXY_OWNED:
-            headers.popall(name, None)
         prior = ", ".join(headers.getall("X-Forwarded-For", ())) if self.trust_forwarded_for else ""
-        if not self.trust_forwarded_for:
-            for name in FORWARDING:
+        for name in list(headers.keys()):
+            form = header_form(name)
+            # Ours (and the stream secret, and method overrides) in any spelling; the
+            # forwarding headers unless trusted, and then in their own spelling only.
+            if form in _OWNED_FORMS or (form in _FORWARDING_FORMS
+                                         and (not self.trust_forwarded_for or name.lower() != form)):
                 headers.popall(name, None)
         paid = request.get(PAID)
         if paid is not None:
@@ -94,11 +142,33 @@ class ReverseProxy:
             raise web.HTTPNotFound()
         assert self._session is not None, "proxy used outside its cleanup context"
         url = URL(upstream.rstrip("/") + target.path_qs, encoded=True)
-        # A body the gate read (to bind a Payment charge to it) is forwarded as read;
-        # any other is streamed.
+        # A body the gate read (to bind a Payment charge to it) is forwarded as read; any
+        # other is read here first (a larger one: its first MiB, then streamed), so that a
+        # client sending it slowly holds no upstream connection while it does.
+        limits = self.limits
         body = request.get(BODY)
         if body is None and request.body_exists:
-            body = request.content
+            first, whole = await read_body(request, max_bytes=limits.max_body_bytes,
+                                           timeout_s=limits.body_timeout_s, buffer_bytes=MAX_BOUND_BODY)
+            body = first if whole else rest_of_body(request, first, max_bytes=limits.max_body_bytes,
+                                                    idle_s=limits.body_timeout_s)
+        client = self.client_key(request)
+        held = self.held.get(client, 0)
+        if held >= limits.per_client:
+            raise UpstreamBusy(f"this client has {held} requests at the upstream already, its share of the "
+                               "proxy's connections; retry when one has finished", retry_after_s=1)
+        self.held[client] = held + 1
+        try:
+            return await self._forward(request, upstream, url, body, target.path)
+        finally:
+            left = self.held.get(client, 1) - 1
+            if left > 0:
+                self.held[client] = left
+            else:
+                self.held.pop(client, None)
+
+    async def _forward(self, request: web.Request, upstream: str, url: URL, body, path: str) -> web.StreamResponse:
+        assert self._session is not None
         try:
             upstream_resp = await self._session.request(
                 request.method, url, headers=self.forward_headers(request), data=body, allow_redirects=False)
@@ -107,6 +177,7 @@ class ReverseProxy:
             raise UpstreamUnreachable(f"upstream unavailable ({type(exc).__name__})") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The request may have reached the upstream (and been acted on): not refundable.
+            # (A streamed body that broke a limit, limits.BodyCut, arrives here too.)
             log.warning("upstream %s failed: %s", upstream, exc)
             raise UpstreamError(f"upstream failed ({type(exc).__name__})") from None
         async with upstream_resp:
@@ -128,7 +199,7 @@ class ReverseProxy:
                 # Writing to the client failed (aiohttp's ClientConnectionResetError is
                 # also a ClientError: told apart first). Nothing is wrong upstream.
                 log.info("client %s disconnected during the response to %s %s", request.remote, request.method,
-                         target.path)
+                         escape_for_log(path))
                 return response
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # Too late for an error response: cut the connection so that the client

@@ -34,11 +34,13 @@ from ..pricing import RouteRule
 from ..receipts import RECEIPT_HEADER
 from ..sessions import SessionLedger, closed_error
 from ..store.sessions import SessionRecord, SessionStatus
+from .cache import BoundedCache, request_key
 from .paid import Paid
 
 log = logging.getLogger("micropay.gate")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 BEARER_CACHE_SIZE = 100_000
+BEARER_CACHE_BYTES = 32 * 1024 ** 2     # and bytes (cache.py)
 SSE_TYPE = "text/event-stream"
 
 
@@ -144,7 +146,7 @@ class SessionGate:
         # A bearer credential is the same header on every request of its session: once
         # verified, later requests for the same method and raw path skip parsing it, and
         # the gate's fast path (Gate.guard) skips pricing the path again.
-        self.bearers: dict[tuple[str, str, str], Bearer] = {}
+        self.bearers: BoundedCache[Bearer] = BoundedCache(BEARER_CACHE_BYTES, BEARER_CACHE_SIZE)
 
     async def handle(self, request: web.Request, rule: RouteRule, handler: Handler, auth: str | None,
                      serve: Callable[..., Awaitable[web.StreamResponse]],
@@ -154,7 +156,7 @@ class SessionGate:
         assert rule.session is not None
         if not is_payment(auth):
             return await challenge_for(request, rule, None)
-        key = (auth, request.method, request.raw_path)
+        key = request_key(auth, request.method, request.raw_path)  # type: ignore[arg-type]
         known = self.bearers.get(key)
         try:
             if known is not None:
@@ -177,9 +179,7 @@ class SessionGate:
                 raise await self.ledger.refusal(act.session_id)
             admitted = Bearer(rule, act.session_id, unit_msat)
             if act.action == "bearer":
-                if len(self.bearers) >= BEARER_CACHE_SIZE:
-                    self.bearers.clear()
-                self.bearers[key] = admitted
+                self.bearers.put(key, admitted)
             return await serve(request, handler, self.admit(request, admitted), None)
         except PaymentSchemeError as err:
             self.metrics.rejections[err.code] += 1
@@ -229,7 +229,7 @@ class SessionGate:
         one whose unit is in this replica's lease without coming here.)"""
         if await self.ledger.spend(known.session_id, known.unit_msat):
             return await serve(request, handler, self.admit(request, known), None)
-        self.bearers.pop((request.headers.get(hdrs.AUTHORIZATION, ""), request.method, request.raw_path), None)
+        self.bearers.pop(request_key(request.headers.get(hdrs.AUTHORIZATION, ""), request.method, request.raw_path))
         err = await self.ledger.refusal(known.session_id)
         self.metrics.rejections[err.code] += 1
         try:

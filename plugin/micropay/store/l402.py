@@ -55,6 +55,7 @@ DEBIT = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, $2 - 1)
 CONSUME_WHOLE = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, 0) "
                  "ON CONFLICT (token_id) DO NOTHING RETURNING remaining")
 REFUND = "UPDATE micropay_credits SET remaining = remaining + 1 WHERE token_id = $1"
+UNCONSUME_WHOLE = "DELETE FROM micropay_credits WHERE token_id = $1 AND remaining = 0"
 REMAINING = "SELECT remaining FROM micropay_credits WHERE token_id = $1"
 ADD_RECEIPT = ("INSERT INTO micropay_receipts (payment_hash, receipt, created_at) VALUES ($1, $2, $3) "
                "ON CONFLICT (payment_hash) DO NOTHING")
@@ -111,6 +112,11 @@ class L402Repository:
         if len(token_id) != 64 or token_id.strip("0123456789abcdef"):
             return False
         return await self.store.fetchrow(CONSUME_WHOLE, (token_id,)) is not None
+
+    async def give_back_whole(self, token_id: str) -> None:
+        """Undo consume_whole for a request that could not be served: the purchase is
+        unspent again (its Payment credential, or its L402 token, may be presented)."""
+        await self.store.execute(UNCONSUME_WHOLE, (token_id,))
 
     async def refund_credit(self, token_id: str) -> None:
         """Give back one credit debited for a request that could not be served."""

@@ -1,0 +1,50 @@
+"""No request can write a log line of its own (issue 18, section 3): the access log
+shows the target as sent, with control characters escaped, never decoded."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from micropay.sidecar.limits import ThrottledLog, escape_for_log
+
+from .conftest import make_config, start_sidecar
+from .rawhttp import RecordingUpstream, raw_request
+
+FORGED = "2026-12-04 00:00:00,000 WARNING micropay.sessions: session forged closed"
+TARGETS = ["/x%0a" + FORGED.replace(" ", "%20"), "/x%0d%0a" + FORGED.replace(" ", "%20"),
+           "/api/joke%0a" + FORGED.replace(" ", "%20"), "/x%1b[2J%e2%80%a8%c2%85%00%ff"]
+
+
+async def test_a_target_with_encoded_newlines_writes_one_access_log_line(tmp_path, caplog):
+    up = await RecordingUpstream().start()
+    sc = await start_sidecar(make_config(tmp_path, f'demo = true\nupstream = "{up.url}"\n'
+                                         '[[routes]]\npath = "/api/joke"\nprice_msat = 1000\n'))
+    try:
+        with caplog.at_level(logging.INFO):
+            for target in TARGETS:
+                status, _, _ = await asyncio.to_thread(raw_request, sc.port, "GET", target)
+                assert status < 500
+        access = [r for r in caplog.records if r.name.endswith("access")]
+        assert len(access) == len(TARGETS)
+        for record in caplog.records:
+            line = record.getMessage()
+            assert line.isprintable(), repr(line)          # no newline, CR, ESC, NUL, NEL, LS
+        assert any(FORGED.replace(" ", "%20") in r.getMessage() for r in access)
+    finally:
+        await sc.runner.cleanup()
+        await up.runner.cleanup()
+
+
+def test_escape_for_log_leaves_printable_text_and_escapes_the_rest():
+    assert escape_for_log("/api/jöke?x=1") == "/api/jöke?x=1"
+    assert escape_for_log("/a\nb\r\x1b\x7f\x85\u2028\udcff") == "/a%0Ab%0D%1B%7F%C2%85%E2%80%A8%FF"
+
+
+async def test_an_event_repeated_many_times_is_logged_once_per_interval_with_its_count(caplog):
+    throttled = ThrottledLog(logging.getLogger("micropay.test"), logging.WARNING, "refused %s", interval_s=0.3)
+    with caplog.at_level(logging.WARNING, "micropay.test"):
+        for i in range(10_000):
+            throttled(f"client {i}")
+        await asyncio.sleep(0.5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "micropay.test"]
+    assert lines == ["refused client 0", "refused client 9999 (9999 times in the last 0.3 s; the latest shown)"]
