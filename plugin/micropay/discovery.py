@@ -1,6 +1,7 @@
 """Discovery of priced routes as OpenAPI (draft-payment-discovery): each priced operation
 with `x-payment-info` offers for the "Payment" scheme, and a 402 response. No I/O.
 
+Also /.well-known/l402.json (`well_known`), served by the sidecar and by an embedded gate.
 The 402 challenge stays authoritative; this only tells agents what to expect. Routes
 whose 402 offers L402 only are described too (their 402 carries the L402 challenge;
 /.well-known/l402.json describes it), without an `x-payment-info` offer.
@@ -98,3 +99,54 @@ def document(service: str, version: str, routes: Iterable[RouteRule]) -> dict[st
         "x-service-info": {"docs": {}},
         "paths": payment_paths(routes),
     }
+
+
+def well_known(service: str, routes: Iterable[RouteRule], *, network: str, sandbox: bool, receipt_pubkey: str,
+               invoice_expiry_s: int) -> dict[str, Any]:
+    """/.well-known/l402.json: the service and each priced route, with the schemes its 402
+    offers; the top-level `scheme` names every scheme some route offers."""
+    rules = list(routes)
+    described = []
+    for r in rules:
+        described.append({
+            "method": sorted(r.methods) if r.methods else ["*"], "path": r.path,
+            "price_msat": r.price_msat if r.price_hook is None else None,
+            "dynamic_price": r.price_hook is not None, "credits": r.credits, "pass_s": r.pass_s,
+            "capabilities": sorted(r.capabilities), "free_per_hour": r.free_per_hour,
+            "stream_msat": r.stream_msat, "schemes": schemes_offered(r),
+            "caveats": [c if not c.startswith("query=") else "query=<first 32 hex of sha256(the query string)>"
+                        for c in r.caveats(service, 0)[:-1]] + (
+                [f"{service}_valid_until=<issued_at + {r.pass_s}>"] if r.pass_s else [f"credits={r.credits}"]),
+            "description": r.description})
+    scheme = ["L402", "LSAT"] + (["Payment"] if any("Payment" in schemes_offered(r) for r in rules) else [])
+    return {"version": 1, "service": service, "scheme": scheme, "network": network, "sandbox": sandbox,
+            "receipt_pubkey": receipt_pubkey, "invoice_expiry_s": invoice_expiry_s, "routes": described}
+
+
+def _example_path(pattern: str) -> str:
+    """A path a route pattern matches, to show in a command: `/files/*` -> `/files/1`."""
+    return "/".join("1" if seg == "*" or (seg.startswith("{") and seg.endswith("}")) else seg
+                    for seg in pattern.split("/")) or "/"
+
+
+def pay_commands(routes: Iterable[RouteRule], listen: str, sandbox: bool, prog: str = "micropay") -> list[str]:
+    """A `micropay get` command for each kind of priced route (its first route, one
+    without placeholders when there is one): a session
+    route needs `--session`; a route paid only by an incoming payment stream and a
+    catalog-only config (no routes) get none."""
+    wallet = "--wallet sandbox" if sandbox else "--wallet cln:<path to your node's lightning-rpc>"
+    lines: list[str] = []
+    kinds: set[str] = set()
+    for r in sorted(routes, key=lambda r: "{" in r.path or "*" in r.path):   # a literal path first
+        if r.session is not None:
+            kind, flags = "session", "--session "
+        elif r.stream_msat is not None and not r.price_msat and r.price_hook is None:
+            continue
+        else:
+            kind, flags = ("pass" if r.pass_s is not None else "credits" if r.credits != 1 else "request"), ""
+        if kind in kinds:
+            continue
+        kinds.add(kind)
+        method = "" if not r.methods or "GET" in r.methods else f"-X {sorted(r.methods)[0]} "
+        lines.append(f"{prog} get {flags}{method}{wallet} http://{listen}{_example_path(r.path)}")
+    return lines

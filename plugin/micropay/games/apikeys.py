@@ -17,10 +17,9 @@ from typing import Callable
 
 from ..errors import BadRequest, Forbidden, Unauthorized
 from ..store import Store
+from .config import API_KEY_SCOPES as SCOPES, DEFAULT_API_KEY_SCOPES as DEFAULT_SCOPES
 from .repository import ApiKeyRepository, StoredApiKey
 
-SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write")
-DEFAULT_SCOPES = ("purchases:write", "purchases:read", "events:read")
 KEY_RE = re.compile(r"mpk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 CACHE_TTL_S = 5.0   # a revoked key stops working within this long in a running sidecar
 

@@ -7,15 +7,16 @@ import asyncio
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..configfile import demo_config, load_config
 from ..errors import MicropayError
 from ..store import CORE_SCHEMA, Store, open_store_from_url
-from . import apikeys, webhooks
-from .repository import Delivery, DeliveryStatus
-from .schema import GAMES_SCHEMA
+from .config import API_KEY_SCOPES, DEFAULT_API_KEY_SCOPES
+
+if TYPE_CHECKING:     # the rest of the feature is imported when a command runs, not by `micropay serve`
+    from .repository import Delivery
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +31,8 @@ def add_parsers(sub: Any) -> None:
     ks = k.add_subparsers(dest="action", required=True)
     c = ks.add_parser("create", help="create a key (printed once; only its hash is stored)")
     c.add_argument("--name", required=True, help="what the key is for, e.g. 'game-server'")
-    c.add_argument("--scope", action="append", choices=apikeys.SCOPES,
-                   help=f"repeatable (default: {', '.join(apikeys.DEFAULT_SCOPES)})")
+    c.add_argument("--scope", action="append", choices=API_KEY_SCOPES,
+                   help=f"repeatable (default: {', '.join(DEFAULT_API_KEY_SCOPES)})")
     _store_args(c)
     _store_args(ks.add_parser("list", help="list keys (never their secrets)"))
     r = ks.add_parser("revoke", help="revoke a key by its id (the 12 hex digits after mpk_)")
@@ -67,6 +68,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 async def _with_store(args: argparse.Namespace, fn) -> int:
+    from .schema import GAMES_SCHEMA
     store: Store = open_store_from_url(_config(args).effective_store_url, (CORE_SCHEMA, GAMES_SCHEMA))
     await store.open()
     try:
@@ -83,6 +85,8 @@ def _print(args: argparse.Namespace, obj: Any, lines: list[str]) -> None:
 
 
 def run_apikey(args: argparse.Namespace) -> int:
+    from . import apikeys
+
     async def go(store: Store) -> int:
         if args.action == "create":
             key, rec = await apikeys.create_key(store, args.name, args.scope or list(apikeys.DEFAULT_SCOPES))
@@ -92,8 +96,9 @@ def run_apikey(args: argparse.Namespace) -> int:
         elif args.action == "list":
             keys = await apikeys.list_keys(store)
             _print(args, [k.to_json() for k in keys],
-                   [f"{k.kid}\t{'revoked' if k.revoked_at else 'active'}\t{' '.join(sorted(k.scopes))}\t{k.name}"
-                    for k in keys] or ["no API keys"])
+                   ["id\tstate\tscopes\tname"] + [
+                       f"{k.kid}\t{'revoked' if k.revoked_at else 'active'}\t{' '.join(sorted(k.scopes))}\t{k.name}"
+                       for k in keys] if keys else ["no API keys"])
         elif args.action == "revoke":
             if not await apikeys.revoke_key(store, args.kid):
                 raise MicropayError(f"no active key with id {args.kid!r}")
@@ -103,6 +108,7 @@ def run_apikey(args: argparse.Namespace) -> int:
 
 
 def _delivery_line(d: Delivery) -> str:
+    from .repository import DeliveryStatus
     when = d.delivered_at or d.next_at
     return (f"{d.event_id}\t{d.type}\t{d.subject_id}\t{d.endpoint}\t{d.status}\t"
             f"attempts={d.attempts}\t{'at' if d.delivered_at else 'next'}="
@@ -111,6 +117,8 @@ def _delivery_line(d: Delivery) -> str:
 
 
 def run_webhooks(args: argparse.Namespace) -> int:
+    from . import webhooks
+
     if args.action == "rotate-secret":
         cfg = _config(args)
         ep = next((w for w in cfg.games.webhooks if w.name == args.endpoint), None)

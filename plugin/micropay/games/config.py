@@ -42,6 +42,10 @@ from ..inputs import is_http_url
 from ..pricing import _Table
 from ..tasks import backoff_delay
 
+# What an API key may be allowed (apikeys.py checks them; the CLI offers them as choices).
+API_KEY_SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write")
+DEFAULT_API_KEY_SCOPES = ("purchases:write", "purchases:read", "events:read")
+
 SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 EVENT_TYPES = ("purchase.paid", "purchase.expired", "payout.paid", "payout.failed")

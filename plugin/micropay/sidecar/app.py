@@ -21,7 +21,7 @@ from ..errors import ConfigError, Unauthorized
 from ..http.problems import expect_handler, problem_response
 from ..lightning.base import Node
 from ..metrics import Metrics
-from ..discovery import document as openapi_document, payment_paths, schemes_offered
+from ..discovery import document as openapi_document, payment_paths, well_known as well_known_doc
 from ..receipts import ReceiptSigner
 from ..secretfile import private_dir, read_secret, write_secret
 from ..settlement import SettlementRouter
@@ -80,19 +80,43 @@ async def create_runtime(config: Config, *, node: Node | None = None,
     sandbox = None
     if node is None:
         node, sandbox = await _connect_backend(config, clock)
-    from ..games.schema import GAMES_SCHEMA
-    store = open_store_from_url(config.effective_store_url, (CORE_SCHEMA, GAMES_SCHEMA))
+    # The purchases feature (games) is loaded only when a catalog or payouts are configured,
+    # or when the store still holds purchases awaiting payment (a catalog since removed):
+    # their late payments are still recorded. Otherwise not one of its modules is imported.
+    with_games = config.games is not None and config.games.enabled
+    store = open_store_from_url(config.effective_store_url, (CORE_SCHEMA,) + _games_schema(with_games))
     await store.open()
+    if not with_games and await _purchases_pending(store):
+        log.info("purchases made under an earlier catalog are awaiting payment: the purchases feature "
+                 "stays loaded to record them")
+        await store.close()
+        with_games = True
+        store = open_store_from_url(config.effective_store_url, (CORE_SCHEMA,) + _games_schema(True))
+        await store.open()
     rt = Runtime(config, node, store, TokenService(keyring, config.service, clock), receipts,
                  clock=clock, sandbox=sandbox,
                  metrics_token=None if config.metrics_public else load_or_create_token(
                      config.effective_metrics_token_file))
-    # Always present, so that a purchase paid after its catalog was removed is still recorded;
-    # its routes are served only when a catalog or payouts are configured.
-    from ..games.http.poster import AiohttpPoster
-    from ..games.service import make_games
-    rt.games = make_games(config, store, node, receipts, clock, AiohttpPoster())
+    if with_games:       # its routes are served only when a catalog or payouts are configured
+        from ..games.http.poster import AiohttpPoster
+        from ..games.service import make_games
+        rt.games = make_games(config, store, node, receipts, clock, AiohttpPoster())
     return rt
+
+
+def _games_schema(wanted: bool) -> tuple:
+    if not wanted:
+        return ()
+    from ..games.schema import GAMES_SCHEMA
+    return (GAMES_SCHEMA,)
+
+
+async def _purchases_pending(store: Store) -> bool:
+    """Whether the store has the purchases table with a purchase still awaiting payment
+    (asked in SQL, so that the games package is not imported to find out)."""
+    if not await store.query("SELECT 1 FROM micropay_schema_steps WHERE component = 'games'"):
+        return False
+    return bool(await store.query("SELECT 1 FROM micropay_purchases WHERE status = 'pending' LIMIT 1"))
 
 
 async def _connect_backend(config: Config, clock: Callable[[], float]) -> tuple[Node, object | None]:
@@ -349,23 +373,13 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def well_known(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
+    return web.json_response(well_known_document(rt))
+
+
+def well_known_document(rt: Runtime) -> dict[str, Any]:
     cfg = rt.config
-    routes = []
-    for r in cfg.routes:
-        routes.append({
-            "method": sorted(r.methods) if r.methods else ["*"], "path": r.path,
-            "price_msat": r.price_msat if r.price_hook is None else None,
-            "dynamic_price": r.price_hook is not None, "credits": r.credits, "pass_s": r.pass_s,
-            "capabilities": sorted(r.capabilities), "free_per_hour": r.free_per_hour,
-            "stream_msat": r.stream_msat, "schemes": schemes_offered(r),
-            "caveats": [c if not c.startswith("query=") else "query=<first 32 hex of sha256(the query string)>"
-                        for c in r.caveats(cfg.service, 0)[:-1]] + (
-                [f"{cfg.service}_valid_until=<issued_at + {r.pass_s}>"] if r.pass_s else [f"credits={r.credits}"]),
-            "description": r.description})
-    return web.json_response({
-        "version": 1, "service": cfg.service, "scheme": ["L402", "LSAT"], "network": rt.node.network,
-        "sandbox": rt.is_sandbox, "receipt_pubkey": rt.receipts.pubkey_hex,
-        "invoice_expiry_s": cfg.limits.expiry_s, "routes": routes})
+    return well_known_doc(cfg.service, cfg.routes, network=rt.node.network, sandbox=rt.is_sandbox,
+                          receipt_pubkey=rt.receipts.pubkey_hex, invoice_expiry_s=cfg.limits.expiry_s)
 
 
 def load_or_create_token(path: Path) -> bytes:

@@ -11,21 +11,30 @@
     async def premium(request): ...
 
 `embed` adds the pricing middleware, the header that puts receipts on streamed
-responses, the sandbox wallet routes when the backend is the sandbox, and a cleanup
+responses, `/.well-known/l402.json` (the config's priced routes), the sandbox wallet
+routes when the backend is the sandbox (and a SANDBOX MODE warning in the log when the
+app starts), and a cleanup
 context that opens the store and the node when the app starts, runs the settlement
 watcher (paid challenges), the expiry purge and the key watcher, and closes everything
 when the app stops. Routes in the config need no `upstream`: your app serves them.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 from aiohttp import web
 
 from ..config import Config
 from ..lightning.base import Node
-from .app import Runtime, create_runtime, start_background, stop_background
+from .app import Runtime, create_runtime, start_background, stop_background, well_known_document
 from .gate import Gate, Handler, _add_paid_headers, own_endpoint
+
+log = logging.getLogger("micropay")
+SANDBOX_WARNING = ("SANDBOX MODE: the micropay gate runs on an in-process test network. Its invoices are real "
+                   "BOLT11 (regtest) but no bitcoin moves; pay them with a sandbox wallet "
+                   "(/sandbox/wallets/<name>/pay, or `micropay get URL`, whose default wallet is this server's "
+                   "sandbox). Never use backend.kind = \"sandbox\" for a real service.")
 
 
 class EmbeddedGate:
@@ -66,6 +75,8 @@ class EmbeddedGate:
         rt = await create_runtime(self.config, node=self._node)
         cfg = rt.config
         self.runtime = rt
+        if rt.is_sandbox:
+            log.warning(SANDBOX_WARNING)
         self.gate = rt.gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store, receipts=rt.receipts,
                                    limits=cfg.limits, metrics=rt.metrics, pricing=cfg.pricing,
                                    forwarded_for_hops=cfg.forwarded_for_hops if cfg.trust_forwarded_for else 0,
@@ -82,6 +93,12 @@ def embed(app: web.Application, config: Config, *, node: Node | None = None) -> 
     app.middlewares.append(embedded.middleware)
     app.on_response_prepare.append(_add_paid_headers)
     app.cleanup_ctx.append(embedded.lifetime)
+
+    async def well_known(request: web.Request) -> web.Response:
+        embedded._started()
+        assert embedded.runtime is not None
+        return web.json_response(well_known_document(embedded.runtime))
+    app.router.add_get("/.well-known/l402.json", own_endpoint(well_known))
     if config.backend == "sandbox" and node is None:
         from .sandbox_api import add_sandbox_routes
         add_sandbox_routes(lambda method, path, handler: app.router.add_route(method, path, own_endpoint(handler)),
