@@ -16,7 +16,7 @@ def load(text, tmp_path):
 
 def test_demo_config_is_valid():
     cfg = demo_config()
-    assert cfg.backend == "sandbox" and len(cfg.routes) == 3
+    assert cfg.backend == "sandbox" and len(cfg.routes) == 4      # joke, fortune, echo, story (a session)
 
 
 @pytest.mark.parametrize("text,key", [

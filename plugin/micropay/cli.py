@@ -14,13 +14,40 @@ from .configfile import demo_config, load_config
 from .errors import ConfigError, MicropayError
 
 log = logging.getLogger("micropay")
+RULE = "=" * 78
 SANDBOX_BANNER = """
-==============================================================================
+{rule}
   SANDBOX MODE: an in-process test network. Invoices are real BOLT11 (regtest)
-  but no bitcoin moves. Pay them with the sandbox wallet:
-      micropay get --wallet sandbox http://{listen}{path}
-==============================================================================
+  but no bitcoin moves.{pay}
+{rule}
 """
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _program() -> str:
+    """How to run this `micropay` again: the bare name when the shell finds this one on
+    PATH, else the path it was started by (`.venv/bin/micropay` after the README's set-up)."""
+    import os
+    import shutil
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else "micropay"
+    if os.path.basename(argv0) != "micropay":
+        return "micropay"
+    found = shutil.which("micropay")
+    if found and os.path.realpath(found) == os.path.realpath(argv0):
+        return "micropay"
+    rel = os.path.relpath(argv0)
+    return rel if not rel.startswith("..") and os.sep in rel else argv0
+
+
+def sandbox_banner(cfg: Config) -> str:
+    from .discovery import pay_commands
+    commands = pay_commands(cfg.routes, cfg.listen, True, _program())
+    pay = "" if not commands else " Pay them with the sandbox wallet:\n" + "\n".join(
+        f"      {c}" for c in commands)
+    return SANDBOX_BANNER.format(rule=RULE, pay=pay)
 
 
 def rpc_file_from(rpc_file: str | None, lightning_dir: str | None, network: str) -> Path | None:
@@ -76,8 +103,7 @@ async def _serve(cfg: Config, exit_with_stdin: bool = False) -> None:
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     if rt.is_sandbox:
-        example = next((r.path for r in cfg.routes if "{" not in r.path and "*" not in r.path), "/")
-        log.warning(SANDBOX_BANNER.format(listen=cfg.listen, path=example))
+        log.warning(sandbox_banner(cfg))
     log.info("micropay sidecar (%s backend, store %s) listening on http://%s:%d",
              cfg.backend, cfg.effective_store_url.split("?")[0].split("@")[-1], host, port)
     stop = asyncio.Event()
@@ -140,16 +166,32 @@ async def _get(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(b"\n")
     sys.stdout.flush()
     summary = f"HTTP {res.status}"
+    credits_left = res.headers.get("Payment-Credits-Remaining")
     if res.paid_msat:
         summary += f"; paid {res.paid_msat} msat + {res.fee_msat} msat fee (payment_hash {res.payment_hash})"
+        if credits_left is not None and credits_left.isdigit() and credits_left != "0":
+            summary += f"; {_plural(int(credits_left), 'credit')} left on its token"
+    elif res.status < 400 and res.used_token:
+        summary += "; paid with a cached token" + (
+            f", {_plural(int(credits_left), 'credit')} left" if credits_left is not None and credits_left.isdigit()
+            else "")
     elif res.status < 400:
-        summary += "; no payment needed (free route or cached token)"
+        summary += "; no payment needed (a free route)"
+    elif res.status == 402 and _offers_session(res.headers):
+        summary += ("; this route sells a Payment session (a deposit spent per unit, the rest refunded): "
+                    "run again with --session")
     say(summary)
     if args.receipt_pubkey and res.receipt_error is not None:
         print(f"micropay: error: the receipt does not verify under --receipt-pubkey: {res.receipt_error}",
               file=sys.stderr)
         return 3
     return 0 if res.status < 400 else 1
+
+
+def _offers_session(headers: dict[str, str]) -> bool:
+    from .payment_auth import SESSION, parse_challenges
+    return any(c.intent == SESSION for c in parse_challenges([v for k, v in headers.items()
+                                                              if k.lower() == "www-authenticate"]))
 
 
 async def _session_get(args: argparse.Namespace, client, wallet, headers: dict[str, str], say) -> int:
@@ -223,8 +265,9 @@ async def _sandbox_invoice(args: argparse.Namespace) -> int:
     from .inputs import load_json
     url = f"{args.server.rstrip('/')}/sandbox/wallets/{args.wallet}/invoice"
     try:
-        async with aiohttp.ClientSession() as s, s.post(url, json={"amount_msat": args.amount_msat,
-                                                                   "description": args.description}) as r:
+        async with aiohttp.ClientSession() as s, s.post(url, json={
+                "description": args.description,
+                **({"amount_msat": args.amount_msat} if args.amount_msat is not None else {})}) as r:
             body = load_json(await r.read(), "the sidecar's answer")
     except (aiohttp.ClientError, ValueError) as exc:
         raise MicropayError(f"{url}: {exc or type(exc).__name__} (is a sandbox sidecar running there?)") from None
@@ -275,12 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shut down when stdin closes (for a supervising process that holds the other end)")
 
     g = sub.add_parser("get", help="HTTP request that pays L402 challenges within budgets")
-    g.add_argument("url")
-    g.add_argument("-X", "--method", default="GET")
+    g.add_argument("url", help="the http(s) URL to request")
+    g.add_argument("-X", "--method", default="GET", help="HTTP method (default %(default)s)")
     g.add_argument("-H", "--header", action="append", help="'Name: value' (repeatable)")
     g.add_argument("-d", "--data", help="request body")
     g.add_argument("--wallet", default="sandbox",
-                   help="'sandbox' (the server's sandbox wallet), a sandbox wallet URL, or cln:<lightning-rpc path>")
+                   help="what pays: 'sandbox' (the default: the URL's server's sandbox wallet named default, "
+                        "<origin>/sandbox/wallets/default), a sandbox wallet URL, or cln:<lightning-rpc path>")
     g.add_argument("--max-msat", type=_msat_arg, default=10_000,
                    help="most paid for one request (msat; default %(default)s)")
     g.add_argument("--day-budget-msat", type=_msat_arg, default=100_000,
@@ -300,14 +344,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "events, top it up within the budgets when the server asks, close it and get the "
                         "unspent deposit refunded to the wallet (--max-msat applies to the unit price)")
     g.add_argument("--receipt-pubkey", help="server receipt key to pin (hex); exit 3 if a receipt does not verify")
-    g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the body: nothing on stderr about what was paid and why")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also log each request the client sends and each answer (as `micropay -v get`)")
 
     b = sub.add_parser("budget", help="what `micropay get` has spent, as its budgets count it; start them over")
     b.add_argument("action", choices=["show", "reset"])
     b.add_argument("--cache", default="~/.micropay/client.json", help="the token cache (default %(default)s)")
 
     w = sub.add_parser("sandbox-invoice", help="an invoice a sandbox wallet is paid on (to try payouts)")
-    w.add_argument("amount_msat", type=_msat_arg)
+    w.add_argument("amount_msat", type=_msat_arg, nargs="?",
+                   help="the invoice's amount (left out: an amountless invoice, as a session's refund needs)")
     w.add_argument("--server", default="http://127.0.0.1:8402", help="the sandbox sidecar (default %(default)s)")
     w.add_argument("--wallet", default="default", help="the wallet's name (default %(default)s)")
     w.add_argument("--description", default="sandbox wallet")
@@ -339,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("asyncio").setLevel(logging.INFO)    # its selector line says nothing about micropay
     try:
         if args.cmd == "serve":
             asyncio.run(_serve(_config_from_args(args), args.exit_with_stdin))
@@ -364,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"micropay: {len(problems)} problem{'s' if len(problems) != 1 else ''} in {args.config}",
                       file=sys.stderr)
                 return 2
-            print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.games.catalog)} catalog items, "
-                  f"{len(cfg.games.webhooks)} webhooks, backend {cfg.backend})")
+            print(f"{args.config}: ok ({_plural(len(cfg.routes), 'route')}, "
+                  f"{_plural(len(cfg.games.catalog), 'catalog item')}, {_plural(len(cfg.games.webhooks), 'webhook')}, "
+                  f"backend {cfg.backend})")
             return 0
         if args.cmd in ("apikey", "webhooks"):
             from .games.cli import dispatch

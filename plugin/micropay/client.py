@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,9 @@ from .l402 import Challenge, format_authorization, parse_challenges
 from .lightning.base import Node
 from .lightning.outcome import ORPHAN_GRACE_S, Outcome, Settled, settle_payment
 from .lightning.bolt11codec import decode_invoice
+
+log = logging.getLogger("micropay.client")     # what it does, request by request (`micropay get -v`)
+BUDGET_HINT = "`micropay budget show` lists what it counts; `micropay budget reset` starts it over"
 from .macaroon import Macaroon
 from . import payment_auth
 from .patterns import method_allowed, path_matches
@@ -285,6 +289,7 @@ class Result:
     receipt: dict[str, Any] | None = None
     payment_hash: str | None = None
     receipt_error: str | None = None     # a receipt came but did not verify
+    used_token: bool = False             # served on a token cached by an earlier payment
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -318,6 +323,9 @@ class L402Client:
             paid = PaidInvoice("", 0, 0)
             payment_hash = None
             one_shot = None if token is not None else await self._resume_charge(origin, method, path)
+            log.debug("%s %s: %s", method, url, "a cached token covers it" if token is not None else (
+                "presenting a Payment credential paid by an earlier run" if one_shot is not None
+                else "no cached token covers it"))
             for _attempt in range(3):  # cached token -> fresh challenge -> paid retry
                 hdrs = dict(headers or {})
                 if token is not None:
@@ -331,15 +339,24 @@ class L402Client:
                         answered_by = resp.url.origin()
                 except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
                     raise RequestFailed(f"{method} {url}: {exc or type(exc).__name__}") from None
+                log.debug("sent %s %s (%s) -> HTTP %d, %d body bytes", method, url,
+                          hdrs["Authorization"].partition(" ")[0] + " credential" if "Authorization" in hdrs
+                          else "no credential", status, len(body))
                 offered = resp_headers.getall("WWW-Authenticate", [])
                 challenges = parse_challenges(offered)
                 charge = next((c for c in payment_auth.parse_challenges(offered)
                                if c.method == payment_auth.METHOD and c.intent == payment_auth.CHARGE), None)
                 if status not in (401, 402):
-                    if token is not None and resp_headers.get("Payment-Credits-Remaining") == "0":
+                    left = resp_headers.get("Payment-Credits-Remaining")
+                    if token is not None and not paid.amount_msat and status < 400:
+                        self.on_event(f"used the cached token for {method} {path}"
+                                      + (f": {left} credit{'' if left == '1' else 's'} left" if left is not None
+                                         else ""))
+                    if token is not None and left == "0":
                         self._drop_token(token)   # spent its last credit
                     return self._result(status, resp_headers, body, paid, payment_hash,
-                                        charged=one_shot is not None and token is None)
+                                        charged=one_shot is not None and token is None,
+                                        used_token=token is not None and not paid.amount_msat)
                 if one_shot is not None:
                     self.on_event(f"{status} for the Payment credential of {method} {path}: {_problem_detail(body)}")
                     one_shot = None
@@ -591,17 +608,19 @@ class L402Client:
         if b.max_per_host_per_day_msat is not None:
             spent = self.cache.spent(host, now - DAY_S)
             if spent + worst > b.max_per_host_per_day_msat:
-                raise BudgetExceeded(f"paying {amount} msat (+ up to {b.max_fee_msat} fee) would pass "
+                raise BudgetExceeded(f"paying {amount} msat (+ up to {b.max_fee_msat} msat fee) would pass "
                                      f"the daily budget for {host}: {spent} of "
-                                     f"{b.max_per_host_per_day_msat} msat spent")
+                                     f"{b.max_per_host_per_day_msat} msat spent in the last 24 hours, fees "
+                                     f"included ({BUDGET_HINT})")
         if b.max_total_msat is not None:
             spent = self.cache.spent(None, 0)
             if spent + worst > b.max_total_msat:
-                raise BudgetExceeded(f"paying {amount} msat would pass the total budget: "
-                                     f"{spent} of {b.max_total_msat} msat spent")
+                raise BudgetExceeded(f"paying {amount} msat (+ up to {b.max_fee_msat} msat fee) would pass "
+                                     f"the total budget: {spent} of {b.max_total_msat} msat spent, fees "
+                                     f"included ({BUDGET_HINT})")
 
     def _result(self, status: int, headers: Any, body: bytes, paid: PaidInvoice,
-                payment_hash: str | None, charged: bool = False) -> Result:
+                payment_hash: str | None, charged: bool = False, used_token: bool = False) -> Result:
         receipt = error = None
         raw = headers.get(RECEIPT_HEADER)
         if raw and charged:
@@ -622,7 +641,8 @@ class L402Client:
             except InvalidReceipt as exc:
                 error = exc.message
                 self.on_event(f"receipt did not verify: {exc.message}")
-        return Result(status, dict(headers), body, paid.amount_msat, paid.fee_msat, receipt, payment_hash, error)
+        return Result(status, dict(headers), body, paid.amount_msat, paid.fee_msat, receipt, payment_hash, error,
+                      used_token)
 
 
 def challenge_invoice(invoice: str, payment_hash: Any) -> Any:
