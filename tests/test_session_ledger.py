@@ -133,7 +133,7 @@ async def test_a_close_interrupted_after_paying_is_not_paid_again(world):
     refund = await ledger.repo.fix_refund(sid)
     rec = await ledger.repo.get(sid)
     # the attempt as _refund makes it: its start recorded, paid under its label, then the crash
-    await ledger.repo.refund_from(sid, await merchant.sendpays_position())
+    await ledger.repo.start_refund(sid, await merchant.sendpays_position())
     await merchant.pay(rec.return_invoice, amount_msat=refund, label=refund_label(sid))
     before = payer.balance_msat
     clock.advance(RESUME_AFTER_S + 1)
@@ -190,7 +190,7 @@ async def test_a_refund_left_pending_by_a_crash_is_settled_by_the_one_rule(world
     sid = await open_session(ledger, payer, units=10)
     assert await ledger.repo.begin_close(sid, int(clock()))
     assert await ledger.repo.fix_refund(sid) == 10 * UNIT
-    await ledger.repo.refund_from(sid, await merchant.sendpays_position())     # the attempt, then the crash
+    await ledger.repo.start_refund(sid, await merchant.sendpays_position())     # the attempt, then the crash
     node = _PendingRefundNode(merchant, htlc)
     restarted = SessionLedger(ledger.repo, node, clock=clock, lease_s=0.2)
     clock.advance(RESUME_AFTER_S + 1)

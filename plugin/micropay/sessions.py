@@ -93,6 +93,9 @@ class SessionLedger:
         """Open a session on a paid deposit (verified by payment_auth.verify_session), at
         the unit price its challenge named. An open credential is single use: presented
         again it is refused (the draft's Open Verification, step 1; docs/protocol.md)."""
+        if await self.repo.get(act.session_id) is not None:
+            raise PaymentUnknownChallenge("this deposit was already used to open the session: send its requests "
+                                          "with action \"bearer\"")
         return_hash = await self._check_return_invoice(act)
         outcome = await self.repo.open(session_id=act.session_id, token_id=act.token_id, route_key=act.route,
                                        unit_msat=act.unit_msat, deposit_msat=act.deposit_msat,
@@ -207,7 +210,7 @@ class SessionLedger:
         try:
             if lease is not None and lease.units:       # expired with units left: they go back first (at their price)
                 left, lease.units = lease.units, 0
-                await self.repo.release(session_id, left * lease.unit_msat)
+                await self._release(session_id, left * lease.unit_msat)
             busy = lease is not None and lease.unit_msat == unit_msat and now - lease.taken_at < self.lease_s
             size = min(lease.size * 2, self.max_lease_units) if busy and lease is not None else 1
             until_ms = math.ceil((self.clock() + self.lease_s) * 1000) if size > 1 else 0
@@ -226,12 +229,16 @@ class SessionLedger:
 
     async def give_back(self, session_id: str, unit_msat: int) -> None:
         """One unit taken (at `unit_msat`, the price `spend` took it at) for an event or a
-        request that was not delivered goes back, at that price."""
-        lease = self._leases.get(session_id)
-        if lease is not None and lease.unit_msat == unit_msat and self.monotonic() < lease.until:
-            lease.units += 1
-        else:
-            await self.repo.release(session_id, unit_msat)
+        request that was not delivered goes back to the store at once, at that price (not
+        into this replica's lease: a close on another replica would not wait for it)."""
+        await self._release(session_id, unit_msat)
+
+    async def _release(self, session_id: str, amount_msat: int) -> None:
+        if not await self.repo.release(session_id, amount_msat):
+            rec = await self.repo.get(session_id)
+            if rec is not None and rec.status != SessionStatus.OPEN:
+                log.warning("session %s: %d msat of units came back after its refund was made; they stay spent",
+                            session_id, amount_msat)
 
     async def wait_for_balance(self, session_id: str, unit_msat: int, timeout_s: float,
                                gone: Callable[[], bool] = lambda: False) -> bool:
@@ -266,7 +273,7 @@ class SessionLedger:
                 continue
             del self._leases[session_id]
             if lease.units:
-                await self.repo.release(session_id, lease.units * lease.unit_msat)
+                await self._release(session_id, lease.units * lease.unit_msat)
 
     async def _release_local(self, session_id: str) -> None:
         pending = self._reserving.get(session_id)
@@ -274,7 +281,7 @@ class SessionLedger:
             await asyncio.shield(pending)
         lease = self._leases.pop(session_id, None)
         if lease is not None and lease.units:
-            await self.repo.release(session_id, lease.units * lease.unit_msat)
+            await self._release(session_id, lease.units * lease.unit_msat)
 
     # -- closing ----------------------------------------------------------------
     async def close(self, session_id: str, *, why: str = "client") -> CloseResult:
@@ -307,8 +314,15 @@ class SessionLedger:
             await self.repo.fix_refund(session_id)
             rec = await self.repo.get(session_id)
             assert rec is not None
-        refund = rec.refund_msat or 0
-        status = RefundStatus.SKIPPED if refund == 0 else await self._refund(rec, refund)
+        if rec.refund_from is None:
+            try:       # where the node's records stand; its amount is final from here on
+                position = await self.node.sendpays_position() if rec.refund_msat else 0
+            except NodeError as exc:
+                raise PaymentUnknown(f"the node cannot be asked now ({exc}); the refund is made later") from None
+            start, refund = await self.repo.start_refund(session_id, position)
+        else:
+            start, refund = rec.refund_from, rec.refund_msat or 0
+        status = RefundStatus.SKIPPED if refund == 0 else await self._refund(rec, refund, start)
         if status is None:                 # outcome unknown: left as refunding, settled by resume()
             raise PaymentUnknown("the refund's outcome is not known yet; it is settled from the node's record")
         await self.repo.finish(session_id, status)
@@ -317,15 +331,13 @@ class SessionLedger:
             "session %s closed: refund %d msat %s", session_id, refund, status)
         return result
 
-    async def _refund(self, rec: SessionRecord, refund_msat: int) -> RefundStatus | None:
+    async def _refund(self, rec: SessionRecord, refund_msat: int, start: int) -> RefundStatus | None:
         """One attempt to pay the refund (or the outcome of the attempt made before a crash).
         The attempt is found by its own label, from where the node's payment records
         stood before it was made: another payment to the same invoice (another session
         naming it, or the payer itself) is never taken for this refund."""
         label = refund_label(rec.session_id)
         try:
-            start = await self.repo.refund_from(rec.session_id, await self.node.sendpays_position()) \
-                if rec.refund_from is None else rec.refund_from
             earlier = await self._orphans.settle(now=self.clock(), label=label, sendpays_start=start)
             if earlier.outcome == Outcome.SUCCEEDED:
                 return RefundStatus.SUCCEEDED

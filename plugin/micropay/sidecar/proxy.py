@@ -17,6 +17,7 @@ client holds at most `upstream_connections_per_client` of the pool at once.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -190,14 +191,17 @@ class ReverseProxy:
             await response.prepare(request)
             meter = request.get(SESSION_METER)
             try:
-                if meter is not None and upstream_resp.content_type == SSE_TYPE:
+                # (a HEAD has no body to meter: its unit is the request's, like any other)
+                if meter is not None and upstream_resp.content_type == SSE_TYPE and request.method != "HEAD":
                     await metered_events(upstream_resp.content.iter_chunked(CHUNK), response, meter)
                     return response
                 async for chunk in upstream_resp.content.iter_chunked(CHUNK):
                     await response.write(chunk)
-            except ConnectionResetError:
-                # Writing to the client failed (aiohttp's ClientConnectionResetError is
-                # also a ClientError: told apart first). Nothing is wrong upstream.
+            except ConnectionError:
+                # Writing to the client failed: ClientConnectionResetError for a closing
+                # transport (also a ClientError: told apart first), a plain ConnectionError
+                # ("Connection lost") for a write that waited on a full socket when the
+                # client reset it. Nothing is wrong upstream.
                 log.info("client %s disconnected during the response to %s %s", request.remote, request.method,
                          escape_for_log(path))
                 return response
@@ -215,26 +219,28 @@ class ReverseProxy:
     handle.forwards_target = True  # type: ignore[attr-defined]
 
 
-_EVENT_END = (b"\r\n\r\n", b"\n\n", b"\r\r")
+# An event ends at an empty line; a line ends in CRLF, LF or CR, mixed as the SSE
+# standard allows (`\n\r\n` ends an event too).
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 MAX_EVENT = 1024 ** 2
 
 
 def _split_event(buf: bytearray) -> bytes | None:
-    """The first complete SSE event in `buf` (removed from it), or None."""
-    found = [(i, len(sep)) for sep in _EVENT_END if (i := buf.find(sep)) >= 0]
-    if not found:
+    """The first complete SSE event in `buf` (removed from it), or None. A CR at the
+    very end of `buf` may be the first half of a CRLF: wait for the next byte."""
+    m = _EVENT_END.search(buf)
+    if m is None or (m.end() == len(buf) and buf.endswith(b"\r")):
         return None
-    i, n = min(found)
-    event = bytes(buf[:i + n])
-    del buf[:i + n]
+    event = bytes(buf[:m.end()])
+    del buf[:m.end()]
     return event
 
 
 def _billable(event: bytes) -> bool | None:
     """True for an event that carries data (one unit), None for the `[DONE]` sentinel,
-    False for comments and keep-alives (free)."""
-    lines = event.splitlines()
-    data = [ln for ln in lines if ln.startswith(b"data:")]
+    False for comments and keep-alives (free). A `data` field may come with a colon and
+    a value, or alone (an empty value)."""
+    data = [ln for ln in event.splitlines() if ln == b"data" or ln.startswith(b"data:")]
     if not data:
         return False
     if len(data) == 1 and data[0][5:].strip() == b"[DONE]":
@@ -247,18 +253,20 @@ async def metered_events(chunks, response: web.StreamResponse, meter: SessionMet
     draft's per-chunk billing): when the balance runs out the meter holds the stream for
     a top-up, or ends it. A unit is kept only for an event written to a client that is
     still there: a write that fails, or a client that left, gives it back and ends the
-    stream (ConnectionResetError). A `payment-receipt` event goes before the `[DONE]`
-    sentinel, or at the end if the upstream sends none."""
+    stream (ConnectionError). A `payment-receipt` event goes before the `[DONE]`
+    sentinel, which ends the stream (nothing after it is forwarded or charged), or at
+    the end if the upstream sends none."""
     buf = bytearray()
-    receipt_sent = False
     async for chunk in chunks:
         buf += chunk
         while (event := _split_event(buf)) is not None:
             billable = _billable(event)
             if billable is None:
                 await _deliver(response, meter.receipt_event(), None)
-                receipt_sent = True
-            elif billable and not await meter.charge(response):
+                await _deliver(response, event, None)
+                await response.write_eof()
+                return
+            if billable and not await meter.charge(response):
                 await response.write_eof()
                 return
             await _deliver(response, event, meter if billable else None)
@@ -271,8 +279,7 @@ async def metered_events(chunks, response: web.StreamResponse, meter: SessionMet
     if buf.strip():
         if _billable(bytes(buf)) and await meter.charge(response):
             await _deliver(response, bytes(buf) + b"\n\n", meter)
-    if not receipt_sent:
-        await _deliver(response, meter.receipt_event(), None)
+    await _deliver(response, meter.receipt_event(), None)
     await response.write_eof()
 
 
@@ -282,7 +289,7 @@ async def _deliver(response: web.StreamResponse, data: bytes, charged: SessionMe
         if charged is not None and charged.client_gone():
             raise ClientGone("the client disconnected")
         await response.write(data)
-    except ConnectionResetError:
+    except ConnectionError:          # reset, or lost while the write waited on a full socket
         if charged is not None:
             await charged.undelivered()
         raise

@@ -58,7 +58,8 @@ class SessionMeter:
     def __init__(self, ledger: SessionLedger, session_id: str, unit_msat: int, hold_s: float,
                  clock: Callable[[], float], request: web.Request | None = None) -> None:
         self.ledger, self.session_id, self.unit_msat, self.hold_s = ledger, session_id, unit_msat, hold_s
-        self.units, self._prepaid, self.clock, self._request = 0, True, clock, request
+        # units: what this request has spent, the admission's unit included
+        self.units, self._prepaid, self.clock, self._request = 1, True, clock, request
 
     def client_gone(self) -> bool:
         """The client of this request closed its connection."""
@@ -69,8 +70,9 @@ class SessionMeter:
 
     async def charge(self, response: web.StreamResponse) -> bool:
         if self._prepaid:
-            self._prepaid = False
-        elif not await self.ledger.spend(self.session_id, self.unit_msat):
+            self._prepaid = False            # the admission's unit pays for the first event
+            return True
+        if not await self.ledger.spend(self.session_id, self.unit_msat):
             await response.write(sse_event("payment-need-topup", await self._balance()))
             if not await self.ledger.wait_for_balance(self.session_id, self.unit_msat, self.hold_s,
                                                       self.client_gone):
@@ -89,10 +91,8 @@ class SessionMeter:
 
     async def give_back(self) -> None:
         """The request never reached the upstream: its unit goes back to the session."""
-        if self.units == 0 and not self._prepaid:
-            return                           # (its unit was given back as undelivered)
-        if self.units <= 1:
-            self._prepaid = False
+        if self._prepaid and self.units == 1:
+            self._prepaid, self.units = False, 0
             await self.ledger.give_back(self.session_id, self.unit_msat)
 
     async def _balance(self) -> dict[str, object]:

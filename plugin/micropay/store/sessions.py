@@ -65,8 +65,9 @@ INSERT = (f"INSERT INTO micropay_sessions ({_COLS}) "
           "VALUES ($1,$2,$3,$4,0,$5,'open',$6,$6,NULL,NULL,NULL,0,$7,NULL,$8,$9) "
           "ON CONFLICT DO NOTHING RETURNING session_id")
 RETURN_TAKEN = "SELECT session_id FROM micropay_sessions WHERE return_hash = $1"
-SET_REFUND_FROM = ("UPDATE micropay_sessions SET refund_from = $2 WHERE session_id = $1 AND refund_from IS NULL "
-                   "AND status = 'refunding' RETURNING refund_from")
+# Starts the refund: from here on its amount is fixed (RELEASE no longer adds to it).
+START_REFUND = ("UPDATE micropay_sessions SET refund_from = $2 WHERE session_id = $1 AND refund_from IS NULL "
+                "AND status = 'refunding' RETURNING refund_from, refund_msat")
 GET = f"SELECT {_COLS} FROM micropay_sessions WHERE session_id = $1"
 # Every statement that moves active_at moves idle_due_at with it.
 TOP_UP = ("UPDATE micropay_sessions SET deposit_msat = deposit_msat + $2, active_at = $3, "
@@ -78,8 +79,11 @@ RESERVE = ("UPDATE micropay_sessions SET spent_msat = spent_msat + $2, active_at
            "idle_due_at = $3 + idle_timeout_s, "
            "lease_until_ms = CASE WHEN $4 > lease_until_ms THEN $4 ELSE lease_until_ms END WHERE session_id = $1 AND status = 'open' AND spent_msat + $2 <= deposit_msat "
            "RETURNING deposit_msat - spent_msat")
-RELEASE = ("UPDATE micropay_sessions SET spent_msat = spent_msat - $2 "
-           "WHERE session_id = $1 AND status IN ('open', 'closing') AND spent_msat >= $2 RETURNING session_id")
+# Units another replica gives back after the refund was fixed, but before its attempt
+# started, still go to the client: into the refund.
+RELEASE = ("UPDATE micropay_sessions SET spent_msat = spent_msat - $2, refund_msat = CASE WHEN status = 'refunding' "
+           "THEN refund_msat + $2 ELSE refund_msat END WHERE session_id = $1 AND (status IN ('open', 'closing') "
+           "OR (status = 'refunding' AND refund_from IS NULL)) AND spent_msat >= $2 RETURNING session_id")
 BEGIN_CLOSE = ("UPDATE micropay_sessions SET status = 'closing', closed_at = $2 "
                "WHERE session_id = $1 AND status = 'open' RETURNING session_id")
 FIX_REFUND = ("UPDATE micropay_sessions SET status = 'refunding', refund_msat = deposit_msat - spent_msat "
@@ -167,7 +171,8 @@ class SessionRepository:
         return int(row[0]) if row else None
 
     async def release(self, session_id: str, amount_msat: int) -> bool:
-        """Give back reserved units that were not served (while the refund is not fixed)."""
+        """Give back reserved units that were not served (until the refund attempt
+        starts). False: too late, the refund's amount is final."""
         return await self.store.fetchrow(RELEASE, (session_id, amount_msat)) is not None
 
     async def begin_close(self, session_id: str, now: int) -> bool:
@@ -177,15 +182,16 @@ class SessionRepository:
         row = await self.store.fetchrow(FIX_REFUND, (session_id,))
         return int(row[0]) if row else None
 
-    async def refund_from(self, session_id: str, position: int) -> int:
-        """Where the refund attempt's record is looked up from: set once, before the
-        attempt; the position set first wins (a retry after a crash reads it back)."""
-        row = await self.store.fetchrow(SET_REFUND_FROM, (session_id, position))
-        if row is not None:
-            return int(row[0])
-        rec = await self.get(session_id)
-        assert rec is not None and rec.refund_from is not None, "refund_from set outside 'refunding'"
-        return rec.refund_from
+    async def start_refund(self, session_id: str, position: int) -> tuple[int, int]:
+        """Start the refund attempt: record where the node's payment records stand (its
+        record is looked up from there) and fix its amount. Set once: a retry after a
+        crash reads back what the first start set. (refund_from, refund_msat)."""
+        row = await self.store.fetchrow(START_REFUND, (session_id, position))
+        if row is None:
+            rec = await self.get(session_id)
+            assert rec is not None and rec.refund_from is not None, "start_refund outside 'refunding'"
+            return rec.refund_from, rec.refund_msat or 0
+        return int(row[0]), int(row[1])
 
     async def finish(self, session_id: str, refund_status: RefundStatus) -> bool:
         return await self.store.fetchrow(FINISH, (session_id, str(refund_status))) is not None
