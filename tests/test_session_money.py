@@ -236,8 +236,9 @@ def test_a_return_invoice_whose_route_hints_cost_more_than_the_refund_fee_cap_is
                                                         "refund_max_fee_msat = 2000\n", 1)
     sc = lt.run(start_sidecar(make_config(tmp_path, toml)))
     try:
-        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/cheap") == 2000
-        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/premium") == 5000      # the default
+        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/cheap", 20_000) == 2000
+        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/premium", 20_000) == 5000      # the default
+        assert sc.rt.gate.sessions.refund_fee_cap("GET /api/premium", 39_000_000) == 390_000   # 1% of a big one
         ch, pre = paid_challenge(lt, sc, "/api/cheap")
         # a 20 sat deposit through a hint of 1 sat + 5%: 2000 msat, at the cap: accepted later
         dear = _invoice_with_route_hint(1500, 50_000)      # 1500 + 1000 msat > 2000
@@ -262,6 +263,11 @@ def test_the_refund_is_paid_with_the_routes_fee_cap(tmp_path):
     for bad in (-1, 1.5, "5000", True, 10_000_001):
         with pytest.raises(Exception, match="refund_max_fee_msat"):
             parse_route({"path": "/x", "price_msat": 1000, "session": {"refund_max_fee_msat": bad}}, "t")
+    for bad in (-1, 0.5, "1%", 1_000_001):
+        with pytest.raises(Exception, match="refund_max_fee_ppm"):
+            parse_route({"path": "/x", "price_msat": 1000, "session": {"refund_max_fee_ppm": bad}}, "t")
+    ppm = parse_route({"path": "/x", "price_msat": 1000, "session": {"refund_max_fee_ppm": 2000}}, "t")
+    assert ppm.session.refund_fee_cap(10_000_000) == 20_000 and ppm.session.refund_fee_cap(1000) == 5000
     assert Pricing([rule]).rules[0].session.refund_max_fee_msat == 1234
 
 
@@ -289,3 +295,30 @@ def test_a_close_echoing_a_challenge_another_session_closed_with_closes_its_own_
             assert lt.run(sc.rt.gate.sessions.repo.get(sid)).status == "closed"
     finally:
         lt.run(sc.runner.cleanup())
+
+
+async def test_a_refund_grown_by_top_ups_is_not_refused_by_a_flat_fee_cap(store):
+    """The outside review: 39,000 sat to refund through a network charging 200 ppm needs
+    7.8 sat of fees, over a flat 5 sat cap, and the one attempt failed: the seller kept
+    it all. The cap grows with the refund (1% by default)."""
+    import hashlib
+    import os
+
+    from micropay.lightning.sandbox import SandboxNetwork
+    from micropay.payment_auth import SessionAction
+    from micropay.store.sessions import RefundStatus
+
+    from .conftest import FakeClock
+    clock = FakeClock()
+    net = SandboxNetwork(clock, fee_ppm=200)
+    merchant, payer = net.add_node("merchant", 10**11), net.add_node("payer", 10**10)
+    ledger = SessionLedger(SessionRepository(store), merchant, clock=clock, lease_s=0.2)
+    sid = hashlib.sha256(os.urandom(32)).hexdigest()
+    ret = (await payer.create_invoice(None, "ret", "refund", 86400)).bolt11
+    deposit = (await merchant.create_invoice(40_000_000, "dep", "deposit", 600)).bolt11
+    await ledger.open(SessionAction("open", "ch", sid, "GET /x", 1_000_000, 40_000_000, os.urandom(32).hex(), ret,
+                                    deposit), int(clock()))
+    assert await ledger.spend(sid, 1_000_000)
+    before = payer.balance_msat
+    result = await ledger.close(sid)
+    assert result.refund_status == RefundStatus.SUCCEEDED and payer.balance_msat - before == 39_000_000

@@ -30,7 +30,13 @@ class SessionPolicy:
     idle_timeout_s: int = 300        # the draft's recommended idle timeout: 5 minutes
     hold_s: int = 60                 # a stream held for a top-up waits this long (the draft's 60 s)
     unit_type: str = "request"       # a label for clients: "chunk", "token", ...
-    refund_max_fee_msat: int = 5000  # routing fee the operator pays at most per refund (on top of it)
+    # The routing fee the operator pays at most per refund (on top of it): the larger of
+    # these two, since fees grow with the amount and top-ups grow the refund.
+    refund_max_fee_msat: int = 5000
+    refund_max_fee_ppm: int = 10_000   # of the refund: 1%
+
+    def refund_fee_cap(self, refund_msat: int) -> int:
+        return max(self.refund_max_fee_msat, refund_msat * self.refund_max_fee_ppm // 1_000_000)
 
 
 PriceHook = Callable[[Any, "RouteRule"], Union[int, Awaitable[int]]]
@@ -168,7 +174,8 @@ class _Table:
 
 _ROUTE_KEYS = {"method", "path", "price_msat", "credits", "pass_s", "upstream", "capabilities",
                "free_per_hour", "stream_msat", "description", "price_hook", "schemes", "session"}
-_SESSION_KEYS = {"deposit_units", "idle_timeout_s", "hold_s", "unit_type", "refund_max_fee_msat"}
+_SESSION_KEYS = {"deposit_units", "idle_timeout_s", "hold_s", "unit_type", "refund_max_fee_msat",
+                 "refund_max_fee_ppm"}
 
 
 def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
@@ -179,7 +186,7 @@ def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
         raw = {}
     if not isinstance(raw, dict):
         raise t.fail("session", "must be true or a table (deposit_units, idle_timeout_s, hold_s, unit_type, "
-                     "refund_max_fee_msat)")
+                     "refund_max_fee_msat, refund_max_fee_ppm)")
     s = _Table(raw, f"{t.where}.session" if ": " in t.where else f"{t.where}: session")
     s.check_keys(_SESSION_KEYS)
     for key in ("credits", "pass_s", "price_hook", "free_per_hour", "stream_msat"):
@@ -193,16 +200,19 @@ def _parse_session(t: "_Table", price: int | None) -> SessionPolicy | None:
     policy = SessionPolicy(deposit_units=s.positive_int("deposit_units", 20, maximum=1_000_000) or 20,
                            idle_timeout_s=s.positive_int("idle_timeout_s", 300, maximum=30 * 86400) or 300,
                            hold_s=s.positive_int("hold_s", 60, maximum=3600) or 60, unit_type=unit_type,
-                           refund_max_fee_msat=_refund_fee_cap(s))
+                           refund_max_fee_msat=_whole(s, "refund_max_fee_msat", 5000, 10_000_000,
+                                                      "millisatoshis"),
+                           refund_max_fee_ppm=_whole(s, "refund_max_fee_ppm", 10_000, 1_000_000,
+                                                     "millionths of the refund"))
     if price * policy.deposit_units > MAX_MSAT:
         raise s.fail("deposit_units", f"the deposit ({price} msat x {policy.deposit_units}) is too large")
     return policy
 
 
-def _refund_fee_cap(s: "_Table") -> int:
-    value = s.data.get("refund_max_fee_msat", 5000)
-    if type(value) is not int or not 0 <= value <= 10_000_000:
-        raise s.fail("refund_max_fee_msat", "must be a whole number of millisatoshis from 0 to 10000000")
+def _whole(s: "_Table", key: str, default: int, maximum: int, unit: str) -> int:
+    value = s.data.get(key, default)
+    if type(value) is not int or not 0 <= value <= maximum:
+        raise s.fail(key, f"must be a whole number of {unit} from 0 to {maximum}")
     return value
 
 

@@ -39,6 +39,7 @@ from .lightning.base import Node
 from .lightning.bolt11codec import InvalidInvoice, route_hint_fee_msat
 from .lightning.outcome import OrphanWatch, Outcome
 from .payment_auth import SessionAction, network_of
+from .pricing import SessionPolicy
 from .store.sessions import RefundStatus, SessionRecord, SessionRepository, SessionStatus
 
 log = logging.getLogger("micropay.sessions")
@@ -46,7 +47,6 @@ log = logging.getLogger("micropay.sessions")
 LEASE_S = 1.0
 MAX_LEASE_UNITS = 256
 RESUME_AFTER_S = 120           # a close left unfinished this long ago is taken over (crash)
-DEFAULT_REFUND_MAX_FEE_MSAT = 5_000   # pricing.SessionPolicy.refund_max_fee_msat's default
 ACTIONS_KEPT_S = 86_400        # consumed challenges' responses, for retries (the draft: >= 5 min)
 
 
@@ -78,7 +78,7 @@ class SessionLedger:
     lease_s: float = LEASE_S
     max_lease_units: int = MAX_LEASE_UNITS
     idle_timeouts: dict[str, int] = field(default_factory=dict)     # route key -> seconds
-    refund_fee_caps: dict[str, int] = field(default_factory=dict)   # route key -> msat (refund_max_fee_msat)
+    refund_policies: dict[str, SessionPolicy] = field(default_factory=dict)   # route key -> its fee caps
     _leases: dict[str, _Lease] = field(default_factory=dict)
     _reserving: dict[str, asyncio.Future] = field(default_factory=dict)
     _topped: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -126,7 +126,7 @@ class SessionLedger:
             raise PaymentInvalidReturnInvoice("the return invoice is for another network than the deposit")
         if decoded.expires_at <= self.clock():
             raise PaymentInvalidReturnInvoice("the return invoice has expired")
-        cap = self.refund_fee_cap(act.route)
+        cap = self.refund_fee_cap(act.route, act.deposit_msat)
         try:
             hint_fee = route_hint_fee_msat(act.return_invoice, act.deposit_msat)
         except InvalidInvoice:           # the node decoded it; its route hints are not readable here
@@ -140,10 +140,10 @@ class SessionLedger:
                                               "fresh one for each session (the deposit is still unused)")
         return decoded.payment_hash
 
-    def refund_fee_cap(self, route_key: str) -> int:
-        """The most the operator pays in routing fees for one refund of this route's
-        sessions (on top of the refund: the client gets the whole unspent balance)."""
-        return self.refund_fee_caps.get(route_key, DEFAULT_REFUND_MAX_FEE_MSAT)
+    def refund_fee_cap(self, route_key: str, refund_msat: int) -> int:
+        """The most the operator pays in routing fees for a refund of this size on this
+        route (on top of the refund: the client gets the whole unspent balance)."""
+        return self.refund_policies.get(route_key, SessionPolicy()).refund_fee_cap(refund_msat)
 
     async def top_up(self, act: SessionAction, now: int) -> dict[str, Any]:
         """Add a paid deposit to an open session; the response body. A retry of the same
@@ -359,8 +359,8 @@ class SessionLedger:
                 if other.state == "pending":
                     raise PaymentUnknown("another payment to the return invoice is pending")
                 return RefundStatus.FAILED
-            paid = await self.node.pay(rec.return_invoice, max_fee_msat=self.refund_fee_cap(rec.route_key),
-                                       label=label, amount_msat=refund_msat)
+            paid = await self.node.pay(rec.return_invoice, label=label, amount_msat=refund_msat,
+                                       max_fee_msat=self.refund_fee_cap(rec.route_key, refund_msat))
             if paid.amount_msat != refund_msat:
                 log.warning("session %s: the node reported a payment of %d msat for a refund of %d msat",
                             rec.session_id, paid.amount_msat, refund_msat)

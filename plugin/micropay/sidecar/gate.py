@@ -138,7 +138,7 @@ class Gate:
         session_rules = [r for r in self.pricing.rules if r.session is not None]
         self.sessions = SessionLedger(SessionRepository(store), node, clock=clock,
                                       idle_timeouts={r.key: r.session.idle_timeout_s for r in session_rules},
-                                      refund_fee_caps={r.key: r.session.refund_max_fee_msat for r in session_rules})
+                                      refund_policies={r.key: r.session for r in session_rules})
         self.session_gate = SessionGate(ledger=self.sessions, challenger=self.challenger,
                                         binder=lambda: self.binder, realm=self.service, metrics=self.metrics,
                                         clock=clock)
