@@ -84,6 +84,17 @@ def test_spellings_never_reach_the_upstream(stack, target):
     assert up.seen[before:] == []
 
 
+@pytest.mark.parametrize("target", ["/API/premium", "/api/Premium", "/API/PREMIUM", "/aPi/pReMiUm/"])
+def test_other_cases_of_a_priced_path_are_priced_not_forwarded_unpaid(stack, target):
+    """Express (by default), ASP.NET and IIS serve /API/PREMIUM as /api/premium: the
+    outside review got premium content unpaid from Express that way."""
+    lt, up, sc = stack
+    before = len(up.seen)
+    status, _, body = raw_request(sc.port, "GET", target)
+    assert status == 402, (target, status, body)
+    assert up.seen[before:] == []
+
+
 def test_the_free_paths_around_them_are_still_forwarded(stack):
     lt, up, sc = stack
     for target, forwarded in [("/api/premium.json", "/api/premium.json"), ("/free/a.b/c", "/free/a.b/c"),

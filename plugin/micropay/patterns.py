@@ -6,7 +6,11 @@
 
 Paths are canonical (canonical.py) before they are matched. A pattern that does not
 end in '/' or '*' also matches the path with one trailing '/' ('/api/joke/'), since
-many upstreams serve both alike: what they serve alike is priced alike.
+many upstreams serve both alike: what they serve alike is priced alike. For the same
+reason letters match in either case: Express, ASP.NET and IIS route `/API/Joke` to
+`/api/joke`, so an upstream of theirs would serve a priced resource unpaid under another
+case (an outside review did just that to Express). Pricing more spellings than an
+upstream serves alike costs nothing; pricing fewer gives its content away.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ def compile_path(pattern: str) -> re.Pattern[str]:
         raise ValueError(f"'{{' and '}}' only make '{{name}}' segments (letters, digits, '_'): {pattern!r}")
     tail = ".*" if pattern.endswith("*") else ("" if pattern.endswith("/") else "/?")
     regex = "".join(out) + tail
-    return re.compile(regex, re.DOTALL)
+    return re.compile(regex, re.DOTALL | re.IGNORECASE)
 
 
 def path_matches(pattern: str, path: str) -> bool:
