@@ -7,11 +7,12 @@ HTTP body, query parameter, header value and caveat goes through these instead.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
 
-from .errors import BadRequest
+from .errors import BadRequest, RequestTimeout
 
 MAX_DEPTH = 32
 _DIGITS = re.compile(r"[0-9]+")
@@ -50,9 +51,21 @@ def _check(value: Any, what: str, max_depth: int) -> None:
                 stack.extend((v, depth + 1) for v in item)
 
 
-async def read_bounded(stream: Any, limit: int) -> tuple[bytes, bool]:
+async def read_bounded(stream: Any, limit: int, *, timeout_s: float | None = None) -> tuple[bytes, bool]:
     """Read a body (an aiohttp StreamReader) up to `limit` bytes: (data, complete).
-    `complete` is False when more than `limit` bytes were on offer; the rest is left unread."""
+    `complete` is False when more than `limit` bytes were on offer; the rest is left unread.
+    With `timeout_s`, a request body not read within it raises RequestTimeout (408)."""
+    if timeout_s is None:
+        return await _read_bounded(stream, limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_bounded(stream, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:.0f} s (a request body must "
+                             "arrive within the server's body deadline)") from None
+
+
+async def _read_bounded(stream: Any, limit: int) -> tuple[bytes, bool]:
     chunks, size = [], 0
     while size <= limit:
         chunk = await stream.read(limit + 1 - size)

@@ -18,6 +18,7 @@ from aiohttp.web_protocol import RequestHandler
 from ..challenger import LABEL_PREFIX as CHALLENGE_LABEL_PREFIX
 from ..config import Config
 from ..errors import ConfigError, Unauthorized
+from ..http.bodies import BODY_TIMEOUT
 from ..http.problems import expect_handler, problem_response
 from ..lightning.base import Node
 from ..metrics import Metrics
@@ -264,6 +265,7 @@ def build_app(rt: Runtime) -> web.Application:
     cfg = rt.config
     app = web.Application(client_max_size=1024 ** 2)
     app[RUNTIME] = rt
+    app[BODY_TIMEOUT] = float(cfg.body_timeout_s)     # own endpoints' bodies (http/bodies.py)
     gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store,
                 receipts=rt.receipts, limits=cfg.limits, metrics=rt.metrics, pricing=cfg.pricing,
                 forwarded_for_hops=cfg.forwarded_for_hops if cfg.trust_forwarded_for else 0,

@@ -17,7 +17,8 @@ import re
 
 from aiohttp import web
 
-from ..errors import BadRequest, MicropayError, RateLimited
+from ..errors import BadRequest, MicropayError, RateLimited, RequestBodyTooLarge
+from ..http.bodies import read_request_body
 from ..http.problems import problem_response
 from ..inputs import load_json
 from ..lightning.sandbox import PLAY_MONEY_MSAT
@@ -25,6 +26,15 @@ from ..params import MAX_MSAT
 
 WALLET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_WALLETS = 1000
+MAX_BODY = 64 * 1024
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request body, read within the server's body deadline (408 past it)."""
+    raw, complete = await read_request_body(request, MAX_BODY)
+    if not complete:
+        raise RequestBodyTooLarge(f"the request body must be at most {MAX_BODY} bytes")
+    return raw
 
 
 def add_sandbox_routes(add, rt) -> None:
@@ -51,7 +61,7 @@ def add_sandbox_routes(add, rt) -> None:
     async def pay(request: web.Request) -> web.Response:
         try:
             w = wallet(request.match_info["name"])
-            body = load_json(await request.read())
+            body = load_json(await _body(request))
             if not isinstance(body, dict) or not isinstance(body.get("bolt11"), str):
                 raise BadRequest("body must be an object with a string 'bolt11'")
             max_fee = body.get("max_fee_msat")
@@ -67,7 +77,7 @@ def add_sandbox_routes(add, rt) -> None:
     async def invoice(request: web.Request) -> web.Response:
         try:
             w = wallet(request.match_info["name"])
-            body = load_json(await request.read())
+            body = load_json(await _body(request))
             if not isinstance(body, dict):
                 raise BadRequest("body must be an object")
             amount, description = body.get("amount_msat"), body.get("description", "sandbox wallet")

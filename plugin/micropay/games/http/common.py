@@ -10,7 +10,8 @@ from aiohttp import web
 
 from ...errors import BadRequest, MicropayError
 from ...http.problems import problem_response
-from ...inputs import decimal, load_json, read_bounded
+from ...http.bodies import read_request_body
+from ...inputs import decimal, load_json
 from ..apikeys import Unauthorized
 from ..service import Games
 
@@ -65,7 +66,7 @@ def api(handler: Callable[[Games, web.Request], Awaitable[web.StreamResponse]], 
 async def json_body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise BadRequest(f"body must be at most {MAX_BODY} bytes")
-    raw, complete = await read_bounded(request.content, MAX_BODY)
+    raw, complete = await read_request_body(request, MAX_BODY)
     if not complete:
         raise BadRequest(f"body must be at most {MAX_BODY} bytes")
     return load_json(raw)
