@@ -6,10 +6,14 @@ bounded time only."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+
+import pytest
 
 from .conftest import make_config, start_sidecar
 from .games_util import GAMES_TOML, start_game_sidecar
+from .rawhttp import RecordingUpstream
 
 
 async def _trickled_status(port: int, path: str, headers: str = "", limit_s: float = 10.0) -> tuple[int, float]:
@@ -57,3 +61,68 @@ async def test_a_trickled_body_to_the_purchases_api_gets_408_within_body_timeout
         assert status == 408 and took < 3
     finally:
         await gs.close()
+
+
+UPLOAD_ROUTE = '''
+[[routes]]
+method = ["POST"]
+path = "/api/upload"
+price_msat = 3000
+'''
+
+
+async def _cut_off(port: int, path: str) -> None:
+    """A POST that declares 100 bytes, sends 3 and resets the connection."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".encode())
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+    except ConnectionError:
+        pass
+
+
+class _Lines(logging.Handler):
+    """Counts the lines the log would get (a traceback is many), access log aside."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        self.lines, self.access = 0, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.endswith("access"):
+            self.access += 1
+        else:
+            self.lines += len(self.format(record).splitlines())
+
+
+@pytest.mark.parametrize("path", ["/api/upload", "/free-upload", "/sandbox/wallets/x/pay"])
+async def test_200_bodies_cut_off_mid_way_write_a_bounded_number_of_log_lines(tmp_path, path):
+    """The gate (a priced POST: it binds the body), the proxy (a free one) and an own
+    endpoint read the body; the client resets the connection in the middle of it."""
+    from micropay.sidecar.limits import flush_throttled_logs
+    up = await RecordingUpstream().start()
+    sc = await start_sidecar(make_config(tmp_path, f'service = "cut"\nupstream = "{up.url}"\n{UPLOAD_ROUTE}'))
+    lines, root = _Lines(), logging.getLogger()
+    root.addHandler(lines)
+    level, root.level = root.level, logging.INFO
+    try:
+        sem = asyncio.Semaphore(50)
+
+        async def one() -> None:
+            async with sem:
+                await _cut_off(sc.port, path)
+        await asyncio.wait_for(asyncio.gather(*(one() for _ in range(200))), 30)
+        await asyncio.sleep(0.5)
+        flush_throttled_logs()
+        print(f"{path}: 200 bodies cut off -> {lines.lines} log lines (and {lines.access} access lines)")
+        assert lines.lines <= 10
+        assert lines.access <= 200
+        assert not up.seen                          # no cut-off body reached the upstream
+    finally:
+        root.removeHandler(lines)
+        root.level = level
+        await sc.runner.cleanup()
+        await up.runner.cleanup()

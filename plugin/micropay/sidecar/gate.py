@@ -287,6 +287,9 @@ class Gate:
             except TimeoutError:
                 raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:.0f} s "
                                      "(a request body must arrive within the server's body deadline)") from None
+            except ConnectionResetError:                # the client left mid-body: no traceback logged
+                from .limits import client_gone
+                raise client_gone(request) from None
             if len(body) > MAX_BOUND_BODY:
                 return None
             request[BODY] = body

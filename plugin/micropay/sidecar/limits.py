@@ -8,8 +8,8 @@ and log lines.
   of asking for it, up to a size limit, before anything else is spent on it (an
   upstream connection, a charge).
 - Log lines: what a client can cause many times a second (a refused connection, a
-  closed silent one, the accept loop's "too many open files") is logged once per
-  interval with a count, never once per event.
+  closed silent one, a body cut off mid-way, the accept loop's "too many open files")
+  is logged once per interval with a count, never once per event.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 
 from ..errors import RequestBodyTooLarge, RequestTimeout
+from ..http.bodies import ClientGoneMidBody
 from ..ratelimit import client_address
 
 log = logging.getLogger("micropay.sidecar")
@@ -77,10 +78,12 @@ HEADERS_LATE = ThrottledLog(log, logging.INFO, "closed a connection from %s: req
                             "within %.0f s of connecting")
 CONNECTION_REFUSED = ThrottledLog(log, logging.WARNING, "refused a connection from %s: %s")
 BODY_LATE = ThrottledLog(log, logging.INFO, "%s %s from %s: %s")
+BODY_CUT = ThrottledLog(log, logging.INFO, "%s %s from %s: the client closed the connection in the middle of "
+                        "its request body")
 
 
 def flush_throttled_logs() -> None:
-    for throttled in (ACCEPT_FAILED, HEADERS_LATE, CONNECTION_REFUSED, BODY_LATE):
+    for throttled in (ACCEPT_FAILED, HEADERS_LATE, CONNECTION_REFUSED, BODY_LATE, BODY_CUT):
         if throttled._timer is not None:
             throttled._timer.cancel()
         throttled.flush()
@@ -207,7 +210,16 @@ async def read_body(request: web.Request, *, max_bytes: int, timeout_s: float,
                                               "server takes")
     except TimeoutError:
         raise _late(request, f"{n} bytes of the request body arrived in {timeout_s:.0f} s") from None
+    except ConnectionResetError:
+        raise client_gone(request) from None
     return b"".join(parts), content.at_eof()
+
+
+def client_gone(request: web.Request) -> ClientGoneMidBody:
+    """A client that closed its connection mid-body: counted in a throttled log line
+    (never a traceback per event: a disk filler), and answered to nobody."""
+    BODY_CUT(request.method, escape_for_log(request.raw_path.split("?", 1)[0]), request.remote)
+    return ClientGoneMidBody()
 
 
 def _late(request: web.Request, what: str) -> RequestTimeout:
@@ -230,6 +242,9 @@ async def rest_of_body(request: web.Request, first: bytes, *, max_bytes: int,
         except TimeoutError:
             _late(request, f"no part of the request body arrived for {idle_s:.0f} s")
             raise BodyCut(f"the client paused its request body for over {idle_s:.0f} s") from None
+        except ConnectionResetError:
+            client_gone(request)
+            raise BodyCut("the client closed the connection in the middle of its request body") from None
         if not chunk:
             return
         n += len(chunk)
