@@ -275,3 +275,34 @@ async def test_the_proxy_adds_no_accept_encoding_or_other_header_of_its_own(tmp_
     finally:
         await sc.runner.cleanup()
         await up.runner.cleanup()
+
+
+REWRITES = {"X-Original-URL": "/admin/delete-all", "X-Rewrite-URL": "/admin/delete-all",
+            "X-Original-URI": "/admin/delete-all", "x_original_url": "/admin", "X-REWRITE_URL": "/admin",
+            "x-original.uri": "/admin"}
+
+
+async def test_the_url_rewrite_headers_some_upstreams_route_on_never_reach_the_upstream(tmp_path):
+    """Legacy Symfony, Zend and IIS route on X-Original-URL / X-Rewrite-URL (X-Original-URI
+    too, with some set-ups): a client's copy would have the upstream serve another path
+    than the one the gate priced. Every spelling is dropped, free and paid requests alike."""
+    from .rawhttp import RecordingUpstream, raw_request
+    up = await RecordingUpstream().start()
+    sc = await start_sidecar(make_config(tmp_path, f'service = "px"\nupstream = "{up.url}"\n{PASS_ROUTE}'))
+    try:
+        status, _, _ = await asyncio.to_thread(raw_request, sc.port, "GET", "/free", REWRITES)
+        assert status == 200
+        async with aiohttp.ClientSession() as s:
+            auth = await pay(sc, s, "GET", "/api/stream")
+        status, _, _ = await asyncio.to_thread(raw_request, sc.port, "GET", "/api/stream",
+                                               dict(REWRITES, Authorization=auth))
+        assert status == 200
+        assert [seen.raw_path for seen in up.seen] == ["/free", "/api/stream"]
+        for seen in up.seen:
+            leaked = {k: v for k, v in seen.headers.items()
+                      if k.lower().replace("_", "-").replace(".", "-") in
+                      ("x-original-url", "x-rewrite-url", "x-original-uri")}
+            assert not leaked, leaked
+    finally:
+        await sc.runner.cleanup()
+        await up.stop()

@@ -6,8 +6,10 @@ never sees preimages); the token id and payment hash are passed as X-L402-Token-
 X-L402-Payment-Hash instead. Headers the proxy sets are always its own: a client's copy
 is dropped first, in every spelling an upstream may read as ours (`X_L402_Token_Id`:
 WSGI and CGI servers map `_` and `-` to one name), and so are the method-override
-headers (the gate priced the request's own method). The proxy adds no header of its
-own beyond those (no Accept-Encoding, Accept or User-Agent).
+headers (the gate priced the request's own method) and the URL overrides some
+upstreams route on (X-Original-URL, X-Rewrite-URL, X-Original-URI: the gate priced the
+request's own path). The proxy adds no header of its own beyond those (no
+Accept-Encoding, Accept or User-Agent).
 
 A request body is read before an upstream connection is taken: whole when it is at
 most 1 MiB, within `body_timeout_s` (a client trickling its body holds no upstream
@@ -49,6 +51,9 @@ PROXY_OWNED = (TOKEN_ID_HEADER, PAYMENT_HASH_HEADER, "X-Forwarded-Proto", "X-For
 FORWARDING = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 # Headers that make some frameworks serve another method than the one the gate priced.
 METHOD_OVERRIDES = ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
+# Headers that make some frameworks (legacy Symfony, Zend, IIS's URL Rewrite) serve
+# another path than the one the gate priced.
+URL_OVERRIDES = ("X-Original-URL", "X-Rewrite-URL", "X-Original-URI")
 # Headers aiohttp's client adds when the request has none; a proxy adds none of them.
 NOT_ADDED = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 CHUNK = 64 * 1024
@@ -62,7 +67,8 @@ def header_form(name: str) -> str:
     return name.lower().translate(_FOLD)
 
 
-_OWNED_FORMS = frozenset(header_form(n) for n in (*PROXY_OWNED, STREAM_HEADER, *METHOD_OVERRIDES))
+_OWNED_FORMS = frozenset(header_form(n) for n in (*PROXY_OWNED, STREAM_HEADER, *METHOD_OVERRIDES,
+                                                   *URL_OVERRIDES))
 _FORWARDING_FORMS = frozenset(header_form(n) for n in FORWARDING)
 
 
@@ -120,7 +126,7 @@ class ReverseProxy:
         prior = ", ".join(headers.getall("X-Forwarded-For", ())) if self.trust_forwarded_for else ""
         for name in list(headers.keys()):
             form = header_form(name)
-            # Ours (and the stream secret, and method overrides) in any spelling; the
+            # Ours (and the stream secret, method and URL overrides) in any spelling; the
             # forwarding headers unless trusted, and then in their own spelling only.
             if form in _OWNED_FORMS or (form in _FORWARDING_FORMS
                                          and (not self.trust_forwarded_for or name.lower() != form)):
