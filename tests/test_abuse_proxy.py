@@ -306,3 +306,67 @@ async def test_the_url_rewrite_headers_some_upstreams_route_on_never_reach_the_u
     finally:
         await sc.runner.cleanup()
         await up.stop()
+
+
+async def _start_reading_upstream() -> tuple[web.AppRunner, str, list]:
+    """An upstream that reads each request body whole: (runner, URL, outcomes)."""
+    outcomes: list = []
+
+    async def read_all(request: web.Request) -> web.Response:
+        try:
+            outcomes.append(len(await request.read()))
+        except Exception as exc:                 # the proxy cut the body off
+            outcomes.append(type(exc).__name__)
+            raise
+        return web.Response(text="read")
+    app = web.Application(client_max_size=1024 ** 3)
+    app.router.add_route("*", "/{tail:.*}", read_all)
+    runner, url = await serve_app(app)
+    return runner, url, outcomes
+
+
+async def test_a_streamed_body_sent_slower_than_body_min_rate_is_cut_off_in_bounded_time(tmp_path):
+    """A body over 1 MiB is streamed to the upstream after its first MiB; one that then
+    trickles (2 KiB every 0.2 s: never a pause of body_timeout_s, but 10 KiB/s) holds the
+    upstream connection only until it falls behind body_min_rate_bytes_s, not for the
+    190 s the rest would take."""
+    up_runner, up_url, outcomes = await _start_reading_upstream()
+    sc = await start_sidecar(make_config(tmp_path, f'upstream = "{up_url}"\nbody_timeout_s = 1\n'
+                                                   'body_min_rate_bytes_s = 65536\n'))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        writer.write(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {3 * 1024 ** 2}\r\n\r\n".encode())
+        writer.write(b"a" * (1024 ** 2 + 64 * 1024))
+        await writer.drain()
+        started = time.monotonic()
+        head = None
+        for _ in range(50):                      # 2 KiB every 0.2 s, for at most 10 s
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n"), 0.2)
+                break
+            except asyncio.TimeoutError:
+                try:
+                    writer.write(b"b" * 2048)
+                    await writer.drain()
+                except ConnectionError:
+                    break
+            except (ConnectionError, asyncio.IncompleteReadError):
+                break
+        took = time.monotonic() - started
+        writer.close()
+        print(f"trickled streamed body: {head!r} after {took:.1f} s; upstream saw {outcomes}")
+        assert took < 5, took
+        assert head is None or head.split()[1] in (b"408", b"502"), head
+        for _ in range(20):                      # the upstream's read ends too (the slot is free)
+            if outcomes:
+                break
+            await asyncio.sleep(0.1)
+        assert outcomes and outcomes[0] != 3 * 1024 ** 2
+    finally:
+        await sc.runner.cleanup()
+        await up_runner.cleanup()
+
+
+def test_body_min_rate_bytes_s_is_read_from_the_config(tmp_path):
+    assert make_config(tmp_path, "").body_min_rate_bytes_s == 65536
+    assert make_config(tmp_path, "body_min_rate_bytes_s = 1000\n").body_min_rate_bytes_s == 1000

@@ -52,6 +52,7 @@ class Config:
     header_timeout_s: float = 15.0     # a connection's request headers must arrive within this
     body_timeout_s: float = 30.0       # a request body read by the gate or the proxy arrives within this
     max_body_bytes: int = 64 * 1024 ** 2   # largest request body the proxy forwards (413 above)
+    body_min_rate_bytes_s: int = 64 * 1024  # a streamed body (over 1 MiB) arrives at least this fast on average
     max_connections: int = 0           # open client connections; 0: from the open-files limit
     max_connections_per_client: int = 256   # open connections of one client address
     upstream_connections: int = 256    # the reverse proxy's connection pool
@@ -96,6 +97,7 @@ class Config:
 CORE_KEYS = frozenset({"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "forwarded_for_hops",
                        "demo", "header_timeout_s", "body_timeout_s", "max_body_bytes", "max_connections",
                        "max_connections_per_client", "upstream_connections", "upstream_connections_per_client",
+                       "body_min_rate_bytes_s",
                        "metrics", "backend", "store", "challenges", "routes",
                        "openapi"})
 
@@ -164,6 +166,8 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
         body_timeout_s=top.positive_int("body_timeout_s", 30, maximum=3600) or 30,
         max_body_bytes=top.positive_int("max_body_bytes", Config.max_body_bytes, maximum=2 ** 40)
         or Config.max_body_bytes,
+        body_min_rate_bytes_s=top.positive_int("body_min_rate_bytes_s", Config.body_min_rate_bytes_s,
+                                               maximum=2 ** 30) or Config.body_min_rate_bytes_s,
         max_connections=top.positive_int("max_connections", 0, allow_zero=True, maximum=10_000_000) or 0,
         max_connections_per_client=top.positive_int("max_connections_per_client", 256, maximum=10_000_000) or 256,
         upstream_connections=upstream_pool,

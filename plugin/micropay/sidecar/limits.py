@@ -6,7 +6,9 @@ and log lines.
   either is answered with a short 503 / 429 and closed at once.
 - Request bodies: the gate and the reverse proxy read a body within `body_timeout_s`
   of asking for it, up to a size limit, before anything else is spent on it (an
-  upstream connection, a charge).
+  upstream connection, a charge). A body too large to read first (over 1 MiB) is
+  streamed after its first MiB, at no less than `body_min_rate_bytes_s` on average:
+  it holds an upstream connection for a bounded time, however it is paced.
 - Log lines: what a client can cause many times a second (a refused connection, a
   closed silent one, a body cut off mid-way, the accept loop's "too many open files")
   is logged once per interval with a count, never once per event.
@@ -228,18 +230,34 @@ def _late(request: web.Request, what: str) -> RequestTimeout:
                           "(send it at once, or at a steady pace)")
 
 
-async def rest_of_body(request: web.Request, first: bytes, *, max_bytes: int,
-                       idle_s: float) -> AsyncIterator[bytes]:
+async def rest_of_body(request: web.Request, first: bytes, *, max_bytes: int, idle_s: float,
+                       min_rate: int | None = None) -> AsyncIterator[bytes]:
     """`first` (read by read_body), then the rest of the body as it arrives: no pause
-    longer than `idle_s`, at most `max_bytes` in all. A body that breaks either rule
-    ends the upload with BodyCut (the upstream has received part of it)."""
+    longer than `idle_s`, at most `max_bytes` in all, and (with `min_rate`) at an average
+    of at least `min_rate` bytes a second with `idle_s` to spare: by `t` seconds after the
+    first part, at least (t - idle_s) x min_rate bytes more have arrived. So a body holds
+    an upstream connection for at most idle_s + max_bytes / min_rate seconds, however
+    it is paced. A body that breaks a rule ends the upload with BodyCut (the upstream
+    has received part of it)."""
     yield first
     n, content = len(first), request.content
+    started, rest = time.monotonic(), 0
     while True:
+        wait, rate_bound = idle_s, False
+        if min_rate:
+            due = started + idle_s + rest / min_rate - time.monotonic()
+            if due < idle_s:
+                wait, rate_bound = due, True
         try:
-            async with asyncio.timeout(idle_s):
+            if wait <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(wait):
                 chunk = await content.readany()
         except TimeoutError:
+            if rate_bound:
+                _late(request, f"the request body arrived slower than {min_rate} bytes/s "
+                      f"({rest} bytes in {time.monotonic() - started:.0f} s after its first part)")
+                raise BodyCut(f"the client sent its request body slower than {min_rate} bytes/s") from None
             _late(request, f"no part of the request body arrived for {idle_s:.0f} s")
             raise BodyCut(f"the client paused its request body for over {idle_s:.0f} s") from None
         except ConnectionResetError:
@@ -248,6 +266,7 @@ async def rest_of_body(request: web.Request, first: bytes, *, max_bytes: int,
         if not chunk:
             return
         n += len(chunk)
+        rest += len(chunk)
         if n > max_bytes:
             raise BodyCut(f"the request body passed {max_bytes} bytes, the most this server takes")
         yield chunk

@@ -13,7 +13,8 @@ Accept-Encoding, Accept or User-Agent).
 
 A request body is read before an upstream connection is taken: whole when it is at
 most 1 MiB, within `body_timeout_s` (a client trickling its body holds no upstream
-connection); a larger one once its first MiB has arrived, the rest streamed. Each
+connection); a larger one once its first MiB has arrived, the rest streamed at no less
+than `body_min_rate_bytes_s` on average (so it holds a connection for a bounded time). Each
 client holds at most `upstream_connections_per_client` of the pool at once.
 """
 from __future__ import annotations
@@ -78,11 +79,13 @@ class ProxyLimits:
     per_client: int = 32             # of which one client may hold at once
     body_timeout_s: float = 30.0     # a body's first MiB (a smaller one: all of it) arrives within this
     max_body_bytes: int = 64 * 1024 ** 2
+    body_min_rate: int = 64 * 1024   # a streamed body's rest arrives at this many bytes/s on average
 
     @classmethod
     def of(cls, cfg: "Config") -> "ProxyLimits":
         return cls(pool=cfg.upstream_connections, per_client=cfg.upstream_connections_per_client,
-                   body_timeout_s=cfg.body_timeout_s, max_body_bytes=cfg.max_body_bytes)
+                   body_timeout_s=cfg.body_timeout_s, max_body_bytes=cfg.max_body_bytes,
+                   body_min_rate=cfg.body_min_rate_bytes_s)
 
 
 def _strip_hop_by_hop(headers: "CIMultiDict[str] | aiohttp.typedefs.LooseHeaders") -> CIMultiDict[str]:
@@ -158,7 +161,7 @@ class ReverseProxy:
             first, whole = await read_body(request, max_bytes=limits.max_body_bytes,
                                            timeout_s=limits.body_timeout_s, buffer_bytes=MAX_BOUND_BODY)
             body = first if whole else rest_of_body(request, first, max_bytes=limits.max_body_bytes,
-                                                    idle_s=limits.body_timeout_s)
+                                                    idle_s=limits.body_timeout_s, min_rate=limits.body_min_rate)
         client = self.client_key(request)
         held = self.held.get(client, 0)
         if held >= limits.per_client:
