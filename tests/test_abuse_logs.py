@@ -48,3 +48,34 @@ async def test_an_event_repeated_many_times_is_logged_once_per_interval_with_its
         await asyncio.sleep(0.5)
     lines = [r.getMessage() for r in caplog.records if r.name == "micropay.test"]
     assert lines == ["refused client 0", "refused client 9999 (9999 times in the last 0.3 s; the latest shown)"]
+
+
+async def test_200_malformed_requests_log_a_few_lines_not_a_traceback_each(tmp_path, caplog):
+    """aiohttp's server logger writes a traceback per request it cannot parse; the
+    sidecar counts them and logs one line per interval instead."""
+    sc = await start_sidecar(make_config(tmp_path, 'demo = true\n'))
+    bad = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def one() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)
+        writer.write(bad)
+        try:
+            return await asyncio.wait_for(reader.read(), 5)
+        finally:
+            writer.close()
+    try:
+        with caplog.at_level(logging.DEBUG):
+            answers = []
+            for _ in range(20):
+                answers += await asyncio.gather(*(one() for _ in range(10)))
+            assert all(a.split(b" ", 2)[1:2] == [b"400"] for a in answers), answers[:2]
+            await sc.runner.cleanup()                        # flushes the counted ones
+            lines = [r for r in caplog.records if r.levelno >= logging.INFO
+                     and (r.name.startswith("aiohttp.server") or "malformed" in r.getMessage())]
+    finally:
+        await sc.runner.cleanup()
+    text = [r.getMessage() for r in lines]
+    print(f"200 malformed requests: {len(lines)} log lines: {text}")
+    assert len(lines) <= 3, text
+    assert not any(r.exc_info for r in lines)
+    assert any("200 times" in t or "199 times" in t for t in text), text

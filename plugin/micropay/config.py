@@ -50,6 +50,8 @@ class Config:
     demo: bool = False                 # serve the built-in demo API
     openapi: bool = True               # serve /openapi.json describing the priced routes
     header_timeout_s: float = 15.0     # a connection's request headers must arrive within this
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_request_head_bytes: int = 64 * 1024   # a request line and headers together (431 above)
     body_timeout_s: float = 30.0       # a request body read by the gate or the proxy arrives within this
     max_body_bytes: int = 64 * 1024 ** 2   # largest request body the proxy forwards (413 above)
     body_min_rate_bytes_s: int = 64 * 1024  # a streamed body (over 1 MiB) arrives at least this fast on average
@@ -95,7 +97,7 @@ class Config:
 
 
 CORE_KEYS = frozenset({"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "forwarded_for_hops",
-                       "demo", "header_timeout_s", "body_timeout_s", "max_body_bytes", "max_connections",
+                       "demo", "header_timeout_s", "keepalive_timeout_s", "max_request_head_bytes", "body_timeout_s", "max_body_bytes", "max_connections",
                        "max_connections_per_client", "upstream_connections", "upstream_connections_per_client",
                        "body_min_rate_bytes_s",
                        "metrics", "backend", "store", "challenges", "routes",
@@ -156,6 +158,9 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
     if upstream_share > upstream_pool:
         raise top.fail("upstream_connections_per_client",
                        f"must be at most upstream_connections ({upstream_pool}), got {upstream_share}")
+    head_bytes = top.positive_int("max_request_head_bytes", Config.max_request_head_bytes, maximum=1024 ** 2)
+    if head_bytes is not None and head_bytes < 1024:
+        raise top.fail("max_request_head_bytes", f"must be an integer in [1024, {1024 ** 2}], got {head_bytes}")
     return Config(
         source=source, service=service, listen=listen,
         data_dir=Path(top.get("data_dir", str, ".micropay")).expanduser(), upstream=upstream,
@@ -163,6 +168,8 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
         store_url=store_url, trust_forwarded_for=top.get("trust_forwarded_for", bool, False),
         forwarded_for_hops=top.positive_int("forwarded_for_hops", 1, maximum=32) or 1,
         header_timeout_s=top.positive_int("header_timeout_s", 15, maximum=3600) or 15,
+        keepalive_timeout_s=top.positive_int("keepalive_timeout_s", 75, maximum=3600) or 75,
+        max_request_head_bytes=head_bytes or Config.max_request_head_bytes,
         body_timeout_s=top.positive_int("body_timeout_s", 30, maximum=3600) or 30,
         max_body_bytes=top.positive_int("max_body_bytes", Config.max_body_bytes, maximum=2 ** 40)
         or Config.max_body_bytes,

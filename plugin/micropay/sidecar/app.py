@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from ..challenger import LABEL_PREFIX as CHALLENGE_LABEL_PREFIX
 from ..config import Config
@@ -32,8 +34,8 @@ from ..store.l402 import L402Repository
 from ..tasks import every
 from ..tokens import RootKeyRing, TokenService, follow_key_file
 from .gate import Gate, own_endpoint
-from .limits import (HEADERS_LATE, Connections, connection_limit, escape_for_log, flush_throttled_logs,
-                     peer_key, throttle_accept_errors)
+from .limits import (HEADERS_LATE, Connections, ThrottledLog, connection_limit, escape_for_log,
+                     flush_throttled_logs, peer_key, throttle_accept_errors)
 from .proxy import ProxyLimits, ReverseProxy
 
 if TYPE_CHECKING:                     # wired in at start-up; imported lazily so that a
@@ -140,9 +142,49 @@ async def _connect_backend(config: Config, clock: Callable[[], float]) -> tuple[
     raise ConfigError(f"{config.source}: unknown backend {config.backend!r}")
 
 
-# Header limits above aiohttp's 8 KiB default, so that an oversized Authorization header
-# reaches the gate and gets a JSON 400 (the gate's own limit is 8 KiB).
+# Per-line and per-field limits above aiohttp's 8 KiB default, so that an oversized
+# Authorization header reaches the gate and gets a JSON 400 (the gate's own limit is
+# 8 KiB); never above the head's total (`max_request_head_bytes`, see _Guarded).
 MAX_HEADER_BYTES = 64 * 1024
+
+
+class HeadTooLarge(BadHttpMessage):
+    code = 431
+    message = "Request Header Fields Too Large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request head over {limit} bytes")
+        self.limit = limit
+
+
+HEAD_TOO_LARGE = ThrottledLog(log, logging.INFO, "431 to %s: request head over %d bytes (max_request_head_bytes)")
+MALFORMED = ThrottledLog(log, logging.INFO, "answered %s to %s: malformed request (%s)")
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp's server logger writes a traceback for every request it cannot parse
+    (and for each 431 of ours): a disk filler for any client. Such reports are counted
+    and logged once per interval (MALFORMED); everything else passes."""
+
+    micropay_malformed_filter = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError) or record.levelno < logging.WARNING:
+            return True                  # (aiohttp logs non-HTTP bytes on a first request at debug)
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        if isinstance(exc, HeadTooLarge):
+            HEAD_TOO_LARGE(remote, exc.limit)
+        else:
+            what = str(exc.message or type(exc).__name__).strip().splitlines()
+            MALFORMED(exc.code or 400, remote, escape_for_log(what[0] if what else type(exc).__name__)[:200])
+        return False
+
+
+def throttle_malformed_requests() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(getattr(f, "micropay_malformed_filter", False) for f in server_log.filters):
+        server_log.addFilter(_MalformedRequests())
 
 
 def settle_heap() -> None:
@@ -165,18 +207,35 @@ class AccessLog(AbstractAccessLogger):
                          response.status, response.body_length, time * 1000)
 
 
+def _head_end(data: bytes, *, first: bool) -> int:
+    """Where the first (or last) blank line ending a head in `data` ends; -1 if none."""
+    find = data.find if first else data.rfind
+    ends = [i + len(t) for t in (b"\r\n\r\n", b"\n\n") if (i := find(t)) >= 0]
+    return (min(ends) if first else max(ends)) if ends else -1
+
+
 class _Guarded(RequestHandler):
     """aiohttp's connection handler, with what a client may hold of the server bounded:
     the connection counts against `max_connections` and its address's share (past
-    either it gets a short refusal and is closed), and its request headers must arrive
-    in full within `header_timeout_s` of the connection being made (for a keep-alive
-    connection's next request: of its first byte). A client that connects and sends
-    nothing, or trickles its headers, cannot hold a connection for long."""
+    either it gets a short refusal and is closed); a request's head (request line and
+    headers) is at most `max_request_head_bytes` in all (past it: 431 and the connection
+    closed, so that no connection holds megabytes of headers); and a head must arrive in
+    full within `header_timeout_s` of the connection being made, or for a keep-alive
+    connection's next request of its first byte, whether or not a request is still being
+    answered (past it the connection is closed, after the response in progress). A
+    client that connects and sends nothing, or trickles its headers, cannot hold a
+    connection for long; an idle keep-alive connection is closed after
+    `keepalive_timeout_s` (aiohttp's keep-alive timer)."""
 
-    def __init__(self, *args: Any, header_timeout_s: float, connections: Connections, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, max_head_bytes: int, connections: Connections,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._header_timer: asyncio.TimerHandle | None = None
+        self._max_head_bytes = max_head_bytes
+        self._head_bytes = 0                    # bytes of a head begun and not yet complete
+        self._head_tail = b""                   # the last 3 bytes read
+        self._body: Any = None                  # the payload of the latest request, while it arrives
         self._connections, self._counted_as = connections, None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -191,20 +250,71 @@ class _Guarded(RequestHandler):
         self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
 
     def data_received(self, data: bytes) -> None:
+        if self._force_close or self._close or self._upgraded or self._payload_parser is not None:
+            super().data_received(data)
+            return
+        in_body = self._body is not None and not self._body.is_eof()
+        count = self._request_count
         super().data_received(data)
-        partial = (not self._messages and self._current_request is None
-                   and self._payload_parser is None and not self._upgraded and not self._force_close)
-        if partial and self._header_timer is None:
+        if self._force_close or self._close:
+            return
+        emitted = self._request_count - count
+        tail, self._head_tail = self._head_tail, (self._head_tail + data[-3:])[-3:]
+        if emitted:
+            seen = tail + data                  # a head's end may span two reads
+            if not in_body:
+                end = _head_end(seen, first=True)
+                if self._head_bytes + (len(data) if end < 0 else end - len(seen) + len(data)) > self._max_head_bytes:
+                    self._head_too_large(emitted)
+                    return
+            payload = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
+            if payload is EMPTY_PAYLOAD:
+                # No body: what follows the last head is the start of the next one.
+                end = _head_end(seen, first=False)
+                self._head_bytes, self._body = (len(seen) - end if end >= 0 else 0), None
+            else:
+                # Its body follows; bytes of a next head sent in the same read as the
+                # body's end are counted from the next read on (at most one read's worth).
+                self._head_bytes, self._body = 0, payload
+        elif in_body:
+            self._head_bytes = 0
+        else:
+            self._head_bytes += len(data)
+        if self._head_bytes > self._max_head_bytes:
+            self._head_too_large(0)
+            return
+        if self._head_bytes and self._header_timer is None:
             self._header_timer = self._loop.call_later(self._header_timeout_s, self._headers_overdue)
-        elif not partial and self._header_timer is not None:
+        elif not self._head_bytes and self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
 
+    def _head_too_large(self, emitted: int) -> None:
+        """Answer 431 in turn (after any request still being answered) and read no more:
+        aiohttp's own error response, queued in place of what the head would have become."""
+        for _ in range(emitted):
+            self._messages.pop()
+        exc = HeadTooLarge(self._max_head_bytes)
+        self._messages.append((_ErrInfo(status=431, exc=exc, message=exc.args[0]), EMPTY_PAYLOAD))
+        self._close = True                     # no more reads; closed after the 431
+        self._head_bytes, self._body = 0, None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def _headers_overdue(self) -> None:
         self._header_timer = None
-        if not self._messages and self._current_request is None:
+        if self._force_close or self._close:
+            return
+        if self._request_count == 0 or self._head_bytes:
             HEADERS_LATE(self._counted_as or "?", self._header_timeout_s)
-            self.force_close()
+            if not self._messages and self._current_request is None:
+                self.force_close()
+            else:
+                self.close()                   # after the response in progress
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
@@ -217,36 +327,45 @@ class _Guarded(RequestHandler):
 
 
 class _Server(web.Server):
-    def __init__(self, *args: Any, header_timeout_s: float, connections: Connections, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, header_timeout_s: float, max_head_bytes: int, connections: Connections,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_timeout_s, self.open_connections = header_timeout_s, connections
+        self._header_timeout_s, self._max_head_bytes = header_timeout_s, max_head_bytes
+        self.open_connections = connections
 
     def __call__(self) -> RequestHandler:
         return _Guarded(self, loop=self._loop, header_timeout_s=self._header_timeout_s,
-                        connections=self.open_connections, **self._kwargs)
+                        max_head_bytes=self._max_head_bytes, connections=self.open_connections, **self._kwargs)
 
 
 class _Runner(web.AppRunner):
     """An AppRunner whose connections are bounded (see _Guarded), and whose loop logs
-    failed accepts once per interval (limits.throttle_accept_errors)."""
+    failed accepts once per interval (limits.throttle_accept_errors), as it does the
+    requests aiohttp cannot parse (_MalformedRequests)."""
 
-    def __init__(self, app: web.Application, *, header_timeout_s: float, connections: Connections,
-                 **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, *, header_timeout_s: float, max_head_bytes: int,
+                 connections: Connections, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self._header_timeout_s, self.open_connections = header_timeout_s, connections
+        self._header_timeout_s, self._max_head_bytes = header_timeout_s, max_head_bytes
+        self.open_connections = connections
 
     async def cleanup(self) -> None:
         await super().cleanup()
         flush_throttled_logs()          # what was counted but not yet logged
+        for throttled in (HEAD_TOO_LARGE, MALFORMED):
+            if throttled._timer is not None:
+                throttled._timer.cancel()
+            throttled.flush()
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         throttle_accept_errors(asyncio.get_running_loop())
+        throttle_malformed_requests()
         # Same handler and settings as aiohttp's own server, with the bounds added.
         return _Server(server.request_handler, request_factory=server.request_factory,
                        handler_cancellation=server.handler_cancellation, loop=server._loop,
-                       header_timeout_s=self._header_timeout_s, connections=self.open_connections,
-                       **server._kwargs)
+                       header_timeout_s=self._header_timeout_s, max_head_bytes=self._max_head_bytes,
+                       connections=self.open_connections, **server._kwargs)
 
 
 def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
@@ -257,8 +376,12 @@ def make_runner(app: web.Application, **kwargs) -> web.AppRunner:
     limit = connection_limit(cfg.max_connections, cfg.upstream_connections if has_upstream else 0)
     # Behind proxies of ours every connection comes from one of them: only the total counts.
     connections = Connections(limit, cfg.max_connections_per_client, by_address=not cfg.trust_forwarded_for)
-    return _Runner(app, header_timeout_s=cfg.header_timeout_s, connections=connections,
-                   max_line_size=MAX_HEADER_BYTES, max_field_size=MAX_HEADER_BYTES, **kwargs)
+    # aiohttp's RequestHandler keeps an idle connection 3630 s unless told (only
+    # web.run_app passes 75).
+    kwargs.setdefault("keepalive_timeout", cfg.keepalive_timeout_s)
+    field_bytes = min(MAX_HEADER_BYTES, cfg.max_request_head_bytes)
+    return _Runner(app, header_timeout_s=cfg.header_timeout_s, max_head_bytes=cfg.max_request_head_bytes,
+                   connections=connections, max_line_size=field_bytes, max_field_size=field_bytes, **kwargs)
 
 
 def build_app(rt: Runtime) -> web.Application:
