@@ -180,3 +180,13 @@ async def test_partial_headers_of_a_pipelined_request_during_a_slow_one_get_the_
     finally:
         await sc.runner.cleanup()
         await up.cleanup()
+
+
+def test_the_new_limits_are_read_from_the_file_and_checked(tmp_path):
+    import pytest
+    from micropay.errors import ConfigError
+    cfg = make_config(tmp_path, 'keepalive_timeout_s = 5\nmax_request_head_bytes = 16384\n')
+    assert (cfg.keepalive_timeout_s, cfg.max_request_head_bytes) == (5, 16384)
+    for bad in ('max_request_head_bytes = 100', 'max_request_head_bytes = 2000000', 'keepalive_timeout_s = 0'):
+        with pytest.raises(ConfigError):
+            make_config(tmp_path, bad + "\n")
