@@ -40,6 +40,7 @@ class ClientGoneMidBody(MicropayError):
 
     code = "client_gone"
     http_status = 400
+    rpc_code = 1434
 
     def __init__(self, message: str = "the client closed the connection in the middle of its request body") -> None:
         super().__init__(message)
