@@ -98,7 +98,7 @@ async def main(mode: str, port: int, data_dir: str) -> None:
     if mode == "bare":
         app = web.Application()
     else:
-        from micropay.configfile import parse_config
+        from micropay.seller.configfile import parse_config
         from micropay.sidecar.app import build_app, create_runtime
         cfg = parse_config(tomllib.loads(BENCH_CONFIG), "bench").with_overrides(
             data_dir=Path(data_dir), trust_forwarded_for=True)

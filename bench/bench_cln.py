@@ -29,8 +29,8 @@ import aiohttp  # noqa: E402
 import network  # noqa: E402
 from pyln.client import LightningRpc  # noqa: E402
 
-from micropay.client import Budget, L402Client, NodeWallet, TokenCache  # noqa: E402
-from micropay.configfile import parse_config  # noqa: E402
+from micropay.client.payer import Budget, L402Client, NodeWallet, TokenCache  # noqa: E402
+from micropay.seller.configfile import parse_config  # noqa: E402
 from micropay.lightning.cln import ClnNode  # noqa: E402
 from micropay.sidecar.app import build_app, create_runtime, make_runner  # noqa: E402
 

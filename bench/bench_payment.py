@@ -16,11 +16,11 @@ import hashlib
 import os
 import time
 
-from micropay import payment_auth as pa
+from micropay.payment import scheme as pa
 from common import per_op_us
 
-from micropay.l402 import format_authorization
-from micropay.tokens import RootKeyRing, TokenService
+from micropay.l402.wire import format_authorization
+from micropay.l402.tokens import RootKeyRing, TokenService
 
 CAVEATS = ["services=bench:0", "path=/api/*", "method=GET", "bench_capabilities=read",
            "bench_valid_until=4102444800"]

@@ -17,8 +17,8 @@ import random
 import time
 
 from micropay.lightning.base import Payment
-from micropay.stream_runner import StreamRunner
-from micropay.streams import Recipient, Stream
+from micropay.streams.runner import StreamRunner
+from micropay.streams.schedule import Recipient, Stream
 
 DEST = "02" + "ab" * 32
 

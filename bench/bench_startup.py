@@ -21,7 +21,7 @@ GAMES_MODULES = """
 import asyncio, sys, tempfile
 from pathlib import Path
 from micropay.cli import build_parser
-from micropay.configfile import demo_config
+from micropay.seller.configfile import demo_config
 from micropay.sidecar.app import build_app, create_runtime
 build_parser()
 async def main():

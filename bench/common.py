@@ -80,7 +80,7 @@ class Target:
 
     def buy_pass(self, path: str = "/pass") -> str:
         """Authorization header value for a paid pass token (sandbox wallet)."""
-        from micropay.l402 import format_authorization, parse_challenges
+        from micropay.l402.wire import format_authorization, parse_challenges
         try:
             urllib.request.urlopen(self.url + path)
         except urllib.error.HTTPError as e:
@@ -94,7 +94,7 @@ class Target:
     def open_session(self, path: str) -> str:
         """Authorization header value of a bearer credential for a session opened on
         `path`, its deposit paid by a sandbox wallet."""
-        from micropay import payment_auth as pa
+        from micropay.payment import scheme as pa
         try:
             urllib.request.urlopen(self.url + path)
         except urllib.error.HTTPError as e:

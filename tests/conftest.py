@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from micropay.config import ChallengeLimits, Config
-from micropay.configfile import parse_config
+from micropay.seller.config import ChallengeLimits, Config
+from micropay.seller.configfile import parse_config
 from micropay.lightning.sandbox import SandboxNetwork
 from micropay.sidecar.app import Runtime, build_app, create_runtime, make_runner
 from micropay.games.schema import GAMES_SCHEMA

@@ -1,32 +1,94 @@
-"""The layering that docs/architecture.md describes, checked on the source.
+"""The layout and layering that docs/architecture.md describes, checked on the source.
 
 Imports are read with `ast` (nothing is executed). "Loads" means the module-level
-imports and everything they load in turn: what `import micropay.X` pulls in. Imports
-inside functions (the composition roots wire optional features in lazily) and under
-`if TYPE_CHECKING:` are listed separately and only count where a rule says so.
+imports and everything they load in turn: what `import micropay.X` pulls in (a module
+inside a package runs the package's `__init__` first). Imports inside functions (the
+composition roots wire optional features in lazily) and under `if TYPE_CHECKING:` are
+listed separately and only count where a rule says so.
+
+Every rule is a function from an import graph to its violations. Each is run on the
+real graph (no violation) and on the real graph with one import planted that breaks it
+(the violation is found), so no rule can pass by being blind.
 """
 from __future__ import annotations
 
 import ast
-from functools import cache
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "micropay"
 
-# The pure core: rules and formats, no I/O framework, no adapter, no feature.
-CORE = {"l402", "tokens", "macaroon", "streams", "receipts", "canonical", "tlv", "params", "errors",
-        "patterns", "pricing", "inputs", "tomlpos", "ratelimit", "tasks", "metrics", "secretfile",
-        "payment_auth", "discovery"}
+# --- the rooms ---------------------------------------------------------------------------
+# Each top-level folder of plugin/micropay and its one-line job (docs/architecture.md has
+# the same table; test_the_docs_table_matches_the_tree keeps them together).
+ROOMS = {
+    "core": "rules every room uses: errors, input parsing, RPC params, tasks, metrics, secret files, "
+            "limits, canonical targets, path patterns, receipts",
+    "l402": "the L402 dialect: wire format, macaroons, tokens",
+    "payment": 'the "Payment" dialect: the scheme (charge and session intents) and the session ledger',
+    "streams": "streaming payments: schedule and accounting, the runner, TLV records, attribution",
+    "seller": "the selling side without HTTP: the config file, prices, challenges, settlement, discovery",
+    "lightning": "the Node and RecordStore ports and their adapters (lightningd, the sandbox)",
+    "store": "the Store port, SQLite and PostgreSQL, schemas and the core repositories",
+    "http": "what the HTTP edges share: problem responses, bounded bodies, caching headers",
+    "sidecar": "the gate over HTTP (aiohttp): app, gate, reverse proxy, sessions, limits, embedding",
+    "games": "in-app purchases: catalog, purchases, payouts, webhooks, live events, and their HTTP",
+    "plugin": "the Core Lightning plugin: pyln glue, its runtime, options, micropay-fetch, invoices, "
+              "the sidecar it supervises",
+    "client": "the paying client: L402 and Payment challenges within budgets, Payment sessions",
+}
+# Loose files at the top: the entry points and what packaging needs there.
+TOP_FILES = {"__init__.py", "__main__.py", "cli.py", "micropay.py", "requirements.txt", "py.typed"}
+
+# The ports' own modules, which services may load (the adapters are the rest of their room).
+LIGHTNING_PORTS = ("lightning.base", "lightning.bolt11codec", "lightning.outcome")
+STORE_PORTS = ("store.base", "store.schema", "store.core", "store.l402", "store.cursors", "store.issued",
+               "store.stream_usage", "store.sessions")
+ADAPTERS = {"lightning.cln", "lightning.sandbox", "lightning.datastore", "lightning.memrecords",
+            "store.sqlite", "store.postgres", "games.http.poster"}
+
+# What each room may import at module level, besides itself (a module named, or anything
+# under a folder named). The composition roots (sidecar.app, sidecar.embed,
+# plugin.runtime, games.service, cli) may also reach further lazily, inside functions.
+MAY_LOAD = {
+    "core": (),
+    "l402": ("core",),
+    "payment": ("core", *LIGHTNING_PORTS, *STORE_PORTS, "seller.pricing"),
+    "streams": ("core", *LIGHTNING_PORTS),
+    "lightning": ("core", "lightning"),
+    "store": ("core",),
+    "http": ("core", "l402.wire"),
+    "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
+    "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS),
+    "games": ("core", "http", *LIGHTNING_PORTS, "store", "seller.config", "seller.configfile",
+              "seller.pricing", "seller.settlement", "seller.tomlpos"),
+    "plugin": ("core", "l402", "payment.scheme", "streams", "lightning", "store", "client"),
+    "sidecar": ("core", "l402", "payment", "streams.attribution", "seller", "lightning", "store", "http"),
+}
+CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
-SERVICES = {"challenger", "settlement", "invoices", "stream_runner", "stream_attribution",
-            "games.purchases", "games.payouts", "games.webhooks", "games.events", "games.service",
-            "games.apikeys"}
-ADAPTERS = {"lightning.cln", "lightning.sandbox", "lightning.datastore", "store.sqlite", "store.postgres",
-            "games.http.poster"}
+SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "streams.runner",
+            "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
+            "games.events", "games.service", "games.apikeys"}
 # Where aiohttp may be imported: the HTTP edges and the clients.
-AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "session_client", "cli")
+AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli")
+PYLN_HOMES = {"plugin.glue"}
+
+
+def _under(name: str, homes) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in homes)
+
+
+def _room(name: str) -> str:
+    return name.split(".")[0]
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" or (
+        isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
 
 
 def _name(path: Path) -> str:
@@ -36,28 +98,13 @@ def _name(path: Path) -> str:
     return ".".join(parts)
 
 
-MODULES = {_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
-
-
-def _under(name: str, homes) -> bool:
-    return any(name == h or name.startswith(h + ".") for h in homes)
-
-
-def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" or (
-        isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
-
-
-@cache
-def _imports(name: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+def _scan(name: str, path: Path, modules) -> tuple[set[str], set[str], set[str]]:
     """(module-level micropay imports, micropay imports inside functions, third-party
     top-level packages imported anywhere). Imports under TYPE_CHECKING are annotations
     only and are left out."""
-    path = MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     eager: set[str] = set()
     lazy: set[str] = set()
-    typing_only: set[str] = set()
     third: set[str] = set()
 
     def targets(node: ast.AST) -> list[str]:
@@ -79,7 +126,7 @@ def _imports(name: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]
         for full in targets(node):
             if full == "micropay" or full.startswith("micropay."):
                 local = full[len("micropay."):] if full != "micropay" else ""
-                if local in MODULES:
+                if local in modules:
                     bucket.add(local)
             elif full:
                 third.add(full.split(".")[0])
@@ -89,8 +136,7 @@ def _imports(name: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 record(node, eager if top else lazy)
             elif isinstance(node, ast.If) and _is_type_checking(node):
-                for imp in node.body:
-                    record(imp, typing_only)
+                continue
             elif isinstance(node, (ast.If, ast.Try, ast.With)) and top:
                 walk(node.body, True)
                 for extra in (getattr(node, "orelse", []), getattr(node, "finalbody", [])):
@@ -106,87 +152,143 @@ def _imports(name: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]
     eager.discard(name)
     lazy -= eager
     lazy.discard(name)
-    return frozenset(eager), frozenset(lazy), frozenset(third)
+    return eager, lazy, third
 
 
-@cache
-def loads(name: str) -> frozenset[str]:
-    seen: set[str] = set()
-    todo = [name]
-    while todo:
-        current = todo.pop()
-        parents = {current.rsplit(".", i)[0] for i in range(1, current.count(".") + 1)}
-        for dep in _imports(current)[0] | {p for p in parents if p in MODULES}:   # a.b runs a/__init__
-            if dep not in seen:
-                seen.add(dep)
-                todo.append(dep)
-    seen.discard(name)
-    return frozenset(seen)
+@dataclass
+class Graph:
+    """micropay's imports: module -> (eager, lazy, third-party)."""
+    eager: dict[str, set[str]]
+    lazy: dict[str, set[str]]
+    third: dict[str, set[str]]
+    _loads: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of_source(cls) -> "Graph":
+        paths = {_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+        eager, lazy, third = {}, {}, {}
+        for name, path in paths.items():
+            eager[name], lazy[name], third[name] = _scan(name, path, paths)
+        return cls(eager, lazy, third)
+
+    @property
+    def modules(self) -> set[str]:
+        return set(self.eager)
+
+    def loads(self, name: str) -> frozenset[str]:
+        if name not in self._loads:
+            seen: set[str] = set()
+            todo = [name]
+            while todo:
+                current = todo.pop()
+                parents = {current.rsplit(".", i)[0] for i in range(1, current.count(".") + 1)}
+                for dep in self.eager[current] | {p for p in parents if p in self.eager}:
+                    if dep not in seen:
+                        seen.add(dep)
+                        todo.append(dep)
+            seen.discard(name)
+            self._loads[name] = frozenset(seen)
+        return self._loads[name]
+
+    def third_party_loaded(self, name: str) -> set[str]:
+        out = set(self.third[name])
+        for dep in self.loads(name):
+            out |= self.third[dep]
+        return out
+
+    def planted(self, module: str, dep: str, *, lazy: bool = False, third: bool = False) -> "Graph":
+        """This graph with one more import: `module` imports `dep`."""
+        eager = {k: set(v) for k, v in self.eager.items()}
+        lazies = {k: set(v) for k, v in self.lazy.items()}
+        thirds = {k: set(v) for k, v in self.third.items()}
+        (thirds if third else lazies if lazy else eager)[module].add(dep)
+        return Graph(eager, lazies, thirds)
 
 
-def _third_party_loaded(name: str) -> set[str]:
-    out = set(_imports(name)[2])
-    for dep in loads(name):
-        out |= _imports(dep)[2]
+# --- the rules: each returns its violations ---------------------------------------------
+
+def rule_rooms_import_only_what_they_may(g: Graph) -> list[str]:
+    """Each room's module-level imports name only its own room and what MAY_LOAD allows it
+    (what those load in turn is checked where they live)."""
+    out = []
+    for name in sorted(g.modules):
+        room = _room(name)
+        if room not in MAY_LOAD:
+            continue
+        allowed = (room, *MAY_LOAD[room])
+        for dep in sorted(g.eager[name]):
+            if dep == "" or _under(dep, allowed) or any(_under(a, (dep,)) for a in allowed):
+                continue
+            out.append(f"{name} imports {dep}, which room {room!r} may not use")
     return out
 
 
-def test_the_rules_name_modules_that_exist():
-    for name in CORE | SERVICES | ADAPTERS:
-        assert name in MODULES, f"{name} is named in a rule but micropay/{name}.py does not exist"
+def rule_core_is_pure(g: Graph) -> list[str]:
+    out = []
+    for name in sorted(m for m in g.modules if _room(m) == "core"):
+        stray = {m for m in g.loads(name) if _room(m) != "core" and m != ""}
+        if stray:
+            out.append(f"{name} loads {sorted(stray)}")
+        banned = g.third_party_loaded(name) & CORE_THIRD_PARTY_BANNED
+        if banned:
+            out.append(f"{name} loads {sorted(banned)}")
+    return out
 
 
-@pytest.mark.parametrize("name", sorted(CORE))
-def test_the_core_is_pure(name):
-    """Core modules load only other core modules, and no I/O framework."""
-    stray = {m for m in loads(name) if m not in CORE and m != ""}
-    assert not stray, f"{name} loads {sorted(stray)}"
-    assert not _third_party_loaded(name) & {"aiohttp", "pyln", "psycopg", "asyncpg"}
+def rule_services_never_load_an_adapter(g: Graph) -> list[str]:
+    out = []
+    for name in sorted(SERVICES):
+        reached = g.loads(name)
+        if reached & ADAPTERS:
+            out.append(f"{name} loads adapters {sorted(reached & ADAPTERS)}")
+        if "aiohttp" in g.third_party_loaded(name):
+            out.append(f"{name} loads aiohttp")
+        edges = {m for m in reached if _under(m, ("sidecar", "games.http", "http"))}
+        if edges:
+            out.append(f"{name} loads HTTP edges {sorted(edges)}")
+    return out
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
-def test_services_take_ports_and_never_load_an_adapter(name):
-    reached = loads(name)
-    assert not reached & ADAPTERS, f"{name} loads adapters {sorted(reached & ADAPTERS)}"
-    assert "aiohttp" not in _third_party_loaded(name), f"{name} loads aiohttp"
-    assert not {m for m in reached if _under(m, ("sidecar", "games.http", "http"))}
+def rule_aiohttp_only_at_the_http_edges(g: Graph) -> list[str]:
+    users = {name for name in g.modules if "aiohttp" in g.third[name]}
+    if not users:
+        return ["the check found no aiohttp import at all: the scanner is broken"]
+    return [f"{name} imports aiohttp outside the HTTP edges" for name in sorted(users)
+            if not _under(name, AIOHTTP_HOMES)]
 
 
-def test_aiohttp_lives_only_at_the_http_edges():
-    users = {name for name in MODULES if "aiohttp" in _imports(name)[2]}
-    assert users, "the check found no aiohttp import at all: the scanner is broken"
-    stray = {name for name in users if not _under(name, AIOHTTP_HOMES)}
-    assert not stray, f"aiohttp imported outside the HTTP edges: {sorted(stray)}"
+def rule_pyln_only_in_the_plugin_glue(g: Graph) -> list[str]:
+    users = {name for name in g.modules if "pyln" in g.third[name]}
+    return [f"{name} imports pyln" for name in sorted(users - PYLN_HOMES)] + (
+        [] if users else ["no module imports pyln: the scanner is broken"])
 
 
-def test_pyln_is_only_the_plugin_entry_point():
-    users = {name for name in MODULES if "pyln" in _imports(name)[2]}
-    assert users == {"cln_plugin"}, users
-
-
-def test_features_do_not_reach_into_each_other():
-    """games never imports the sidecar; the store, the node adapters, the HTTP helpers and
-    the core services never import games. configfile is the one place that reads the
-    whole file, [games] table included, so it may load games.config."""
-    for name in MODULES:
-        eager, lazy, _ = _imports(name)
-        deps = eager | lazy
-        if _under(name, ("games",)):
-            assert not {d for d in deps if _under(d, ("sidecar",))}, f"{name} imports the sidecar"
-        if _under(name, ("store", "config", "lightning", "http", "challenger", "settlement")):
+def rule_features_do_not_reach_into_each_other(g: Graph) -> list[str]:
+    """games never imports the sidecar; the store, the node adapters, the HTTP helpers,
+    the dialects and the selling services never import games, eagerly or lazily, except
+    that the config file (seller.config, seller.configfile, seller.config_check) reads
+    the [games] tables with games.config."""
+    out = []
+    for name in sorted(g.modules):
+        deps = g.eager[name] | g.lazy[name]
+        if _room(name) == "games" and any(_under(d, ("sidecar", "plugin", "client")) for d in deps):
+            out.append(f"{name} imports another feature's edge")
+        if _room(name) in ("store", "lightning", "http", "l402", "payment", "streams", "seller", "core"):
             games = {d for d in deps if _under(d, ("games",))}
-            assert not games, f"{name} imports the games feature: {sorted(games)}"
-    assert {d for d in _imports("configfile")[0] if _under(d, ("games",))} == {"games.config"}
+            if name in ("seller.config", "seller.configfile", "seller.config_check"):
+                games -= {"games.config"}
+            if games:
+                out.append(f"{name} imports the games feature: {sorted(games)}")
+    return out
 
 
-def test_the_sidecar_does_not_load_games_unless_configured():
-    assert not {m for m in loads("sidecar.app") if _under(m, ("games",))}
+def rule_the_sidecar_loads_games_only_when_configured(g: Graph) -> list[str]:
+    return [f"sidecar.app loads {m}" for m in sorted(g.loads("sidecar.app")) if _room(m) == "games"]
 
 
-def test_no_import_cycles():
+def rule_no_import_cycles(g: Graph) -> list[str]:
     """Module-level imports form no cycle (lazy imports inside functions are how the
-    composition roots wire optional features in; they are not dependencies of the module)."""
-    graph = {name: _imports(name)[0] for name in MODULES}
+    composition roots wire optional features in; they are not dependencies)."""
     state: dict[str, int] = {}
     stack: list[str] = []
     cycles: list[list[str]] = []
@@ -194,7 +296,7 @@ def test_no_import_cycles():
     def visit(node: str) -> None:
         state[node] = 1
         stack.append(node)
-        for dep in sorted(graph[node]):
+        for dep in sorted(g.eager[node]):
             if state.get(dep) == 1:
                 cycles.append(stack[stack.index(dep):] + [dep])
             elif dep not in state:
@@ -202,15 +304,105 @@ def test_no_import_cycles():
         stack.pop()
         state[node] = 2
 
-    for name in sorted(graph):
+    for name in sorted(g.modules):
         if name not in state:
             visit(name)
-    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    return [" -> ".join(c) for c in cycles]
+
+
+# rule -> (module, import, kind) planted to prove the rule sees a violation
+PLANTS = {
+    rule_rooms_import_only_what_they_may: [
+        ("l402.tokens", "seller.pricing", "eager"),           # a dialect leaning on the seller
+        ("streams.schedule", "payment.scheme", "eager"),
+        ("store.sessions", "payment.sessions", "eager"),
+        ("client.payer", "sidecar.gate", "eager"),
+        ("lightning.base", "store.base", "eager"),
+        ("http.problems", "seller.pricing", "eager"),
+        ("seller.challenger", "sidecar.app", "eager"),
+        ("payment.sessions", "client.payer", "eager"),
+        ("games.purchases", "payment.sessions", "eager"),
+        ("plugin.runtime", "sidecar.app", "eager"),
+        ("sidecar.gate", "plugin.glue", "eager"),
+    ],
+    rule_core_is_pure: [("core.errors", "lightning.base", "eager"), ("core.inputs", "aiohttp", "third")],
+    rule_services_never_load_an_adapter: [("seller.challenger", "lightning.cln", "eager"),
+                                          ("payment.sessions", "store.sqlite", "eager"),
+                                          ("games.webhooks", "aiohttp", "third")],
+    rule_aiohttp_only_at_the_http_edges: [("seller.pricing", "aiohttp", "third")],
+    rule_pyln_only_in_the_plugin_glue: [("plugin.runtime", "pyln", "third")],
+    rule_features_do_not_reach_into_each_other: [("games.service", "sidecar.app", "lazy"),
+                                                 ("store.sessions", "games.repository", "lazy"),
+                                                 ("seller.challenger", "games.config", "lazy")],
+    rule_the_sidecar_loads_games_only_when_configured: [("sidecar.gate", "games.service", "eager"),
+                                                        ("sidecar.proxy", "games.http.api", "eager")],
+    rule_no_import_cycles: [("core.errors", "core.inputs", "eager")],
+}
+RULES = list(PLANTS)
+
+GRAPH = Graph.of_source()
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
+def test_rule_holds(rule):
+    assert rule(GRAPH) == []
+
+
+@pytest.mark.parametrize("rule, module, dep, kind",
+                         [(rule, *plant) for rule, plants in PLANTS.items() for plant in plants],
+                         ids=lambda v: getattr(v, "__name__", v))
+def test_rule_fails_on_a_planted_import(rule, module, dep, kind):
+    assert module in GRAPH.modules and (kind == "third" or dep in GRAPH.modules), (module, dep)
+    assert dep not in (GRAPH.eager[module] | GRAPH.lazy[module] | GRAPH.third[module])
+    broken = GRAPH.planted(module, dep, lazy=kind == "lazy", third=kind == "third")
+    assert rule(broken), f"{rule.__name__} did not notice {module} importing {dep}"
+
+
+def test_the_rules_name_modules_that_exist():
+    named = SERVICES | ADAPTERS | set(LIGHTNING_PORTS) | set(STORE_PORTS) | PYLN_HOMES
+    for room, allowed in MAY_LOAD.items():
+        named |= {a for a in allowed if "." in a}
+    missing = {n for n in named if n not in GRAPH.modules}
+    assert not missing, f"named in a rule but missing from plugin/micropay: {sorted(missing)}"
+
+
+def test_the_top_level_is_rooms_and_entry_points():
+    """plugin/micropay holds the rooms and, loose, only the entry points and packaging
+    files: a new module goes into a room."""
+    entries = {p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"}
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert folders == set(ROOMS), f"rooms on disk {sorted(folders)} differ from ROOMS {sorted(ROOMS)}"
+    assert entries - folders == TOP_FILES, sorted(entries - folders)
+    assert set(MAY_LOAD) == set(ROOMS)
+
+
+def test_the_docs_table_matches_the_tree():
+    """docs/architecture.md's table names every room with its job, and no other."""
+    text = (PACKAGE.parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        if len(cells) >= 2 and cells[0].startswith("`") and cells[0].endswith("/`"):
+            rows[cells[0].strip("`/")] = cells[1]
+    assert set(rows) == set(ROOMS), sorted(set(rows) ^ set(ROOMS))
+
+
+def test_old_import_paths_still_work():
+    """Each module moved out of the top level is found under its old path as the very
+    same module object (docs/changelog.md lists them)."""
+    import micropay
+    for old, new in micropay.MOVED.items():
+        assert importlib.import_module(f"micropay.{old}") is importlib.import_module(f"micropay.{new}"), old
+    from micropay.client import L402Client
+    from micropay.l402 import parse_challenges
+    from micropay.streams import Stream
+    assert L402Client.__module__ == "micropay.client.payer"
+    assert parse_challenges.__module__ == "micropay.l402.wire" and Stream.__module__ == "micropay.streams.schedule"
 
 
 def test_the_scanner_sees_an_import_it_should():
     """Guard the guard: known edges must be found, or every rule above passes vacuously."""
-    assert "store.l402" in _imports("challenger")[0]
-    assert "lightning.base" in loads("stream_runner")
-    assert "games.service" in _imports("sidecar.app")[1]          # wired in lazily
-    assert "games.service" in _imports("sidecar.app")[1] and "games.service" not in loads("sidecar.app")
+    assert "store.l402" in GRAPH.eager["seller.challenger"]
+    assert "lightning.base" in GRAPH.loads("streams.runner")
+    assert "games.service" in GRAPH.lazy["sidecar.app"]          # wired in lazily
+    assert "games.service" not in GRAPH.loads("sidecar.app")

@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 from aiohttp import ClientSession, web
 
-from micropay.client import Budget, BudgetExceeded, L402Client, SandboxHttpWallet, TokenCache
-from micropay.configfile import demo_config, parse_config
+from micropay.client.payer import Budget, BudgetExceeded, L402Client, SandboxHttpWallet, TokenCache
+from micropay.seller.configfile import demo_config, parse_config
 from micropay.lightning.bolt11codec import decode_invoice
 
 from .conftest import serve_app
@@ -108,7 +108,7 @@ def test_well_known_names_the_payment_scheme(demo):
 
 
 async def test_budget_messages_word_the_fee_alike_and_say_how_to_start_over(tmp_path):
-    from micropay.client import Spend
+    from micropay.client.payer import Spend
     for budget, word in ((Budget(max_per_host_per_day_msat=1500), "daily"), (Budget(max_total_msat=1500), "total")):
         cache = TokenCache(tmp_path / f"{word}.json")
         client = L402Client(SandboxHttpWallet("http://127.0.0.1:9/x"), budget, cache)
@@ -155,7 +155,7 @@ LOADED = """
 import asyncio, json, sys
 from pathlib import Path
 from micropay.cli import build_parser
-from micropay.configfile import demo_config, load_config
+from micropay.seller.configfile import demo_config, load_config
 from micropay.sidecar.app import build_app, create_runtime
 build_parser()
 async def main():

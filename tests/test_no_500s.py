@@ -8,14 +8,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from micropay.games.signing import WebhookVerificationError, sign, verify_webhook
-from micropay.inputs import decimal, load_json
-from micropay.errors import BadRequest
-from micropay.l402 import format_authorization, parse_challenges
-from micropay.macaroon import Macaroon
-from micropay.receipts import InvalidReceipt, ReceiptSigner, verify_receipt
+from micropay.core.inputs import decimal, load_json
+from micropay.core.errors import BadRequest
+from micropay.l402.wire import format_authorization, parse_challenges
+from micropay.l402.macaroon import Macaroon
+from micropay.core.receipts import InvalidReceipt, ReceiptSigner, verify_receipt
 
 from .games_util import GAMES_TOML, start_game_sidecar
-from .test_sidecar import get
+from .sidecar.test_sidecar import get
 
 
 @pytest.fixture
@@ -168,9 +168,9 @@ def test_load_json_raises_only_bad_request(data):
                                                                                                    "surrogatepass"))),
                 max_size=5))
 def test_caveat_parsing_raises_only_invalid_credential(caveats):
-    from micropay.client import _token_from
-    from micropay.errors import InvalidCredential
-    from micropay.tokens import parse_caveats
+    from micropay.client.payer import _token_from
+    from micropay.core.errors import InvalidCredential
+    from micropay.l402.tokens import parse_caveats
     try:
         parse_caveats(tuple(caveats), "fuzz")
     except InvalidCredential:
@@ -330,12 +330,12 @@ def test_metrics_with_a_non_utf8_bearer_token_is_401(hostile_stack):
 def payment_with(echo: dict, payload: dict) -> bytes:
     """A Payment credential as JSON text with \\u escapes (json.dumps writes a lone
     surrogate as '\\ud800', which is valid JSON)."""
-    from micropay import payment_auth as pa
+    from micropay.payment import scheme as pa
     return b"Payment " + pa.b64url(json.dumps({"challenge": echo, "payload": payload}).encode()).encode()
 
 
 def offered_echo(port: int, path: str, intent: str) -> dict:
-    from micropay import payment_auth as pa
+    from micropay.payment import scheme as pa
     from .rawhttp import raw_request
     import http.client
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from micropay.games.signing import WebhookVerificationError, verify_webhook
-from micropay.receipts import InvalidReceipt, verify_receipt
+from micropay.core.receipts import InvalidReceipt, verify_receipt
 
 ITEMS = {"gems-100": ("gems", 100), "dragon-skin": ("dragon-skin", 1)}
 

@@ -3,7 +3,7 @@ import os
 import sys
 
 if os.environ.get("LIGHTNINGD_PLUGIN") == "1":
-    from .cln_plugin import main as plugin_main
+    from .plugin.glue import main as plugin_main
     plugin_main()
 else:
     from .cli import main

@@ -9,9 +9,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .config import Config
-from .configfile import demo_config, load_config
-from .errors import ConfigError, MicropayError
+from .seller.config import Config
+from .seller.configfile import demo_config, load_config
+from .core.errors import ConfigError, MicropayError
 
 log = logging.getLogger("micropay")
 RULE = "=" * 78
@@ -43,7 +43,7 @@ def _program() -> str:
 
 
 def sandbox_banner(cfg: Config) -> str:
-    from .discovery import pay_commands
+    from .seller.discovery import pay_commands
     commands = pay_commands(cfg.routes, cfg.listen, True, _program())
     pay = "" if not commands else " Pay them with the sandbox wallet:\n" + "\n".join(
         f"      {c}" for c in commands)
@@ -120,7 +120,7 @@ async def _serve(cfg: Config, exit_with_stdin: bool = False) -> None:
 async def _get(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
-    from .client import Budget, L402Client, SandboxHttpWallet, TokenCache
+    from .client.payer import Budget, L402Client, SandboxHttpWallet, TokenCache
 
     parts = urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -131,7 +131,7 @@ async def _get(args: argparse.Namespace) -> int:
     elif args.wallet.startswith(("http://", "https://")):
         wallet = SandboxHttpWallet(args.wallet)
     elif args.wallet.startswith("cln:"):
-        from .client import NodeWallet
+        from .client.payer import NodeWallet
         from .lightning.cln import ClnNode
         node = ClnNode(Path(args.wallet[4:]).expanduser())
         await node.connect()
@@ -189,7 +189,7 @@ async def _get(args: argparse.Namespace) -> int:
 
 
 def _offers_session(headers: dict[str, str]) -> bool:
-    from .payment_auth import SESSION, parse_challenges
+    from .payment.scheme import SESSION, parse_challenges
     return any(c.intent == SESSION for c in parse_challenges([v for k, v in headers.items()
                                                               if k.lower() == "www-authenticate"]))
 
@@ -197,7 +197,7 @@ def _offers_session(headers: dict[str, str]) -> bool:
 async def _session_get(args: argparse.Namespace, client, wallet, headers: dict[str, str], say) -> int:
     """`micropay get --session`: open a Payment session, print the stream's events as
     they come (topping up within the budgets when asked), close it, report the refund."""
-    from .session_client import PaymentSession
+    from .client.sessions import PaymentSession
 
     async with PaymentSession(client, wallet, args.url) as s:
         async for ev in s.stream(args.method, headers=headers,
@@ -211,7 +211,7 @@ async def _session_get(args: argparse.Namespace, client, wallet, headers: dict[s
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from .tokens import RootKeyRing
+    from .l402.tokens import RootKeyRing
 
     import datetime as dt
     data_dir = Path(args.data_dir) if args.data_dir else (
@@ -241,7 +241,7 @@ def _budget(args: argparse.Namespace) -> int:
     import time
     from collections import Counter
 
-    from .client import DAY_S, TokenCache
+    from .client.payer import DAY_S, TokenCache
     cache = TokenCache(Path(args.cache).expanduser())
     if args.action == "reset":
         n = cache.forget_spends()
@@ -262,7 +262,7 @@ def _budget(args: argparse.Namespace) -> int:
 async def _sandbox_invoice(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from .inputs import load_json
+    from .core.inputs import load_json
     url = f"{args.server.rstrip('/')}/sandbox/wallets/{args.wallet}/invoice"
     try:
         async with aiohttp.ClientSession() as s, s.post(url, json={
@@ -278,7 +278,7 @@ async def _sandbox_invoice(args: argparse.Namespace) -> int:
 
 
 def _verify_receipt(args: argparse.Namespace) -> int:
-    from .receipts import verify_receipt
+    from .core.receipts import verify_receipt
 
     text = sys.stdin.read().strip() if args.receipt == "-" else args.receipt
     payload = verify_receipt(text, args.pubkey)
@@ -290,7 +290,7 @@ def _verify_receipt(args: argparse.Namespace) -> int:
 
 
 def _msat_arg(text: str) -> int:
-    from .inputs import decimal
+    from .core.inputs import decimal
     value = decimal(text, 20)
     if value is None:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer (msat), got {text!r}")
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "keys":
             return _keys(args)
         if args.cmd == "check-config":
-            from .config_check import check_file
+            from .seller.config_check import check_file
             problems, notes, cfg = check_file(Path(args.config))
             for line in problems:
                 print(line, file=sys.stderr)

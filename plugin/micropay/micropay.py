@@ -14,5 +14,5 @@ if __name__ == "__main__":
     sys.path.insert(0, str(here.parent))            # the directory that holds the micropay package
     if str(here) in sys.path[1:]:
         sys.path.remove(str(here))                  # this file is not the package
-    from micropay.cln_plugin import main
+    from micropay.plugin.glue import main
     main()

@@ -1,5 +1,5 @@
 // Drives `micropay serve` (sandbox backend) with mppx 0.11.0, the MPP reference SDK for
-// TypeScript, as tests/test_mpp_interop.py asks:
+// TypeScript, as tests/payment/test_mpp_interop.py asks:
 //
 //   node mppx_interop.mjs validate <base url>      mppx's own server validator (its CLI)
 //   node mppx_interop.mjs charge <base url> <payment-only path> <dual-scheme path>

@@ -14,7 +14,7 @@ from pyln.client import RpcError
 from micropay.games.apikeys import create_key
 from micropay.games.signing import verify_webhook
 from micropay.lightning.cln import ClnNode
-from micropay.receipts import verify_receipt
+from micropay.core.receipts import verify_receipt
 
 from ..browser import chromium_page
 from ..conftest import make_config, serve_app, start_sidecar

@@ -6,9 +6,9 @@ import time
 
 import aiohttp
 
-from micropay.client import Budget, L402Client, NodeWallet, TokenCache
+from micropay.client.payer import Budget, L402Client, NodeWallet, TokenCache
 from micropay.lightning.cln import ClnNode
-from micropay.receipts import verify_receipt
+from micropay.core.receipts import verify_receipt
 
 from ..conftest import make_config, payment_receipt, start_sidecar
 

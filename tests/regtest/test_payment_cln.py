@@ -4,8 +4,8 @@ import json
 
 import aiohttp
 
-from micropay import payment_auth as pa
-from micropay.client import Budget, L402Client, NodeWallet, TokenCache
+from micropay.payment import scheme as pa
+from micropay.client.payer import Budget, L402Client, NodeWallet, TokenCache
 from micropay.lightning.cln import ClnNode
 
 from .test_l402_cln import cln_sidecar, wait_until

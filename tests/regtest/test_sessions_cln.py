@@ -5,14 +5,14 @@ with xpay (an amount on A's amountless return invoice) and arrives at A."""
 import asyncio
 import json
 
-from micropay import payment_auth as pa
-from micropay.client import Budget, L402Client, NodeWallet, TokenCache
+from micropay.payment import scheme as pa
+from micropay.client.payer import Budget, L402Client, NodeWallet, TokenCache
 from micropay.lightning.cln import ClnNode
-from micropay.session_client import PaymentSession
+from micropay.client.sessions import PaymentSession
 from micropay.store.sessions import RefundStatus, SessionStatus
 
 from ..conftest import make_config, start_sidecar
-from ..test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
+from ..payment.test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
 from .test_l402_cln import wait_until
 from .util import opts
 
@@ -232,8 +232,8 @@ async def test_the_merchants_lightningd_killed_mid_refund_pays_it_exactly_once(n
     the payer's node received."""
     import time
 
-    from micropay.errors import PaymentUnknown
-    from micropay.sessions import RESUME_AFTER_S, SessionLedger
+    from micropay.core.errors import PaymentUnknown
+    from micropay.payment.sessions import RESUME_AFTER_S, SessionLedger
 
     from .test_kill_campaigns import KILLED, kill_and_restart
     from .util import helper_plugin

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import BadRequest, Forbidden, Unauthorized
+from ..core.errors import BadRequest, Forbidden, Unauthorized
 from ..store import Store
 from .config import API_KEY_SCOPES as SCOPES, DEFAULT_API_KEY_SCOPES as DEFAULT_SCOPES
 from .repository import ApiKeyRepository, StoredApiKey

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config
-from ..configfile import demo_config, load_config
-from ..errors import MicropayError
+from ..seller.config import Config
+from ..seller.configfile import demo_config, load_config
+from ..core.errors import MicropayError
 from ..store import CORE_SCHEMA, Store, open_store_from_url
 from .config import API_KEY_SCOPES, DEFAULT_API_KEY_SCOPES
 

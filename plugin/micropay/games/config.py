@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..inputs import is_http_url
-from ..pricing import _Table
-from ..tasks import backoff_delay
+from ..core.errors import ConfigError
+from ..core.inputs import is_http_url
+from ..seller.pricing import _Table
+from ..core.tasks import backoff_delay
 
 # What an API key may be allowed (apikeys.py checks them; the CLI offers them as choices).
 API_KEY_SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write")

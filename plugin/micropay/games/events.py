@@ -15,8 +15,8 @@ import contextlib
 import logging
 from typing import Awaitable, Callable, Iterator
 
-from ..errors import RateLimited
-from ..tasks import Backoff
+from ..core.errors import RateLimited
+from ..core.tasks import Backoff
 from .repository import EventRecord
 
 log = logging.getLogger("micropay.live")

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import BadRequest
-from ..params import MAX_MSAT
+from ..core.errors import BadRequest
+from ..core.params import MAX_MSAT
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,12 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, NoReturn
 
-from ..errors import (BadRequest, Conflict, MicropayError, NotFound, PaymentFailed, PaymentUnknown,
-                      PayoutCapReached, PayoutsDisabled)
+from ..core.errors import (BadRequest, Conflict, MicropayError, NotFound, PaymentFailed, PaymentUnknown,
+                           PayoutCapReached, PayoutsDisabled)
 from ..lightning.base import Node
 from ..lightning.outcome import OrphanWatch, Outcome, Settled
 from ..store import Store
-from ..tasks import every
+from ..core.tasks import every
 from .config import PayoutCaps
 from .events import EventHub
 from .models import PAYOUT_CREATE

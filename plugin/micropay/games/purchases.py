@@ -17,9 +17,9 @@ import time
 from dataclasses import replace
 from typing import Any, Callable
 
-from ..errors import BadRequest, Conflict, NotFound
+from ..core.errors import BadRequest, Conflict, NotFound
 from ..lightning.base import Node, Settlement
-from ..receipts import ReceiptSigner
+from ..core.receipts import ReceiptSigner
 from ..store import Store
 from .config import GamesConfig
 from .events import EventHub

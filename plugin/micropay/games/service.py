@@ -7,14 +7,14 @@ import logging
 import os
 from typing import Any, Callable, NoReturn
 
-from ..config import Config
+from ..seller.config import Config
 from ..lightning.base import Node
-from ..ratelimit import TokenBucket
-from ..receipts import ReceiptSigner
-from ..secretfile import read_secret, write_secret
-from ..settlement import SettlementRouter
+from ..core.ratelimit import TokenBucket
+from ..core.receipts import ReceiptSigner
+from ..core.secretfile import read_secret, write_secret
+from ..seller.settlement import SettlementRouter
 from ..store import Store
-from ..tasks import every
+from ..core.tasks import every
 from .apikeys import ApiKeyVerifier
 from .config import GamesConfig
 from .events import EventFeed, EventHub, StreamSlots

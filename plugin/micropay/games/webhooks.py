@@ -16,8 +16,8 @@ import base64
 from pathlib import Path
 from typing import Callable, Protocol
 
-from ..errors import MicropayError
-from ..secretfile import read_secret, write_secret
+from ..core.errors import MicropayError
+from ..core.secretfile import read_secret, write_secret
 from ..store import Store
 from .repository import Delivery, OutboxRepository
 from .config import GamesConfig, WebhookEndpoint
@@ -101,7 +101,7 @@ class WebhookDeliverer:
         """At start-up: create missing secret files, refuse unreadable or empty ones."""
         for name, f in self.secrets.items():
             if not f.secrets():
-                from ..errors import ConfigError
+                from ..core.errors import ConfigError
                 raise ConfigError(f"{f.path}: webhook {name!r} secret file holds no secret")
 
     async def close(self) -> None:

@@ -9,8 +9,8 @@ import logging
 
 from aiohttp import web
 
-from ..errors import MicropayError
-from ..inputs import read_bounded
+from ..core.errors import MicropayError
+from ..core.inputs import read_bounded
 
 log = logging.getLogger("micropay.http")
 

@@ -7,8 +7,8 @@ from http import HTTPStatus
 from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.web_urldispatcher import _default_expect_handler
 
-from ..errors import InvalidCredential, MicropayError
-from ..l402 import PROBLEM_CONTENT_TYPE, problem_body
+from ..core.errors import InvalidCredential, MicropayError
+from ..l402.wire import PROBLEM_CONTENT_TYPE, problem_body
 
 
 def problem_response(err: MicropayError, headers: dict[str, str] | None = None) -> web.Response:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
-from ..errors import RecordExists, StaleRecord
+from ..core.errors import RecordExists, StaleRecord
 
 __all__ = ["DecodedInvoice", "Invoice", "Node", "Payment", "PaymentStatus", "RecordExists", "RecordStore",
            "Settlement", "StaleRecord"]

@@ -7,7 +7,7 @@ import bolt11
 from bitstring import BitArray
 from bolt11 import Bolt11, Feature, Features, FeatureState, MilliSatoshi, TagChar, Tags
 
-from ..errors import InvalidInvoice
+from ..core.errors import InvalidInvoice
 from .base import DecodedInvoice
 
 MAX_BOLT11_LEN = 4096

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from ..errors import BadRequest, DuplicateLabel, NodeError, PaymentFailed, PaymentUnknown
+from ..core.errors import BadRequest, DuplicateLabel, NodeError, PaymentFailed, PaymentUnknown
 from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
 
 log = logging.getLogger("micropay.cln")

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable
 
 from coincurve import PrivateKey
 
-from ..errors import DuplicateLabel, PaymentFailed
+from ..core.errors import DuplicateLabel, PaymentFailed
 from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
 from .bolt11codec import InvalidInvoice, decode_invoice, encode_invoice
 

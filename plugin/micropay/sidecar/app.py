@@ -17,22 +17,22 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from ..challenger import LABEL_PREFIX as CHALLENGE_LABEL_PREFIX
-from ..config import Config
-from ..errors import ConfigError, Unauthorized
+from ..seller.challenger import LABEL_PREFIX as CHALLENGE_LABEL_PREFIX
+from ..seller.config import Config
+from ..core.errors import ConfigError, Unauthorized
 from ..http.bodies import BODY_TIMEOUT
 from ..http.problems import expect_handler, problem_response
 from ..lightning.base import Node
-from ..metrics import Metrics
-from ..discovery import document as openapi_document, payment_paths, well_known as well_known_doc
-from ..receipts import ReceiptSigner
-from ..secretfile import private_dir, read_secret, write_secret
-from ..settlement import SettlementRouter
+from ..core.metrics import Metrics
+from ..seller.discovery import document as openapi_document, payment_paths, well_known as well_known_doc
+from ..core.receipts import ReceiptSigner
+from ..core.secretfile import private_dir, read_secret, write_secret
+from ..seller.settlement import SettlementRouter
 from ..store import CORE_SCHEMA, Store, open_store_from_url
 from ..store.cursors import CursorRepository
 from ..store.l402 import L402Repository
-from ..tasks import every
-from ..tokens import RootKeyRing, TokenService, follow_key_file
+from ..core.tasks import every
+from ..l402.tokens import RootKeyRing, TokenService, follow_key_file
 from .gate import Gate, own_endpoint
 from .limits import (HEADERS_LATE, Connections, ThrottledLog, connection_limit, escape_for_log,
                      flush_throttled_logs, peer_key, throttle_accept_errors)
@@ -452,7 +452,7 @@ def start_background(rt: Runtime) -> list[asyncio.Task]:
                                        log=log), name="micropay-purge"),
              asyncio.create_task(follow_key_file(rt.tokens), name="micropay-keys")]
     if any(r.session is not None for r in rt.config.routes):
-        from ..sessions import periodic_jobs
+        from ..payment.sessions import periodic_jobs
         tasks += [asyncio.create_task(every(period, job, what=what, log=log), name=f"micropay-sessions-{i}")
                   for i, (period, job, what) in enumerate(periodic_jobs(rt.gate.sessions))]
     if rt.games is not None and rt.games.cfg.enabled:

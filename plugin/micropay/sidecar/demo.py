@@ -37,7 +37,7 @@ def front_page(rt, host: str) -> str:
         if r.session is not None:
             what = f"per {r.session.unit_type}, from a session deposit of {r.session.deposit_units}"
         lines.append(f"  {methods:<9} {r.path:<22} {price} {what}")
-    from ..discovery import pay_commands
+    from ..seller.discovery import pay_commands
     commands = pay_commands(rt.config.routes, host, rt.is_sandbox)
     if commands:
         lines += ["", "Pay automatically with the micropay client:"] + [f"  {c}" for c in commands]
@@ -61,7 +61,7 @@ async def echo(request: web.Request) -> web.Response:
 async def story(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events, one sentence each (`?n=` of them, 1-8; default 8). On a session
     route each event is one unit, taken from the deposit before it is written."""
-    from ..payment_auth import sse_event
+    from ..payment.scheme import sse_event
     from .paid import PAID
     from .session_gate import SESSION_METER, SSE_TYPE
     try:

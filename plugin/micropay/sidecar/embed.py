@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from ..config import Config
+from ..seller.config import Config
 from ..lightning.base import Node
 from .app import Runtime, create_runtime, start_background, stop_background, well_known_document
 from .gate import Gate, Handler, _add_paid_headers, own_endpoint

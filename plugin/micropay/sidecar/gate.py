@@ -31,31 +31,32 @@ from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from ..canonical import BadPath, Target, canonical_target
-from ..challenger import Challenger
-from ..config import ChallengeLimits
-from ..errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential, MicropayError,
-                      PaymentSchemeError, PaymentUnknownChallenge, PricingUnavailable, RequestBodyTooLarge,
-                      RequestTimeout, StreamBalanceLow, UpstreamBusy, UpstreamUnreachable)
+from ..core.canonical import BadPath, Target, canonical_target, query_digest
+from ..seller.challenger import Challenger
+from ..seller.config import ChallengeLimits
+from ..core.errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential,
+                           MicropayError, PaymentSchemeError, PaymentUnknownChallenge, PricingUnavailable,
+                           RequestBodyTooLarge, RequestTimeout, StreamBalanceLow, UpstreamBusy,
+                           UpstreamUnreachable)
 from ..http.caching import make_private
 from ..http.problems import problem_response
-from ..l402 import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
+from ..l402.wire import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
 from ..lightning.base import Node
-from ..metrics import Metrics
-from ..discovery import offers_payment
-from ..payment_auth import (Binder, binder_for, charge_challenge, content_digest, is_payment, parse_credential,
-                            verify_charge)
-from ..payment_auth import receipt as payment_receipt
-from ..pricing import Pricing, RouteRule, query_digest
-from ..ratelimit import FreeTier, client_address
-from ..receipts import RECEIPT_HEADER, ReceiptSigner
+from ..core.metrics import Metrics
+from ..seller.discovery import offers_payment
+from ..payment.scheme import (Binder, binder_for, charge_challenge, content_digest, is_payment,
+                              parse_credential, verify_charge)
+from ..payment.scheme import receipt as payment_receipt
+from ..seller.pricing import Pricing, RouteRule
+from ..core.ratelimit import FreeTier, client_address
+from ..core.receipts import RECEIPT_HEADER, ReceiptSigner
 from ..store import Store
 from ..store.l402 import ChallengeRecord, L402Repository
-from ..sessions import SessionLedger
+from ..payment.sessions import SessionLedger
 from ..store.sessions import SessionRepository
 from ..store.stream_usage import StreamUsageRepository
-from ..stream_attribution import is_secret_stream_id
-from ..tokens import TokenService, VerifiedToken
+from ..streams.attribution import is_secret_stream_id
+from ..l402.tokens import TokenService, VerifiedToken
 from .cache import INLINE_KEY_CHARS, BoundedCache, digest_key, request_key
 from .paid import PAID, Paid
 from .session_gate import SESSION_METER, SessionGate

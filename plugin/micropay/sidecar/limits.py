@@ -22,9 +22,9 @@ from typing import Any, AsyncIterator
 
 from aiohttp import web
 
-from ..errors import RequestBodyTooLarge, RequestTimeout
+from ..core.errors import RequestBodyTooLarge, RequestTimeout
 from ..http.bodies import ClientGoneMidBody
-from ..ratelimit import client_address
+from ..core.ratelimit import client_address
 
 log = logging.getLogger("micropay.sidecar")
 LOG_INTERVAL_S = 10.0

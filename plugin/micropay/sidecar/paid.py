@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..tokens import VerifiedToken
+from ..l402.tokens import VerifiedToken
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,17 +29,17 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..errors import UpstreamBusy, UpstreamError, UpstreamUnreachable
+from ..core.errors import UpstreamBusy, UpstreamError, UpstreamUnreachable
 from ..http.caching import make_private
-from ..l402 import SCHEMES
-from ..payment_auth import is_payment
-from ..pricing import Pricing
+from ..l402.wire import SCHEMES
+from ..payment.scheme import is_payment
+from ..seller.pricing import Pricing
 from .gate import BODY, MAX_BOUND_BODY, PAID, STREAM_HEADER, request_target
 from .limits import escape_for_log, read_body, rest_of_body
 from .session_gate import SESSION_METER, SSE_TYPE, ClientGone, SessionMeter
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..seller.config import Config
 
 log = logging.getLogger("micropay.proxy")
 HOP_BY_HOP = frozenset(h.lower() for h in (

@@ -17,12 +17,12 @@ import re
 
 from aiohttp import web
 
-from ..errors import BadRequest, MicropayError, RateLimited, RequestBodyTooLarge
+from ..core.errors import BadRequest, MicropayError, RateLimited, RequestBodyTooLarge
 from ..http.bodies import read_request_body
 from ..http.problems import problem_response
-from ..inputs import load_json
+from ..core.inputs import load_json
 from ..lightning.sandbox import PLAY_MONEY_MSAT
-from ..params import MAX_MSAT
+from ..core.params import MAX_MSAT
 
 WALLET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_WALLETS = 1000

@@ -22,17 +22,17 @@ from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from ..challenger import Challenger
-from ..errors import (MicropayError, PaymentCredentialMalformed, PaymentInvalidPreimage, PaymentSchemeError,
-                      PaymentSessionNotFound, PaymentUnknownChallenge)
+from ..seller.challenger import Challenger
+from ..core.errors import (MicropayError, PaymentCredentialMalformed, PaymentInvalidPreimage,
+                           PaymentSchemeError, PaymentSessionNotFound, PaymentUnknownChallenge)
 from ..http.problems import problem_response
-from ..l402 import PROBLEM_CONTENT_TYPE, problem_body
-from ..metrics import Metrics
-from ..payment_auth import (Binder, SessionAction, is_payment, parse_credential, session_challenge, session_receipt,
-                            sse_event, verify_session)
-from ..pricing import RouteRule
-from ..receipts import RECEIPT_HEADER
-from ..sessions import SessionLedger, closed_error
+from ..l402.wire import PROBLEM_CONTENT_TYPE, problem_body
+from ..core.metrics import Metrics
+from ..payment.scheme import (Binder, SessionAction, is_payment, parse_credential, session_challenge,
+                              session_receipt, sse_event, verify_session)
+from ..seller.pricing import RouteRule
+from ..core.receipts import RECEIPT_HEADER
+from ..payment.sessions import SessionLedger, closed_error
 from ..store.sessions import SessionRecord, SessionStatus
 from .cache import BoundedCache, request_key
 from .paid import Paid

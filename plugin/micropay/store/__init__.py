@@ -1,7 +1,7 @@
 """The Store port, its adapters (chosen by URL scheme), and the core repositories."""
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 from .base import Store
 from .core import CORE_SCHEMA
 from .schema import Schema

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from ..errors import ConfigError, StoreUnavailable
+from ..core.errors import ConfigError, StoreUnavailable
 from .base import RollBack, Store, TxResult
 from .schema import (APPLIED, INTERIM_TABLE, RECORD_STEP, SERIAL_PK, STEPS_TABLE, Schema, interim_steps,
                      steps_to_apply)

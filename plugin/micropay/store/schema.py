@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..core.errors import ConfigError
 
 SERIAL_PK = "SERIAL_PK"   # each adapter substitutes its auto-increment primary key
 

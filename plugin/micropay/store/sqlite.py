@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import StoreUnavailable
-from ..secretfile import private_dir, private_umask
+from ..core.errors import StoreUnavailable
+from ..core.secretfile import private_dir, private_umask
 from .base import RollBack, Step, Store, TxResult
 from .schema import (APPLIED, INTERIM_TABLE, RECORD_STEP, SERIAL_PK, STEPS_TABLE, Schema, interim_steps,
                      steps_to_apply)

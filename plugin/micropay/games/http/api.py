@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ...errors import BadRequest
+from ...core.errors import BadRequest
 from ..config import SKU
 from ..models import PLAYER_ID
 from ..purchases import CURSOR

@@ -8,10 +8,10 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ...errors import BadRequest, MicropayError
+from ...core.errors import BadRequest, MicropayError
 from ...http.problems import problem_response
 from ...http.bodies import read_request_body
-from ...inputs import decimal, load_json
+from ...core.inputs import decimal, load_json
 from ..apikeys import Unauthorized
 from ..service import Games
 

@@ -25,8 +25,8 @@ from typing import Callable
 
 from aiohttp import WSMsgType, web
 
-from ...errors import BadRequest
-from ...inputs import decimal
+from ...core.errors import BadRequest
+from ...core.inputs import decimal
 from ..events import BATCH, FEED_CAPACITY, EventHub
 from ..repository import EventRecord
 from ..service import Games

@@ -14,9 +14,9 @@ import re
 import segno
 from aiohttp import web
 
-from ...errors import BadRequest, NotFound, NotPaid, RateLimited
-from ...inputs import load_json, read_bounded
-from ...ratelimit import TokenBucket
+from ...core.errors import BadRequest, NotFound, NotPaid, RateLimited
+from ...core.inputs import load_json, read_bounded
+from ...core.ratelimit import TokenBucket
 from ..apikeys import Unauthorized
 from ..service import Games
 

@@ -5,7 +5,7 @@ import asyncio
 
 import aiohttp
 
-from ...inputs import read_bounded
+from ...core.inputs import read_bounded
 from ..webhooks import PARALLEL, DeliveryFailed
 
 MAX_RECEIVER_BODY = 64 * 1024     # what is read of a receiver's answer (its status is what counts)

@@ -1,0 +1,164 @@
+"""The plugin's working half: an asyncio loop on its own thread, with its own RPC
+connection to lightningd, holding the invoice issuer, the stream runner, the store, the
+payouts and the supervised sidecar.
+
+pyln-client's Plugin (cln_plugin.py) reads lightningd's requests on its main thread,
+one at a time; while a handler runs, nothing else the node sends (the htlc_accepted
+hook for every HTLC, other calls) is handled. So handlers never wait here: they
+`submit` a coroutine and return, and its outcome answers the request later from this
+loop's thread (pyln serialises writes to lightningd with a lock).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from ..core.errors import NodeError
+from .invoices import InvoiceIssuer
+from ..lightning.cln import ClnNode
+from ..lightning.datastore import Datastore
+from ..core.params import msat_param
+from .options import Settings
+from ..core.secretfile import private_dir
+from .supervisor import SidecarSupervisor
+from ..store.core import CORE_SCHEMA
+from ..store.sqlite import SqliteStore
+from ..store.stream_usage import StreamUsageRepository
+from ..streams.attribution import IncomingStreamPayment
+from ..streams.runner import StreamRunner
+from ..l402.tokens import RootKeyRing, TokenService, follow_key_file
+
+log = logging.getLogger("micropay.plugin")
+Done = Callable[["concurrent.futures.Future[Any]"], None]
+
+
+class PluginRuntime:
+    def __init__(self, *, rpc_file: str, data_dir: Path, settings: Settings,
+                 notify: Callable[[str, dict[str, Any]], None], node_started_at: float | None = None) -> None:
+        """`node_started_at`: when lightningd started, if the plugin started with it."""
+        self.rpc_file, self.data_dir, self.settings, self.notify = rpc_file, data_dir, settings, notify
+        self.node_started_at = node_started_at
+        self.service = settings["micropay-service"]
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="micropay-loop", daemon=True)
+        self.supervisor: SidecarSupervisor | None = None
+        self._background: set[concurrent.futures.Future[Any]] = set()
+
+    # -- bridging ----------------------------------------------------------------
+    def start(self, timeout: float = 60) -> None:
+        """Start the loop and the services (from the plugin's init, which may wait)."""
+        self._thread.start()
+        fut = asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+        try:
+            fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise NodeError(f"starting took longer than {timeout:.0f}s") from None
+
+    def submit(self, coro: Awaitable[Any], done: Done) -> None:
+        """Run `coro` on the loop; `done(future)` is called on the loop's thread when it
+        has finished. Never waits."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)   # type: ignore[arg-type]
+        fut.add_done_callback(done)
+
+    def spawn(self, coro: Awaitable[Any]) -> None:
+        """Run in the background; errors are logged, not raised. Never waits."""
+        async def guarded() -> None:
+            try:
+                await coro
+            except Exception as exc:
+                log.error("background task failed: %s", exc)
+        fut = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
+        self._background.add(fut)
+        fut.add_done_callback(self._background.discard)
+
+    async def _start(self) -> None:
+        private_dir(self.data_dir)
+        self.node = ClnNode(self.rpc_file)
+        await self.node.connect()
+        self.ds = Datastore(self.node.rpc)
+        self.tokens = TokenService(RootKeyRing.load_or_create(self.data_dir / "root_keys.json"), self.service)
+        from ..games.schema import GAMES_SCHEMA
+        self.store = SqliteStore(self.data_dir / "micropay.sqlite3", (CORE_SCHEMA, GAMES_SCHEMA))
+        await self.store.open()
+        self.stream_usage = StreamUsageRepository(self.store)
+        s = self.settings
+        self.issuer = InvoiceIssuer(self.node, self.ds, self.tokens, self.store,
+                                    default_expiry_s=lambda: s["micropay-invoice-expiry"])
+        await self.issuer.mirror()
+        self.streams = StreamRunner(
+            self.node, self.ds, notify=self.notify,
+            min_interval_s=lambda: s["micropay-stream-min-interval"],
+            max_total_limit_msat=lambda: s["micropay-stream-max-total-msat"] or None,
+            node_started_at=self.node_started_at)
+        await self.streams.start()
+        from ..games.payouts import Payouts
+        self.payouts = Payouts(None, self.store, self.node)
+        self._payout_watch = asyncio.create_task(self.payouts.watch(), name="micropay-payouts")
+        self._keys_watch = asyncio.create_task(follow_key_file(self.tokens), name="micropay-keys")
+        listen = s["micropay-listen"]
+        if listen:
+            self.supervisor = SidecarSupervisor(self.rpc_file, self.data_dir, listen,
+                                                s["micropay-sidecar-config"] or None)
+            self.supervisor.start()
+
+    def shutdown(self) -> None:
+        async def stop() -> None:
+            if self.supervisor is not None:
+                await self.supervisor.stop()
+            self._payout_watch.cancel()
+            self._keys_watch.cancel()
+            await self.streams.stop()
+            await self.store.close()
+            await self.node.close()
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(20)
+        except Exception as exc:
+            log.warning("shutdown: %s", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    # -- invoice settlement and incoming streams --------------------------------------
+    async def invoice_paid(self, label: str, preimage: str, msat: int) -> None:
+        found = await self.ds.get(("invoice", label))
+        if found is None:
+            return
+        rec = found[0]
+        self.notify("micropay_invoice_paid", {"label": label, "payment_hash": rec["payment_hash"],
+                                              "amount_msat": msat, "token_id": rec["token_id"],
+                                              "metadata": rec.get("metadata", {})})
+
+    async def record_stream_payment(self, p: IncomingStreamPayment) -> None:
+        """Idempotent (keyed by payment hash): lightningd replays htlc_accepted at start-up."""
+        if await self.stream_usage.add_payment(p.payment_hash, p.stream_id, p.seq, p.amount_msat,
+                                               int(time.time()), p.app_name):
+            log.info("stream %s: received %d msat (seq %d)", p.shown_id, p.amount_msat, p.seq)
+
+    # -- micropay-payout ---------------------------------------------------------------
+    async def payout(self, player_id: Any, destination: Any, idempotency_key: Any,
+                     amount_msat: Any = None) -> dict[str, Any]:
+        from ..games.config import PayoutCaps
+        s = self.settings
+        per_player, per_day = s["micropay-payout-player-day-msat"], s["micropay-payout-day-msat"]
+        self.payouts.caps = (PayoutCaps(per_player, per_day, s["micropay-payout-max-fee-msat"])
+                             if per_player > 0 and per_day > 0 else None)
+        body = {"player_id": player_id, "destination": destination, "idempotency_key": idempotency_key}
+        if amount_msat is not None:
+            body["amount_msat"] = msat_param(amount_msat, "amount_msat")
+        p, created = await self.payouts.create(body)
+        if created:
+            self.notify("micropay_payout", p)
+        return dict(p, created=created)
+
+    # -- micropay-fetch -----------------------------------------------------------------
+    async def fetch(self, **params: Any) -> dict[str, Any]:
+        from .fetch import fetch
+        return await fetch(self.node, self.data_dir, max_msat_default=self.settings["micropay-fetch-max-msat"],
+                           day_budget_msat=self.settings["micropay-fetch-day-budget-msat"], **params)
+
+
+__all__ = ["PluginRuntime"]

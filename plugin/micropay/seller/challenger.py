@@ -1,0 +1,192 @@
+"""The L402 challenge as a service, with no HTTP in it: price -> admission -> invoice ->
+token -> record, and what happens when such an invoice is paid.
+
+Every challenge is new: a fresh invoice and token each time, never one handed out before
+(the Payment drafts: challenges "MUST NOT be cached or reused", a fresh invoice for every
+unauthenticated request; bLIP-26: a new credential for each challenge). What keeps the
+node's invoice count finite is admission: a new challenge costs a token of the client's
+bucket (per_client_per_minute), and is refused past the per-client and store-wide bounds
+of unpaid challenges (client_share, max_pending), with 429 / 503 and Retry-After.
+
+What a 402 costs (bench/bench_challenge.py): one statement counts the client's unpaid
+challenges; the store-wide count reads every unpaid row, so it is read at most once a
+second and this process's new challenges are added to it; the record of a new challenge
+is written after the 402 has gone out, by a writer that puts all records made meanwhile
+in one transaction (RecordWriter). Until it is written, this process counts it. A crash
+in those milliseconds loses the record, which is harmless: the token needs no record to
+be verified or to spend its credits, so a payment made on it still buys what it says;
+only the sidecar's own note of that payment (the "payment" receipt, the revenue counter)
+is missing.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Callable
+
+from .config import ChallengeLimits
+from ..core.errors import NodeError, Overloaded, RateLimited
+from ..lightning.base import Node, Settlement
+from ..core.metrics import Metrics
+from .pricing import RouteRule
+from ..core.ratelimit import TokenBucket
+from ..core.receipts import ReceiptSigner
+from ..store.l402 import ChallengeRecord, L402Repository
+from ..core.tasks import Backoff
+from ..l402.tokens import TokenService
+
+log = logging.getLogger("micropay.gate")
+LABEL_PREFIX = "micropay-"     # invoice labels: micropay-<token id hex>
+PENDING_COUNT_MAX_AGE_S = 1.0
+MAX_UNWRITTEN = 100_000        # records the writer holds while the store is away; older ones are dropped
+
+
+class PendingCount:
+    """The store-wide number of unpaid challenges, read at most once a second, plus the
+    challenges this process made since."""
+
+    def __init__(self, l402: L402Repository, clock: Callable[[], float]) -> None:
+        self.l402, self.clock = l402, clock
+        self._value, self._read_at, self._added = 0, float("-inf"), 0
+
+    async def value(self) -> int:
+        now = self.clock()
+        if now - self._read_at >= PENDING_COUNT_MAX_AGE_S:
+            self._value, self._read_at, self._added = await self.l402.count_pending(int(now)), now, 0
+        return self._value + self._added
+
+    def added(self) -> None:
+        self._added += 1
+
+
+class RecordWriter:
+    """Writes new challenge records soon after their 402: all made meanwhile in one
+    transaction. Records not yet written are counted per client by `unwritten`."""
+
+    def __init__(self, l402: L402Repository) -> None:
+        self.l402 = l402
+        self._queue: dict[str, ChallengeRecord] = {}              # by payment hash, in order
+        self._by_client: dict[str, list[ChallengeRecord]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, record: ChallengeRecord) -> None:
+        if len(self._queue) >= MAX_UNWRITTEN:
+            oldest = next(iter(self._queue.values()))
+            log.warning("the store has not taken challenge records for a while; dropping %s", oldest.payment_hash)
+            self._forget([oldest])
+        self._queue[record.payment_hash] = record
+        self._by_client.setdefault(record.client_key, []).append(record)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain(), name="micropay-challenge-records")
+
+    def unwritten(self, client_key: str) -> int:
+        """How many of this client's records are not written yet."""
+        return len(self._by_client.get(client_key, ()))
+
+    def holds(self, payment_hash: str) -> bool:
+        return payment_hash in self._queue
+
+    async def flush(self) -> None:
+        """Write everything queued now (the task may be writing a batch: wait for it)."""
+        while self._queue:
+            if self._task is not None and not self._task.done():
+                await asyncio.shield(self._task)
+            elif self._queue:
+                await self._write_batch()
+
+    async def _drain(self) -> None:
+        backoff = Backoff(first_s=0.1, max_s=5.0)
+        await asyncio.sleep(0)                 # let the requests arriving now join this batch
+        while self._queue:
+            try:
+                await self._write_batch()
+                backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:          # the store is away: keep them, try again
+                wait = backoff.next()
+                log.warning("writing challenge records failed (%s); retrying in %.1fs", exc, wait)
+                await asyncio.sleep(wait)
+
+    async def _write_batch(self) -> None:
+        batch = list(self._queue.values())
+        await self.l402.add_challenges(batch)
+        self._forget(batch)
+
+    def _forget(self, records: list[ChallengeRecord]) -> None:
+        for r in records:
+            self._queue.pop(r.payment_hash, None)
+            mine = self._by_client.get(r.client_key)
+            if mine is not None:
+                mine.remove(r)
+                if not mine:
+                    del self._by_client[r.client_key]
+
+
+class Challenger:
+    def __init__(self, *, tokens: TokenService, node: Node, l402: L402Repository, limits: ChallengeLimits,
+                 receipts: ReceiptSigner, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.tokens, self.node, self.l402, self.limits = tokens, node, l402, limits
+        self.receipts, self.clock = receipts, clock
+        self.service = tokens.service
+        self.metrics = metrics or Metrics()
+        self.bucket = TokenBucket(limits.per_client_per_minute)
+        self.pending = PendingCount(l402, clock)
+        self.writer = RecordWriter(l402)
+
+    async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
+                        query: str | None) -> ChallengeRecord:
+        """A new unpaid challenge for `client` to buy `rule` at `price_msat`: a new invoice
+        and token, never one handed out before. Raises RateLimited, Overloaded, NodeError."""
+        now = int(self.clock())
+        wait = self.bucket.take(client)
+        if wait:
+            raise RateLimited("too many new invoices requested; pay or wait", retry_after_s=int(wait) + 1)
+        if await self.pending.value() >= self.limits.max_pending:
+            raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
+        mine = await self.l402.count_pending_of(client, now) + self.writer.unwritten(client)
+        if mine >= self.limits.client_share:
+            raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
+        token_id = os.urandom(32)
+        try:
+            invoice = await self.node.create_invoice(price_msat, label=f"{LABEL_PREFIX}{token_id.hex()}",
+                                                     description=description, expiry_s=self.limits.expiry_s)
+        except NodeError as exc:
+            log.error("creating an invoice failed: %s", exc)
+            raise
+        mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), rule.caveats(self.service, now, query), token_id)
+        record = ChallengeRecord(invoice.payment_hash, token_id.hex(), rule.key, client, price_msat,
+                                 invoice.bolt11, mac.serialize(), now, invoice.expires_at, rule.credits)
+        self.writer.put(record)          # written after the 402 has gone out (see above)
+        self.pending.added()
+        self.metrics.challenges[rule.key] += 1
+        return record
+
+    async def settled(self, s: Settlement) -> None:
+        """One of our invoices was paid: the challenge is marked paid and a payment receipt
+        kept. Each step is idempotent: a crash between them only repeats work."""
+        if self.writer.holds(s.payment_hash):
+            await self.writer.flush()
+        record = await self.l402.get_challenge(s.payment_hash)
+        if await self.l402.mark_paid(s.payment_hash, s.amount_msat, s.paid_at):
+            self.metrics.record_settlement(s.amount_msat)
+            log.info("paid: %s msat for %s (payment_hash %s)", s.amount_msat,
+                     record.route_key if record else "?", s.payment_hash)
+        if record is not None:
+            receipt = self.receipts.sign({
+                "v": 1, "type": "payment", "service": self.service, "payment_hash": s.payment_hash,
+                "token_id": record.token_id, "route": record.route_key, "amount_msat": s.amount_msat,
+                "paid_at": s.paid_at})
+            await self.l402.add_receipt(s.payment_hash, receipt, s.paid_at)
+
+    async def close(self) -> None:
+        """At shutdown: the records not written yet are written now."""
+        await self.writer.flush()
+
+    async def purge_expired(self) -> None:
+        n = await self.l402.purge_expired(int(self.clock()) - 60)
+        if n:
+            log.info("purged %d expired unpaid challenges", n)

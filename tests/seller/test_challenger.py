@@ -1,0 +1,115 @@
+"""The challenge service (micropay/challenger.py), with no HTTP: freshness, limits, records."""
+import pytest
+
+from micropay.seller.challenger import Challenger
+from micropay.seller.config import ChallengeLimits
+from micropay.core.errors import Overloaded, RateLimited
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.seller.pricing import RouteRule
+from micropay.core.receipts import ReceiptSigner
+from micropay.store.l402 import ChallengeStatus, L402Repository
+from micropay.l402.tokens import RootKeyRing, TokenService
+
+RULE = RouteRule(path="/a", price_msat=1000)
+
+
+def challenger(store, tmp_path, **limits):
+    net = SandboxNetwork(clock=lambda: 1_800_000_000)
+    tokens = TokenService(RootKeyRing.load_or_create(tmp_path / "keys.json"), "svc", lambda: 1_800_000_000)
+    c = Challenger(tokens=tokens, node=net.add_node("n"), l402=L402Repository(store),
+                   limits=ChallengeLimits(**limits), receipts=ReceiptSigner.load_or_create(tmp_path / "rk"),
+                   clock=lambda: 1_800_000_000)
+    return c, net
+
+
+async def test_every_challenge_is_new_even_for_a_client_holding_a_pending_one(store, tmp_path):
+    """The Payment drafts: challenges MUST NOT be reused, a fresh invoice for every
+    unauthenticated request. Asking again, before or after the first record is written,
+    gets another invoice, payment hash, token and macaroon."""
+    c, net = challenger(store, tmp_path)
+    first = await c.challenge("1.2.3.4", RULE, 1000, "d", None)
+    second = await c.challenge("1.2.3.4", RULE, 1000, "d", None)     # first not written yet
+    await c.close()
+    third = await c.challenge("1.2.3.4", RULE, 1000, "d", None)      # first two written
+    records = (first, second, third)
+    for field in ("payment_hash", "token_id", "bolt11", "macaroon"):
+        assert len({getattr(r, field) for r in records}) == 3, field
+    assert c.metrics.challenges[RULE.key] == 3
+    assert [await c.node.has_invoice(r.payment_hash) for r in records] == [True] * 3   # three on the node
+
+
+async def test_limits_refuse_before_any_invoice_is_made(store, tmp_path):
+    c, net = challenger(store, tmp_path, max_pending=20, max_pending_per_client=2, per_client_per_minute=100)
+    await c.challenge("a", RouteRule(path="/1", price_msat=1), 1, "d", None)
+    await c.challenge("a", RouteRule(path="/2", price_msat=1), 1, "d", None)
+    with pytest.raises(RateLimited, match="for this client"):
+        await c.challenge("a", RouteRule(path="/3", price_msat=1), 1, "d", None)
+    await c.close()                          # its records written: another process counts them
+    c2, _ = challenger(store, tmp_path / "x", max_pending=2, per_client_per_minute=100)
+    with pytest.raises(Overloaded):
+        await c2.challenge("b", RULE, 1000, "d", None)
+    c3, _ = challenger(store, tmp_path / "y", per_client_per_minute=1, max_pending=100)
+    await c3.challenge("c", RouteRule(path="/p", price_msat=5), 5, "d", None)
+    with pytest.raises(RateLimited, match="too many new invoices"):
+        await c3.challenge("c", RouteRule(path="/q", price_msat=5), 5, "d", None)
+
+
+async def test_a_settlement_marks_the_challenge_paid_and_keeps_a_receipt(store, tmp_path):
+    c, net = challenger(store, tmp_path)
+    rec = await c.challenge("a", RULE, 1000, "d", None)
+    payer = net.add_node("payer", 10**9)
+    await payer.pay(rec.bolt11)
+    (s,) = [s async for s in _first(c.node.settlements(0))]
+    await c.settled(s)
+    await c.settled(s)                         # handed over twice after a crash: counted once
+    assert (await c.l402.get_challenge(rec.payment_hash)).status == ChallengeStatus.PAID
+    assert c.metrics.settlements == 1 and c.metrics.revenue_msat == 1000
+
+
+async def _first(it):
+    async for s in it:
+        yield s
+        return
+
+
+async def test_records_not_written_yet_count_against_the_client_and_are_written_at_close(store, tmp_path):
+    c, _ = challenger(store, tmp_path, max_pending_per_client=3, per_client_per_minute=100)
+    first = await c.challenge("a", RULE, 1000, "d", None)
+    assert c.writer.holds(first.payment_hash)                        # not written yet ...
+    await c.challenge("a", RULE, 1000, "d", None)                     # (a new one each time)
+    await c.close()                                                   # two written,
+    await c.challenge("a", RULE, 1000, "d", None)                     # one not yet:
+    with pytest.raises(RateLimited, match="for this client"):          # all three counted
+        await c.challenge("a", RULE, 1000, "d", None)
+    await c.close()
+    assert not c.writer.holds(first.payment_hash)
+    assert (await c.l402.get_challenge(first.payment_hash)) == first
+    assert await c.l402.count_pending_of("a", 1_800_000_000) == 3
+    assert await c.l402.count_pending_of("b", 1_800_000_000) == 0
+
+
+async def test_the_same_client_is_held_by_its_bucket_with_a_retry_after(store, tmp_path):
+    """Without reuse, what bounds the invoices one client makes is its token bucket
+    (per_client_per_minute): past it, RateLimited with the seconds to wait."""
+    c, _ = challenger(store, tmp_path, per_client_per_minute=3, max_pending_per_client=50)
+    made = [await c.challenge("a", RULE, 1000, "d", None) for _ in range(3)]
+    with pytest.raises(RateLimited, match="too many new invoices") as refused:
+        await c.challenge("a", RULE, 1000, "d", None)
+    assert 1 <= refused.value.detail["retry_after_s"] <= 21
+    assert len({r.payment_hash for r in made}) == 3
+    await c.challenge("b", RULE, 1000, "d", None)                   # another client is not held
+
+
+async def test_records_made_together_are_written_in_one_transaction(store, tmp_path):
+    import asyncio
+    c, _ = challenger(store, tmp_path, per_client_per_minute=1000)
+    real, batches = c.l402.add_challenges, []
+
+    async def counting(records):
+        batches.append(len(records))
+        await real(records)
+    c.l402.add_challenges = counting
+    await asyncio.gather(*(c.challenge(f"client-{i}", RULE, 1000, "d", None) for i in range(50)))
+    await c.close()
+    assert sum(batches) == 50 and len(batches) < 10
+    assert (await c.l402.count_pending(1_800_000_000)) == 50

@@ -1,0 +1,77 @@
+"""The gate inside someone else's aiohttp app prices the same canonical path it serves."""
+import pytest
+from aiohttp import web
+
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.sidecar import Gate, create_runtime
+
+from ..conftest import make_config, serve_app
+from ..rawhttp import raw_request
+
+CONFIG = '''
+service = "emb"
+demo = true
+[[routes]]
+method = "GET"
+path = "/api/joke"
+price_msat = 1000
+'''
+
+
+@pytest.fixture
+async def embedded(tmp_path):
+    cfg = make_config(tmp_path, CONFIG)
+    net = SandboxNetwork()
+    rt = await create_runtime(cfg, node=net.add_node("shop"))
+    gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store, receipts=rt.receipts,
+                limits=cfg.limits, pricing=cfg.pricing)
+    served = []
+
+    async def api(request):
+        served.append(request.path)
+        return web.Response(text=request.match_info["name"])
+
+    @gate.require(price_msat=500)
+    async def files(request):
+        served.append(request.path)
+        return web.Response(text=request.match_info["tail"])
+
+    app = web.Application()
+    gate.install(app)
+    app.router.add_get("/api/{name}", api)
+    plain = web.Application()
+    plain.router.add_get("/files/{tail:.*}", files)       # require() alone, no middleware
+    runner, url = await serve_app(app)
+    plain_runner, plain_url = await serve_app(plain)
+    yield url, plain_url, served
+    await runner.cleanup()
+    await plain_runner.cleanup()
+    await rt.store.close()
+
+
+def port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+async def test_middleware_redirects_other_spellings_to_the_path_it_prices(embedded):
+    import asyncio
+    url, _, served = embedded
+    for target in ("/api/x/../joke", "/api/./joke", "/api//joke", "/x/%2e%2e/api/joke"):
+        status, headers, _ = await asyncio.to_thread(raw_request, port(url), "GET", target)
+        assert (status, headers.get("Location")) == (308, "/api/joke"), target
+    status, _, _ = await asyncio.to_thread(raw_request, port(url), "GET", "/api/%6Aoke")
+    assert status == 402                       # the same path, spelled with an escape: priced
+    status, _, _ = await asyncio.to_thread(raw_request, port(url), "GET", "/api/x%2F..%2Fjoke")
+    assert status == 400
+    status, _, body = await asyncio.to_thread(raw_request, port(url), "GET", "/api/free")
+    assert status == 200 and body == b"free"
+    assert served == ["/api/free"]
+
+
+async def test_require_sees_the_canonical_path(embedded):
+    import asyncio
+    _, plain_url, served = embedded
+    status, headers, _ = await asyncio.to_thread(raw_request, port(plain_url), "GET", "/files/a/../b")
+    assert (status, headers.get("Location")) == (308, "/files/b")
+    status, _, _ = await asyncio.to_thread(raw_request, port(plain_url), "GET", "/files/b")
+    assert status == 402 and served == []
