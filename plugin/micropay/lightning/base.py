@@ -95,6 +95,11 @@ class Node(Protocol):
         node forgets its invoices when it restarts)."""
         ...
 
+    async def delete_invoice(self, label: str) -> bool:
+        """Delete an unpaid invoice of ours (a fleet pool's invoice nobody claimed before it
+        grew old). False when there is none under `label` or it is no longer unpaid."""
+        ...
+
     def settlements(self, after_pay_index: int) -> AsyncIterator[Settlement]:
         """Yields every settlement with pay_index > after_pay_index, then waits for more."""
         ...

@@ -209,6 +209,15 @@ class ClnNode:
         at least a minute to live, so autoclean has not removed it): no call needed."""
         return True
 
+    async def delete_invoice(self, label: str) -> bool:
+        """`delinvoice` with status "unpaid": lightningd refuses (and nothing is deleted)
+        when the invoice was paid meanwhile or never existed."""
+        try:
+            await self.rpc.call("delinvoice", {"label": label, "status": "unpaid"})
+        except ClnRpcError:
+            return False
+        return True
+
     async def settlements(self, after_pay_index: int) -> AsyncIterator[Settlement]:
         cursor = after_pay_index
         while True:

@@ -235,6 +235,14 @@ class SandboxNode:
     async def has_invoice(self, payment_hash: str) -> bool:
         return payment_hash in self._by_hash
 
+    async def delete_invoice(self, label: str) -> bool:
+        state = self._by_label.get(label)
+        if state is None or state.settlement is not None:
+            return False
+        del self._by_label[label]
+        self._by_hash.pop(state.invoice.payment_hash, None)
+        return True
+
     def invoice_status(self, payment_hash: str) -> str | None:
         state = self._by_hash.get(payment_hash)
         if state is None:

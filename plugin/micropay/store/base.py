@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +76,16 @@ class Store(abc.ABC):
 
     async def fetchrow(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         return await self._fetchrow(sql, args)
+
+    # -- notifications between processes ---------------------------------------------
+    # PostgreSQL carries them (LISTEN/NOTIFY); SQLite has none, so whoever waits on a
+    # channel also polls (a listener is a wake-up, never the only way to learn news).
+    async def notify(self, channel: str) -> None:
+        return None
+
+    async def listen(self, channel: str, wake: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+        """Call `wake()` (on this loop) whenever `channel` is notified; returns a function
+        that stops listening."""
+        async def stop() -> None:
+            return None
+        return stop

@@ -97,6 +97,27 @@ class PostgresStore(Store):
         with _unavailable_when_unreachable():
             return [tuple(r) for r in await self._pool.fetch(sql, *args)]
 
+    async def notify(self, channel: str) -> None:
+        await self._execute("SELECT pg_notify($1, '')", (self._channel(channel),))
+
+    async def listen(self, channel: str, wake):
+        """A connection of its own (LISTEN holds it); a lost connection only loses
+        wake-ups, which the listener's polling makes up for."""
+        name = self._channel(channel)
+        with _unavailable_when_unreachable():
+            conn = await asyncpg.connect(self._dsn)
+        await conn.add_listener(name, lambda *_: wake())
+
+        async def stop() -> None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        return stop
+
+    def _channel(self, channel: str) -> str:
+        """Channels are per database; stores in different schemas of one database (tests,
+        several deployments) must not hear each other."""
+        return f"{self.schema}.{channel}" if self.schema else channel
+
 
 @contextlib.contextmanager
 def _unavailable_when_unreachable():
