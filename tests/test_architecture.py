@@ -46,8 +46,8 @@ TOP_FILES = {"__init__.py", "__main__.py", "cli.py", "micropay.py", "requirement
 # The ports' own modules, which services may load (the adapters are the rest of their room).
 LIGHTNING_PORTS = ("lightning.base", "lightning.bolt11codec", "lightning.outcome")
 STORE_PORTS = ("store.base", "store.schema", "store.core", "store.l402", "store.cursors", "store.issued",
-               "store.stream_usage", "store.sessions")
-ADAPTERS = {"lightning.cln", "lightning.sandbox", "lightning.datastore", "lightning.memrecords",
+               "store.stream_usage", "store.sessions", "store.fleet")
+ADAPTERS = {"lightning.cln", "lightning.sandbox", "lightning.datastore", "lightning.memrecords", "lightning.fleet",
             "store.sqlite", "store.postgres", "games.http.poster"}
 
 # What each room may import at module level, besides itself (a module named, or anything
@@ -58,7 +58,7 @@ MAY_LOAD = {
     "l402": ("core",),
     "payment": ("core", *LIGHTNING_PORTS, *STORE_PORTS, "seller.pricing"),
     "streams": ("core", *LIGHTNING_PORTS),
-    "lightning": ("core", "lightning"),
+    "lightning": ("core", "lightning", "store.fleet"),      # the fleet adapter reads the store
     "store": ("core",),
     "http": ("core", "l402.wire"),
     "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
@@ -70,7 +70,7 @@ MAY_LOAD = {
 }
 CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
-SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "streams.runner",
+SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin.agent", "streams.runner",
             "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
             "games.events", "games.service", "games.apikeys"}
 # Where aiohttp may be imported: the HTTP edges and the clients.

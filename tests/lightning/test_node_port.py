@@ -10,6 +10,7 @@ from micropay.plugin.invoices import InvoiceIssuer
 from micropay.lightning.base import Node, RecordStore
 from micropay.lightning.cln import ClnNode
 from micropay.lightning.datastore import Datastore
+from micropay.lightning.fleet import FleetBackend
 from micropay.lightning.memrecords import MemoryRecords
 from micropay.lightning.sandbox import SandboxNetwork, SandboxNode
 from micropay.store import open_store_from_url
@@ -22,7 +23,7 @@ def members(port) -> list[str]:
     return [n for n in dir(port) if not n.startswith("_")]
 
 
-@pytest.mark.parametrize("port,adapters", [(Node, (ClnNode, SandboxNode)), (RecordStore, (Datastore, MemoryRecords))])
+@pytest.mark.parametrize("port,adapters", [(Node, (ClnNode, SandboxNode, FleetBackend)), (RecordStore, (Datastore, MemoryRecords))])
 def test_adapters_provide_the_whole_port(port, adapters):
     for adapter in adapters:
         for name in members(port):

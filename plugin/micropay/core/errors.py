@@ -223,6 +223,15 @@ class Overloaded(RateLimited):
     rpc_code = 1504
 
 
+class NoInvoiceInTime(RateLimited):
+    """Fleet mode: no pooled invoice was free and no node's agent answered an on-demand
+    ask within the bounded wait; nothing was handed out. Retry shortly."""
+
+    code = "no_invoice_in_time"
+    http_status = 503
+    rpc_code = 1514
+
+
 class StoreUnavailable(MicropayError):
     """The database cannot be reached (or stays locked): nothing was written; retry later."""
 

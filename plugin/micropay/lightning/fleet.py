@@ -1,0 +1,272 @@
+"""Fleet mode's receiving side for sidecars (issue 20): invoices come from the shared
+store, never from a node. The sidecar holds no node rights and opens no connection to
+any node: this adapter only reads and writes the store (store/fleet.py).
+
+- `create_invoice` claims a pooled invoice of a node with a fresh heartbeat, bound to
+  the caller's label (idempotent by label). A miss also tells the agents that this
+  (amount, description) is wanted, so repeated prices get a pool. Without a pooled
+  invoice (a new or dynamic price, an amountless invoice) it asks one live node's agent
+  for an invoice on demand and waits, bounded by `ask_timeout_s`; then NoInvoiceInTime
+  (503 with Retry-After), never a hang.
+- `settlements` follows the agents' settlement feed in order. Sequence numbers of
+  PostgreSQL can become visible out of order (two agents committing at once): a gap is
+  waited for up to `gap_grace_s` before it is taken to be a number never used, so a
+  late settlement is not stepped over by a persisted cursor.
+
+- Paying (session refunds, payouts) puts the payment into the store's queue, keyed by
+  the caller's label (idempotent), and waits for the node agent that executes it under
+  its operator's caps; the node's record of it is read back from the queue
+  (`lookup_payment`, `payment_status`), so the settle rule every payer shares works
+  unchanged. BOLT12 offers are not paid from the queue (`pays_offers` is False).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
+from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
+                           FleetRepository, PooledInvoice, QueuedPayment, Want)
+from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
+from .bolt11codec import decode_invoice
+
+log = logging.getLogger("micropay.fleet")
+
+KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"))
+
+
+class FleetBackend:
+    pays_offers = False
+
+    def __init__(self, repo: FleetRepository, *, network: str = "regtest", heartbeat_timeout_s: float = 15.0,
+                 claim_min_left_s: int = 60, pool_depth: int = 50, pool_expiry_s: int = 3600,
+                 ask_timeout_s: float = 2.0, poll_s: float = 0.05, gap_grace_s: float = 2.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.repo = repo
+        self.network = network
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.claim_min_left_s = claim_min_left_s
+        self.pool_depth = pool_depth
+        self.pool_expiry_s = pool_expiry_s
+        self.ask_timeout_s = ask_timeout_s
+        self.poll_s = poll_s
+        self.gap_grace_s = gap_grace_s
+        self.clock = clock
+        self._wanted: dict[tuple[int, str], float] = {}       # (amount, description) -> last told
+        self._turn = itertools.count()
+        self._answered = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._paid = asyncio.Event()
+        self._stops: list[Callable[[], Any]] = []
+
+    @property
+    def cursor_namespace(self) -> str:
+        return "fleet"
+
+    async def start(self) -> None:
+        """Listen for the agents' notifications (PostgreSQL); without them, polling."""
+        self._stops.append(await self.repo.store.listen(ANSWERS_CHANNEL, self._answered.set))
+        self._stops.append(await self.repo.store.listen(SETTLED_CHANNEL, self._settled.set))
+        self._stops.append(await self.repo.store.listen(PAID_CHANNEL, self._paid.set))
+
+    async def close(self) -> None:
+        for stop in self._stops:
+            await stop()
+        self._stops.clear()
+
+    async def node_id(self) -> str:
+        return "fleet"
+
+    # -- receiving -------------------------------------------------------------------
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _fresh_since_ms(self) -> int:
+        return self._now_ms() - int(self.heartbeat_timeout_s * 1000)
+
+    async def create_invoice(self, amount_msat: int | None, label: str, description: str,
+                             expiry_s: int) -> Invoice:
+        now = self.clock()
+        if amount_msat is not None:
+            pooled = await self.repo.claim(label, amount_msat, description, now_ms=self._now_ms(),
+                                           payable_after=int(now) + min(expiry_s, self.claim_min_left_s),
+                                           fresh_since_ms=self._fresh_since_ms())
+            await self._tell_wanted(amount_msat, description)
+            if pooled is not None:
+                return _as_invoice(pooled, label)
+        return _as_invoice(await self._ask(label, amount_msat, description, expiry_s), label)
+
+    async def _tell_wanted(self, amount_msat: int, description: str) -> None:
+        """Keep this pool wanted (at most once a minute per pool)."""
+        key = (amount_msat, description)
+        now = self.clock()
+        if now - self._wanted.get(key, 0.0) < 60:
+            return
+        self._wanted[key] = now
+        if len(self._wanted) > 10_000:          # bounded: dynamic prices may be many
+            self._wanted.pop(next(iter(self._wanted)))
+        await self.repo.want(Want(amount_msat, description, self.pool_depth, self.pool_expiry_s), self._now_ms())
+
+    async def _ask(self, label: str, amount_msat: int | None, description: str, expiry_s: int) -> PooledInvoice:
+        found = await self.repo.by_claim(label)
+        if found is not None:
+            return found
+        live = await self.repo.live_nodes(self._fresh_since_ms())
+        if not live:
+            raise NoInvoiceInTime("no Lightning node of the fleet is up (no fresh heartbeat)", retry_after_s=5)
+        node = live[next(self._turn) % len(live)]          # round robin over live nodes
+        await self.repo.ask(label, node.node_id, amount_msat, description, expiry_s, self._now_ms())
+        await self.repo.store.notify(ASKS_CHANNEL)
+        deadline = time.monotonic() + self.ask_timeout_s
+        while True:
+            found = await self.repo.by_claim(label)
+            if found is not None:
+                return found
+            error = await self.repo.ask_error(label)
+            if error is not None:
+                raise NoInvoiceInTime(f"the node could not make the invoice: {error}", retry_after_s=1)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoInvoiceInTime(f"no invoice from the fleet within {self.ask_timeout_s:g} s",
+                                      retry_after_s=1)
+            self._answered.clear()
+            try:
+                await asyncio.wait_for(self._answered.wait(), min(left, self.poll_s))
+            except asyncio.TimeoutError:
+                pass
+
+    async def has_invoice(self, payment_hash: str) -> bool:
+        return await self.repo.by_hash(payment_hash) is not None
+
+    async def settlements(self, after_pay_index: int) -> AsyncIterator[Settlement]:
+        cursor = after_pay_index
+        gap_since: float | None = None
+        while True:
+            batch = await self.repo.settlements_after(cursor)
+            progressed = False
+            for s in batch:
+                if s.seq != cursor + 1:
+                    if gap_since is None:
+                        gap_since = time.monotonic()
+                    if time.monotonic() - gap_since < self.gap_grace_s:
+                        break                                 # wait for the missing number
+                    log.debug("settlement feed: numbers %d..%d never used", cursor + 1, s.seq - 1)
+                gap_since = None
+                cursor = s.seq
+                progressed = True
+                if s.claim_label is not None:
+                    yield Settlement(s.seq, s.claim_label, s.payment_hash, s.amount_msat, s.preimage, s.paid_at)
+            if progressed and len(batch) >= 500:
+                continue
+            self._settled.clear()
+            try:
+                await asyncio.wait_for(self._settled.wait(), self.poll_s if gap_since is None else
+                                       min(self.poll_s, self.gap_grace_s / 4))
+            except asyncio.TimeoutError:
+                pass
+
+    async def list_invoices(self, index: str, start: int, limit: int) -> list[dict[str, Any]]:
+        return []
+
+    async def decode(self, bolt11: str) -> DecodedInvoice:
+        return decode_invoice(bolt11)
+
+    # -- paying: through the queue, by the node agents --------------------------------------
+    async def delete_invoice(self, label: str) -> bool:
+        return False
+
+    async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
+                  retry_for_s: int | None = None, amount_msat: int | None = None) -> Payment:
+        decoded = decode_invoice(bolt11)
+        if decoded.amount_msat is None and amount_msat is None:
+            raise PaymentFailed("an amountless invoice needs the amount to pay")
+        if decoded.amount_msat is not None and amount_msat is not None:
+            raise PaymentFailed("the invoice names its amount; no other amount can be paid on it")
+        amount = decoded.amount_msat if decoded.amount_msat is not None else amount_msat
+        assert amount is not None
+        return await self._queue_and_wait(QueuedPayment(
+            label or f"micropay-hash-{decoded.payment_hash}", _kind(label), "", bolt11, None, decoded.payment_hash,
+            amount, decoded.amount_msat is None, 5000 if max_fee_msat is None else max_fee_msat), retry_for_s)
+
+    async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
+                      max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
+                      retry_for_s: int | None = None) -> Payment:
+        if label is None:
+            raise PaymentFailed("fleet mode: a keysend through the queue needs a label (its idempotency key)")
+        if extratlvs:
+            raise PaymentFailed("fleet mode: the payment queue carries no TLV records")
+        return await self._queue_and_wait(QueuedPayment(label, _kind(label), "", None, destination, None,
+                                                        amount_msat, False,
+                                                        5000 if max_fee_msat is None else max_fee_msat),
+                                          retry_for_s)
+
+    async def _queue_and_wait(self, p: QueuedPayment, retry_for_s: int | None) -> Payment:
+        queued = await self.repo.enqueue(p, self._now_ms())
+        if (queued.bolt11, queued.destination, queued.amount_msat) != (p.bolt11, p.destination, p.amount_msat):
+            raise PaymentFailed(f"label {p.key!r} already names another queued payment")
+        await self.repo.store.notify(QUEUED_CHANNEL)
+        deadline = time.monotonic() + (60 if retry_for_s is None else retry_for_s) + 5
+        while True:
+            found = await self.repo.payment(p.key)
+            assert found is not None
+            if found.state == "paid":
+                return _paid(found)
+            if found.state == "failed":
+                raise PaymentFailed(f"the node agent did not pay it: {found.error}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PaymentUnknown(f"queued payment {p.key} is {found.state}; look it up by its label later")
+            self._paid.clear()
+            try:
+                await asyncio.wait_for(self._paid.wait(), min(left, self.poll_s * 4))
+            except asyncio.TimeoutError:
+                pass
+
+    async def fetch_invoice(self, offer: str, amount_msat: int) -> tuple[str, str]:
+        raise PaymentFailed("fleet mode: offers are not paid through the payment queue")
+
+    async def payment_status(self, payment_hash: str) -> PaymentStatus | None:
+        found = await self.repo.payment_by_hash(payment_hash)
+        return None if found is None else _status(found)
+
+    async def sendpays_position(self) -> int:
+        return 0
+
+    async def lookup_payment(self, label: str, start: int) -> PaymentStatus | None:
+        found = await self.repo.payment(label)
+        return None if found is None else _status(found)
+
+    async def htlc_in_flight(self, payment_hash: str) -> bool:
+        """A queued payment not settled yet counts as carried: its agent settles it from
+        its node's record, so nobody here may call it dead."""
+        found = await self.repo.payment_by_hash(payment_hash)
+        return found is not None and found.state not in ("paid", "failed")
+
+    async def wait_until_ready(self, timeout_s: float) -> bool:
+        return bool(await self.repo.live_nodes(self._fresh_since_ms()))
+
+
+def _as_invoice(p: PooledInvoice, label: str) -> Invoice:
+    return Invoice(p.bolt11, p.payment_hash, None if p.amount_msat < 0 else p.amount_msat, p.expires_at, label)
+
+
+def _kind(label: str | None) -> str:
+    for prefix, kind in KINDS:
+        if label and label.startswith(prefix):
+            return kind
+    return "other"
+
+
+def _paid(p: QueuedPayment) -> Payment:
+    return Payment(p.payment_hash or "", p.preimage or "", p.amount_msat, p.fee_msat or 0)
+
+
+def _status(p: QueuedPayment) -> PaymentStatus:
+    if p.state == "paid":
+        return PaymentStatus("complete", _paid(p), p.payment_hash or "")
+    if p.state == "failed":
+        return PaymentStatus("failed", None, p.payment_hash or "")
+    return PaymentStatus("pending", None, p.payment_hash or "")

@@ -1,0 +1,250 @@
+"""The node agent of fleet mode (issue 20): on each Core Lightning node, it keeps the
+shared store's invoice pools of its node filled, so that sidecars holding no node rights
+hand out invoices with one claim in the store instead of a call to a node.
+
+Each round: a heartbeat (node id, time); for every (amount, description) that sidecars
+have asked for recently, the node's unclaimed invoices that stay payable long enough are
+counted and topped up to the asked depth, a bounded number per round; unclaimed invoices
+that are about to expire leave the pool first (so no claim can take them any more), then
+the node (`delinvoice`). A crash between the two leaves an unpaid invoice on the node
+that nobody holds; it simply expires.
+
+No HTTP and no adapter here: the agent takes the Node port and the fleet repository.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from ..core.errors import MicropayError, PaymentFailed
+from ..lightning.base import Node, Payment, Settlement
+from ..lightning.outcome import ORPHAN_GRACE_S, OrphanWatch, Outcome
+from ..store.fleet import (ANSWERS_CHANNEL, PAID_CHANNEL, SETTLED_CHANNEL, FleetRepository, FleetSettlement,
+                           NodeBeat, PooledInvoice, QueuedPayment)
+
+log = logging.getLogger("micropay.agent")
+
+LABEL_PREFIX = "micropay-fleet-"
+
+
+PAY_LABEL_PREFIX = "micropay-fleet-pay-"
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    min_left_s: int = 120        # an unclaimed invoice with less to live leaves the pool
+    want_ttl_s: int = 900        # a pool nobody asked for in this long is no longer refilled
+    per_round: int = 200         # invoices created per round at most (the node's invoice rate)
+    prune_per_round: int = 200
+    # the operator's caps on what the queue may make this node pay (msat; 0: nothing)
+    max_payment_msat: int = 0            # one payment
+    per_subject_day_msat: int = 0        # one subject (a player) in 24 h
+    per_day_msat: int = 0                # everything in 24 h
+    max_fee_msat: int = 5000             # the fee any queued payment may cost at most
+    lease_ms: int = 30_000               # a leased payment not sent in this long goes back
+
+
+class FleetAgent:
+    def __init__(self, node: Node, repo: FleetRepository, settings: AgentSettings = AgentSettings(), *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.node = node
+        self.repo = repo
+        self.settings = settings
+        self.clock = clock
+        self._node_id: str | None = None
+        self._watch = OrphanWatch(node)
+
+    async def node_id(self) -> str:
+        if self._node_id is None:
+            self._node_id = await self.node.node_id()
+        return self._node_id
+
+    async def beat(self, inbound_msat: int = 0, outbound_msat: int = 0) -> None:
+        await self.repo.heartbeat(NodeBeat(await self.node_id(), self.node.network, int(self.clock() * 1000),
+                                            inbound_msat, outbound_msat))
+
+    async def refill_once(self) -> int:
+        """Top every wanted pool of this node up to its depth; returns how many invoices
+        were added (at most `per_round`)."""
+        node_id = await self.node_id()
+        now = self.clock()
+        budget = self.settings.per_round
+        added = 0
+        for want in await self.repo.wants(int((now - self.settings.want_ttl_s) * 1000)):
+            if budget <= 0:
+                break
+            if want.expiry_s <= self.settings.min_left_s:
+                log.warning("pool %d msat %r: expiry %d s is not above min_left_s %d; not pooled",
+                            want.amount_msat, want.description, want.expiry_s, self.settings.min_left_s)
+                continue
+            ready = await self.repo.ready_count(node_id, want.amount_msat, want.description,
+                                                int(now) + self.settings.min_left_s)
+            for _ in range(min(budget, max(0, want.depth - ready))):
+                label = LABEL_PREFIX + os.urandom(12).hex()
+                inv = await self.node.create_invoice(want.amount_msat, label, want.description, want.expiry_s)
+                await self.repo.add(PooledInvoice(inv.payment_hash, node_id, label, want.amount_msat,
+                                                  want.description, inv.bolt11, inv.expires_at, None),
+                                    int(self.clock() * 1000))
+                budget -= 1
+                added += 1
+        return added
+
+    async def prune_once(self) -> int:
+        """Take unclaimed invoices that are about to expire out of the pool, then off the
+        node; returns how many left the pool."""
+        node_id = await self.node_id()
+        dropped = 0
+        for payment_hash, label in await self.repo.stale(node_id, int(self.clock()) + self.settings.min_left_s,
+                                                         self.settings.prune_per_round):
+            if await self.repo.drop(payment_hash):      # no claim can take it from here on
+                dropped += 1
+                await self.node.delete_invoice(label)
+        return dropped
+
+    async def answer_asks(self, limit: int = 100) -> int:
+        """Make the invoices sidecars asked this node for on demand, each bound to the
+        asker's label at once. An ask older than a minute is left: its asker gave up."""
+        node_id = await self.node_id()
+        answered = 0
+        for claim_label, amount, description, expiry_s in await self.repo.open_asks(
+                node_id, int((self.clock() - 60) * 1000), limit):
+            label = LABEL_PREFIX + os.urandom(12).hex()
+            try:
+                inv = await self.node.create_invoice(amount, label, description, expiry_s)
+            except MicropayError as exc:
+                await self.repo.answer(claim_label, None, int(self.clock() * 1000), error=str(exc)[:200])
+                continue
+            await self.repo.answer(claim_label, PooledInvoice(inv.payment_hash, node_id, label,
+                                                              -1 if amount is None else amount, description,
+                                                              inv.bolt11, inv.expires_at, claim_label),
+                                   int(self.clock() * 1000))
+            answered += 1
+        if answered:
+            await self.repo.store.notify(ANSWERS_CHANNEL)
+        return answered
+
+    async def record(self, s: Settlement) -> None:
+        """One settlement of the node into the fleet's feed (idempotent), then the cursor."""
+        if s.label.startswith(LABEL_PREFIX):
+            inv = await self.repo.by_node_label(s.label)
+            await self.repo.record_settlement(FleetSettlement(0, s.payment_hash, await self.node_id(),
+                                                              inv.claim_label if inv else None, s.amount_msat,
+                                                              s.preimage, s.paid_at))
+            await self.repo.store.notify(SETTLED_CHANNEL)
+        await self.repo.advance_pay_index(await self.node_id(), s.pay_index)
+
+    async def follow_settlements(self) -> None:
+        """Record the node's settlements from where the store says this agent got to;
+        runs until cancelled."""
+        await self.beat()                   # the node's row holds the cursor
+        async for s in self.node.settlements(await self.repo.pay_index(await self.node_id())):
+            await self.record(s)
+
+    # -- the payment queue ------------------------------------------------------------
+    def _refusal(self, p: QueuedPayment, spent_subject: int, spent_all: int) -> str | None:
+        st = self.settings
+        if p.amount_msat > st.max_payment_msat:
+            return f"over this node's cap per payment ({st.max_payment_msat} msat)"
+        if p.max_fee_msat > st.max_fee_msat:
+            return f"its fee allowance {p.max_fee_msat} msat is over this node's fee cap ({st.max_fee_msat} msat)"
+        if p.subject and spent_subject + p.amount_msat + p.max_fee_msat > st.per_subject_day_msat:
+            return f"over this node's cap per {p.kind} subject and day ({st.per_subject_day_msat} msat)"
+        if spent_all + p.amount_msat + p.max_fee_msat > st.per_day_msat:
+            return f"over this node's cap per day ({st.per_day_msat} msat)"
+        return None
+
+    async def start_payment(self) -> QueuedPayment | None:
+        """Lease the oldest queued payment and, within the caps, record that it is being
+        sent (label, where the node's records stand) before anything is paid. Returns it
+        in state "sending", or None (nothing queued, or it was refused and failed)."""
+        node_id = await self.node_id()
+        now_ms = int(self.clock() * 1000)
+        p = await self.repo.lease(node_id, now_ms, self.settings.lease_ms)
+        if p is None:
+            return None
+        since = now_ms - DAY_MS
+        refusal = self._refusal(p, await self.repo.spent(node_id, since, p.subject) if p.subject else 0,
+                                await self.repo.spent(node_id, since))
+        if refusal is not None:
+            await self.repo.done(p.key, node_id, "failed", now_ms, error=f"refused: {refusal}")
+            await self.repo.store.notify(PAID_CHANNEL)
+            log.warning("queued %s %s refused: %s", p.kind, p.key, refusal)
+            return None
+        label = PAY_LABEL_PREFIX + os.urandom(12).hex()
+        start = await self.node.sendpays_position()
+        if not await self.repo.sending(p.key, node_id, label, start, now_ms):
+            return None                       # the lease ran out and someone else has it
+        return await self.repo.payment(p.key)
+
+    async def send(self, p: QueuedPayment) -> None:
+        """Ask the node to pay a payment recorded as sending, and record the outcome. An
+        unknown outcome leaves it sending: `reconcile` settles it from the node's record."""
+        fee_cap = min(p.max_fee_msat, self.settings.max_fee_msat)
+        try:
+            if p.destination:
+                paid = await self.node.keysend(p.destination, p.amount_msat, label=p.node_label,
+                                               max_fee_msat=fee_cap)
+            else:
+                assert p.bolt11 is not None
+                paid = await self.node.pay(p.bolt11, max_fee_msat=fee_cap, label=p.node_label,
+                                           amount_msat=p.amount_msat if p.amountless else None)
+        except PaymentFailed as exc:
+            await self._finish(p, None, str(exc))
+            return
+        except MicropayError as exc:          # PaymentUnknown, a node error: settled later
+            log.warning("queued %s %s: outcome unknown (%s); settled from the node's record", p.kind, p.key, exc)
+            return
+        await self._finish(p, paid, None)
+
+    async def _finish(self, p: QueuedPayment, paid: Payment | None, error: str | None) -> None:
+        now_ms = int(self.clock() * 1000)
+        node_id = await self.node_id()
+        if paid is not None:
+            await self.repo.done(p.key, node_id, "paid", now_ms, preimage=paid.preimage, fee_msat=paid.fee_msat,
+                                 payment_hash=paid.payment_hash)
+        else:
+            await self.repo.done(p.key, node_id, "failed", now_ms, error=error)
+        await self.repo.store.notify(PAID_CHANNEL)
+
+    async def reconcile(self) -> int:
+        """Settle this node's payments recorded as sending from the node's own record of
+        their labels (after a crash or a lost answer): complete -> paid, failed or dead
+        -> failed, never reached the node -> back to the queue. Returns how many moved."""
+        node_id = await self.node_id()
+        moved = 0
+        for p in await self.repo.sending_of(node_id):
+            settled = await self._watch.settle(now=self.clock(), label=p.node_label,
+                                               sendpays_start=p.sendpays_start or 0)
+            if settled.outcome is Outcome.SUCCEEDED:
+                await self._finish(p, settled.payment, None)
+            elif settled.outcome is Outcome.FAILED:
+                await self._finish(p, None, settled.detail)
+            elif settled.outcome is Outcome.NOT_SENT:
+                # no record yet may also be an xpay still on its way to writing one: only
+                # an attempt older than the grace goes back to the queue
+                if (self.clock() * 1000 - (p.sent_ms or 0) < ORPHAN_GRACE_S * 1000
+                        or not await self.repo.requeue(p.key, node_id)):
+                    continue
+            else:
+                continue
+            moved += 1
+        return moved
+
+    async def pay_once(self) -> bool:
+        """Reconcile, then take one queued payment and pay it; True if one was taken."""
+        await self.reconcile()
+        p = await self.start_payment()
+        if p is None:
+            return False
+        await self.send(p)
+        return True
+
+    async def round(self) -> tuple[int, int]:
+        await self.beat()
+        pruned = await self.prune_once()
+        added = await self.refill_once()
+        return added, pruned

@@ -1,0 +1,222 @@
+"""A sidecar's invoices in fleet mode (lightning/fleet.py), against agents on sandbox
+nodes: claimed from the pool, asked for on demand within a bounded wait, and paid
+invoices coming back in order through the store's settlement feed (also to a listener
+in another process, woken by PostgreSQL's NOTIFY)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from micropay.core.errors import NoInvoiceInTime, PaymentFailed
+from micropay.lightning.bolt11codec import decode_invoice
+from micropay.lightning.fleet import FleetBackend
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.plugin.agent import AgentSettings, FleetAgent
+from micropay.store import open_store_from_url
+from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, FleetSettlement
+
+from ..conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def fleet(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    elif PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    else:
+        url = pg_url_with_fresh_schema()
+    store = open_store_from_url(url, (FLEET_SCHEMA,))
+    await store.open()
+    repo = FleetRepository(store)
+    net = SandboxNetwork()
+    merchant = net.add_node("merchant")
+    payer = net.add_node("payer", balance_msat=10_000_000)
+    agent = FleetAgent(merchant, repo, AgentSettings(min_left_s=120))
+    backend = FleetBackend(repo, ask_timeout_s=1.0, gap_grace_s=0.3)
+    await backend.start()
+    yield repo, agent, backend, payer, url
+    await backend.close()
+    await store.close()
+    if request.param == "postgres":
+        await drop_pg_schema(url)
+
+
+async def test_a_pooled_price_is_claimed_after_its_first_miss_tells_the_agents(fleet):
+    repo, agent, backend, payer, _ = fleet
+    await agent.beat()
+    answering = asyncio.create_task(_answer_forever(agent))
+    try:
+        first = await backend.create_invoice(5000, "micropay-c1", "a joke", 600)     # a miss: asked on demand
+    finally:
+        answering.cancel()
+    assert decode_invoice(first.bolt11).amount_msat == 5000 and first.label == "micropay-c1"
+    assert await agent.refill_once() == backend.pool_depth, "the miss did not make the price wanted"
+    second = await backend.create_invoice(5000, "micropay-c2", "a joke", 600)
+    assert (await repo.by_claim("micropay-c2")).node_label.startswith("micropay-fleet-")
+    assert second.payment_hash != first.payment_hash
+    assert (await backend.create_invoice(5000, "micropay-c2", "a joke", 600)) == second, "not idempotent by label"
+    assert await backend.has_invoice(second.payment_hash)
+
+
+async def test_an_amountless_or_unpooled_invoice_comes_on_demand_within_the_wait(fleet):
+    repo, agent, backend, payer, _ = fleet
+    await agent.beat()
+    answering = asyncio.create_task(_answer_forever(agent))
+    try:
+        t0 = time.monotonic()
+        inv = await backend.create_invoice(None, "micropay-any", "return invoice", 3600)
+        odd = await backend.create_invoice(12_345, "micropay-odd", "a dynamic price", 600)
+        elapsed = time.monotonic() - t0
+    finally:
+        answering.cancel()
+    assert inv.amount_msat is None and decode_invoice(inv.bolt11).amount_msat is None
+    assert decode_invoice(odd.bolt11).amount_msat == 12_345
+    assert elapsed < 1.0, f"on-demand invoices took {elapsed:.2f} s"
+
+
+async def test_without_an_answer_the_wait_is_bounded_and_says_retry(fleet):
+    repo, agent, backend, payer, _ = fleet
+    with pytest.raises(NoInvoiceInTime) as none_live:
+        await backend.create_invoice(777, "micropay-n0", "nobody", 600)
+    assert none_live.value.http_status == 503 and none_live.value.retry_after_s >= 1
+    await agent.beat()                               # alive, but never answers
+    t0 = time.monotonic()
+    with pytest.raises(NoInvoiceInTime) as late:
+        await backend.create_invoice(777, "micropay-n1", "nobody answers", 600)
+    assert 0.9 <= time.monotonic() - t0 < 2.0
+    assert "within" in str(late.value)
+
+
+async def test_what_the_queue_cannot_carry_is_refused_at_once(fleet):
+    repo, agent, backend, payer, _ = fleet
+    with pytest.raises(PaymentFailed, match="offers"):
+        await backend.fetch_invoice("lno1...", 1000)
+    with pytest.raises(PaymentFailed, match="TLV"):
+        await backend.keysend("02" * 33, 1000, label="micropay-payout-x", extratlvs={"7629169": "00"})
+    with pytest.raises(PaymentFailed, match="label"):
+        await backend.keysend("02" * 33, 1000)
+    assert await repo.payment("micropay-payout-x") is None, "a refused payment was queued"
+
+
+async def test_paid_invoices_reach_the_sidecar_in_order_with_its_own_labels(fleet):
+    repo, agent, backend, payer, _ = fleet
+    await agent.beat()
+    answering = asyncio.create_task(_answer_forever(agent))
+    following = asyncio.create_task(agent.follow_settlements())
+    try:
+        invoices = [await backend.create_invoice(1000 + i, f"micropay-p{i}", "item", 600) for i in range(3)]
+        for inv in invoices:
+            await payer.pay(inv.bolt11)
+        seen = []
+        async def read():
+            async for s in backend.settlements(0):
+                seen.append(s)
+                if len(seen) == 3:
+                    return
+        await asyncio.wait_for(read(), 5)
+        for _ in range(100):                          # the agent advances its cursor just after recording
+            if await repo.pay_index(await agent.node_id()) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        answering.cancel()
+        following.cancel()
+    assert [(s.label, s.amount_msat) for s in seen] == [(f"micropay-p{i}", 1000 + i) for i in range(3)]
+    assert [s.pay_index for s in seen] == sorted(s.pay_index for s in seen)
+    assert await repo.pay_index(await agent.node_id()) == 3, "the agent's cursor did not follow its node"
+
+
+async def test_a_gap_in_the_feed_is_waited_for_then_stepped_over(fleet):
+    repo, agent, backend, payer, _ = fleet
+    store = repo.store
+
+    async def put(seq, label):
+        await store.execute("INSERT INTO micropay_fleet_settlements (seq, payment_hash, node_id, claim_label, "
+                            "amount_msat, preimage, paid_at) VALUES ($1, $2, 'n', $3, 1, '00', 1)",
+                            (seq, f"{seq:064x}", label))
+    await put(1, "micropay-a")
+    await put(3, "micropay-c")
+    got = []
+
+    async def read():
+        async for s in backend.settlements(0):
+            got.append((s.pay_index, time.monotonic()))
+            if len(got) == 3 or (got[-1][0] == 3 and len(got) == 2):
+                return
+    t0 = time.monotonic()
+    reader = asyncio.create_task(read())
+    await asyncio.sleep(0.1)
+    await put(2, "micropay-b")                        # arrives late, within the grace
+    await asyncio.wait_for(reader, 5)
+    assert [q for q, _ in got] == [1, 2, 3], "a late settlement was stepped over"
+    got.clear()
+    await put(5, "micropay-e")                        # 4 never comes
+    t0 = time.monotonic()
+    async def read_after_gap():
+        async for s in backend.settlements(3):
+            return s.pay_index, time.monotonic() - t0
+    seq, waited = await asyncio.wait_for(read_after_gap(), 5)
+    assert seq == 5 and backend.gap_grace_s * 0.9 <= waited < 2.0
+
+
+async def _answer_forever(agent):
+    while True:
+        await agent.answer_asks()
+        await asyncio.sleep(0.01)
+
+
+LISTENER = textwrap.dedent("""
+    import asyncio, json, sys, time
+    from micropay.lightning.fleet import FleetBackend
+    from micropay.store import open_store_from_url
+    from micropay.store.fleet import FLEET_SCHEMA, FleetRepository
+    async def main(url):
+        store = open_store_from_url(url, (FLEET_SCHEMA,))
+        await store.open()
+        backend = FleetBackend(FleetRepository(store), poll_s=30.0)    # only a notification can wake it soon
+        await backend.start()
+        print("listening", flush=True)
+        async for s in backend.settlements(0):
+            print(json.dumps({"label": s.label, "at": time.time()}), flush=True)
+            break
+        await backend.close()
+        await store.close()
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+@pytest.mark.postgres
+async def test_a_settlement_notification_wakes_a_listener_in_another_process(tmp_path):
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url = pg_url_with_fresh_schema()
+    store = open_store_from_url(url, (FLEET_SCHEMA,))
+    await store.open()
+    script = tmp_path / "listener.py"
+    script.write_text(LISTENER)
+    proc = subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+        assert line.strip() == "listening", proc.stderr.read()
+        await asyncio.sleep(0.5)                     # past the listener's first (empty) read
+        repo = FleetRepository(store)
+        sent = time.time()
+        await repo.record_settlement(FleetSettlement(0, "ab" * 32, "node-a", "micropay-n1", 1000, "00" * 32, 1))
+        await store.notify("micropay_fleet_settled")
+        out = json.loads(await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 10))
+        assert out["label"] == "micropay-n1"
+        assert out["at"] - sent < 1.0, f"heard after {out['at'] - sent:.2f} s: not woken by the notification"
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await store.close()
+        await drop_pg_schema(url)

@@ -1,0 +1,196 @@
+"""Fleet mode's payment queue: the web tier asks (lightning/fleet.py), only a node agent
+pays (plugin/agent.py), under its operator's caps, idempotent by the caller's label, and
+a crash at any step boundary neither pays twice nor loses the payment. Checked at the
+payee: what its sandbox node actually received."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from micropay.core.errors import PaymentFailed
+from micropay.lightning.fleet import FleetBackend
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.plugin.agent import AgentSettings, FleetAgent
+from micropay.store import open_store_from_url
+from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, QueuedPayment
+
+from ..conftest import PG_SKIP_REASON, FakeClock, drop_pg_schema, pg_url_with_fresh_schema
+
+CAPS = AgentSettings(max_payment_msat=50_000, per_subject_day_msat=60_000, per_day_msat=200_000,
+                     max_fee_msat=5000, lease_ms=10_000)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def world(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    elif PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    else:
+        url = pg_url_with_fresh_schema()
+    store = open_store_from_url(url, (FLEET_SCHEMA,))
+    await store.open()
+    clock = FakeClock()
+    net = SandboxNetwork(clock=clock)
+    merchant = net.add_node("merchant", balance_msat=10_000_000)      # the node the agent runs on
+    payee = net.add_node("player")
+    repo = FleetRepository(store)
+    backend = FleetBackend(repo, poll_s=0.01, clock=clock)
+    await backend.start()
+    yield repo, backend, merchant, payee, clock
+    await backend.close()
+    await store.close()
+    if request.param == "postgres":
+        await drop_pg_schema(url)
+
+
+def agent_for(node, repo, clock, settings=CAPS):
+    return FleetAgent(node, repo, settings, clock=clock)
+
+
+async def received(payee) -> int:
+    return sum(s.amount_msat for s in payee._settled)
+
+
+async def pay_through_queue(backend, agent, bolt11, label, **kw):
+    """The sidecar's pay() while the agent works the queue."""
+    async def work():
+        while True:
+            await agent.pay_once()
+            await asyncio.sleep(0.005)
+    worker = asyncio.create_task(work())
+    try:
+        return await asyncio.wait_for(backend.pay(bolt11, label=label, **kw), 10)
+    finally:
+        worker.cancel()
+
+
+async def test_a_refund_asked_by_the_sidecar_is_paid_by_the_agent_once(world):
+    repo, backend, merchant, payee, clock = world
+    agent = agent_for(merchant, repo, clock)
+    inv = await payee.create_invoice(21_000, "r1", "refund", 3600)
+    paid = await pay_through_queue(backend, agent, inv.bolt11, "micropay-refund-s1")
+    assert paid.payment_hash == inv.payment_hash and paid.amount_msat == 21_000 and paid.preimage
+    again = await pay_through_queue(backend, agent, inv.bolt11, "micropay-refund-s1")
+    assert again == paid
+    assert await received(payee) == 21_000, "the payee got the refund twice"
+    row = await repo.payment("micropay-refund-s1")
+    assert row.state == "paid" and row.kind == "refund" and row.node_id == await merchant.node_id()
+    status = await backend.lookup_payment("micropay-refund-s1", 0)
+    assert status.state == "complete" and status.payment.preimage == paid.preimage
+    assert (await backend.payment_status(inv.payment_hash)).state == "complete"
+
+
+async def test_an_amountless_return_invoice_is_paid_the_amount_asked(world):
+    repo, backend, merchant, payee, clock = world
+    agent = agent_for(merchant, repo, clock)
+    inv = await payee.create_invoice(None, "r2", "return", 3600)
+    paid = await pay_through_queue(backend, agent, inv.bolt11, "micropay-refund-s2", amount_msat=7000)
+    assert paid.amount_msat == 7000 and await received(payee) == 7000
+
+
+@pytest.mark.parametrize("amount, fee, subject, why", [
+    (50_001, 1000, "", "per payment"),
+    (10_000, 5001, "", "fee cap"),
+    (40_000, 1000, "alice", "per payout subject and day"),     # alice already has 30,000 out today
+])
+async def test_each_cap_refuses_and_nothing_leaves(world, amount, fee, subject, why):
+    repo, backend, merchant, payee, clock = world
+    agent = agent_for(merchant, repo, clock)
+    first = await payee.create_invoice(30_000, "first", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-1", "payout", "alice", first.bolt11, None, first.payment_hash,
+                                     30_000, False, 1000), int(clock() * 1000))
+    assert await agent.pay_once() and (await repo.payment("micropay-payout-1")).state == "paid"
+    inv = await payee.create_invoice(amount, "second", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-2", "payout", subject, inv.bolt11, None, inv.payment_hash,
+                                     amount, False, fee), int(clock() * 1000))
+    await agent.pay_once()
+    row = await repo.payment("micropay-payout-2")
+    assert row.state == "failed" and why in row.error, row.error
+    assert await received(payee) == 30_000
+
+
+async def test_the_daily_cap_holds_across_payments_and_frees_a_day_later(world):
+    repo, backend, merchant, payee, clock = world
+    agent = agent_for(merchant, repo, clock)
+    states = []
+    for i in range(6):                                  # 6 x 40,000 (+1,000 fee allowance) against 200,000
+        inv = await payee.create_invoice(40_000, f"d{i}", "payout", 3600 * 48)
+        await repo.enqueue(QueuedPayment(f"micropay-payout-d{i}", "payout", f"p{i}", inv.bolt11, None,
+                                         inv.payment_hash, 40_000, False, 1000), int(clock() * 1000))
+        await agent.pay_once()
+        states.append((await repo.payment(f"micropay-payout-d{i}")).state)
+    assert states == ["paid"] * 4 + ["failed"] * 2 and await received(payee) == 160_000
+    clock.advance(86_401)
+    inv = await payee.create_invoice(40_000, "next-day", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-next", "payout", "p9", inv.bolt11, None, inv.payment_hash,
+                                     40_000, False, 1000), int(clock() * 1000))
+    await agent.pay_once()
+    assert (await repo.payment("micropay-payout-next")).state == "paid"
+
+
+async def test_a_crash_after_the_lease_gives_the_payment_to_the_next_agent_after_the_lease(world):
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(9000, "c1", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-c1", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    crashed = agent_for(merchant, repo, clock)
+    assert await repo.lease(await crashed.node_id(), int(clock() * 1000), CAPS.lease_ms) is not None   # then dies
+    restarted = agent_for(merchant, repo, clock)
+    assert not await restarted.pay_once(), "a live lease was taken over"
+    clock.advance(CAPS.lease_ms / 1000 + 1)
+    assert await restarted.pay_once()
+    assert (await repo.payment("micropay-refund-c1")).state == "paid" and await received(payee) == 9000
+
+
+async def test_a_crash_after_recording_sending_before_paying_is_requeued_after_the_grace(world):
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(9000, "c2", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-c2", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    crashed = agent_for(merchant, repo, clock)
+    assert (await crashed.start_payment()).state == "sending"                  # then dies before paying
+    restarted = agent_for(merchant, repo, clock)
+    await restarted.pay_once()
+    assert (await repo.payment("micropay-refund-c2")).state == "sending", "requeued before the grace"
+    clock.advance(61)
+    await restarted.pay_once()                        # back to the queue, then paid under a new label
+    await restarted.pay_once()
+    row = await repo.payment("micropay-refund-c2")
+    assert row.state == "paid" and await received(payee) == 9000
+
+
+async def test_a_crash_after_paying_before_recording_is_settled_from_the_nodes_record(world):
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(9000, "c3", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-c3", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    crashed = agent_for(merchant, repo, clock)
+    p = await crashed.start_payment()
+    paid = await merchant.pay(p.bolt11, max_fee_msat=1000, label=p.node_label)     # then dies before recording
+    restarted = agent_for(merchant, repo, clock)
+    for _ in range(3):
+        await restarted.pay_once()
+    row = await repo.payment("micropay-refund-c3")
+    assert row.state == "paid" and row.preimage == paid.preimage
+    assert await received(payee) == 9000, "paid twice after the crash"
+
+
+async def test_while_queued_a_payment_counts_as_in_flight_never_as_dead(world):
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(9000, "q", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-q", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    assert await backend.htlc_in_flight(inv.payment_hash)
+    assert (await backend.lookup_payment("micropay-refund-q", 0)).state == "pending"
+
+
+async def test_a_label_reused_for_another_payment_is_refused(world):
+    repo, backend, merchant, payee, clock = world
+    a = await payee.create_invoice(1000, "a", "x", 3600)
+    b = await payee.create_invoice(2000, "b", "x", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-l", "refund", "", a.bolt11, None, a.payment_hash, 1000, False,
+                                     1000), int(clock() * 1000))
+    with pytest.raises(PaymentFailed, match="another queued payment"):
+        await backend.pay(b.bolt11, label="micropay-refund-l")

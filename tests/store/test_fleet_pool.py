@@ -1,0 +1,175 @@
+"""Fleet mode's invoice pools in the shared store (store/fleet.py): a claim binds one
+pooled invoice to one label, never one invoice to two claims (also from two processes on
+one PostgreSQL pool), and only nodes with a fresh heartbeat are claimed from."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from micropay.store import open_store_from_url
+from micropay.store.fleet import FLEET_SCHEMA, NodeBeat, FleetRepository, PooledInvoice
+
+from ..conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
+
+NOW_MS = 1_800_000_000_000
+NOW = NOW_MS // 1000
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def repo(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    elif PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    else:
+        url = pg_url_with_fresh_schema()
+    store = open_store_from_url(url, (FLEET_SCHEMA,))
+    await store.open()
+    yield FleetRepository(store)
+    await store.close()
+    if request.param == "postgres":
+        await drop_pg_schema(url)
+
+
+def pooled(i: int, node: str = "node-a", amount: int = 1000, desc: str = "joke", expires_at: int = NOW + 3600):
+    return PooledInvoice(hashlib.sha256(f"{node}-{i}".encode()).hexdigest(), node, f"micropay-fleet-{node}-{i}", amount, desc,
+                         f"lnbcrt-{node}-{i}", expires_at, None)
+
+
+async def fill(repo, n: int, **kw) -> list[PooledInvoice]:
+    out = [pooled(i, **kw) for i in range(n)]
+    for inv in out:
+        await repo.add(inv, NOW_MS)
+    return out
+
+
+async def claim(repo, label, amount=1000, desc="joke", fresh_since=NOW_MS - 10_000):
+    return await repo.claim(label, amount, desc, now_ms=NOW_MS, payable_after=NOW + 60, fresh_since_ms=fresh_since)
+
+
+async def test_a_claim_takes_one_invoice_and_a_retry_gets_the_same(repo):
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await fill(repo, 3)
+    first = await claim(repo, "micropay-c1")
+    again = await claim(repo, "micropay-c1")
+    other = await claim(repo, "micropay-c2")
+    assert first is not None and first == again and first.claim_label == "micropay-c1"
+    assert other is not None and other.payment_hash != first.payment_hash
+
+
+async def test_an_empty_pool_or_another_price_claims_nothing(repo):
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await fill(repo, 1)
+    assert await claim(repo, "micropay-x", amount=2000) is None
+    assert await claim(repo, "micropay-x", desc="other") is None
+    assert await claim(repo, "micropay-y") is not None
+    assert await claim(repo, "micropay-z") is None
+
+
+async def test_an_invoice_too_close_to_expiry_is_not_handed_out(repo):
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await repo.add(pooled(1, expires_at=NOW + 30), NOW_MS)          # payable_after is NOW + 60
+    assert await claim(repo, "micropay-late") is None
+
+
+async def test_nodes_with_a_stale_heartbeat_get_no_claims(repo):
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS - 60_000, 0, 0))     # stale
+    await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, 0, 0))
+    await fill(repo, 5, node="node-a")
+    await fill(repo, 2, node="node-b")
+    got = [await claim(repo, f"micropay-s{i}") for i in range(4)]
+    assert [g.node_id for g in got[:2]] == ["node-b", "node-b"]
+    assert got[2:] == [None, None], "the stale node's invoices were handed out"
+    assert [n.node_id for n in await repo.live_nodes(NOW_MS - 10_000)] == ["node-b"]
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))              # it is back
+    assert (await claim(repo, "micropay-s9")).node_id == "node-a"
+
+
+async def test_drop_loses_to_a_claim(repo):
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    inv, = await fill(repo, 1, expires_at=NOW + 100)
+    assert await repo.stale("node-a", NOW + 120, 10) == [(inv.payment_hash, inv.node_label)]
+    assert (await claim(repo, "micropay-first")).payment_hash == inv.payment_hash
+    assert await repo.drop(inv.payment_hash) is False, "a claimed invoice left the pool"
+    assert (await repo.by_claim("micropay-first")).payment_hash == inv.payment_hash
+
+
+async def test_concurrent_claims_in_one_process_never_share_an_invoice(repo):
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    pool = await fill(repo, 200)
+    got = await asyncio.gather(*(claim(repo, f"micropay-k{i}") for i in range(240)))
+    hashes = [g.payment_hash for g in got if g is not None]
+    assert len(hashes) == 200 and len(set(hashes)) == 200
+    assert set(hashes) == {p.payment_hash for p in pool}
+
+
+CLAIMER = textwrap.dedent("""
+    import asyncio, json, sys
+    from micropay.store import open_store_from_url
+    from micropay.store.fleet import FLEET_SCHEMA, FleetRepository
+    async def main(url, who, now_ms):
+        store = open_store_from_url(url, (FLEET_SCHEMA,))
+        await store.open()
+        repo = FleetRepository(store)
+        got, misses, i = [], 0, 0
+        async def worker(w):
+            nonlocal misses, i
+            while misses < 20:
+                i += 1
+                inv = await repo.claim(f"micropay-{who}-{w}-{i}", 1000, "joke", now_ms=now_ms,
+                                       payable_after=now_ms // 1000 + 60, fresh_since_ms=now_ms - 10_000)
+                if inv is None:
+                    misses += 1
+                    await asyncio.sleep(0.01)
+                else:
+                    got.append(inv.payment_hash)
+        await asyncio.gather(*(worker(w) for w in range(8)))
+        await store.close()
+        print(json.dumps(got))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+""")
+
+
+@pytest.mark.postgres
+async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_twice_none_lost(tmp_path):
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url = pg_url_with_fresh_schema()
+    store = open_store_from_url(url, (FLEET_SCHEMA,))
+    await store.open()
+    try:
+        repo = FleetRepository(store)
+        await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+        await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, 0, 0))
+        rows = [pooled(i, node="node-a" if i % 2 else "node-b") for i in range(10_000)]
+        values = ",".join(f"('{r.payment_hash}','{r.node_id}','{r.node_label}',{r.amount_msat},'{r.description}',"
+                          f"'{r.bolt11}',{r.expires_at},{NOW_MS})" for r in rows)
+        await store.execute("INSERT INTO micropay_fleet_invoices (payment_hash, node_id, node_label, amount_msat, "
+                            f"description, bolt11, expires_at, created_ms) VALUES {values}")
+        script = tmp_path / "claimer.py"
+        script.write_text(CLAIMER)
+        procs = [subprocess.Popen([sys.executable, str(script), url, who, str(NOW_MS)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+                 for who in ("p1", "p2")]
+        outs = []
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+            outs.append(json.loads(out))
+        first, second = set(outs[0]), set(outs[1])
+        assert len(first) == len(outs[0]) and len(second) == len(outs[1]), "one process got an invoice twice"
+        assert not first & second, f"{len(first & second)} invoices handed to both processes"
+        assert first | second == {r.payment_hash for r in rows}, "invoices lost"
+        assert first and second, "one process claimed nothing: the test did not run concurrently"
+        left = await store.fetchrow("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE claim_label IS NULL")
+        assert left[0] == 0
+    finally:
+        await store.close()
+        await drop_pg_schema(url)
