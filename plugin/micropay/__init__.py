@@ -1,9 +1,10 @@
 """micropay: Lightning micropayments (L402) for Core Lightning and aiohttp.
 
 The package is laid out in rooms, one per concern (docs/architecture.md has the map).
-Release 0.2 kept 37 modules side by side; their old import paths still work: importing
-one loads the module in its room under both names (the same module object, so classes
-and state are shared). docs/changelog.md lists where each went.
+Release 0.2 kept its modules side by side; the 35 that moved keep their old import paths:
+importing one loads the module in its room under both names (the same module object, so
+classes and state are shared), and `python -m micropay.<old name>` runs it where it lives.
+docs/changelog.md lists where each went.
 """
 from __future__ import annotations
 
@@ -44,8 +45,19 @@ class _Alias(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         module.__spec__ = self.spec       # the import system set it to the old name's spec
 
+    def get_code(self, fullname: str):
+        # `python -m micropay.<old name>` (runpy asks for code): run the module in its room,
+        # so that its relative imports resolve from where it lives.
+        return compile(f"import runpy\nrunpy.run_module({self.target!r}, run_name='__main__', alter_sys=True)\n",
+                       f"<{fullname} moved to {self.target}>", "exec")
+
+    def is_package(self, fullname: str) -> bool:
+        return False
+
 
 class _MovedFinder(importlib.abc.MetaPathFinder):
+    micropay_moved = True               # found again by this mark after importlib.reload
+
     def find_spec(self, fullname, path=None, target=None):
         prefix, _, rest = fullname.partition(".")
         if prefix != __name__ or rest not in MOVED:
@@ -53,5 +65,7 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_loader(fullname, _Alias(f"{__name__}.{MOVED[rest]}"))
 
 
-if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):
-    sys.meta_path.append(_MovedFinder())
+# First on the path, so that a stale file left at an old path by an earlier install (a
+# micropay/tokens.py that pip did not remove) can never shadow the module in its room.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "micropay_moved", False)]
+sys.meta_path.insert(0, _MovedFinder())
