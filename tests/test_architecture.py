@@ -69,6 +69,11 @@ MAY_LOAD = {
     "sidecar": ("core", "l402", "payment", "streams.attribution", "seller", "lightning", "store", "http"),
 }
 CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
+# Pure: rules and formats, with no I/O framework, no adapter, no port, no feature. Whole
+# rooms, and the pure modules of other rooms.
+PURE_ROOMS = ("core", "l402")
+PURE_MODULES = {"payment.scheme", "streams.schedule", "streams.tlv", "seller.pricing", "seller.tomlpos",
+                "seller.discovery"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
 SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin.agent", "streams.runner",
             "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
@@ -76,6 +81,8 @@ SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin
 # Where aiohttp may be imported: the HTTP edges and the clients.
 AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli")
 PYLN_HOMES = {"plugin.glue"}
+# The top-level modules of release 0.2 that moved into rooms (their old paths still import).
+OLD_PATHS = frozenset(importlib.import_module("micropay").MOVED)
 
 
 def _under(name: str, homes) -> bool:
@@ -126,8 +133,8 @@ def _scan(name: str, path: Path, modules) -> tuple[set[str], set[str], set[str]]
         for full in targets(node):
             if full == "micropay" or full.startswith("micropay."):
                 local = full[len("micropay."):] if full != "micropay" else ""
-                if local in modules:
-                    bucket.add(local)
+                if local in modules or (local.split(".")[0] in OLD_PATHS and local.split(".")[0] not in modules):
+                    bucket.add(local)       # an old path is kept so that a rule can refuse it
             elif full:
                 third.add(full.split(".")[0])
 
@@ -182,7 +189,7 @@ class Graph:
             while todo:
                 current = todo.pop()
                 parents = {current.rsplit(".", i)[0] for i in range(1, current.count(".") + 1)}
-                for dep in self.eager[current] | {p for p in parents if p in self.eager}:
+                for dep in self.eager.get(current, set()) | {p for p in parents if p in self.eager}:
                     if dep not in seen:
                         seen.add(dep)
                         todo.append(dep)
@@ -223,10 +230,19 @@ def rule_rooms_import_only_what_they_may(g: Graph) -> list[str]:
     return out
 
 
+def _pure(name: str) -> bool:
+    # A room's package __init__ is not checked itself, but what it loads is, from each pure
+    # module that loads it (importing streams.schedule runs streams/__init__.py).
+    return _room(name) in PURE_ROOMS or name in PURE_MODULES or name in ROOMS
+
+
 def rule_core_is_pure(g: Graph) -> list[str]:
+    """The pure modules (the core room, the L402 room, and the formats and rules in other
+    rooms) load, through everything they import in turn, only pure modules, and no I/O
+    framework or database driver."""
     out = []
-    for name in sorted(m for m in g.modules if _room(m) == "core"):
-        stray = {m for m in g.loads(name) if _room(m) != "core" and m != ""}
+    for name in sorted(m for m in g.modules if _pure(m) and (m not in ROOMS or m in PURE_ROOMS)):
+        stray = {m for m in g.loads(name) if not _pure(m) and m != ""}
         if stray:
             out.append(f"{name} loads {sorted(stray)}")
         banned = g.third_party_loaded(name) & CORE_THIRD_PARTY_BANNED
@@ -282,6 +298,13 @@ def rule_features_do_not_reach_into_each_other(g: Graph) -> list[str]:
     return out
 
 
+def rule_no_module_imports_an_old_path(g: Graph) -> list[str]:
+    """Inside the package, imports name modules where they live: an old path (kept for
+    users, see micropay.MOVED) would hide the real dependency from every rule above."""
+    return [f"{name} imports the old path micropay.{dep}" for name in sorted(g.modules)
+            for dep in sorted(g.eager[name] | g.lazy[name]) if dep not in g.modules]
+
+
 def rule_the_sidecar_loads_games_only_when_configured(g: Graph) -> list[str]:
     return [f"sidecar.app loads {m}" for m in sorted(g.loads("sidecar.app")) if _room(m) == "games"]
 
@@ -325,7 +348,12 @@ PLANTS = {
         ("plugin.runtime", "sidecar.app", "eager"),
         ("sidecar.gate", "plugin.glue", "eager"),
     ],
-    rule_core_is_pure: [("core.errors", "lightning.base", "eager"), ("core.inputs", "aiohttp", "third")],
+    rule_core_is_pure: [("core.errors", "lightning.base", "eager"), ("core.inputs", "aiohttp", "third"),
+                        ("l402.tokens", "psycopg", "third"),
+                        ("seller.pricing", "store.base", "eager"), ("payment.scheme", "store.sessions", "eager"),
+                        ("streams.schedule", "lightning.base", "eager"), ("streams.tlv", "aiohttp", "third"),
+                        ("seller.discovery", "lightning.outcome", "eager"),
+                        ("seller.tomlpos", "seller.config", "eager")],
     rule_services_never_load_an_adapter: [("seller.challenger", "lightning.cln", "eager"),
                                           ("payment.sessions", "store.sqlite", "eager"),
                                           ("games.webhooks", "aiohttp", "third")],
@@ -337,6 +365,8 @@ PLANTS = {
     rule_the_sidecar_loads_games_only_when_configured: [("sidecar.gate", "games.service", "eager"),
                                                         ("sidecar.proxy", "games.http.api", "eager")],
     rule_no_import_cycles: [("core.errors", "core.inputs", "eager")],
+    rule_no_module_imports_an_old_path: [("sidecar.gate", "tokens", "old"), ("games.payouts", "sessions", "old-lazy"),
+                                         ("plugin.runtime", "cln_plugin", "old")],
 }
 RULES = list(PLANTS)
 
@@ -352,10 +382,19 @@ def test_rule_holds(rule):
                          [(rule, *plant) for rule, plants in PLANTS.items() for plant in plants],
                          ids=lambda v: getattr(v, "__name__", v))
 def test_rule_fails_on_a_planted_import(rule, module, dep, kind):
-    assert module in GRAPH.modules and (kind == "third" or dep in GRAPH.modules), (module, dep)
+    assert module in GRAPH.modules and (kind in ("third", "old", "old-lazy") or dep in GRAPH.modules), (module, dep)
+    assert not kind.startswith("old") or dep in OLD_PATHS
     assert dep not in (GRAPH.eager[module] | GRAPH.lazy[module] | GRAPH.third[module])
-    broken = GRAPH.planted(module, dep, lazy=kind == "lazy", third=kind == "third")
+    broken = GRAPH.planted(module, dep, lazy=kind.endswith("lazy"), third=kind == "third")
     assert rule(broken), f"{rule.__name__} did not notice {module} importing {dep}"
+
+
+def test_purity_is_checked_through_what_a_module_loads():
+    """A pure module that imports only pure modules still fails when one of those loads
+    something impure: the check follows imports, not just the module's own lines."""
+    assert "core.canonical" in GRAPH.loads("seller.pricing")
+    broken = GRAPH.planted("core.canonical", "store.base")
+    assert any(v.startswith("seller.pricing loads") for v in rule_core_is_pure(broken))
 
 
 def test_the_rules_name_modules_that_exist():
@@ -398,6 +437,45 @@ def test_old_import_paths_still_work():
     from micropay.streams import Stream
     assert L402Client.__module__ == "micropay.client.payer"
     assert parse_challenges.__module__ == "micropay.l402.wire" and Stream.__module__ == "micropay.streams.schedule"
+
+
+def test_old_paths_run_with_python_m_and_survive_a_reload(tmp_path):
+    """`python -m micropay.cln_plugin` still starts the plugin's entry point (outside
+    lightningd it explains itself and exits), and reloading the package keeps exactly one
+    finder, first on sys.meta_path."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "micropay.cln_plugin"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and "lightningd" in out.stdout + out.stderr, (out.stdout, out.stderr)
+    probe = ("import importlib, sys, micropay\n"
+             "importlib.reload(micropay); importlib.reload(micropay)\n"
+             "marks = [getattr(f, 'micropay_moved', False) for f in sys.meta_path]\n"
+             "assert marks.count(True) == 1 and marks[0], marks\n"
+             "import micropay.tokens, micropay.l402.tokens\n"
+             "assert micropay.tokens is micropay.l402.tokens\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+
+
+# The public names of the three modules that became packages, as release 0.2 had them.
+PUBLIC_IN_0_2 = {
+    "client": "BUDGET_HINT DAY_S MAX_CHALLENGE_BODY DEFAULT_MAX_BODY DEAD_KEPT_S Budget PaidInvoice Wallet "
+              "PaymentNeverLeft NodeWallet SandboxHttpWallet CachedToken Spend ClientState TokenCache Result "
+              "L402Client challenge_invoice BudgetExceeded",
+    "streams": "MIN_PIECE_MSAT MAX_CONSECUTIVE_FAILURES MAX_BACKOFF_S MAX_RECIPIENTS STATES TLV_PODCAST Recipient "
+               "InFlight Stream parse_recipients",
+    "l402": "SCHEMES MAX_AUTHORIZATION_LEN PROBLEM_CONTENT_TYPE Credential parse_authorization format_authorization "
+            "challenge_headers Challenge parse_challenges problem_body payment_required_body",
+}
+
+
+@pytest.mark.parametrize("package", sorted(PUBLIC_IN_0_2))
+def test_packages_offer_every_name_their_module_did(package):
+    module = importlib.import_module(f"micropay.{package}")
+    names = PUBLIC_IN_0_2[package].split()
+    assert [n for n in names if not hasattr(module, n)] == []
+    assert set(names) <= set(module.__all__)
 
 
 def test_the_scanner_sees_an_import_it_should():
