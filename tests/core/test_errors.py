@@ -1,4 +1,4 @@
-"""The error catalogue (micropay/errors.py): every error's code and JSON-RPC code is its own."""
+"""The error catalogue (micropay/core/errors.py): every error's code and JSON-RPC code is its own."""
 import importlib
 import pkgutil
 

@@ -1,4 +1,4 @@
-"""The background-work helpers (micropay/tasks.py)."""
+"""The background-work helpers (micropay/core/tasks.py)."""
 import asyncio
 import logging
 

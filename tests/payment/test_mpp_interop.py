@@ -1,7 +1,7 @@
 """The MPP SDKs nobody here wrote, as they come from their registries, against `micropay
 serve` (a real process, sandbox backend) in front of an SSE upstream: mppx 0.11.0 (npm,
 driven by node through tests/js/mppx_interop.mjs) and pympp 0.16.0 (PyPI, import `mpp`:
-tests/payment/test_mpp_interop.pympp.py, on the same server).
+tests/payment/test_mpp_interop_pympp.py, on the same server).
 
 Each drives the charge intent (a Payment-only route and a route offering L402 beside
 Payment) and the session intent (open with a return invoice, bearer SSE with per-event

@@ -1,4 +1,4 @@
-"""The "Payment" scheme's wire format and checks (micropay/payment_auth.py), no HTTP."""
+"""The "Payment" scheme's wire format and checks (micropay/payment/scheme.py), no HTTP."""
 import hashlib
 import json
 import os

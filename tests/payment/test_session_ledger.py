@@ -1,4 +1,4 @@
-"""The session ledger (sessions.py) on SQLite and PostgreSQL with sandbox nodes: leases
+"""The session ledger (micropay/payment/sessions.py) on SQLite and PostgreSQL with sandbox nodes: leases
 never serve more than was paid and give back what they did not serve, a close refunds
 exactly the rest, and a close interrupted at any step is finished from the node's
 record without paying twice."""

@@ -131,7 +131,7 @@ async def opened(sc, path="/one"):
 
 async def settle(sc):
     """Wait until the units the sidecar reserved but did not serve are back in the store
-    (a busy session reserves more than one unit at a time: sessions.py)."""
+    (a busy session reserves more than one unit at a time: micropay/payment/sessions.py)."""
     ledger = sc.rt.gate.sessions
     await asyncio.sleep(ledger.lease_s + 0.05)
     await ledger.flush_leases()

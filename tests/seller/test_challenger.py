@@ -1,4 +1,4 @@
-"""The challenge service (micropay/challenger.py), with no HTTP: freshness, limits, records."""
+"""The challenge service (micropay/seller/challenger.py), with no HTTP: freshness, limits, records."""
 import pytest
 
 from micropay.seller.challenger import Challenger

@@ -1,4 +1,4 @@
-"""The settlement router (micropay/settlement.py): each paid invoice goes to the feature
+"""The settlement router (micropay/seller/settlement.py): each paid invoice goes to the feature
 that issued it, once per settlement, from a cursor that survives restarts."""
 import asyncio
 

@@ -140,7 +140,7 @@ def test_good_recipients():
 
 
 # A stream as release 0.1.0 wrote it to the datastore (per-recipient accounts in parallel
-# lists), produced by that release's streams.py: one payment to the host, one failure.
+# lists), produced by that release's micropay/streams.py: one payment to the host, one failure.
 RELEASE_0_1_0_STREAM = '{"id": "s1", "recipients": [{"destination": "02aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "share": 1, "name": "host"}, {"destination": "03bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "share": 3, "name": "guest"}], "amount_msat": 10001, "interval_s": 60, "max_total_msat": 1000000, "max_fee_msat": 50, "created_at": 1000.0, "label": "pod", "metadata": {}, "state": "active", "reason": null, "next_due": 1060.0, "intervals": 1, "missed_intervals": 0, "owed": [0, 7500], "carry": [1, 3], "piece": [2501, 3750], "retry_at": [0.0, 1003.0], "consecutive_failures": [0, 1], "suspended": [false, false], "paid_msat": 2500, "fees_msat": 3, "paid_by_recipient": [2500, 0], "payments": 1, "failures": 1, "last_error": "no route", "seq": 2, "in_flight": null, "last_paid_at": 1001.0}'
 
 

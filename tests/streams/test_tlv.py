@@ -1,4 +1,4 @@
-"""TLV streams (micropay/tlv.py): the onion payload records of incoming keysends."""
+"""TLV streams (micropay/streams/tlv.py): the onion payload records of incoming keysends."""
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -208,7 +208,7 @@ class ClientState:
     spends: dict[str, Spend] = field(default_factory=dict)
     dead: dict[str, int] = field(default_factory=dict)   # payment hash -> when found dead at the node
     # Payment sessions whose deposit is paid and that are not known closed (session id ->
-    # what closing them needs: session_client.OpenSession's fields), so a run that died
+    # what closing them needs: client/sessions.py's OpenSession's fields), so a run that died
     # mid-session closes them at its next start and the refund comes back at once.
     sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
 

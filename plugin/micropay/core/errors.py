@@ -5,8 +5,8 @@ once and never leak tracebacks.
 
 Every `code` is unique, and so is every `rpc_code` but one: -32602, JSON-RPC's "invalid
 params", is the code of every bad-input error (BadRequest and its kinds, ConfigError),
-as lightningd's own commands use it; their `code` says which (tests/test_errors.py). A
-payment lightningd refused keeps lightningd's own code (see cln_plugin.py).
+as lightningd's own commands use it; their `code` says which (tests/core/test_errors.py). A
+payment lightningd refused keeps lightningd's own code (see plugin/glue.py).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Invoice-spam guard and free tier: per-client counters kept in memory, bounded.
 
 Unauthenticated requests cost the node an invoice each (every 402 is a new one): these
-limits, with the per-client and store-wide pending bounds in challenger.py, keep that
+limits, with the per-client and store-wide pending bounds in seller/challenger.py, keep that
 finite (429 / 503 with Retry-After past them).
 Counters are per process: with N sidecar processes the effective limits are N times.
 """

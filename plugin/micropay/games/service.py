@@ -38,7 +38,7 @@ class Games:
         self.paywall_limit: TokenBucket | None = None    # made on first use
         self.closing = False         # set at shutdown: event streams end
         self.openapi: dict[str, Any] | None = None   # built on first request; the config is fixed
-        self.openapi_extra_paths: dict[str, Any] = {}   # the sidecar's priced routes (discovery.py)
+        self.openapi_extra_paths: dict[str, Any] = {}   # the sidecar's priced routes (seller/discovery.py)
 
     def register_settlements(self, router: SettlementRouter) -> None:
         """Purchases are paid through invoices labelled micropay-purchase-<id>."""

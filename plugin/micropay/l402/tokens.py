@@ -13,7 +13,7 @@ Caveats (key=value, every one must hold; repeating a key can only narrow access)
     <service>_capabilities=a,b          route's required capabilities must be a subset
     <service>_valid_until=<unix>        not after this time
     expiration=<unix milliseconds>      the same, as lsat-js (boltwall) attenuates tokens
-    path=<pattern>                      request path must match (see patterns.py)
+    path=<pattern>                      request path must match (see core/patterns.py)
     method=GET[,POST]                   request method must be listed
     credits=<n>                         n requests, debited in the store
 Caveats naming another service's capabilities/valid_until are ignored, as Aperture

@@ -28,7 +28,7 @@ def _u5_to_bitarray(arr: list[int]) -> BitArray:
 # bolt11.decode looks the helper up in its module's namespace; give it the fast one, but
 # only after checking that it still computes what the library's own helper computes. If
 # a bolt11 release renames the helper or changes what it returns, the library's code
-# stays in place (slower, still correct). tests/test_bolt11codec.py covers both paths.
+# stays in place (slower, still correct). tests/lightning/test_bolt11codec.py covers both paths.
 _PROBES = ([], [0], [31], [1, 2, 3, 4, 5, 6, 7, 8], [31] * 13, list(range(32)) * 3)
 
 

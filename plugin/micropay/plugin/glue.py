@@ -5,7 +5,7 @@
 Nothing here waits. lightningd sends the plugin one message at a time (pyln reads them
 on its main thread), and among them the htlc_accepted hook for every HTLC the node
 receives or forwards: a handler that waited would hold up the node's payments. So every
-RPC method hands its work to the runtime's event loop (plugin_runtime.py) and returns;
+RPC method hands its work to the runtime's event loop (runtime.py) and returns;
 the answer is written when the work is done. The hook answers `continue` at once and
 records what it saw in the background.
 """

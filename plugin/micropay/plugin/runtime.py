@@ -2,7 +2,7 @@
 connection to lightningd, holding the invoice issuer, the stream runner, the store, the
 payouts and the supervised sidecar.
 
-pyln-client's Plugin (cln_plugin.py) reads lightningd's requests on its main thread,
+pyln-client's Plugin (glue.py) reads lightningd's requests on its main thread,
 one at a time; while a handler runs, nothing else the node sends (the htlc_accepted
 hook for every HTLC, other calls) is handled. So handlers never wait here: they
 `submit` a coroutine and return, and its outcome answers the request later from this

@@ -1,6 +1,6 @@
 """Route -> price rules, and the optional Python hook for dynamic prices.
 
-A rule matches a method and a path pattern (patterns.py). What one payment buys:
+A rule matches a method and a path pattern (core/patterns.py). What one payment buys:
     credits = N     N requests (default 1: plain pay-per-request), debited in the store
     pass_s  = S     any number of requests for S seconds, verified statelessly
     session         a deposit of `deposit_units` units, spent per request or per event

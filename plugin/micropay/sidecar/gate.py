@@ -1,7 +1,7 @@
 """The payment gate: admit a request with a valid L402 or Payment credential, or answer 402.
 
 A 402 offers the route's schemes on one invoice: `L402` (bLIP-26) and, for per-request
-routes priced in whole satoshis, `Payment` (the MPP charge intent, payment_auth.py).
+routes priced in whole satoshis, `Payment` (the MPP charge intent, payment/scheme.py).
 Paying once buys one of them: a Payment credential is consumed by writing its token's
 credit ledger to zero, the same row an L402 credits token debits. Session routes
 (`session` in the route's config) speak the Payment scheme's session intent instead:
@@ -10,7 +10,7 @@ session_gate.py.
 Usable as aiohttp middleware (`gate.middleware`, priced by the config's routes) and
 as a decorator on a handler (`@gate.require(price_msat=...)`).
 
-Every priced decision is made on the request's canonical path (canonical.py), computed
+Every priced decision is made on the request's canonical path (core/canonical.py), computed
 once per request. A target that could be read two ways is refused (400). A handler
 that serves the request itself only runs when aiohttp routed it on that same path
 (otherwise the client is redirected to the canonical URL); the reverse proxy forwards
@@ -413,7 +413,7 @@ class Gate:
 
     async def _serve_streamed(self, request: web.Request, rule: RouteRule, handler: Handler,
                               stream_id: str) -> web.StreamResponse:
-        """Metered access paid by an incoming payment stream (see streams.py): each
+        """Metered access paid by an incoming payment stream (see streams/schedule.py): each
         request spends rule.stream_msat of what the stream has paid this node so far."""
         if not is_secret_stream_id(stream_id):
             raise BadRequest(f"{STREAM_HEADER} must be the id of a micropay stream (16-64 lowercase hex "

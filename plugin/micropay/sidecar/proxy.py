@@ -1,6 +1,6 @@
 """Reverse proxy to the upstream API: bodies streamed both ways, hop-by-hop headers dropped.
 
-The upstream receives exactly the canonical target the gate priced (canonical.py), never
+The upstream receives exactly the canonical target the gate priced (core/canonical.py), never
 the client's own spelling of it. The L402 credential is not forwarded (the upstream
 never sees preimages); the token id and payment hash are passed as X-L402-Token-Id /
 X-L402-Payment-Hash instead. Headers the proxy sets are always its own: a client's copy

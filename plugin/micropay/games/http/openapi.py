@@ -1,5 +1,5 @@
 """The OpenAPI 3.1 description of the purchases API, served at /openapi.json.
-tests/test_openapi.py keeps it true: every route is described, every response the
+tests/games/test_openapi.py keeps it true: every route is described, every response the
 tests see validates against its schema."""
 from __future__ import annotations
 
