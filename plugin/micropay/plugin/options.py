@@ -26,7 +26,7 @@ class OptionSpec:
     name: str
     default: Any
     description: str
-    kind: str = "int"            # int | string | listen | service
+    kind: str = "int"            # int | string | listen | service | store
     dynamic: bool = False
     minimum: int = 0
     maximum: int = MAX_MSAT
@@ -56,6 +56,8 @@ class OptionSpec:
             host, sep, port = raw.rpartition(":")
             if not sep or not host or not 0 < (decimal(port, 5) or 0) < 65536:
                 raise BadRequest(f"{self.name}: must be host:port, got {raw!r}")
+        if self.kind == "store" and raw and not raw.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise BadRequest(f"{self.name}: must start with postgresql:// or sqlite:///")
         if self.kind == "service" and not _SERVICE.fullmatch(raw):
             raise BadRequest(f"{self.name}: must be 1-64 of A-Z a-z 0-9 _ -, got {raw!r}")
         return raw
@@ -85,6 +87,19 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "listen"),
     OptionSpec("micropay-sidecar-config", "", "TOML config for the supervised sidecar (routes, upstream)",
                "string"),
+    OptionSpec("micropay-fleet-store", "", "If set (postgresql://... or sqlite:///...), run the fleet agent: "
+               "keep invoice pools of this node in that shared store, answer sidecars' asks, record "
+               "settlements, and pay the store's payment queue within the micropay-fleet-pay-* caps", "store"),
+    OptionSpec("micropay-fleet-pool-per-round", 200, "Fleet agent: most invoices created per second for the "
+               "pools (1 to 10000)", dynamic=True, minimum=1, maximum=10_000),
+    OptionSpec("micropay-fleet-pay-max-msat", 0, "Fleet agent: most one queued payment may deliver "
+               "(msat; 0: the queue pays nothing)", dynamic=True, unit="msat"),
+    OptionSpec("micropay-fleet-pay-subject-day-msat", 0, "Fleet agent: most paid to one subject (a player) "
+               "in 24 h (msat)", dynamic=True, unit="msat"),
+    OptionSpec("micropay-fleet-pay-day-msat", 0, "Fleet agent: most paid from the queue in 24 h (msat)",
+               dynamic=True, unit="msat"),
+    OptionSpec("micropay-fleet-pay-max-fee-msat", 5_000, "Fleet agent: routing fee limit per queued "
+               "payment, refunds included (msat)", dynamic=True, unit="msat"),
 )
 SPECS = {s.name: s for s in OPTIONS}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from .invoices import InvoiceIssuer
 from ..lightning.cln import ClnNode
 from ..lightning.datastore import Datastore
 from ..core.params import msat_param
+from ..core.tasks import Backoff
 from .options import Settings
 from ..core.secretfile import private_dir
 from .supervisor import SidecarSupervisor
@@ -101,6 +103,9 @@ class PluginRuntime:
         self.payouts = Payouts(None, self.store, self.node)
         self._payout_watch = asyncio.create_task(self.payouts.watch(), name="micropay-payouts")
         self._keys_watch = asyncio.create_task(follow_key_file(self.tokens), name="micropay-keys")
+        self._agent_task: asyncio.Task[None] | None = None
+        if s["micropay-fleet-store"]:
+            self._agent_task = asyncio.create_task(self._run_agent(s["micropay-fleet-store"]), name="micropay-agent")
         listen = s["micropay-listen"]
         if listen:
             self.supervisor = SidecarSupervisor(self.rpc_file, self.data_dir, listen,
@@ -113,6 +118,10 @@ class PluginRuntime:
                 await self.supervisor.stop()
             self._payout_watch.cancel()
             self._keys_watch.cancel()
+            if self._agent_task is not None:
+                self._agent_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._agent_task
             await self.streams.stop()
             await self.store.close()
             await self.node.close()
@@ -121,6 +130,69 @@ class PluginRuntime:
         except Exception as exc:
             log.warning("shutdown: %s", exc)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    # -- fleet mode: the node agent ---------------------------------------------------------
+    def _agent_settings(self) -> "AgentSettings":
+        from .agent import AgentSettings
+        s = self.settings
+        return AgentSettings(per_round=s["micropay-fleet-pool-per-round"],
+                             max_payment_msat=s["micropay-fleet-pay-max-msat"],
+                             per_subject_day_msat=s["micropay-fleet-pay-subject-day-msat"],
+                             per_day_msat=s["micropay-fleet-pay-day-msat"],
+                             max_fee_msat=s["micropay-fleet-pay-max-fee-msat"])
+
+    async def _run_agent(self, url: str) -> None:
+        """The fleet agent's loop (lightning/fleet.py has the sidecar's half): a round a
+        second (heartbeat, prune, refill); asks and queued payments as soon as they are
+        announced (PostgreSQL NOTIFY), else within `poll_s`; the node's settlements
+        followed from the cursor kept in the shared store. A store outage is waited out
+        with backoff; nothing here ever holds up lightningd's hooks."""
+        from ..store import open_store_from_url
+        from ..store.fleet import ASKS_CHANNEL, FLEET_SCHEMA, QUEUED_CHANNEL, FleetRepository
+        from .agent import FleetAgent
+        backoff = Backoff(first_s=1.0, max_s=30.0)
+        poll_s = 0.05 if url.startswith("sqlite") else 0.5
+        while True:
+            store = open_store_from_url(url, (FLEET_SCHEMA,))
+            stops: list[Callable[[], Awaitable[None]]] = []
+            follow: asyncio.Task[None] | None = None
+            try:
+                await store.open()
+                agent = FleetAgent(self.node, FleetRepository(store), self._agent_settings())
+                self.agent = agent
+                woke = asyncio.Event()
+                stops = [await store.listen(ASKS_CHANNEL, woke.set), await store.listen(QUEUED_CHANNEL, woke.set)]
+                await agent.beat()
+                follow = asyncio.create_task(agent.follow_settlements(), name="micropay-agent-settlements")
+                log.info("fleet agent: node %s in %s", await agent.node_id(), url.split("@")[-1].split("?")[0])
+                last_round = 0.0
+                while True:
+                    agent.settings = self._agent_settings()
+                    if time.monotonic() - last_round >= 1.0:
+                        last_round = time.monotonic()
+                        await agent.round()
+                    await agent.answer_asks()
+                    for _ in range(20):
+                        if not await agent.pay_once():
+                            break
+                    if follow.done():
+                        follow.result()             # raises what stopped it: the loop restarts
+                    backoff.reset()
+                    woke.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(woke.wait(), poll_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = backoff.next()
+                log.warning("fleet agent: %s; again in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+            finally:
+                if follow is not None:
+                    follow.cancel()
+                for stop in stops:
+                    await stop()
+                await store.close()
 
     # -- invoice settlement and incoming streams --------------------------------------
     async def invoice_paid(self, label: str, preimage: str, msat: int) -> None:
