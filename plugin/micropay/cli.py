@@ -62,9 +62,9 @@ def rpc_file_from(rpc_file: str | None, lightning_dir: str | None, network: str)
 def _config_from_args(args: argparse.Namespace) -> Config:
     cfg = load_config(Path(args.config)) if args.config else demo_config()
     names_a_node = bool(getattr(args, "rpc_file", None) or getattr(args, "lightning_dir", None))
-    if names_a_node and args.backend == "sandbox":
+    if names_a_node and args.backend in ("sandbox", "fleet"):
         raise ConfigError("--rpc-file/--lightning-dir name a Core Lightning node; they do not go with "
-                          "--backend sandbox")
+                          f"--backend {args.backend}")
     if names_a_node and args.backend is None:
         args.backend = "cln"       # naming a node means using it, never the sandbox
     return cfg.with_overrides(
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help="host:port (default 127.0.0.1:8402)")
     s.add_argument("--data-dir", help="keys and SQLite database (default ./.micropay)")
     s.add_argument("--store", help="sqlite:///path or postgresql://... URL")
-    s.add_argument("--backend", choices=["sandbox", "cln"])
+    s.add_argument("--backend", choices=["sandbox", "cln", "fleet"])
     s.add_argument("--rpc-file", help="Core Lightning lightning-rpc socket (cln backend)")
     s.add_argument("--lightning-dir", help="instead of --rpc-file: lightningd's base directory")
     s.add_argument("--network", default="bitcoin", help="with --lightning-dir (default bitcoin)")

@@ -18,7 +18,19 @@ from .pricing import Pricing, RouteRule, _Table, parse_route
 if TYPE_CHECKING:
     from ..games.config import GamesConfig
 
-BACKENDS = ("sandbox", "cln")
+BACKENDS = ("sandbox", "cln", "fleet")
+FLEET_KEYS = {"network", "heartbeat_timeout_s", "pool_depth", "pool_expiry_s", "ask_timeout_s"}
+
+
+@dataclass(frozen=True)
+class FleetOptions:
+    """[backend] with kind = "fleet": invoices come from the node agents' pools in the
+    store; this sidecar opens no connection to any node (docs/scaling.md)."""
+    network: str = "regtest"         # the nodes' network, as invoices name it
+    heartbeat_timeout_s: int = 15    # a node whose agent has not beaten for this long gets no claims
+    pool_depth: int = 50             # unclaimed invoices kept per price and node
+    pool_expiry_s: int = 3600        # expiry of pooled invoices
+    ask_timeout_s: float = 2.0       # longest wait for an invoice made on demand (then 503)
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class Config:
     upstream: str | None = None
     backend: str = "sandbox"
     rpc_file: Path | None = None
+    fleet: FleetOptions | None = None   # with backend "fleet"
     store_url: str | None = None      # default: sqlite in data_dir
     trust_forwarded_for: bool = False  # take the client address from X-Forwarded-For
     forwarded_for_hops: int = 1        # how many proxies of ours append to X-Forwarded-For
@@ -93,7 +106,13 @@ class Config:
                 for i, r in enumerate(self.routes) if r.upstream is None]
 
     def with_overrides(self, **overrides: Any) -> "Config":
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        out = replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        if out.backend == "fleet" and out.rpc_file is not None:
+            raise ConfigError("a sidecar in fleet mode opens no node's socket: --rpc-file/--lightning-dir "
+                              "do not go with the fleet backend")
+        if out.backend == "fleet" and out.fleet is None:
+            out = replace(out, fleet=FleetOptions())
+        return out
 
 
 CORE_KEYS = frozenset({"service", "listen", "data_dir", "upstream", "trust_forwarded_for", "forwarded_for_hops",
@@ -114,13 +133,31 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
         raise top.fail("service", "must be letters, digits, '-' or '_'")
 
     backend = _Table(top.get("backend", dict, {}), f"{source}: backend")
-    backend.check_keys({"kind", "rpc_file"})
+    backend.check_keys({"kind", "rpc_file"} | FLEET_KEYS)
     kind = backend.get("kind", str, "sandbox")
     if kind not in BACKENDS:
         raise backend.fail("kind", f"must be one of {', '.join(BACKENDS)}, got {kind!r}")
     rpc_file = backend.get("rpc_file", str)
     if kind == "cln" and not rpc_file:
         raise backend.fail("rpc_file", "is required when kind = \"cln\"")
+    if kind == "fleet" and rpc_file:
+        raise backend.fail("rpc_file", "a sidecar in fleet mode opens no node's socket; leave rpc_file out")
+    if kind != "fleet":
+        for key in sorted(FLEET_KEYS & set(backend.data)):
+            raise backend.fail(key, "applies only with kind = \"fleet\"")
+    fleet = None
+    if kind == "fleet":
+        network = backend.get("network", str, "regtest")
+        if network not in ("bitcoin", "testnet", "testnet4", "signet", "regtest"):
+            raise backend.fail("network", f"must be bitcoin, testnet, testnet4, signet or regtest, got {network!r}")
+        fleet = FleetOptions(
+            network=network,
+            heartbeat_timeout_s=backend.positive_int("heartbeat_timeout_s", 15, maximum=3600) or 15,
+            pool_depth=backend.positive_int("pool_depth", 50, allow_zero=True, maximum=100_000) or 0,
+            pool_expiry_s=backend.positive_int("pool_expiry_s", 3600, maximum=7 * 86400) or 3600,
+            ask_timeout_s=float(backend.positive_int("ask_timeout_s", 2, maximum=60) or 2))
+        if fleet.pool_expiry_s <= 180:
+            raise backend.fail("pool_expiry_s", "must be above 180 (agents drop invoices with under 120 s left)")
 
     store = _Table(top.get("store", dict, {}), f"{source}: store")
     store.check_keys({"url"})
@@ -164,7 +201,7 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
     return Config(
         source=source, service=service, listen=listen,
         data_dir=Path(top.get("data_dir", str, ".micropay")).expanduser(), upstream=upstream,
-        backend=kind, rpc_file=Path(rpc_file).expanduser() if rpc_file else None,
+        backend=kind, rpc_file=Path(rpc_file).expanduser() if rpc_file else None, fleet=fleet,
         store_url=store_url, trust_forwarded_for=top.get("trust_forwarded_for", bool, False),
         forwarded_for_hops=top.positive_int("forwarded_for_hops", 1, maximum=32) or 1,
         header_timeout_s=top.positive_int("header_timeout_s", 15, maximum=3600) or 15,

@@ -81,21 +81,23 @@ async def create_runtime(config: Config, *, node: Node | None = None,
     keyring = RootKeyRing.load_or_create(data_dir / "root_keys.json")
     receipts = ReceiptSigner.load_or_create(data_dir / "receipt_key")
     sandbox = None
-    if node is None:
+    if node is None and config.backend != "fleet":
         node, sandbox = await _connect_backend(config, clock)
     # The purchases feature (games) is loaded only when a catalog or payouts are configured,
     # or when the store still holds purchases awaiting payment (a catalog since removed):
     # their late payments are still recorded. Otherwise not one of its modules is imported.
     with_games = config.games is not None and config.games.enabled
-    store = open_store_from_url(config.effective_store_url, (CORE_SCHEMA,) + _games_schema(with_games))
+    store = open_store_from_url(config.effective_store_url, _schemas(config, with_games))
     await store.open()
     if not with_games and await _purchases_pending(store):
         log.info("purchases made under an earlier catalog are awaiting payment: the purchases feature "
                  "stays loaded to record them")
         await store.close()
         with_games = True
-        store = open_store_from_url(config.effective_store_url, (CORE_SCHEMA,) + _games_schema(True))
+        store = open_store_from_url(config.effective_store_url, _schemas(config, True))
         await store.open()
+    if node is None:             # fleet mode: invoices and payments go through the store
+        node = await _fleet_backend(config, store, clock)
     rt = Runtime(config, node, store, TokenService(keyring, config.service, clock), receipts,
                  clock=clock, sandbox=sandbox,
                  metrics_token=None if config.metrics_public else load_or_create_token(
@@ -105,6 +107,27 @@ async def create_runtime(config: Config, *, node: Node | None = None,
         from ..games.service import make_games
         rt.games = make_games(config, store, node, receipts, clock, AiohttpPoster())
     return rt
+
+
+def _schemas(config: Config, with_games: bool) -> tuple:
+    fleet: tuple = ()
+    if config.backend == "fleet":
+        from ..store.fleet import FLEET_SCHEMA
+        fleet = (FLEET_SCHEMA,)
+    return (CORE_SCHEMA,) + fleet + _games_schema(with_games)
+
+
+async def _fleet_backend(config: Config, store: Store, clock: Callable[[], float]) -> Node:
+    """The sidecar's side of fleet mode: no node connection of any kind is made."""
+    from ..lightning.fleet import FleetBackend
+    from ..store.fleet import FleetRepository
+    opts = config.fleet
+    assert opts is not None
+    backend = FleetBackend(FleetRepository(store), network=opts.network, heartbeat_timeout_s=opts.heartbeat_timeout_s,
+                           pool_depth=opts.pool_depth, pool_expiry_s=opts.pool_expiry_s,
+                           ask_timeout_s=opts.ask_timeout_s, clock=clock)
+    await backend.start()
+    return backend
 
 
 def _games_schema(wanted: bool) -> tuple:

@@ -1,0 +1,166 @@
+"""A sidecar in fleet mode (`[backend] kind = "fleet"`) sells with invoices its node
+agents pooled in the store, hears their settlements from the store, and never connects
+to a node: not in this process, not by any code path of that mode."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import aiohttp
+import pytest
+
+from micropay.lightning.bolt11codec import decode_invoice
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.plugin.agent import AgentSettings, FleetAgent
+from micropay.sidecar.app import build_app, create_runtime, make_runner
+from micropay.store import open_store_from_url
+from micropay.store.fleet import FLEET_SCHEMA, FleetRepository
+
+from ..conftest import DEMO_ROUTES, PG_SKIP_REASON, drop_pg_schema, make_config, pg_url_with_fresh_schema
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+        return
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url = pg_url_with_fresh_schema()
+    yield url
+    asyncio.run(drop_pg_schema(url))
+
+
+def fleet_toml(url: str) -> str:
+    return DEMO_ROUTES + f'[backend]\nkind = "fleet"\nask_timeout_s = 3\n[store]\nurl = "{url}"\n'
+
+
+async def run_agent(agent: FleetAgent) -> None:
+    follow = asyncio.create_task(agent.follow_settlements())
+    try:
+        while True:
+            await agent.round()
+            await agent.answer_asks()
+            await agent.pay_once()
+            await asyncio.sleep(0.02)
+    finally:
+        follow.cancel()
+
+
+async def test_a_fleet_sidecar_sells_with_an_agents_invoices_and_hears_them_paid(tmp_path, store_url, monkeypatch):
+    import micropay.sidecar.app as app_module
+
+    def no_node(*a, **kw):
+        raise AssertionError("fleet mode reached the code that connects to a node")
+    monkeypatch.setattr(app_module, "_connect_backend", no_node)
+    cfg = make_config(tmp_path, fleet_toml(store_url))
+    assert cfg.backend == "fleet" and cfg.rpc_file is None
+    rt = await create_runtime(cfg)
+    runner = make_runner(build_app(rt))
+    await runner.setup()
+    from aiohttp import web
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    agent_store = open_store_from_url(store_url, (FLEET_SCHEMA,))
+    await agent_store.open()
+    net = SandboxNetwork()
+    merchant, payer = net.add_node("merchant"), net.add_node("payer", 10_000_000)
+    agent = FleetAgent(merchant, FleetRepository(agent_store), AgentSettings(min_left_s=120))
+    agent_task = asyncio.create_task(run_agent(agent))
+    try:
+        await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/api/joke") as r:
+                assert r.status == 402, await r.text()
+                challenge = r.headers["WWW-Authenticate"]
+            macaroon = re.search(r'macaroon="([^"]+)"', challenge).group(1)
+            invoice = re.search(r'invoice="([^"]+)"', challenge).group(1)
+            decoded = decode_invoice(invoice)
+            assert decoded.payee == await merchant.node_id(), "the invoice is not the agent's node's"
+            assert decoded.amount_msat == 1000
+            paid = await payer.pay(invoice)
+            async with http.get(f"{base}/api/joke",
+                                headers={"Authorization": f"L402 {macaroon}:{paid.preimage}"}) as r:
+                assert r.status == 200, await r.text()
+            for _ in range(200):                       # the agent's feed reaches the sidecar's settlement router
+                rows = await rt.store.query("SELECT paid_at FROM micropay_challenges WHERE payment_hash = $1",
+                                            (decoded.payment_hash,))
+                if rows and rows[0][0] is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert rows and rows[0][0] is not None, "the settlement never reached the sidecar"
+            # the price is now pooled: the next 402 is claimed, not asked for
+            async with http.get(f"{base}/api/joke") as r:
+                assert r.status == 402
+            pooled = await agent_store.query("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE claim_label "
+                                             "IS NOT NULL AND node_label NOT IN (SELECT node_label FROM "
+                                             "micropay_fleet_invoices i JOIN micropay_fleet_asks a "
+                                             "ON a.claim_label = i.claim_label)")
+            assert pooled[0][0] >= 1, "the second 402 did not come from the pool"
+    finally:
+        agent_task.cancel()
+        await runner.cleanup()
+        await agent_store.close()
+
+
+NEVER_A_NODE = textwrap.dedent("""
+    import asyncio, json, socket, sys, tomllib
+    from pathlib import Path
+    unix = []
+    real_connect = socket.socket.connect
+    def connect(self, address):
+        if self.family == socket.AF_UNIX:
+            unix.append(str(address))
+        return real_connect(self, address)
+    socket.socket.connect = connect
+    real_open = asyncio.open_unix_connection
+    async def open_unix(path=None, **kw):
+        unix.append(str(path))
+        return await real_open(path, **kw)
+    asyncio.open_unix_connection = open_unix
+    from micropay.seller.configfile import load_config
+    from micropay.sidecar.app import build_app, create_runtime
+    async def main(path):
+        cfg = load_config(Path(path))
+        rt = await create_runtime(cfg)
+        build_app(rt)
+        try:
+            await rt.node.create_invoice(1000, "micropay-probe", "joke", 600)
+        except Exception as exc:
+            print(type(exc).__name__, file=sys.stderr)
+        print(json.dumps({"unix": unix, "cln": "micropay.lightning.cln" in sys.modules,
+                          "backend": type(rt.node).__name__}))
+    asyncio.run(main(sys.argv[1]))
+""")
+
+
+def test_a_fleet_sidecar_opens_no_nodes_socket(tmp_path):
+    cfg = tmp_path / "fleet.toml"
+    cfg.write_text(f'data_dir = "{tmp_path / "data"}"\n' + fleet_toml(f"sqlite:///{tmp_path / 's.sqlite3'}")
+                   .replace("ask_timeout_s = 3", "ask_timeout_s = 1"))
+    script = tmp_path / "probe.py"
+    script.write_text(NEVER_A_NODE)
+    out = subprocess.run([sys.executable, str(script), str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout)
+    assert seen == {"unix": [], "cln": False, "backend": "FleetBackend"}, seen
+    assert "NoInvoiceInTime" in out.stderr, "without an agent the claim should end in a bounded 503"
+
+
+def test_fleet_options_are_checked(tmp_path):
+    from micropay.core.errors import ConfigError
+    with pytest.raises(ConfigError, match="opens no node's socket"):
+        make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\nrpc_file = "/x/lightning-rpc"\n')
+    with pytest.raises(ConfigError, match="only with kind"):
+        make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "sandbox"\npool_depth = 5\n')
+    with pytest.raises(ConfigError, match="pool_expiry_s"):
+        make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\npool_expiry_s = 100\n')
+    with pytest.raises(ConfigError, match="network"):
+        make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\nnetwork = "mainnet"\n')
+    cfg = make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\npool_depth = 7\n')
+    assert cfg.fleet.pool_depth == 7 and cfg.fleet.heartbeat_timeout_s == 15
