@@ -66,7 +66,7 @@ class FakeNode:
         self.htlcs.discard(h)
         return p
 
-    async def pay(self, bolt11: str, max_fee_msat=None, label=None) -> Payment:
+    async def pay(self, bolt11: str, max_fee_msat=None, label=None, subject="") -> Payment:
         h = self.hash_of(bolt11)
         if self.record.get(h, PaymentStatus("failed")).state in ("pending", "complete"):
             raise PaymentFailed("already paying or paid")
@@ -185,7 +185,7 @@ async def test_resume_keeps_the_fee_cap_it_was_created_under(store, node):
     caps_seen = []
     real_pay = node.pay
 
-    async def pay(bolt11, max_fee_msat=None, label=None):
+    async def pay(bolt11, max_fee_msat=None, label=None, subject=""):
         caps_seen.append(max_fee_msat)
         return await real_pay(bolt11, max_fee_msat, label)
     node.pay = pay
@@ -206,7 +206,7 @@ async def test_two_processes_resuming_together_act_once(store, node):
     calls = []
     real_pay = node.pay
 
-    async def slow_pay(bolt11, max_fee_msat=None, label=None):
+    async def slow_pay(bolt11, max_fee_msat=None, label=None, subject=""):
         calls.append(bolt11)
         await asyncio.sleep(0.05)
         return await real_pay(bolt11, max_fee_msat, label)

@@ -19,7 +19,7 @@ from micropay.lightning.fleet import FleetBackend
 from micropay.lightning.sandbox import SandboxNetwork
 from micropay.plugin.agent import AgentSettings, FleetAgent
 from micropay.store import open_store_from_url
-from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, FleetSettlement
+from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, FleetSettlement, NodeBeat
 
 from ..conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
 
@@ -92,6 +92,28 @@ async def test_without_an_answer_the_wait_is_bounded_and_says_retry(fleet):
         await backend.create_invoice(777, "micropay-n1", "nobody answers", 600)
     assert 0.9 <= time.monotonic() - t0 < 2.0
     assert "within" in str(late.value)
+
+
+async def test_on_demand_asks_rotate_over_live_nodes_that_can_receive_the_amount(fleet):
+    """Round robin over live nodes, skipping one whose reported inbound liquidity is below
+    the amount; none able: 503 at once, without waiting for the ask timeout."""
+    repo, agent, backend, payer, _ = fleet
+    now_ms = int(time.time() * 1000)
+    for node, inbound in (("02" + "a" * 64, 10_000), ("02" + "b" * 64, 10_000), ("02" + "c" * 64, 500)):
+        await repo.heartbeat(NodeBeat(node, "regtest", now_ms, inbound, 0))
+    asked = []
+    for i in range(6):
+        with pytest.raises(NoInvoiceInTime):      # nobody answers: the asks stay in the table
+            backend.ask_timeout_s = 0.01
+            await backend.create_invoice(1000 + i, f"micropay-rr{i}", "rotating", 600)
+        asked.append((await repo.store.fetchrow("SELECT node_id FROM micropay_fleet_asks WHERE claim_label = $1",
+                                                (f"micropay-rr{i}",)))[0])
+    assert set(asked) == {"02" + "a" * 64, "02" + "b" * 64} and asked.count("02" + "a" * 64) == 3
+    t0 = time.monotonic()
+    backend.ask_timeout_s = 5
+    with pytest.raises(NoInvoiceInTime, match="inbound"):
+        await backend.create_invoice(20_000, "micropay-big", "too big for all", 600)
+    assert time.monotonic() - t0 < 1
 
 
 async def test_what_the_queue_cannot_carry_is_refused_at_once(fleet):

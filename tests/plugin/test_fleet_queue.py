@@ -136,7 +136,8 @@ async def test_a_crash_after_the_lease_gives_the_payment_to_the_next_agent_after
     await repo.enqueue(QueuedPayment("micropay-refund-c1", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
                                      False, 1000), int(clock() * 1000))
     crashed = agent_for(merchant, repo, clock)
-    assert await repo.lease(await crashed.node_id(), int(clock() * 1000), CAPS.lease_ms) is not None   # then dies
+    assert await repo.lease(await crashed.node_id(), int(clock() * 1000), CAPS.lease_ms,
+                            10**12) is not None   # then dies
     restarted = agent_for(merchant, repo, clock)
     assert not await restarted.pay_once(), "a live lease was taken over"
     clock.advance(CAPS.lease_ms / 1000 + 1)
@@ -194,3 +195,66 @@ async def test_a_label_reused_for_another_payment_is_refused(world):
                                      1000), int(clock() * 1000))
     with pytest.raises(PaymentFailed, match="another queued payment"):
         await backend.pay(b.bolt11, label="micropay-refund-l")
+
+
+async def test_a_payment_goes_to_a_node_with_the_outbound_liquidity_to_carry_it(world):
+    """Two agents: the one whose node's balance cannot carry amount + fee allowance never
+    leases it; the other pays it. With nobody able to carry it, it stays queued."""
+    repo, backend, merchant, payee, clock = world
+    poor = merchant.net.add_node("poor", balance_msat=9000)             # 9000 < 9000 + 1000
+    inv = await payee.create_invoice(9000, "o1", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-o1", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    assert not await agent_for(poor, repo, clock).pay_once(), "a node without the liquidity took the payment"
+    assert (await repo.payment("micropay-refund-o1")).state == "queued"
+    assert await agent_for(merchant, repo, clock).pay_once()
+    row = await repo.payment("micropay-refund-o1")
+    assert row.state == "paid" and row.node_id == await merchant.node_id() and poor.balance_msat == 9000
+    big = await payee.create_invoice(20_000_000, "o2", "refund", 3600)          # more than anyone holds
+    await repo.enqueue(QueuedPayment("micropay-refund-o2", "refund", "", big.bolt11, None, big.payment_hash,
+                                     20_000_000, False, 1000), int(clock() * 1000))
+    assert not await agent_for(merchant, repo, clock).pay_once()
+    assert (await repo.payment("micropay-refund-o2")).state == "queued"
+    assert await received(payee) == 9000
+
+
+async def test_a_game_payout_through_the_queue_carries_its_player_so_the_agents_cap_per_player_holds(world,
+                                                                                                      tmp_path):
+    """The games service pays through the fleet port; its payouts name the player, so the
+    agent's own cap per player and day (the operator's, in the plugin) holds even when
+    the sidecar's game caps would allow more."""
+    from micropay.games.config import PayoutCaps
+    from micropay.games.payouts import Payouts
+    from micropay.games.schema import GAMES_SCHEMA
+    from micropay.store.core import CORE_SCHEMA
+    repo, backend, merchant, payee, clock = world
+    games_store = open_store_from_url(f"sqlite:///{tmp_path / 'games.sqlite3'}", (CORE_SCHEMA, GAMES_SCHEMA))
+    await games_store.open()
+    try:
+        payouts = Payouts(PayoutCaps(10**9, 10**9, 1000), games_store, backend, clock=clock)
+        agent = agent_for(merchant, repo, clock)
+        worker = asyncio.create_task(_work(agent))
+        try:
+            results = []
+            for i in range(3):                  # 3 x 25,000 (+1,000 fee allowance) against alice's 60,000
+                inv = await payee.create_invoice(25_000, f"g{i}", "reward", 3600)
+                view, _ = await asyncio.wait_for(payouts.create(
+                    {"player_id": "alice", "destination": inv.bolt11, "idempotency_key": f"alice-{i}"}), 10)
+                results.append(view["status"])
+        finally:
+            worker.cancel()
+        assert results == ["paid", "paid", "failed"], results
+        rows = [await repo.payment(k) for k in [r[0] for r in await repo.store.query(
+            "SELECT key FROM micropay_fleet_payments ORDER BY created_ms, key")]]
+        assert {r.subject for r in rows} == {"alice"} and {r.kind for r in rows} == {"payout"}
+        failed = [r for r in rows if r.state == "failed"]
+        assert len(failed) == 1 and "per payout subject and day" in failed[0].error, failed
+        assert await received(payee) == 50_000
+    finally:
+        await games_store.close()
+
+
+async def _work(agent):
+    while True:
+        await agent.pay_once()
+        await asyncio.sleep(0.005)

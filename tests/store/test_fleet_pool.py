@@ -20,6 +20,7 @@ from ..conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
 
 NOW_MS = 1_800_000_000_000
 NOW = NOW_MS // 1000
+ROOMY = 10**15                # inbound and outbound liquidity no test here runs out of
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -55,7 +56,7 @@ async def claim(repo, label, amount=1000, desc="joke", fresh_since=NOW_MS - 10_0
 
 
 async def test_a_claim_takes_one_invoice_and_a_retry_gets_the_same(repo):
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
     await fill(repo, 3)
     first = await claim(repo, "micropay-c1")
     again = await claim(repo, "micropay-c1")
@@ -65,7 +66,7 @@ async def test_a_claim_takes_one_invoice_and_a_retry_gets_the_same(repo):
 
 
 async def test_an_empty_pool_or_another_price_claims_nothing(repo):
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
     await fill(repo, 1)
     assert await claim(repo, "micropay-x", amount=2000) is None
     assert await claim(repo, "micropay-x", desc="other") is None
@@ -74,26 +75,39 @@ async def test_an_empty_pool_or_another_price_claims_nothing(repo):
 
 
 async def test_an_invoice_too_close_to_expiry_is_not_handed_out(repo):
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
     await repo.add(pooled(1, expires_at=NOW + 30), NOW_MS)          # payable_after is NOW + 60
     assert await claim(repo, "micropay-late") is None
 
 
 async def test_nodes_with_a_stale_heartbeat_get_no_claims(repo):
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS - 60_000, 0, 0))     # stale
-    await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, 0, 0))
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS - 60_000, ROOMY, ROOMY))     # stale
+    await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, ROOMY, ROOMY))
     await fill(repo, 5, node="node-a")
     await fill(repo, 2, node="node-b")
     got = [await claim(repo, f"micropay-s{i}") for i in range(4)]
     assert [g.node_id for g in got[:2]] == ["node-b", "node-b"]
     assert got[2:] == [None, None], "the stale node's invoices were handed out"
     assert [n.node_id for n in await repo.live_nodes(NOW_MS - 10_000)] == ["node-b"]
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))              # it is back
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))              # it is back
     assert (await claim(repo, "micropay-s9")).node_id == "node-a"
 
 
+async def test_a_node_that_cannot_receive_the_amount_gets_no_claim_for_it(repo):
+    """The heartbeat reports inbound liquidity; a pooled invoice of a node that could not
+    be paid it (its channels' receivable sum is below the amount) is not handed out."""
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 999, ROOMY))       # 1 msat short
+    await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, 1000, ROOMY))
+    await fill(repo, 3, node="node-a")
+    await fill(repo, 1, node="node-b")
+    assert (await claim(repo, "micropay-l1")).node_id == "node-b"
+    assert await claim(repo, "micropay-l2") is None, "node-a cannot receive 1000 msat yet got the claim"
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 5000, ROOMY))       # paid into, say
+    assert (await claim(repo, "micropay-l3")).node_id == "node-a"
+
+
 async def test_drop_loses_to_a_claim(repo):
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
     inv, = await fill(repo, 1, expires_at=NOW + 100)
     assert await repo.stale("node-a", NOW + 120, 10) == [(inv.payment_hash, inv.node_label)]
     assert (await claim(repo, "micropay-first")).payment_hash == inv.payment_hash
@@ -102,7 +116,7 @@ async def test_drop_loses_to_a_claim(repo):
 
 
 async def test_concurrent_claims_in_one_process_never_share_an_invoice(repo):
-    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
     pool = await fill(repo, 200)
     got = await asyncio.gather(*(claim(repo, f"micropay-k{i}") for i in range(240)))
     hashes = [g.payment_hash for g in got if g is not None]
@@ -146,8 +160,8 @@ async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_
     await store.open()
     try:
         repo = FleetRepository(store)
-        await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, 0, 0))
-        await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, 0, 0))
+        await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
+        await repo.heartbeat(NodeBeat("node-b", "regtest", NOW_MS, ROOMY, ROOMY))
         rows = [pooled(i, node="node-a" if i % 2 else "node-b") for i in range(10_000)]
         values = ",".join(f"('{r.payment_hash}','{r.node_id}','{r.node_label}',{r.amount_msat},'{r.description}',"
                           f"'{r.bolt11}',{r.expires_at},{NOW_MS})" for r in rows)

@@ -14,7 +14,7 @@ import hashlib
 import pytest
 
 from micropay.core.errors import PaymentFailed
-from micropay.lightning.base import Payment, PaymentStatus
+from micropay.lightning.base import Liquidity, Payment, PaymentStatus
 from micropay.lightning.datastore import StaleRecord
 from micropay.streams.runner import ORPHAN_GRACE_S, RECONCILE_GRACE_S, StreamRunner
 
@@ -87,6 +87,9 @@ class FakeNode:
 
     async def sendpays_position(self):
         return 1
+
+    async def liquidity(self):
+        return Liquidity(0, 10**12)
 
     async def lookup_payment(self, label, start):
         return self.by_label.get(label)

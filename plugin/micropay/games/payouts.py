@@ -155,7 +155,8 @@ class Payouts:
                                                       or known.orphaned):
             return await self._settled(row, known)
         try:
-            p = await self.node.pay(invoice, max_fee_msat=self._fee_cap(row), label=f"micropay-payout-{pid}")
+            p = await self.node.pay(invoice, max_fee_msat=self._fee_cap(row), label=f"micropay-payout-{pid}",
+                                    subject=row.player_id)
         except PaymentUnknown:
             return await self.get(pid)           # out, outcome unknown: settled from the node's record later
         except PaymentFailed as exc:

@@ -68,6 +68,13 @@ class DecodedInvoice:
     currency: str          # "bc", "tb", "bcrt", ...
 
 
+@dataclass(frozen=True, slots=True)
+class Liquidity:
+    """What a node can receive and send now, over its usable channels (msat)."""
+    inbound_msat: int
+    outbound_msat: int
+
+
 @runtime_checkable
 class Node(Protocol):
     """Everything micropay asks of a Lightning node; services depend on this, never on
@@ -112,14 +119,16 @@ class Node(Protocol):
 
     # -- paying ----------------------------------------------------------------------
     async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
-                  retry_for_s: int | None = None, amount_msat: int | None = None) -> Payment:
+                  retry_for_s: int | None = None, amount_msat: int | None = None, subject: str = "") -> Payment:
         """Raises PaymentFailed (nothing is out) or PaymentUnknown (it may be).
-        `amount_msat`: what to pay on an amountless invoice (refused on one with an amount)."""
+        `amount_msat`: what to pay on an amountless invoice (refused on one with an amount).
+        `subject`: whom the payment is for (a player), where caps per subject are kept
+        outside this process (fleet mode's agents); other nodes ignore it."""
         ...
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
                       max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
-                      retry_for_s: int | None = None) -> Payment: ...
+                      retry_for_s: int | None = None, subject: str = "") -> Payment: ...
 
     async def fetch_invoice(self, offer: str, amount_msat: int) -> tuple[str, str]:
         """A BOLT12 invoice for `offer`, and its payment hash (PaymentFailed when the node
@@ -143,6 +152,11 @@ class Node(Protocol):
 
     async def htlc_in_flight(self, payment_hash: str) -> bool:
         """Whether an outgoing HTLC for this payment sits in any channel."""
+        ...
+
+    async def liquidity(self) -> Liquidity:
+        """Receivable and spendable msat summed over channels that can carry a payment
+        now (open, peer connected): the fleet's agents report it in their heartbeat."""
         ...
 
     async def wait_until_ready(self, timeout_s: float) -> bool:

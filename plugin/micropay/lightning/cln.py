@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from ..core.errors import BadRequest, DuplicateLabel, NodeError, PaymentFailed, PaymentUnknown
-from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
+from .base import DecodedInvoice, Invoice, Liquidity, Payment, PaymentStatus, Settlement
 
 log = logging.getLogger("micropay.cln")
 
@@ -231,7 +231,7 @@ class ClnNode:
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None,
                   label: str | None = None, retry_for_s: int | None = None,
-                  amount_msat: int | None = None) -> Payment:
+                  amount_msat: int | None = None, subject: str = "") -> Payment:
         waited = False
         while True:
             try:
@@ -266,7 +266,7 @@ class ClnNode:
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
                       max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
-                      retry_for_s: int | None = None) -> Payment:
+                      retry_for_s: int | None = None, subject: str = "") -> Payment:
         try:
             r = await self.rpc.call("xkeysend", {
                 "destination": destination, "amount_msat": amount_msat, "label": label,
@@ -336,6 +336,14 @@ class ClnNode:
         channels = (await self.rpc.call("listpeerchannels"))["channels"]
         return any(h.get("payment_hash") == payment_hash and h.get("direction") == "out"
                    for c in channels for h in c.get("htlcs", []))
+
+    async def liquidity(self) -> Liquidity:
+        inbound = outbound = 0
+        for c in (await self.rpc.call("listpeerchannels"))["channels"]:
+            if c.get("state") == "CHANNELD_NORMAL" and c.get("peer_connected"):
+                inbound += int(c.get("receivable_msat", 0))
+                outbound += int(c.get("spendable_msat", 0))
+        return Liquidity(inbound, outbound)
 
     async def wait_until_ready(self, timeout_s: float) -> bool:
         deadline = asyncio.get_running_loop().time() + timeout_s

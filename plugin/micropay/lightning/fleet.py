@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator, Callable
 from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
 from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
                            FleetRepository, PooledInvoice, QueuedPayment, Want)
-from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
+from .base import DecodedInvoice, Invoice, Liquidity, Payment, PaymentStatus, Settlement
 from .bolt11codec import decode_invoice
 
 log = logging.getLogger("micropay.fleet")
@@ -117,7 +117,11 @@ class FleetBackend:
         live = await self.repo.live_nodes(self._fresh_since_ms())
         if not live:
             raise NoInvoiceInTime("no Lightning node of the fleet is up (no fresh heartbeat)", retry_after_s=5)
-        node = live[next(self._turn) % len(live)]          # round robin over live nodes
+        able = [n for n in live if amount_msat is None or n.inbound_msat >= amount_msat]
+        if not able:
+            raise NoInvoiceInTime(f"no live node of the fleet can receive {amount_msat} msat now "
+                                  "(inbound liquidity)", retry_after_s=5)
+        node = able[next(self._turn) % len(able)]          # round robin over nodes that can receive it
         await self.repo.ask(label, node.node_id, amount_msat, description, expiry_s, self._now_ms())
         await self.repo.store.notify(ASKS_CHANNEL)
         deadline = time.monotonic() + self.ask_timeout_s
@@ -179,7 +183,7 @@ class FleetBackend:
         return False
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
-                  retry_for_s: int | None = None, amount_msat: int | None = None) -> Payment:
+                  retry_for_s: int | None = None, amount_msat: int | None = None, subject: str = "") -> Payment:
         decoded = decode_invoice(bolt11)
         if decoded.amount_msat is None and amount_msat is None:
             raise PaymentFailed("an amountless invoice needs the amount to pay")
@@ -188,17 +192,18 @@ class FleetBackend:
         amount = decoded.amount_msat if decoded.amount_msat is not None else amount_msat
         assert amount is not None
         return await self._queue_and_wait(QueuedPayment(
-            label or f"micropay-hash-{decoded.payment_hash}", _kind(label), "", bolt11, None, decoded.payment_hash,
+            label or f"micropay-hash-{decoded.payment_hash}", _kind(label), subject, bolt11, None,
+            decoded.payment_hash,
             amount, decoded.amount_msat is None, 5000 if max_fee_msat is None else max_fee_msat), retry_for_s)
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
                       max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
-                      retry_for_s: int | None = None) -> Payment:
+                      retry_for_s: int | None = None, subject: str = "") -> Payment:
         if label is None:
             raise PaymentFailed("fleet mode: a keysend through the queue needs a label (its idempotency key)")
         if extratlvs:
             raise PaymentFailed("fleet mode: the payment queue carries no TLV records")
-        return await self._queue_and_wait(QueuedPayment(label, _kind(label), "", None, destination, None,
+        return await self._queue_and_wait(QueuedPayment(label, _kind(label), subject, None, destination, None,
                                                         amount_msat, False,
                                                         5000 if max_fee_msat is None else max_fee_msat),
                                           retry_for_s)
@@ -244,6 +249,11 @@ class FleetBackend:
         its node's record, so nobody here may call it dead."""
         found = await self.repo.payment_by_hash(payment_hash)
         return found is not None and found.state not in ("paid", "failed")
+
+    async def liquidity(self) -> Liquidity:
+        """The fleet's live nodes together, as their agents last reported."""
+        live = await self.repo.live_nodes(self._fresh_since_ms())
+        return Liquidity(sum(n.inbound_msat for n in live), sum(n.outbound_msat for n in live))
 
     async def wait_until_ready(self, timeout_s: float) -> bool:
         return bool(await self.repo.live_nodes(self._fresh_since_ms()))

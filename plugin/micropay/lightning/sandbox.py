@@ -21,7 +21,8 @@ from typing import Any, AsyncIterator, Callable
 from coincurve import PrivateKey
 
 from ..core.errors import DuplicateLabel, PaymentFailed
-from .base import DecodedInvoice, Invoice, Payment, PaymentStatus, Settlement
+from ..core.params import MAX_MSAT
+from .base import DecodedInvoice, Invoice, Liquidity, Payment, PaymentStatus, Settlement
 from .bolt11codec import InvalidInvoice, decode_invoice, encode_invoice
 
 Clock = Callable[[], float]
@@ -128,7 +129,7 @@ class SandboxNode:
         return decode_invoice(bolt11)
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
-                  retry_for_s: int | None = None, amount_msat: int | None = None) -> Payment:
+                  retry_for_s: int | None = None, amount_msat: int | None = None, subject: str = "") -> Payment:
         dec = decode_invoice(bolt11)
         payee = self.net.nodes.get(dec.payee)
         state = payee._by_hash.get(dec.payment_hash) if payee else None
@@ -161,7 +162,7 @@ class SandboxNode:
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
                       max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
-                      retry_for_s: int | None = None) -> Payment:
+                      retry_for_s: int | None = None, subject: str = "") -> Payment:
         payee = self.net.nodes.get(destination)
         if payee is None or payee is self:
             raise PaymentFailed("no route to the destination: not another node of this sandbox network")
@@ -197,6 +198,10 @@ class SandboxNode:
 
     async def htlc_in_flight(self, payment_hash: str) -> bool:
         return False           # payments are atomic: nothing is ever in flight
+
+    async def liquidity(self) -> Liquidity:
+        # no channels: a sandbox node receives any amount and spends its balance
+        return Liquidity(MAX_MSAT, self.balance_msat)
 
     async def list_invoices(self, index: str, start: int, limit: int) -> list[dict[str, Any]]:
         """Its invoices in creation order (the sandbox keeps no separate update order:

@@ -63,9 +63,11 @@ class FleetAgent:
             self._node_id = await self.node.node_id()
         return self._node_id
 
-    async def beat(self, inbound_msat: int = 0, outbound_msat: int = 0) -> None:
+    async def beat(self) -> None:
+        """The heartbeat: this node is up, and what it can receive and send now."""
+        liquidity = await self.node.liquidity()
         await self.repo.heartbeat(NodeBeat(await self.node_id(), self.node.network, int(self.clock() * 1000),
-                                            inbound_msat, outbound_msat))
+                                            liquidity.inbound_msat, liquidity.outbound_msat))
 
     async def refill_once(self) -> int:
         """Top every wanted pool of this node up to its depth; returns how many invoices
@@ -158,12 +160,15 @@ class FleetAgent:
         return None
 
     async def start_payment(self) -> QueuedPayment | None:
-        """Lease the oldest queued payment and, within the caps, record that it is being
-        sent (label, where the node's records stand) before anything is paid. Returns it
-        in state "sending", or None (nothing queued, or it was refused and failed)."""
+        """Lease the oldest queued payment this node has the outbound liquidity for (with
+        its fee allowance) and, within the caps, record that it is being sent (label,
+        where the node's records stand) before anything is paid. Returns it in state
+        "sending", or None (nothing it can carry, or it was refused and failed). A
+        payment no node can carry stays queued for one that can."""
         node_id = await self.node_id()
+        outbound = (await self.node.liquidity()).outbound_msat
         now_ms = int(self.clock() * 1000)
-        p = await self.repo.lease(node_id, now_ms, self.settings.lease_ms)
+        p = await self.repo.lease(node_id, now_ms, self.settings.lease_ms, outbound)
         if p is None:
             return None
         since = now_ms - DAY_MS

@@ -163,14 +163,16 @@ ADD = (f"INSERT INTO micropay_fleet_invoices ({_COLUMNS}, created_ms) "
        "VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8) ON CONFLICT (payment_hash) DO NOTHING")
 BY_CLAIM = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE claim_label = $1"
 # One statement binds one unclaimed invoice of a live node to the claimer's label. The
-# invoice must stay payable for `min_left` more seconds. The inner SELECT picks a
+# invoice must stay payable for `min_left` more seconds, and its node must have reported
+# the inbound liquidity to receive it. The inner SELECT picks a
 # candidate; `claim_label IS NULL` in the UPDATE makes a lost race update nothing (the
 # claimer then tries again). PostgreSQL skips rows another claim has locked, so
 # concurrent claimers take different invoices instead of queueing on one.
 _CLAIM = ("UPDATE micropay_fleet_invoices SET claim_label = $1, claimed_ms = $2 WHERE payment_hash = ("
           "SELECT i.payment_hash FROM micropay_fleet_invoices i JOIN micropay_fleet_nodes n "
           "ON n.node_id = i.node_id WHERE i.amount_msat = $3 AND i.description = $4 AND i.claim_label IS NULL "
-          "AND i.expires_at > $5 AND n.heartbeat_ms >= $6 ORDER BY i.expires_at LIMIT 1{lock}) "
+          "AND i.expires_at > $5 AND n.heartbeat_ms >= $6 AND n.inbound_msat >= $3 "
+          "ORDER BY i.expires_at LIMIT 1{lock}) "
           f"AND claim_label IS NULL RETURNING {_COLUMNS}")
 CLAIM = {"sqlite": _CLAIM.format(lock=""), "postgresql": _CLAIM.format(lock=" FOR UPDATE OF i SKIP LOCKED")}
 # Unclaimed invoices that will soon expire (or that nobody wants any more) leave the pool:
@@ -335,8 +337,10 @@ class FleetRepository:
         row = await self.store.fetchrow(PAYMENT_BY_HASH, (payment_hash,))
         return _payment(row) if row else None
 
-    async def lease(self, node_id: str, now_ms: int, lease_ms: int) -> QueuedPayment | None:
-        row = await self.store.fetchrow(self.lease_sql, (node_id, now_ms + lease_ms, now_ms))
+    async def lease(self, node_id: str, now_ms: int, lease_ms: int, carry_msat: int) -> QueuedPayment | None:
+        """The oldest queued payment whose amount and fee allowance fit in `carry_msat`
+        (the node's outbound liquidity), leased to `node_id`."""
+        row = await self.store.fetchrow(self.lease_sql, (node_id, now_ms + lease_ms, now_ms, carry_msat))
         return _payment(row) if row else None
 
     async def spent(self, node_id: str, since_ms: int, subject: str = "") -> int:
@@ -390,10 +394,12 @@ ENQUEUE = ("INSERT INTO micropay_fleet_payments (key, kind, subject, bolt11, des
 PAYMENT = f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE key = $1"
 PAYMENT_BY_HASH = (f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE payment_hash = $1 "
                    "ORDER BY created_ms DESC LIMIT 1")
-# A queued payment, or one whose lease ran out before it was sent, goes to one agent.
+# A queued payment, or one whose lease ran out before it was sent, goes to one agent
+# whose node can carry it (amount and fee allowance within its outbound liquidity).
 _LEASE = ("UPDATE micropay_fleet_payments SET state = 'leased', node_id = $1, lease_until_ms = $2 "
-          "WHERE key = (SELECT key FROM micropay_fleet_payments WHERE state = 'queued' "
-          "OR (state = 'leased' AND lease_until_ms < $3) ORDER BY created_ms LIMIT 1{lock}) "
+          "WHERE key = (SELECT key FROM micropay_fleet_payments WHERE (state = 'queued' "
+          "OR (state = 'leased' AND lease_until_ms < $3)) AND amount_msat + max_fee_msat <= $4 "
+          "ORDER BY created_ms LIMIT 1{lock}) "
           f"AND (state = 'queued' OR (state = 'leased' AND lease_until_ms < $3)) RETURNING {_PCOLS}")
 LEASE = {"sqlite": _LEASE.format(lock=""), "postgresql": _LEASE.format(lock=" FOR UPDATE SKIP LOCKED")}
 # What this node has paid or has out, per subject and in all, since a time (the caps).
@@ -412,7 +418,7 @@ SENDING_OF = f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE node_id = $1 A
 
 READY_ANY = ("SELECT COUNT(*) FROM micropay_fleet_invoices i JOIN micropay_fleet_nodes n ON n.node_id = i.node_id "
              "WHERE i.amount_msat = $1 AND i.description = $2 AND i.claim_label IS NULL AND i.expires_at > $3 "
-             "AND n.heartbeat_ms >= $4")
+             "AND n.heartbeat_ms >= $4 AND n.inbound_msat >= $1")
 
 
 def _invoice(row) -> PooledInvoice:
