@@ -242,3 +242,31 @@ async def test_a_settlement_notification_wakes_a_listener_in_another_process(tmp
             proc.kill()
         await store.close()
         await drop_pg_schema(url)
+
+
+async def test_the_fleet_gauges_show_pools_heartbeats_liquidity_and_the_queue(fleet):
+    """What an operator watches in /metrics: per node the heartbeat age, whether it is
+    live, its liquidity and its ready pool; the queue's size and oldest age by state."""
+    from micropay.store.fleet import QueuedPayment, Want
+    repo, agent, backend, payer, _ = fleet
+    now_ms = int(time.time() * 1000)
+    await agent.beat()
+    await repo.heartbeat(NodeBeat("02" + "d" * 64, "regtest", now_ms - 60_000, 7, 9))       # stale
+    await repo.want(Want(4000, "gauged", 4, 3600), now_ms)
+    assert await agent.refill_once() == 4
+    await repo.enqueue(QueuedPayment("micropay-refund-g", "refund", "", "lnbcrt1...", None, "ab" * 32, 1000, False,
+                                     10), now_ms - 30_000)
+    text = await backend.metrics_text()
+    me = await agent.node.node_id()
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert metrics[f'micropay_fleet_pool_ready{{node="{me}"}}'] == 4
+    assert metrics[f'micropay_fleet_node_live{{node="{me}"}}'] == 1
+    assert metrics[f'micropay_fleet_heartbeat_age_seconds{{node="{me}"}}'] < 5
+    assert metrics['micropay_fleet_node_live{node="02' + "d" * 64 + '"}'] == 0
+    assert metrics['micropay_fleet_heartbeat_age_seconds{node="02' + "d" * 64 + '"}'] >= 60
+    assert metrics['micropay_fleet_outbound_msat{node="02' + "d" * 64 + '"}'] == 9
+    assert metrics['micropay_fleet_queue_payments{state="queued"}'] == 1
+    assert 29 <= metrics['micropay_fleet_queue_oldest_age_seconds{state="queued"}'] < 60
+    assert metrics['micropay_fleet_queue_payments{state="sending"}'] == 0
+    assert metrics["micropay_fleet_open_asks"] == 0

@@ -102,6 +102,14 @@ async def test_a_fleet_sidecar_sells_with_an_agents_invoices_and_hears_them_paid
                                              "micropay_fleet_invoices i JOIN micropay_fleet_asks a "
                                              "ON a.claim_label = i.claim_label)")
             assert pooled[0][0] >= 1, "the second 402 did not come from the pool"
+            headers = {} if rt.metrics_token is None else {"Authorization": f"Bearer {rt.metrics_token.decode()}"}
+            async with http.get(f"{base}/metrics", headers=headers) as r:
+                assert r.status == 200
+                text = await r.text()
+            me = await merchant.node_id()
+            assert f'micropay_fleet_node_live{{node="{me}"}} 1' in text
+            assert re.search(rf'micropay_fleet_pool_ready{{node="{me}"}} [1-9]', text), text
+            assert 'micropay_fleet_queue_payments{state="queued"} 0' in text
     finally:
         agent_task.cancel()
         await runner.cleanup()

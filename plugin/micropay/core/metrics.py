@@ -11,6 +11,15 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def gauge_lines(name: str, help_: str, samples: Iterable[tuple[dict[str, str], float | int]]) -> list[str]:
+    """One gauge in the text format: `samples` are (labels, value)."""
+    lines = [f"# HELP {name} {help_}", f"# TYPE {name} gauge"]
+    for labels, value in samples:
+        inner = ",".join(f'{k}="{_esc(v)}"' for k, v in sorted(labels.items()))
+        lines.append(f"{name}{{{inner}}} {value}" if inner else f"{name} {value}")
+    return lines
+
+
 class Metrics:
     def __init__(self) -> None:
         self.challenges: Counter[str] = Counter()        # by route

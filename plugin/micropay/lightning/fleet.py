@@ -28,6 +28,7 @@ import time
 from typing import Any, AsyncIterator, Callable
 
 from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
+from ..core.metrics import gauge_lines
 from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
                            FleetRepository, PooledInvoice, QueuedPayment, Want)
 from .base import DecodedInvoice, Invoice, Liquidity, Payment, PaymentStatus, Settlement
@@ -254,6 +255,32 @@ class FleetBackend:
         """The fleet's live nodes together, as their agents last reported."""
         live = await self.repo.live_nodes(self._fresh_since_ms())
         return Liquidity(sum(n.inbound_msat for n in live), sum(n.outbound_msat for n in live))
+
+    async def metrics_text(self) -> str:
+        """Fleet gauges for /metrics: per node its heartbeat age, liquidity and ready
+        pooled invoices; the payment queue's size and oldest age by state; open asks."""
+        now_ms = self._now_ms()
+        st = await self.repo.stats(now_ms)
+        lines = gauge_lines("micropay_fleet_heartbeat_age_seconds", "Seconds since the node's agent last beat.",
+                            [({"node": n.node_id}, round((now_ms - n.heartbeat_ms) / 1000, 3)) for n in st.nodes])
+        lines += gauge_lines("micropay_fleet_node_live", f"1 if the heartbeat is under {self.heartbeat_timeout_s:g} s "
+                             "old (the node gets claims), else 0.",
+                             [({"node": n.node_id}, int(n.heartbeat_ms >= self._fresh_since_ms())) for n in st.nodes])
+        lines += gauge_lines("micropay_fleet_inbound_msat", "Inbound liquidity the agent last reported.",
+                             [({"node": n.node_id}, n.inbound_msat) for n in st.nodes])
+        lines += gauge_lines("micropay_fleet_outbound_msat", "Outbound liquidity the agent last reported.",
+                             [({"node": n.node_id}, n.outbound_msat) for n in st.nodes])
+        lines += gauge_lines("micropay_fleet_pool_ready", "Pooled invoices not claimed and not expired.",
+                             [({"node": n.node_id}, st.ready.get(n.node_id, 0)) for n in st.nodes])
+        states = ("queued", "leased", "sending")
+        lines += gauge_lines("micropay_fleet_queue_payments", "Payments in the queue, by state.",
+                             [({"state": s}, st.queue.get(s, (0, 0))[0]) for s in states])
+        lines += gauge_lines("micropay_fleet_queue_oldest_age_seconds", "Age of the oldest payment in each state "
+                             "(0 when none).", [({"state": s}, round((now_ms - st.queue[s][1]) / 1000, 3)
+                                                  if s in st.queue else 0) for s in states])
+        lines += gauge_lines("micropay_fleet_open_asks", "On-demand invoice asks not answered yet.",
+                             [({}, st.open_asks)])
+        return "\n".join(lines) + "\n"
 
     async def wait_until_ready(self, timeout_s: float) -> bool:
         return bool(await self.repo.live_nodes(self._fresh_since_ms()))

@@ -550,7 +550,11 @@ async def metrics(request: web.Request) -> web.Response:
                 "/metrics needs 'Authorization: Bearer <token>' (the token is in "
                 f"{rt.config.effective_metrics_token_file.name} in the data directory)"),
                 {"WWW-Authenticate": 'Bearer realm="micropay-metrics"'})
-    return web.Response(text=rt.metrics.render(),
+    text = rt.metrics.render()
+    fleet = getattr(rt.node, "metrics_text", None)      # fleet mode: pools, heartbeats, the queue
+    if fleet is not None:
+        text += await fleet()
+    return web.Response(text=text,
                         content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 

@@ -367,6 +367,33 @@ class FleetRepository:
         row = await self.store.fetchrow(BY_CLAIM, (label,))
         return _invoice(row) if row else None
 
+    # -- what an operator watches (/metrics) -------------------------------------------
+    async def stats(self, now_ms: int) -> "FleetStats":
+        nodes = [NodeBeat(n, net, int(hb), int(i), int(o))
+                 for n, net, hb, i, o in await self.store.query(ALL_NODES)]
+        ready = {n: int(c) for n, c in await self.store.query(POOL_READY, (now_ms // 1000,))}
+        queue = {s: (int(c), int(oldest)) for s, c, oldest in await self.store.query(QUEUE_STATS)}
+        asks = await self.store.fetchrow(OPEN_ASK_STATS, (now_ms - 60_000,))
+        return FleetStats(nodes, ready, queue, int(asks[0]) if asks else 0,
+                          None if not asks or asks[1] is None else int(asks[1]))
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    nodes: list[NodeBeat]
+    ready: dict[str, int]                      # node -> unclaimed, unexpired pooled invoices
+    queue: dict[str, tuple[int, int]]          # state -> (payments, oldest created_ms)
+    open_asks: int
+    oldest_ask_ms: int | None
+
+
+ALL_NODES = "SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes"
+POOL_READY = ("SELECT node_id, COUNT(*) FROM micropay_fleet_invoices WHERE claim_label IS NULL AND expires_at > $1 "
+              "GROUP BY node_id")
+QUEUE_STATS = ("SELECT state, COUNT(*), MIN(created_ms) FROM micropay_fleet_payments "
+               "WHERE state IN ('queued', 'leased', 'sending') GROUP BY state")
+OPEN_ASK_STATS = "SELECT COUNT(*), MIN(asked_ms) FROM micropay_fleet_asks WHERE answered_ms IS NULL AND asked_ms >= $1"
+
 
 ASK = ("INSERT INTO micropay_fleet_asks (claim_label, node_id, amount_msat, description, expiry_s, asked_ms) "
        "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (claim_label) DO NOTHING")
