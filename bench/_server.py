@@ -76,12 +76,20 @@ class StubNode:
     cursor_namespace = "stub"
     BOLT11 = "lnbcrt10n1" + "q" * 300
 
+    def __init__(self) -> None:
+        self.preimages: dict[str, str] = {}     # payment hash -> preimage, for bench clients to "pay"
+
     async def create_invoice(self, amount_msat, label, description, expiry_s):
+        import hashlib
         import os
         import time
 
         from micropay.lightning.base import Invoice
-        return Invoice(self.BOLT11, os.urandom(32).hex(), amount_msat, int(time.time()) + expiry_s, label)
+        preimage = os.urandom(32)
+        payment_hash = hashlib.sha256(preimage).hexdigest()
+        if len(self.preimages) < 2_000_000:
+            self.preimages[payment_hash] = preimage.hex()
+        return Invoice(self.BOLT11, payment_hash, amount_msat, int(time.time()) + expiry_s, label)
 
     async def has_invoice(self, payment_hash):
         return True
@@ -102,12 +110,20 @@ async def main(mode: str, port: int, data_dir: str) -> None:
         from micropay.sidecar.app import build_app, create_runtime
         cfg = parse_config(tomllib.loads(BENCH_CONFIG), "bench").with_overrides(
             data_dir=Path(data_dir), trust_forwarded_for=True)
-        rt = await create_runtime(cfg, node=StubNode() if mode == "stub" else None)
+        stub = StubNode() if mode == "stub" else None
+        rt = await create_runtime(cfg, node=stub)
         rt.extra_routes += [("GET", "/pass", payload), ("GET", "/mint", payload), ("GET", "/sess", payload),
                             ("GET", "/sse", sse)]
+        if stub is not None:
+            async def preimages(request: web.Request) -> web.Response:
+                """The stub's preimages, so a bench client can present paid credentials."""
+                out, stub.preimages = stub.preimages, {}
+                return web.json_response(out)
+            rt.extra_routes.append(("GET", "/stub/preimages", preimages))
         app = build_app(rt)
     if mode == "bare":
         app.router.add_get("/pass", payload)
+        app.router.add_get("/mint", payload)
         app.router.add_get("/sess", payload)
         app.router.add_get("/sse", sse)
         app.router.add_get("/bare402", bare_402)
@@ -120,8 +136,30 @@ async def main(mode: str, port: int, data_dir: str) -> None:
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _toggle_profile)
     await stop.wait()
+    _toggle_profile(dump_only=True)
     await runner.cleanup()
+
+
+_PROFILE: dict = {}
+
+
+def _toggle_profile(dump_only: bool = False) -> None:
+    """SIGUSR1 starts cProfile, the next SIGUSR1 (or SIGTERM) writes it to
+    $MICROPAY_BENCH_PROFILE: a profile of just the measured requests."""
+    import cProfile
+    import os
+    path = os.environ.get("MICROPAY_BENCH_PROFILE")
+    if not path:
+        return
+    if "prof" in _PROFILE:
+        prof = _PROFILE.pop("prof")
+        prof.disable()
+        prof.dump_stats(path)
+    elif not dump_only:
+        _PROFILE["prof"] = prof = cProfile.Profile()
+        prof.enable()
 
 
 async def bare_402(request: web.Request) -> web.Response:

@@ -130,6 +130,13 @@ def wrk(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, st
 def wrk_run(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, str] | None = None,
             script: str | None = None) -> tuple[float, int]:
     """(requests per second, total requests) from one wrk run."""
+    stats = wrk_stats(url, seconds, connections, headers, script)
+    return stats["rate"], stats["total"]
+
+
+def wrk_stats(url: str, seconds: int = 5, connections: int = 32, headers: dict[str, str] | None = None,
+              script: str | None = None) -> dict:
+    """One wrk run: rate, total, non2xx (answers that were not 2xx/3xx), p50/p99 latency (ms)."""
     if shutil.which("wrk") is None:
         sys.exit("wrk is needed for this benchmark: apt-get install wrk")
     pin = ["taskset", "-c", "1"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
@@ -146,7 +153,14 @@ def wrk_run(url: str, seconds: int = 5, connections: int = 32, headers: dict[str
     if non2xx and not script:
         raise RuntimeError(f"{non2xx.group(1)} non-2xx responses during the run:\n{out}")
     total = re.search(r"(\d+) requests in", out)
-    return float(m.group(1)), int(total.group(1)) if total else 0
+
+    def ms(q: str) -> float | None:
+        found = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not found:
+            return None
+        return float(found.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+    return {"rate": float(m.group(1)), "total": int(total.group(1)) if total else 0,
+            "non2xx": int(non2xx.group(1)) if non2xx else 0, "p50_ms": ms("50"), "p99_ms": ms("99")}
 
 
 # wrk script: every request from a distinct client (X-Forwarded-For), so no client's

@@ -1,7 +1,15 @@
-"""SQLite adapter: one connection on one worker thread, WAL, autocommit statements.
+"""SQLite adapter: one connection on one worker thread, WAL.
 
 Several processes may share the file: SQLite's locking serializes writers and
 busy_timeout makes them wait rather than fail.
+
+Statements are group-committed: the ones asked for while the worker is busy (or in the
+same turn of the event loop) go to the worker together and run in one transaction, each
+with its own result or error, so a busy gate pays one thread hand-off and one commit per
+batch instead of per statement. A statement's caller hears of it only after the batch is
+committed; if the commit fails, or SQLite rolled the transaction back on its own (a full
+disk, an I/O error), every statement of the batch fails with StoreUnavailable: nothing is
+reported done that is not on disk. A lone statement runs in autocommit, as before.
 """
 from __future__ import annotations
 
@@ -48,6 +56,8 @@ class SqliteStore(Store):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="micropay-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._sql_cache: dict[str, str] = {}
+        self._pending: list[tuple[str, Sequence[Any], asyncio.Future]] = []
+        self._draining = False
 
     def _connect(self) -> None:
         private_dir(self.path.parent)
@@ -87,6 +97,10 @@ class SqliteStore(Store):
         self.path.chmod(0o600)
 
     async def close(self) -> None:
+        for _ in range(10_000):               # statements already asked for run first
+            if not self._draining:
+                break
+            await asyncio.sleep(0.001)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
@@ -108,10 +122,67 @@ class SqliteStore(Store):
             raise
 
     async def _execute(self, sql: str, args: Sequence[Any]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)
+        await self._fetchall(sql, args)
 
     async def _fetchall(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, sql, args)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((sql, args, done))
+        if not self._draining:
+            self._draining = True
+            loop.call_soon(self._drain)       # statements asked for in this turn join the batch
+        return await done
+
+    def _drain(self) -> None:
+        batch, self._pending = self._pending, []
+        job = asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch,
+                                                         [(sql, args) for sql, args, _ in batch])
+        job.add_done_callback(lambda j: self._answer(batch, j))
+
+    def _answer(self, batch: list[tuple[str, Sequence[Any], asyncio.Future]], job: asyncio.Future) -> None:
+        try:
+            results: list[Any] = job.result()
+        except BaseException as exc:            # the worker itself failed: every statement did
+            results = [exc] * len(batch)
+        for (_, _, done), result in zip(batch, results):
+            if done.done():
+                continue
+            if isinstance(result, BaseException):
+                done.set_exception(result)
+            else:
+                done.set_result(result)
+        if self._pending:
+            self._drain()
+        else:
+            self._draining = False
+
+    def _run_batch(self, items: list[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Run statements on the worker: alone in autocommit, several in one transaction."""
+        if len(items) == 1:
+            try:
+                return [self._run(*items[0])]
+            except Exception as exc:
+                return [exc]
+        assert self._conn is not None, "store is not open"
+        self._run("BEGIN IMMEDIATE", ())
+        out: list[Any] = []
+        for sql, args in items:
+            try:
+                out.append(self._run(sql, args))
+            except Exception as exc:            # this statement is undone; the others stand
+                out.append(exc)
+                if not self._conn.in_transaction:
+                    break                       # ... unless SQLite undid the whole batch: run no more
+        try:
+            if not self._conn.in_transaction:
+                raise sqlite3.OperationalError("SQLite rolled the batch back")
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            lost = StoreUnavailable(f"the store is unavailable ({exc}); try again shortly")
+            return [lost] * len(items)
+        return out
 
     def _run_tx(self, steps: list[Step]) -> TxResult:
         assert self._conn is not None, "store is not open"
