@@ -30,7 +30,7 @@ def test_tampering_and_wrong_key_are_detected():
         verify_receipt(r, ReceiptSigner(PrivateKey()).pubkey_hex)
 
 
-@pytest.mark.parametrize("bad", ["", "abc", "a.b.c", "!!.??", "e30.AAAA"])
+@pytest.mark.parametrize("bad", ["", "abc", "a.b.c", "a.b.c.d", "!!.??", "e30.AAAA"])
 def test_garbage_is_an_invalid_receipt(bad):
     with pytest.raises(InvalidReceipt):
         verify_receipt(bad)
@@ -47,3 +47,56 @@ def test_signature_is_standard_ecdsa_over_sha256():
     assert len(s) == 64
     assert PublicKey(key.public_key.format()).verify(cdata_to_der(deserialize_compact(s)),
                                                      hashlib.sha256(p).digest(), hasher=None)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 8, 33, 256])
+def test_receipts_signed_in_a_batch_each_verify_and_share_one_signature(n):
+    signer = ReceiptSigner(PrivateKey())
+    receipts = signer.sign_many([{"v": 1, "type": "request", "n": i} for i in range(n)])
+    assert len({r.split(".")[1] for r in receipts}) == 1, "one signature for the batch"
+    for i, r in enumerate(receipts):
+        assert verify_receipt(r, signer.pubkey_hex)["n"] == i
+
+
+def test_a_batch_of_one_is_an_ordinary_receipt_and_batches_are_bounded():
+    signer = ReceiptSigner(PrivateKey())
+    (one,) = signer.sign_many([{"v": 1}])
+    assert one.count(".") == 1 and verify_receipt(one, signer.pubkey_hex)["v"] == 1
+    with pytest.raises(ValueError):
+        signer.sign_many([{"v": 1}] * 257)
+
+
+def test_a_batch_receipt_cannot_be_moved_onto_another_payload_or_proof():
+    import base64
+    signer = ReceiptSigner(PrivateKey())
+    receipts = signer.sign_many([{"v": 1, "amount_msat": a} for a in (1000, 2000, 3000)])
+    payload0, sig, proof0 = receipts[0].split(".")
+    payload1, _, proof1 = receipts[1].split(".")
+    with pytest.raises(InvalidReceipt, match="signature"):
+        verify_receipt(f"{payload1}.{sig}.{proof0}")            # another receipt's payload on this path
+    raw = bytearray(base64.urlsafe_b64decode(proof0 + "=" * (-len(proof0) % 4)))
+    raw[0] = 2                                                    # not a direction
+    bad = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    with pytest.raises(InvalidReceipt, match="direction"):
+        verify_receipt(f"{payload0}.{sig}.{bad}")
+    raw[0] ^= 3                                                   # the other side: another root
+    flipped = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+    with pytest.raises(InvalidReceipt, match="signature"):
+        verify_receipt(f"{payload0}.{sig}.{flipped}")
+    with pytest.raises(InvalidReceipt, match="proof"):
+        verify_receipt(f"{payload0}.{sig}.AAAA")                 # 3 bytes: no whole step
+    # a two-part receipt made from a batch's payload and signature does not verify
+    with pytest.raises(InvalidReceipt, match="signature"):
+        verify_receipt(f"{payload0}.{sig}")
+
+
+async def test_the_batcher_signs_a_turns_receipts_together_and_a_lone_one_alone():
+    import asyncio
+    from micropay.core.receipts import ReceiptBatcher
+    signer = ReceiptSigner(PrivateKey())
+    batcher = ReceiptBatcher(signer)
+    together = await asyncio.gather(*(batcher.sign({"v": 1, "n": i}) for i in range(10)))
+    assert len({r.split(".")[1] for r in together}) == 1
+    assert [verify_receipt(r, signer.pubkey_hex)["n"] for r in together] == list(range(10))
+    alone = await batcher.sign({"v": 1, "n": 99})
+    assert alone.count(".") == 1 and verify_receipt(alone, signer.pubkey_hex)["n"] == 99

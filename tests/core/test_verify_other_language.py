@@ -33,6 +33,19 @@ def test_node_verifies_a_purchase_receipt(tmp_path):
     assert node("receipt", forged, signer.pubkey_hex).returncode == 1
 
 
+def test_node_verifies_receipts_signed_in_a_batch(tmp_path):
+    signer = ReceiptSigner.load_or_create(tmp_path / "k")
+    receipts = signer.sign_many([{"v": 1, "type": "request", "n": i} for i in range(5)])
+    for i, receipt in enumerate(receipts):
+        assert receipt.count(".") == 2
+        ok = node("receipt", receipt, signer.pubkey_hex)
+        assert ok.returncode == 0, ok.stderr
+        assert f'"n":{i}' in ok.stdout
+    payload, sig, proof = receipts[0].split(".")
+    other_payload = receipts[1].split(".")[0]
+    assert node("receipt", f"{other_payload}.{sig}.{proof}", signer.pubkey_hex).returncode == 1
+
+
 def test_node_verifies_a_webhook(tmp_path):
     body = b'{"data":{"purchase":{"id":"pur_1"}},"id":7,"type":"purchase.paid"}'
     (tmp_path / "body").write_bytes(body)

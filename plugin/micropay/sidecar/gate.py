@@ -49,7 +49,7 @@ from ..payment.scheme import (Binder, binder_for, charge_challenge, content_dige
 from ..payment.scheme import receipt as payment_receipt
 from ..seller.pricing import Pricing, RouteRule
 from ..core.ratelimit import FreeTier, client_address
-from ..core.receipts import RECEIPT_HEADER, ReceiptSigner
+from ..core.receipts import RECEIPT_HEADER, ReceiptBatcher, ReceiptSigner
 from ..store import Store
 from ..store.l402 import ChallengeRecord, L402Repository
 from ..payment.sessions import SessionLedger
@@ -120,6 +120,7 @@ class Gate:
         self.l402, self.stream_usage = L402Repository(store), StreamUsageRepository(store)
         self.service = tokens.service   # caveats are minted and checked under one name
         self.receipts, self.limits, self.clock = receipts, limits, clock
+        self.batched_receipts = ReceiptBatcher(receipts)     # one signature per loop turn's receipts
         self.metrics = metrics or Metrics()
         self.pricing = pricing or Pricing([])
         self.forwarded_for_hops = forwarded_for_hops   # 0: X-Forwarded-For is not trusted
@@ -344,8 +345,8 @@ class Gate:
             return problem_response(err)
         finally:
             self.metrics.observe_latency(time.perf_counter() - started)
-        admitted = Paid(rule.key, token, {RECEIPT_HEADER: self._receipt(token, request, remaining)},
-                             token.constraints.valid_until)
+        admitted = Paid(rule.key, token, {RECEIPT_HEADER: await self._receipt(token, request, remaining)},
+                        token.constraints.valid_until)
         if remaining is None:
             # A pass token admitted for this method and path stays admitted until it
             # expires: later requests skip parsing, verification and route matching.
@@ -445,20 +446,20 @@ class Gate:
             app.middlewares.append(self.middleware)
         app.on_response_prepare.append(_add_paid_headers)
 
-    def _receipt(self, token: VerifiedToken, request: web.Request, remaining: int | None) -> str:
+    async def _receipt(self, token: VerifiedToken, request: web.Request, remaining: int | None) -> str:
         if remaining is None:
             # Pass tokens: one receipt per token and route, signed once.
             key = (token.token_id, token.constraints.paths[0])
             cached = self._pass_receipts.get(key)
             if cached is None:
-                cached = self.receipts.sign({
+                cached = await self.batched_receipts.sign({
                     "v": 1, "type": "pass", "service": self.service,
                     "payment_hash": token.payment_hash.hex(), "token_id": token.token_id_hex,
                     "scope": key[1], "valid_until": token.constraints.valid_until,
                     "issued_at": int(self.clock())})
                 self._pass_receipts.put(key, cached)
             return cached
-        return self.receipts.sign({
+        return await self.batched_receipts.sign({
             "v": 1, "type": "request", "service": self.service,
             "payment_hash": token.payment_hash.hex(), "token_id": token.token_id_hex,
             "method": request.method, "path": request_target(request).path, "credits_remaining": remaining,
