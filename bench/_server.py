@@ -1,9 +1,13 @@
 """Benchmark target: the same tiny handler, bare or behind the micropay gate.
 
-    python bench/_server.py --mode bare|gated|stub --port P [--data-dir D]
+    python bench/_server.py --mode bare|gated|stub|fleet --port P [--data-dir D] [--store URL]
 
 `stub`: gated, on a node that hands back a ready-made invoice at once (no signing, no
 I/O), so a 402's figure is the gate's own cost: admission, token, record, response.
+`fleet`: gated in fleet mode (`[backend] kind = "fleet"`) on the store at --store
+(default SQLite in the data dir), whose pool for /mint's price is filled beforehand with
+--pool ready-made invoices of one node whose heartbeat stays fresh: each 402 is a claim
+from the pool, the figure a fleet sidecar costs per 402 while its pool holds out.
 """
 from __future__ import annotations
 
@@ -102,16 +106,44 @@ class StubNode:
         pass
 
 
-async def main(mode: str, port: int, data_dir: str) -> None:
+async def fill_pool(store, n: int) -> None:
+    """n ready invoices of one live node for /mint's price and description."""
+    import hashlib
+    import time
+
+    from micropay.store.fleet import FleetRepository, NodeBeat
+    repo = FleetRepository(store)
+    node = "02" + "ab" * 32
+    await repo.heartbeat(NodeBeat(node, "regtest", int((time.time() + 86400) * 1000), 10**15, 10**15))
+    rows = []
+    for i in range(n):
+        h = hashlib.sha256(f"pool-{i}".encode()).hexdigest()
+        rows.append((h, node, f"micropay-fleet-bench-{i}", 1000, "bench: GET /mint", StubNode.BOLT11,
+                     int(time.time()) + 7 * 86400, int(time.time() * 1000)))
+    for start in range(0, n, 500):
+        chunk = rows[start:start + 500]
+        marks = ",".join(f"(${8 * k + 1}, ${8 * k + 2}, ${8 * k + 3}, ${8 * k + 4}, ${8 * k + 5}, ${8 * k + 6}, "
+                         f"${8 * k + 7}, ${8 * k + 8})" for k in range(len(chunk)))
+        await store.execute("INSERT INTO micropay_fleet_invoices (payment_hash, node_id, node_label, amount_msat, "
+                            f"description, bolt11, expires_at, created_ms) VALUES {marks}",
+                            [v for row in chunk for v in row])
+
+
+async def main(mode: str, port: int, data_dir: str, store_url: str | None = None, pool: int = 0) -> None:
     if mode == "bare":
         app = web.Application()
     else:
         from micropay.seller.configfile import parse_config
         from micropay.sidecar.app import build_app, create_runtime
-        cfg = parse_config(tomllib.loads(BENCH_CONFIG), "bench").with_overrides(
-            data_dir=Path(data_dir), trust_forwarded_for=True)
+        text = BENCH_CONFIG
+        if mode == "fleet":
+            text += '[backend]\nkind = "fleet"\npool_depth = 0\nask_timeout_s = 1\n'
+        cfg = parse_config(tomllib.loads(text), "bench").with_overrides(
+            data_dir=Path(data_dir), trust_forwarded_for=True, store_url=store_url)
         stub = StubNode() if mode == "stub" else None
         rt = await create_runtime(cfg, node=stub)
+        if mode == "fleet":
+            await fill_pool(rt.store, pool)
         rt.extra_routes += [("GET", "/pass", payload), ("GET", "/mint", payload), ("GET", "/sess", payload),
                             ("GET", "/sse", sse)]
         if stub is not None:
@@ -169,8 +201,10 @@ async def bare_402(request: web.Request) -> web.Response:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=["bare", "gated", "stub"], required=True)
+    ap.add_argument("--mode", choices=["bare", "gated", "stub", "fleet"], required=True)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--data-dir", default="/tmp/micropay-bench")
+    ap.add_argument("--store", default=None, help="store URL (fleet mode; default SQLite in the data dir)")
+    ap.add_argument("--pool", type=int, default=100_000, help="fleet mode: invoices pooled before serving")
     a = ap.parse_args()
-    asyncio.run(main(a.mode, a.port, a.data_dir))
+    asyncio.run(main(a.mode, a.port, a.data_dir, a.store, a.pool))

@@ -42,15 +42,15 @@ def free_port() -> int:
 
 
 class Target:
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, *extra: str) -> None:
         self.port = free_port()
         self.data_dir = tempfile.mkdtemp(prefix="micropay-bench-")
         # The target on CPU 0, the load generator on CPU 1 (when taskset exists).
         pin = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else []
         self.proc = subprocess.Popen([*pin, sys.executable, str(HERE / "_server.py"), "--mode", mode,
-                                      "--port", str(self.port), "--data-dir", self.data_dir],
+                                      "--port", str(self.port), "--data-dir", self.data_dir, *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(f"{self.url}/healthz", timeout=1).read()

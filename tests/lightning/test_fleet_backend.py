@@ -270,3 +270,19 @@ async def test_the_fleet_gauges_show_pools_heartbeats_liquidity_and_the_queue(fl
     assert 29 <= metrics['micropay_fleet_queue_oldest_age_seconds{state="queued"}'] < 60
     assert metrics['micropay_fleet_queue_payments{state="sending"}'] == 0
     assert metrics["micropay_fleet_open_asks"] == 0
+
+
+async def test_pooled_claims_alternate_between_live_nodes(fleet):
+    """Round robin for pooled invoices too: with two nodes' pools full, consecutive 402s
+    name the two nodes in turn."""
+    from micropay.store.fleet import Want
+    repo, agent, backend, payer, _ = fleet
+    other = FleetAgent(SandboxNetwork().add_node("second"), repo, AgentSettings(min_left_s=120))
+    now_ms = int(time.time() * 1000)
+    await repo.want(Want(3000, "rr", 6, 3600), now_ms)
+    for a in (agent, other):
+        await a.beat()
+        assert await a.refill_once() == 6
+    got = [decode_invoice((await backend.create_invoice(3000, f"micropay-p{i}", "rr", 600)).bolt11).payee
+           for i in range(8)]
+    assert got[0::2] != got[1::2] and len(set(got[0::2])) == 1 and len(set(got[1::2])) == 1, got

@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator, Callable
 from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
 from ..core.metrics import gauge_lines
 from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
-                           FleetRepository, PooledInvoice, QueuedPayment, Want)
+                           FleetRepository, NodeBeat, PooledInvoice, QueuedPayment, Want)
 from .base import DecodedInvoice, Invoice, Liquidity, Payment, PaymentStatus, Settlement
 from .bolt11codec import decode_invoice
 
@@ -58,6 +58,7 @@ class FleetBackend:
         self.clock = clock
         self._wanted: dict[tuple[int, str], float] = {}       # (amount, description) -> last told
         self._turn = itertools.count()
+        self._live: tuple[float, list[NodeBeat]] = (0.0, [])     # (read at, live nodes), kept 1 s
         self._answered = asyncio.Event()
         self._settled = asyncio.Event()
         self._paid = asyncio.Event()
@@ -91,14 +92,30 @@ class FleetBackend:
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int) -> Invoice:
         now = self.clock()
+        turn = next(self._turn)                  # round robin: one step per invoice handed out
         if amount_msat is not None:
             pooled = await self.repo.claim(label, amount_msat, description, now_ms=self._now_ms(),
                                            payable_after=int(now) + min(expiry_s, self.claim_min_left_s),
-                                           fresh_since_ms=self._fresh_since_ms())
+                                           fresh_since_ms=self._fresh_since_ms(),
+                                           nodes=[n.node_id for n in await self._rotation(amount_msat, turn)])
             await self._tell_wanted(amount_msat, description)
             if pooled is not None:
                 return _as_invoice(pooled, label)
-        return _as_invoice(await self._ask(label, amount_msat, description, expiry_s), label)
+        return _as_invoice(await self._ask(label, amount_msat, description, expiry_s, turn), label)
+
+    async def _rotation(self, amount_msat: int | None, turn: int) -> list[NodeBeat]:
+        """The live nodes that can receive `amount_msat`, starting with the next in turn
+        (round robin). The list is read at most once a second; the claim statement itself
+        checks each node's heartbeat again, so a node that just went stale gets nothing."""
+        read_at, live = self._live
+        if time.monotonic() - read_at >= 1.0:
+            live = await self.repo.live_nodes(self._fresh_since_ms())
+            self._live = (time.monotonic(), live)
+        able = [n for n in live if amount_msat is None or n.inbound_msat >= amount_msat]
+        if not able:
+            return []
+        start = turn % len(able)
+        return able[start:] + able[:start]
 
     async def _tell_wanted(self, amount_msat: int, description: str) -> None:
         """Keep this pool wanted (at most once a minute per pool)."""
@@ -111,7 +128,8 @@ class FleetBackend:
             self._wanted.pop(next(iter(self._wanted)))
         await self.repo.want(Want(amount_msat, description, self.pool_depth, self.pool_expiry_s), self._now_ms())
 
-    async def _ask(self, label: str, amount_msat: int | None, description: str, expiry_s: int) -> PooledInvoice:
+    async def _ask(self, label: str, amount_msat: int | None, description: str, expiry_s: int,
+                   turn: int) -> PooledInvoice:
         found = await self.repo.by_claim(label)
         if found is not None:
             return found
@@ -122,7 +140,7 @@ class FleetBackend:
         if not able:
             raise NoInvoiceInTime(f"no live node of the fleet can receive {amount_msat} msat now "
                                   "(inbound liquidity)", retry_after_s=5)
-        node = able[next(self._turn) % len(able)]          # round robin over nodes that can receive it
+        node = able[turn % len(able)]          # round robin over nodes that can receive it (read now, not cached)
         await self.repo.ask(label, node.node_id, amount_msat, description, expiry_s, self._now_ms())
         await self.repo.store.notify(ASKS_CHANNEL)
         deadline = time.monotonic() + self.ask_timeout_s

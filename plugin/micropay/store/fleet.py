@@ -162,16 +162,18 @@ READY_COUNT = ("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE node_id = $1 
 ADD = (f"INSERT INTO micropay_fleet_invoices ({_COLUMNS}, created_ms) "
        "VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8) ON CONFLICT (payment_hash) DO NOTHING")
 BY_CLAIM = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE claim_label = $1"
-# One statement binds one unclaimed invoice of a live node to the claimer's label. The
-# invoice must stay payable for `min_left` more seconds, and its node must have reported
-# the inbound liquidity to receive it. The inner SELECT picks a
+# One statement binds one unclaimed invoice of one node to the claimer's label. The
+# invoice must stay payable for `min_left` more seconds, and its node must be live and
+# have reported the inbound liquidity to receive it. Asking for one node at a time lets
+# the (node, price, expiry) index hand over the first row at once: ordering all nodes'
+# invoices by expiry took a sort of the whole pool per claim (54 ms at 20,000 rows). The inner SELECT picks a
 # candidate; `claim_label IS NULL` in the UPDATE makes a lost race update nothing (the
 # claimer then tries again). PostgreSQL skips rows another claim has locked, so
 # concurrent claimers take different invoices instead of queueing on one.
 _CLAIM = ("UPDATE micropay_fleet_invoices SET claim_label = $1, claimed_ms = $2 WHERE payment_hash = ("
           "SELECT i.payment_hash FROM micropay_fleet_invoices i JOIN micropay_fleet_nodes n "
-          "ON n.node_id = i.node_id WHERE i.amount_msat = $3 AND i.description = $4 AND i.claim_label IS NULL "
-          "AND i.expires_at > $5 AND n.heartbeat_ms >= $6 AND n.inbound_msat >= $3 "
+          "ON n.node_id = i.node_id WHERE i.node_id = $7 AND i.amount_msat = $3 AND i.description = $4 "
+          "AND i.claim_label IS NULL AND i.expires_at > $5 AND n.heartbeat_ms >= $6 AND n.inbound_msat >= $3 "
           "ORDER BY i.expires_at LIMIT 1{lock}) "
           f"AND claim_label IS NULL RETURNING {_COLUMNS}")
 CLAIM = {"sqlite": _CLAIM.format(lock=""), "postgresql": _CLAIM.format(lock=" FOR UPDATE OF i SKIP LOCKED")}
@@ -253,22 +255,31 @@ class FleetRepository:
         return [NodeBeat(n, net, int(hb), int(i), int(o)) for n, net, hb, i, o in rows]
 
     async def claim(self, label: str, amount_msat: int, description: str, *, now_ms: int, payable_after: int,
-                    fresh_since_ms: int, attempts: int = 8) -> PooledInvoice | None:
+                    fresh_since_ms: int, nodes: list[str] | None = None, attempts: int = 8) -> PooledInvoice | None:
         """Bind one pooled invoice to `label` (idempotent: a label already bound gets its
-        invoice again). None when the pool has none for this amount and description."""
-        found = await self.by_claim(label)
-        if found is not None:
-            return found
-        for _ in range(attempts):
-            row = await self.store.fetchrow(self.claim_sql, (label, now_ms, amount_msat, description,
-                                                             payable_after, fresh_since_ms))
-            if row is not None:
-                return _invoice(row)
-            # nothing claimed: either the pool is empty, or another claim won the row
-            row = await self.store.fetchrow(READY_ANY, (amount_msat, description, payable_after, fresh_since_ms))
-            if row is None or not int(row[0]):
-                return None
-        return None
+        invoice again), from the first of `nodes` (default: every live node) whose pool
+        has one. None when no pool has one for this amount and description."""
+        if nodes is None:
+            nodes = [n.node_id for n in await self.live_nodes(fresh_since_ms) if n.inbound_msat >= amount_msat]
+        for node in nodes:
+            for _ in range(attempts):
+                try:
+                    row = await self.store.fetchrow(self.claim_sql, (label, now_ms, amount_msat, description,
+                                                                     payable_after, fresh_since_ms, node))
+                except Exception:
+                    # claim_label is unique: a label already bound (a retry) gets its invoice
+                    found = await self.by_claim(label)
+                    if found is None:
+                        raise
+                    return found
+                if row is not None:
+                    return _invoice(row)
+                # nothing claimed: this pool is empty, or another claim won the row
+                row = await self.store.fetchrow(READY_ANY, (amount_msat, description, payable_after,
+                                                            fresh_since_ms, node))
+                if row is None or not row[0]:
+                    break
+        return await self.by_claim(label)       # bound before (a retry on an empty pool), or None
 
     # -- on demand ---------------------------------------------------------------------
     async def ask(self, label: str, node_id: str, amount_msat: int | None, description: str, expiry_s: int,
@@ -443,9 +454,9 @@ REQUEUE = ("UPDATE micropay_fleet_payments SET state = 'queued', node_id = NULL,
            "AND state = 'sending' RETURNING key")
 SENDING_OF = f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE node_id = $1 AND state = 'sending'"
 
-READY_ANY = ("SELECT COUNT(*) FROM micropay_fleet_invoices i JOIN micropay_fleet_nodes n ON n.node_id = i.node_id "
-             "WHERE i.amount_msat = $1 AND i.description = $2 AND i.claim_label IS NULL AND i.expires_at > $3 "
-             "AND n.heartbeat_ms >= $4 AND n.inbound_msat >= $1")
+READY_ANY = ("SELECT EXISTS (SELECT 1 FROM micropay_fleet_invoices i JOIN micropay_fleet_nodes n "
+             "ON n.node_id = i.node_id WHERE i.node_id = $5 AND i.amount_msat = $1 AND i.description = $2 "
+             "AND i.claim_label IS NULL AND i.expires_at > $3 AND n.heartbeat_ms >= $4 AND n.inbound_msat >= $1)")
 
 
 def _invoice(row) -> PooledInvoice:

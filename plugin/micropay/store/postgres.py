@@ -24,6 +24,15 @@ def split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=urlencode(query))), schema
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """asyncpg resets every connection it takes back into the pool with one more round trip
+    (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL): a fleet sidecar's 402 paid it after
+    each of its statements. Pool connections here keep no session state (advisory locks
+    are per transaction, LISTEN has a connection of its own, no cursors, no SET), so
+    there is nothing to reset."""
+    return None
+
+
 class PostgresStore(Store):
     def __init__(self, url: str, schemas: tuple[Schema, ...] = (), min_size: int = 1, max_size: int = 10) -> None:
         self.url, self.schemas = url, schemas
@@ -41,7 +50,7 @@ class PostgresStore(Store):
                 finally:
                     await conn.close()
             self._pool = await asyncpg.create_pool(self._dsn, min_size=self._min, max_size=self._max,
-                                                   server_settings=settings)
+                                                   server_settings=settings, reset=_keep_session)
         except (OSError, asyncpg.PostgresError) as exc:
             host = urlsplit(self._dsn).hostname
             raise ConfigError(f"store: cannot connect to PostgreSQL at {host}: {exc}") from None
