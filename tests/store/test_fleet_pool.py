@@ -106,6 +106,15 @@ async def test_a_node_that_cannot_receive_the_amount_gets_no_claim_for_it(repo):
     assert (await claim(repo, "micropay-l3")).node_id == "node-a"
 
 
+async def test_a_sidecar_wanting_a_shallower_pool_does_not_shrink_a_fresh_deeper_one(repo):
+    from micropay.store.fleet import Want
+    await repo.want(Want(1000, "joke", 300, 3600), NOW_MS)
+    await repo.want(Want(1000, "joke", 5, 3600), NOW_MS + 60_000)         # another sidecar, a minute later
+    assert [w.depth for w in await repo.wants(NOW_MS)] == [300]
+    await repo.want(Want(1000, "joke", 5, 3600), NOW_MS + 2_000_000)      # the deep one stopped asking
+    assert [w.depth for w in await repo.wants(NOW_MS)] == [5]
+
+
 async def test_drop_loses_to_a_claim(repo):
     await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
     inv, = await fill(repo, 1, expires_at=NOW + 100)

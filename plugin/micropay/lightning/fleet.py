@@ -118,7 +118,10 @@ class FleetBackend:
         return able[start:] + able[:start]
 
     async def _tell_wanted(self, amount_msat: int, description: str) -> None:
-        """Keep this pool wanted (at most once a minute per pool)."""
+        """Keep this pool wanted (at most once a minute per pool); with pool_depth 0 this
+        sidecar wants no pools."""
+        if self.pool_depth <= 0:
+            return
         key = (amount_msat, description)
         now = self.clock()
         if now - self._wanted.get(key, 0.0) < 60:

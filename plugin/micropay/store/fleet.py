@@ -153,9 +153,15 @@ BEAT = ("INSERT INTO micropay_fleet_nodes (node_id, network, heartbeat_ms, inbou
         "outbound_msat = excluded.outbound_msat")
 LIVE_NODES = ("SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes "
               "WHERE heartbeat_ms >= $1 ORDER BY node_id")
+# Sidecars configured with different depths keep the deepest pool while its want is fresh
+# (one with a smaller depth must not shrink another's pool); a want gone stale takes the
+# new depth.
 WANT = ("INSERT INTO micropay_fleet_wants (amount_msat, description, depth, expiry_s, asked_ms) "
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (amount_msat, description) DO UPDATE SET "
-        "depth = excluded.depth, expiry_s = excluded.expiry_s, asked_ms = excluded.asked_ms")
+        "depth = CASE WHEN excluded.depth > micropay_fleet_wants.depth "
+        "OR micropay_fleet_wants.asked_ms < excluded.asked_ms - $6 THEN excluded.depth "
+        "ELSE micropay_fleet_wants.depth END, expiry_s = excluded.expiry_s, asked_ms = excluded.asked_ms")
+WANT_TTL_MS = 900_000      # the agents' want_ttl_s
 WANTS = "SELECT amount_msat, description, depth, expiry_s FROM micropay_fleet_wants WHERE asked_ms >= $1"
 READY_COUNT = ("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE node_id = $1 AND amount_msat = $2 "
                "AND description = $3 AND claim_label IS NULL AND expires_at > $4")
@@ -248,7 +254,8 @@ class FleetRepository:
 
     # -- the sidecar's side ----------------------------------------------------------
     async def want(self, want: Want, now_ms: int) -> None:
-        await self.store.execute(WANT, (want.amount_msat, want.description, want.depth, want.expiry_s, now_ms))
+        await self.store.execute(WANT, (want.amount_msat, want.description, want.depth, want.expiry_s, now_ms,
+                                        WANT_TTL_MS))
 
     async def live_nodes(self, fresh_since_ms: int) -> list[NodeBeat]:
         rows = await self.store.query(LIVE_NODES, (fresh_since_ms,))
