@@ -91,7 +91,7 @@ class Bitcoind:
 
 class Node:
     def __init__(self, root: Path, index: int, btc: Bitcoind, sidecar_port: int | None,
-                 with_plugin: bool = True) -> None:
+                 with_plugin: bool = True, options: dict[str, str] | None = None) -> None:
         self.dir = root / f"lightning-{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -104,6 +104,7 @@ class Node:
             args.append(f"--plugin={plugin}")
         if sidecar_port:
             args.append(f"--micropay-listen=127.0.0.1:{sidecar_port}")
+        args += [f"--{k}={v}" for k, v in (options or {}).items()]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      preexec_fn=_unblock_signals)
         STARTED.append(self.proc)

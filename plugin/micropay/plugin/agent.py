@@ -69,12 +69,12 @@ class FleetAgent:
         await self.repo.heartbeat(NodeBeat(await self.node_id(), self.node.network, int(self.clock() * 1000),
                                             liquidity.inbound_msat, liquidity.outbound_msat))
 
-    async def refill_once(self) -> int:
+    async def refill_once(self, limit: int | None = None) -> int:
         """Top every wanted pool of this node up to its depth; returns how many invoices
-        were added (at most `per_round`)."""
+        were added (at most `limit`, default `per_round`)."""
         node_id = await self.node_id()
         now = self.clock()
-        budget = self.settings.per_round
+        budget = self.settings.per_round if limit is None else limit
         added = 0
         for want in await self.repo.wants(int((now - self.settings.want_ttl_s) * 1000)):
             if budget <= 0:
@@ -248,8 +248,8 @@ class FleetAgent:
         await self.send(p)
         return True
 
-    async def round(self) -> tuple[int, int]:
+    async def round(self, refill_limit: int | None = None) -> tuple[int, int]:
         await self.beat()
         pruned = await self.prune_once()
-        added = await self.refill_once()
+        added = await self.refill_once(refill_limit)
         return added, pruned

@@ -35,6 +35,7 @@ from ..streams.attribution import IncomingStreamPayment
 from ..streams.runner import StreamRunner
 from ..l402.tokens import RootKeyRing, TokenService, follow_key_file
 
+REFILL_SLICE = 20
 log = logging.getLogger("micropay.plugin")
 Done = Callable[["concurrent.futures.Future[Any]"], None]
 
@@ -132,6 +133,7 @@ class PluginRuntime:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
     # -- fleet mode: the node agent ---------------------------------------------------------
+    # (REFILL_SLICE: invoices made for the pools between two looks at asks and the queue)
     def _agent_settings(self) -> "AgentSettings":
         from .agent import AgentSettings
         s = self.settings
@@ -165,12 +167,18 @@ class PluginRuntime:
                 await agent.beat()
                 follow = asyncio.create_task(agent.follow_settlements(), name="micropay-agent-settlements")
                 log.info("fleet agent: node %s in %s", await agent.node_id(), url.split("@")[-1].split("?")[0])
-                last_round = 0.0
+                last_round, refill_left = 0.0, 0
                 while True:
                     agent.settings = self._agent_settings()
                     if time.monotonic() - last_round >= 1.0:
                         last_round = time.monotonic()
-                        await agent.round()
+                        refill_left = agent.settings.per_round      # this second's invoices for the pools
+                        refill_left -= (await agent.round(min(REFILL_SLICE, refill_left)))[0]
+                    elif refill_left > 0:
+                        # the pools are refilled in slices, so asks and queued payments are
+                        # answered between them instead of after a whole second's invoices
+                        added = await agent.refill_once(min(REFILL_SLICE, refill_left))
+                        refill_left = refill_left - added if added else 0
                     await agent.answer_asks()
                     for _ in range(20):
                         if not await agent.pay_once():
@@ -179,8 +187,9 @@ class PluginRuntime:
                         follow.result()             # raises what stopped it: the loop restarts
                     backoff.reset()
                     woke.clear()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(woke.wait(), poll_s)
+                    if refill_left <= 0:
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(woke.wait(), poll_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
