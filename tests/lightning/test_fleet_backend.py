@@ -48,16 +48,21 @@ async def fleet(request, tmp_path):
         await drop_pg_schema(url)
 
 
-async def test_a_pooled_price_is_claimed_after_its_first_miss_tells_the_agents(fleet):
+async def test_a_price_missed_twice_is_pooled_and_then_claimed(fleet):
+    """A one-off price is made on demand and pooled by nobody; its second miss makes it
+    wanted, and the agents' pools serve it from then on."""
     repo, agent, backend, payer, _ = fleet
     await agent.beat()
     answering = asyncio.create_task(_answer_forever(agent))
     try:
         first = await backend.create_invoice(5000, "micropay-c1", "a joke", 600)     # a miss: asked on demand
+        assert await agent.refill_once() == 0, "a price seen once was pooled"
+        again = await backend.create_invoice(5000, "micropay-c0", "a joke", 600)     # the second miss
     finally:
         answering.cancel()
     assert decode_invoice(first.bolt11).amount_msat == 5000 and first.label == "micropay-c1"
-    assert await agent.refill_once() == backend.pool_depth, "the miss did not make the price wanted"
+    assert again.payment_hash != first.payment_hash
+    assert await agent.refill_once() == backend.pool_depth, "the second miss did not make the price wanted"
     second = await backend.create_invoice(5000, "micropay-c2", "a joke", 600)
     assert (await repo.by_claim("micropay-c2")).node_label.startswith("micropay-fleet-")
     assert second.payment_hash != first.payment_hash

@@ -11,7 +11,7 @@ import pytest
 from micropay.core.errors import PaymentFailed
 from micropay.lightning.fleet import FleetBackend
 from micropay.lightning.sandbox import SandboxNetwork
-from micropay.plugin.agent import AgentSettings, FleetAgent
+from micropay.plugin.agent import REQUEUE_GRACE_S, AgentSettings, FleetAgent
 from micropay.store import open_store_from_url
 from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, QueuedPayment
 
@@ -121,13 +121,17 @@ async def test_the_daily_cap_holds_across_payments_and_frees_a_day_later(world):
                                          inv.payment_hash, 40_000, False, 1000), int(clock() * 1000))
         await agent.pay_once()
         states.append((await repo.payment(f"micropay-payout-d{i}")).state)
-    assert states == ["paid"] * 4 + ["failed"] * 2 and await received(payee) == 160_000
+    # what the day's cap leaves no room for stays queued (another node may pay it), not failed
+    assert states == ["paid"] * 4 + ["queued"] * 2 and await received(payee) == 160_000
     clock.advance(86_401)
     inv = await payee.create_invoice(40_000, "next-day", "payout", 3600)
     await repo.enqueue(QueuedPayment("micropay-payout-next", "payout", "p9", inv.bolt11, None, inv.payment_hash,
                                      40_000, False, 1000), int(clock() * 1000))
-    await agent.pay_once()
-    assert (await repo.payment("micropay-payout-next")).state == "paid"
+    for _ in range(3):
+        await agent.pay_once()
+    assert [(await repo.payment(k)).state for k in ("micropay-payout-d4", "micropay-payout-d5",
+                                                    "micropay-payout-next")] == ["paid"] * 3
+    assert await received(payee) == 280_000
 
 
 async def test_a_crash_after_the_lease_gives_the_payment_to_the_next_agent_after_the_lease(world):
@@ -155,7 +159,7 @@ async def test_a_crash_after_recording_sending_before_paying_is_requeued_after_t
     restarted = agent_for(merchant, repo, clock)
     await restarted.pay_once()
     assert (await repo.payment("micropay-refund-c2")).state == "sending", "requeued before the grace"
-    clock.advance(61)
+    clock.advance(REQUEUE_GRACE_S + 1)
     await restarted.pay_once()                        # back to the queue, then paid under a new label
     await restarted.pay_once()
     row = await repo.payment("micropay-refund-c2")
@@ -258,3 +262,38 @@ async def _work(agent):
     while True:
         await agent.pay_once()
         await asyncio.sleep(0.005)
+
+
+async def test_the_invoice_decides_the_amount_a_row_that_lies_about_it_is_refused(world):
+    """A web tier that queues a large invoice beside a small amount gets nothing paid: the
+    agent checks the caps on the invoice's own amount and hash."""
+    repo, backend, merchant, payee, clock = world
+    agent = agent_for(merchant, repo, clock)
+    big = await payee.create_invoice(45_000, "big", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-lie", "payout", "mallory", big.bolt11, None, big.payment_hash,
+                                     1, False, 1000), int(clock() * 1000))
+    other = await payee.create_invoice(1000, "other", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-hash", "payout", "", big.bolt11, None, other.payment_hash,
+                                     45_000, False, 1000), int(clock() * 1000))
+    amountless = await payee.create_invoice(None, "any", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-any", "payout", "", amountless.bolt11, None,
+                                     amountless.payment_hash, 1000, False, 1000), int(clock() * 1000))
+    for _ in range(3):
+        await agent.pay_once()
+    rows = {k: await repo.payment(k) for k in ("micropay-payout-lie", "micropay-payout-hash", "micropay-payout-any")}
+    assert rows["micropay-payout-lie"].state == "failed" and "asks 45000 msat" in rows["micropay-payout-lie"].error
+    assert rows["micropay-payout-hash"].state == "failed" and "hash" in rows["micropay-payout-hash"].error
+    assert rows["micropay-payout-any"].state == "failed" and "names no amount" in rows["micropay-payout-any"].error
+    assert await received(payee) == 0
+
+
+async def test_a_node_whose_caps_are_zero_leaves_payments_to_the_others(world):
+    repo, backend, merchant, payee, clock = world
+    closed = agent_for(merchant, repo, clock, AgentSettings())            # the defaults: the queue pays nothing
+    inv = await payee.create_invoice(9000, "z", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-z", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    assert not await closed.pay_once()
+    assert (await repo.payment("micropay-refund-z")).state == "queued"
+    assert await agent_for(merchant, repo, clock).pay_once()
+    assert (await repo.payment("micropay-refund-z")).state == "paid"

@@ -94,7 +94,16 @@ async def test_a_fleet_sidecar_sells_with_an_agents_invoices_and_hears_them_paid
                     break
                 await asyncio.sleep(0.02)
             assert rows and rows[0][0] is not None, "the settlement never reached the sidecar"
-            # the price is now pooled: the next 402 is claimed, not asked for
+            # a second miss makes the price wanted; the agent pools it, and the next 402
+            # is claimed from the pool, not asked for
+            async with http.get(f"{base}/api/joke") as r:
+                assert r.status == 402
+            for _ in range(200):
+                ready = await agent_store.query("SELECT COUNT(*) FROM micropay_fleet_invoices "
+                                                "WHERE claim_label IS NULL")
+                if ready[0][0]:
+                    break
+                await asyncio.sleep(0.02)
             async with http.get(f"{base}/api/joke") as r:
                 assert r.status == 402
             pooled = await agent_store.query("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE claim_label "

@@ -196,3 +196,21 @@ async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_
     finally:
         await store.close()
         await drop_pg_schema(url)
+
+
+async def test_retention_forgets_long_expired_claims_and_old_asks_but_nothing_live(repo):
+    from micropay.store.fleet import Want
+    await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
+    await repo.add(pooled(1, expires_at=NOW - 100_000), NOW_MS)       # claimed long ago, long expired
+    await repo.add(pooled(2, expires_at=NOW - 100_000), NOW_MS)       # never claimed: the pruner's, not this
+    await repo.add(pooled(3, expires_at=NOW + 3600), NOW_MS)          # claimed, live
+    await repo.store.execute("UPDATE micropay_fleet_invoices SET claim_label = 'micropay-old' WHERE node_label = $1",
+                             ("micropay-fleet-node-a-1",))
+    await repo.store.execute("UPDATE micropay_fleet_invoices SET claim_label = 'micropay-live' WHERE node_label = $1",
+                             ("micropay-fleet-node-a-3",))
+    await repo.want(Want(1000, "old", 5, 3600), NOW_MS - 2_000_000)
+    await repo.want(Want(1000, "fresh", 5, 3600), NOW_MS)
+    await repo.forget(NOW - 900, NOW - 86_400, NOW - 86_400, NOW - 7 * 86_400, 100)
+    left = {r[0] for r in await repo.store.query("SELECT node_label FROM micropay_fleet_invoices")}
+    assert left == {"micropay-fleet-node-a-2", "micropay-fleet-node-a-3"}
+    assert [w.description for w in await repo.wants(0)] == ["fresh"]

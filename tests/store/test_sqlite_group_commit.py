@@ -67,3 +67,27 @@ async def test_a_lone_statement_and_transactions_still_work(store):
                                    Step("UPDATE t SET v = v + 1 WHERE k = 'nope' RETURNING v", (), True)])
     assert res.failed_step == 1
     assert await store.query("SELECT v FROM t WHERE k = 'x'") == [(1,)]
+
+
+async def test_batches_are_bounded_reads_alone_take_no_write_lock_and_a_closed_store_fails_fast(tmp_path):
+    from micropay.store.sqlite import MAX_BATCH
+    s = SqliteStore(tmp_path / "b.sqlite3")
+    await s.open()
+    await s.execute(TABLE)
+    sizes = []
+    real = s._run_batch
+    s._run_batch = lambda items: sizes.append(len(items)) or real(items)
+    await asyncio.gather(*(s.execute("INSERT INTO t (k, v) VALUES ($1, 1)", (f"k{i}",)) for i in range(600)))
+    assert max(sizes) <= MAX_BATCH and sum(sizes) == 600
+    # another connection holds the write lock: reads still answer at once
+    other = sqlite3.connect(tmp_path / "b.sqlite3", timeout=0.1)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        got = await asyncio.wait_for(asyncio.gather(*(s.query("SELECT COUNT(*) FROM t") for _ in range(5))), 5)
+        assert got == [[(600,)]] * 5
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await s.close()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(s.query("SELECT 1"), 5)

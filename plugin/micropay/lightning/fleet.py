@@ -57,6 +57,7 @@ class FleetBackend:
         self.gap_grace_s = gap_grace_s
         self.clock = clock
         self._wanted: dict[tuple[int, str], float] = {}       # (amount, description) -> last told
+        self._misses: dict[tuple[int, str], int] = {}         # not wanted yet: misses so far
         self._turn = itertools.count()
         self._live: tuple[float, list[NodeBeat]] = (0.0, [])     # (read at, live nodes), kept 1 s
         self._answered = asyncio.Event()
@@ -98,7 +99,7 @@ class FleetBackend:
                                            payable_after=int(now) + min(expiry_s, self.claim_min_left_s),
                                            fresh_since_ms=self._fresh_since_ms(),
                                            nodes=[n.node_id for n in await self._rotation(amount_msat, turn)])
-            await self._tell_wanted(amount_msat, description)
+            await self._tell_wanted(amount_msat, description, hit=pooled is not None)
             if pooled is not None:
                 return _as_invoice(pooled, label)
         return _as_invoice(await self._ask(label, amount_msat, description, expiry_s, turn), label)
@@ -117,12 +118,21 @@ class FleetBackend:
         start = turn % len(able)
         return able[start:] + able[:start]
 
-    async def _tell_wanted(self, amount_msat: int, description: str) -> None:
+    async def _tell_wanted(self, amount_msat: int, description: str, hit: bool) -> None:
         """Keep this pool wanted (at most once a minute per pool); with pool_depth 0 this
-        sidecar wants no pools."""
+        sidecar wants no pools. A price is first wanted on its second miss: a one-off
+        (a dynamic price, a path of its own in the description) gets its invoice on
+        demand and costs the nodes no pool."""
         if self.pool_depth <= 0:
             return
         key = (amount_msat, description)
+        if not hit and key not in self._wanted:
+            misses = self._misses.pop(key, 0) + 1
+            if misses < 2:
+                self._misses[key] = misses
+                if len(self._misses) > 10_000:      # bounded, oldest first
+                    self._misses.pop(next(iter(self._misses)))
+                return
         now = self.clock()
         if now - self._wanted.get(key, 0.0) < 60:
             return

@@ -21,6 +21,7 @@ from typing import Callable
 
 from ..core.errors import MicropayError, PaymentFailed
 from ..lightning.base import Node, Payment, Settlement
+from ..lightning.bolt11codec import decode_invoice
 from ..lightning.outcome import ORPHAN_GRACE_S, OrphanWatch, Outcome
 from ..store.fleet import (ANSWERS_CHANNEL, PAID_CHANNEL, SETTLED_CHANNEL, FleetRepository, FleetSettlement,
                            NodeBeat, PooledInvoice, QueuedPayment)
@@ -32,6 +33,13 @@ LABEL_PREFIX = "micropay-fleet-"
 
 PAY_LABEL_PREFIX = "micropay-fleet-pay-"
 DAY_MS = 86_400_000
+# A payment recorded as sending with no outcome on the node is requeued (or a failed
+# record believed) only this long after it was sent: xpay retries for 60 s by default.
+REQUEUE_GRACE_S = max(ORPHAN_GRACE_S, 60) + 60
+# How long finished rows stay in the store (claimed invoices a day past their expiry,
+# answered asks a day, the settlement feed a week): pruned a bounded batch per round.
+KEEP_INVOICES_S, KEEP_ASKS_S, KEEP_SETTLEMENTS_S = 86_400, 86_400, 7 * 86_400
+PRUNE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class FleetAgent:
         self.clock = clock
         self._node_id: str | None = None
         self._watch = OrphanWatch(node)
+        self._outbound: int | None = None         # spendable msat, as of the last heartbeat
 
     async def node_id(self) -> str:
         if self._node_id is None:
@@ -66,6 +75,7 @@ class FleetAgent:
     async def beat(self) -> None:
         """The heartbeat: this node is up, and what it can receive and send now."""
         liquidity = await self.node.liquidity()
+        self._outbound = liquidity.outbound_msat
         await self.repo.heartbeat(NodeBeat(await self.node_id(), self.node.network, int(self.clock() * 1000),
                                             liquidity.inbound_msat, liquidity.outbound_msat))
 
@@ -87,7 +97,12 @@ class FleetAgent:
                                                 int(now) + self.settings.min_left_s)
             for _ in range(min(budget, max(0, want.depth - ready))):
                 label = LABEL_PREFIX + os.urandom(12).hex()
-                inv = await self.node.create_invoice(want.amount_msat, label, want.description, want.expiry_s)
+                try:
+                    inv = await self.node.create_invoice(want.amount_msat, label, want.description, want.expiry_s)
+                except MicropayError as exc:      # this pool cannot be made: the others still are
+                    log.warning("pool %d msat %r: the node refused the invoice: %s", want.amount_msat,
+                                want.description[:60], exc)
+                    break
                 await self.repo.add(PooledInvoice(inv.payment_hash, node_id, label, want.amount_msat,
                                                   want.description, inv.bolt11, inv.expires_at, None),
                                     int(self.clock() * 1000))
@@ -100,6 +115,9 @@ class FleetAgent:
         node; returns how many left the pool."""
         node_id = await self.node_id()
         dropped = 0
+        now = int(self.clock())
+        await self.repo.forget(now - self.settings.want_ttl_s, now - KEEP_INVOICES_S, now - KEEP_ASKS_S,
+                               now - KEEP_SETTLEMENTS_S, PRUNE_BATCH)
         for payment_hash, label in await self.repo.stale(node_id, int(self.clock()) + self.settings.min_left_s,
                                                          self.settings.prune_per_round):
             if await self.repo.drop(payment_hash):      # no claim can take it from here on
@@ -166,14 +184,24 @@ class FleetAgent:
         "sending", or None (nothing it can carry, or it was refused and failed). A
         payment no node can carry stays queued for one that can."""
         node_id = await self.node_id()
-        outbound = (await self.node.liquidity()).outbound_msat
+        st = self.settings
+        if st.max_payment_msat <= 0 or st.per_day_msat <= 0:
+            return None                       # this node pays nothing from the queue: leave it to others
         now_ms = int(self.clock() * 1000)
-        p = await self.repo.lease(node_id, now_ms, self.settings.lease_ms, outbound)
+        since = now_ms - DAY_MS
+        spent_all = await self.repo.spent(node_id, since)
+        if self._outbound is None:
+            self._outbound = (await self.node.liquidity()).outbound_msat
+        # lease only what this node can carry and may still pay today: the rest stays
+        # queued for a node that can (a refusal would fail it for good)
+        carry = min(self._outbound, st.max_payment_msat + st.max_fee_msat, st.per_day_msat - spent_all)
+        if carry <= 0:
+            return None
+        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry)
         if p is None:
             return None
-        since = now_ms - DAY_MS
-        refusal = self._refusal(p, await self.repo.spent(node_id, since, p.subject) if p.subject else 0,
-                                await self.repo.spent(node_id, since))
+        refusal = self._mismatch(p) or self._refusal(
+            p, await self.repo.spent(node_id, since, p.subject) if p.subject else 0, spent_all)
         if refusal is not None:
             await self.repo.done(p.key, node_id, "failed", now_ms, error=f"refused: {refusal}")
             await self.repo.store.notify(PAID_CHANNEL)
@@ -181,9 +209,30 @@ class FleetAgent:
             return None
         label = PAY_LABEL_PREFIX + os.urandom(12).hex()
         start = await self.node.sendpays_position()
-        if not await self.repo.sending(p.key, node_id, label, start, now_ms):
+        if not await self.repo.sending(p.key, node_id, label, start, int(self.clock() * 1000)):
             return None                       # the lease ran out and someone else has it
+        self._outbound = None                 # what it can carry changes: read again next time
         return await self.repo.payment(p.key)
+
+    def _mismatch(self, p: QueuedPayment) -> str | None:
+        """The invoice itself decides what the node pays: it must say what the queue row
+        says (the amount the caps were checked on, the hash), or the row is refused. A
+        web tier cannot get a large invoice paid by writing a small amount beside it."""
+        if p.destination is not None:
+            return None                       # keysend: the node sends exactly the row's amount
+        try:
+            d = decode_invoice(p.bolt11 or "")
+        except Exception:                     # noqa: BLE001 - any undecodable invoice is refused
+            return "the queued invoice does not decode"
+        if p.payment_hash is not None and d.payment_hash != p.payment_hash:
+            return "the queued invoice's payment hash is not the one queued"
+        if d.amount_msat is None and not p.amountless:
+            return "the queued invoice names no amount but was queued as naming one"
+        if d.amount_msat is not None and (p.amountless or d.amount_msat != p.amount_msat):
+            return f"the queued invoice asks {d.amount_msat} msat, not the {p.amount_msat} msat queued"
+        if d.expires_at <= self.clock():
+            return "the queued invoice has expired"
+        return None
 
     async def send(self, p: QueuedPayment) -> None:
         """Ask the node to pay a payment recorded as sending, and record the outcome. An
@@ -227,11 +276,15 @@ class FleetAgent:
             if settled.outcome is Outcome.SUCCEEDED:
                 await self._finish(p, settled.payment, None)
             elif settled.outcome is Outcome.FAILED:
+                # every part written so far failed, but xpay may still be about to try
+                # another: a recent attempt is only called failed after the grace
+                if self.clock() * 1000 - (p.sent_ms or 0) < REQUEUE_GRACE_S * 1000:
+                    continue
                 await self._finish(p, None, settled.detail)
             elif settled.outcome is Outcome.NOT_SENT:
-                # no record yet may also be an xpay still on its way to writing one: only
-                # an attempt older than the grace goes back to the queue
-                if (self.clock() * 1000 - (p.sent_ms or 0) < ORPHAN_GRACE_S * 1000
+                # no record yet may also be an xpay still on its way to writing one (it
+                # retries for up to 60 s): only an attempt older than the grace goes back
+                if (self.clock() * 1000 - (p.sent_ms or 0) < REQUEUE_GRACE_S * 1000
                         or not await self.repo.requeue(p.key, node_id)):
                     continue
             else:

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from ..core.errors import NodeError
 from .invoices import InvoiceIssuer
@@ -34,6 +34,9 @@ from ..store.stream_usage import StreamUsageRepository
 from ..streams.attribution import IncomingStreamPayment
 from ..streams.runner import StreamRunner
 from ..l402.tokens import RootKeyRing, TokenService, follow_key_file
+
+if TYPE_CHECKING:
+    from .agent import AgentSettings, FleetAgent
 
 REFILL_SLICE = 20
 log = logging.getLogger("micropay.plugin")
@@ -134,7 +137,7 @@ class PluginRuntime:
 
     # -- fleet mode: the node agent ---------------------------------------------------------
     # (REFILL_SLICE: invoices made for the pools between two looks at asks and the queue)
-    def _agent_settings(self) -> "AgentSettings":
+    def _agent_settings(self) -> AgentSettings:
         from .agent import AgentSettings
         s = self.settings
         return AgentSettings(per_round=s["micropay-fleet-pool-per-round"],
@@ -157,15 +160,21 @@ class PluginRuntime:
         while True:
             store = open_store_from_url(url, (FLEET_SCHEMA,))
             stops: list[Callable[[], Awaitable[None]]] = []
-            follow: asyncio.Task[None] | None = None
+            helpers: list[asyncio.Task[None]] = []
             try:
                 await store.open()
                 agent = FleetAgent(self.node, FleetRepository(store), self._agent_settings())
                 self.agent = agent
-                woke = asyncio.Event()
-                stops = [await store.listen(ASKS_CHANNEL, woke.set), await store.listen(QUEUED_CHANNEL, woke.set)]
+                asked, queued = asyncio.Event(), asyncio.Event()
+                stops = [await store.listen(ASKS_CHANNEL, asked.set), await store.listen(QUEUED_CHANNEL, queued.set)]
                 await agent.beat()
-                follow = asyncio.create_task(agent.follow_settlements(), name="micropay-agent-settlements")
+                # Three loops of their own, so that none waits on another: the heartbeat
+                # (a payment can take a minute; a node must not look dead meanwhile), the
+                # payment queue, and the node's settlements. This loop makes pools and
+                # answers asks.
+                helpers = [asyncio.create_task(agent.follow_settlements(), name="micropay-agent-settlements"),
+                           asyncio.create_task(self._agent_beats(agent), name="micropay-agent-beat"),
+                           asyncio.create_task(self._agent_pays(agent, queued, poll_s), name="micropay-agent-pay")]
                 log.info("fleet agent: node %s in %s", await agent.node_id(), url.split("@")[-1].split("?")[0])
                 last_round, refill_left = 0.0, 0
                 while True:
@@ -173,23 +182,21 @@ class PluginRuntime:
                     if time.monotonic() - last_round >= 1.0:
                         last_round = time.monotonic()
                         refill_left = agent.settings.per_round      # this second's invoices for the pools
-                        refill_left -= (await agent.round(min(REFILL_SLICE, refill_left)))[0]
-                    elif refill_left > 0:
-                        # the pools are refilled in slices, so asks and queued payments are
-                        # answered between them instead of after a whole second's invoices
+                        await agent.prune_once()
+                    if refill_left > 0:
+                        # the pools are refilled in slices, so asks are answered between them
+                        # instead of after a whole second's invoices
                         added = await agent.refill_once(min(REFILL_SLICE, refill_left))
                         refill_left = refill_left - added if added else 0
                     await agent.answer_asks()
-                    for _ in range(20):
-                        if not await agent.pay_once():
-                            break
-                    if follow.done():
-                        follow.result()             # raises what stopped it: the loop restarts
+                    for task in helpers:
+                        if task.done():
+                            task.result()           # raises what stopped it: everything restarts
                     backoff.reset()
-                    woke.clear()
+                    asked.clear()
                     if refill_left <= 0:
                         with contextlib.suppress(asyncio.TimeoutError):
-                            await asyncio.wait_for(woke.wait(), poll_s)
+                            await asyncio.wait_for(asked.wait(), poll_s)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -197,11 +204,29 @@ class PluginRuntime:
                 log.warning("fleet agent: %s; again in %.0f s", exc, delay)
                 await asyncio.sleep(delay)
             finally:
-                if follow is not None:
-                    follow.cancel()
+                for task in helpers:
+                    task.cancel()
+                for task in helpers:
+                    with contextlib.suppress(BaseException):
+                        await task
                 for stop in stops:
                     await stop()
                 await store.close()
+
+    @staticmethod
+    async def _agent_beats(agent: FleetAgent) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await agent.beat()
+
+    async def _agent_pays(self, agent: FleetAgent, queued: asyncio.Event, poll_s: float) -> None:
+        """The payment queue, one payment at a time, woken by NOTIFY or polling."""
+        while True:
+            agent.settings = self._agent_settings()
+            queued.clear()
+            if not await agent.pay_once():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(queued.wait(), max(poll_s, 0.25))
 
     # -- invoice settlement and incoming streams --------------------------------------
     async def invoice_paid(self, label: str, preimage: str, msat: int) -> None:

@@ -385,6 +385,16 @@ class FleetRepository:
         row = await self.store.fetchrow(BY_CLAIM, (label,))
         return _invoice(row) if row else None
 
+    async def forget(self, wants_before_s: int, invoices_before_s: int, asks_before_s: int,
+                     settlements_before_s: int, limit: int) -> None:
+        """Retention: wants nobody renewed, claimed invoices long expired (their payment,
+        if any, is in the feed), old answered asks and old settlements; at most `limit`
+        rows of each per call."""
+        await self.store.execute(FORGET_WANTS, (wants_before_s * 1000,))
+        await self.store.execute(FORGET_INVOICES, (invoices_before_s, limit))
+        await self.store.execute(FORGET_ASKS, (asks_before_s * 1000, limit))
+        await self.store.execute(FORGET_SETTLEMENTS, (settlements_before_s, limit))
+
     # -- what an operator watches (/metrics) -------------------------------------------
     async def stats(self, now_ms: int) -> "FleetStats":
         nodes = [NodeBeat(n, net, int(hb), int(i), int(o))
@@ -405,6 +415,13 @@ class FleetStats:
     oldest_ask_ms: int | None
 
 
+FORGET_WANTS = "DELETE FROM micropay_fleet_wants WHERE asked_ms < $1"
+FORGET_INVOICES = ("DELETE FROM micropay_fleet_invoices WHERE payment_hash IN (SELECT payment_hash FROM "
+                   "micropay_fleet_invoices WHERE claim_label IS NOT NULL AND expires_at < $1 LIMIT $2)")
+FORGET_ASKS = ("DELETE FROM micropay_fleet_asks WHERE claim_label IN (SELECT claim_label FROM micropay_fleet_asks "
+               "WHERE answered_ms IS NOT NULL AND asked_ms < $1 LIMIT $2)")
+FORGET_SETTLEMENTS = ("DELETE FROM micropay_fleet_settlements WHERE seq IN (SELECT seq FROM "
+                      "micropay_fleet_settlements WHERE paid_at < $1 ORDER BY seq LIMIT $2)")
 ALL_NODES = "SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes"
 POOL_READY = ("SELECT node_id, COUNT(*) FROM micropay_fleet_invoices WHERE claim_label IS NULL AND expires_at > $1 "
               "GROUP BY node_id")
@@ -420,8 +437,9 @@ OPEN_ASKS = ("SELECT claim_label, amount_msat, description, expiry_s FROM microp
 ANSWER = ("UPDATE micropay_fleet_asks SET answered_ms = $2, error = $3 WHERE claim_label = $1 "
           "AND answered_ms IS NULL")
 ASK_ERROR = "SELECT error FROM micropay_fleet_asks WHERE claim_label = $1 AND answered_ms IS NOT NULL"
+# any conflict (the hash, or the label of an answer retried after it was written) adds nothing
 ADD_CLAIMED = (f"INSERT INTO micropay_fleet_invoices ({_COLUMNS}, created_ms, claimed_ms) "
-               "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) ON CONFLICT (payment_hash) DO NOTHING")
+               "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9) ON CONFLICT DO NOTHING")
 BY_NODE_LABEL = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE node_label = $1"
 SETTLED = ("INSERT INTO micropay_fleet_settlements (payment_hash, node_id, claim_label, amount_msat, preimage, "
            "paid_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_hash) DO NOTHING")
@@ -448,7 +466,8 @@ _LEASE = ("UPDATE micropay_fleet_payments SET state = 'leased', node_id = $1, le
           f"AND (state = 'queued' OR (state = 'leased' AND lease_until_ms < $3)) RETURNING {_PCOLS}")
 LEASE = {"sqlite": _LEASE.format(lock=""), "postgresql": _LEASE.format(lock=" FOR UPDATE SKIP LOCKED")}
 # What this node has paid or has out, per subject and in all, since a time (the caps).
-SPENT = ("SELECT COALESCE(SUM(amount_msat), 0) FROM micropay_fleet_payments WHERE node_id = $1 "
+SPENT = ("SELECT COALESCE(SUM(amount_msat + COALESCE(fee_msat, max_fee_msat)), 0) FROM micropay_fleet_payments "
+         "WHERE node_id = $1 "
          "AND state IN ('sending', 'paid') AND sent_ms >= $2 AND ($3 = '' OR subject = $3)")
 # Recorded before the node is asked to pay: the label and where its records stood.
 SENDING = ("UPDATE micropay_fleet_payments SET state = 'sending', node_label = $3, sendpays_start = $4, "

@@ -28,6 +28,8 @@ from .schema import (APPLIED, INTERIM_TABLE, RECORD_STEP, SERIAL_PK, STEPS_TABLE
                      steps_to_apply)
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+_READ = re.compile(r"\s*SELECT\b", re.I)
+MAX_BATCH = 256              # statements per group commit
 _UNAVAILABLE = re.compile(r"locked|busy|disk I/O|unable to open|readonly|full")
 
 
@@ -134,9 +136,16 @@ class SqliteStore(Store):
         return await done
 
     def _drain(self) -> None:
-        batch, self._pending = self._pending, []
-        job = asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch,
-                                                         [(sql, args) for sql, args, _ in batch])
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        try:
+            job = asyncio.get_running_loop().run_in_executor(self._pool, self._run_batch,
+                                                             [(sql, args) for sql, args, _ in batch])
+        except RuntimeError as exc:             # the worker is shut down (the store was closed)
+            for _, _, done in batch + self._pending:
+                if not done.done():
+                    done.set_exception(StoreUnavailable(f"the store is closed ({exc})"))
+            self._pending, self._draining = [], False
+            return
         job.add_done_callback(lambda j: self._answer(batch, j))
 
     def _answer(self, batch: list[tuple[str, Sequence[Any], asyncio.Future]], job: asyncio.Future) -> None:
@@ -157,15 +166,25 @@ class SqliteStore(Store):
             self._draining = False
 
     def _run_batch(self, items: list[tuple[str, Sequence[Any]]]) -> list[Any]:
-        """Run statements on the worker: alone in autocommit, several in one transaction."""
-        if len(items) == 1:
-            try:
-                return [self._run(*items[0])]
-            except Exception as exc:
-                return [exc]
+        """Run statements on the worker: alone or only reads in autocommit (a read never
+        waits for another process's writer, as WAL allows), several writes in one
+        transaction."""
         assert self._conn is not None, "store is not open"
+        if self._conn.in_transaction:           # a ROLLBACK that failed left one open: end it first
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                return [StoreUnavailable(f"the store is unavailable ({exc}); try again shortly")] * len(items)
+        if len(items) == 1 or all(_READ.match(sql) for sql, _ in items):
+            out: list[Any] = []
+            for item in items:
+                try:
+                    out.append(self._run(*item))
+                except Exception as exc:
+                    out.append(exc)
+            return out
         self._run("BEGIN IMMEDIATE", ())
-        out: list[Any] = []
+        out = []
         for sql, args in items:
             try:
                 out.append(self._run(sql, args))
