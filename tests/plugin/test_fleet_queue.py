@@ -93,7 +93,7 @@ async def test_an_amountless_return_invoice_is_paid_the_amount_asked(world):
 @pytest.mark.parametrize("amount, fee, subject, why", [
     (50_001, 1000, "", "per payment"),
     (10_000, 5001, "", "fee cap"),
-    (40_000, 1000, "alice", "per payout subject and day"),     # alice already has 30,000 out today
+    (40_000, 1000, "alice", "per payout subject and UTC day"),     # alice already has 30,000 out today
 ])
 async def test_each_cap_refuses_and_nothing_leaves(world, amount, fee, subject, why):
     repo, backend, merchant, payee, clock = world
@@ -252,7 +252,7 @@ async def test_a_game_payout_through_the_queue_carries_its_player_so_the_agents_
             "SELECT key FROM micropay_fleet_payments ORDER BY created_ms, key")]]
         assert {r.subject for r in rows} == {"alice"} and {r.kind for r in rows} == {"payout"}
         failed = [r for r in rows if r.state == "failed"]
-        assert len(failed) == 1 and "per payout subject and day" in failed[0].error, failed
+        assert len(failed) == 1 and "per payout subject and UTC day" in failed[0].error, failed
         assert await received(payee) == 50_000
     finally:
         await games_store.close()
@@ -297,3 +297,51 @@ async def test_a_node_whose_caps_are_zero_leaves_payments_to_the_others(world):
     assert (await repo.payment("micropay-refund-z")).state == "queued"
     assert await agent_for(merchant, repo, clock).pay_once()
     assert (await repo.payment("micropay-refund-z")).state == "paid"
+
+
+async def test_with_the_nodes_own_records_the_caps_hold_whatever_the_store_says(world):
+    """The spending the caps are checked against lives in the node's datastore: a web tier
+    that rewrites the store's payment rows (hiding what was paid) gains nothing."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    records = MemoryRecords()
+    agent = FleetAgent(merchant, repo, CAPS, clock=clock, records=records)
+    for i in range(2):                        # 2 x 25,000 (+1,000 fee allowance) for alice: 52,000 of 60,000
+        inv = await payee.create_invoice(25_000, f"t{i}", "payout", 3600)
+        await repo.enqueue(QueuedPayment(f"micropay-payout-t{i}", "payout", "alice", inv.bolt11, None,
+                                         inv.payment_hash, 25_000, False, 1000), int(clock() * 1000))
+        assert await agent.pay_once()
+        # the store is told nothing was paid
+        await repo.store.execute("UPDATE micropay_fleet_payments SET amount_msat = 0, fee_msat = 0, "
+                                 "max_fee_msat = 0")
+    inv = await payee.create_invoice(25_000, "t2", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-t2", "payout", "alice", inv.bolt11, None, inv.payment_hash,
+                                     25_000, False, 1000), int(clock() * 1000))
+    await agent.pay_once()
+    row = await repo.payment("micropay-payout-t2")
+    assert row.state == "failed" and "subject and UTC day" in row.error, row
+    assert await received(payee) == 50_000
+    doc = next(iter(records.records.values()))
+    import json
+    ledger = json.loads(doc[0])
+    fees = [(await repo.payment(f"micropay-payout-t{i}")).fee_msat or 0 for i in range(2)]
+    assert ledger["subjects"]["alice"] == ledger["total"] == 50_000 + sum(fees)
+
+
+async def test_the_ledger_releases_a_failed_payment_and_a_retry_reserves_once(world):
+    from micropay.lightning.memrecords import MemoryRecords
+    from micropay.plugin.agent import SpendLedger
+    repo, backend, merchant, payee, clock = world
+    ledger = SpendLedger(MemoryRecords(), clock)
+    await ledger.reserve("k1", "bob", 11_000)
+    await ledger.reserve("k1", "bob", 11_000)                # a retry after a crash: counted once
+    assert await ledger.today("bob") == (11_000, 11_000)
+    await ledger.settle("k1", 0)                             # it failed: released
+    await ledger.settle("k1", 0)
+    assert await ledger.today("bob") == (0, 0)
+    await ledger.reserve("k2", "bob", 11_000)
+    clock.advance(86_400)                                    # paid after midnight: yesterday's record is trimmed
+    await ledger.settle("k2", 10_007)
+    assert await ledger.today("bob") == (0, 0)
+    clock.advance(-86_400)
+    assert await ledger.today("bob") == (10_007, 10_007)

@@ -17,10 +17,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from ..core.errors import MicropayError, PaymentFailed
-from ..lightning.base import Node, Payment, Settlement
+from ..lightning.base import Node, Payment, RecordExists, RecordStore, Settlement, StaleRecord
 from ..lightning.bolt11codec import decode_invoice
 from ..lightning.outcome import ORPHAN_GRACE_S, OrphanWatch, Outcome
 from ..store.fleet import (ANSWERS_CHANNEL, PAID_CHANNEL, SETTLED_CHANNEL, FleetRepository, FleetSettlement,
@@ -33,6 +33,10 @@ LABEL_PREFIX = "micropay-fleet-"
 
 PAY_LABEL_PREFIX = "micropay-fleet-pay-"
 DAY_MS = 86_400_000
+
+
+def _utc_day_start_ms(now: float) -> int:
+    return int(now // 86_400 * 86_400 * 1000)
 # A payment recorded as sending with no outcome on the node is requeued (or a failed
 # record believed) only this long after it was sent: xpay retries for 60 s by default.
 REQUEUE_GRACE_S = max(ORPHAN_GRACE_S, 60) + 60
@@ -50,19 +54,95 @@ class AgentSettings:
     prune_per_round: int = 200
     # the operator's caps on what the queue may make this node pay (msat; 0: nothing)
     max_payment_msat: int = 0            # one payment
-    per_subject_day_msat: int = 0        # one subject (a player) in 24 h
-    per_day_msat: int = 0                # everything in 24 h
+    per_subject_day_msat: int = 0        # one subject (a player) per UTC day
+    per_day_msat: int = 0                # everything per UTC day
     max_fee_msat: int = 5000             # the fee any queued payment may cost at most
     lease_ms: int = 30_000               # a leased payment not sent in this long goes back
 
 
+class SpendLedger:
+    """What the payment queue has taken from this node per UTC day, kept in the node's own
+    records (lightningd's datastore), not in the shared store: whoever can write to the
+    store's payment table cannot make the caps forget what was paid. Reserved (amount +
+    fee allowance) before the node is asked to pay, idempotent by the payment's key;
+    trimmed to amount + fee when paid, released when it failed."""
+
+    def __init__(self, records: RecordStore, clock: Callable[[], float]) -> None:
+        self.records, self.clock = records, clock
+
+    def _day(self, offset: int = 0) -> str:
+        return time.strftime("%Y-%m-%d", time.gmtime(self.clock() + offset * 86_400))
+
+    async def _read(self, day: str) -> tuple[dict[str, Any], int | None]:
+        found = await self.records.get(("fleet", "spent", day))
+        if found is None:
+            return {"total": 0, "subjects": {}, "keys": {}}, None
+        return found[0], found[1]
+
+    async def _write(self, day: str, doc: dict[str, Any], generation: int | None) -> None:
+        if generation is None:
+            await self.records.create(("fleet", "spent", day), doc)
+        else:
+            await self.records.replace(("fleet", "spent", day), doc, generation)
+
+    async def today(self, subject: str = "") -> tuple[int, int]:
+        """(all spent today, spent today for `subject`)."""
+        doc, _ = await self._read(self._day())
+        return int(doc["total"]), int(doc["subjects"].get(subject, 0)) if subject else 0
+
+    async def reserve(self, key: str, subject: str, msat: int) -> None:
+        for _ in range(5):
+            day = self._day()
+            doc, generation = await self._read(day)
+            if key in doc["keys"]:
+                return                              # reserved already (a retry after a crash)
+            doc["keys"][key] = [subject, msat]
+            doc["total"] = int(doc["total"]) + msat
+            if subject:
+                doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) + msat
+            try:
+                await self._write(day, doc, generation)
+                return
+            except (RecordExists, StaleRecord):
+                continue
+        raise StaleRecord("the spend ledger kept changing underneath us")
+
+    async def settle(self, key: str, final_msat: int) -> None:
+        """The reservation of `key` becomes `final_msat` (0: it failed). Looks in today's
+        and yesterday's record (a payment sent before midnight)."""
+        for offset in (0, -1):
+            day = self._day(offset)
+            for _ in range(5):
+                doc, generation = await self._read(day)
+                held = doc["keys"].get(key)
+                if held is None or len(held) < 2 or held[1] == final_msat:
+                    break
+                subject, reserved = held[0], int(held[1])
+                doc["keys"][key] = [subject, final_msat]
+                doc["total"] = int(doc["total"]) - reserved + final_msat
+                if subject:
+                    doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) - reserved + final_msat
+                try:
+                    await self._write(day, doc, generation)
+                    return
+                except (RecordExists, StaleRecord):
+                    continue
+            else:
+                raise StaleRecord("the spend ledger kept changing underneath us")
+            if held is not None:
+                return
+
+
 class FleetAgent:
     def __init__(self, node: Node, repo: FleetRepository, settings: AgentSettings = AgentSettings(), *,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, records: RecordStore | None = None) -> None:
         self.node = node
         self.repo = repo
         self.settings = settings
         self.clock = clock
+        # with the node's own records, the caps are checked against them; without (tests,
+        # the sandbox), against the shared store's payment table
+        self.ledger = SpendLedger(records, clock) if records is not None else None
         self._node_id: str | None = None
         self._watch = OrphanWatch(node)
         self._outbound: int | None = None         # spendable msat, as of the last heartbeat
@@ -172,9 +252,9 @@ class FleetAgent:
         if p.max_fee_msat > st.max_fee_msat:
             return f"its fee allowance {p.max_fee_msat} msat is over this node's fee cap ({st.max_fee_msat} msat)"
         if p.subject and spent_subject + p.amount_msat + p.max_fee_msat > st.per_subject_day_msat:
-            return f"over this node's cap per {p.kind} subject and day ({st.per_subject_day_msat} msat)"
+            return f"over this node's cap per {p.kind} subject and UTC day ({st.per_subject_day_msat} msat)"
         if spent_all + p.amount_msat + p.max_fee_msat > st.per_day_msat:
-            return f"over this node's cap per day ({st.per_day_msat} msat)"
+            return f"over this node's cap per UTC day ({st.per_day_msat} msat)"
         return None
 
     async def start_payment(self) -> QueuedPayment | None:
@@ -188,8 +268,8 @@ class FleetAgent:
         if st.max_payment_msat <= 0 or st.per_day_msat <= 0:
             return None                       # this node pays nothing from the queue: leave it to others
         now_ms = int(self.clock() * 1000)
-        since = now_ms - DAY_MS
-        spent_all = await self.repo.spent(node_id, since)
+        since = _utc_day_start_ms(self.clock())
+        spent_all = (await self.ledger.today())[0] if self.ledger else await self.repo.spent(node_id, since)
         if self._outbound is None:
             self._outbound = (await self.node.liquidity()).outbound_msat
         # lease only what this node can carry and may still pay today: the rest stays
@@ -200,13 +280,18 @@ class FleetAgent:
         p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry)
         if p is None:
             return None
-        refusal = self._mismatch(p) or self._refusal(
-            p, await self.repo.spent(node_id, since, p.subject) if p.subject else 0, spent_all)
+        if self.ledger is not None:
+            spent_all, spent_subject = await self.ledger.today(p.subject)
+        else:
+            spent_subject = await self.repo.spent(node_id, since, p.subject) if p.subject else 0
+        refusal = self._mismatch(p) or self._refusal(p, spent_subject, spent_all)
         if refusal is not None:
             await self.repo.done(p.key, node_id, "failed", now_ms, error=f"refused: {refusal}")
             await self.repo.store.notify(PAID_CHANNEL)
             log.warning("queued %s %s refused: %s", p.kind, p.key, refusal)
             return None
+        if self.ledger is not None:
+            await self.ledger.reserve(p.key, p.subject, p.amount_msat + p.max_fee_msat)
         label = PAY_LABEL_PREFIX + os.urandom(12).hex()
         start = await self.node.sendpays_position()
         if not await self.repo.sending(p.key, node_id, label, start, int(self.clock() * 1000)):
@@ -257,6 +342,8 @@ class FleetAgent:
     async def _finish(self, p: QueuedPayment, paid: Payment | None, error: str | None) -> None:
         now_ms = int(self.clock() * 1000)
         node_id = await self.node_id()
+        if self.ledger is not None:
+            await self.ledger.settle(p.key, 0 if paid is None else p.amount_msat + paid.fee_msat)
         if paid is not None:
             await self.repo.done(p.key, node_id, "paid", now_ms, preimage=paid.preimage, fee_msat=paid.fee_msat,
                                  payment_hash=paid.payment_hash)

@@ -95,8 +95,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("micropay-fleet-pay-max-msat", 0, "Fleet agent: most one queued payment may deliver "
                "(msat; 0: the queue pays nothing)", dynamic=True, unit="msat"),
     OptionSpec("micropay-fleet-pay-subject-day-msat", 0, "Fleet agent: most paid to one subject (a player) "
-               "in 24 h (msat)", dynamic=True, unit="msat"),
-    OptionSpec("micropay-fleet-pay-day-msat", 0, "Fleet agent: most paid from the queue in 24 h (msat)",
+               "per UTC day (msat)", dynamic=True, unit="msat"),
+    OptionSpec("micropay-fleet-pay-day-msat", 0, "Fleet agent: most paid from the queue per UTC day (msat)",
                dynamic=True, unit="msat"),
     OptionSpec("micropay-fleet-pay-max-fee-msat", 5_000, "Fleet agent: routing fee limit per queued "
                "payment, refunds included (msat)", dynamic=True, unit="msat"),

@@ -163,7 +163,7 @@ class PluginRuntime:
             helpers: list[asyncio.Task[None]] = []
             try:
                 await store.open()
-                agent = FleetAgent(self.node, FleetRepository(store), self._agent_settings())
+                agent = FleetAgent(self.node, FleetRepository(store), self._agent_settings(), records=self.ds)
                 self.agent = agent
                 asked, queued = asyncio.Event(), asyncio.Event()
                 stops = [await store.listen(ASKS_CHANNEL, asked.set), await store.listen(QUEUED_CHANNEL, queued.set)]
