@@ -112,7 +112,7 @@ class FleetBackend:
         if time.monotonic() - read_at >= 1.0:
             live = await self.repo.live_nodes(self._fresh_since_ms())
             self._live = (time.monotonic(), live)
-        able = [n for n in live if amount_msat is None or n.inbound_msat >= amount_msat]
+        able = _able(live, amount_msat)
         if not able:
             return []
         start = turn % len(able)
@@ -149,7 +149,7 @@ class FleetBackend:
         live = await self.repo.live_nodes(self._fresh_since_ms())
         if not live:
             raise NoInvoiceInTime("no Lightning node of the fleet is up (no fresh heartbeat)", retry_after_s=5)
-        able = [n for n in live if amount_msat is None or n.inbound_msat >= amount_msat]
+        able = _able(live, amount_msat)
         if not able:
             raise NoInvoiceInTime(f"no live node of the fleet can receive {amount_msat} msat now "
                                   "(inbound liquidity)", retry_after_s=5)
@@ -315,6 +315,11 @@ class FleetBackend:
 
     async def wait_until_ready(self, timeout_s: float) -> bool:
         return bool(await self.repo.live_nodes(self._fresh_since_ms()))
+
+
+def _able(live: list[NodeBeat], amount_msat: int | None) -> list[NodeBeat]:
+    """The live nodes that reported the inbound liquidity to receive `amount_msat`."""
+    return [n for n in live if amount_msat is None or n.inbound_msat >= amount_msat]
 
 
 def _as_invoice(p: PooledInvoice, label: str) -> Invoice:

@@ -90,46 +90,51 @@ class SpendLedger:
         doc, _ = await self._read(self._day())
         return int(doc["total"]), int(doc["subjects"].get(subject, 0)) if subject else 0
 
-    async def reserve(self, key: str, subject: str, msat: int) -> None:
+    async def _update(self, day: str, change: Callable[[dict[str, Any]], bool | None]) -> bool | None:
+        """Read the day's record, let `change` edit it (True: edited, False: nothing to
+        change, None: the key is not in it), and write it back at the generation read."""
         for _ in range(5):
-            day = self._day()
             doc, generation = await self._read(day)
-            if key in doc["keys"]:
-                return                              # reserved already (a retry after a crash)
-            doc["keys"][key] = [subject, msat]
-            doc["total"] = int(doc["total"]) + msat
-            if subject:
-                doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) + msat
+            outcome = change(doc)
+            if not outcome:
+                return outcome
             try:
                 await self._write(day, doc, generation)
-                return
+                return True
             except (RecordExists, StaleRecord):
                 continue
         raise StaleRecord("the spend ledger kept changing underneath us")
 
+    @staticmethod
+    def _move(doc: dict[str, Any], subject: str, msat: int) -> None:
+        doc["total"] = int(doc["total"]) + msat
+        if subject:
+            doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) + msat
+
+    async def reserve(self, key: str, subject: str, msat: int) -> None:
+        def add(doc: dict[str, Any]) -> bool:
+            if key in doc["keys"]:
+                return False                        # reserved already (a retry after a crash)
+            doc["keys"][key] = [subject, msat]
+            self._move(doc, subject, msat)
+            return True
+        await self._update(self._day(), add)
+
     async def settle(self, key: str, final_msat: int) -> None:
         """The reservation of `key` becomes `final_msat` (0: it failed). Looks in today's
         and yesterday's record (a payment sent before midnight)."""
+        def trim(doc: dict[str, Any]) -> bool | None:
+            held = doc["keys"].get(key)
+            if held is None:
+                return None
+            subject, reserved = held[0], int(held[1])
+            if reserved == final_msat:
+                return False
+            doc["keys"][key] = [subject, final_msat]
+            self._move(doc, subject, final_msat - reserved)
+            return True
         for offset in (0, -1):
-            day = self._day(offset)
-            for _ in range(5):
-                doc, generation = await self._read(day)
-                held = doc["keys"].get(key)
-                if held is None or len(held) < 2 or held[1] == final_msat:
-                    break
-                subject, reserved = held[0], int(held[1])
-                doc["keys"][key] = [subject, final_msat]
-                doc["total"] = int(doc["total"]) - reserved + final_msat
-                if subject:
-                    doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) - reserved + final_msat
-                try:
-                    await self._write(day, doc, generation)
-                    return
-                except (RecordExists, StaleRecord):
-                    continue
-            else:
-                raise StaleRecord("the spend ledger kept changing underneath us")
-            if held is not None:
+            if await self._update(self._day(offset), trim) is not None:
                 return
 
 
