@@ -20,6 +20,7 @@ from micropay.lightning.sandbox import SandboxNetwork
 from micropay.plugin.agent import AgentSettings, FleetAgent
 from micropay.store import open_store_from_url
 from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, FleetSettlement, NodeBeat
+from micropay.store.fleet import PooledInvoice as FleetPooled
 
 from ..conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
 
@@ -291,3 +292,102 @@ async def test_pooled_claims_alternate_between_live_nodes(fleet):
     got = [decode_invoice((await backend.create_invoice(3000, f"micropay-p{i}", "rr", 600)).bolt11).payee
            for i in range(8)]
     assert got[0::2] != got[1::2] and len(set(got[0::2])) == 1 and len(set(got[1::2])) == 1, got
+
+
+def _challenge_label() -> str:
+    """A label as the gate makes them: single use, so served from the reserve."""
+    import os
+    return "micropay-" + os.urandom(32).hex()
+
+
+async def _settle_reserve(backend) -> None:
+    """Let the background top-ups started so far finish."""
+    while backend._refills:
+        await asyncio.gather(*list(backend._refills.values()))
+
+
+async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
+    """A 402's invoice is handed out of this process's reserve (one claim statement binds
+    `reserve` invoices); each is handed out once, its settlement reaches the gate's route
+    (a `micropay-` label), and a sidecar that stops gives back what it never handed out."""
+    from micropay.store.fleet import Want
+    repo, agent, backend, payer, _ = fleet
+    backend.reserve = 8
+    await repo.want(Want(2000, "r", 40, 3600), int(time.time() * 1000))
+    await agent.beat()
+    assert await agent.refill_once() == 40
+    statements = []
+    real_query = repo.store.query
+    async def counting(sql, args=()):
+        statements.append(sql)
+        return await real_query(sql, args)
+    repo.store.query = counting
+    handed = []
+    for _ in range(20):
+        handed.append(await backend.create_invoice(2000, _challenge_label(), "r", 600))
+        await _settle_reserve(backend)
+    repo.store.query = real_query
+    assert len({i.payment_hash for i in handed}) == 20, "an invoice was handed out twice"
+    batches = [s for s in statements if "claim_label = $1 || payment_hash" in s]
+    assert 2 <= len(batches) <= 5, f"{len(batches)} reserve claims for 20 402s (reserve 8)"
+    reserved = await repo.store.query("SELECT payment_hash, claim_label FROM micropay_fleet_invoices "
+                                      "WHERE claim_label LIKE 'micropay-r%'")
+    # the first 402 found the reserve empty: it claimed one invoice under its own label
+    assert (await repo.by_claim(handed[0].label)).payment_hash == handed[0].payment_hash
+    assert {h for h, _ in reserved} >= {i.payment_hash for i in handed[1:]}
+    assert all(label == backend._reserve_prefix + h for h, label in reserved)
+    unhanded = {h for h, _ in reserved} - {i.payment_hash for i in handed}
+    assert unhanded, "nothing left in the reserve to give back"
+
+    following = asyncio.create_task(agent.follow_settlements())
+    try:
+        await payer.pay(handed[3].bolt11)
+        async def first():
+            async for s in backend.settlements(0):
+                return s
+        s = await asyncio.wait_for(first(), 5)
+    finally:
+        following.cancel()
+    assert s.payment_hash == handed[3].payment_hash and s.label == backend._reserve_prefix + s.payment_hash
+    assert s.label.startswith("micropay-") and not s.label.startswith("micropay-purchase-")
+
+    await backend.close()
+    rows = dict(await repo.store.query("SELECT payment_hash, claim_label FROM micropay_fleet_invoices"))
+    assert all(rows[h] is None for h in unhanded), "the reserve was not given back to the pool"
+    assert all(rows[i.payment_hash] is not None for i in handed), "an invoice handed out went back to the pool"
+
+
+async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_path):
+    """The reserve holds invoices of two nodes in turn; once one node's heartbeat is older
+    than the timeout, no 402 names it, though its invoices are still in the reserve."""
+    store = open_store_from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}", (FLEET_SCHEMA,))
+    await store.open()
+    repo = FleetRepository(store)
+    now = [time.time()]
+    backend = FleetBackend(repo, heartbeat_timeout_s=15, reserve=10, pool_depth=0, ask_timeout_s=0.05,
+                           clock=lambda: now[0])
+    nodes = [SandboxNetwork().add_node(name) for name in ("a", "b")]
+    ids = [await n.node_id() for n in nodes]
+    for n, node_id in zip(nodes, ids):
+        await repo.heartbeat(NodeBeat(node_id, "regtest", int(now[0] * 1000), 10**12, 10**12))
+        for i in range(60):
+            inv = await n.create_invoice(1000, f"micropay-fleet-{node_id[:8]}-{i}", "s", 3600)
+            await repo.add(FleetPooled(inv.payment_hash, node_id, inv.label, 1000, "s", inv.bolt11,
+                                       inv.expires_at, None), int(now[0] * 1000))
+    try:
+        payees = []
+        for _ in range(4):
+            payees.append(decode_invoice((await backend.create_invoice(1000, _challenge_label(), "s", 600)).bolt11).payee)
+            await _settle_reserve(backend)
+        assert set(payees) == set(ids), "the reserve did not serve both nodes"
+        assert any(p.node_id == ids[1] for q in backend._reserved.values() for p in q)
+        now[0] += 16                                   # node b stops beating; a goes on
+        await repo.heartbeat(NodeBeat(ids[0], "regtest", int(now[0] * 1000), 10**12, 10**12))
+        payees = []
+        for _ in range(25):
+            payees.append(decode_invoice((await backend.create_invoice(1000, _challenge_label(), "s", 600)).bolt11).payee)
+            await _settle_reserve(backend)
+        assert set(payees) == {ids[0]}, "a node with a stale heartbeat was handed out"
+    finally:
+        await backend.close()
+        await store.close()

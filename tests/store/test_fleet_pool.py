@@ -134,34 +134,47 @@ async def test_concurrent_claims_in_one_process_never_share_an_invoice(repo):
 
 
 CLAIMER = textwrap.dedent("""
-    import asyncio, json, sys
+    import asyncio, json, os, sys
+    from micropay.core.errors import NoInvoiceInTime
+    from micropay.lightning.fleet import FleetBackend
     from micropay.store import open_store_from_url
     from micropay.store.fleet import FLEET_SCHEMA, FleetRepository
-    async def main(url, who, now_ms):
+    async def main(url, who, now_ms, mode):
         store = open_store_from_url(url, (FLEET_SCHEMA,))
         await store.open()
         repo = FleetRepository(store)
+        # "reserve": the sidecar's own path for the gate's 402s (lightning/fleet.py): many
+        # invoices bound per statement, handed out one per 402 from this process's memory
+        backend = FleetBackend(repo, pool_depth=0, ask_timeout_s=0.01, reserve=32, clock=lambda: now_ms / 1000)
         got, misses, i = [], 0, 0
         async def worker(w):
             nonlocal misses, i
             while misses < 20:
                 i += 1
-                inv = await repo.claim(f"micropay-{who}-{w}-{i}", 1000, "joke", now_ms=now_ms,
-                                       payable_after=now_ms // 1000 + 60, fresh_since_ms=now_ms - 10_000)
+                if mode == "claim":
+                    inv = await repo.claim(f"micropay-{who}-{w}-{i}", 1000, "joke", now_ms=now_ms,
+                                           payable_after=now_ms // 1000 + 60, fresh_since_ms=now_ms - 10_000)
+                else:
+                    try:
+                        inv = await backend.create_invoice(1000, "micropay-" + os.urandom(32).hex(), "joke", 600)
+                    except NoInvoiceInTime:
+                        inv = None
                 if inv is None:
                     misses += 1
                     await asyncio.sleep(0.01)
                 else:
                     got.append(inv.payment_hash)
         await asyncio.gather(*(worker(w) for w in range(8)))
+        await backend.close()           # gives back what its reserve still holds
         await store.close()
         print(json.dumps(got))
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
 """)
 
 
 @pytest.mark.postgres
-async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_twice_none_lost(tmp_path):
+@pytest.mark.parametrize("mode", ["claim", "reserve"])
+async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_twice_none_lost(tmp_path, mode):
     if PG_SKIP_REASON:
         pytest.skip(PG_SKIP_REASON)
     url = pg_url_with_fresh_schema()
@@ -178,7 +191,7 @@ async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_
                             f"description, bolt11, expires_at, created_ms) VALUES {values}")
         script = tmp_path / "claimer.py"
         script.write_text(CLAIMER)
-        procs = [subprocess.Popen([sys.executable, str(script), url, who, str(NOW_MS)], stdout=subprocess.PIPE,
+        procs = [subprocess.Popen([sys.executable, str(script), url, who, str(NOW_MS), mode], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=dict(os.environ))
                  for who in ("p1", "p2")]
         outs = []

@@ -8,6 +8,15 @@ any node: this adapter only reads and writes the store (store/fleet.py).
   invoice (a new or dynamic price, an amountless invoice) it asks one live node's agent
   for an invoice on demand and waits, bounded by `ask_timeout_s`; then NoInvoiceInTime
   (503 with Retry-After), never a hang.
+- The reserve: the gate's challenge labels (`micropay-<token id>`) are single-use and
+  never looked up again, so their invoices come from a reserve this process claimed
+  `reserve` at a time in one statement (each bound to `micropay-r<process tag>-<payment
+  hash>`, which routes its settlement to the gate like any challenge label). A 402 then
+  costs no store round trip; the reserve is topped up in the background when it runs
+  half empty. At hand-out an invoice whose node's heartbeat (as last read, at most a
+  second ago) is stale, or that would not stay payable long enough, is skipped. A crash
+  leaves the reserve's invoices bound and unhanded: they expire unpaid, nothing is owed;
+  `close` gives them back to the pool.
 - `settlements` follows the agents' settlement feed in order. Sequence numbers of
   PostgreSQL can become visible out of order (two agents committing at once): a gap is
   waited for up to `gap_grace_s` before it is taken to be a number never used, so a
@@ -22,8 +31,11 @@ any node: this adapter only reads and writes the store (store/fleet.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
+import os
+import re
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -37,6 +49,8 @@ from .bolt11codec import decode_invoice
 log = logging.getLogger("micropay.fleet")
 
 KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"))
+SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
+MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one is given up
 
 
 class FleetBackend:
@@ -45,7 +59,7 @@ class FleetBackend:
     def __init__(self, repo: FleetRepository, *, network: str = "regtest", heartbeat_timeout_s: float = 15.0,
                  claim_min_left_s: int = 60, pool_depth: int = 50, pool_expiry_s: int = 3600,
                  ask_timeout_s: float = 2.0, poll_s: float = 0.05, gap_grace_s: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 reserve: int = 32, clock: Callable[[], float] = time.time) -> None:
         self.repo = repo
         self.network = network
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -59,11 +73,16 @@ class FleetBackend:
         self._wanted: dict[tuple[int, str], float] = {}       # (amount, description) -> last told
         self._misses: dict[tuple[int, str], int] = {}         # not wanted yet: misses so far
         self._turn = itertools.count()
-        self._live: tuple[float, list[NodeBeat]] = (0.0, [])     # (read at, live nodes), kept 1 s
+        self._live: tuple[tuple[float, float], list[NodeBeat]] = ((0.0, 0.0), [])  # ((read at), live nodes), kept 1 s
         self._answered = asyncio.Event()
         self._settled = asyncio.Event()
         self._paid = asyncio.Event()
         self._stops: list[Callable[[], Any]] = []
+        self.reserve = reserve                 # invoices claimed at once per price (0: one per 402)
+        self._reserve_prefix = f"micropay-r{os.urandom(4).hex()}-"
+        self._reserved: collections.OrderedDict[tuple[int, str], collections.deque[PooledInvoice]] = \
+            collections.OrderedDict()
+        self._refills: dict[tuple[int, str], asyncio.Task[None]] = {}
 
     @property
     def cursor_namespace(self) -> str:
@@ -79,6 +98,18 @@ class FleetBackend:
         for stop in self._stops:
             await stop()
         self._stops.clear()
+        for task in list(self._refills.values()):
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        unhanded = [self._reserve_prefix + p.payment_hash for q in self._reserved.values() for p in q]
+        self._reserved.clear()
+        if unhanded:
+            try:
+                n = await self.repo.release(unhanded)
+                log.info("gave %d reserved invoices back to the pool", n)
+            except Exception as exc:           # they expire unpaid instead
+                log.warning("could not give reserved invoices back to the pool (%s)", exc)
 
     async def node_id(self) -> str:
         return "fleet"
@@ -93,6 +124,10 @@ class FleetBackend:
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int) -> Invoice:
         now = self.clock()
+        if amount_msat is not None and self.reserve > 0 and SINGLE_USE.fullmatch(label):
+            reserved = await self._from_reserve(amount_msat, description, int(now) + min(expiry_s, self.claim_min_left_s))
+            if reserved is not None:
+                return _as_invoice(reserved, label)
         turn = next(self._turn)                  # round robin: one step per invoice handed out
         if amount_msat is not None:
             pooled = await self.repo.claim(label, amount_msat, description, now_ms=self._now_ms(),
@@ -104,15 +139,76 @@ class FleetBackend:
                 return _as_invoice(pooled, label)
         return _as_invoice(await self._ask(label, amount_msat, description, expiry_s, turn), label)
 
+    # -- the reserve ----------------------------------------------------------------------
+    async def _from_reserve(self, amount_msat: int, description: str, payable_after: int) -> PooledInvoice | None:
+        """The next reserved invoice for this price that its node can still settle, without
+        waiting on the store (but for the live nodes, read at most once a second); None when
+        the reserve has none (the caller claims one). A reserve running low is topped up in
+        the background."""
+        key = (amount_msat, description)
+        queue = self._reserved.get(key)
+        if queue is None:
+            queue = self._reserved[key] = collections.deque()
+            while len(self._reserved) > MAX_RESERVED_KEYS:     # bounded; the oldest price's invoices expire unused
+                self._reserved.popitem(last=False)
+        else:
+            self._reserved.move_to_end(key)
+        live = await self._live_nodes()
+        fresh_since = self._fresh_since_ms()
+        live_ids = {n.node_id for n in live if n.heartbeat_ms >= fresh_since and n.inbound_msat >= amount_msat}
+        found = None
+        while queue:
+            p = queue.popleft()
+            if p.node_id in live_ids and p.expires_at > payable_after:
+                found = p
+                break
+            # its node went stale, or it expires too soon: never handed out (it expires unpaid)
+        if len(queue) <= self.reserve // 2 and key not in self._refills:
+            self._refills[key] = asyncio.get_running_loop().create_task(
+                self._refill(key, payable_after), name="micropay-fleet-reserve")
+        return found
+
+    async def _live_nodes(self) -> list[NodeBeat]:
+        """The live nodes as read at most a second ago (by the monotonic clock and by
+        `clock`, so a clock that jumps also rereads)."""
+        (mono, wall), live = self._live
+        if not (0 <= time.monotonic() - mono < 1.0 and 0 <= self.clock() - wall < 1.0):
+            live = await self.repo.live_nodes(self._fresh_since_ms())
+            self._live = ((time.monotonic(), self.clock()), live)
+        return live
+
+    async def _refill(self, key: tuple[int, str], payable_after: int) -> None:
+        """Claim up to `reserve` invoices for `key`, spread over the live nodes in turn."""
+        amount_msat, description = key
+        try:
+            nodes = await self._rotation(amount_msat, next(self._turn))
+            want = self.reserve - len(self._reserved.get(key, ()))
+            per_node = [want // len(nodes) + (i < want % len(nodes)) for i in range(len(nodes))] if nodes else []
+            got: list[list[PooledInvoice]] = []
+            for node, n in zip(nodes, per_node):
+                if n > 0:
+                    got.append(await self.repo.claim_many(
+                        self._reserve_prefix, amount_msat, description, now_ms=self._now_ms(),
+                        payable_after=payable_after, fresh_since_ms=self._fresh_since_ms(), node=node.node_id, n=n))
+            claimed = [p for batch in itertools.zip_longest(*got) for p in batch if p is not None]   # interleaved: round robin
+            queue = self._reserved.get(key)
+            if queue is None:                   # the price was given up meanwhile: keep them anyway, once
+                queue = self._reserved[key] = collections.deque()
+            queue.extend(claimed)
+            if claimed:
+                await self._tell_wanted(amount_msat, description, hit=True)    # keeps the pool wanted
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("topping up the invoice reserve failed (%s); 402s claim one at a time", exc)
+        finally:
+            self._refills.pop(key, None)
+
     async def _rotation(self, amount_msat: int | None, turn: int) -> list[NodeBeat]:
         """The live nodes that can receive `amount_msat`, starting with the next in turn
         (round robin). The list is read at most once a second; the claim statement itself
         checks each node's heartbeat again, so a node that just went stale gets nothing."""
-        read_at, live = self._live
-        if time.monotonic() - read_at >= 1.0:
-            live = await self.repo.live_nodes(self._fresh_since_ms())
-            self._live = (time.monotonic(), live)
-        able = _able(live, amount_msat)
+        able = _able(await self._live_nodes(), amount_msat)
         if not able:
             return []
         start = turn % len(able)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ..games.config import GamesConfig
 
 BACKENDS = ("sandbox", "cln", "fleet")
-FLEET_KEYS = {"network", "heartbeat_timeout_s", "pool_depth", "pool_expiry_s", "ask_timeout_s"}
+FLEET_KEYS = {"network", "heartbeat_timeout_s", "pool_depth", "pool_expiry_s", "ask_timeout_s", "reserve"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class FleetOptions:
     pool_depth: int = 50             # unclaimed invoices kept per price and node
     pool_expiry_s: int = 3600        # expiry of pooled invoices
     ask_timeout_s: float = 2.0       # longest wait for an invoice made on demand (then 503)
+    reserve: int = 32                # pooled invoices this process claims at once per price (0: one per 402)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
             heartbeat_timeout_s=backend.positive_int("heartbeat_timeout_s", 15, maximum=3600) or 15,
             pool_depth=backend.positive_int("pool_depth", 50, allow_zero=True, maximum=100_000) or 0,
             pool_expiry_s=backend.positive_int("pool_expiry_s", 3600, maximum=7 * 86400) or 3600,
-            ask_timeout_s=float(backend.positive_int("ask_timeout_s", 2, maximum=60) or 2))
+            ask_timeout_s=float(backend.positive_int("ask_timeout_s", 2, maximum=60) or 2),
+            reserve=backend.positive_int("reserve", 32, allow_zero=True, maximum=1000) or 0)
         if fleet.pool_expiry_s <= 180:
             raise backend.fail("pool_expiry_s", "must be above 180 (agents drop invoices with under 120 s left)")
 

@@ -125,7 +125,7 @@ async def _fleet_backend(config: Config, store: Store, clock: Callable[[], float
     assert opts is not None
     backend = FleetBackend(FleetRepository(store), network=opts.network, heartbeat_timeout_s=opts.heartbeat_timeout_s,
                            pool_depth=opts.pool_depth, pool_expiry_s=opts.pool_expiry_s,
-                           ask_timeout_s=opts.ask_timeout_s, clock=clock)
+                           ask_timeout_s=opts.ask_timeout_s, reserve=opts.reserve, clock=clock)
     await backend.start()
     return backend
 
