@@ -113,3 +113,38 @@ async def test_records_made_together_are_written_in_one_transaction(store, tmp_p
     await c.close()
     assert sum(batches) == 50 and len(batches) < 10
     assert (await c.l402.count_pending(1_800_000_000)) == 50
+
+
+async def test_a_402_reads_the_store_at_most_once_a_second_and_replicas_share_the_client_bound(store, tmp_path):
+    """The unpaid counts per client and store-wide are one statement a second, not one
+    per 402; what another replica made is counted from its next read on, so a client
+    spreading its requests over two replicas still meets one bound."""
+    now = [1_800_000_000.0]
+    def make(sub):
+        net = SandboxNetwork(clock=lambda: 1_800_000_000)
+        tokens = TokenService(RootKeyRing.load_or_create(tmp_path / "keys.json"), "svc", lambda: 1_800_000_000)
+        return Challenger(tokens=tokens, node=net.add_node(sub), l402=L402Repository(store),
+                          limits=ChallengeLimits(max_pending_per_client=4, per_client_per_minute=100),
+                          receipts=ReceiptSigner.load_or_create(tmp_path / "rk"), clock=lambda: now[0])
+    first, second = make("a"), make("b")
+    reads = []
+    real = first.l402.pending_by_client
+    async def counting(t):
+        reads.append(t)
+        return await real(t)
+    first.l402.pending_by_client = counting
+    for i in range(3):
+        await first.challenge("c", RULE, 1000, "d", None)
+        await first.challenge(f"other-{i}", RULE, 1000, "d", None)
+    assert len(reads) == 1, "a 402 read the unpaid counts from the store"
+    await first.close()                       # its three records for "c" are written
+    now[0] += 1.5                             # the second replica reads after they are
+    await second.challenge("c", RULE, 1000, "d", None)
+    with pytest.raises(RateLimited, match="for this client"):
+        await second.challenge("c", RULE, 1000, "d", None)
+    await second.writer.flush()               # written a moment after its 402
+    now[0] += 1.5
+    with pytest.raises(RateLimited, match="for this client"):       # and the first sees the second's
+        await first.challenge("c", RULE, 1000, "d", None)
+    assert len(reads) == 2
+    await second.close()

@@ -8,9 +8,9 @@ node's invoice count finite is admission: a new challenge costs a token of the c
 bucket (per_client_per_minute), and is refused past the per-client and store-wide bounds
 of unpaid challenges (client_share, max_pending), with 429 / 503 and Retry-After.
 
-What a 402 costs (bench/bench_challenge.py): one statement counts the client's unpaid
-challenges; the store-wide count reads every unpaid row, so it is read at most once a
-second and this process's new challenges are added to it; the record of a new challenge
+What a 402 costs (bench/bench_challenge.py): no store statement. The unpaid challenges
+per client and store-wide are read in one statement at most once a second, and this
+process's new challenges are added to them (PendingCounts); the record of a new challenge
 is written after the 402 has gone out, by a writer that puts all records made meanwhile
 in one transaction (RecordWriter). Until it is written, this process counts it. A crash
 in those milliseconds loses the record, which is harmless: the token needs no record to
@@ -43,22 +43,45 @@ PENDING_COUNT_MAX_AGE_S = 1.0
 MAX_UNWRITTEN = 100_000        # records the writer holds while the store is away; older ones are dropped
 
 
-class PendingCount:
-    """The store-wide number of unpaid challenges, read at most once a second, plus the
-    challenges this process made since."""
+class PendingCounts:
+    """Unpaid challenges, per client and store-wide, read in one statement at most once a
+    second, plus what this process made since: the records it had not written when the
+    read was asked for, and every challenge it made after. A 402 then costs no store
+    read. What other replicas made since the read is seen at the next one (a second
+    later), as for the store-wide count before; within one process the counts are exact
+    but for a record written between the read being asked for and being run, which is
+    counted twice for that second (refusing early, never late)."""
 
-    def __init__(self, l402: L402Repository, clock: Callable[[], float]) -> None:
-        self.l402, self.clock = l402, clock
-        self._value, self._read_at, self._added = 0, float("-inf"), 0
+    def __init__(self, l402: L402Repository, writer: "RecordWriter", clock: Callable[[], float]) -> None:
+        self.l402, self.writer, self.clock = l402, writer, clock
+        self._read_at = float("-inf")
+        self._of: dict[str, int] = {}                # per client, as read
+        self._total = 0
+        self._made: dict[str, int] = {}              # per client: unwritten at the read + made since
+        self._made_total = 0
 
-    async def value(self) -> int:
+    async def refresh(self) -> None:
+        """Read again if the last read is a second old (or the clock went back)."""
         now = self.clock()
-        if now - self._read_at >= PENDING_COUNT_MAX_AGE_S:
-            self._value, self._read_at, self._added = await self.l402.count_pending(int(now)), now, 0
-        return self._value + self._added
+        if 0 <= now - self._read_at < PENDING_COUNT_MAX_AGE_S:
+            return
+        self._read_at = now
+        made = {client: len(records) for client, records in self.writer.unwritten_by_client().items()}
+        self._made, self._made_total = made, sum(made.values())
+        of = await self.l402.pending_by_client(int(now))
+        self._of, self._total = of, sum(of.values())
 
-    def added(self) -> None:
-        self._added += 1
+    def total(self) -> int:
+        return self._total + self._made_total
+
+    def of(self, client: str) -> int:
+        return self._of.get(client, 0) + self._made.get(client, 0)
+
+    def added(self, client: str) -> None:
+        self._made[client] = self._made.get(client, 0) + 1
+        self._made_total += 1
+        if len(self._made) > MAX_UNWRITTEN:          # bounded like the writer; the next read resets it
+            self._made.pop(next(iter(self._made)))
 
 
 class RecordWriter:
@@ -84,6 +107,9 @@ class RecordWriter:
     def unwritten(self, client_key: str) -> int:
         """How many of this client's records are not written yet."""
         return len(self._by_client.get(client_key, ()))
+
+    def unwritten_by_client(self) -> dict[str, list[ChallengeRecord]]:
+        return self._by_client
 
     def holds(self, payment_hash: str) -> bool:
         return payment_hash in self._queue
@@ -134,8 +160,8 @@ class Challenger:
         self.service = tokens.service
         self.metrics = metrics or Metrics()
         self.bucket = TokenBucket(limits.per_client_per_minute)
-        self.pending = PendingCount(l402, clock)
         self.writer = RecordWriter(l402)
+        self.pending = PendingCounts(l402, self.writer, clock)
 
     async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
                         query: str | None) -> ChallengeRecord:
@@ -145,10 +171,10 @@ class Challenger:
         wait = self.bucket.take(client)
         if wait:
             raise RateLimited("too many new invoices requested; pay or wait", retry_after_s=int(wait) + 1)
-        if await self.pending.value() >= self.limits.max_pending:
+        await self.pending.refresh()
+        if self.pending.total() >= self.limits.max_pending:
             raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
-        mine = await self.l402.count_pending_of(client, now) + self.writer.unwritten(client)
-        if mine >= self.limits.client_share:
+        if self.pending.of(client) >= self.limits.client_share:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
         token_id = os.urandom(32)
         try:
@@ -161,7 +187,7 @@ class Challenger:
         record = ChallengeRecord(invoice.payment_hash, token_id.hex(), rule.key, client, price_msat,
                                  invoice.bolt11, mac.serialize(), now, invoice.expires_at, rule.credits)
         self.writer.put(record)          # written after the 402 has gone out (see above)
-        self.pending.added()
+        self.pending.added(client)
         self.metrics.challenges[rule.key] += 1
         return record
 

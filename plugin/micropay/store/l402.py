@@ -45,6 +45,8 @@ GET = f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1"
 COUNT_PENDING_OF = ("SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
                     "AND expires_at > $2")
 COUNT_PENDING = "SELECT COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1"
+PENDING_BY_CLIENT = ("SELECT client_key, COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL "
+                     "AND expires_at > $1 GROUP BY client_key")
 MARK_PAID = ("UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
              "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash")
 PURGE = "DELETE FROM micropay_challenges WHERE paid_at IS NULL AND expires_at < $1 RETURNING payment_hash"
@@ -81,9 +83,14 @@ class L402Repository:
 
     async def count_pending(self, now: int) -> int:
         """Unpaid, unexpired challenges of all clients (reads every one of them: callers
-        cache it, see challenger.PendingCount)."""
+        cache it, see challenger.PendingCounts)."""
         row = await self.store.fetchrow(COUNT_PENDING, (now,))
         return int(row[0]) if row else 0
+
+    async def pending_by_client(self, now: int) -> dict[str, int]:
+        """Unpaid, unexpired challenges per client that holds any (reads every one of
+        them: callers cache it, see challenger.PendingCounts)."""
+        return {client: int(n) for client, n in await self.store.query(PENDING_BY_CLIENT, (now,))}
 
     async def add_challenges(self, records: list[ChallengeRecord]) -> None:
         """Several at once, in one transaction."""
