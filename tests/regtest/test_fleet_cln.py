@@ -250,3 +250,60 @@ async def test_payouts_and_refunds_go_through_the_queue_once_within_caps_also_ac
         await games.close()
         await backend.close()
         await repo.store.close()
+
+
+async def test_an_agent_refilling_and_waiting_on_a_payment_holds_up_none_of_its_nodes_payments(node_factory,
+                                                                                              fleet_url):
+    """The agent shares lightningd's loop with everything else the plugin does. While it
+    refills a deep pool (one `invoice` after another) and waits on a queued payout whose
+    HTLC the payee holds for 10 s, payments into its node and forwarded through it take
+    as long as they did with the agent idle (within 100 ms, as tests/regtest/
+    test_never_blocks.py measures the plugin's other waits)."""
+    from micropay.store.fleet import Want
+    from .test_never_blocks import MARGIN_S, paid_in
+    agent = opts(**{"micropay-fleet-store": fleet_url, **CAPS})
+    l1, l2, l3 = node_factory.line_graph(3, opts=[{}, agent, {"plugin": helper_plugin("hold"),
+                                                             "hold-msat": HOLD_MSAT}], wait_for_announce=True)
+    repo = await open_repo(fleet_url)
+    backend = FleetBackend(repo, heartbeat_timeout_s=HEARTBEAT_TIMEOUT_S, pool_depth=0)
+    await backend.start()
+    try:
+        assert await wait_until(lambda: live(repo, 1), 60), "the agent never beat"
+        for _ in range(2):                                   # warm up routes
+            await asyncio.to_thread(paid_in, l1, l2)
+            await asyncio.to_thread(paid_in, l1, l3)
+        baseline_in = [await asyncio.to_thread(paid_in, l1, l2) for _ in range(5)]
+        baseline_fwd = [await asyncio.to_thread(paid_in, l1, l3) for _ in range(5)]
+
+        async def ready() -> int:
+            return await repo.ready_count(l2.info["id"], 1000, "busy", int(time.time()) + 60)
+        await repo.want(Want(1000, "busy", 600, 3600), int(time.time() * 1000))
+        held = l3.rpc.invoice(HOLD_MSAT, "held-payout", "held")["bolt11"]
+        paying = asyncio.ensure_future(backend.pay(held, label="micropay-payout-held", max_fee_msat=100_000,
+                                                   retry_for_s=60))
+        await asyncio.to_thread(l3.daemon.wait_for_log, "holding an HTLC")
+        assert await wait_until(lambda: ready_at_least(ready, 1), 30), "the agent never began refilling"
+        before = await ready()
+        slowest = []
+        for _ in range(3):
+            into, through = await asyncio.to_thread(paid_in, l1, l2), await asyncio.to_thread(paid_in, l1, l3)
+            slowest.append((into, through))
+            assert into <= max(baseline_in) + MARGIN_S, f"into l2 took {into:.3f}s while its agent worked"
+            assert through <= max(baseline_fwd) + MARGIN_S, f"through l2 took {through:.3f}s while its agent worked"
+        after = await ready()
+        still_held = not paying.done()
+        assert after > before, f"the pool did not grow while the payments were measured ({before} -> {after})"
+        assert still_held, "the queued payout was no longer waiting while the payments were measured"
+        paid = await asyncio.wait_for(paying, 60)
+        assert paid.amount_msat == HOLD_MSAT
+        print(f"baseline into l2 max {max(baseline_in) * 1000:.0f} ms, through l2 max "
+              f"{max(baseline_fwd) * 1000:.0f} ms; while the agent refilled ({before} -> {after} pooled) and "
+              f"waited on a held payout: into {max(i for i, _ in slowest) * 1000:.0f} ms, "
+              f"through {max(t for _, t in slowest) * 1000:.0f} ms")
+    finally:
+        await backend.close()
+        await repo.store.close()
+
+
+async def ready_at_least(count, n: int) -> bool:
+    return await count() >= n
