@@ -8,6 +8,7 @@ Counters are per process: with N sidecar processes the effective limits are N ti
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from collections import OrderedDict
 from typing import Callable, Iterable
@@ -74,7 +75,15 @@ def client_address(remote: str | None, forwarded_for: Iterable[str], trusted_hop
     return _group(address[:64])
 
 
+# A dotted quad as ipaddress accepts it (no leading zeros) is already its canonical
+# text: matched here in one regular expression instead of parsed (a third of the CPU a
+# 402 spent on the client's address).
+_IPV4 = re.compile(r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}")
+
+
 def _group(address: str) -> str:
+    if _IPV4.fullmatch(address):
+        return address
     try:
         ip = ipaddress.ip_address(address.strip("[]"))
     except ValueError:

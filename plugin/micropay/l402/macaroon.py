@@ -191,8 +191,12 @@ def _put_varint(out: bytearray, n: int) -> None:
 
 
 def _put_field(out: bytearray, ftype: int, value: bytes) -> None:
-    _put_varint(out, ftype)
-    _put_varint(out, len(value))
+    if len(value) < 0x80:                 # every field type is < 0x80: one byte each
+        out.append(ftype)
+        out.append(len(value))
+    else:
+        _put_varint(out, ftype)
+        _put_varint(out, len(value))
     out += value
 
 
