@@ -375,9 +375,11 @@ async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_p
             await repo.add(FleetPooled(inv.payment_hash, node_id, inv.label, 1000, "s", inv.bolt11,
                                        inv.expires_at, None), int(now[0] * 1000))
     try:
-        payees = []
+        payees, handed = [], set()
         for _ in range(4):
-            payees.append(decode_invoice((await backend.create_invoice(1000, _challenge_label(), "s", 600)).bolt11).payee)
+            inv = await backend.create_invoice(1000, _challenge_label(), "s", 600)
+            payees.append(decode_invoice(inv.bolt11).payee)
+            handed.add(inv.payment_hash)
             await _settle_reserve(backend)
         assert set(payees) == set(ids), "the reserve did not serve both nodes"
         assert any(p.node_id == ids[1] for q in backend._reserved.values() for p in q)
@@ -388,6 +390,32 @@ async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_p
             payees.append(decode_invoice((await backend.create_invoice(1000, _challenge_label(), "s", 600)).bolt11).payee)
             await _settle_reserve(backend)
         assert set(payees) == {ids[0]}, "a node with a stale heartbeat was handed out"
+        await asyncio.gather(*backend._releases)
+        bound = await store.query("SELECT payment_hash FROM micropay_fleet_invoices WHERE node_id = $1 "
+                                  "AND claim_label LIKE 'micropay-r%'", (ids[1],))
+        assert {h for (h,) in bound} <= handed, "the stale node's reserved invoices were not given back to the pool"
     finally:
         await backend.close()
         await store.close()
+
+
+async def test_a_price_no_pool_holds_gets_no_reserve(fleet):
+    """A one-off price (made on demand, never pooled) is not reserved: nothing is claimed
+    ahead for it, so no reserve is stranded on prices that do not come back."""
+    repo, agent, backend, payer, _ = fleet
+    await agent.beat()
+    statements = []
+    real_query = repo.store.query
+    async def counting(sql, args=()):
+        statements.append(sql)
+        return await real_query(sql, args)
+    repo.store.query = counting
+    answering = asyncio.create_task(_answer_forever(agent))
+    try:
+        for price in (1111, 2222, 3333):
+            await backend.create_invoice(price, _challenge_label(), f"one-off {price}", 600)
+    finally:
+        answering.cancel()
+        repo.store.query = real_query
+    assert not backend._reserved and not backend._refills
+    assert not [q for q in statements if "claim_label = $1 || payment_hash" in q]

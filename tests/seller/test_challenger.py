@@ -148,3 +148,38 @@ async def test_a_402_reads_the_store_at_most_once_a_second_and_replicas_share_th
         await first.challenge("c", RULE, 1000, "d", None)
     assert len(reads) == 2
     await second.close()
+
+
+async def test_challenges_made_while_the_counts_are_read_are_counted(store, tmp_path):
+    """The unpaid counts are read in the background of the 402s that arrive meanwhile:
+    those 402s use the counts in hand, and what they made is counted after the read, so
+    the count a client is held to is never below what it holds (it may be above for the
+    second a record was written while the read ran: refusing early, never late)."""
+    import asyncio
+    now = [1_800_000_000.0]
+    c, _ = challenger(store, tmp_path, max_pending_per_client=50, per_client_per_minute=100)
+    c.clock = c.pending.clock = lambda: now[0]
+    made = [await c.challenge("c", RULE, 1000, "d", None)]          # the first read, then one made
+    await c.close()
+    gate = asyncio.Event()
+    real = c.l402.pending_by_client
+    async def slow(t):
+        await gate.wait()
+        return await real(t)
+    c.l402.pending_by_client = slow
+    now[0] += 1.5
+    reading = asyncio.create_task(c.challenge("c", RULE, 1000, "d", None))     # starts the second read
+    for _ in range(200):
+        if c.pending._during is not None:
+            break
+        await asyncio.sleep(0.01)
+    for _ in range(3):                                               # made while it runs
+        made.append(await c.challenge("c", RULE, 1000, "d", None))
+    assert c.pending.of("c") >= 4, "while the read ran, a client's challenges went uncounted"
+    await asyncio.sleep(0.05)                                        # (their records may be written meanwhile)
+    gate.set()
+    made.append(await reading)
+    held = await c.l402.count_pending_of("c", int(now[0])) + c.writer.unwritten("c")
+    assert held == len(made) == 5
+    assert held <= c.pending.of("c") <= held + 3, c.pending.of("c")
+    await c.close()

@@ -50,7 +50,8 @@ log = logging.getLogger("micropay.fleet")
 
 KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"))
 SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
-MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one is given up
+MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
+MAX_REFILLS = 64             # top-ups (and give-backs) running at once
 
 
 class FleetBackend:
@@ -83,6 +84,9 @@ class FleetBackend:
         self._reserved: collections.OrderedDict[tuple[int, str], collections.deque[PooledInvoice]] = \
             collections.OrderedDict()
         self._refills: dict[tuple[int, str], asyncio.Task[None]] = {}
+        self._releases: set[asyncio.Task[None]] = set()
+        self._dry_until: dict[tuple[int, str], float] = {}     # keys of _reserved whose last top-up found none
+        self._closed = False
 
     @property
     def cursor_namespace(self) -> str:
@@ -95,21 +99,39 @@ class FleetBackend:
         self._stops.append(await self.repo.store.listen(PAID_CHANNEL, self._paid.set))
 
     async def close(self) -> None:
+        self._closed = True                    # no 402 takes from the reserve any more
         for stop in self._stops:
             await stop()
         self._stops.clear()
-        for task in list(self._refills.values()):
-            if not task.done():
+        # let top-ups in flight finish (a batch claimed but not yet queued would be lost),
+        # within a bound; then whatever the reserve holds goes back to the pool
+        pending = [t for t in (*self._refills.values(), *self._releases) if not t.done()]
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=5)
+            for task in late:
                 task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        unhanded = [self._reserve_prefix + p.payment_hash for q in self._reserved.values() for p in q]
+            await asyncio.gather(*late, return_exceptions=True)
+        unhanded = [p for q in self._reserved.values() for p in q]
         self._reserved.clear()
-        if unhanded:
-            try:
-                n = await self.repo.release(unhanded)
-                log.info("gave %d reserved invoices back to the pool", n)
-            except Exception as exc:           # they expire unpaid instead
-                log.warning("could not give reserved invoices back to the pool (%s)", exc)
+        await self._release(unhanded)
+
+    async def _release(self, invoices: list[PooledInvoice]) -> None:
+        """Give reserved invoices nobody was handed back to the pool (an agent drops them
+        there if they are about to expire); on failure they expire unpaid, nothing is owed."""
+        if not invoices:
+            return
+        try:
+            n = await self.repo.release([self._reserve_prefix + p.payment_hash for p in invoices])
+            log.info("gave %d reserved invoices back to the pool", n)
+        except Exception as exc:
+            log.warning("could not give %d reserved invoices back to the pool (%s); they expire unpaid",
+                        len(invoices), exc)
+
+    def _release_soon(self, invoices: list[PooledInvoice]) -> None:
+        if invoices and len(self._releases) < MAX_REFILLS:
+            task = asyncio.get_running_loop().create_task(self._release(invoices), name="micropay-fleet-release")
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def node_id(self) -> str:
         return "fleet"
@@ -124,46 +146,61 @@ class FleetBackend:
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int) -> Invoice:
         now = self.clock()
-        if amount_msat is not None and self.reserve > 0 and SINGLE_USE.fullmatch(label):
-            reserved = await self._from_reserve(amount_msat, description, int(now) + min(expiry_s, self.claim_min_left_s))
+        payable_after = int(now) + min(expiry_s, self.claim_min_left_s)
+        reservable = (amount_msat is not None and self.reserve > 0 and not self._closed
+                      and SINGLE_USE.fullmatch(label) is not None)
+        if reservable and (amount_msat, description) in self._reserved:
+            reserved = await self._from_reserve(amount_msat, description, payable_after)
             if reserved is not None:
                 return _as_invoice(reserved, label)
         turn = next(self._turn)                  # round robin: one step per invoice handed out
         if amount_msat is not None:
             pooled = await self.repo.claim(label, amount_msat, description, now_ms=self._now_ms(),
-                                           payable_after=int(now) + min(expiry_s, self.claim_min_left_s),
-                                           fresh_since_ms=self._fresh_since_ms(),
+                                           payable_after=payable_after, fresh_since_ms=self._fresh_since_ms(),
                                            nodes=[n.node_id for n in await self._rotation(amount_msat, turn)])
             await self._tell_wanted(amount_msat, description, hit=pooled is not None)
             if pooled is not None:
+                if reservable and (amount_msat, description) not in self._reserved:
+                    # a price some pool holds: from now on its 402s come from a reserve
+                    # (a one-off price never gets one, so no reserve is stranded on it)
+                    await self._from_reserve(amount_msat, description, payable_after, take=False)
                 return _as_invoice(pooled, label)
         return _as_invoice(await self._ask(label, amount_msat, description, expiry_s, turn), label)
 
     # -- the reserve ----------------------------------------------------------------------
-    async def _from_reserve(self, amount_msat: int, description: str, payable_after: int) -> PooledInvoice | None:
+    async def _from_reserve(self, amount_msat: int, description: str, payable_after: int,
+                            take: bool = True) -> PooledInvoice | None:
         """The next reserved invoice for this price that its node can still settle, without
         waiting on the store (but for the live nodes, read at most once a second); None when
-        the reserve has none (the caller claims one). A reserve running low is topped up in
-        the background."""
+        the reserve has none (the caller claims one). Only a price this sidecar wants a pool
+        for is reserved (a one-off price would strand a reserve). A reserve running low is
+        topped up in the background; invoices skipped here (their node went stale, or they
+        would not stay payable long enough) go back to the pool."""
+        live = await self._live_nodes()
+        if self._closed:
+            return None
         key = (amount_msat, description)
         queue = self._reserved.get(key)
         if queue is None:
             queue = self._reserved[key] = collections.deque()
-            while len(self._reserved) > MAX_RESERVED_KEYS:     # bounded; the oldest price's invoices expire unused
-                self._reserved.popitem(last=False)
+            while len(self._reserved) > MAX_RESERVED_KEYS:      # bounded: the least recently used price's go back
+                old_key, old_queue = self._reserved.popitem(last=False)
+                self._dry_until.pop(old_key, None)
+                self._release_soon(list(old_queue))
         else:
             self._reserved.move_to_end(key)
-        live = await self._live_nodes()
         fresh_since = self._fresh_since_ms()
         live_ids = {n.node_id for n in live if n.heartbeat_ms >= fresh_since and n.inbound_msat >= amount_msat}
-        found = None
-        while queue:
+        found, skipped = None, []
+        while queue and take:
             p = queue.popleft()
             if p.node_id in live_ids and p.expires_at > payable_after:
                 found = p
                 break
-            # its node went stale, or it expires too soon: never handed out (it expires unpaid)
-        if len(queue) <= self.reserve // 2 and key not in self._refills:
+            skipped.append(p)                       # never handed out from here
+        self._release_soon(skipped)
+        if (len(queue) <= self.reserve // 2 and key not in self._refills and len(self._refills) < MAX_REFILLS
+                and self._dry_until.get(key, 0.0) <= time.monotonic()):
             self._refills[key] = asyncio.get_running_loop().create_task(
                 self._refill(key, payable_after), name="micropay-fleet-reserve")
         return found
@@ -178,25 +215,34 @@ class FleetBackend:
         return live
 
     async def _refill(self, key: tuple[int, str], payable_after: int) -> None:
-        """Claim up to `reserve` invoices for `key`, spread over the live nodes in turn."""
+        """Claim up to `reserve` invoices for `key`, spread over the live nodes in turn;
+        each node's batch joins the reserve as soon as it is claimed."""
         amount_msat, description = key
         try:
             nodes = await self._rotation(amount_msat, next(self._turn))
             want = self.reserve - len(self._reserved.get(key, ()))
-            per_node = [want // len(nodes) + (i < want % len(nodes)) for i in range(len(nodes))] if nodes else []
-            got: list[list[PooledInvoice]] = []
-            for node, n in zip(nodes, per_node):
-                if n > 0:
-                    got.append(await self.repo.claim_many(
-                        self._reserve_prefix, amount_msat, description, now_ms=self._now_ms(),
-                        payable_after=payable_after, fresh_since_ms=self._fresh_since_ms(), node=node.node_id, n=n))
-            claimed = [p for batch in itertools.zip_longest(*got) for p in batch if p is not None]   # interleaved: round robin
-            queue = self._reserved.get(key)
-            if queue is None:                   # the price was given up meanwhile: keep them anyway, once
-                queue = self._reserved[key] = collections.deque()
-            queue.extend(claimed)
+            claimed = 0
+            for i, node in enumerate(nodes):
+                n = want // len(nodes) + (i < want % len(nodes))
+                if n <= 0:
+                    continue
+                batch = await self.repo.claim_many(
+                    self._reserve_prefix, amount_msat, description, now_ms=self._now_ms(),
+                    payable_after=payable_after, fresh_since_ms=self._fresh_since_ms(), node=node.node_id, n=n)
+                queue = self._reserved.get(key)
+                if queue is None or self._closed:     # given up meanwhile: straight back to the pool
+                    self._release_soon(batch)
+                    continue
+                # round robin: interleave with what the queue holds of the other nodes
+                merged = [p for pair in itertools.zip_longest(queue, batch) for p in pair if p is not None]
+                queue.clear()
+                queue.extend(merged)
+                claimed += len(batch)
             if claimed:
                 await self._tell_wanted(amount_msat, description, hit=True)    # keeps the pool wanted
+            elif key in self._reserved:
+                # the pools are dry: no top-up for a second (each 402 claims or asks itself)
+                self._dry_until[key] = time.monotonic() + 1.0
         except asyncio.CancelledError:
             raise
         except Exception as exc:

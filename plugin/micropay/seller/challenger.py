@@ -48,9 +48,9 @@ class PendingCounts:
     second, plus what this process made since: the records it had not written when the
     read was asked for, and every challenge it made after. A 402 then costs no store
     read. What other replicas made since the read is seen at the next one (a second
-    later), as for the store-wide count before; within one process the counts are exact
-    but for a record written between the read being asked for and being run, which is
-    counted twice for that second (refusing early, never late)."""
+    later), as for the store-wide count before. Within one process nothing is missed: the
+    counts in use are swapped only once a read has come back, and a record written while
+    the read runs is counted twice for that second (refusing early, never late)."""
 
     def __init__(self, l402: L402Repository, writer: "RecordWriter", clock: Callable[[], float]) -> None:
         self.l402, self.writer, self.clock = l402, writer, clock
@@ -59,17 +59,27 @@ class PendingCounts:
         self._total = 0
         self._made: dict[str, int] = {}              # per client: unwritten at the read + made since
         self._made_total = 0
+        self._during: dict[str, int] | None = None   # made while a read runs
 
     async def refresh(self) -> None:
-        """Read again if the last read is a second old (or the clock went back)."""
+        """Read again if the last read is a second old (or the clock went back). One read
+        at a time: a 402 arriving meanwhile uses the counts in hand; a read that fails
+        raises, and the next 402 tries again."""
         now = self.clock()
-        if 0 <= now - self._read_at < PENDING_COUNT_MAX_AGE_S:
+        if 0 <= now - self._read_at < PENDING_COUNT_MAX_AGE_S or self._during is not None:
             return
-        self._read_at = now
-        made = {client: len(records) for client, records in self.writer.unwritten_by_client().items()}
-        self._made, self._made_total = made, sum(made.values())
-        of = await self.l402.pending_by_client(int(now))
+        pre = {client: len(records) for client, records in self.writer.unwritten_by_client().items()}
+        self._during = {}
+        try:
+            of = await self.l402.pending_by_client(int(now))
+            during = self._during
+        finally:
+            self._during = None
+        for client, n in during.items():
+            pre[client] = pre.get(client, 0) + n
         self._of, self._total = of, sum(of.values())
+        self._made, self._made_total = pre, sum(pre.values())
+        self._read_at = now
 
     def total(self) -> int:
         return self._total + self._made_total
@@ -78,10 +88,12 @@ class PendingCounts:
         return self._of.get(client, 0) + self._made.get(client, 0)
 
     def added(self, client: str) -> None:
-        self._made[client] = self._made.get(client, 0) + 1
+        for counts in (self._made, self._during):
+            if counts is not None:
+                counts[client] = counts.get(client, 0) + 1
+                if len(counts) > MAX_UNWRITTEN:      # bounded like the writer; the next read resets it
+                    counts.pop(next(iter(counts)))
         self._made_total += 1
-        if len(self._made) > MAX_UNWRITTEN:          # bounded like the writer; the next read resets it
-            self._made.pop(next(iter(self._made)))
 
 
 class RecordWriter:

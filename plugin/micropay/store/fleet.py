@@ -197,8 +197,10 @@ _CLAIM_MANY = ("UPDATE micropay_fleet_invoices SET claim_label = $1 || payment_h
 CLAIM_MANY = {"sqlite": _CLAIM_MANY.format(lock="", outer=""),
               "postgresql": _CLAIM_MANY.format(lock=" FOR UPDATE OF i SKIP LOCKED", outer=" AND claim_label IS NULL")}
 # A reserve given back at shutdown: only rows still bound to that exact label, never paid.
-RELEASE = ("UPDATE micropay_fleet_invoices SET claim_label = NULL, claimed_ms = NULL WHERE claim_label = $1 "
-           "AND payment_hash NOT IN (SELECT payment_hash FROM micropay_fleet_settlements) RETURNING payment_hash")
+RELEASE = ("UPDATE micropay_fleet_invoices SET claim_label = NULL, claimed_ms = NULL WHERE claim_label IN ({labels}) "
+           "AND NOT EXISTS (SELECT 1 FROM micropay_fleet_settlements s "
+           "WHERE s.payment_hash = micropay_fleet_invoices.payment_hash) RETURNING payment_hash")
+RELEASE_CHUNK = 200
 # Unclaimed invoices that will soon expire (or that nobody wants any more) leave the pool:
 # the agent deletes them from its node first, then here.
 STALE = ("SELECT payment_hash, node_label FROM micropay_fleet_invoices WHERE node_id = $1 "
@@ -316,8 +318,10 @@ class FleetRepository:
     async def release(self, labels: list[str]) -> int:
         """Give reserved invoices nobody was handed back to the pool (a sidecar stopping)."""
         released = 0
-        for label in labels:
-            released += len(await self.store.query(RELEASE, (label,)))
+        for start in range(0, len(labels), RELEASE_CHUNK):
+            chunk = labels[start:start + RELEASE_CHUNK]
+            sql = RELEASE.format(labels=", ".join(f"${i + 1}" for i in range(len(chunk))))
+            released += len(await self.store.query(sql, tuple(chunk)))
         return released
 
     # -- on demand ---------------------------------------------------------------------
