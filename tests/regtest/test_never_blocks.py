@@ -15,6 +15,14 @@ HOLD_MSAT = 777_777      # plugins/hold.py holds HTLCs of exactly this amount fo
 MARGIN_S = 0.100
 
 
+def allowed(baseline: list[float]) -> float:
+    """The slowest a payment may take while the plugin waits: the slowest idle one plus
+    100 ms or half of it, whichever is more. A held-up plugin delays HTLCs by seconds
+    (its waits here last 10 s); on a slow host an idle payment alone varies by a few
+    hundred ms, which a flat 100 ms mistook for blocking."""
+    return max(baseline) + max(MARGIN_S, 0.5 * max(baseline))
+
+
 class SlowHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         time.sleep(SLOW_S)
@@ -53,8 +61,8 @@ def in_background(fn):
 def check_unaffected(l1, l2, l3, baseline_in, baseline_fwd, what):
     for _ in range(3):
         into, through = paid_in(l1, l2), paid_in(l1, l3)
-        assert into <= max(baseline_in) + MARGIN_S, f"payment into the plugin's node took {into:.3f}s {what}"
-        assert through <= max(baseline_fwd) + MARGIN_S, f"forward through it took {through:.3f}s {what}"
+        assert into <= allowed(baseline_in), f"payment into the plugin's node took {into:.3f}s {what}"
+        assert through <= allowed(baseline_fwd), f"forward through it took {through:.3f}s {what}"
 
 
 def test_payments_in_and_through_are_not_held_up_by_slow_methods(node_factory):
