@@ -300,6 +300,16 @@ def _challenge_label() -> str:
     return "micropay-" + os.urandom(32).hex()
 
 
+def _count_queries(repo):
+    """Record every SQL text repo.store.query runs; returns (the list, the real query to put back)."""
+    statements, real_query = [], repo.store.query
+    async def counting(sql, args=()):
+        statements.append(sql)
+        return await real_query(sql, args)
+    repo.store.query = counting
+    return statements, real_query
+
+
 async def _settle_reserve(backend) -> None:
     """Let the background top-ups started so far finish."""
     while backend._refills:
@@ -316,12 +326,7 @@ async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
     await repo.want(Want(2000, "r", 40, 3600), int(time.time() * 1000))
     await agent.beat()
     assert await agent.refill_once() == 40
-    statements = []
-    real_query = repo.store.query
-    async def counting(sql, args=()):
-        statements.append(sql)
-        return await real_query(sql, args)
-    repo.store.query = counting
+    statements, real_query = _count_queries(repo)
     handed = []
     for _ in range(20):
         handed.append(await backend.create_invoice(2000, _challenge_label(), "r", 600))
@@ -404,12 +409,7 @@ async def test_a_price_no_pool_holds_gets_no_reserve(fleet):
     ahead for it, so no reserve is stranded on prices that do not come back."""
     repo, agent, backend, payer, _ = fleet
     await agent.beat()
-    statements = []
-    real_query = repo.store.query
-    async def counting(sql, args=()):
-        statements.append(sql)
-        return await real_query(sql, args)
-    repo.store.query = counting
+    statements, real_query = _count_queries(repo)
     answering = asyncio.create_task(_answer_forever(agent))
     try:
         for price in (1111, 2222, 3333):
