@@ -40,8 +40,8 @@ _COLS = ("payment_hash, token_id, route_key, client_key, price_msat, bolt11, mac
 ADD = (f"INSERT INTO micropay_challenges ({_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
        "ON CONFLICT (payment_hash) DO NOTHING")
 GET = f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1"
-# This client's unpaid, unexpired challenges (the per-client bound; reads the
-# (client, route, expiry) index).
+# This client's unpaid, unexpired challenges (a 402 reads PENDING_BY_CLIENT instead, once
+# a second; this one is for tools and tests).
 COUNT_PENDING_OF = ("SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
                     "AND expires_at > $2")
 COUNT_PENDING = "SELECT COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1"
