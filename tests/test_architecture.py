@@ -39,6 +39,7 @@ ROOMS = {
     "plugin": "the Core Lightning plugin: pyln glue, its runtime, options, micropay-fetch, invoices, "
               "the sidecar it supervises",
     "client": "the paying client: L402 and Payment challenges within budgets, Payment sessions",
+    "nostr": "Nostr as NWC needs it: signed events, NIP-44 and NIP-04 encryption, relay connections",
 }
 # Loose files at the top: the entry points and what packaging needs there.
 TOP_FILES = {"__init__.py", "__main__.py", "cli.py", "micropay.py", "requirements.txt", "py.typed"}
@@ -60,6 +61,7 @@ MAY_LOAD = {
     "streams": ("core", *LIGHTNING_PORTS),
     "lightning": ("core", "lightning", "store.fleet"),      # the fleet adapter reads the store
     "store": ("core",),
+    "nostr": ("core",),
     "http": ("core", "l402.wire"),
     "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
     "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS),
@@ -73,7 +75,7 @@ CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
 # rooms, and the pure modules of other rooms.
 PURE_ROOMS = ("core", "l402")
 PURE_MODULES = {"payment.scheme", "streams.schedule", "streams.tlv", "seller.pricing", "seller.tomlpos",
-                "seller.discovery"}
+                "seller.discovery", "nostr.keys", "nostr.event", "nostr.nip44", "nostr.nip04"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
 SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin.agent", "streams.runner",
             "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
