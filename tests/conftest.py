@@ -188,3 +188,15 @@ def sidecars_sharing_postgres(tmp_path: Path, config_body: str, n: int = 2):
         for s in servers:
             s.stop()
         asyncio.run(drop_pg_schema(url))
+
+
+@pytest.fixture
+def nostr_relay(tmp_path):
+    """A real Nostr relay on 127.0.0.1 (rust-nostr's LocalRelay in its own process)."""
+    pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install '.[test]'): "
+                        "it provides the loopback relay")
+    from tests.helpers_proc import free_port
+    from tests.nostr_relay import RelayProcess
+    relay = RelayProcess(free_port(), tmp_path)
+    yield relay
+    relay.stop()

@@ -81,7 +81,7 @@ SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin
             "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
             "games.events", "games.service", "games.apikeys"}
 # Where aiohttp may be imported: the HTTP edges and the clients.
-AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli")
+AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli", "nostr.relay")
 PYLN_HOMES = {"plugin.glue"}
 # The top-level modules of release 0.2 that moved into rooms (their old paths still import).
 OLD_PATHS = frozenset(importlib.import_module("micropay").MOVED)
