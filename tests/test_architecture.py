@@ -40,6 +40,7 @@ ROOMS = {
               "the sidecar it supervises",
     "client": "the paying client: L402 and Payment challenges within budgets, Payment sessions",
     "nostr": "Nostr as NWC needs it: signed events, NIP-44 and NIP-04 encryption, relay connections",
+    "nwc": "Nostr Wallet Connect: the wallet service for the node (connections, budgets, requests), URIs",
 }
 # Loose files at the top: the entry points and what packaging needs there.
 TOP_FILES = {"__init__.py", "__main__.py", "cli.py", "micropay.py", "requirements.txt", "py.typed"}
@@ -62,6 +63,7 @@ MAY_LOAD = {
     "lightning": ("core", "lightning", "store.fleet"),      # the fleet adapter reads the store
     "store": ("core",),
     "nostr": ("core",),
+    "nwc": ("core", "nostr", *LIGHTNING_PORTS, "lightning.outcome", *STORE_PORTS),
     "http": ("core", "l402.wire"),
     "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
     "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS),
@@ -75,11 +77,12 @@ CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
 # rooms, and the pure modules of other rooms.
 PURE_ROOMS = ("core", "l402")
 PURE_MODULES = {"payment.scheme", "streams.schedule", "streams.tlv", "seller.pricing", "seller.tomlpos",
-                "seller.discovery", "nostr.keys", "nostr.event", "nostr.nip44", "nostr.nip04"}
+                "seller.discovery", "nostr.keys", "nostr.event", "nostr.nip44", "nostr.nip04", "nostr.urls", "nwc.uri",
+                "nwc.protocol"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
 SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin.agent", "streams.runner",
             "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
-            "games.events", "games.service", "games.apikeys"}
+            "games.events", "games.service", "games.apikeys", "nwc.service"}
 # Where aiohttp may be imported: the HTTP edges and the clients.
 AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli", "nostr.relay")
 PYLN_HOMES = {"plugin.glue"}

@@ -10,7 +10,8 @@ import pytest
 from micropay.core.tasks import Backoff
 from micropay.nostr.event import sign_event
 from micropay.nostr.keys import Keys, NostrError
-from micropay.nostr.relay import Relay, RelayError, relay_url
+from micropay.nostr.relay import Relay, RelayError
+from micropay.nostr.urls import relay_url
 
 
 async def _collect(relay_url_: str, kinds: list[int]):

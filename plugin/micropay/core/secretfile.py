@@ -51,3 +51,19 @@ def read_secret(path: Path) -> bytes:
             f"{path}: secret file is accessible by group/others "
             f"(mode {stat.S_IMODE(st.st_mode):o}); run: chmod 600 {path}")
     return path.read_bytes()
+
+
+def load_or_create_secret(path: Path, n_bytes: int) -> bytes:
+    """An `n_bytes` random secret kept as hex in a 0600 file: read (refused if others can
+    read it, or if it is not `n_bytes` of hex), or created the first time."""
+    if not path.exists():
+        write_secret(path, os.urandom(n_bytes).hex().encode() + b"\n")
+    text = read_secret(path).decode("ascii", "replace").strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != n_bytes:
+        raise ConfigError(f"{path}: expected {n_bytes} bytes of hex (the file holds something else; "
+                          "move it away to start with a new secret)")
+    return raw

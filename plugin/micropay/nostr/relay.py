@@ -19,6 +19,7 @@ import aiohttp
 from ..core.tasks import Backoff
 from .event import Event, parse_event
 from .keys import NostrError
+from .urls import relay_url
 
 log = logging.getLogger("micropay.nostr")
 MAX_FRAME = 512 * 1024
@@ -32,18 +33,6 @@ class RelayError(Exception):
     """A publish the relay did not take: refused, not connected, or no answer in time."""
 
 
-def relay_url(text: str) -> str:
-    """A relay address as configured: ws:// or wss://, no credentials, no fragment."""
-    from yarl import URL
-    try:
-        url = URL(text.strip())
-    except ValueError:
-        raise NostrError(f"not a relay URL: {text!r}") from None
-    if url.scheme not in ("ws", "wss") or not url.host or url.user or url.password or url.fragment:
-        raise NostrError(f"a relay URL is ws://host or wss://host, got {text!r}")
-    return str(url)
-
-
 @dataclass
 class RelayStats:
     connects: int = 0
@@ -53,9 +42,9 @@ class RelayStats:
 
 class Relay:
     def __init__(self, url: str, on_event: OnEvent, *, session: aiohttp.ClientSession | None = None,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, on_connect: Callable[[], Awaitable[None]] | None = None) -> None:
         self.url = relay_url(url)
-        self.on_event = on_event
+        self.on_event, self.on_connect = on_event, on_connect
         self._session, self._own_session = session, session is None
         self.backoff = backoff or Backoff(first_s=0.5, max_s=60.0)
         self.subscriptions: dict[str, list[dict[str, Any]]] = {}
@@ -127,6 +116,8 @@ class Relay:
                 await ws.send_str(json.dumps(["REQ", sub_id, *filters]))
             self._connected.set()
             log.info("relay %s: connected", self.url)
+            if self.on_connect is not None:       # on a task: it may publish, which needs this loop reading
+                asyncio.get_running_loop().create_task(self._guarded(self.on_connect()))
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_message(msg.data)
@@ -135,6 +126,12 @@ class Relay:
             if ws.exception() is not None:
                 raise ConnectionError(str(ws.exception()))
             raise ConnectionError("the relay closed the connection")
+
+    async def _guarded(self, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            log.warning("relay %s: after connecting: %s", self.url, exc)
 
     async def _on_message(self, text: str) -> None:
         try:
@@ -197,3 +194,46 @@ class Relay:
             raise RelayError(f"relay {self.url} did not answer within {timeout_s:.0f}s") from None
         if not accepted and not message.startswith("duplicate"):
             raise RelayError(f"relay {self.url} refused the event: {message[:200]}")
+
+
+class RelayPool:
+    """The same subscriptions on several relays; a publish goes to every connected one and
+    counts as done when one of them took it. Incoming events arrive once per relay that
+    has them: the handler dedupes (by event id)."""
+
+    def __init__(self, urls: list[str], on_event: OnEvent, *,
+                 on_connect: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self.urls = list(dict.fromkeys(relay_url(u) for u in urls))
+        self.on_event, self.on_connect = on_event, on_connect
+        self.relays: list[Relay] = []
+
+    def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        self.relays = [Relay(u, self.on_event, session=self._session, on_connect=self.on_connect) for u in self.urls]
+        for r in self.relays:
+            r.start()
+
+    async def close(self) -> None:
+        for r in self.relays:
+            await r.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def subscribe(self, sub_id: str, filters: list[dict[str, Any]]) -> None:
+        for r in self.relays:
+            await r.subscribe(sub_id, filters)
+
+    async def publish(self, event: Event, timeout_s: float = 10.0) -> bool:
+        live = [r for r in self.relays if r.connected]
+        if not live:
+            return False
+        results = await asyncio.gather(*(r.publish(event, timeout_s) for r in live), return_exceptions=True)
+        failed = [res for res in results if isinstance(res, BaseException)]
+        for exc in failed:
+            log.info("publishing %s: %s", event.id[:12], exc)
+        return len(failed) < len(results)
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        results = await asyncio.gather(*(r.wait_connected(timeout_s) for r in self.relays))
+        return any(results)

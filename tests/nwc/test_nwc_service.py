@@ -1,0 +1,112 @@
+"""The plugin's NWC service on a sandbox node, driven through a real relay on loopback by
+rust-nostr's NWC client (nostr-sdk): a client that is not ours."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from micropay.lightning.sandbox import SandboxNetwork
+from micropay.nwc.runner import NwcRunner
+from micropay.nwc.uri import parse_uri
+from micropay.store.core import CORE_SCHEMA
+from micropay.nwc.schema import NWC_SCHEMA
+from micropay.store.sqlite import SqliteStore
+
+n = pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install '.[test]')")
+ALL = ("get_info", "get_balance", "make_invoice", "pay_invoice", "pay_keysend", "lookup_invoice",
+       "list_transactions")
+
+
+@pytest.fixture
+async def wallet(tmp_path, nostr_relay):
+    net = SandboxNetwork()
+    node = net.add_node("alice", balance_msat=10_000_000)
+    shop = net.add_node("shop", balance_msat=1_000_000)
+    store = SqliteStore(tmp_path / "plugin.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
+    await store.open()
+
+    async def node_info():
+        return {"alias": "alice", "color": "3399ff", "pubkey": await node.node_id(), "network": "regtest",
+                "block_height": 1, "block_hash": "00" * 32}
+    runner = NwcRunner(node, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=node_info)
+    await runner.start()
+    assert await runner.pool.wait_connected(10)
+    yield runner, node, shop
+    await runner.close()
+    await store.close()
+
+
+async def connect(runner, **kw):
+    args = dict(budget_msat=100_000, budget_period="daily", methods=ALL, max_fee_msat=1_000)
+    args.update(kw)
+    created = await runner.service.create(kw.pop("name", "app"), **{k: v for k, v in args.items() if k != "name"})
+    await runner.changed()
+    await asyncio.sleep(0.3)                 # the relay has the new subscription and the info event
+    return created, n.NostrWalletConnect(n.NostrWalletConnectUri.parse(created["uri"]))
+
+
+async def test_a_third_party_client_uses_the_service(wallet):
+    runner, node, shop = wallet
+    created, client = await connect(runner)
+    uri = parse_uri(created["uri"])
+    assert uri.relays == (runner.pool.urls[0],) and created["state"] == "active"
+    assert created["uri"].count(uri.secret.hex()) == 1 and uri.secret.hex() not in str(await runner.service.list())
+
+    info = await client.get_info()
+    assert info.alias == "alice" and info.network == "regtest" and info.pubkey == await node.node_id()
+    assert (await client.get_balance()).balance == 100_000             # the budget bounds what it sees
+
+    made = await client.make_invoice(n.MakeInvoiceRequest(amount=5_000, description="coffee",
+                                                          description_hash=None, expiry=None))
+    dec = await node.decode(made.invoice)
+    assert dec.amount_msat == 5_000 and dec.payee == await node.node_id() and dec.description == "coffee"
+    await shop.pay(made.invoice)
+    for _ in range(100):
+        looked = await client.lookup_invoice(n.LookupInvoiceRequest(payment_hash=made.payment_hash, invoice=None))
+        if looked.settled_at is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert looked.amount == 5_000 and looked.preimage
+
+    bill = await shop.create_invoice(30_000, "bill-1", "a bill", 600)
+    paid = await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=bill.bolt11, amount=None))
+    assert paid.preimage and shop.invoice_status(bill.payment_hash) == "paid"
+    view = (await runner.service.list())[0]
+    assert view["used_msat"] == 30_000 + (paid.fees_paid or 0)
+    assert (await client.get_balance()).balance == 100_000 - view["used_msat"]
+
+    again = await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=bill.bolt11, amount=None))
+    assert again.preimage == paid.preimage                    # the same invoice twice pays once
+    assert (await runner.service.list())[0]["used_msat"] == view["used_msat"]
+
+    txs = await client.list_transactions(n.ListTransactionsRequest(_from=None, until=None, limit=10, offset=None,
+                                                                   unpaid=None, transaction_type=None))
+    assert sorted((str(t.transaction_type), t.amount) for t in txs) == sorted(
+        [(str(n.TransactionType.INCOMING), 5_000), (str(n.TransactionType.OUTGOING), 30_000)])
+
+
+async def test_budget_exhausted_is_quota_exceeded_and_nothing_leaves(wallet):
+    runner, node, shop = wallet
+    _, client = await connect(runner, budget_msat=20_000, max_fee_msat=1_000)
+    big = await shop.create_invoice(19_500, "big", "too much with the fee cap", 600)
+    with pytest.raises(Exception, match=r"\[QuotaExceeded\]"):
+        await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=big.bolt11, amount=None))
+    assert shop.invoice_status(big.payment_hash) == "unpaid"
+    ok = await shop.create_invoice(19_000, "ok", "fits", 600)
+    await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=ok.bolt11, amount=None))
+    assert shop.invoice_status(ok.payment_hash) == "paid"
+
+
+async def test_restricted_methods_and_revoked_connections(wallet):
+    runner, node, shop = wallet
+    created, client = await connect(runner, methods=("get_info", "make_invoice"))
+    await client.get_info()
+    bill = await shop.create_invoice(1_000, "r", "restricted", 600)
+    with pytest.raises(Exception, match=r"\[Restricted\]"):
+        await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=bill.bolt11, amount=None))
+    assert (await runner.service.revoke(created["id"]))["state"] == "revoked"
+    await runner.changed()
+    with pytest.raises(Exception):
+        await asyncio.wait_for(client.get_info(), 15)
+    assert shop.invoice_status(bill.payment_hash) == "unpaid"
