@@ -69,7 +69,7 @@ MAY_LOAD = {
     "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS),
     "games": ("core", "http", *LIGHTNING_PORTS, "store", "seller.config", "seller.configfile",
               "seller.pricing", "seller.settlement", "seller.tomlpos"),
-    "plugin": ("core", "l402", "payment.scheme", "streams", "lightning", "store", "client"),
+    "plugin": ("core", "l402", "payment.scheme", "streams", "lightning", "store", "client", "nostr.urls", "nostr.keys"),
     "sidecar": ("core", "l402", "payment", "streams.attribution", "seller", "lightning", "store", "http"),
 }
 CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}

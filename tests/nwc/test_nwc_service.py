@@ -110,3 +110,20 @@ async def test_restricted_methods_and_revoked_connections(wallet):
     with pytest.raises(Exception):
         await asyncio.wait_for(client.get_info(), 15)
     assert shop.invoice_status(bill.payment_hash) == "unpaid"
+
+
+async def test_a_restarted_service_answers_its_connections(wallet, tmp_path):
+    """The connections outlive the service: a new one on the same store (a plugin restart)
+    subscribes to their keys at once and answers them."""
+    runner, node, shop = wallet
+    created, client = await connect(runner)
+    await client.get_info()
+    await runner.close()
+    again = NwcRunner(node, runner.store, tmp_path / "nwc_secret", runner.pool.urls, node_info=runner.service.node_info)
+    await again.start()
+    try:
+        assert await again.pool.wait_connected(10)
+        await asyncio.sleep(0.3)
+        assert (await asyncio.wait_for(client.get_balance(), 15)).balance == 100_000
+    finally:
+        await again.close()

@@ -207,11 +207,13 @@ class RelayPool:
         self.urls = list(dict.fromkeys(relay_url(u) for u in urls))
         self.on_event, self.on_connect = on_event, on_connect
         self.relays: list[Relay] = []
+        self.subscriptions: dict[str, list[dict[str, Any]]] = {}
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession()
         self.relays = [Relay(u, self.on_event, session=self._session, on_connect=self.on_connect) for u in self.urls]
         for r in self.relays:
+            r.subscriptions = dict(self.subscriptions)     # what was asked for before the start
             r.start()
 
     async def close(self) -> None:
@@ -221,6 +223,8 @@ class RelayPool:
             await self._session.close()
 
     async def subscribe(self, sub_id: str, filters: list[dict[str, Any]]) -> None:
+        """Kept, and sent to every relay (now, or when it is started)."""
+        self.subscriptions[sub_id] = filters
         for r in self.relays:
             await r.subscribe(sub_id, filters)
 

@@ -117,6 +117,7 @@ OPEN_PAYMENTS = (f"SELECT {_P} FROM micropay_nwc_payments WHERE (status = 'sendi
                  "OR (status <> 'sending' AND answered = 0) ORDER BY created_at LIMIT 100")
 CLAIM = ("UPDATE micropay_nwc_payments SET lease_until = $2 WHERE request_id = $1 AND status = 'sending' "
          "AND lease_until <= $3 RETURNING request_id")
+RELEASE_ALL = "UPDATE micropay_nwc_payments SET lease_until = 0 WHERE status = 'sending'"
 RENEW = "UPDATE micropay_nwc_payments SET lease_until = $2 WHERE request_id = $1 AND status = 'sending'"
 ADD_INVOICE = (f"INSERT INTO micropay_nwc_invoices ({_I}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,NULL) "
                "ON CONFLICT (payment_hash) DO NOTHING")
@@ -195,6 +196,11 @@ class NwcRepository:
 
     async def claim(self, request_id: str, lease_until: int, now: int) -> bool:
         return await self.store.fetchrow(CLAIM, (request_id, lease_until, now)) is not None
+
+    async def release_all(self) -> None:
+        """At start: the payments a previous process left sending are nobody's now (one
+        process serves a node's NWC: its store is the plugin's own)."""
+        await self.store.execute(RELEASE_ALL)
 
     async def renew(self, request_id: str, lease_until: int) -> None:
         await self.store.execute(RENEW, (request_id, lease_until))

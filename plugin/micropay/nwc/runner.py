@@ -40,6 +40,7 @@ class NwcRunner:
 
     async def start(self) -> None:
         await self.service.load()
+        await self.service.repo.release_all()
         await self.pool.subscribe(SUB_ID, self.service.filters())
         if self.pool.urls:
             self.pool.start()

@@ -169,9 +169,17 @@ class NwcService:
         """From a relay: handled on a task of its own, so the relay's reader never waits."""
         if ev.kind != REQUEST or len(self._inflight) >= 4 * MAX_INFLIGHT:
             return
-        task = asyncio.get_running_loop().create_task(self.handle(ev), name="micropay-nwc-request")
+        task = asyncio.get_running_loop().create_task(self._handle_logged(ev), name="micropay-nwc-request")
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+
+    async def _handle_logged(self, ev: Event) -> None:
+        try:
+            await self.handle(ev)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:              # the store away, say: the client hears nothing and retries
+            log.warning("NWC: request %s could not be handled: %s", ev.id[:12], exc)
 
     async def handle(self, ev: Event) -> None:
         conn = self._by_service.get(ev.first("p") or "")
@@ -183,6 +191,7 @@ class NwcService:
                                                                           or int(expiration) <= now)):
             return                                     # stale or expired: ignored, as NIP-47 says
         if not await self.repo.see(ev.id, conn.id, int(now)):
+            log.info("NWC %s: request %s seen before; ignored", conn.id, ev.id[:12])
             return                                     # a replay (or another relay's copy)
         enc = {None: NIP04, NIP04: NIP04, NIP44: NIP44}.get(ev.first("encryption"))
         if enc is None:
@@ -234,10 +243,16 @@ class NwcService:
         content = self._encrypt(conn, response_content(method, result, error), enc)
         ev = sign_event(self.service_keys(conn.id), RESPONSE, content, [["p", conn.client_pubkey], ["e", request_id]])
         try:
-            return await self.publish(ev)
+            sent = await self.publish(ev)
         except Exception as exc:
-            log.warning("NWC %s: answering %s failed: %s", conn.id, request_id, exc)
+            log.warning("NWC %s: answering %s failed: %s", conn.id, request_id[:12], exc)
             return False
+        if sent:
+            log.info("NWC %s: answered %s %s%s", conn.id, method or "?", request_id[:12],
+                     f" ({error.code})" if error is not None else "")
+        else:
+            log.warning("NWC %s: no relay took the answer to %s", conn.id, request_id[:12])
+        return sent
 
     async def _notify(self, conn: Connection, kind: str, tx: dict[str, Any]) -> None:
         text = json.dumps({"notification_type": kind, "notification": tx}, separators=(",", ":"))
@@ -404,10 +419,14 @@ class NwcService:
                 tlvs = PayKeysend.parse(keysend_params or {}).tlv_records
                 p = await self.node.keysend(row.destination, row.amount_msat, label=row.label,
                                             max_fee_msat=row.fee_reserve_msat, extratlvs=tlvs or None)
-        except PaymentUnknown:
-            return row
         except PaymentFailed as exc:
             return await self._settle(row, failed_error=exc.message)
+        except (PaymentUnknown, Exception) as exc:
+            # out or not, its outcome is unknown (lightningd went away mid-call, a timeout):
+            # the resume loop settles it from the node's record and answers then
+            log.warning("NWC %s: payment for request %s: %s; its outcome is settled from the node's record",
+                        row.connection_id, row.request_id[:12], getattr(exc, "message", exc))
+            return row
         return await self._record(row, p)
 
     async def _record(self, row: NwcPayment, p: Payment) -> NwcPayment:
@@ -471,6 +490,8 @@ class NwcService:
                     continue
                 async with self._leased(row.request_id):
                     row = await self._settle(row)
+                log.info("NWC %s: request %s, left in flight, is %s by the node's record", conn.id,
+                         row.request_id[:12], "still out" if row.status is PayStatus.SENDING else row.status)
                 if row.status is PayStatus.SENDING:
                     await self.repo.renew(row.request_id, int(self.clock()) + 5)   # look again soon
                     continue

@@ -232,6 +232,27 @@ def micropay_fetch(request: Request, url: Any, method: Any = "GET", headers: Any
                                          prefer=prefer, session=session))
 
 
+@rpc_method("micropay-nwc-create")
+def micropay_nwc_create(request: Request, name: Any, budget_msat: Any, budget_period: Any = "daily",
+                        methods: Any = None, max_fee_msat: Any = None, expires_at: Any = None) -> None:
+    """Create a Nostr Wallet Connect connection: an app or agent may spend up to budget_msat
+    per budget_period (daily, weekly, monthly, yearly, never) with the methods given (all
+    by default). Returns its nostr+walletconnect:// URI, whose secret is shown only now."""
+    _answer(request, lambda rt: rt.nwc_create(name, budget_msat, budget_period, methods, max_fee_msat, expires_at))
+
+
+@rpc_method("micropay-nwc-list")
+def micropay_nwc_list(request: Request) -> None:
+    """The NWC connections: budget, what is used in the current period, state (no secrets)."""
+    _answer(request, lambda rt: rt.nwc_list())
+
+
+@rpc_method("micropay-nwc-revoke")
+def micropay_nwc_revoke(request: Request, id: Any) -> None:
+    """Revoke an NWC connection (by id or name): its requests are refused from now on."""
+    _answer(request, lambda rt: rt.nwc_revoke(id))
+
+
 @rpc_method("micropay-payout")
 def micropay_payout(request: Request, player_id: Any, destination: Any, idempotency_key: Any,
                     amount_msat: Any = None) -> None:

@@ -26,7 +26,7 @@ class OptionSpec:
     name: str
     default: Any
     description: str
-    kind: str = "int"            # int | string | listen | service | store
+    kind: str = "int"            # int | string | listen | service | store | relays
     dynamic: bool = False
     minimum: int = 0
     maximum: int = MAX_MSAT
@@ -58,6 +58,13 @@ class OptionSpec:
                 raise BadRequest(f"{self.name}: must be host:port, got {raw!r}")
         if self.kind == "store" and raw and not raw.startswith(("postgresql://", "postgres://", "sqlite:///")):
             raise BadRequest(f"{self.name}: must start with postgresql:// or sqlite:///")
+        if self.kind == "relays" and raw:
+            from ..nostr.keys import NostrError
+            from ..nostr.urls import relay_url
+            try:
+                return ",".join(relay_url(u) for u in raw.split(",") if u.strip())
+            except NostrError as exc:
+                raise BadRequest(f"{self.name}: {exc}") from None
         if self.kind == "service" and not _SERVICE.fullmatch(raw):
             raise BadRequest(f"{self.name}: must be 1-64 of A-Z a-z 0-9 _ -, got {raw!r}")
         return raw
@@ -100,6 +107,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                dynamic=True, unit="msat"),
     OptionSpec("micropay-fleet-pay-max-fee-msat", 5_000, "Fleet agent: routing fee limit per queued "
                "payment, refunds included (msat)", dynamic=True, unit="msat"),
+)
+OPTIONS += (
+    OptionSpec("micropay-nwc-relay", "", "If set (ws:// or wss:// URLs, comma-separated), serve Nostr Wallet "
+               "Connect for this node on these relays: apps and agents spend from it within the budgets of "
+               "the connections micropay-nwc-create makes", "relays"),
 )
 SPECS = {s.name: s for s in OPTIONS}
 

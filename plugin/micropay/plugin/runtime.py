@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from ..core.errors import NodeError
+from ..core.errors import BadRequest, NodeError, NotFound
 from .invoices import InvoiceIssuer
 from ..lightning.cln import ClnNode
 from ..lightning.datastore import Datastore
-from ..core.params import msat_param
+from ..core.params import int_param, msat_param
 from ..core.tasks import Backoff
 from .options import Settings
 from ..core.secretfile import private_dir
@@ -90,7 +90,8 @@ class PluginRuntime:
         self.ds = Datastore(self.node.rpc)
         self.tokens = TokenService(RootKeyRing.load_or_create(self.data_dir / "root_keys.json"), self.service)
         from ..games.schema import GAMES_SCHEMA
-        self.store = SqliteStore(self.data_dir / "micropay.sqlite3", (CORE_SCHEMA, GAMES_SCHEMA))
+        from ..nwc.schema import NWC_SCHEMA
+        self.store = SqliteStore(self.data_dir / "micropay.sqlite3", (CORE_SCHEMA, GAMES_SCHEMA, NWC_SCHEMA))
         await self.store.open()
         self.stream_usage = StreamUsageRepository(self.store)
         s = self.settings
@@ -110,6 +111,13 @@ class PluginRuntime:
         self._agent_task: asyncio.Task[None] | None = None
         if s["micropay-fleet-store"]:
             self._agent_task = asyncio.create_task(self._run_agent(s["micropay-fleet-store"]), name="micropay-agent")
+        self.nwc: Any = None
+        if s["micropay-nwc-relay"]:
+            from ..nwc.runner import NwcRunner
+            self.nwc = NwcRunner(self.node, self.store, self.data_dir / "nwc_secret",
+                                 s["micropay-nwc-relay"].split(","), node_info=self._node_info,
+                                 node_started_at=self.node_started_at)
+            await self.nwc.start()
         listen = s["micropay-listen"]
         if listen:
             self.supervisor = SidecarSupervisor(self.rpc_file, self.data_dir, listen,
@@ -122,6 +130,8 @@ class PluginRuntime:
                 await self.supervisor.stop()
             self._payout_watch.cancel()
             self._keys_watch.cancel()
+            if self.nwc is not None:
+                await self.nwc.close()
             if self._agent_task is not None:
                 self._agent_task.cancel()
                 with contextlib.suppress(BaseException):
@@ -259,6 +269,60 @@ class PluginRuntime:
         if created:
             self.notify("micropay_payout", p)
         return dict(p, created=created)
+
+    # -- Nostr Wallet Connect ---------------------------------------------------------------
+    async def _node_info(self) -> dict[str, Any]:
+        info = await self.node.rpc.call("getinfo", {})
+        return {"alias": info.get("alias", ""), "color": info.get("color", ""), "pubkey": info["id"],
+                "network": {"bitcoin": "mainnet"}.get(info.get("network", ""), info.get("network", "")),
+                "block_height": info.get("blockheight", 0)}
+
+    def _nwc_service(self) -> Any:
+        if self.nwc is None:
+            raise BadRequest("NWC is not enabled on this node: set micropay-nwc-relay to the relays to serve on")
+        return self.nwc.service
+
+    async def nwc_create(self, name: Any, budget_msat: Any, budget_period: Any = "daily", methods: Any = None,
+                         max_fee_msat: Any = None, expires_at: Any = None) -> dict[str, Any]:
+        from ..nwc.protocol import Method
+        from ..nwc.service import PERIODS
+        service = self._nwc_service()
+        if not isinstance(name, str) or not 1 <= len(name.strip()) <= 64:
+            raise BadRequest("name: a string of 1 to 64 characters")
+        budget = msat_param(budget_msat, "budget_msat")
+        if budget_period not in PERIODS:
+            raise BadRequest(f"budget_period: one of {', '.join(PERIODS)}")
+        if methods is None:
+            chosen = tuple(str(m) for m in Method)
+        elif isinstance(methods, str):
+            chosen = tuple(m for m in methods.replace(",", " ").split() if m)
+        elif isinstance(methods, list) and all(isinstance(m, str) for m in methods):
+            chosen = tuple(methods)
+        else:
+            raise BadRequest("methods: a list of NIP-47 method names")
+        bad = [m for m in chosen if m not in {str(x) for x in Method}]
+        if bad or not chosen:
+            raise BadRequest(f"methods: unknown {', '.join(bad) or '(none given)'}; known: {', '.join(Method)}")
+        fee = 5_000 if max_fee_msat is None else msat_param(max_fee_msat, "max_fee_msat")
+        expires = None if expires_at is None else int_param(expires_at, "expires_at", int(time.time()) + 1, 2**40)
+        if await service.repo.connection("name", name.strip()) is not None:
+            raise BadRequest(f"name: a connection called {name.strip()!r} exists already")
+        created = await service.create(name.strip(), budget_msat=budget, budget_period=budget_period, methods=chosen,
+                                       max_fee_msat=fee, expires_at=expires)
+        await self.nwc.changed()
+        return created
+
+    async def nwc_list(self) -> dict[str, Any]:
+        return {"connections": await self._nwc_service().list()}
+
+    async def nwc_revoke(self, id: Any) -> dict[str, Any]:
+        if not isinstance(id, str) or not id:
+            raise BadRequest("id: the connection's id or name")
+        revoked = await self._nwc_service().revoke(id)
+        if revoked is None:
+            raise NotFound(f"no live connection has the id or name {id!r}")
+        await self.nwc.changed()
+        return revoked
 
     # -- micropay-fetch -----------------------------------------------------------------
     async def fetch(self, **params: Any) -> dict[str, Any]:

@@ -1,0 +1,151 @@
+"""Nostr Wallet Connect served by the plugin on a real network: node l1 serves NWC on a
+relay on loopback; clients (rust-nostr's, and requests built here) spend from it; what
+the payee's node received and what left l1 are read from the nodes themselves."""
+import asyncio
+import json
+import random
+import time
+
+import pytest
+from pyln.client import RpcError
+
+from micropay.nostr import nip44
+from micropay.nostr.event import sign_event
+from micropay.nostr.relay import Relay
+from micropay.nwc.uri import parse_uri
+
+from .test_kill_campaigns import KILLED, SEED, kill_and_restart
+from .util import helper_plugin, opts
+
+n = pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install '.[test]')")
+HOLD_MSAT = 777_777                       # what the hold plugin keeps in flight for 10 s
+
+
+def _create(node, **params):
+    return node.rpc.call("micropay-nwc-create", {"name": "agent", "budget_msat": 100_000, **params})
+
+
+async def test_a_third_party_client_spends_from_the_node(node_factory, nostr_relay):
+    l1, l2 = node_factory.line_graph(2, opts=[opts(**{"micropay-nwc-relay": nostr_relay.url}), {}],
+                                     wait_for_announce=True)
+    l1.rpc.xpay(l2.rpc.invoice(20_000_000, "float", "so that l2 can pay l1 back")["bolt11"])
+    created = _create(l1, budget_msat=60_000, budget_period="daily")
+    assert created["state"] == "active" and created["uri"].startswith("nostr+walletconnect://")
+    assert parse_uri(created["uri"]).secret.hex() not in json.dumps(l1.rpc.call("micropay-nwc-list"))
+    await asyncio.sleep(0.5)
+    client = n.NostrWalletConnect(n.NostrWalletConnectUri.parse(created["uri"]))
+
+    info = await client.get_info()
+    assert info.pubkey == l1.info["id"] and info.network == "regtest"
+    assert (await client.get_balance()).balance == 60_000           # the budget, not the node's balance
+
+    bill = l2.rpc.invoice(21_000, "bill", "a bill")
+    paid = await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=bill["bolt11"], amount=None))
+    got = l2.rpc.listinvoices("bill")["invoices"][0]
+    assert got["status"] == "paid" and got["amount_received_msat"] == 21_000 and paid.preimage == got["payment_preimage"]
+    pays = [p for p in l1.rpc.listpays()["pays"] if p["payment_hash"] == bill["payment_hash"]]
+    fee = int(pays[0]["amount_sent_msat"]) - 21_000
+    conn = l1.rpc.call("micropay-nwc-list")["connections"][0]
+    assert conn["used_msat"] == 21_000 + fee and (paid.fees_paid or 0) == fee
+
+    made = await client.make_invoice(n.MakeInvoiceRequest(amount=5_000, description="tip", description_hash=None,
+                                                          expiry=None))
+    l2.rpc.xpay(made.invoice)
+    await asyncio.sleep(0)
+    for _ in range(100):
+        looked = await client.lookup_invoice(n.LookupInvoiceRequest(payment_hash=made.payment_hash, invoice=None))
+        if looked.settled_at is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert looked.settled_at is not None and looked.amount == 5_000
+
+    too_much = l2.rpc.invoice(40_000, "too-much", "over budget")
+    with pytest.raises(Exception, match=r"\[QuotaExceeded\]"):
+        await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=too_much["bolt11"], amount=None))
+    assert l2.rpc.listinvoices("too-much")["invoices"][0]["status"] == "unpaid"
+
+    l1.rpc.call("micropay-nwc-revoke", {"id": "agent"})
+    with pytest.raises(Exception):
+        await asyncio.wait_for(client.get_balance(), 15)
+    with pytest.raises(RpcError) as bad:
+        _create(l1, budget_msat="lots")
+    assert bad.value.error["code"] == -32602
+
+
+class Watcher:
+    """Every answer (kind 23195) the relay carries for one client, decrypted."""
+
+    def __init__(self, url, uri):
+        self.uri, self.answers = uri, []
+        self.relay = Relay(url, self.on_event)
+
+    def on_event(self, sub, ev):
+        text = nip44.decrypt(ev.content, nip44.conversation_key(self.uri.client, ev.pubkey))
+        self.answers.append((ev.first("e"), json.loads(text)))
+
+    async def start(self):
+        await self.relay.subscribe("answers", [{"kinds": [23195], "#p": [self.uri.client.pubkey]}])
+        self.relay.start()
+        assert await self.relay.wait_connected(10)
+
+    async def pay(self, bolt11):
+        text = json.dumps({"method": "pay_invoice", "params": {"invoice": bolt11}})
+        ev = sign_event(self.uri.client, 23194, nip44.encrypt(text, nip44.conversation_key(self.uri.client,
+                                                                                       self.uri.service_pubkey)),
+                        [["p", self.uri.service_pubkey], ["encryption", "nip44_v2"]])
+        await self.relay.publish(ev)
+        return ev.id
+
+    async def wait_answer(self, rid, timeout):
+        deadline = time.monotonic() + timeout
+        while not self.for_request(rid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        return bool(self.for_request(rid))
+
+    def for_request(self, rid):
+        return [a for e, a in self.answers if e == rid]
+
+
+async def test_kill_lightningd_mid_pay_invoice(node_factory, nostr_relay):
+    """kill -9 of the serving node while a pay_invoice is out (the payee holds the HTLC):
+    after the restart the request is answered once, by the node's own record, the payee was
+    paid at most once, and the connection's budget counts exactly what left the node."""
+    r = random.Random(f"{SEED}-nwc")
+    print(f"nwc: seed {SEED} (MICROPAY_KILL_SEED={SEED} replays it)")
+    l1, l2, l3 = node_factory.line_graph(
+        3, opts=[{"may_reconnect": True},
+                 opts(may_reconnect=True, broken_log=KILLED, **{"micropay-nwc-relay": nostr_relay.url}),
+                 {"may_reconnect": True, "plugin": helper_plugin("hold")}],
+        wait_for_announce=True)
+    uri = parse_uri(_create(l2, budget_msat=3 * HOLD_MSAT)["uri"])
+    watcher = Watcher(nostr_relay.url, uri)
+    await watcher.start()
+    await asyncio.sleep(0.5)
+    outcomes = []
+    for i in range(2):
+        inv = l3.rpc.invoice(HOLD_MSAT, f"held-{i}", "held")
+        rid = await watcher.pay(inv["bolt11"])
+        await asyncio.sleep(r.uniform(0.2, 4.0))             # before, while or after the HTLC is out
+        await asyncio.to_thread(kill_and_restart, l2, l1, l3)
+        if not await watcher.wait_answer(rid, 90):
+            # killed before the service took the request in: relays keep no ephemeral
+            # events, so it is gone; nothing of it may have left the node, and the
+            # client's retry (a new request for the same invoice) is answered instead
+            assert not [p for p in l2.rpc.listsendpays()["payments"] if p["payment_hash"] == inv["payment_hash"]]
+            outcomes.append("lost, retried")
+            print(f"nwc: request {rid[:12]} was lost with the node; answers so far {watcher.answers}, "
+                  f"watcher connected {watcher.relay.connected}, {watcher.relay.stats}")
+            rid = await watcher.pay(inv["bolt11"])
+            assert await watcher.wait_answer(rid, 90)
+        await asyncio.sleep(3)                                # a second answer would come now
+        answers = watcher.for_request(rid)
+        print(f"nwc: request {rid[:12]}: answers {answers}")
+        assert len(answers) == 1, answers
+        paid_at_payee = l3.rpc.listinvoices(f"held-{i}")["invoices"][0]["status"] == "paid"
+        assert (answers[0]["error"] is None) == paid_at_payee, (answers, paid_at_payee)
+        outcomes.append("paid" if paid_at_payee else answers[0]["error"]["code"])
+    left = sum(int(p["amount_sent_msat"]) for p in l2.rpc.listpays()["pays"] if p["status"] == "complete")
+    used = l2.rpc.call("micropay-nwc-list")["connections"][0]["used_msat"]
+    assert used == left, (used, left)
+    print(f"nwc: 2 kills mid pay_invoice, outcomes {outcomes}, {left} msat left the node, budget used {used}")
+    await watcher.relay.close()
