@@ -66,7 +66,7 @@ MAY_LOAD = {
     "nwc": ("core", "nostr", *LIGHTNING_PORTS, "lightning.outcome", *STORE_PORTS),
     "http": ("core", "l402.wire"),
     "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
-    "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS),
+    "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, "nostr", "nwc.client", "nwc.uri", "nwc.protocol"),
     "games": ("core", "http", *LIGHTNING_PORTS, "store", "seller.config", "seller.configfile",
               "seller.pricing", "seller.settlement", "seller.tomlpos"),
     "plugin": ("core", "l402", "payment.scheme", "streams", "lightning", "store", "client", "nostr.urls", "nostr.keys"),

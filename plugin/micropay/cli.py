@@ -117,6 +117,14 @@ async def _serve(cfg: Config, exit_with_stdin: bool = False) -> None:
     await runner.cleanup()
 
 
+def _nwc_uri(text: str) -> str:
+    """The URI itself, or `@path` of a file holding it (kept 0600: the URI's secret spends)."""
+    if not text.startswith("@"):
+        return text
+    from .core.secretfile import read_secret
+    return read_secret(Path(text[1:]).expanduser()).decode("utf-8", "replace").strip()
+
+
 async def _get(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
@@ -136,8 +144,12 @@ async def _get(args: argparse.Namespace) -> int:
         node = ClnNode(Path(args.wallet[4:]).expanduser())
         await node.connect()
         wallet = NodeWallet(node)
+    elif args.wallet.startswith("nwc:"):
+        from .client.nwc_wallet import NwcWallet
+        wallet = node = NwcWallet(_nwc_uri(args.wallet[4:]))       # closed like a node when done
     else:
-        raise MicropayError("--wallet must be 'sandbox', a sandbox wallet URL, or cln:<path to lightning-rpc>")
+        raise MicropayError("--wallet must be 'sandbox', a sandbox wallet URL, cln:<path to lightning-rpc>, "
+                            "or nwc:<nostr+walletconnect URI, or @file holding it>")
     headers = {}
     for h in args.header or []:
         name, sep, value = h.partition(":")
@@ -324,7 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-d", "--data", help="request body")
     g.add_argument("--wallet", default="sandbox",
                    help="what pays: 'sandbox' (the default: the URL's server's sandbox wallet named default, "
-                        "<origin>/sandbox/wallets/default), a sandbox wallet URL, or cln:<lightning-rpc path>")
+                        "<origin>/sandbox/wallets/default), a sandbox wallet URL, cln:<lightning-rpc path>, "
+                        "or nwc:<nostr+walletconnect URI> (nwc:@FILE reads it from a 0600 file)")
     g.add_argument("--max-msat", type=_msat_arg, default=10_000,
                    help="most paid for one request (msat; default %(default)s)")
     g.add_argument("--day-budget-msat", type=_msat_arg, default=100_000,

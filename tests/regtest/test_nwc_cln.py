@@ -149,3 +149,32 @@ async def test_kill_lightningd_mid_pay_invoice(node_factory, nostr_relay):
     assert used == left, (used, left)
     print(f"nwc: 2 kills mid pay_invoice, outcomes {outcomes}, {left} msat left the node, budget used {used}")
     await watcher.relay.close()
+
+
+async def test_the_client_pays_another_nodes_sidecar_through_nwc(node_factory, nostr_relay, tmp_path):
+    """`--wallet nwc:` end to end on Lightning: l1's plugin serves NWC, the client pays the
+    402s of l2's sidecar from it; l2 received exactly the price, l1's connection counts the
+    price and the fee its node paid."""
+    from micropay.client.nwc_wallet import NwcWallet
+    from micropay.client.payer import Budget, L402Client, TokenCache
+    from micropay.lightning.cln import ClnNode
+
+    from ..conftest import make_config, start_sidecar
+    l1, l2 = node_factory.line_graph(2, opts=[opts(**{"micropay-nwc-relay": nostr_relay.url}), {}],
+                                     wait_for_announce=True)
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    sc = await start_sidecar(make_config(tmp_path), node=node)
+    wallet = NwcWallet(_create(l1, budget_msat=50_000)["uri"])
+    await asyncio.sleep(0.5)
+    try:
+        res = await L402Client(wallet, Budget(), TokenCache(tmp_path / "cache.json")).get(sc.url + "/api/joke")
+        assert res.status == 200 and res.paid_msat == 1000
+        paid = [i for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid"]
+        assert [i["amount_received_msat"] for i in paid] == [1000]
+        fee = sum(int(p["amount_sent_msat"]) - 1000 for p in l1.rpc.listpays()["pays"] if p["status"] == "complete")
+        assert l1.rpc.call("micropay-nwc-list")["connections"][0]["used_msat"] == 1000 + fee
+    finally:
+        await wallet.close()
+        await sc.runner.cleanup()
+        await node.close()

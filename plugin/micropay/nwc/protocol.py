@@ -131,7 +131,7 @@ def _metadata(params: dict[str, Any]) -> dict[str, Any] | None:
 
 @dataclass(frozen=True, slots=True)
 class MakeInvoice:
-    amount_msat: int
+    amount_msat: int | None        # None: an amountless invoice (our extension; NIP-47 asks for an amount)
     description: str
     description_hash: str | None
     expiry_s: int | None
@@ -139,7 +139,7 @@ class MakeInvoice:
 
     @classmethod
     def parse(cls, p: dict[str, Any]) -> "MakeInvoice":
-        return cls(_msat(p, "amount", required=True), _text(p, "description", MAX_DESCRIPTION) or "",  # type: ignore[arg-type]
+        return cls(_msat(p, "amount", required=False), _text(p, "description", MAX_DESCRIPTION) or "",
                    _hex(p, "description_hash", 32), _int(p, "expiry", 60, 30 * 86400), _metadata(p))
 
 

@@ -299,7 +299,7 @@ class NwcService:
         except MicropayError as exc:
             raise NwcError(Code.INTERNAL, f"the node could not make an invoice: {exc.message}") from None
         now = int(self.clock())
-        row = NwcInvoice(inv.payment_hash, conn.id, label, inv.bolt11, p.amount_msat, p.description, now,
+        row = NwcInvoice(inv.payment_hash, conn.id, label, inv.bolt11, p.amount_msat or 0, p.description, now,
                          inv.expires_at, None, None, None)
         await self.repo.add_invoice(row)
         return self._incoming(row)

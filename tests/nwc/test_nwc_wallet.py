@@ -1,0 +1,94 @@
+"""The client pays 402s from an NWC wallet: our client library and `micropay get --wallet
+nwc:@FILE` (a real process), through a real relay, to the plugin's NWC service running on a
+sandbox node of the sidecar's network."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import pytest
+
+from micropay.client.nwc_wallet import NwcWallet
+from micropay.client.payer import Budget, L402Client, TokenCache
+from micropay.core.errors import PaymentFailed
+from micropay.nwc.runner import NwcRunner
+from micropay.nwc.schema import NWC_SCHEMA
+from micropay.store.sqlite import SqliteStore
+
+from ..conftest import make_config, start_sidecar
+
+pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install '.[test]'): it runs the relay")
+
+
+@pytest.fixture
+async def shop_and_wallet(tmp_path, nostr_relay):
+    sc = await start_sidecar(make_config(tmp_path))
+    store = SqliteStore(tmp_path / "wallet.sqlite3", (NWC_SCHEMA,))
+    await store.open()
+
+    async def info():
+        return {"alias": "payer", "network": "regtest"}
+    runner = NwcRunner(sc.payer, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=info)
+    await runner.start()
+    assert await runner.pool.wait_connected(10)
+    yield sc, runner
+    await runner.close()
+    await store.close()
+    await sc.runner.cleanup()
+
+
+async def new_connection(runner, **kw):
+    args = dict(budget_msat=10_000, budget_period="daily", methods=("pay_invoice", "make_invoice"),
+                max_fee_msat=0)
+    args.update(kw)
+    created = await runner.service.create("client", **args)
+    await runner.changed()
+    await asyncio.sleep(0.3)
+    return created
+
+
+async def test_the_client_library_pays_through_nwc(shop_and_wallet, tmp_path):
+    sc, runner = shop_and_wallet
+    created = await new_connection(runner)
+    merchant_before = sc.rt.node.balance_msat
+    wallet = NwcWallet(created["uri"])
+    assert created["uri"] not in repr(wallet) and "secret" not in repr(wallet)
+    client = L402Client(wallet, Budget(), TokenCache(tmp_path / "cache.json"))
+    try:
+        res = await client.get(sc.url + "/api/joke")
+        assert res.status == 200 and res.paid_msat == 1000
+        assert sc.rt.node.balance_msat - merchant_before == 1000           # exactly the price arrived
+        assert (await runner.service.list())[0]["used_msat"] == 1000
+        ret = await wallet.invoice_any("refund", 3600)                      # a session's return invoice
+        assert (await sc.payer.decode(ret)).amount_msat is None
+        with pytest.raises(PaymentFailed, match="QUOTA_EXCEEDED"):
+            for _ in range(20):                                            # 1,000 msat each; budget 10,000
+                await client.get(sc.url + "/api/joke", headers={"X-Forwarded-For": "10.9.9.9"})
+        assert (await runner.service.list())[0]["used_msat"] == 10_000
+        assert sc.rt.node.balance_msat - merchant_before == 10_000
+    finally:
+        await wallet.close()
+
+
+async def test_micropay_get_with_an_nwc_wallet_file(shop_and_wallet, tmp_path):
+    sc, runner = shop_and_wallet
+    created = await new_connection(runner)
+    secret_file = tmp_path / "wallet.nwc"
+    secret_file.write_text(created["uri"])
+    secret_file.chmod(0o644)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "micropay.cli", "get", sc.url + "/api/joke", "--wallet", f"nwc:@{secret_file}",
+        "--cache", str(tmp_path / "c.json"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode != 0 and b"chmod 600" in err and created["uri"].encode() not in err   # refused: readable by others
+    secret_file.chmod(0o600)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "micropay.cli", "get", sc.url + "/api/joke", "--wallet", f"nwc:@{secret_file}",
+        "--cache", str(tmp_path / "c.json"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert (await runner.service.list())[0]["used_msat"] == 1000
+    secret = created["uri"].split("secret=")[1].split("&")[0]
+    assert secret.encode() not in out + err
