@@ -14,6 +14,7 @@ from micropay.client.payer import Budget, L402Client, TokenCache
 from micropay.core.errors import PaymentFailed
 from micropay.nwc.runner import NwcRunner
 from micropay.nwc.schema import NWC_SCHEMA
+from micropay.store.core import CORE_SCHEMA
 from micropay.store.sqlite import SqliteStore
 
 from ..conftest import make_config, start_sidecar
@@ -24,7 +25,7 @@ pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install
 @pytest.fixture
 async def shop_and_wallet(tmp_path, nostr_relay):
     sc = await start_sidecar(make_config(tmp_path))
-    store = SqliteStore(tmp_path / "wallet.sqlite3", (NWC_SCHEMA,))
+    store = SqliteStore(tmp_path / "wallet.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
     await store.open()
 
     async def info():

@@ -111,6 +111,7 @@ class GamesConfig:
     max_streams: int = 2000
     max_streams_per_credential: int = 10
     frame_ancestors: tuple[str, ...] = ()     # origins that may put the paywall in an <iframe>
+    bitcoin_connect_file: str | None = None   # a browser bundle of @getalby/bitcoin-connect the paywall serves
 
     @property
     def enabled(self) -> bool:
@@ -209,9 +210,17 @@ def parse_games(top: _Table, source: str, index_offset: dict[str, int] | None = 
     max_streams = ev.positive_int("max_streams", 2000, maximum=1_000_000) or 2000
     per_credential = ev.positive_int("max_streams_per_credential", 10, maximum=1_000_000) or 10
     pw = _Table(top.get("paywall", dict, {}), f"{source}: paywall")
-    pw.check_keys({"frame_ancestors"})
+    pw.check_keys({"frame_ancestors", "bitcoin_connect_file"})
     ancestors = pw.get("frame_ancestors", list, [])
     if not all(isinstance(a, str) and (a == "'self'" or _ORIGIN.fullmatch(a)) for a in ancestors):
         raise pw.fail("frame_ancestors", "must be a list of origins like \"https://game.example\" or \"'self'\"")
+    bc_file = pw.get("bitcoin_connect_file", str, None)
+    if bc_file is not None:
+        path = Path(bc_file).expanduser()
+        if not path.is_absolute():
+            path = Path(source).parent / path
+        if not path.is_file():
+            raise pw.fail("bitcoin_connect_file", f"{str(path)!r} is not a file (build it as docs/games.md shows)")
+        bc_file = str(path.resolve())
     return GamesConfig(tuple(items), expiry, tuple(hooks), retry, payouts, max_streams, per_credential,
-                       tuple(ancestors))
+                       tuple(ancestors), bc_file)

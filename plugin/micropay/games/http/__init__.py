@@ -20,6 +20,7 @@ def add_games_routes(add: Callable[[str, str, Handler], Any], games: Games) -> N
     add("GET", "/v1/ws", api(live.websocket, games))
     add("POST", "/v1/payouts", api(http_api.create_payout, games))
     add("GET", "/v1/payouts/{id}", api(http_api.get_payout, games))
+    add("GET", paywall.BITCOIN_CONNECT_PATH, api(paywall.bitcoin_connect, games))
     add("GET", "/paywall/{sku}", api(paywall.page, games))
     add("POST", "/paywall/{sku}/purchase", api(paywall.purchase, games))
     add("GET", "/paywall/{sku}/content", api(paywall.content, games))

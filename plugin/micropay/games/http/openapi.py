@@ -187,5 +187,10 @@ def document(cfg: "GamesConfig | None" = None) -> dict[str, Any]:
                 "responses": {"200": {"description": "HTML fragment",
                                       "content": {"text/html": {"schema": {"type": "string"}}}},
                               "401": ERRORS["401"], "402": _problem("Not paid"), **NOT_FOUND}}},
+            "/paywall/_wallets/bitcoin-connect.js": {"get": {
+                "summary": "The Bitcoin Connect bundle the paywall loads ([paywall] bitcoin_connect_file)",
+                "security": [], "responses": {
+                    "200": {"description": "JavaScript", "content": {"text/javascript": {"schema": {"type": "string"}}}},
+                    **NOT_FOUND}}},
         },
     }

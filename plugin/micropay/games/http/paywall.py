@@ -1,5 +1,8 @@
 """Browser paywall: a page that sells one catalog item with `content`, shows the invoice
-as a QR code and a `lightning:` link, and unlocks the content over SSE when paid.
+as a QR code and a `lightning:` link, offers the wallet the browser has (WebLN, e.g. the
+Alby extension; and Bitcoin Connect, to connect an NWC wallet, when the operator serves
+its bundle: `[paywall] bitcoin_connect_file`), and unlocks the content over SSE when
+paid: what unlocks it is the purchase's record, never what a wallet says.
 
 No JavaScript framework: one small inline script (fetch + EventSource). The reader is
 identified by a random first-party cookie; a reader who already paid for the item gets
@@ -26,6 +29,7 @@ NONCE = re.compile(r"[A-Za-z0-9_-]{8,64}")
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
                     "Cache-Control": "no-store"}
 INVOICES_PER_MINUTE = 20   # per client address
+BITCOIN_CONNECT_PATH = "/paywall/_wallets/bitcoin-connect.js"
 
 
 def qr_svg(bolt11: str) -> str:
@@ -65,12 +69,14 @@ body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:
 <section id="pay">
   <p>Unlock for <strong id="price">{price_sat} sat</strong> ({price_msat} msat)</p>
   <div id="qr" aria-live="polite">Creating invoice…</div>
+  <p><button id="webln-pay" type="button" hidden>Pay with the browser's wallet</button>
+     <button id="bc-pay" type="button" hidden>Pay with a connected wallet</button></p>
   <p><a id="ln-link" href="#" hidden>Open in a Lightning wallet</a></p>
   <p id="invoice" class="muted"></p>
   <p id="status" class="muted" role="status">Waiting for payment…</p>
 </section>
 <article id="content" hidden></article>
-<script>
+{wallet_script}<script>
 (function () {{
   "use strict";
   var sku = document.body.dataset.sku, base = "/paywall/" + encodeURIComponent(sku);
@@ -87,6 +93,27 @@ body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:
       }})
       .catch(function (e) {{ say("Paid, but the content could not be loaded: " + e.message); }});
   }}
+  function paying(promise) {{
+    say("Paying…");
+    promise.then(function () {{ say("Paid. Waiting for the confirmation…"); }})
+           .catch(function (e) {{ say("The wallet did not pay: " + (e && e.message || e)); }});
+  }}
+  function offerWallets(invoice) {{
+    if (window.webln) {{
+      $("webln-pay").hidden = false;
+      $("webln-pay").onclick = function () {{
+        paying(window.webln.enable().then(function () {{ return window.webln.sendPayment(invoice); }}));
+      }};
+    }}
+    var bc = window.bitcoinConnect;
+    if (bc) {{
+      bc.init({{appName: document.title, filters: ["nwc"], showBalance: false}});
+      $("bc-pay").hidden = false;
+      $("bc-pay").onclick = function () {{
+        paying(bc.requestProvider().then(function (provider) {{ return provider.sendPayment(invoice); }}));
+      }};
+    }}
+  }}
   fetch(base + "/purchase", {{method: "POST", headers: {{"Content-Type": "application/json"}},
                               body: JSON.stringify({{nonce: nonce}}), credentials: "same-origin"}})
     .then(function (r) {{ return r.json().then(function (b) {{ if (!r.ok) throw new Error(b.detail || r.status); return b; }}); }})
@@ -96,6 +123,7 @@ body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:
       $("qr").innerHTML = p.qr_svg;
       $("ln-link").href = "lightning:" + p.invoice; $("ln-link").hidden = false;
       $("invoice").textContent = p.invoice;
+      offerWallets(p.invoice);
       document.body.dataset.state = "awaiting-payment";
       var es = new EventSource("/v1/purchases/" + encodeURIComponent(p.id) + "/events?token=" +
                                encodeURIComponent(p.client_token));
@@ -114,12 +142,16 @@ body{{font-family:system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:
 
 async def page(games: Games, request: web.Request) -> web.Response:
     item = _item(games, request)
+    bc = games.cfg.bitcoin_connect_file is not None
     text = PAGE.format(title=html.escape(item.title), sku=html.escape(item.sku, quote=True),
                        description=html.escape(item.description), price_msat=item.price_msat,
-                       price_sat=f"{item.price_msat / 1000:g}")
+                       price_sat=f"{item.price_msat / 1000:g}",
+                       wallet_script=f'<script src="{BITCOIN_CONNECT_PATH}"></script>\n' if bc else "")
     ancestors = " ".join(games.cfg.frame_ancestors) or "'none'"
+    # Bitcoin Connect talks to the reader's NWC relays (wss:) from this page
+    scripts, connect = ("'self' 'unsafe-inline'", "connect-src 'self' wss: ws:; ") if bc else ("'unsafe-inline'", "")
     resp = web.Response(text=text, content_type="text/html", charset="utf-8", headers=dict(
-        SECURITY_HEADERS, **{"Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+        SECURITY_HEADERS, **{"Content-Security-Policy": f"default-src 'self'; script-src {scripts}; {connect}"
                              f"style-src 'unsafe-inline'; img-src 'self' data:; frame-ancestors {ancestors}"}))
     if _reader(request) is None:
         # Framed by another site, the reader cookie must be a third-party cookie, which
@@ -172,3 +204,13 @@ async def content(games: Games, request: web.Request) -> web.Response:
         raise NotPaid("this purchase is not paid")
     return web.Response(text=item.content or "", content_type="text/html", charset="utf-8",
                         headers=SECURITY_HEADERS)
+
+
+async def bitcoin_connect(games: Games, request: web.Request) -> web.StreamResponse:
+    """The Bitcoin Connect bundle the operator configured (`[paywall] bitcoin_connect_file`)."""
+    path = games.cfg.bitcoin_connect_file
+    if path is None:
+        raise NotFound("no Bitcoin Connect bundle is configured ([paywall] bitcoin_connect_file)")
+    return web.FileResponse(path, headers={"Content-Type": "text/javascript; charset=utf-8",
+                                           "Cache-Control": "public, max-age=3600",
+                                           "X-Content-Type-Options": "nosniff"})
