@@ -127,3 +127,44 @@ async def test_a_restarted_service_answers_its_connections(wallet, tmp_path):
         assert (await asyncio.wait_for(client.get_balance(), 15)).balance == 100_000
     finally:
         await again.close()
+
+
+async def test_notifications_reach_the_client(wallet):
+    """payment_received when an invoice the connection made is paid, payment_sent when
+    it pays; NIP-44 (kind 23197) and NIP-04 (23196) twins, addressed to the client only."""
+    import json
+
+    from micropay.nostr import nip04, nip44
+    from micropay.nostr.relay import Relay
+    runner, node, shop = wallet
+    created, client = await connect(runner)
+    uri = parse_uri(created["uri"])
+    seen = []
+    watch = Relay(runner.pool.urls[0], lambda sub, ev: seen.append(ev))
+    await watch.subscribe("n", [{"kinds": [23196, 23197], "#p": [uri.client.pubkey]}])
+    watch.start()
+    try:
+        assert await watch.wait_connected(10)
+        made = await client.make_invoice(n.MakeInvoiceRequest(amount=4_000, description="note me",
+                                                              description_hash=None, expiry=None))
+        await shop.pay(made.invoice)
+        bill = await shop.create_invoice(3_000, "n-bill", "notify", 600)
+        await client.pay_invoice(n.PayInvoiceRequest(id=None, invoice=bill.bolt11, amount=None))
+        for _ in range(100):
+            if len(seen) >= 4:
+                break
+            await asyncio.sleep(0.05)
+        got = []
+        for ev in seen:
+            assert ev.pubkey == uri.service_pubkey and ev.first("p") == uri.client.pubkey
+            text = (nip44.decrypt(ev.content, nip44.conversation_key(uri.client, ev.pubkey)) if ev.kind == 23197
+                    else nip04.decrypt(ev.content, uri.client, ev.pubkey))
+            body = json.loads(text)
+            got.append((ev.kind, body["notification_type"], body["notification"]["amount"],
+                        body["notification"]["state"]))
+        assert sorted(got) == sorted([(23197, "payment_received", 4_000, "settled"),
+                                      (23196, "payment_received", 4_000, "settled"),
+                                      (23197, "payment_sent", 3_000, "settled"),
+                                      (23196, "payment_sent", 3_000, "settled")])
+    finally:
+        await watch.close()
