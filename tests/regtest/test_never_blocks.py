@@ -99,3 +99,34 @@ def test_payments_in_and_through_are_not_held_up_by_slow_methods(node_factory):
     print(f"baseline into l2: median {statistics.median(baseline_in) * 1000:.0f} ms, "
           f"through l2: median {statistics.median(baseline_fwd) * 1000:.0f} ms")
     server.shutdown()
+
+
+async def test_payments_are_not_held_up_while_nwc_requests_wait(node_factory, nostr_relay):
+    """l2 serves NWC: while a pay_invoice it was asked for is held by the payee for 10 s and
+    NWC requests keep arriving, payments into and through l2 take as long as when idle."""
+    import asyncio
+
+    from micropay.nwc.uri import parse_uri
+
+    from .test_nwc_cln import Watcher
+    l1, l2, l3 = node_factory.line_graph(
+        3, opts=[{}, opts(**{"micropay-nwc-relay": nostr_relay.url}), {"plugin": helper_plugin("hold")}],
+        wait_for_announce=True)
+    for _ in range(2):
+        paid_in(l1, l2), paid_in(l1, l3)
+    baseline_in = [paid_in(l1, l2) for _ in range(5)]
+    baseline_fwd = [paid_in(l1, l3) for _ in range(5)]
+    uri = parse_uri(l2.rpc.call("micropay-nwc-create", {"name": "busy", "budget_msat": 10_000_000})["uri"])
+    client = Watcher(nostr_relay.url, uri)
+    await client.start()
+    await asyncio.sleep(0.5)
+    held = l3.rpc.invoice(HOLD_MSAT, "held-nwc", "held NWC payment")
+    rid = await client.pay(held["bolt11"])
+    await asyncio.to_thread(l3.daemon.wait_for_log, "holding an HTLC")
+    for _ in range(20):                                  # and a stream of requests meanwhile
+        await client.send("get_balance", {})
+    await asyncio.to_thread(check_unaffected, l1, l2, l3, baseline_in, baseline_fwd,
+                            "while an NWC pay_invoice waited")
+    assert await client.wait_answer(rid, 30)
+    assert client.for_request(rid)[0]["result"]["preimage"]
+    await client.relay.close()

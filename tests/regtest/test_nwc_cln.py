@@ -89,7 +89,10 @@ class Watcher:
         assert await self.relay.wait_connected(10)
 
     async def pay(self, bolt11):
-        text = json.dumps({"method": "pay_invoice", "params": {"invoice": bolt11}})
+        return await self.send("pay_invoice", {"invoice": bolt11})
+
+    async def send(self, method, params):
+        text = json.dumps({"method": method, "params": params})
         ev = sign_event(self.uri.client, 23194, nip44.encrypt(text, nip44.conversation_key(self.uri.client,
                                                                                        self.uri.service_pubkey)),
                         [["p", self.uri.service_pubkey], ["encryption", "nip44_v2"]])
@@ -151,12 +154,13 @@ async def test_kill_lightningd_mid_pay_invoice(node_factory, nostr_relay):
     await watcher.relay.close()
 
 
-async def test_the_client_pays_another_nodes_sidecar_through_nwc(node_factory, nostr_relay, tmp_path):
-    """`--wallet nwc:` end to end on Lightning: l1's plugin serves NWC, the client pays the
-    402s of l2's sidecar from it; l2 received exactly the price, l1's connection counts the
-    price and the fee its node paid."""
-    from micropay.client.nwc_wallet import NwcWallet
-    from micropay.client.payer import Budget, L402Client, TokenCache
+async def test_micropay_get_pays_another_nodes_sidecar_through_nwc(node_factory, nostr_relay, tmp_path):
+    """`micropay get --wallet nwc:@FILE` on Lightning: l1's plugin serves NWC, the CLI (a
+    process of its own) pays the 402 of l2's sidecar from it; l2 received exactly the
+    price, and l1's connection counts the price and the fee l1 paid."""
+    import os
+    import sys
+
     from micropay.lightning.cln import ClnNode
 
     from ..conftest import make_config, start_sidecar
@@ -165,16 +169,66 @@ async def test_the_client_pays_another_nodes_sidecar_through_nwc(node_factory, n
     node = ClnNode(l2.rpc.socket_path)
     await node.connect()
     sc = await start_sidecar(make_config(tmp_path), node=node)
-    wallet = NwcWallet(_create(l1, budget_msat=50_000)["uri"])
+    uri_file = tmp_path / "agent.nwc"
+    uri_file.write_text(_create(l1, budget_msat=50_000)["uri"])
+    uri_file.chmod(0o600)
     await asyncio.sleep(0.5)
     try:
-        res = await L402Client(wallet, Budget(), TokenCache(tmp_path / "cache.json")).get(sc.url + "/api/joke")
-        assert res.status == 200 and res.paid_msat == 1000
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "micropay.cli", "get", sc.url + "/api/joke", "--wallet", f"nwc:@{uri_file}",
+            "--cache", str(tmp_path / "cache.json"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        assert b"joke" in out
         paid = [i for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid"]
         assert [i["amount_received_msat"] for i in paid] == [1000]
         fee = sum(int(p["amount_sent_msat"]) - 1000 for p in l1.rpc.listpays()["pays"] if p["status"] == "complete")
         assert l1.rpc.call("micropay-nwc-list")["connections"][0]["used_msat"] == 1000 + fee
     finally:
-        await wallet.close()
         await sc.runner.cleanup()
         await node.close()
+
+
+async def test_paywall_with_bitcoin_connect_on_the_plugins_nwc(node_factory, nostr_relay, tmp_path):
+    """Chromium: l2's paywall (a game sidecar on Core Lightning) with Bitcoin Connect; the
+    reader connects l1's NWC URI and unlocks the article with one click; l2 was paid the
+    price and the page unlocked over SSE from the purchase's record."""
+    from micropay.lightning.cln import ClnNode
+
+    from ..browser import chromium_page
+    from ..conftest import make_config, serve_app, start_sidecar
+    from ..games.test_paywall_wallets import build_bitcoin_connect
+    from .test_games_cln import GAME, Hooks
+    bundle = build_bitcoin_connect(tmp_path / "bitcoin-connect.js")
+    l1, l2 = node_factory.line_graph(2, opts=[opts(**{"micropay-nwc-relay": nostr_relay.url}), {}],
+                                     wait_for_announce=True)
+    hooks = Hooks()
+    hooks.secret_path = tmp_path / "data" / "webhook-game.secret"
+    hook_runner, hook_url = await serve_app(hooks.app)
+    node = ClnNode(l2.rpc.socket_path)
+    await node.connect()
+    toml = GAME.format(rpc=l2.rpc.socket_path, hook=hook_url + "/hook", expiry=600)
+    sc = await start_sidecar(make_config(tmp_path, toml + f'\n[paywall]\nbitcoin_connect_file = "{bundle}"\n'),
+                             node=node)
+    uri = _create(l1, budget_msat=20_000)["uri"]
+    await asyncio.sleep(0.5)
+    try:
+        async with chromium_page() as page:
+            await page.goto(f"{sc.url}/paywall/article")
+            await page.wait_for_selector("body[data-state=awaiting-payment]", timeout=20_000)
+            await page.evaluate("uri => window.bitcoinConnect.connectNWC(uri)", uri)
+            for _ in range(200):
+                if await page.evaluate("() => window.bitcoinConnect.isConnected()"):
+                    break
+                await asyncio.sleep(0.1)
+            await page.click("#bc-pay")
+            await page.wait_for_selector("#secret", state="visible", timeout=60_000)
+        paid = [i for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid"]
+        assert [i["amount_received_msat"] for i in paid] == [3000]
+        fee = sum(int(p["amount_sent_msat"]) - 3000 for p in l1.rpc.listpays()["pays"] if p["status"] == "complete")
+        assert l1.rpc.call("micropay-nwc-list")["connections"][0]["used_msat"] == 3000 + fee
+    finally:
+        await sc.runner.cleanup()
+        await node.close()
+        await hook_runner.cleanup()
