@@ -249,3 +249,28 @@ def test_budget_periods_are_utc_calendar_periods():
     assert time.gmtime(next_period("monthly", t))[:3] == (2027, 2, 1)
     assert time.gmtime(next_period("yearly", t))[:3] == (2028, 1, 1)
     assert period_start("never", t) == 0 and next_period("never", t) is None
+
+
+async def test_a_connection_past_its_request_rate_is_told_rate_limited(h):
+    h.service = h.make(h.node, requests_per_minute=5)
+    await h.service.load()
+    _, uri = await h.connect()
+    events = [h.request(uri, "get_balance", {}) for _ in range(8)]
+    for ev in events:
+        await h.service.handle(ev)
+    codes = [("ok" if a["error"] is None else a["error"]["code"]) for e in events for a in h.answers(uri, e.id)]
+    assert codes[:5] == ["ok"] * 5 and set(codes[5:]) == {"RATE_LIMITED"} and len(codes) == 8
+
+
+async def test_oversized_and_undecryptable_requests_are_dropped(h):
+    _, uri = await h.connect()
+    big = h.request(uri, "get_balance", {"pad": "x" * 70_000}, enc="nip04")     # NIP-44 caps it below
+    await h.service.handle(big)
+    assert [a["error"]["code"] for a in h.answers(uri, big.id)] == ["OTHER"]       # request too large
+    garbled = sign_event(uri.client, 23194, "not a payload", [["p", uri.service_pubkey], ["encryption", "nip44_v2"]],
+                         created_at=int(h.clock()))
+    await h.service.handle(garbled)
+    assert h.answers(uri, garbled.id) == []
+    odd = h.request(uri, "get_balance", {}, enc="none", tags=[["encryption", "nip99"]])
+    await h.service.handle(odd)
+    assert [a["error"]["code"] for a in h.answers(uri, odd.id)] == ["UNSUPPORTED_ENCRYPTION"]
