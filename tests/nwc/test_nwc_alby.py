@@ -57,3 +57,37 @@ async def test_alby_client_uses_the_service(wallet):  # noqa: F811
     await runner.changed()
     [revoked] = await alby(created["uri"], [["getBalance", {}]])
     assert "error" in revoked
+
+
+async def test_our_nwc_wallet_pays_through_albys_wallet_service(tmp_path, nostr_relay):
+    """The client's nwc wallet against a wallet service that is not ours: @getalby/sdk's
+    NWCWalletService, paying from a sandbox wallet of the sidecar whose 402 is paid."""
+    why = _why_not()
+    if why:
+        pytest.skip(why)
+    from micropay.client.nwc_wallet import NwcWallet
+    from micropay.client.payer import Budget, L402Client, TokenCache
+
+    from ..conftest import make_config, start_sidecar
+    sc = await start_sidecar(make_config(tmp_path))
+    proc = await asyncio.create_subprocess_exec(
+        "node", "--experimental-websocket", "--no-warnings", str(JS / "nwc_alby_service.mjs"), nostr_relay.url,
+        f"{sc.url}/sandbox/wallets/alby", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    wallet = None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.startswith(b"URI "), (line, await proc.stderr.read(2000))
+        await asyncio.sleep(0.5)
+        before = sc.rt.node.balance_msat
+        wallet = NwcWallet(line.decode().split(" ", 1)[1].strip())
+        client = L402Client(wallet, Budget(), TokenCache(tmp_path / "cache.json"))
+        res = await client.get(sc.url + "/api/joke")
+        assert res.status == 200 and res.paid_msat == 1000
+        assert sc.rt.node.balance_msat - before == 1000
+        assert (await sc.payer.decode(await wallet.invoice_any("refund", 3600))).amount_msat is None
+    finally:
+        if wallet is not None:
+            await wallet.close()
+        proc.kill()
+        await proc.wait()
+        await sc.runner.cleanup()
