@@ -103,3 +103,31 @@ def test_relay_urls_are_checked():
     for bad in ("https://relay.example.com", "ws://", "ws://user:pw@host", "relay.example.com", "ws://h/#x"):
         with pytest.raises(NostrError):
             relay_url(bad)
+
+
+async def test_a_lone_surrogate_or_an_odd_frame_never_ends_the_connection(unused_tcp_port):
+    from aiohttp import web
+    good = sign_event(Keys.generate(), 23194, "good")
+    surrogate = {**good.as_json(), "content": "\ud800"}
+
+    async def fake(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            sub = json.loads(msg.data)[1]
+            await ws.send_str(json.dumps(["EVENT", sub, surrogate]))
+            await ws.send_str(json.dumps(["CLOSED", ["not", "a", "name"], "x"]))
+            await ws.send_str(json.dumps(["EVENT", sub, good.as_json()]))
+        return ws
+    app = web.Application()
+    app.router.add_get("/", fake)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    reader, seen = await _collect(f"ws://127.0.0.1:{unused_tcp_port}", [23194])
+    try:
+        await _until(lambda: seen)
+        assert [e.content for _, e in seen] == ["good"] and reader.stats.connects == 1
+    finally:
+        await reader.close()
+        await runner.cleanup()

@@ -93,3 +93,20 @@ async def test_micropay_get_with_an_nwc_wallet_file(shop_and_wallet, tmp_path):
     assert (await runner.service.list())[0]["used_msat"] == 1000
     secret = created["uri"].split("secret=")[1].split("&")[0]
     assert secret.encode() not in out + err
+
+
+async def test_only_a_refusal_releases_the_budget():
+    """An answer that says the wallet paid nothing is PaymentFailed; OTHER, INTERNAL or an
+    unknown code (our service says OTHER while the invoice is in flight) is PaymentUnknown."""
+    from micropay.core.errors import PaymentUnknown
+    from micropay.nostr.keys import Keys
+    from micropay.nwc.protocol import Code, NwcError
+    wallet = NwcWallet(f"nostr+walletconnect://{Keys.generate().pubkey}?relay=ws%3A%2F%2F127.0.0.1%3A9"
+                       f"&secret={'11' * 32}")
+    for code, expected in ((Code.PAYMENT_FAILED, PaymentFailed), (Code.QUOTA_EXCEEDED, PaymentFailed),
+                           (Code.OTHER, PaymentUnknown), (Code.INTERNAL, PaymentUnknown)):
+        async def answer(method, params, timeout_s=60.0, code=code):
+            raise NwcError(code, "no")
+        wallet.client.request = answer
+        with pytest.raises(expected):
+            await wallet.pay("lnbcrt1...", 1000, 0)

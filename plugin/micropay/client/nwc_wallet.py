@@ -11,9 +11,14 @@ from __future__ import annotations
 from ..core.errors import PaymentFailed, PaymentUnknown, RequestFailed
 from ..nostr.keys import NostrError
 from ..nwc.client import NoAnswer, NwcClient
-from ..nwc.protocol import NwcError
+from ..nwc.protocol import Code, NwcError
 from ..nwc.uri import parse_uri
 from .payer import PaidInvoice
+
+
+# Answers that say the wallet paid nothing (NIP-47's codes for a refusal before paying).
+REFUSED = frozenset({Code.PAYMENT_FAILED, Code.QUOTA_EXCEEDED, Code.INSUFFICIENT_BALANCE, Code.RESTRICTED,
+                     Code.UNAUTHORIZED, Code.NOT_IMPLEMENTED, Code.UNSUPPORTED_ENCRYPTION, Code.RATE_LIMITED})
 
 
 class NwcWallet:
@@ -35,7 +40,12 @@ class NwcWallet:
         except NoAnswer as exc:
             raise PaymentUnknown(str(exc)) from None
         except NwcError as exc:
-            raise PaymentFailed(f"the NWC wallet refused: {exc.code}: {exc.message}") from None
+            if exc.code in REFUSED:
+                raise PaymentFailed(f"the NWC wallet refused: {exc.code}: {exc.message}") from None
+            # OTHER, INTERNAL or a code we do not know: the wallet does not say that nothing
+            # left (ours answers OTHER while an earlier attempt at the invoice is in flight)
+            raise PaymentUnknown(f"the NWC wallet answered {exc.code}: {exc.message}; whether it paid is not "
+                                 "known, so the payment stays in the ledger") from None
         preimage = result.get("preimage")
         fee = result.get("fees_paid") or 0
         if not isinstance(preimage, str) or not isinstance(fee, int) or fee < 0:

@@ -87,7 +87,11 @@ def parse_event(obj: object) -> Event:
             raise NostrError("each event tag must be a non-empty list of short strings")
         out.append(tuple(t))
     tags_t = tuple(out)
-    if event_id(pubkey, created_at, kind, tags_t, content) != eid:  # type: ignore[arg-type]
+    try:
+        computed = event_id(pubkey, created_at, kind, tags_t, content)  # type: ignore[arg-type]
+    except UnicodeError:                              # a lone surrogate: not UTF-8, not an event
+        raise NostrError("event text is not valid Unicode") from None
+    if computed != eid:
         raise NostrError("event id does not match its content")
     if not PublicKeyXOnly(bytes.fromhex(pubkey)).verify(bytes.fromhex(sig), bytes.fromhex(eid)):  # type: ignore[arg-type]
         raise NostrError("event signature does not verify")

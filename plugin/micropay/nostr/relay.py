@@ -120,7 +120,11 @@ class Relay:
                 asyncio.get_running_loop().create_task(self._guarded(self.on_connect()))
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    await self._on_message(msg.data)
+                    try:
+                        await self._on_message(msg.data)
+                    except Exception as exc:         # one odd frame never ends the connection
+                        self.stats.dropped_events += 1
+                        log.debug("relay %s: dropped a message: %r", self.url, exc)
                 elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
                     break
             if ws.exception() is not None:
@@ -162,7 +166,7 @@ class Relay:
         elif kind == "NOTICE" and len(msg) >= 2:
             self.stats.notices = [*self.stats.notices[-9:], str(msg[1])[:200]]
             log.info("relay %s says: %s", self.url, str(msg[1])[:200])
-        elif kind == "CLOSED" and len(msg) >= 2 and msg[1] in self.subscriptions:
+        elif kind == "CLOSED" and len(msg) >= 2 and isinstance(msg[1], str) and msg[1] in self.subscriptions:
             log.warning("relay %s closed subscription %s: %s", self.url, msg[1],
                         str(msg[2])[:200] if len(msg) > 2 else "")
 

@@ -76,7 +76,7 @@ class NwcClient:
 
     async def request(self, method: str, params: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
         """The result, or NwcError with the service's code; NoAnswer when none came in
-        time; ConnectionError when no relay took the request (then it surely was not run)."""
+        time; ConnectionError when no relay was connected (then it was not sent)."""
         await self.start()
         text = json.dumps({"method": method, "params": params})
         if self.encryption == NIP44:
@@ -86,10 +86,13 @@ class NwcClient:
         ev = sign_event(self.keys, REQUEST, content, [["p", self.uri.service_pubkey],
                                                       ["encryption", self.encryption or NIP04],
                                                       ["expiration", str(int(time.time() + timeout_s))]])
+        if not any(r.connected for r in self.pool.relays):
+            raise ConnectionError("no relay of the NWC connection is connected; the request was not sent")
         fut = self._waiting[ev.id] = asyncio.get_running_loop().create_future()
         try:
-            if not await self.pool.publish(ev):
-                raise ConnectionError("no relay took the NWC request")
+            # A relay that did not confirm may still have passed the request on: whatever
+            # publish says, the answer (or its absence) decides.
+            await self.pool.publish(ev)
             body = await asyncio.wait_for(fut, timeout_s)
         except asyncio.TimeoutError:
             raise NoAnswer(f"the wallet service did not answer {method} within {timeout_s:.0f}s") from None

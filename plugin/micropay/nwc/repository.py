@@ -107,18 +107,23 @@ USED = ("SELECT COALESCE(SUM(CASE WHEN status = 'paid' THEN amount_msat + COALES
 ROOM = (f"SELECT 1 WHERE ({USED}) + CAST($3 AS BIGINT) <= CAST($4 AS BIGINT)")
 ADD_PAYMENT = (f"INSERT INTO micropay_nwc_payments ({_P}) VALUES "
                "($1,$2,$3,$4,$5,$6,$7,$8,$9,NULL,'sending',NULL,NULL,$10,$11,$12,0,$13,$14,$14) "
-               "ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
-PAYMENT_BY = {f: f"SELECT {_P} FROM micropay_nwc_payments WHERE {f} = $1" for f in ("request_id", "payment_hash")}
+               "ON CONFLICT DO NOTHING RETURNING request_id")     # the same request, or a live payment of the invoice
+PAYMENT_BY = {"request_id": f"SELECT {_P} FROM micropay_nwc_payments WHERE request_id = $1",
+              # the live payment of an invoice if there is one, else its latest failed one
+              "payment_hash": f"SELECT {_P} FROM micropay_nwc_payments WHERE payment_hash = $1 "
+                              "ORDER BY CASE WHEN status = 'failed' THEN 1 ELSE 0 END, created_at DESC LIMIT 1"}
 SET_HASH = "UPDATE micropay_nwc_payments SET payment_hash = $2 WHERE request_id = $1 AND payment_hash IS NULL"
 FINISH = ("UPDATE micropay_nwc_payments SET status = $2, fee_msat = $3, preimage = $4, error = $5, updated_at = $6 "
           "WHERE request_id = $1 AND status = 'sending' RETURNING request_id")
 ANSWERED = "UPDATE micropay_nwc_payments SET answered = 1 WHERE request_id = $1"
-OPEN_PAYMENTS = (f"SELECT {_P} FROM micropay_nwc_payments WHERE (status = 'sending' AND lease_until <= $1) "
-                 "OR (status <> 'sending' AND answered = 0) ORDER BY created_at LIMIT 100")
-CLAIM = ("UPDATE micropay_nwc_payments SET lease_until = $2 WHERE request_id = $1 AND status = 'sending' "
+SENDING_DUE = (f"SELECT {_P} FROM micropay_nwc_payments WHERE status = 'sending' AND lease_until <= $1 "
+               "ORDER BY lease_until LIMIT 100")
+UNANSWERED_DUE = (f"SELECT {_P} FROM micropay_nwc_payments WHERE answered = 0 AND status <> 'sending' "
+                  "AND lease_until <= $1 ORDER BY lease_until LIMIT 100")
+CLAIM = ("UPDATE micropay_nwc_payments SET lease_until = $2 WHERE request_id = $1 AND answered = 0 "
          "AND lease_until <= $3 RETURNING request_id")
 RELEASE_ALL = "UPDATE micropay_nwc_payments SET lease_until = 0 WHERE status = 'sending'"
-RENEW = "UPDATE micropay_nwc_payments SET lease_until = $2 WHERE request_id = $1 AND status = 'sending'"
+RENEW = "UPDATE micropay_nwc_payments SET lease_until = $2 WHERE request_id = $1 AND answered = 0"
 ADD_INVOICE = (f"INSERT INTO micropay_nwc_invoices ({_I}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,NULL,NULL) "
                "ON CONFLICT (payment_hash) DO NOTHING")
 INVOICE_BY = {f: f"SELECT {_I} FROM micropay_nwc_invoices WHERE {f} = $1" for f in ("payment_hash", "label")}
@@ -190,9 +195,13 @@ class NwcRepository:
     async def answered(self, request_id: str) -> None:
         await self.store.execute(ANSWERED, (request_id,))
 
-    async def open_payments(self, now: int) -> list[NwcPayment]:
-        """Payments left sending whose lease ran out, and finished ones not yet answered."""
-        return [NwcPayment.from_row(r) for r in await self.store.query(OPEN_PAYMENTS, (now,))]
+    async def sending_due(self, now: int) -> list[NwcPayment]:
+        """Payments left sending whose lease ran out (nobody works on them)."""
+        return [NwcPayment.from_row(r) for r in await self.store.query(SENDING_DUE, (now,))]
+
+    async def unanswered_due(self, now: int) -> list[NwcPayment]:
+        """Finished payments whose answer was not sent, and nobody holds."""
+        return [NwcPayment.from_row(r) for r in await self.store.query(UNANSWERED_DUE, (now,))]
 
     async def claim(self, request_id: str, lease_until: int, now: int) -> bool:
         return await self.store.fetchrow(CLAIM, (request_id, lease_until, now)) is not None

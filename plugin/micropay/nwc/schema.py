@@ -45,6 +45,12 @@ NWC_SCHEMA = Schema("nwc", (
             ON micropay_nwc_payments (connection_id, period_start, status)""",
         """CREATE INDEX IF NOT EXISTS micropay_nwc_payments_open
             ON micropay_nwc_payments (status, lease_until)""",
+        # one live payment per invoice: two requests for the same invoice, at once or one
+        # after the other, never both reach the node (a failed one does not count)
+        """CREATE UNIQUE INDEX IF NOT EXISTS micropay_nwc_payments_hash
+            ON micropay_nwc_payments (payment_hash) WHERE status <> 'failed'""",
+        """CREATE INDEX IF NOT EXISTS micropay_nwc_payments_unanswered
+            ON micropay_nwc_payments (lease_until) WHERE answered = 0""",
         """CREATE TABLE IF NOT EXISTS micropay_nwc_invoices (
             payment_hash TEXT PRIMARY KEY,
             connection_id TEXT NOT NULL,

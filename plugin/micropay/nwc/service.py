@@ -49,11 +49,14 @@ log = logging.getLogger("micropay.nwc")
 PERIODS = ("daily", "weekly", "monthly", "yearly", "never")
 LABEL_PREFIX = "micropay-nwc-"
 MAX_AGE_S = 600                  # a request older than this (by its created_at) is ignored
+MAX_SKEW_S = 300                 # ... and one dated further ahead than this
+ANSWER_FOR_S = 3600              # an answer no relay took is retried this long, then given up
 SEEN_KEEP_S = 2 * MAX_AGE_S
 LEASE_S, RENEW_EVERY_S = 120, 30
 NOT_SENT_GRACE_S = 150           # longer than the node's retry window for one payment
 MAX_INFLIGHT = 64                # requests handled at once; more are told RATE_LIMITED
 DEFAULT_EXPIRY_S = 3600
+MAX_LIST_JSON = 48_000           # characters of list_transactions results (NIP-44 and relays cap an event)
 Publisher = Callable[[Event], Awaitable[bool]]
 
 
@@ -89,6 +92,7 @@ class NwcService:
         self._by_service: dict[str, Connection] = {}
         self._inflight: set[asyncio.Task[None]] = set()
         self._outcomes = OrphanWatch(node)
+        self._told_limited: dict[str, float] = {}
 
     # -- keys and connections ------------------------------------------------------------
     def service_keys(self, connection_id: str) -> Keys:
@@ -105,7 +109,7 @@ class NwcService:
 
     def filters(self) -> list[dict[str, Any]]:
         """The subscription that brings this service its requests."""
-        keys = sorted(pk for pk, c in self._by_service.items() if c.revoked_at is None)
+        keys = sorted(pk for pk, c in self._by_service.items() if self.live(c))
         return [{"kinds": [REQUEST], "#p": keys or ["0" * 64], "since": int(self.clock()) - MAX_AGE_S}]
 
     async def create(self, name: str, *, budget_msat: int, budget_period: str, methods: tuple[str, ...],
@@ -187,9 +191,16 @@ class NwcService:
             return                                     # not for us, or not from this connection's client
         now = self.clock()
         expiration = ev.first("expiration")
-        if ev.created_at < now - MAX_AGE_S or (expiration is not None and (not expiration.isdigit()
-                                                                          or int(expiration) <= now)):
-            return                                     # stale or expired: ignored, as NIP-47 says
+        if not now - MAX_AGE_S <= ev.created_at <= now + MAX_SKEW_S or (
+                expiration is not None and (not expiration.isascii() or not expiration.isdigit()
+                                            or int(expiration) <= now)):
+            return                                     # stale, from the future or expired: ignored
+        limited = self.bucket.take(conn.id) > 0 or len(self._inflight) > MAX_INFLIGHT
+        if limited:
+            # told once a second at most: a flood (a leaked URI, a revoked app) costs no more
+            if now - self._told_limited.get(conn.id, float("-inf")) < 1.0:
+                return
+            self._told_limited[conn.id] = now
         if not await self.repo.see(ev.id, conn.id, int(now)):
             log.info("NWC %s: request %s seen before; ignored", conn.id, ev.id[:12])
             return                                     # a replay (or another relay's copy)
@@ -213,7 +224,7 @@ class NwcService:
                 raise NwcError(Code.NOT_IMPLEMENTED, f"{req.method} is not supported")
             if req.method not in conn.methods:
                 raise NwcError(Code.RESTRICTED, f"this connection may not use {req.method}")
-            if self.bucket.take(conn.id) or len(self._inflight) > MAX_INFLIGHT:
+            if limited:
                 raise NwcError(Code.RATE_LIMITED, "too many requests; slow down")
             result = await self._dispatch(conn, ev.id, enc, Method(req.method), req.params)
         except NwcError as err:
@@ -326,7 +337,10 @@ class NwcService:
         txs = ([] if p.type == "outgoing" else [self._incoming(i) for i in incoming]) + \
               ([] if p.type == "incoming" else [self._outgoing(o) for o in outgoing])
         txs.sort(key=lambda t: t["created_at"], reverse=True)
-        return {"transactions": txs[p.offset:n]}
+        page = txs[p.offset:n]
+        while page and len(json.dumps(page)) > MAX_LIST_JSON:     # an answer fits one event: fewer, newest first
+            page.pop()
+        return {"transactions": page}
 
     def _incoming(self, i: NwcInvoice) -> dict[str, Any]:
         state = "settled" if i.settled_at is not None else ("expired" if i.expires_at <= self.clock() else "pending")
@@ -384,26 +398,43 @@ class NwcService:
                          await self.node.sendpays_position(), amount, conn.max_fee_msat, None, PayStatus.SENDING,
                          None, None, desc, period_start(conn.budget_period, now), enc, False, now + LEASE_S, now, now)
         reserved = await self.repo.reserve(row, conn.budget_msat)
+        if reserved is False:
+            if await self.repo.payment("request_id", request_id) is not None:
+                return None                             # the same request again: answered by its first handling
+            live = await self.repo.payment("payment_hash", phash) if phash else None
+            if live is not None and live.status is PayStatus.PAID and live.connection_id == conn.id:
+                return self._paid_result(live)
+            raise NwcError(Code.OTHER, "a payment of this invoice is in flight; look it up later")
         if reserved is None:
             used = await self.repo.used(conn.id, row.period_start)
             raise NwcError(Code.QUOTA_EXCEEDED,
                            f"{amount} msat + up to {conn.max_fee_msat} msat fee exceeds what is left of the "
                            f"{conn.budget_period} budget ({max(0, conn.budget_msat - used)} of {conn.budget_msat} msat)")
-        if reserved is False:
-            return None                                 # the same request again: answered by its first handling
         log.info("NWC %s: paying %d msat (%s, request %s)", conn.id, amount, kind, request_id[:12])
-        async with self._leased(request_id):
-            done = await self._send(row, amountless, params if kind == "keysend" else None)
-        if done.status is PayStatus.SENDING:
-            return None                                 # out, outcome unknown: the resume loop answers
-        return await self._finish_answer(conn, done, answer_now=False)
+        try:
+            async with self._leased(request_id):
+                done = await self._send(row, amountless, params if kind == "keysend" else None)
+            if done.status is PayStatus.SENDING:
+                return None                             # out, outcome unknown: the resume loop answers
+            return await self._finish_answer(conn, done, answer_now=False)
+        except NwcError:
+            raise                                       # PAYMENT_FAILED, recorded before it is raised
+        except Exception as exc:
+            # reserved, maybe paid: never answer INTERNAL now, the record may say otherwise;
+            # the resume loop settles it from the node's record and answers once
+            log.warning("NWC %s: request %s after its reservation: %s; the resume loop answers it",
+                        conn.id, request_id[:12], exc)
+            return None
 
     @contextlib.asynccontextmanager
     async def _leased(self, request_id: str):
         async def renew() -> None:
             while True:
                 await asyncio.sleep(RENEW_EVERY_S)
-                await self.repo.renew(request_id, int(self.clock()) + LEASE_S)
+                try:
+                    await self.repo.renew(request_id, int(self.clock()) + LEASE_S)
+                except Exception as exc:
+                    log.warning("NWC: renewing the lease of request %s failed: %s", request_id[:12], exc)
         task = asyncio.create_task(renew())
         try:
             yield
@@ -480,25 +511,33 @@ class NwcService:
         """Payments left sending by a crash or a lost answer: settled from the node's record
         and answered, once. Returns how many were looked at."""
         now = int(self.clock())
-        rows = await self.repo.open_payments(now)
-        for row in rows:
+        sending = await self.repo.sending_due(now)
+        for row in sending:
             conn = await self.repo.connection("id", row.connection_id)
-            if conn is None:
+            if conn is None or not await self.repo.claim(row.request_id, now + LEASE_S, now):
                 continue
+            async with self._leased(row.request_id):
+                row = await self._settle(row)
+            log.info("NWC %s: request %s, left in flight, is %s by the node's record", conn.id,
+                     row.request_id[:12], "still out" if row.status is PayStatus.SENDING else row.status)
             if row.status is PayStatus.SENDING:
-                if not await self.repo.claim(row.request_id, now + LEASE_S, now):
-                    continue
-                async with self._leased(row.request_id):
-                    row = await self._settle(row)
-                log.info("NWC %s: request %s, left in flight, is %s by the node's record", conn.id,
-                         row.request_id[:12], "still out" if row.status is PayStatus.SENDING else row.status)
-                if row.status is PayStatus.SENDING:
-                    await self.repo.renew(row.request_id, int(self.clock()) + 5)   # look again soon
-                    continue
+                await self.repo.renew(row.request_id, int(self.clock()) + 5)   # look again soon
+                continue
+            await self._finish_answer(conn, row, answer_now=True)
+        unanswered = await self.repo.unanswered_due(now)
+        for row in unanswered:
+            conn = await self.repo.connection("id", row.connection_id)
+            if conn is None or not await self.repo.claim(row.request_id, now + 30, now):
+                continue
+            if row.created_at < now - ANSWER_FOR_S:
+                log.warning("NWC %s: no relay took the answer to %s for an hour; given up", conn.id,
+                            row.request_id[:12])
+                await self.repo.answered(row.request_id)
+                continue
             await self._finish_answer(conn, row, answer_now=True)
         with contextlib.suppress(Exception):
             await self.repo.forget_seen(now - SEEN_KEEP_S)
-        return len(rows)
+        return len(sending) + len(unanswered)
 
     async def watch(self, every_s: float = 5.0) -> None:
         while True:
