@@ -110,3 +110,49 @@ async def test_only_a_refusal_releases_the_budget():
         wallet.client.request = answer
         with pytest.raises(expected):
             await wallet.pay("lnbcrt1...", 1000, 0)
+
+
+async def test_a_payment_session_deposits_tops_up_and_is_refunded_through_nwc(tmp_path, nostr_relay):
+    """The session client on an NWC wallet: deposits and top-ups are paid with pay_invoice,
+    the refund comes back on the amountless invoice make_invoice gave; what left the
+    wallet's node is exactly the units streamed."""
+    from micropay.client.sessions import PaymentSession
+
+    from ..payment.test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
+    up_runner, up_url, _ = await start_upstream()
+    sc = await start_sidecar(make_config(tmp_path, routes(up_url)))
+    store = SqliteStore(tmp_path / "wallet.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
+    await store.open()
+
+    async def info():
+        return {"alias": "payer", "network": "regtest"}
+    runner = NwcRunner(sc.payer, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=info)
+    await runner.start()
+    wallet = None
+    try:
+        created = await new_connection(runner, budget_msat=1_000_000)
+        before = sc.payer.balance_msat
+        wallet = NwcWallet(created["uri"])
+        client = L402Client(wallet, Budget(10_000, 10_000_000, 10_000_000), TokenCache(tmp_path / "c.json"))
+        async with PaymentSession(client, wallet, sc.url + "/gen?n=12") as s:
+            events = [ev.json()["i"] async for ev in s.stream()]
+        assert events == list(range(12)) and s.top_ups == 2
+        assert s.closed["refundStatus"] == "succeeded"
+        refund = 3 * UNIT_MSAT * DEPOSIT_UNITS - 12 * UNIT_MSAT
+        assert s.closed["refundSats"] * 1000 == refund
+        assert before - sc.payer.balance_msat == 12 * UNIT_MSAT
+        view = (await runner.service.list())[0]
+        assert view["used_msat"] == 3 * UNIT_MSAT * DEPOSIT_UNITS            # the deposits left through NWC
+        for _ in range(100):
+            got = await runner.service.repo.transactions(created["id"], 0, 2**40, False, 10)
+            if got[0]:
+                break
+            await asyncio.sleep(0.05)
+        assert [i.received_msat for i in got[0]] == [refund]                 # and the refund came back to it
+    finally:
+        if wallet is not None:
+            await wallet.close()
+        await runner.close()
+        await store.close()
+        await sc.runner.cleanup()
+        await up_runner.cleanup()
