@@ -83,7 +83,7 @@ def test_help_check_codes_and_literal_command_lines(node_factory):
     l1, l2 = node_factory.line_graph(2, opts=opts(), wait_for_announce=True)
     helps = {h["command"].split()[0]: h for h in l1.rpc.help()["help"]}
     ours = [m for m in helps if m.startswith(("micropay-", "streampay-"))]
-    assert len(ours) == 12
+    assert len(ours) == 15
     for m in ours:                      # every method described: its usage line, then the description
         usage, _, description = helps[m]["command"].partition("\n")
         assert description.strip(), m
@@ -92,6 +92,8 @@ def test_help_check_codes_and_literal_command_lines(node_factory):
     code, out = cli(l1, "check", "streampay-start", l2.info["id"], "1000")   # missing required parameters
     assert code != 0 and out["code"] == -32602 and "interval_s" in out["message"]
     assert cli(l1, "check", "micropay-invoice", "1000", "coffee")[0] == 0
+    code, out = cli(l1, "micropay-nwc-create", "agent", "1000")      # NWC is off without micropay-nwc-relay
+    assert code != 0 and out["code"] == -32602 and "micropay-nwc-relay" in out["message"]
     # the documented command line, literally: the token's base64 padding has '=' in it
     inv = l2.rpc.call("micropay-invoice", {"amount_msat": 3000, "description": "doc"})
     paid = l1.rpc.xpay(inv["bolt11"])
