@@ -342,3 +342,20 @@ async def test_list_transactions_fits_one_event(h):
     txs = ans["result"]["transactions"]
     assert 10 < len(txs) < 60 and len(json.dumps(txs)) <= 48_000
     assert [t["amount"] for t in txs] == sorted((t["amount"] for t in txs), reverse=True)    # the newest kept
+
+
+async def test_make_invoice_with_a_description_hash(h):
+    import hashlib
+    _, uri = await h.connect(methods=("make_invoice",))
+    text = '[["text/plain","a tip for the stream"]]'
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    ev = h.request(uri, "make_invoice", {"amount": 21_000, "description": text, "description_hash": digest})
+    await h.service.handle(ev)
+    [ans] = h.answers(uri, ev.id)
+    dec = await h.node.decode(ans["result"]["invoice"])
+    assert dec.description_hash == digest and dec.description == "" and dec.amount_msat == 21_000
+    for params in ({"amount": 1, "description_hash": digest},                       # a bare hash
+                   {"amount": 1, "description": "other", "description_hash": digest}):
+        bad = h.request(uri, "make_invoice", params)
+        await h.service.handle(bad)
+        assert [a["error"]["code"] for a in h.answers(uri, bad.id)] == ["NOT_IMPLEMENTED"]

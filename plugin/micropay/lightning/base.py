@@ -66,6 +66,7 @@ class DecodedInvoice:
     expires_at: int
     description: str
     currency: str          # "bc", "tb", "bcrt", ...
+    description_hash: str | None = None     # hex, when the invoice commits to a hash instead (`h` tag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +93,11 @@ class Node(Protocol):
 
     # -- receiving -------------------------------------------------------------------
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
-                             expiry_s: int) -> Invoice:
+                             expiry_s: int, *, hash_description: bool = False) -> Invoice:
         """Idempotent by label: the same label returns the same invoice. `amount_msat`
-        None: an amountless invoice (the payer chooses; a session's return invoice)."""
+        None: an amountless invoice (the payer chooses; a session's return invoice).
+        `hash_description`: the invoice carries sha256(description) instead of the text
+        (BOLT11 `h`; LNURL-pay's metadata, NWC's description_hash)."""
         ...
 
     async def has_invoice(self, payment_hash: str) -> bool:

@@ -1,6 +1,8 @@
 """BOLT11 encoding (for the sandbox) and decoding (for clients), via the bolt11 package."""
 from __future__ import annotations
 
+import hashlib
+
 import sys
 
 import bolt11
@@ -51,11 +53,15 @@ FAST_DECODE = install_fast_path()
 
 
 def encode_invoice(*, currency: str, amount_msat: int | None, payment_hash: bytes, payment_secret: bytes,
-                   description: str, created_at: int, expiry_s: int, privkey_hex: str) -> str:
+                   description: str, created_at: int, expiry_s: int, privkey_hex: str,
+                   hash_description: bool = False) -> str:
     tags = Tags()
     tags.add(TagChar.payment_hash, payment_hash.hex())
     tags.add(TagChar.payment_secret, payment_secret.hex())
-    tags.add(TagChar.description, description)
+    if hash_description:
+        tags.add(TagChar.description_hash, hashlib.sha256(description.encode("utf-8")).hexdigest())
+    else:
+        tags.add(TagChar.description, description)
     tags.add(TagChar.expire_time, expiry_s)
     tags.add(TagChar.min_final_cltv_expiry, DEFAULT_MIN_FINAL_CLTV)
     tags.add(TagChar.features, Features.from_feature_list({
@@ -98,4 +104,4 @@ def decode_invoice(text: str) -> DecodedInvoice:
     return DecodedInvoice(
         payment_hash=inv.payment_hash, amount_msat=int(inv.amount_msat) if inv.amount_msat else None,
         payee=inv.payee, created_at=inv.date, expires_at=inv.date + inv.expiry,
-        description=inv.description or "", currency=inv.currency)
+        description=inv.description or "", currency=inv.currency, description_hash=inv.description_hash or None)

@@ -188,16 +188,23 @@ class ClnNode:
         return self._id  # type: ignore[return-value]
 
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
-                             expiry_s: int) -> Invoice:
+                             expiry_s: int, *, hash_description: bool = False) -> Invoice:
+        params: dict[str, Any] = {"amount_msat": "any" if amount_msat is None else amount_msat, "label": label,
+                                  "description": description, "expiry": expiry_s}
+        if hash_description:
+            params["deschashonly"] = True
         try:
-            r = await self.rpc.call("invoice", {"amount_msat": "any" if amount_msat is None else amount_msat,
-                                                "label": label,
-                                                "description": description, "expiry": expiry_s})
+            r = await self.rpc.call("invoice", params)
         except ClnRpcError as exc:
             if exc.cln_code != INVOICE_LABEL_ALREADY_EXISTS:
                 raise
             existing = (await self.rpc.call("listinvoices", {"label": label}))["invoices"][0]
-            if existing.get("amount_msat") != amount_msat or existing.get("description") != description:
+            if "description" in existing:          # lightningd keeps the text, hashed or not
+                same_text = existing["description"] == description
+            else:
+                digest = (await self.decode(existing["bolt11"])).description_hash
+                same_text = hash_description and digest == hashlib.sha256(description.encode()).hexdigest()
+            if existing.get("amount_msat") != amount_msat or not same_text:
                 raise DuplicateLabel(f"label {label!r} already used for a different invoice") from None
             return Invoice(existing["bolt11"], existing["payment_hash"], amount_msat,
                            existing["expires_at"], label, existing.get("created_index", 0))
@@ -365,7 +372,7 @@ class ClnNode:
         created = d.get("created_at", 0)
         return DecodedInvoice(d["payment_hash"], d.get("amount_msat"), d.get("payee", ""), created,
                               created + d.get("expiry", 3600), d.get("description", ""),
-                              d.get("currency", ""))
+                              d.get("currency", ""), d.get("description_hash"))
 
     async def close(self) -> None:
         await self.rpc.close()

@@ -39,7 +39,7 @@ import re
 import time
 from typing import Any, AsyncIterator, Callable
 
-from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
+from ..core.errors import NodeError, NoInvoiceInTime, PaymentFailed, PaymentUnknown
 from ..core.metrics import gauge_lines
 from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
                            FleetRepository, NodeBeat, PooledInvoice, QueuedPayment, Want)
@@ -144,7 +144,10 @@ class FleetBackend:
         return self._now_ms() - int(self.heartbeat_timeout_s * 1000)
 
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
-                             expiry_s: int) -> Invoice:
+                             expiry_s: int, *, hash_description: bool = False) -> Invoice:
+        if hash_description:
+            # pools and asks carry descriptions, not hashes: not in fleet mode yet
+            raise NodeError("fleet mode cannot make description-hash invoices yet")
         now = self.clock()
         payable_after = int(now) + min(expiry_s, self.claim_min_left_s)
         reservable = (amount_msat is not None and self.reserve > 0 and not self._closed

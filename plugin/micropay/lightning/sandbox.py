@@ -91,7 +91,7 @@ class SandboxNode:
         return self.id
 
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
-                             expiry_s: int) -> Invoice:
+                             expiry_s: int, *, hash_description: bool = False) -> Invoice:
         existing = self._by_label.get(label)
         if existing is not None:
             inv = existing.invoice
@@ -105,7 +105,8 @@ class SandboxNode:
         now = int(self.net.clock())
         bolt11 = encode_invoice(currency="bcrt", amount_msat=amount_msat, payment_hash=payment_hash,
                                 payment_secret=os.urandom(32), description=description,
-                                created_at=now, expiry_s=expiry_s, privkey_hex=self._key.secret.hex())
+                                created_at=now, expiry_s=expiry_s, privkey_hex=self._key.secret.hex(),
+                                hash_description=hash_description)
         self._created += 1
         inv = Invoice(bolt11, payment_hash.hex(), amount_msat, now + expiry_s, label, self._created)
         state = _InvoiceState(inv, preimage, description)

@@ -301,12 +301,15 @@ class NwcService:
         return min(outbound, left)
 
     async def _make_invoice(self, conn: Connection, request_id: str, p: MakeInvoice) -> dict[str, Any]:
-        if p.description_hash is not None:
-            raise NwcError(Code.NOT_IMPLEMENTED, "description_hash is not supported yet; send a description")
+        if p.description_hash is not None and (
+                not p.description or hashlib.sha256(p.description.encode()).hexdigest() != p.description_hash):
+            # the node commits to a hash of a text it is given, not to a bare hash
+            raise NwcError(Code.NOT_IMPLEMENTED, "description_hash needs the description it is the sha256 of")
         label = f"{LABEL_PREFIX}{conn.id}-{request_id[:24]}"
         try:
             inv = await self.node.create_invoice(p.amount_msat, label, p.description,
-                                                 p.expiry_s or DEFAULT_EXPIRY_S)
+                                                 p.expiry_s or DEFAULT_EXPIRY_S,
+                                                 hash_description=p.description_hash is not None)
         except MicropayError as exc:
             raise NwcError(Code.INTERNAL, f"the node could not make an invoice: {exc.message}") from None
         now = int(self.clock())
