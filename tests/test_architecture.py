@@ -63,7 +63,7 @@ MAY_LOAD = {
     "lightning": ("core", "lightning", "store.fleet"),      # the fleet adapter reads the store
     "store": ("core",),
     "nostr": ("core",),
-    "nwc": ("core", "nostr", *LIGHTNING_PORTS, "lightning.outcome", *STORE_PORTS),
+    "nwc": ("core", "nostr", *LIGHTNING_PORTS, "lightning.outcome", *STORE_PORTS, "seller.settlement"),
     "http": ("core", "l402.wire"),
     "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
     "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, "nostr", "nwc.client", "nwc.uri", "nwc.protocol"),

@@ -1,25 +1,24 @@
 """The NWC service at work: its relays, its subscription (renewed when connections
 change), its info events (published on every connection to a relay), the resume loop
 for payments left in flight, and the node's settlements (followed from a persisted
-cursor) for the invoices connections made. Composed by the plugin's runtime."""
+cursor by seller/settlement.py) for the invoices connections made. Composed by the
+plugin's runtime."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from ..core.secretfile import load_or_create_secret
-from ..core.tasks import Backoff
 from ..lightning.base import Node
 from ..nostr.relay import RelayPool
 from ..store.base import Store
 from ..store.cursors import CursorRepository
 from .repository import NwcRepository
-from .service import NwcService
+from ..seller.settlement import SettlementRouter
+from .service import LABEL_PREFIX, NwcService
 
-log = logging.getLogger("micropay.nwc")
 SUB_ID = "micropay-nwc"
 
 
@@ -30,7 +29,10 @@ class NwcRunner:
         self.pool = RelayPool(relays, self._on_event, on_connect=self._on_connect)
         self.service = NwcService(node, NwcRepository(store), load_or_create_secret(secret_file, 32), self.pool.urls,
                                   publish=self.pool.publish, node_info=node_info, node_started_at=node_started_at)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        # the node's settlements, from a cursor of the NWC service's own: its invoices' labels
+        self._settlements = SettlementRouter(node, CursorRepository(store), cursor=f"nwc:{node.cursor_namespace}")
+        self._settlements.register(LABEL_PREFIX, self.service.settled)
 
     def _on_event(self, sub_id: str, ev: Any) -> None:
         self.service.on_event(sub_id, ev)
@@ -45,28 +47,11 @@ class NwcRunner:
         if self.pool.urls:
             self.pool.start()
         self._tasks = [asyncio.create_task(self.service.watch(), name="micropay-nwc-resume"),
-                       asyncio.create_task(self._follow(), name="micropay-nwc-settlements")]
+                       asyncio.create_task(self._settlements.run(), name="micropay-nwc-settlements")]
 
     async def changed(self) -> None:
         """After a connection was created or revoked: subscribe to the new set of keys."""
         await self.pool.subscribe(SUB_ID, self.service.filters())
-
-    async def _follow(self) -> None:
-        cursors = CursorRepository(self.store)
-        name = f"nwc:{self.node.cursor_namespace}"
-        backoff = Backoff(first_s=1.0, max_s=30.0)
-        while True:
-            try:
-                async for s in self.node.settlements(await cursors.get(name)):
-                    await self.service.settled(s)
-                    await cursors.advance(name, s.pay_index)
-                    backoff.reset()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                wait = backoff.next()
-                log.warning("NWC: following settlements failed (%s); again in %.0f s", exc, wait)
-                await asyncio.sleep(wait)
 
     async def close(self) -> None:
         for t in self._tasks:

@@ -26,8 +26,10 @@ def cursor_name(node: Node) -> str:
 
 
 class SettlementRouter:
-    def __init__(self, node: Node, cursors: CursorRepository) -> None:
+    def __init__(self, node: Node, cursors: CursorRepository, cursor: str | None = None) -> None:
+        """`cursor`: the position's name in the store (default: the sidecar's, per node)."""
         self.node, self.cursors = node, cursors
+        self.cursor = cursor or cursor_name(node)
         self._routes: list[tuple[str, Handler]] = []
 
     def register(self, label_prefix: str, handler: Handler) -> None:
@@ -47,7 +49,7 @@ class SettlementRouter:
     async def run(self) -> NoReturn:
         """Follow the settlements from the persisted cursor, for the life of the task; the
         node restarting or its socket dropping only pauses it (with backoff)."""
-        name, backoff = cursor_name(self.node), Backoff(first_s=1.0, max_s=30.0)
+        name, backoff = self.cursor, Backoff(first_s=1.0, max_s=30.0)
         while True:
             try:
                 after = await self.cursors.get(name)
