@@ -10,13 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from micropay.nwc.runner import NwcRunner
-from micropay.nwc.schema import NWC_SCHEMA
-from micropay.store.core import CORE_SCHEMA
-from micropay.store.sqlite import SqliteStore
 
 from ..browser import chromium_page
 from ..games_util import GAMES_TOML, start_game_sidecar
+from ..nwc.util import nwc_service
 
 JS = Path(__file__).resolve().parents[1] / "js"
 
@@ -72,36 +69,37 @@ async def test_without_a_browser_wallet_no_button_shows(tmp_path):
 async def test_bitcoin_connect_with_an_nwc_wallet_pays_with_one_click(tmp_path, nostr_relay):
     bundle = build_bitcoin_connect(tmp_path / "bitcoin-connect.js")
     gs = await start_game_sidecar(tmp_path, GAMES_TOML + f'\n[paywall]\nbitcoin_connect_file = "{bundle}"\n')
-    store = SqliteStore(tmp_path / "nwc.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
-    await store.open()
-
-    async def info():
-        return {"alias": "reader's node", "network": "regtest"}
-    runner = NwcRunner(gs.payer, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=info)
-    await runner.start()
     try:
-        created = await runner.service.create("browser", budget_msat=100_000, budget_period="daily",
-                                              methods=("pay_invoice", "get_info", "get_balance"), max_fee_msat=0)
-        await runner.changed()
-        await asyncio.sleep(0.3)
-        async with chromium_page() as page:
-            await page.goto(f"{gs.url}/paywall/article-1")
-            await page.wait_for_selector("body[data-state=awaiting-payment]", timeout=10_000)
-            assert await page.is_visible("#bc-pay")
-            # the reader connects their wallet (what pasting the URI into the modal does) ...
-            await page.evaluate("uri => window.bitcoinConnect.connectNWC(uri)", created["uri"])
-            for _ in range(200):
-                if await page.evaluate("() => window.bitcoinConnect.isConnected()"):
-                    break
-                await asyncio.sleep(0.1)
-            # ... and pays with one click
-            await page.click("#bc-pay")
-            await page.wait_for_selector("#secret", state="visible", timeout=30_000)
-        assert (await runner.service.list())[0]["used_msat"] == 2000
+        async with nwc_service(gs.payer, tmp_path, nostr_relay.url, alias="reader's node") as runner:
+            await _pay_with_bitcoin_connect(gs, runner)
     finally:
-        await runner.close()
-        await store.close()
         await gs.close()
+
+
+async def unlock_with_bitcoin_connect(page_url: str, nwc_uri: str, timeout_s: float) -> None:
+    """In Chromium: open the paywall, connect the reader's NWC wallet in Bitcoin Connect
+    (what pasting the URI into its modal does), pay with one click, wait for the content."""
+    async with chromium_page() as page:
+        await page.goto(page_url)
+        await page.wait_for_selector("body[data-state=awaiting-payment]", timeout=20_000)
+        assert await page.is_visible("#bc-pay")
+        await page.evaluate("uri => window.bitcoinConnect.connectNWC(uri)", nwc_uri)
+        for _ in range(200):
+            if await page.evaluate("() => window.bitcoinConnect.isConnected()"):
+                break
+            await asyncio.sleep(0.1)
+        await page.click("#bc-pay")
+        await page.wait_for_selector("#secret", state="visible", timeout=timeout_s * 1000)
+
+
+async def _pay_with_bitcoin_connect(gs, runner):
+    """Connect the reader's NWC wallet in Bitcoin Connect, then one click pays."""
+    created = await runner.service.create("browser", budget_msat=100_000, budget_period="daily",
+                                          methods=("pay_invoice", "get_info", "get_balance"), max_fee_msat=0)
+    await runner.changed()
+    await asyncio.sleep(0.3)
+    await unlock_with_bitcoin_connect(f"{gs.url}/paywall/article-1", created["uri"], timeout_s=30)
+    assert (await runner.service.list())[0]["used_msat"] == 2000
 
 
 def test_a_missing_bundle_is_a_config_error(tmp_path):

@@ -66,27 +66,34 @@ async def test_reconnects_and_resubscribes_when_the_relay_returns(nostr_relay):
         await reader.close()
 
 
-async def test_forged_events_from_a_relay_are_dropped(unused_tcp_port):
-    """A relay (here a fake one) that hands on an event whose signature does not verify:
-    the connection drops it and counts it; the handler never sees it."""
+async def fake_relay(port, frames):
+    """A relay on 127.0.0.1:`port` that answers each REQ with `frames(sub_id)` (lists are
+    sent as JSON, strings as they are)."""
     from aiohttp import web
-    good = sign_event(Keys.generate(), 23194, "good")
-    forged = {**good.as_json(), "content": "pay me"}
 
-    async def fake(request):
+    async def serve(request):
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         async for msg in ws:
-            sub = json.loads(msg.data)[1]
-            for frame in (["EVENT", sub, forged], ["EVENT", "other-sub", good.as_json()], "not json",
-                          ["EVENT", sub, good.as_json()]):
+            for frame in frames(json.loads(msg.data)[1]):
                 await ws.send_str(frame if isinstance(frame, str) else json.dumps(frame))
         return ws
     app = web.Application()
-    app.router.add_get("/", fake)
+    app.router.add_get("/", serve)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def test_forged_events_from_a_relay_are_dropped(unused_tcp_port):
+    """A relay (here a fake one) that hands on an event whose signature does not verify:
+    the connection drops it and counts it; the handler never sees it."""
+    good = sign_event(Keys.generate(), 23194, "good")
+    forged = {**good.as_json(), "content": "pay me"}
+
+    runner = await fake_relay(unused_tcp_port, lambda sub: [["EVENT", sub, forged], ["EVENT", "other-sub", good.as_json()],
+                                                           "not json", ["EVENT", sub, good.as_json()]])
     reader, seen = await _collect(f"ws://127.0.0.1:{unused_tcp_port}", [23194])
     try:
         await _until(lambda: seen)
@@ -106,24 +113,11 @@ def test_relay_urls_are_checked():
 
 
 async def test_a_lone_surrogate_or_an_odd_frame_never_ends_the_connection(unused_tcp_port):
-    from aiohttp import web
     good = sign_event(Keys.generate(), 23194, "good")
     surrogate = {**good.as_json(), "content": "\ud800"}
 
-    async def fake(request):
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        async for msg in ws:
-            sub = json.loads(msg.data)[1]
-            await ws.send_str(json.dumps(["EVENT", sub, surrogate]))
-            await ws.send_str(json.dumps(["CLOSED", ["not", "a", "name"], "x"]))
-            await ws.send_str(json.dumps(["EVENT", sub, good.as_json()]))
-        return ws
-    app = web.Application()
-    app.router.add_get("/", fake)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", unused_tcp_port).start()
+    runner = await fake_relay(unused_tcp_port, lambda sub: [["EVENT", sub, surrogate], ["CLOSED", ["not", "a", "name"], "x"],
+                                                           ["EVENT", sub, good.as_json()]])
     reader, seen = await _collect(f"ws://127.0.0.1:{unused_tcp_port}", [23194])
     try:
         await _until(lambda: seen)

@@ -9,9 +9,8 @@ import pytest
 from micropay.lightning.sandbox import SandboxNetwork
 from micropay.nwc.runner import NwcRunner
 from micropay.nwc.uri import parse_uri
-from micropay.store.core import CORE_SCHEMA
-from micropay.nwc.schema import NWC_SCHEMA
-from micropay.store.sqlite import SqliteStore
+
+from .util import nwc_service
 
 n = pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install '.[test]')")
 ALL = ("get_info", "get_balance", "make_invoice", "pay_invoice", "pay_keysend", "lookup_invoice",
@@ -23,19 +22,8 @@ async def wallet(tmp_path, nostr_relay):
     net = SandboxNetwork()
     node = net.add_node("alice", balance_msat=10_000_000)
     shop = net.add_node("shop", balance_msat=1_000_000)
-    store = SqliteStore(tmp_path / "plugin.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
-    await store.open()
-
-    async def node_info():
-        return {"alias": "alice", "color": "3399ff", "pubkey": await node.node_id(), "network": "regtest",
-                "block_height": 1, "block_hash": "00" * 32}
-    runner = NwcRunner(node, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=node_info)
-    await runner.start()
-    assert await runner.pool.wait_connected(10)
-    yield runner, node, shop
-    await runner.close()
-    await store.close()
-
+    async with nwc_service(node, tmp_path, nostr_relay.url, alias="alice") as runner:
+        yield runner, node, shop
 
 async def connect(runner, **kw):
     args = dict(budget_msat=100_000, budget_period="daily", methods=ALL, max_fee_msat=1_000)

@@ -4,6 +4,7 @@ sandbox node of the sidecar's network."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 
@@ -12,12 +13,9 @@ import pytest
 from micropay.client.nwc_wallet import NwcWallet
 from micropay.client.payer import Budget, L402Client, TokenCache
 from micropay.core.errors import PaymentFailed
-from micropay.nwc.runner import NwcRunner
-from micropay.nwc.schema import NWC_SCHEMA
-from micropay.store.core import CORE_SCHEMA
-from micropay.store.sqlite import SqliteStore
 
 from ..conftest import make_config, start_sidecar
+from .util import nwc_service
 
 pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install '.[test]'): it runs the relay")
 
@@ -25,18 +23,11 @@ pytest.importorskip("nostr_sdk", reason="nostr-sdk is not installed (pip install
 @pytest.fixture
 async def shop_and_wallet(tmp_path, nostr_relay):
     sc = await start_sidecar(make_config(tmp_path))
-    store = SqliteStore(tmp_path / "wallet.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
-    await store.open()
-
-    async def info():
-        return {"alias": "payer", "network": "regtest"}
-    runner = NwcRunner(sc.payer, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=info)
-    await runner.start()
-    assert await runner.pool.wait_connected(10)
-    yield sc, runner
-    await runner.close()
-    await store.close()
-    await sc.runner.cleanup()
+    try:
+        async with nwc_service(sc.payer, tmp_path, nostr_relay.url) as runner:
+            yield sc, runner
+    finally:
+        await sc.runner.cleanup()
 
 
 async def new_connection(runner, **kw):
@@ -121,15 +112,10 @@ async def test_a_payment_session_deposits_tops_up_and_is_refunded_through_nwc(tm
     from ..payment.test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
     up_runner, up_url, _ = await start_upstream()
     sc = await start_sidecar(make_config(tmp_path, routes(up_url)))
-    store = SqliteStore(tmp_path / "wallet.sqlite3", (CORE_SCHEMA, NWC_SCHEMA))
-    await store.open()
-
-    async def info():
-        return {"alias": "payer", "network": "regtest"}
-    runner = NwcRunner(sc.payer, store, tmp_path / "nwc_secret", [nostr_relay.url], node_info=info)
-    await runner.start()
     wallet = None
+    runners = contextlib.AsyncExitStack()
     try:
+        runner = await runners.enter_async_context(nwc_service(sc.payer, tmp_path, nostr_relay.url))
         created = await new_connection(runner, budget_msat=1_000_000)
         before = sc.payer.balance_msat
         wallet = NwcWallet(created["uri"])
@@ -152,7 +138,6 @@ async def test_a_payment_session_deposits_tops_up_and_is_refunded_through_nwc(tm
     finally:
         if wallet is not None:
             await wallet.close()
-        await runner.close()
-        await store.close()
+        await runners.aclose()
         await sc.runner.cleanup()
         await up_runner.cleanup()

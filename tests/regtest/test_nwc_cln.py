@@ -196,9 +196,8 @@ async def test_paywall_with_bitcoin_connect_on_the_plugins_nwc(node_factory, nos
     price and the page unlocked over SSE from the purchase's record."""
     from micropay.lightning.cln import ClnNode
 
-    from ..browser import chromium_page
     from ..conftest import make_config, serve_app, start_sidecar
-    from ..games.test_paywall_wallets import build_bitcoin_connect
+    from ..games.test_paywall_wallets import build_bitcoin_connect, unlock_with_bitcoin_connect
     from .test_games_cln import GAME, Hooks
     bundle = build_bitcoin_connect(tmp_path / "bitcoin-connect.js")
     l1, l2 = node_factory.line_graph(2, opts=[opts(**{"micropay-nwc-relay": nostr_relay.url}), {}],
@@ -214,16 +213,7 @@ async def test_paywall_with_bitcoin_connect_on_the_plugins_nwc(node_factory, nos
     uri = _create(l1, budget_msat=20_000)["uri"]
     await asyncio.sleep(0.5)
     try:
-        async with chromium_page() as page:
-            await page.goto(f"{sc.url}/paywall/article")
-            await page.wait_for_selector("body[data-state=awaiting-payment]", timeout=20_000)
-            await page.evaluate("uri => window.bitcoinConnect.connectNWC(uri)", uri)
-            for _ in range(200):
-                if await page.evaluate("() => window.bitcoinConnect.isConnected()"):
-                    break
-                await asyncio.sleep(0.1)
-            await page.click("#bc-pay")
-            await page.wait_for_selector("#secret", state="visible", timeout=60_000)
+        await unlock_with_bitcoin_connect(f"{sc.url}/paywall/article", uri, timeout_s=60)
         paid = [i for i in l2.rpc.listinvoices()["invoices"] if i["status"] == "paid"]
         assert [i["amount_received_msat"] for i in paid] == [3000]
         fee = sum(int(p["amount_sent_msat"]) - 3000 for p in l1.rpc.listpays()["pays"] if p["status"] == "complete")
