@@ -15,7 +15,7 @@ from .keys import Keys, NostrError, is_hex, parse_pubkey
 MAX_CONTENT = 256 * 1024        # characters; NWC payloads are far smaller
 MAX_TAGS = 256
 MAX_TAG_ITEMS = 16
-MAX_TAG_ITEM = 4096
+MAX_TAG_ITEM = 32 * 1024     # a zap receipt's description tag holds the whole zap request (up to 16 KiB)
 
 Tags = tuple[tuple[str, ...], ...]
 
