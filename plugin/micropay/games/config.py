@@ -43,12 +43,12 @@ from ..seller.pricing import _Table
 from ..core.tasks import backoff_delay
 
 # What an API key may be allowed (apikeys.py checks them; the CLI offers them as choices).
-API_KEY_SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write")
+API_KEY_SCOPES = ("purchases:write", "purchases:read", "events:read", "payouts:write", "tips:read")
 DEFAULT_API_KEY_SCOPES = ("purchases:write", "purchases:read", "events:read")
 
 SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-EVENT_TYPES = ("purchase.paid", "purchase.expired", "payout.paid", "payout.failed")
+EVENT_TYPES = ("purchase.paid", "purchase.expired", "payout.paid", "payout.failed", "tip.received")
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,11 @@ class GamesConfig:
     max_streams_per_credential: int = 10
     frame_ancestors: tuple[str, ...] = ()     # origins that may put the paywall in an <iframe>
     bitcoin_connect_file: str | None = None   # a browser bundle of @getalby/bitcoin-connect the paywall serves
+    tips: bool = False                        # Lightning Addresses are served: their events share this hub
 
     @property
     def enabled(self) -> bool:
-        return bool(self.catalog) or self.payouts is not None
+        return bool(self.catalog) or self.payouts is not None or self.tips
 
     def item(self, sku: str) -> CatalogItem | None:
         for it in self.catalog:

@@ -17,6 +17,7 @@ from .pricing import Pricing, RouteRule, _Table, parse_route
 
 if TYPE_CHECKING:
     from ..games.config import GamesConfig
+    from ..creators.config import CreatorsConfig
 
 BACKENDS = ("sandbox", "cln", "fleet")
 FLEET_KEYS = {"network", "heartbeat_timeout_s", "pool_depth", "pool_expiry_s", "ask_timeout_s", "reserve"}
@@ -78,6 +79,7 @@ class Config:
     limits: ChallengeLimits = field(default_factory=ChallengeLimits)
     routes: tuple[RouteRule, ...] = ()
     games: "GamesConfig | None" = None   # the purchases API's sections (configfile.py fills it in)
+    creators: "CreatorsConfig | None" = None   # Lightning Addresses ([[addresses]], [creators])
 
     @property
     def pricing(self) -> Pricing:

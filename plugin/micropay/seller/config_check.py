@@ -16,6 +16,7 @@ from typing import Any, Callable
 from .config import Config
 from .configfile import parse_config
 from ..core.errors import ConfigError
+from ..creators.config import CREATORS_KEYS, parse_creators
 from ..games.config import GAMES_KEYS, parse_games
 from .pricing import _Table, parse_route
 from .tomlpos import KEY_PATH, with_line
@@ -71,6 +72,8 @@ def check_file(path: Path) -> tuple[list[str], list[str], Config | None]:
                     _Table({key: [it]}, source), source, index_offset={key: i}), item)
         elif key in GAMES_KEYS:
             attempt(lambda v, key=key: parse_games(_Table({key: v}, source), source), value)
+        elif key in CREATORS_KEYS:
+            attempt(lambda v, key=key: parse_creators(_Table({key: v}, source), source), value)
         else:
             attempt(lambda v, key=key: parse_config({key: v, "demo": True}, source), value)
     if not problems and games:     # across items: duplicate skus, names

@@ -12,14 +12,17 @@ from typing import Any
 
 from .config import Config, parse_core
 from ..core.errors import ConfigError
+from ..creators.config import CREATORS_KEYS, parse_creators
 from ..games.config import GAMES_KEYS, parse_games
 from .pricing import _Table
 from .tomlpos import with_line
 
 
 def parse_config(doc: dict[str, Any], source: str) -> Config:
-    core = parse_core(doc, source, other_keys=frozenset(GAMES_KEYS))
-    return replace(core, games=parse_games(_Table(doc, source), source))
+    core = parse_core(doc, source, other_keys=frozenset(GAMES_KEYS | CREATORS_KEYS))
+    creators = parse_creators(_Table(doc, source), source)
+    games = replace(parse_games(_Table(doc, source), source), tips=creators.enabled)
+    return replace(core, games=games, creators=creators if creators.enabled else None)
 
 
 def load_config(path: Path) -> Config:

@@ -40,6 +40,7 @@ from .proxy import ProxyLimits, ReverseProxy
 
 if TYPE_CHECKING:                     # wired in at start-up; imported lazily so that a
     from ..games.service import Games     # sidecar without games never loads that package
+    from ..creators.feature import CreatorsFeature
     from ..lightning.sandbox import SandboxNetwork
 
 log = logging.getLogger("micropay.sidecar")
@@ -62,6 +63,7 @@ class Runtime:
     extra_routes: list = field(default_factory=list)   # (method, path, handler), gated like the rest
     gate: Gate | None = None
     games: Games | None = None           # the purchases API, when configured
+    creators: CreatorsFeature | None = None   # Lightning Addresses, when configured (or tips still owed)
     openapi_doc: dict | None = None      # /openapi.json, built on first request
 
     def __post_init__(self) -> None:
@@ -86,15 +88,21 @@ async def create_runtime(config: Config, *, node: Node | None = None,
     # The purchases feature (games) is loaded only when a catalog or payouts are configured,
     # or when the store still holds purchases awaiting payment (a catalog since removed):
     # their late payments are still recorded. Otherwise not one of its modules is imported.
-    with_games = config.games is not None and config.games.enabled
-    store = open_store_from_url(config.effective_store_url, _schemas(config, with_games))
+    # Lightning Addresses likewise, and also once configured before: tips' shares still owed
+    # to collaborators are forwarded after the addresses are gone from the config.
+    with_creators = config.creators is not None
+    with_games = (config.games is not None and config.games.enabled) or with_creators
+    store = open_store_from_url(config.effective_store_url, _schemas(config, with_games, with_creators))
     await store.open()
-    if not with_games and await _purchases_pending(store):
-        log.info("purchases made under an earlier catalog are awaiting payment: the purchases feature "
-                 "stays loaded to record them")
+    late_purchases = not with_games and await _purchases_pending(store)
+    late_tips = not with_creators and await _component_present(store, "creators")
+    if late_purchases or late_tips:
+        if late_purchases:
+            log.info("purchases made under an earlier catalog are awaiting payment: the purchases feature "
+                     "stays loaded to record them")
         await store.close()
-        with_games = True
-        store = open_store_from_url(config.effective_store_url, _schemas(config, True))
+        with_games, with_creators = True, with_creators or late_tips
+        store = open_store_from_url(config.effective_store_url, _schemas(config, True, with_creators))
         await store.open()
     if node is None:             # fleet mode: invoices and payments go through the store
         node = await _fleet_backend(config, store, clock)
@@ -106,15 +114,45 @@ async def create_runtime(config: Config, *, node: Node | None = None,
         from ..games.http.poster import AiohttpPoster
         from ..games.service import make_games
         rt.games = make_games(config, store, node, receipts, clock, AiohttpPoster())
+    if with_creators:
+        assert rt.games is not None
+        rt.creators = _make_creators(config, rt.games, store, node, clock)
     return rt
 
 
-def _schemas(config: Config, with_games: bool) -> tuple:
+def _make_creators(config: Config, games: Games, store: Store, node: Node,
+                   clock: Callable[[], float]) -> CreatorsFeature:
+    from ..creators.config import CreatorsConfig
+    from ..creators.feature import make_creators
+    from ..creators.lnurl_client import AddressPayer
+    from ..creators.service import Limits
+    from ..creators.zap_publish import publish_receipt
+    lim = config.limits
+    payer = AddressPayer(node.decode, clock=clock)
+    feature = make_creators(config.creators or CreatorsConfig(), store, node, games.purchases.hub,
+                            publish=publish_receipt, address_invoices=payer.invoice,
+                            endpoints_for=games.cfg.endpoints_for,
+                            limits=Limits(lim.per_client_per_minute, lim.max_pending, lim.max_pending_per_client),
+                            clock=clock)
+    feature.closers.append(payer.close)
+    return feature
+
+
+def _schemas(config: Config, with_games: bool, with_creators: bool = False) -> tuple:
     fleet: tuple = ()
     if config.backend == "fleet":
         from ..store.fleet import FLEET_SCHEMA
         fleet = (FLEET_SCHEMA,)
-    return (CORE_SCHEMA,) + fleet + _games_schema(with_games)
+    creators: tuple = ()
+    if with_creators:
+        from ..creators.schema import CREATORS_SCHEMA
+        creators = (CREATORS_SCHEMA,)
+    return (CORE_SCHEMA,) + fleet + _games_schema(with_games) + creators
+
+
+async def _component_present(store: Store, component: str) -> bool:
+    """Whether an earlier run brought `component`'s tables into this store."""
+    return bool(await store.query("SELECT 1 FROM micropay_schema_steps WHERE component = $1", (component,)))
 
 
 async def _fleet_backend(config: Config, store: Store, clock: Callable[[], float]) -> Node:
@@ -438,6 +476,9 @@ def build_app(rt: Runtime) -> web.Application:
         add_games_routes(add_own, rt.games)
     elif cfg.openapi and cfg.routes:
         add_own("GET", "/openapi.json", openapi)
+    if rt.creators is not None and rt.games is not None and cfg.creators is not None:
+        from ..creators.http import add_creators_routes
+        add_creators_routes(add_own, rt.creators.service, rt.games, gate.client_key)
     for method, path, handler in rt.extra_routes:
         add(method, path, handler)
     has_upstream = cfg.upstream is not None or any(r.upstream for r in cfg.routes)
@@ -481,6 +522,9 @@ def start_background(rt: Runtime) -> list[asyncio.Task]:
     if rt.games is not None and rt.games.cfg.enabled:
         from ..games.service import background
         tasks += background(rt.games)
+    if rt.creators is not None:    # also with the addresses gone: shares still owed are forwarded
+        rt.creators.register_settlements(router)
+        tasks += rt.creators.background()
     return tasks
 
 
@@ -499,6 +543,8 @@ async def stop_background(rt: Runtime, tasks: list[asyncio.Task]) -> None:
             await rt.gate.challenger.close()
         except Exception as exc:
             log.warning("writing the last challenge records failed: %s", exc)
+    if rt.creators is not None:
+        await rt.creators.close()
     await rt.node.close()
     await rt.store.close()
 

@@ -1,0 +1,217 @@
+"""Lightning Addresses served by the sidecar, on the sandbox: the payRequest, the
+callback's invoice (amount, description hash), refusals in LNURL's own shape, LUD-21
+verify, tips stored with their comment, `tip.received` live and as a webhook, per-client
+bounds, and the third-party `lnurl` package reading it all."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+
+import aiohttp
+import pytest
+
+from micropay.games.apikeys import create_key
+
+from ..conftest import make_config, start_sidecar
+
+TOML = """
+service = "creator"
+[creators]
+tip_expiry_s = 600
+[[addresses]]
+name = "alice"
+description = "Tips for Alice's streams"
+min_sendable_msat = 1000
+max_sendable_msat = 5000000
+comment_allowed = 80
+success_message = "Thanks for the tip!"
+[[addresses]]
+name = "quiet"
+description = "No comments please"
+"""
+
+
+async def get(url: str, **params):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, params=params or None, allow_redirects=False) as r:
+            return r.status, json.loads(await r.read()), r.headers.copy()
+
+
+@pytest.fixture
+async def creator(tmp_path):
+    sc = await start_sidecar(make_config(tmp_path, TOML))
+    key, _ = await create_key(sc.rt.store, "overlay", ["tips:read", "events:read"])
+    sc.key = key
+    yield sc
+    await sc.runner.cleanup()
+
+
+async def test_pay_request_and_invoice_commit_to_the_metadata(creator):
+    status, doc, headers = await get(f"{creator.url}/.well-known/lnurlp/alice")
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+    assert doc["tag"] == "payRequest" and doc["minSendable"] == 1000 and doc["maxSendable"] == 5000000
+    assert doc["commentAllowed"] == 80 and "allowsNostr" not in doc
+    meta = json.loads(doc["metadata"])
+    assert ["text/plain", "Tips for Alice's streams"] in meta
+    assert ["text/identifier", f"alice@127.0.0.1:{creator.port}"] in meta
+    assert doc["callback"] == f"{creator.url}/lnurlp/alice/callback"
+
+    status, ans, _ = await get(doc["callback"], amount="21000", comment="great stream")
+    assert status == 200, ans
+    assert ans["routes"] == [] and ans["successAction"] == {"tag": "message", "message": "Thanks for the tip!"}
+    dec = await creator.rt.node.decode(ans["pr"])
+    assert dec.amount_msat == 21000
+    assert dec.description_hash == hashlib.sha256(doc["metadata"].encode()).hexdigest()
+    # LUD-21: not settled yet, then settled with the preimage once paid
+    status, v, _ = await get(ans["verify"])
+    assert status == 200 and v == {"status": "OK", "settled": False, "preimage": None, "pr": ans["pr"]}
+    paid = await creator.payer.pay(ans["pr"])
+    for _ in range(100):
+        status, v, _ = await get(ans["verify"])
+        if v["settled"]:
+            break
+        await asyncio.sleep(0.02)
+    assert v["settled"] is True and v["preimage"] == paid.preimage
+    # the tip is stored with its comment
+    status, page, _ = await get_auth(creator, "/v1/tips")
+    assert status == 200
+    [tip] = page["tips"]
+    assert tip["address"] == "alice" and tip["status"] == "paid" and tip["comment"] == "great stream"
+    assert tip["amount_msat"] == tip["received_msat"] == 21000 and tip["shares"] == []
+
+
+async def get_auth(sc, path: str, **params):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(sc.url + path, params=params or None, headers={"Authorization": f"Bearer {sc.key}"}) as r:
+            return r.status, json.loads(await r.read()), r.headers.copy()
+
+
+@pytest.mark.parametrize("params, status, reason", [
+    ({}, 400, "amount is required"),
+    ({"amount": "999"}, 400, "between 1000 and 5000000"),
+    ({"amount": "5000001"}, 400, "between 1000 and 5000000"),
+    ({"amount": "1.5"}, 400, "whole number"),
+    ({"amount": "-5"}, 400, "whole number"),
+    ({"amount": "2000", "comment": "x" * 81}, 400, "longer than 80"),
+    ({"amount": "2000", "comment": "a\x00b"}, 400, "control characters"),
+    ({"amount": "2000", "nostr": "{}"}, 400, "does not accept zaps"),
+])
+async def test_callback_refusals_are_lnurl_errors_and_leave_nothing(creator, params, status, reason):
+    got, doc, headers = await get(f"{creator.url}/lnurlp/alice/callback", **params)
+    assert got == status and doc["status"] == "ERROR" and reason in doc["reason"], doc
+    assert headers["Access-Control-Allow-Origin"] == "*"
+    assert await creator.rt.store.query("SELECT COUNT(*) FROM micropay_tips") == [(0,)]
+
+
+async def test_unknown_names_and_foreign_hashes(creator):
+    status, doc, _ = await get(f"{creator.url}/.well-known/lnurlp/bob")
+    assert status == 404 and doc["status"] == "ERROR" and "no Lightning Address" in doc["reason"]
+    status, doc, _ = await get(f"{creator.url}/lnurlp/bob/callback", amount="2000")
+    assert status == 404 and doc["status"] == "ERROR"
+    status, doc, _ = await get(f"{creator.url}/lnurlp/quiet/callback", amount="2000", comment="hi")
+    assert status == 400 and "takes no comments" in doc["reason"]
+    # a hash of another address's tip is not verified through this one
+    _, pr, _ = await get(f"{creator.url}/.well-known/lnurlp/alice")
+    _, ans, _ = await get(pr["callback"], amount="3000")
+    h = ans["verify"].rsplit("/", 1)[1]
+    status, doc, _ = await get(f"{creator.url}/lnurlp/quiet/verify/{h}")
+    assert status == 404 and doc["status"] == "ERROR"
+    status, doc, _ = await get(f"{creator.url}/lnurlp/alice/verify/zz")
+    assert status == 404 and doc["status"] == "ERROR"
+
+
+async def test_tip_received_reaches_a_live_listener_fast(creator):
+    """An overlay listening on /v1/events sees tip.received within 50 ms of settlement."""
+    _, pr, _ = await get(f"{creator.url}/.well-known/lnurlp/alice")
+    _, ans, _ = await get(pr["callback"], amount="42000", comment="hello overlay")
+    seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def listen():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(creator.url + "/v1/events", headers={"Authorization": f"Bearer {creator.key}"}) as r:
+                assert r.status == 200
+                ready.set()
+                async for line in r.content:
+                    text = line.decode().strip()
+                    if text.startswith("data:"):
+                        ev = json.loads(text[5:])
+                        if ev["type"] == "tip.received":
+                            seen.set_result((time.perf_counter(), ev))
+                            return
+    ready = asyncio.Event()
+    task = asyncio.create_task(listen())
+    await ready.wait()
+    await asyncio.sleep(0.1)
+    settled_at = []
+    real = creator.rt.creators.service.on_settlement
+
+    async def timed(s):
+        settled_at.append(time.perf_counter())
+        return await real(s)
+    creator.rt.creators.service.on_settlement = timed
+    # the router holds the bound method: re-register through the router's table
+    for i, (prefix, handler) in enumerate(_router_routes(creator)):
+        if prefix == "micropay-tip-":
+            _router_routes(creator)[i] = (prefix, timed)
+    await creator.payer.pay(ans["pr"])
+    at, ev = await asyncio.wait_for(seen, 5)
+    task.cancel()
+    tip = ev["data"]["tip"]
+    assert tip["comment"] == "hello overlay" and tip["received_msat"] == 42000 and tip["status"] == "paid"
+    if settled_at:
+        assert at - settled_at[0] < 0.05, f"{(at - settled_at[0]) * 1000:.1f} ms from settlement to the event"
+
+
+def _router_routes(sc):
+    for task in asyncio.all_tasks():
+        if task.get_name() == "micropay-settlements":
+            coro = task.get_coro()
+            router = coro.cr_frame.f_locals.get("self")
+            return router._routes
+    return []
+
+
+async def test_per_client_bound_on_unpaid_tips(tmp_path):
+    from micropay.seller.config import ChallengeLimits
+    sc = await start_sidecar(make_config(tmp_path, TOML, limits=ChallengeLimits(per_client_per_minute=1000,
+                                                                                max_pending=100,
+                                                                                max_pending_per_client=3)))
+    try:
+        codes = []
+        for _ in range(5):
+            status, doc, headers = await get(f"{sc.url}/lnurlp/alice/callback", amount="2000")
+            codes.append(status)
+        assert codes == [200, 200, 200, 429, 429]
+        assert "Retry-After" in headers and doc["status"] == "ERROR"
+        assert await sc.rt.store.query("SELECT COUNT(*) FROM micropay_tips") == [(3,)]
+    finally:
+        await sc.runner.cleanup()
+
+
+async def test_per_client_rate(tmp_path):
+    from micropay.seller.config import ChallengeLimits
+    sc = await start_sidecar(make_config(tmp_path, TOML, limits=ChallengeLimits(per_client_per_minute=2)))
+    try:
+        codes = [(await get(f"{sc.url}/lnurlp/alice/callback", amount="2000"))[0] for _ in range(3)]
+        assert codes == [200, 200, 429]
+    finally:
+        await sc.runner.cleanup()
+
+
+async def test_third_party_lnurl_package_reads_the_address(creator):
+    """LNbits' `lnurl` package (PyPI) parses our payRequest and callback answer and checks
+    the description hash. Its address parser refuses host:port, so the URL is built here."""
+    lnurl = pytest.importorskip("lnurl", reason="the lnurl test extra is not installed")
+    pay = await lnurl.handle(f"{creator.url}/.well-known/lnurlp/alice", timeout=5)
+    assert isinstance(pay, lnurl.LnurlPayResponse)
+    assert pay.minSendable == 1000 and pay.maxSendable == 5000000 and pay.commentAllowed == 80
+    assert pay.metadata.text == "Tips for Alice's streams"
+    action = await lnurl.execute_pay_request(pay, 7000, comment="via lnurl", timeout=5)
+    assert isinstance(action, lnurl.LnurlPayActionResponse)
+    dec = await creator.rt.node.decode(str(action.pr))
+    assert dec.amount_msat == 7000
+    assert dec.description_hash == pay.metadata.h
+    [(comment,)] = await creator.rt.store.query("SELECT comment FROM micropay_tips")
+    assert comment == "via lnurl"
