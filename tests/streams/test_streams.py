@@ -139,6 +139,33 @@ def test_good_recipients():
                                                            {"destination": "lno1qgsq"}])] == [A, "lno1qgsq"]
 
 
+
+def test_lightning_addresses_are_recipients_next_to_nodes_and_offers():
+    rs = parse_recipients(None, [{"destination": A}, {"destination": "lno1qgsq"},
+                                 {"destination": " Alice@Example.com "}, {"destination": "_@127.0.0.1:8080"}])
+    assert [(r.destination, r.kind) for r in rs] == [(A, "node"), ("lno1qgsq", "offer"),
+                                                     ("alice@example.com", "address"), ("_@127.0.0.1:8080", "address")]
+    assert parse_recipients("ALICE@example.com", None)[0].destination == "alice@example.com"
+    with pytest.raises(BadRequest, match="name the same destination twice"):
+        parse_recipients(None, [{"destination": "alice@example.com"}, {"destination": "Alice@EXAMPLE.com"}])
+    with pytest.raises(BadRequest, match=r"splits\[1\].destination is not a Lightning Address: .*bad port"):
+        parse_recipients(None, [{"destination": A}, {"destination": "alice@example.com:99999"}])
+
+
+def test_the_comment_to_an_address_carries_the_blip10_fields_on_one_line():
+    s = Stream.create("0123456789abcdef0123", [Recipient("alice@example.com")], 1000, 60, None, 0, now=0,
+                      metadata={"sender_name": "bob", "message": "hi\nthere\x00", "episode": 12, "feedID": 9})
+    s.accrue(0)
+    s.begin(*s.next_payment(0), 0)
+    assert s.address_comment() == "bob: hi there | 12 | micropay stream 0123456789abcdef #1"
+    bare = Stream.create("x", [Recipient("alice@example.com")], 1000, 60, None, 0, now=0)
+    bare.accrue(0)
+    bare.begin(*bare.next_payment(0), 0)
+    assert bare.address_comment() == "micropay stream x #1"
+    again = Stream.from_json(json.loads(json.dumps(s.to_json())))
+    assert again.recipients[0].kind == "address" and again == s
+
+
 # A stream as release 0.1.0 wrote it to the datastore (per-recipient accounts in parallel
 # lists), produced by that release's micropay/streams.py: one payment to the host, one failure.
 RELEASE_0_1_0_STREAM = '{"id": "s1", "recipients": [{"destination": "02aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "share": 1, "name": "host"}, {"destination": "03bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", "share": 3, "name": "guest"}], "amount_msat": 10001, "interval_s": 60, "max_total_msat": 1000000, "max_fee_msat": 50, "created_at": 1000.0, "label": "pod", "metadata": {}, "state": "active", "reason": null, "next_due": 1060.0, "intervals": 1, "missed_intervals": 0, "owed": [0, 7500], "carry": [1, 3], "piece": [2501, 3750], "retry_at": [0.0, 1003.0], "consecutive_failures": [0, 1], "suspended": [false, false], "paid_msat": 2500, "fees_msat": 3, "paid_by_recipient": [2500, 0], "payments": 1, "failures": 1, "last_error": "no route", "seq": 2, "in_flight": null, "last_paid_at": 1001.0}'

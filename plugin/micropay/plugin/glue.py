@@ -266,8 +266,9 @@ def micropay_payout(request: Request, player_id: Any, destination: Any, idempote
 @rpc_method("streampay-start")
 def streampay_start(request: Request, destination: Any, amount_msat: Any, interval_s: Any, max_total_msat: Any,
                     max_fee_msat: Any = None, splits: Any = None, metadata: Any = None, label: Any = None) -> None:
-    """Pay amount_msat every interval_s to a node (keysend) or a BOLT12 offer, or to split
-    recipients (destination then names one of them), never more than max_total_msat in all."""
+    """Pay amount_msat every interval_s to a node (keysend), a BOLT12 offer or a Lightning Address
+    (name@host, LNURL-pay), or to split recipients (destination then names one of them), never
+    more than max_total_msat in all."""
     _answer(request, lambda rt: rt.streams.create(destination, amount_msat, interval_s, max_total_msat,
                                                   max_fee_msat, splits, metadata, label))
 

@@ -98,11 +98,13 @@ class PluginRuntime:
         self.issuer = InvoiceIssuer(self.node, self.ds, self.tokens, self.store,
                                     default_expiry_s=lambda: s["micropay-invoice-expiry"])
         await self.issuer.mirror()
+        from ..creators.lnurl_client import AddressPayer      # streams to Lightning Addresses
+        self.address_payer = AddressPayer(self.node.decode)
         self.streams = StreamRunner(
             self.node, self.ds, notify=self.notify,
             min_interval_s=lambda: s["micropay-stream-min-interval"],
             max_total_limit_msat=lambda: s["micropay-stream-max-total-msat"] or None,
-            node_started_at=self.node_started_at)
+            node_started_at=self.node_started_at, address_invoices=self.address_payer.invoice)
         await self.streams.start()
         from ..games.payouts import Payouts
         self.payouts = Payouts(None, self.store, self.node)
@@ -137,6 +139,7 @@ class PluginRuntime:
                 with contextlib.suppress(BaseException):
                     await self._agent_task
             await self.streams.stop()
+            await self.address_payer.close()
             await self.store.close()
             await self.node.close()
         try:

@@ -3,9 +3,9 @@ node keeps (the RecordStore port: lightningd's datastore on Core Lightning).
 
 Per payment: (1) the stream record, with the payment as `in_flight` (label, amount,
 sequence, where to look in listsendpays), is written with generation compare-and-swap;
-(2) the payment is sent (`xkeysend` with the bLIP-10 record, or `fetchinvoice` + `xpay`
-for an offer) under that label; (3) the outcome is written. After a restart an
-`in_flight` payment is reconciled from the node's record of the payment (listsendpays,
+(2) the payment is sent (`xkeysend` with the bLIP-10 record, `fetchinvoice` + `xpay`
+for an offer, or an LNURL-pay invoice + `xpay` for a Lightning Address) under that
+label; (3) the outcome is written. After a restart an `in_flight` payment is reconciled from the node's record of the payment (listsendpays,
 by its label) before anything new is paid:
 by the rule every payer shares (lightning/outcome.py):
     complete -> counted;
@@ -28,7 +28,7 @@ import heapq
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ..core.errors import BadRequest, NodeError, NotFound, PaymentFailed
 from ..lightning.base import Node, RecordStore, StaleRecord
@@ -42,16 +42,23 @@ RECONCILE_GRACE_S = RETRY_FOR_S + 30
 READY_TIMEOUT_S = 60             # after start-up, how long payments wait for a usable channel
 SCHEDULE_SLACK_S = 0.05
 Notify = Callable[[str, dict[str, Any]], None]
+# (address, amount_msat, comment) -> (bolt11, payment_hash): an invoice for exactly that
+# amount from a Lightning Address, checked; PaymentFailed (nothing paid) when there is none.
+AddressInvoices = Callable[[str, int, "str | None"], Awaitable[tuple[str, str]]]
 
 
 class StreamRunner:
     def __init__(self, node: Node, datastore: RecordStore, *, clock: Callable[[], float] = time.time,
                  notify: Notify | None = None, min_interval_s: Callable[[], int] = lambda: 1,
                  max_total_limit_msat: Callable[[], int | None] = lambda: None,
-                 node_started_at: float | None = None, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+                 node_started_at: float | None = None, ready_timeout_s: float = READY_TIMEOUT_S,
+                 address_invoices: AddressInvoices | None = None) -> None:
         """The limits are callables, read on each use, since their plugin options are dynamic.
-        `node_started_at`: when lightningd started, if this run began with it."""
+        `node_started_at`: when lightningd started, if this run began with it.
+        `address_invoices`: fetches the invoice of a payment to a Lightning Address
+        (creators.lnurl_client.AddressPayer.invoice); without it such streams are refused."""
         self.node, self.ds, self.clock = node, datastore, clock
+        self.address_invoices = address_invoices
         self.node_started_at, self.ready_timeout_s = node_started_at, ready_timeout_s
         self._outcomes = OrphanWatch(node, grace_s=ORPHAN_GRACE_S)
         self.notify = notify or (lambda topic, payload: None)
@@ -92,6 +99,8 @@ class StreamRunner:
         own = await self.node.node_id()
         if any(r.destination == own for r in recipients):
             raise BadRequest("a stream cannot pay this node itself")
+        if self.address_invoices is None and any(r.kind == "address" for r in recipients):
+            raise BadRequest("this node cannot pay Lightning Addresses (no LNURL-pay client is wired in)")
         amount = msat_param(amount_msat, "amount_msat")
         interval = int_param(interval_s, "interval_s", self.min_interval_s(), 365 * 86400)
         if max_total_msat is None:
@@ -235,7 +244,10 @@ class StreamRunner:
                                             max_fee_msat=s.max_fee_msat, extratlvs=s.tlv_record(),
                                             retry_for_s=RETRY_FOR_S)
             else:
-                invoice, _ = await self.node.fetch_invoice(r.destination, amount)
+                if r.kind == "offer":
+                    invoice, _ = await self.node.fetch_invoice(r.destination, amount)
+                else:
+                    invoice = await self._address_invoice(r.destination, amount, s.address_comment())
                 p = await self.node.pay(invoice, max_fee_msat=s.max_fee_msat, label=flight.label,
                                         retry_for_s=RETRY_FOR_S)
         except PaymentFailed as exc:
@@ -248,6 +260,20 @@ class StreamRunner:
         s.succeeded(p.fee_msat, self.clock())
         self._payment_event(s, flight, "complete", p.fee_msat, None)
         return True
+
+    async def _address_invoice(self, address: str, amount: int, comment: str) -> str:
+        """The invoice of a payment to a Lightning Address. Nothing is paid yet, so any
+        failure to get one is a failed payment (PaymentFailed), never one left in flight."""
+        if self.address_invoices is None:
+            raise PaymentFailed(f"lightning address {address}: this node has no LNURL-pay client wired in")
+        try:
+            invoice, _ = await self.address_invoices(address, amount, comment)
+        except PaymentFailed:
+            raise
+        except Exception as exc:      # a bug of the fetcher: still nothing was paid
+            log.exception("lightning address %s: fetching an invoice failed", address)
+            raise PaymentFailed(f"lightning address {address}: {type(exc).__name__}: {exc}") from exc
+        return invoice
 
     async def _reconcile(self, s: Stream) -> bool:
         """Settle an in-flight payment from an earlier run. False while it is pending."""
@@ -306,4 +332,4 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-__all__ = ["StreamRunner"]
+__all__ = ["AddressInvoices", "StreamRunner"]

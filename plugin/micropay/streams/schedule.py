@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..core.errors import BadRequest
+from ..creators.lnurl import LnurlError, address_parts
 
 MIN_PIECE_MSAT = 1000
 MAX_CONSECUTIVE_FAILURES = 5
@@ -36,7 +37,7 @@ TLV_PODCAST = 7629169            # bLIP-10 value-for-value record
 class Recipient:
     """One payee of a stream: what the caller asked for, and its own accounts."""
 
-    destination: str             # node id (66 hex) or BOLT12 offer ("lno1...")
+    destination: str             # node id (66 hex), BOLT12 offer ("lno1...") or Lightning Address (name@host)
     share: int = 1
     name: str = ""
     owed: int = 0                # accrued and not yet paid
@@ -49,6 +50,9 @@ class Recipient:
 
     @property
     def kind(self) -> str:
+        """How it is paid: "node" (keysend), "offer" (BOLT12) or "address" (LNURL-pay)."""
+        if "@" in self.destination:
+            return "address"
         return "offer" if self.destination.lower().startswith("lno1") else "node"
 
 
@@ -281,11 +285,38 @@ class Stream:
                 doc[key] = self.metadata[key]
         return {str(TLV_PODCAST): json.dumps(doc, separators=(",", ":")).encode().hex()}
 
+    def address_comment(self) -> str:
+        """The LUD-12 comment sent with the in-flight payment to a Lightning Address: the
+        bLIP-10 fields a keysend would carry, as one line of text, most telling first
+        (the service may keep only its first commentAllowed characters), e.g.
+        "alice: great show | show - episode 12 | micropay stream 1a2b3c4d5e6f7a8b #3"."""
+        f = self.in_flight
+        assert f is not None
+        m = {k: _one_line(v) for k, v in self.metadata.items()
+             if k in _COMMENT_FIELDS and v is not None and _one_line(v)}
+        parts = []
+        said = ": ".join(m[k] for k in ("sender_name", "message") if k in m)
+        if said:
+            parts.append(said)
+        show = " - ".join(m[k] for k in ("podcast", "episode") if k in m)
+        if show:
+            parts.append(show)
+        parts.append(f"micropay stream {self.id[:16]} #{f.seq}")
+        return " | ".join(parts)
+
 
 _STREAM_FIELDS = tuple(f.name for f in fields(Stream))
 _PER_RECIPIENT_LISTS = {"owed": "owed", "carry": "carry", "piece": "piece", "retry_at": "retry_at",
                         "consecutive_failures": "consecutive_failures", "suspended": "suspended",
                         "paid_by_recipient": "paid_msat"}
+
+
+_COMMENT_FIELDS = ("sender_name", "message", "podcast", "episode")
+
+
+def _one_line(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())[:500]
 
 
 def _seconds(t: float | None) -> int | None:
@@ -326,4 +357,11 @@ def _destination(value: Any, name: str) -> str:
             return v.lower()
         if v.lower().startswith("lno1") and len(v) < 4096:
             return v
-    raise BadRequest(f"{name} must be a node id (66 hex characters) or a BOLT12 offer (lno1...)")
+        if "@" in v:
+            try:
+                user, host = address_parts(v)
+            except LnurlError as exc:
+                raise BadRequest(f"{name} is not a Lightning Address: {exc}") from None
+            return f"{user}@{host}"
+    raise BadRequest(f"{name} must be a node id (66 hex characters), a BOLT12 offer (lno1...) "
+                     "or a Lightning Address (name@host)")
