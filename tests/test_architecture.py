@@ -41,6 +41,7 @@ ROOMS = {
     "client": "the paying client: L402 and Payment challenges within budgets, Payment sessions",
     "nostr": "Nostr as NWC needs it: signed events, NIP-44 and NIP-04 encryption, relay connections",
     "nwc": "Nostr Wallet Connect: the wallet service for the node (connections, budgets, requests), URIs",
+    "creators": "receiving tips: Lightning Addresses (LNURL-pay), zaps, tips split among collaborators",
 }
 # Loose files at the top: the entry points and what packaging needs there.
 TOP_FILES = {"__init__.py", "__main__.py", "cli.py", "micropay.py", "requirements.txt", "py.typed"}
@@ -59,18 +60,21 @@ MAY_LOAD = {
     "core": (),
     "l402": ("core",),
     "payment": ("core", *LIGHTNING_PORTS, *STORE_PORTS, "seller.pricing"),
-    "streams": ("core", *LIGHTNING_PORTS),
+    "streams": ("core", *LIGHTNING_PORTS, "creators.lnurl"),     # the Lightning Address rule (pure)
     "lightning": ("core", "lightning", "store.fleet"),      # the fleet adapter reads the store
     "store": ("core",),
     "nostr": ("core",),
     "nwc": ("core", "nostr", *LIGHTNING_PORTS, "lightning.outcome", *STORE_PORTS, "seller.settlement"),
     "http": ("core", "l402.wire"),
-    "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config"),
+    "seller": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, *STORE_PORTS, "games.config", "creators.config",
+               "creators.lnurl"),
     "client": ("core", "l402", "payment.scheme", *LIGHTNING_PORTS, "nostr", "nwc.client", "nwc.uri", "nwc.protocol"),
     "games": ("core", "http", *LIGHTNING_PORTS, "store", "seller.config", "seller.configfile",
               "seller.pricing", "seller.settlement", "seller.tomlpos"),
     "plugin": ("core", "l402", "payment.scheme", "streams", "lightning", "store", "client", "nostr.urls", "nostr.keys"),
     "sidecar": ("core", "l402", "payment", "streams.attribution", "seller", "lightning", "store", "http"),
+    "creators": ("core", "nostr", "http", *LIGHTNING_PORTS, *STORE_PORTS, "seller.settlement", "seller.config",
+                 "seller.pricing", "games"),
 }
 CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
 # Pure: rules and formats, with no I/O framework, no adapter, no port, no feature. Whole
@@ -78,13 +82,15 @@ CORE_THIRD_PARTY_BANNED = {"aiohttp", "pyln", "psycopg", "asyncpg"}
 PURE_ROOMS = ("core", "l402")
 PURE_MODULES = {"payment.scheme", "streams.schedule", "streams.tlv", "seller.pricing", "seller.tomlpos",
                 "seller.discovery", "nostr.keys", "nostr.event", "nostr.nip44", "nostr.nip04", "nostr.urls", "nwc.uri",
-                "nwc.protocol"}
+                "nwc.protocol", "creators.lnurl", "creators.zaps"}
 # Services: they take ports (Node, RecordStore, Store, Poster) and never load an adapter.
 SERVICES = {"seller.challenger", "seller.settlement", "plugin.invoices", "plugin.agent", "streams.runner",
             "streams.attribution", "payment.sessions", "games.purchases", "games.payouts", "games.webhooks",
-            "games.events", "games.service", "games.apikeys", "nwc.service"}
+            "games.events", "games.service", "games.apikeys", "nwc.service", "creators.service", "creators.shares",
+            "creators.zap_outbox", "creators.feature"}
 # Where aiohttp may be imported: the HTTP edges and the clients.
-AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli", "nostr.relay")
+AIOHTTP_HOMES = ("sidecar", "games.http", "http", "client", "cli", "nostr.relay", "creators.lnurl_client",
+                 "creators.zap_publish", "creators.http")
 PYLN_HOMES = {"plugin.glue"}
 # The top-level modules of release 0.2 that moved into rooms (their old paths still import).
 OLD_PATHS = frozenset(importlib.import_module("micropay").MOVED)

@@ -2,7 +2,7 @@
 
 Every fenced block that a doc marks with `<!-- docs-test: run -->` (run it) or
 `<!-- docs-test: save FILE -->` (write it to FILE, for a later block to run) is taken
-from quickstart.md, client.md, sessions.md and protocol.md ("Library use"), and run in
+from quickstart.md, client.md, sessions.md, protocol.md ("Library use") and creators.md, and run in
 a temp dir against a real `micropay serve` (the built-in demo on the sandbox) on a free
 port of 127.0.0.1: the documented `127.0.0.1:8402` becomes that port, the library
 snippet's 8080 another free one, `.venv/bin/` is this test's virtualenv (a `.venv`
@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"<!-- docs-test: (run|save [\w.-]+) -->\n```(sh|python)\n(.*?)```", re.S)
 # The fewest marked blocks each doc must keep (a marker dropped by an edit fails here).
-EXPECTED = {"quickstart.md": 3, "client.md": 2, "sessions.md": 3, "protocol.md": 3}
+EXPECTED = {"quickstart.md": 3, "client.md": 2, "sessions.md": 3, "protocol.md": 3, "creators.md": 3}
 # What the output of each doc's blocks must contain, beyond their exit status.
 MUST_SAY = {
     "quickstart.md": ["paid 1000 msat", "joke", "credits left", "closed, refund"],
     "client.md": ["200", "DEBUG micropay.client: sent GET", "HTTP 200"],
     "sessions.md": ['"refundStatus": "succeeded"', "once upon a block", "refundStatus': 'succeeded'"],
     "protocol.md": ["all systems paid", '"premium": true', "[true,[\"/api/report\"]]"],
+    "creators.md": ['"tag": "payRequest"', '"settled": true', '"comment":"great stream"'],
 }
 
 pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "curl", "jq", "basenc")),
