@@ -181,3 +181,63 @@ def test_fleet_options_are_checked(tmp_path):
         make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\nnetwork = "mainnet"\n')
     cfg = make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\npool_depth = 7\n')
     assert cfg.fleet.pool_depth == 7 and cfg.fleet.heartbeat_timeout_s == 15
+
+
+async def test_a_fleet_sidecar_serves_a_lightning_address_and_splits_through_the_queue(tmp_path, store_url):
+    """Tips in fleet mode: the callback's invoice is asked of an agent and commits to the
+    metadata's hash; the settlement arrives from the store; the collaborator's share is
+    paid by the agent through the payment queue, under the operator's caps."""
+    import hashlib
+    net = SandboxNetwork()
+    merchant, payer = net.add_node("merchant"), net.add_node("payer", 10_000_000)
+    carol = net.add_node("carol")
+    toml = fleet_toml(store_url) + textwrap.dedent(f"""
+        [[addresses]]
+        name = "alice"
+        description = "Tips for Alice"
+        keep_share = 1
+        splits = [{{ destination = "{carol.id}", share = 1, name = "carol" }}]
+        """)
+    rt = await create_runtime(make_config(tmp_path, toml))
+    runner = make_runner(build_app(rt))
+    await runner.setup()
+    from aiohttp import web
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    agent_store = open_store_from_url(store_url, (FLEET_SCHEMA,))
+    await agent_store.open()
+    agent = FleetAgent(merchant, FleetRepository(agent_store),
+                       AgentSettings(min_left_s=120, max_payment_msat=100_000, per_subject_day_msat=100_000,
+                                     per_day_msat=1_000_000, max_fee_msat=1_000))
+    agent_task = asyncio.create_task(run_agent(agent))
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{base}/.well-known/lnurlp/alice") as r:
+                pay_request = await r.json()
+            async with http.get(pay_request["callback"], params={"amount": "10001"}) as r:
+                assert r.status == 200, await r.text()
+                answer = await r.json()
+        decoded = decode_invoice(answer["pr"])
+        assert decoded.payee == await merchant.node_id() and decoded.amount_msat == 10_001
+        assert decoded.description_hash == hashlib.sha256(pay_request["metadata"].encode()).hexdigest()
+        await payer.pay(answer["pr"])
+        for _ in range(300):
+            if carol.keysends_received:
+                break
+            await asyncio.sleep(0.02)
+        assert [a for a, _ in carol.keysends_received] == [5000]        # 10,001 * 1/2, the remainder carried
+        for _ in range(100):
+            page = await rt.creators.service.list()
+            if page["tips"][0]["shares"][0]["status"] == "paid":
+                break
+            await asyncio.sleep(0.02)
+        tip = page["tips"][0]
+        assert tip["status"] == "paid" and tip["received_msat"] == 10_001
+        assert tip["shares"][0]["status"] == "paid"
+        queued = await agent_store.query("SELECT kind, subject, amount_msat, state FROM micropay_fleet_payments")
+        assert queued == [("tip share", "creator:alice", 5000, "paid")]
+    finally:
+        agent_task.cancel()
+        await runner.cleanup()
+        await agent_store.close()

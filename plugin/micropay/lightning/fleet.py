@@ -48,7 +48,7 @@ from .bolt11codec import decode_invoice
 
 log = logging.getLogger("micropay.fleet")
 
-KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"))
+KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"), ("micropay-tipshare-", "tip share"))
 SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
 MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
 MAX_REFILLS = 64             # top-ups (and give-backs) running at once
@@ -145,9 +145,9 @@ class FleetBackend:
 
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int, *, hash_description: bool = False) -> Invoice:
-        if hash_description:
-            # pools and asks carry descriptions, not hashes: not in fleet mode yet
-            raise NodeError("fleet mode cannot make description-hash invoices yet")
+        if hash_description:   # never pooled (each LNURL-pay metadata or zap request is its own): asked for
+            return _as_invoice(await self._ask(label, amount_msat, description, expiry_s, next(self._turn),
+                                               hashed=True), label)
         now = self.clock()
         payable_after = int(now) + min(expiry_s, self.claim_min_left_s)
         reservable = (amount_msat is not None and self.reserve > 0 and not self._closed
@@ -287,7 +287,7 @@ class FleetBackend:
         await self.repo.want(Want(amount_msat, description, self.pool_depth, self.pool_expiry_s), self._now_ms())
 
     async def _ask(self, label: str, amount_msat: int | None, description: str, expiry_s: int,
-                   turn: int) -> PooledInvoice:
+                   turn: int, *, hashed: bool = False) -> PooledInvoice:
         found = await self.repo.by_claim(label)
         if found is not None:
             return found
@@ -299,7 +299,8 @@ class FleetBackend:
             raise NoInvoiceInTime(f"no live node of the fleet can receive {amount_msat} msat now "
                                   "(inbound liquidity)", retry_after_s=5)
         node = able[turn % len(able)]          # round robin over nodes that can receive it (read now, not cached)
-        await self.repo.ask(label, node.node_id, amount_msat, description, expiry_s, self._now_ms())
+        await self.repo.ask(label, node.node_id, amount_msat, description, expiry_s, self._now_ms(),
+                            hash_description=hashed)
         await self.repo.store.notify(ASKS_CHANNEL)
         deadline = time.monotonic() + self.ask_timeout_s
         while True:

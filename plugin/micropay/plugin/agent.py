@@ -215,11 +215,11 @@ class FleetAgent:
         asker's label at once. An ask older than a minute is left: its asker gave up."""
         node_id = await self.node_id()
         answered = 0
-        for claim_label, amount, description, expiry_s in await self.repo.open_asks(
+        for claim_label, amount, description, expiry_s, hashed in await self.repo.open_asks(
                 node_id, int((self.clock() - 60) * 1000), limit):
             label = LABEL_PREFIX + os.urandom(12).hex()
             try:
-                inv = await self.node.create_invoice(amount, label, description, expiry_s)
+                inv = await self.node.create_invoice(amount, label, description, expiry_s, hash_description=hashed)
             except MicropayError as exc:
                 await self.repo.answer(claim_label, None, int(self.clock() * 1000), error=str(exc)[:200])
                 continue

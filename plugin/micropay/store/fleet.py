@@ -102,6 +102,9 @@ FLEET_SCHEMA = Schema("fleet", (
         """CREATE INDEX IF NOT EXISTS micropay_fleet_payments_hash
             ON micropay_fleet_payments (payment_hash)""",
     )),
+    Migration(2, "an ask may want an invoice committing to sha256 of its description (LNURL-pay, zaps)", (
+        "ALTER TABLE micropay_fleet_asks ADD COLUMN hashed BIGINT NOT NULL DEFAULT 0",
+    )),
 ))
 
 
@@ -326,12 +329,16 @@ class FleetRepository:
 
     # -- on demand ---------------------------------------------------------------------
     async def ask(self, label: str, node_id: str, amount_msat: int | None, description: str, expiry_s: int,
-                  now_ms: int) -> None:
-        await self.store.execute(ASK, (label, node_id, amount_msat, description, expiry_s, now_ms))
+                  now_ms: int, *, hash_description: bool = False) -> None:
+        await self.store.execute(ASK, (label, node_id, amount_msat, description, expiry_s, now_ms,
+                                       int(hash_description)))
 
-    async def open_asks(self, node_id: str, asked_since_ms: int, limit: int) -> list[tuple[str, int | None, str, int]]:
-        return [(lbl, None if a is None else int(a), d, int(e))
-                for lbl, a, d, e in await self.store.query(OPEN_ASKS, (node_id, asked_since_ms, limit))]
+    async def open_asks(self, node_id: str, asked_since_ms: int,
+                        limit: int) -> list[tuple[str, int | None, str, int, bool]]:
+        """(claim label, amount or None, description, expiry, whether the invoice commits to
+        the description's hash) of each open ask of this node, oldest first."""
+        return [(lbl, None if a is None else int(a), d, int(e), bool(h))
+                for lbl, a, d, e, h in await self.store.query(OPEN_ASKS, (node_id, asked_since_ms, limit))]
 
     async def answer(self, label: str, invoice: PooledInvoice | None, now_ms: int, error: str | None = None) -> None:
         """The agent's answer to an ask: the invoice, bound to the asker's label at once."""
@@ -466,9 +473,9 @@ QUEUE_STATS = ("SELECT state, COUNT(*), MIN(created_ms) FROM micropay_fleet_paym
 OPEN_ASK_STATS = "SELECT COUNT(*), MIN(asked_ms) FROM micropay_fleet_asks WHERE answered_ms IS NULL AND asked_ms >= $1"
 
 
-ASK = ("INSERT INTO micropay_fleet_asks (claim_label, node_id, amount_msat, description, expiry_s, asked_ms) "
-       "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (claim_label) DO NOTHING")
-OPEN_ASKS = ("SELECT claim_label, amount_msat, description, expiry_s FROM micropay_fleet_asks "
+ASK = ("INSERT INTO micropay_fleet_asks (claim_label, node_id, amount_msat, description, expiry_s, asked_ms, "
+       "hashed) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (claim_label) DO NOTHING")
+OPEN_ASKS = ("SELECT claim_label, amount_msat, description, expiry_s, hashed FROM micropay_fleet_asks "
              "WHERE node_id = $1 AND answered_ms IS NULL AND asked_ms >= $2 ORDER BY asked_ms LIMIT $3")
 ANSWER = ("UPDATE micropay_fleet_asks SET answered_ms = $2, error = $3 WHERE claim_label = $1 "
           "AND answered_ms IS NULL")
