@@ -11,11 +11,11 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from ..core.errors import BadRequest, MicropayError, NotFound
+from ..core.errors import BadRequest, MicropayError, NotFound, RateLimited
 from ..games.http.common import api, query_int, query_str, require_key
 from ..games.service import Games
 from . import lnurl
-from .service import Creators, TipRefused, TipsBusy
+from .service import Creators, TipRefused
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CORS = {"Access-Control-Allow-Origin": "*"}
@@ -35,8 +35,8 @@ def _lnurl(handler: Callable[[web.Request], Awaitable[dict[str, Any]]]) -> Handl
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
             doc = await handler(request)
-        except TipsBusy as exc:
-            return web.json_response(lnurl.error(exc.message), status=429,
+        except RateLimited as exc:
+            return web.json_response(lnurl.error(exc.message), status=exc.http_status,
                                      headers={**CORS, "Retry-After": str(exc.retry_after_s)})
         except MicropayError as exc:
             return web.json_response(lnurl.error(exc.message), status=exc.http_status, headers=CORS)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.errors import MicropayError, NodeError
+from ..core.errors import BadRequest, MicropayError, NodeError, NotFound, RateLimited
 from ..core.inputs import decimal
 from ..core.ratelimit import TokenBucket
 from ..core.secretfile import load_or_create_secret
@@ -41,23 +41,32 @@ _HASH = re.compile(r"[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
 
 
-class TipRefused(MicropayError):
+class TipRefused(BadRequest):
     """A payRequest or callback the service refuses: answered {"status": "ERROR", "reason": ...}."""
 
     code = "tip_refused"
-    http_status = 400
 
 
-class UnknownAddress(TipRefused):
-    http_status = 404
+class UnknownAddress(NotFound):
+    """No such Lightning Address here, or no such tip invoice of it."""
+
+    code = "unknown_lightning_address"
+    rpc_code = 1430
 
 
-class TipsBusy(TipRefused):
-    http_status = 429
+class TipsBusy(RateLimited):
+    """A client's tip-invoice rate, or the unpaid tips it (or everyone) holds, is at its bound."""
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    code = "too_many_tip_invoices"
+    rpc_code = 1431
+
+
+class NoTipInvoice(RateLimited):
+    """The node (or the fleet) could not make the tip's invoice now; nothing was stored."""
+
+    code = "tip_invoice_unavailable"
+    http_status = 503
+    rpc_code = 1432
 
 
 @dataclass(frozen=True)
@@ -150,9 +159,9 @@ class Creators:
         try:
             inv = await self.node.create_invoice(amount, f"{LABEL_PREFIX}{tip_id}", description,
                                                  self.cfg.tip_expiry_s, hash_description=True)
-        except NodeError as exc:
+        except (NodeError, RateLimited) as exc:     # the fleet's NoInvoiceInTime too
             log.warning("tip invoice for %s not issued: %s", a.name, exc.message)
-            raise TipRefused("the node cannot issue an invoice right now; try again shortly") from None
+            raise NoTipInvoice("the node cannot issue an invoice right now; try again shortly", 5) from None
         tip = Tip(tip_id, a.name, amount, comment, zap_text, client, TipStatus.PENDING, inv.bolt11,
                   inv.payment_hash, now, inv.expires_at)
         if not await self.tips.add(tip, min(self.limits.max_pending_per_client, max(1, self.limits.max_pending // 10)),

@@ -1,0 +1,141 @@
+"""Creators on a real network: node A tips B's Lightning Address (B's sidecar over Core
+Lightning), B forwards its collaborators' shares to C and D exactly once, also when B's
+lightningd is killed -9 while D's share is held in flight; and a stream from A pays B's
+address every interval, the stream's metadata arriving as each tip's comment.
+
+l1 (A, payer, micropay plugin) -> l2 (B, the creator) -> l3 (C) -> l4 (D, holds HTLCs
+of exactly 777,777 msat for 10 s). What each collaborator received is read on its own
+node (its keysend invoices), not from B's records."""
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+from pyln.testing.utils import wait_for
+
+from micropay.lightning.cln import ClnNode
+
+from ..conftest import make_config, start_sidecar
+from .test_kill_campaigns import KILLED, kill_and_restart
+from .test_l402_cln import wait_until
+from .util import helper_plugin, opts
+
+HOLD_MSAT = 777_777
+CREATOR = """
+service = "band"
+[backend]
+kind = "cln"
+rpc_file = "{rpc}"
+[[addresses]]
+name = "band"
+description = "Tips for the band"
+comment_allowed = 200
+keep_share = 2
+split_max_fee_msat = 5000
+splits = [{{ destination = "{carol}", share = 1, name = "carol" }},
+          {{ destination = "{dave}", share = 1, name = "dave" }}]
+"""
+
+
+async def creator_sidecar(tmp_path, rpc_file, carol, dave):
+    node = ClnNode(rpc_file)
+    await node.connect()
+    return await start_sidecar(make_config(tmp_path, CREATOR.format(rpc=rpc_file, carol=carol, dave=dave)),
+                               node=node)
+
+
+async def get_json(url, **params):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, params=params or None) as r:
+            return r.status, json.loads(await r.read())
+
+
+def keysends_received(node) -> list[int]:
+    return [inv["amount_received_msat"] for inv in node.rpc.listinvoices()["invoices"]
+            if inv["status"] == "paid" and inv["label"].startswith("keysend")]
+
+
+async def test_a_tip_split_among_collaborators_once_with_lightningd_killed_mid_forward(node_factory, tmp_path):
+    l1, l2, l3, l4 = node_factory.line_graph(
+        4, opts=[{"may_reconnect": True}, {"may_reconnect": True, "broken_log": KILLED},
+                 {"may_reconnect": True}, {"may_reconnect": True, "plugin": helper_plugin("hold")}],
+        wait_for_announce=True)
+    sc = await creator_sidecar(tmp_path, l2.rpc.socket_path, l3.info["id"], l4.info["id"])
+    service = sc.rt.creators.service
+    try:
+        status, pay_request = await get_json(f"{sc.url}/.well-known/lnurlp/band")
+        assert status == 200 and pay_request["tag"] == "payRequest"
+        tip_msat = 4 * HOLD_MSAT              # carol and dave 1/4 each: exactly the held amount
+        status, answer = await get_json(pay_request["callback"], amount=str(tip_msat), comment="for the band")
+        assert status == 200, answer
+        # lightningd on the payer's side reads our invoice: the amount asked, the metadata's hash
+        decoded = l1.rpc.decode(answer["pr"])
+        assert decoded["amount_msat"] == tip_msat
+        assert decoded["description_hash"] == hashlib.sha256(pay_request["metadata"].encode()).hexdigest()
+        l1.rpc.xpay(answer["pr"])
+
+        async def tip_paid():
+            page = await service.list()
+            return page["tips"] and page["tips"][0]["status"] == "paid"
+        assert await wait_until(tip_paid, 30)
+        # D holds its share's HTLC for 10 s: kill B's lightningd while it is out
+        l4.daemon.wait_for_log(f"holding an HTLC of {HOLD_MSAT} msat", timeout=60)
+        kill_and_restart(l2, l1, l3)
+
+        async def shares_done():
+            tip = (await service.list())["tips"][0]
+            return all(s["status"] in ("paid", "failed") for s in tip["shares"])
+        assert await wait_until(shares_done, 240), (await service.list())["tips"][0]["shares"]
+        tip = (await service.list())["tips"][0]
+        assert tip["received_msat"] == tip_msat and tip["comment"] == "for the band"
+        assert [(s["name"], s["amount_msat"], s["status"]) for s in tip["shares"]] == \
+            [("carol", HOLD_MSAT, "paid"), ("dave", HOLD_MSAT, "paid")]
+        # each collaborator's own node received its share exactly once
+        wait_for(lambda: keysends_received(l4) == [HOLD_MSAT], timeout=30)
+        assert keysends_received(l3) == [HOLD_MSAT]
+        assert keysends_received(l4) == [HOLD_MSAT]
+        # and what left B for the shares is what the tips API reports: no second payment
+        labels = [p for p in l2.rpc.listsendpays()["payments"] if (p.get("label") or "").startswith(
+            "micropay-tipshare-") and p["status"] == "complete"]
+        assert sorted(p["amount_msat"] for p in labels) == [HOLD_MSAT, HOLD_MSAT]
+        dave = tip["shares"][1]
+        print(f"tip {tip_msat} msat: carol {HOLD_MSAT}, dave {HOLD_MSAT} (attempts {dave['attempts']}, "
+              f"fee {dave['fee_msat']} msat) after kill -9 of the creator's lightningd mid-forward")
+    finally:
+        await sc.runner.cleanup()
+
+
+async def test_a_stream_pays_a_lightning_address_every_interval(node_factory, tmp_path):
+    l1, l2, l3, l4 = node_factory.line_graph(4, opts=[opts(), {}, {}, {}], wait_for_announce=True)
+    sc = await creator_sidecar(tmp_path, l2.rpc.socket_path, l3.info["id"], l4.info["id"])
+    service = sc.rt.creators.service
+    try:
+        address = f"band@127.0.0.1:{sc.port}"
+        s = l1.rpc.call("streampay-start", {"destination": address, "amount_msat": 20_000, "interval_s": 2,
+                                            "max_total_msat": 65_000, "max_fee_msat": 1000,
+                                            "metadata": {"podcast": "regtest radio", "sender_name": "ann",
+                                                         "message": "love it"}})
+        sid = s["id"]
+        wait_for(lambda: l1.rpc.call("streampay-status", {"id": sid})["state"] == "completed", timeout=90)
+        wait_for(lambda: l1.rpc.call("streampay-status", {"id": sid})["in_flight"] is None, timeout=60)
+        st = l1.rpc.call("streampay-status", {"id": sid})
+        assert st["payments"] >= 3 and st["paid_msat"] == 20_000 * st["payments"]
+
+        async def all_recorded():
+            tips = [t for t in (await service.list(limit=200))["tips"] if t["status"] == "paid"]
+            return len(tips) == st["payments"]
+        assert await wait_until(all_recorded, 30)
+        tips = [t for t in (await service.list(limit=200))["tips"] if t["status"] == "paid"]
+        assert all(t["received_msat"] == 20_000 for t in tips)
+        assert all(t["comment"].startswith("ann: love it | regtest radio | micropay stream ") for t in tips), \
+            [t["comment"] for t in tips]
+        seqs = sorted(int(t["comment"].rsplit("#", 1)[1]) for t in tips)
+        assert len(set(seqs)) == len(seqs)                     # one tip per stream payment
+        # each interval's tip was split too: the collaborators' nodes got their shares
+        await asyncio.sleep(0)
+        wait_for(lambda: len(keysends_received(l3)) == len(tips), timeout=60)
+        assert sum(keysends_received(l3)) == sum(t["received_msat"] for t in tips) // 4
+        print(f"stream to {address}: {st['payments']} payments, {st['paid_msat']} msat, "
+              f"fees {st['fees_msat']} msat; {len(tips)} tips recorded with the stream's comment")
+    finally:
+        await sc.runner.cleanup()
