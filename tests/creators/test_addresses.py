@@ -215,3 +215,58 @@ async def test_third_party_lnurl_package_reads_the_address(creator):
     assert dec.description_hash == pay.metadata.h
     [(comment,)] = await creator.rt.store.query("SELECT comment FROM micropay_tips")
     assert comment == "via lnurl"
+
+
+async def test_the_tips_api_is_in_openapi_and_keeps_to_it(creator):
+    from micropay.games.http.openapi import document
+
+    from ..games.test_openapi import API_PREFIXES, Contract
+    doc = document(creator.rt.games.cfg)
+    routes = {(r.resource.canonical, r.method.lower()) for r in creator.runner.app.router.routes()
+              if r.resource and r.resource.canonical.startswith(API_PREFIXES) and r.method != "HEAD"}
+    assert routes == {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert {"/v1/tips", "/v1/tips/{id}"} <= set(doc["paths"])
+    _, pr, _ = await get(f"{creator.url}/.well-known/lnurlp/alice")
+    _, ans, _ = await get(pr["callback"], amount="3000", comment="openapi")
+    await creator.payer.pay(ans["pr"])
+    c = Contract(doc)
+
+    async def call(template, path, expect, headers=None):
+        hdrs = {"Authorization": f"Bearer {creator.key}"} if headers is None else headers
+        async with aiohttp.ClientSession() as s:
+            async with s.get(creator.url + path, headers=hdrs) as r:
+                raw = await r.read()
+                c.check(template, "GET", r.status, r.headers.get("Content-Type", ""), raw)
+                assert r.status == expect, raw
+                return json.loads(raw)
+    page = await call("/v1/tips", "/v1/tips?limit=1", 200)
+    await call("/v1/tips/{id}", f"/v1/tips/{page['tips'][0]['id']}", 200)
+    await call("/v1/tips/{id}", "/v1/tips/tip_nope", 404)
+    await call("/v1/tips", "/v1/tips?limit=0", 400)
+    await call("/v1/tips", "/v1/tips?status=lost", 400)
+    await call("/v1/tips", "/v1/tips?cursor=zz~zz", 400)
+    await call("/v1/tips", "/v1/tips", 401, headers={})
+    other, _ = await create_key(creator.rt.store, "no-tips", ["purchases:read"])
+    await call("/v1/tips", "/v1/tips", 403, headers={"Authorization": f"Bearer {other}"})
+
+
+async def test_tips_pages_newest_first_without_gaps(creator):
+    _, pr, _ = await get(f"{creator.url}/.well-known/lnurlp/alice")
+    made = []
+    for i in range(5):
+        _, ans, _ = await get(pr["callback"], amount=str(1000 + i))
+        made.append(ans["pr"])
+    seen, cursor = [], None
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        status, page, _ = await get_auth(creator, "/v1/tips", **params)
+        assert status == 200 and len(page["tips"]) <= 2
+        seen += [t["bolt11"] for t in page["tips"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(made) and len(seen) == 5
+    status, page, _ = await get_auth(creator, "/v1/tips", address="quiet")
+    assert status == 200 and page["tips"] == []
+    status, page, _ = await get_auth(creator, "/v1/tips", status="pending")
+    assert len(page["tips"]) == 5
