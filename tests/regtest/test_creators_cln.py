@@ -72,15 +72,16 @@ async def test_a_tip_split_among_collaborators_once_with_lightningd_killed_mid_f
         decoded = l1.rpc.decode(answer["pr"])
         assert decoded["amount_msat"] == tip_msat
         assert decoded["description_hash"] == hashlib.sha256(pay_request["metadata"].encode()).hexdigest()
-        l1.rpc.xpay(answer["pr"])
+        await asyncio.to_thread(l1.rpc.xpay, answer["pr"])
 
         async def tip_paid():
             page = await service.list()
             return page["tips"] and page["tips"][0]["status"] == "paid"
         assert await wait_until(tip_paid, 30)
         # D holds its share's HTLC for 10 s: kill B's lightningd while it is out
-        l4.daemon.wait_for_log(f"holding an HTLC of {HOLD_MSAT} msat", timeout=60)
-        kill_and_restart(l2, l1, l3)
+        # (blocking calls run in a thread: the sidecar under test shares this event loop)
+        await asyncio.to_thread(l4.daemon.wait_for_log, f"holding an HTLC of {HOLD_MSAT} msat", timeout=60)
+        await asyncio.to_thread(kill_and_restart, l2, l1, l3)
 
         async def shares_done():
             tip = (await service.list())["tips"][0]
@@ -91,7 +92,7 @@ async def test_a_tip_split_among_collaborators_once_with_lightningd_killed_mid_f
         assert [(s["name"], s["amount_msat"], s["status"]) for s in tip["shares"]] == \
             [("carol", HOLD_MSAT, "paid"), ("dave", HOLD_MSAT, "paid")]
         # each collaborator's own node received its share exactly once
-        wait_for(lambda: keysends_received(l4) == [HOLD_MSAT], timeout=30)
+        await asyncio.to_thread(wait_for, lambda: keysends_received(l4) == [HOLD_MSAT], timeout=30)
         assert keysends_received(l3) == [HOLD_MSAT]
         assert keysends_received(l4) == [HOLD_MSAT]
         # and what left B for the shares is what the tips API reports: no second payment
@@ -116,24 +117,30 @@ async def test_a_stream_pays_a_lightning_address_every_interval(node_factory, tm
                                             "metadata": {"podcast": "regtest radio", "sender_name": "ann",
                                                          "message": "love it"}})
         sid = s["id"]
-        wait_for(lambda: l1.rpc.call("streampay-status", {"id": sid})["state"] == "completed", timeout=90)
-        wait_for(lambda: l1.rpc.call("streampay-status", {"id": sid})["in_flight"] is None, timeout=60)
+        def status():
+            return l1.rpc.call("streampay-status", {"id": sid})
+        # (blocking waits run in a thread: the sidecar under test shares this event loop)
+        await asyncio.to_thread(wait_for, lambda: status()["state"] == "completed", timeout=90)
+        await asyncio.to_thread(wait_for, lambda: status()["in_flight"] is None, timeout=60)
         st = l1.rpc.call("streampay-status", {"id": sid})
-        assert st["payments"] >= 3 and st["paid_msat"] == 20_000 * st["payments"]
+        assert st["payments"] >= 3 and st["paid_msat"] <= 65_000
 
         async def all_recorded():
             tips = [t for t in (await service.list(limit=200))["tips"] if t["status"] == "paid"]
             return len(tips) == st["payments"]
         assert await wait_until(all_recorded, 30)
         tips = [t for t in (await service.list(limit=200))["tips"] if t["status"] == "paid"]
-        assert all(t["received_msat"] == 20_000 for t in tips)
+        # each payment is one tip of what the stream paid in it (the last one may be what the
+        # budget had left), and together exactly what the stream says it paid
+        assert all(0 < t["received_msat"] <= 20_000 for t in tips)
+        assert sum(t["received_msat"] for t in tips) == st["paid_msat"]
         assert all(t["comment"].startswith("ann: love it | regtest radio | micropay stream ") for t in tips), \
             [t["comment"] for t in tips]
         seqs = sorted(int(t["comment"].rsplit("#", 1)[1]) for t in tips)
         assert len(set(seqs)) == len(seqs)                     # one tip per stream payment
         # each interval's tip was split too: the collaborators' nodes got their shares
-        await asyncio.sleep(0)
-        wait_for(lambda: len(keysends_received(l3)) == len(tips), timeout=60)
+        await asyncio.to_thread(wait_for, lambda: len(keysends_received(l3)) == len(tips), timeout=60)
+        # carol's shares add up to exactly a quarter of all tips (remainders carried, none lost)
         assert sum(keysends_received(l3)) == sum(t["received_msat"] for t in tips) // 4
         print(f"stream to {address}: {st['payments']} payments, {st['paid_msat']} msat, "
               f"fees {st['fees_msat']} msat; {len(tips)} tips recorded with the stream's comment")
