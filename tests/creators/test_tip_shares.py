@@ -228,13 +228,69 @@ async def test_two_forwarders_at_once_pay_once(world):
     assert world.received(world.carol) == [2000] * 5 and world.received(world.dave) == [1000] * 5
 
 
-async def test_a_share_rounded_to_nothing_is_skipped(world):
-    await world.tip(1_000)    # carol 500, dave 250: fine; now a tiny one on a 1:1000 split
-    world.cfg = CreatorsConfig((AddressConfig("alice", "x", min_sendable_msat=1, splits=(
-        Split(world.carol.id, 1, "carol"),), keep_share=1000),), "https://pay.example")
-    world.service.cfg = world.cfg
-    await world.tip(500)
-    rows = await world.store.query("SELECT amount_msat, status FROM micropay_tip_shares ORDER BY created_at, idx")
-    assert (0, "skipped") in [(int(r[0]), r[1]) for r in rows]
+async def test_a_share_below_the_minimum_waits_in_the_carry(world):
+    """dave's quarter of a 2,000 msat tip is 500 msat, under the 1,000 msat minimum: not
+    paid (no fee spent on it), all of it carried; the next tip pays him both quarters."""
+    t1 = await world.tip(2_000)
+    rows = await world.store.query("SELECT name, amount_msat, status FROM micropay_tip_shares WHERE tip_id = $1 "
+                                   "ORDER BY idx", (t1,))
+    assert [(r[0], int(r[1]), r[2]) for r in rows] == [("carol", 1000, "pending"), ("dave", 0, "skipped")]
+    await world.tip(2_000)
     await world.forwarder().forward_due()
-    assert world.received(world.carol) == [500]
+    assert world.received(world.carol) == [1000, 1000]
+    assert world.received(world.dave) == [1000]                 # 500 + 500
+    assert sorted(int(r[0]) for r in await world.store.query("SELECT carry FROM micropay_tip_carry")) == [0, 0]
+
+
+async def test_fees_never_exceed_a_tenth_of_the_share(world):
+    from micropay.creators.shares import fee_cap
+    await world.tip(4_000)
+    shares = await world.forwarder().repo.of_tip((await world.store.query("SELECT id FROM micropay_tips"))[0][0])
+    assert [fee_cap(s) for s in shares] == [200, 100]        # 2000 and 1000 msat shares, cap 1000 msat
+
+
+async def test_a_process_working_from_a_stale_read_pays_nothing_twice(world):
+    """Process A read the due shares; meanwhile B sent carol's keysend, which went out but
+    whose answer was lost (left sending). A, reaching carol from its old read, must not
+    pay her again: it works from the row its claim returns, or not at all."""
+    from micropay.core.errors import PaymentUnknown
+    await world.tip(4_000)
+    a = world.forwarder()
+    stale = await a.repo.due(int(world.clock()), 20)
+
+    class LostAnswer(CrashingNode):
+        async def keysend(self, *args, **kwargs):
+            await self.node.keysend(*args, **kwargs)
+            raise PaymentUnknown("the connection to lightningd dropped")
+    b = world.forwarder(LostAnswer(world.merchant, ""))
+    await b.forward_due()
+    assert world.received(world.carol) == [2000] and world.received(world.dave) == [1000]
+    for s in stale:                        # A goes on from its old read
+        fresh = await a.repo.claim(s, int(world.clock()) + 90, int(world.clock()))
+        assert fresh is None or fresh.status is ShareStatus.SENDING
+    world.clock.advance(shares_mod.LOOK_AGAIN_S + 1)
+    await a.forward_due()
+    assert world.received(world.carol) == [2000] and world.received(world.dave) == [1000]
+    assert [r[0] for r in await world.store.query("SELECT status FROM micropay_tip_shares ORDER BY idx")] == \
+        ["paid", "paid"]
+
+
+async def test_an_address_that_never_answers_fails_after_the_attempts(world, monkeypatch):
+    """Failing to get an invoice counts as an attempt: the share fails with the reason after
+    MAX_ATTEMPTS, not retried for ever."""
+    calls = []
+
+    async def dead(address, amount, comment):
+        calls.append(address)
+        raise PaymentFailed("lightning address bob@example.com: timed out after 10 s")
+    world.cfg = CreatorsConfig((AddressConfig("alice", "x", splits=(Split("bob@example.com", 1, "bob"),),
+                                              keep_share=1),), "https://pay.example")
+    world.service.cfg = world.cfg
+    await world.tip(4_000)
+    f = ShareForwarder(world.store, world.merchant, address_invoices=dead, clock=world.clock)
+    for k in range(1, MAX_ATTEMPTS + 3):
+        await f.forward_due()
+        world.clock.advance(shares_mod.retry_delay(k) + 1)
+    [(status, attempt, error)] = await world.store.query("SELECT status, attempt, error FROM micropay_tip_shares")
+    assert status == "failed" and int(attempt) == MAX_ATTEMPTS and "timed out" in error
+    assert len(calls) == MAX_ATTEMPTS

@@ -17,7 +17,8 @@ from .lnurl import MAX_COMMENT, NAME, LnurlError, address_parts, metadata_text, 
 CREATORS_KEYS = {"addresses", "creators"}
 _ADDRESS_KEYS = {"name", "description", "long_description", "image_file", "min_sendable_msat",
                  "max_sendable_msat", "comment_allowed", "success_message", "success_url",
-                 "success_description", "splits", "keep_share", "split_max_fee_msat", "nostr_key_file"}
+                 "success_description", "splits", "keep_share", "split_max_fee_msat", "split_min_msat",
+                 "nostr_key_file"}
 _SPLIT_KEYS = {"destination", "share", "name"}
 _NODE_ID = re.compile(r"0[23][0-9a-f]{64}")
 MAX_IMAGE_BYTES = 128 * 1024
@@ -53,6 +54,7 @@ class AddressConfig:
     splits: tuple[Split, ...] = ()
     keep_share: int = 0                 # the address owner's share, kept on this node
     split_max_fee_msat: int = 1_000     # routing fee cap per forwarded share (borne by the owner)
+    split_min_msat: int = 1_000         # a smaller share waits in the carry for the next tip
     nostr_key_file: Path | None = None  # set: zaps are accepted, receipts signed with this key
 
     def metadata(self, domain: str) -> str:
@@ -137,9 +139,10 @@ def _address(t: _Table, base: Path, seen: set[str]) -> AddressConfig:
     if splits and keep + sum(s.share for s in splits) <= 0:
         raise t.fail("splits", "the shares must add up to more than zero")
     fee = t.positive_int("split_max_fee_msat", 1_000, allow_zero=True, maximum=10_000_000)
+    least = t.positive_int("split_min_msat", 1_000, maximum=1_000_000_000) or 1_000
     key = t.get("nostr_key_file", str)
     return AddressConfig(name, description, t.get("long_description", str, ""), image, lo, hi, comment, action,
-                         splits, keep, 1_000 if fee is None else fee,
+                         splits, keep, 1_000 if fee is None else fee, least,
                          _path(base, key) if key is not None else None)
 
 

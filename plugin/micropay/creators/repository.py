@@ -5,7 +5,7 @@ receipt: all of them or none, once."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..games.repository import LOCK, NewEvent
@@ -131,15 +131,18 @@ LIST_TIPS = (f"SELECT {_T_COLS} FROM micropay_tips WHERE ($1 = '' OR address = $
 # -- shares ----------------------------------------------------------------------------------
 CARRY_ROW = ("INSERT INTO micropay_tip_carry (address, destination, share, total, carry, prev) "
              "VALUES ($1, $2, CAST($3 AS BIGINT), CAST($4 AS BIGINT), 0, 0) ON CONFLICT DO NOTHING")
-# Both right-hand sides read the old `carry` (SQL evaluates them before assigning).
+# Both right-hand sides read the old `carry` (SQL evaluates them before assigning). A
+# share below the minimum ($6) is not paid: all of it stays in the carry, for the next tip.
 CARRY_STEP = ("UPDATE micropay_tip_carry SET prev = carry, "
-              "carry = (CAST($5 AS BIGINT) * share + carry) % total "
+              "carry = CASE WHEN (CAST($5 AS BIGINT) * share + carry) / total >= CAST($6 AS BIGINT) "
+              "THEN (CAST($5 AS BIGINT) * share + carry) % total ELSE CAST($5 AS BIGINT) * share + carry END "
               "WHERE address = $1 AND destination = $2 AND share = CAST($3 AS BIGINT) AND total = CAST($4 AS BIGINT) "
               "RETURNING carry")
+_SHARE_AMOUNT = "(CAST($4 AS BIGINT) * share + prev) / total"
 ADD_SHARE = (f"INSERT INTO micropay_tip_shares ({_S_COLS}, lease_until) "
              "SELECT $1, CAST($2 AS BIGINT), address, destination, $3, "
-             "(CAST($4 AS BIGINT) * share + prev) / total, CAST($5 AS BIGINT), "
-             "CASE WHEN (CAST($4 AS BIGINT) * share + prev) / total > 0 THEN 'pending' ELSE 'skipped' END, "
+             f"CASE WHEN {_SHARE_AMOUNT} >= CAST($11 AS BIGINT) THEN {_SHARE_AMOUNT} ELSE 0 END, CAST($5 AS BIGINT), "
+             f"CASE WHEN {_SHARE_AMOUNT} >= CAST($11 AS BIGINT) THEN 'pending' ELSE 'skipped' END, "
              "0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, CAST($6 AS BIGINT), CAST($6 AS BIGINT), "
              "CAST($6 AS BIGINT), NULL FROM micropay_tip_carry WHERE address = $7 AND destination = $8 "
              "AND share = CAST($9 AS BIGINT) AND total = CAST($10 AS BIGINT) "
@@ -148,20 +151,25 @@ SHARES_OF = f"SELECT {_S_COLS} FROM micropay_tip_shares WHERE tip_id = $1 ORDER 
 DUE_SHARES = (f"SELECT {_S_COLS} FROM micropay_tip_shares WHERE status IN ('pending', 'sending') "
               "AND next_at <= $1 AND (lease_until IS NULL OR lease_until < $1) ORDER BY next_at LIMIT $2")
 NEXT_SHARE_AT = "SELECT MIN(next_at) FROM micropay_tip_shares WHERE status IN ('pending', 'sending')"
+# The claim returns the row as it is now: whoever works on a share works from what the
+# store holds under its lease, never from an older read. Every later write names the
+# attempt it expects, so a process working from a stale row changes nothing.
 CLAIM_SHARE = ("UPDATE micropay_tip_shares SET lease_until = $3 WHERE tip_id = $1 AND idx = $2 "
-               "AND status IN ('pending', 'sending') AND (lease_until IS NULL OR lease_until < $4) RETURNING tip_id")
+               "AND status IN ('pending', 'sending') AND next_at <= $4 "
+               f"AND (lease_until IS NULL OR lease_until < $4) RETURNING {_S_COLS}")
 RENEW_SHARE = ("UPDATE micropay_tip_shares SET lease_until = $3 WHERE tip_id = $1 AND idx = $2 "
                "AND status IN ('pending', 'sending')")
 BEGIN_ATTEMPT = ("UPDATE micropay_tip_shares SET status = 'sending', attempt = $3, invoice = $4, payment_hash = $5, "
                  "sendpays_start = $6, started_at = $7, updated_at = $7 WHERE tip_id = $1 AND idx = $2 "
-                 "AND status IN ('pending', 'sending') RETURNING tip_id")
-RETRY_SHARE = ("UPDATE micropay_tip_shares SET status = 'pending', next_at = $3, error = $4, updated_at = $5, "
-               "lease_until = NULL WHERE tip_id = $1 AND idx = $2 AND status IN ('pending', 'sending')")
+                 "AND status IN ('pending', 'sending') AND attempt = $8 RETURNING tip_id")
+RETRY_SHARE = ("UPDATE micropay_tip_shares SET status = 'pending', attempt = $6, next_at = $3, error = $4, "
+               "updated_at = $5, lease_until = NULL WHERE tip_id = $1 AND idx = $2 "
+               "AND status IN ('pending', 'sending') AND attempt = $7")
 FINISH_SHARE = ("UPDATE micropay_tip_shares SET status = $3, fee_msat = $4, preimage = $5, error = $6, "
-                "updated_at = $7, lease_until = NULL WHERE tip_id = $1 AND idx = $2 "
-                "AND status IN ('pending', 'sending') RETURNING tip_id")
+                "updated_at = $7, lease_until = NULL, attempt = $9 WHERE tip_id = $1 AND idx = $2 "
+                "AND status IN ('pending', 'sending') AND attempt = $8 RETURNING tip_id")
 RELEASE_SHARE = ("UPDATE micropay_tip_shares SET lease_until = NULL, next_at = $3 WHERE tip_id = $1 AND idx = $2 "
-                 "AND status IN ('pending', 'sending')")
+                 "AND status IN ('pending', 'sending') AND attempt = $4")
 
 # -- zap receipts ------------------------------------------------------------------------------
 ADD_ZAP = ("INSERT INTO micropay_zap_receipts (tip_id, event, relays, status, attempts, next_at, lease_until, "
@@ -211,9 +219,11 @@ class TipRepository:
             total = address.total_shares
             for k, s in enumerate(address.splits):
                 key = (tip.address, s.destination, s.share, total)
+                least = max(1, address.split_min_msat)
                 steps += [Step(CARRY_ROW, key),
-                          Step(CARRY_STEP, (*key, received_msat), required=True),
-                          Step(ADD_SHARE, (tip.id, k, s.name, received_msat, address.split_max_fee_msat, now, *key))]
+                          Step(CARRY_STEP, (*key, received_msat, least), required=True),
+                          Step(ADD_SHARE, (tip.id, k, s.name, received_msat, address.split_max_fee_msat, now, *key,
+                                           least))]
         if zap is not None:
             steps.append(Step(ADD_ZAP, (tip.id, zap[0], zap[1], now)))
         return (await self.store.transaction(steps)).ok
@@ -244,27 +254,39 @@ class ShareRepository:
         row = await self.store.fetchrow(NEXT_SHARE_AT)
         return _int(row[0]) if row else None
 
-    async def claim(self, s: Share, lease_until: int, now: int) -> bool:
-        return bool(await self.store.query(CLAIM_SHARE, (s.tip_id, s.idx, lease_until, now)))
+    async def claim(self, s: Share, lease_until: int, now: int) -> Share | None:
+        """The share as the store holds it now, leased to us; None when it is not due, or
+        another process holds it."""
+        row = await self.store.fetchrow(CLAIM_SHARE, (s.tip_id, s.idx, lease_until, now))
+        return Share.from_row(row) if row else None
 
     async def renew(self, s: Share, lease_until: int) -> None:
         await self.store.execute(RENEW_SHARE, (s.tip_id, s.idx, lease_until))
 
     async def begin_attempt(self, s: Share, attempt: int, invoice: str | None, payment_hash: str | None,
-                            sendpays_start: int | None, now: int) -> bool:
-        return bool(await self.store.query(BEGIN_ATTEMPT, (s.tip_id, s.idx, attempt, invoice, payment_hash,
-                                                           sendpays_start, now)))
+                            sendpays_start: int | None, now: int) -> Share | None:
+        """Attempt `attempt` written as sending (from the attempt `s` holds); the share as it
+        now is, or None when the row moved on meanwhile."""
+        if not await self.store.query(BEGIN_ATTEMPT, (s.tip_id, s.idx, attempt, invoice, payment_hash,
+                                                      sendpays_start, now, s.attempt)):
+            return None
+        return replace(s, status=ShareStatus.SENDING, attempt=attempt, invoice=invoice, payment_hash=payment_hash,
+                       sendpays_start=sendpays_start, started_at=now, updated_at=now)
 
-    async def retry_later(self, s: Share, next_at: int, error: str, now: int) -> None:
-        await self.store.execute(RETRY_SHARE, (s.tip_id, s.idx, next_at, error[:500], now))
+    async def retry_later(self, s: Share, attempt: int, next_at: int, error: str, now: int) -> None:
+        """Nothing of attempt `attempt` is out: pending again, tried after next_at."""
+        await self.store.execute(RETRY_SHARE, (s.tip_id, s.idx, next_at, error[:500], now, attempt, s.attempt))
 
     async def release(self, s: Share, next_at: int) -> None:
-        await self.store.execute(RELEASE_SHARE, (s.tip_id, s.idx, next_at))
+        await self.store.execute(RELEASE_SHARE, (s.tip_id, s.idx, next_at, s.attempt))
 
     async def finish(self, s: Share, status: ShareStatus, now: int, *, fee_msat: int | None = None,
-                     preimage: str | None = None, error: str | None = None) -> bool:
+                     preimage: str | None = None, error: str | None = None, attempts: int | None = None) -> bool:
+        """Paid or failed, from the attempt `s` holds (`attempts`: how many were made, when
+        the last one never got as far as being written)."""
         return bool(await self.store.query(FINISH_SHARE, (s.tip_id, s.idx, str(status), fee_msat, preimage,
-                                                          error[:500] if error else None, now)))
+                                                          error[:500] if error else None, now, s.attempt,
+                                                          s.attempt if attempts is None else attempts)))
 
 
 class ZapRepository:
