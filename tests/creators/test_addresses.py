@@ -270,3 +270,61 @@ async def test_tips_pages_newest_first_without_gaps(creator):
     assert status == 200 and page["tips"] == []
     status, page, _ = await get_auth(creator, "/v1/tips", status="pending")
     assert len(page["tips"]) == 5
+
+
+async def test_expired_tips_are_deleted_a_day_later(tmp_path):
+    from ..conftest import FakeClock
+    from micropay.creators.service import KEEP_EXPIRED_S
+    clock = FakeClock(float(int(time.time())))
+    sc = await start_sidecar(make_config(tmp_path, TOML), clock=clock)
+    try:
+        creators = sc.rt.creators.service
+        _, pr, _ = await get(f"{sc.url}/.well-known/lnurlp/alice")
+        for amount in ("2000", "3000"):
+            status, ans, _ = await get(pr["callback"], amount=amount)
+            assert status == 200
+        await sc.payer.pay(ans["pr"])          # the second one is paid
+        for _ in range(100):
+            if (await creators.list(status="paid"))["tips"]:
+                break
+            await asyncio.sleep(0.02)
+        clock.advance(601)
+        assert await creators.expire_due() == 1
+        assert [t["status"] for t in (await creators.list())["tips"]] == ["paid", "expired"]
+        clock.advance(KEEP_EXPIRED_S)
+        await creators.expire_due()
+        assert [t["status"] for t in (await creators.list())["tips"]] == ["paid"]      # paid tips stay
+    finally:
+        await sc.runner.cleanup()
+
+
+@pytest.mark.parametrize("extra, why", [
+    ('success_url = "https://elsewhere.example/thanks"', "must be on the domain of [creators] public_url"),
+    ('success_message = "x"\nsuccess_url = "https://pay.example/t"', "not both"),
+    ('comment_allowed = 2001', "comment_allowed"),
+    ('splits = [{ destination = "nobody", share = 1 }]', "must be a node id"),
+    ('splits = [{ destination = "a@b.example", share = 0 }]', "share"),
+    ('name = "Bad Name"', "name"),
+    ('max_sendable_msat = 10', "at least min_sendable_msat"),
+    ('image_file = "big.png"', "larger than 32768 bytes"),
+])
+def test_bad_address_config_is_refused_with_its_key(tmp_path, extra, why):
+    from micropay.core.errors import ConfigError
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"\0" * 40_000)
+    text = ('[creators]\npublic_url = "https://pay.example"\n[[addresses]]\n'
+            + ('' if extra.startswith("name") else 'name = "alice"\n') + 'description = "d"\n' + extra + "\n")
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    from micropay.seller.configfile import load_config
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert why in err.value.message and "addresses[0]" in err.value.message, err.value.message
+
+
+def test_a_success_url_on_the_public_domain_is_taken(tmp_path):
+    from micropay.seller.configfile import load_config
+    path = tmp_path / "c.toml"
+    path.write_text('[creators]\npublic_url = "https://pay.example"\n[[addresses]]\nname = "alice"\n'
+                    'description = "d"\nsuccess_url = "https://pay.example/thanks"\n')
+    a = load_config(path).creators.addresses[0]
+    assert a.success_action == {"tag": "url", "description": "Thank you!", "url": "https://pay.example/thanks"}

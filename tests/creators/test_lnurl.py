@@ -108,8 +108,8 @@ def _with(**changes):
     (_with(minSendable=5000, maxSendable=4000), "minSendable is above its maxSendable"),
     (_with(metadata=None), "metadata must be a string"),
     (_with(metadata="[[\"text/plain\""), "metadata is not JSON"),
-    (_with(metadata='[["image/png;base64", "xx"]]'), "with a text/plain entry"),
-    (_with(metadata='[["text/plain"]]'), "with a text/plain entry"),
+    (_with(metadata='[["image/png;base64", "xx"]]'), "with a text/plain one"),
+    (_with(metadata='[["text/plain"]]'), "with a text/plain one"),
 ])
 def test_parse_pay_request_refuses(doc, why):
     with pytest.raises(LnurlError, match=why):
@@ -192,3 +192,11 @@ async def test_our_callback_answer_carries_an_invoice_the_lnurl_package_accepts(
     assert str(theirs.pr) == inv.bolt11
     decoded = await node.decode(inv.bolt11)
     check_invoice(parse_pay_request(GOOD), 21_000, decoded.amount_msat, decoded.description_hash)
+
+
+def test_metadata_entries_a_payer_does_not_use_may_hold_any_json():
+    """LUD-06 fixes only the text/plain entry; others (here a number and an object) are
+    taken as they are, and the identifier is still found."""
+    meta = '[["text/plain", "hi"], ["text/tag", 7], ["x/y", {"a": 1}], ["text/identifier", "a@b.example"]]'
+    req = parse_pay_request(_with(metadata=meta))
+    assert req.metadata == meta and req.identifier == "a@b.example"

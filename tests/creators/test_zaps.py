@@ -305,3 +305,34 @@ async def test_names_that_resolve_to_private_addresses_are_not_contacted():
             await resolver.resolve("localhost", 80)          # /etc/hosts: loopback only
     finally:
         await resolver.close()
+
+
+async def test_a_relay_redirecting_elsewhere_is_not_followed(nostr_relay):
+    """A relay answering with a redirect (say, to an address on the server's own network)
+    is refused; the redirect's target never sees a request."""
+    from aiohttp import web
+    from tests.conftest import serve_app
+    hits = []
+
+    async def internal(request):
+        hits.append(request.path)
+        return web.Response(text="internal")
+
+    async def redirect(request):
+        raise web.HTTPFound(f"{target}/internal-admin")
+    inner = web.Application()
+    inner.router.add_get("/{tail:.*}", internal)
+    inner_runner, target = await serve_app(inner)
+    outer = web.Application()
+    outer.router.add_get("/{tail:.*}", redirect)
+    outer_runner, relay = await serve_app(outer)
+    try:
+        _, receipt = _receipt([nostr_relay.url])
+        url = relay.replace("http://", "ws://")
+        # allow_private only lets the first hop be on loopback; the redirect is refused anyway
+        result = await publish_receipt(receipt, [url], timeout_s=5, allow_private=True)
+        assert result[url] is not None and "redirect" in result[url], result
+        assert hits == []
+    finally:
+        await outer_runner.cleanup()
+        await inner_runner.cleanup()

@@ -53,11 +53,31 @@ def read_secret(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def _create_secret(path: Path, data: bytes) -> None:
+    """Write a new secret file unless one appeared meanwhile: two processes starting
+    together end up reading the same secret (the first one linked in wins)."""
+    private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)              # fails if the file exists: never replaces a secret in use
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
 def load_or_create_secret(path: Path, n_bytes: int) -> bytes:
     """An `n_bytes` random secret kept as hex in a 0600 file: read (refused if others can
     read it, or if it is not `n_bytes` of hex), or created the first time."""
     if not path.exists():
-        write_secret(path, os.urandom(n_bytes).hex().encode() + b"\n")
+        _create_secret(path, os.urandom(n_bytes).hex().encode() + b"\n")
     text = read_secret(path).decode("ascii", "replace").strip()
     try:
         raw = bytes.fromhex(text)

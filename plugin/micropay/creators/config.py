@@ -21,7 +21,7 @@ _ADDRESS_KEYS = {"name", "description", "long_description", "image_file", "min_s
                  "nostr_key_file"}
 _SPLIT_KEYS = {"destination", "share", "name"}
 _NODE_ID = re.compile(r"0[23][0-9a-f]{64}")
-MAX_IMAGE_BYTES = 128 * 1024
+MAX_IMAGE_BYTES = 32 * 1024         # base64 in the metadata: the payRequest stays well under 64 KiB
 MAX_SPLITS = 16
 DEFAULT_MAX_SENDABLE = 10_000_000_000      # 10,000,000 sat (0.1 BTC)
 
@@ -100,11 +100,11 @@ def parse_creators(top: _Table, source: str) -> CreatorsConfig:
         where = f"{source}: addresses[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")
-        out.append(_address(_Table(raw, where), Path(source).parent, seen))
+        out.append(_address(_Table(raw, where), Path(source).parent, seen, public_url))
     return CreatorsConfig(tuple(out), public_url, expiry, bool(c.get("zap_private_relays", bool, False)))
 
 
-def _address(t: _Table, base: Path, seen: set[str]) -> AddressConfig:
+def _address(t: _Table, base: Path, seen: set[str], public_url: str | None) -> AddressConfig:
     t.check_keys(_ADDRESS_KEYS)
     name = t.get("name", str)
     if name is None or not NAME.fullmatch(name):
@@ -133,7 +133,7 @@ def _address(t: _Table, base: Path, seen: set[str]) -> AddressConfig:
         if len(data) > MAX_IMAGE_BYTES:
             raise t.fail("image_file", f"is larger than {MAX_IMAGE_BYTES} bytes")
         image = (kind, base64.b64encode(data).decode("ascii"))
-    action = _success_action(t)
+    action = _success_action(t, public_url)
     splits = _splits(t)
     keep = t.positive_int("keep_share", 0, allow_zero=True, maximum=1_000_000) or 0
     if splits and keep + sum(s.share for s in splits) <= 0:
@@ -151,7 +151,7 @@ def _path(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def _success_action(t: _Table) -> dict[str, str] | None:
+def _success_action(t: _Table, public_url: str | None) -> dict[str, str] | None:
     message, url, desc = t.get("success_message", str), t.get("success_url", str), t.get("success_description", str)
     try:
         if message is not None and url is not None:
@@ -162,6 +162,10 @@ def _success_action(t: _Table) -> dict[str, str] | None:
             u = urllib.parse.urlsplit(url)
             if u.scheme != "https" or not u.netloc:
                 raise t.fail("success_url", "must be an https:// URL")
+            # LUD-09: wallets refuse a success URL on another domain than the callback's
+            if public_url is None or u.hostname != urllib.parse.urlsplit(public_url).hostname:
+                raise t.fail("success_url", "must be on the domain of [creators] public_url (LUD-09: wallets "
+                                            "refuse a URL on another domain than the callback's)")
             return success_url(desc or "Thank you!", url)
     except LnurlError as exc:
         raise t.fail("success_message" if message is not None else "success_description", str(exc)) from None

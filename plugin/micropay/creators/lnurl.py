@@ -160,9 +160,10 @@ class PayRequest:
 
     @property
     def identifier(self) -> str | None:
-        for mime, content in json.loads(self.metadata):
-            if mime in ("text/identifier", "text/email"):
-                return content
+        for entry in json.loads(self.metadata):
+            if (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("text/identifier", "text/email")
+                    and isinstance(entry[1], str)):
+                return entry[1]
         return None
 
 
@@ -197,10 +198,11 @@ def parse_pay_request(doc: Any) -> PayRequest:
         entries = json.loads(metadata)
     except ValueError:
         raise LnurlError("the payRequest's metadata is not JSON") from None
-    if not isinstance(entries, list) or not all(
-            isinstance(e, list) and len(e) == 2 and all(isinstance(x, str) for x in e) for e in entries) \
-            or not any(e[0] == "text/plain" for e in entries):
-        raise LnurlError("the payRequest's metadata must be a list of [mime, text] pairs with a text/plain entry")
+    # LUD-06: a list of [mime, content] entries, one of them text/plain; entries this payer
+    # does not use may hold other JSON, and are not looked at
+    if not isinstance(entries, list) or not any(
+            isinstance(e, list) and len(e) == 2 and e[0] == "text/plain" and isinstance(e[1], str) for e in entries):
+        raise LnurlError("the payRequest's metadata must be a list of [mime, content] entries with a text/plain one")
     comment = doc.get("commentAllowed", 0)
     if isinstance(comment, bool) or not isinstance(comment, int) or comment < 0:
         comment = 0

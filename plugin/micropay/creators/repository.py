@@ -125,6 +125,10 @@ MARK_TIP_PAID = ("UPDATE micropay_tips SET status = 'paid', paid_at = $2, receiv
 EXPIRABLE_TIPS = "SELECT id FROM micropay_tips WHERE status = 'pending' AND expires_at <= $1 LIMIT $2"
 EXPIRE_TIPS = ("UPDATE micropay_tips SET status = 'expired' WHERE status = 'pending' AND expires_at <= $1 "
                "AND id IN (SELECT id FROM micropay_tips WHERE status = 'pending' AND expires_at <= $1 LIMIT $2)")
+# Unpaid tips are kept a while after they expired (a late payment is still recorded), then
+# deleted: what anonymous callers can make the store hold is bounded by time.
+PURGE_TIPS = ("DELETE FROM micropay_tips WHERE id IN (SELECT id FROM micropay_tips WHERE status = 'expired' "
+              "AND expires_at <= $1 LIMIT $2)")
 LIST_TIPS = (f"SELECT {_T_COLS} FROM micropay_tips WHERE ($1 = '' OR address = $1) AND ($2 = '' OR status = $2) "
              "AND (created_at < $3 OR (created_at = $3 AND id < $4)) ORDER BY created_at DESC, id DESC LIMIT $5")
 
@@ -232,6 +236,14 @@ class TipRepository:
         n = len(await self.store.query(EXPIRABLE_TIPS, (now, limit)))
         if n:
             await self.store.execute(EXPIRE_TIPS, (now, limit))
+        return n
+
+    async def purge(self, expired_before: int, limit: int = 1000) -> int:
+        rows = await self.store.query("SELECT COUNT(*) FROM (SELECT id FROM micropay_tips WHERE status = 'expired' "
+                                      "AND expires_at <= $1 LIMIT $2) AS t", (expired_before, limit))
+        n = int(rows[0][0]) if rows else 0
+        if n:
+            await self.store.execute(PURGE_TIPS, (expired_before, limit))
         return n
 
     async def page(self, address: str, status: str, before_created_at: int, before_id: str,

@@ -36,6 +36,7 @@ from .zaps import ZapError, parse_zap_request, zap_receipt
 log = logging.getLogger("micropay.creators")
 LABEL_PREFIX = "micropay-tip-"
 MAX_ZAP_REQUEST = 16 * 1024
+KEEP_EXPIRED_S = 86_400          # an expired, unpaid tip is deleted a day after it expired
 _TIP_ID = re.compile(r"tip_[0-9a-f]{24}")
 _HASH = re.compile(r"[0-9a-f]{64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
@@ -147,13 +148,13 @@ class Creators:
         amount = _amount(query.get("amount"), a)
         comment = _comment(query.get("comment"), a)
         zap_text = query.get("nostr")
-        description = a.metadata(_domain(base))
-        if zap_text is not None:
-            description = self._check_zap(a, zap_text, amount, base)
-        wait = self._per_client.take(client)
+        wait = self._per_client.take(client)     # before any work a request can make us do
         if wait > 0:
             raise TipsBusy(f"too many tip invoices from this client; try again in {int(wait) + 1} s",
                            int(wait) + 1)
+        description = a.metadata(_domain(base))
+        if zap_text is not None:
+            description = self._check_zap(a, zap_text, amount, base)
         now = int(self.clock())
         tip_id = "tip_" + os.urandom(12).hex()
         try:
@@ -242,7 +243,12 @@ class Creators:
         return json.dumps(ev.as_json(), separators=(",", ":")), json.dumps(list(req.relays))
 
     async def expire_due(self) -> int:
-        return await self.tips.expire_due(int(self.clock()))
+        """Mark unpaid tips past their expiry expired, and delete those expired more than
+        KEEP_EXPIRED_S ago (their invoices on the node expired with them)."""
+        now = int(self.clock())
+        n = await self.tips.expire_due(now)
+        await self.tips.purge(now - KEEP_EXPIRED_S)
+        return n
 
     # -- reading ----------------------------------------------------------------------------------
     async def get(self, tip_id: str) -> dict[str, Any] | None:

@@ -75,7 +75,12 @@ async def publish_receipt(event: Event, relays: Sequence[str], *, timeout_s: flo
     resolver: AbstractResolver | None = None
     if session is None:
         resolver = DefaultResolver() if allow_private else _PublicResolver()
-        live = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver))
+        # A relay's answer may not send us elsewhere: aiohttp resolves no IP literal in a
+        # redirect's URL, so a redirect could reach a private address the check above refused.
+        no_redirects = aiohttp.TraceConfig()
+        no_redirects.on_request_redirect.append(_refuse_redirect)
+        live = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver),
+                                     trace_configs=[no_redirects])
     else:
         live = session
 
@@ -131,6 +136,15 @@ async def _await_ok(ws: aiohttp.ClientWebSocketResponse, event_id: str) -> str |
             return f"refused: {message or 'no reason given'}"
     closed = "the relay closed the connection before answering"
     return f"{closed} (it said: {notice})" if notice else closed
+
+
+class RedirectRefused(Exception):
+    pass
+
+
+async def _refuse_redirect(session: Any, ctx: Any, params: Any) -> None:
+    raise RedirectRefused(f"the relay redirected to {str(params.response.headers.get('Location', ''))[:100]}; "
+                          "redirects are not followed")
 
 
 def _parse(text: str) -> list[Any] | None:
