@@ -328,3 +328,41 @@ def test_a_success_url_on_the_public_domain_is_taken(tmp_path):
                     'description = "d"\nsuccess_url = "https://pay.example/thanks"\n')
     a = load_config(path).creators.addresses[0]
     assert a.success_action == {"tag": "url", "description": "Thank you!", "url": "https://pay.example/thanks"}
+
+
+async def test_tip_received_goes_out_as_a_signed_webhook_and_over_the_websocket(tmp_path):
+    """The webhook endpoint receives the signed tip.received (checked with the receiver's
+    own verification helper), and a WebSocket listener gets the same event."""
+    from aiohttp import web
+    from micropay.games.signing import verify_webhook
+    from ..conftest import serve_app
+    got: list[dict] = []
+    hook = web.Application()
+
+    async def receive(request):
+        body = await request.read()
+        secrets = (tmp_path / "data" / "webhook-overlay.secret").read_text().split()
+        got.append(verify_webhook(body, request.headers.get("Micropay-Signature"), secrets))
+        return web.Response(status=204)
+    hook.router.add_post("/hook", receive)
+    hook_runner, hook_url = await serve_app(hook)
+    toml = TOML + f'[[webhooks]]\nname = "overlay"\nurl = "{hook_url}/hook"\nevents = ["tip.received"]\n'
+    sc = await start_sidecar(make_config(tmp_path, toml))
+    key, _ = await create_key(sc.rt.store, "overlay", ["events:read"])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"{sc.url}/v1/ws", headers={"Authorization": f"Bearer {key}"}) as ws:
+                _, pr, _ = await get(f"{sc.url}/.well-known/lnurlp/alice")
+                _, ans, _ = await get(pr["callback"], amount="9000", comment="on the socket")
+                await sc.payer.pay(ans["pr"])
+                msg = await asyncio.wait_for(ws.receive_json(), 5)
+        assert msg["type"] == "tip.received" and msg["data"]["tip"]["comment"] == "on the socket"
+        for _ in range(250):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert [e["type"] for e in got] == ["tip.received"]
+        assert got[0]["data"]["tip"]["received_msat"] == 9000 and got[0]["data"]["tip"]["address"] == "alice"
+    finally:
+        await sc.runner.cleanup()
+        await hook_runner.cleanup()
