@@ -136,3 +136,20 @@ def test_config_parser_only_raises_config_error(doc):
         parse_config(doc, "fuzz.toml")
     except ConfigError as exc:
         assert "fuzz.toml" in str(exc)
+
+
+def test_check_config_reports_every_problem_of_the_addresses(tmp_path):
+    from micropay.seller.config_check import check_file
+    path = tmp_path / "bad.toml"
+    path.write_text('[creators]\npublic_url = "https://pay.example"\n'
+                    '[[addresses]]\nname = "Alice"\ndescription = "d"\ncomment_allowed = 5000\n'
+                    '[[addresses]]\nname = "bob"\ndescription = "d"\n'
+                    'splits = [{ destination = "nobody", share = 1 }]\n'
+                    '[[addresses]]\nname = "carol"\ndescription = "d"\n')
+    problems, _, cfg = check_file(path)
+    lines = [p[len(str(path)) + 1:].split(": ")[:2] for p in problems]
+    assert cfg is None and lines == [["4", "addresses[0].name"], ["6", "addresses[0].comment_allowed"],
+                                     ["10", "addresses[1].splits[0].destination"]], problems
+    path.write_text('[[addresses]]\nname = "bob"\ndescription = "d"\n[[addresses]]\nname = "bob"\ndescription = "e"\n')
+    problems, _, cfg = check_file(path)
+    assert cfg is None and len(problems) == 1 and "duplicate address 'bob'" in problems[0]

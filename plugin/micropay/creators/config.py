@@ -85,7 +85,9 @@ class CreatorsConfig:
         return None
 
 
-def parse_creators(top: _Table, source: str) -> CreatorsConfig:
+def parse_creators(top: _Table, source: str, index_offset: int = 0) -> CreatorsConfig:
+    """`index_offset`: where the addresses given start in the file's list (to name them
+    right when they are checked one at a time)."""
     c = _Table(top.get("creators", dict, {}), f"{source}: creators")
     c.check_keys({"public_url", "tip_expiry_s", "zap_private_relays"})
     public_url = c.get("public_url", str)
@@ -96,7 +98,7 @@ def parse_creators(top: _Table, source: str) -> CreatorsConfig:
         public_url = f"{u.scheme}://{u.netloc.lower()}"
     expiry = c.positive_int("tip_expiry_s", 600, maximum=86400) or 600
     out, seen = [], set()
-    for i, raw in enumerate(top.get("addresses", list, [])):
+    for i, raw in enumerate(top.get("addresses", list, []), index_offset):
         where = f"{source}: addresses[{i}]"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a table")

@@ -72,12 +72,20 @@ def check_file(path: Path) -> tuple[list[str], list[str], Config | None]:
                     _Table({key: [it]}, source), source, index_offset={key: i}), item)
         elif key in GAMES_KEYS:
             attempt(lambda v, key=key: parse_games(_Table({key: v}, source), source), value)
+        elif key == "addresses" and isinstance(value, list):
+            creators = doc.get("creators") if isinstance(doc.get("creators"), dict) else {}
+            for i, item in enumerate(value):
+                attempt(lambda it, i=i: parse_creators(
+                    _Table({"addresses": [it], "creators": creators}, source), source, index_offset=i), item)
         elif key in CREATORS_KEYS:
             attempt(lambda v, key=key: parse_creators(_Table({key: v}, source), source), value)
         else:
             attempt(lambda v, key=key: parse_config({key: v, "demo": True}, source), value)
     if not problems and games:     # across items: duplicate skus, names
         attempt(lambda g: parse_games(_Table(g, source), source), games)
+    creators = {k: v for k, v in doc.items() if k in CREATORS_KEYS}
+    if not problems and creators:  # across addresses: duplicate names
+        attempt(lambda c: parse_creators(_Table(c, source), source), creators)
     problems.sort(key=lambda p: _line_number(p, source))      # in file order
     config = None
     if not problems:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import re
 
 # A problem's key, as messages start with it: `routes[2].price_msat`, `backend.kind`, `service`.
-KEY_PATH = re.compile(r"^(?P<key>[A-Za-z_][\w-]*(?:\[\d+\])?(?:\.[A-Za-z_][\w-]*)?)(?::|$)")
+# Deeper paths (`addresses[1].splits[0].destination`) are placed at their first key's line.
+KEY_PATH = re.compile(r"^(?P<key>[A-Za-z_][\w-]*(?:\[\d+\])?(?:\.[A-Za-z_][\w-]*)?)"
+                      r"(?:\[\d+\](?:\.[A-Za-z_][\w-]*)*)?(?::|$)")
 
 
 def with_line(text: str, source: str, message: str) -> str:
