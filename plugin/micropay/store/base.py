@@ -14,6 +14,17 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 
+POINT_STATEMENTS: set[str] = set()
+
+
+def point(sql: str) -> str:
+    """Mark `sql` as a point statement: it reads or writes a few rows found by a key
+    (primary or unique), never a scan, so it takes microseconds. The SQLite adapter may
+    run such statements on the event loop's thread (sqlite.py); others ignore the mark."""
+    POINT_STATEMENTS.add(sql)
+    return sql
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     sql: str

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .base import Step, Store
+from .base import Step, Store, point
 
 
 class ChallengeStatus(enum.StrEnum):
@@ -37,9 +37,9 @@ class ChallengeRecord:
 
 _COLS = ("payment_hash, token_id, route_key, client_key, price_msat, bolt11, macaroon, "
          "created_at, expires_at, credits, paid_at, received_msat")
-ADD = (f"INSERT INTO micropay_challenges ({_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
-       "ON CONFLICT (payment_hash) DO NOTHING")
-GET = f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1"
+ADD = point(f"INSERT INTO micropay_challenges ({_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
+            "ON CONFLICT (payment_hash) DO NOTHING")
+GET = point(f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1")
 # This client's unpaid, unexpired challenges (a 402 reads PENDING_BY_CLIENT instead, once
 # a second; this one is for tools and tests).
 COUNT_PENDING_OF = ("SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
@@ -47,20 +47,20 @@ COUNT_PENDING_OF = ("SELECT COUNT(*) FROM micropay_challenges WHERE client_key =
 COUNT_PENDING = "SELECT COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1"
 PENDING_BY_CLIENT = ("SELECT client_key, COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL "
                      "AND expires_at > $1 GROUP BY client_key")
-MARK_PAID = ("UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
-             "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash")
+MARK_PAID = point("UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
+                  "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash")
 PURGE = "DELETE FROM micropay_challenges WHERE paid_at IS NULL AND expires_at < $1 RETURNING payment_hash"
 # First use inserts (initial - 1); later uses decrement while > 0. No row back: exhausted.
-DEBIT = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, $2 - 1) "
-         "ON CONFLICT (token_id) DO UPDATE SET remaining = micropay_credits.remaining - 1 "
-         "WHERE micropay_credits.remaining > 0 RETURNING remaining")
-CONSUME_WHOLE = ("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, 0) "
-                 "ON CONFLICT (token_id) DO NOTHING RETURNING remaining")
-REFUND = "UPDATE micropay_credits SET remaining = remaining + 1 WHERE token_id = $1"
-UNCONSUME_WHOLE = "DELETE FROM micropay_credits WHERE token_id = $1 AND remaining = 0"
-REMAINING = "SELECT remaining FROM micropay_credits WHERE token_id = $1"
-ADD_RECEIPT = ("INSERT INTO micropay_receipts (payment_hash, receipt, created_at) VALUES ($1, $2, $3) "
-               "ON CONFLICT (payment_hash) DO NOTHING")
+DEBIT = point("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, $2 - 1) "
+              "ON CONFLICT (token_id) DO UPDATE SET remaining = micropay_credits.remaining - 1 "
+              "WHERE micropay_credits.remaining > 0 RETURNING remaining")
+CONSUME_WHOLE = point("INSERT INTO micropay_credits (token_id, remaining) VALUES ($1, 0) "
+                      "ON CONFLICT (token_id) DO NOTHING RETURNING remaining")
+REFUND = point("UPDATE micropay_credits SET remaining = remaining + 1 WHERE token_id = $1")
+UNCONSUME_WHOLE = point("DELETE FROM micropay_credits WHERE token_id = $1 AND remaining = 0")
+REMAINING = point("SELECT remaining FROM micropay_credits WHERE token_id = $1")
+ADD_RECEIPT = point("INSERT INTO micropay_receipts (payment_hash, receipt, created_at) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (payment_hash) DO NOTHING")
 
 
 class L402Repository:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Step, Store
+from .base import Step, Store, point
 from .l402 import CONSUME_WHOLE
 
 
@@ -84,6 +84,8 @@ RESERVE = ("UPDATE micropay_sessions SET spent_msat = spent_msat + $2, active_at
 RELEASE = ("UPDATE micropay_sessions SET spent_msat = spent_msat - $2, refund_msat = CASE WHEN status = 'refunding' "
            "THEN refund_msat + $2 ELSE refund_msat END WHERE session_id = $1 AND (status IN ('open', 'closing') "
            "OR (status = 'refunding' AND refund_from IS NULL)) AND spent_msat >= $2 RETURNING session_id")
+# What a session's requests run, each on its own row by session id (point statements).
+GET, TOP_UP, RESERVE, RELEASE = (point(sql) for sql in (GET, TOP_UP, RESERVE, RELEASE))
 BEGIN_CLOSE = ("UPDATE micropay_sessions SET status = 'closing', closed_at = $2 "
                "WHERE session_id = $1 AND status = 'open' RETURNING session_id")
 FIX_REFUND = ("UPDATE micropay_sessions SET status = 'refunding', refund_msat = deposit_msat - spent_msat "
