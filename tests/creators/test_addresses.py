@@ -283,6 +283,7 @@ async def test_expired_tips_are_deleted_a_day_later(tmp_path):
         for amount in ("2000", "3000"):
             status, ans, _ = await get(pr["callback"], amount=amount)
             assert status == 200
+            clock.advance(1)                   # listed newest first: the two must not share a second
         await sc.payer.pay(ans["pr"])          # the second one is paid
         for _ in range(100):
             if (await creators.list(status="paid"))["tips"]:

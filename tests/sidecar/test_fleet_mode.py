@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import aiohttp
 import pytest
@@ -212,6 +213,10 @@ async def test_a_fleet_sidecar_serves_a_lightning_address_and_splits_through_the
                                      per_day_msat=1_000_000, max_fee_msat=1_000))
     agent_task = asyncio.create_task(run_agent(agent))
     try:
+        for _ in range(500):        # the agent's first heartbeat: until then no node of the fleet is up
+            if await agent.repo.live_nodes(int(time.time() * 1000) - 15_000):
+                break
+            await asyncio.sleep(0.01)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{base}/.well-known/lnurlp/alice") as r:
                 pay_request = await r.json()
