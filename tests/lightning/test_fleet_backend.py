@@ -362,6 +362,68 @@ async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
     assert all(rows[i.payment_hash] is not None for i in handed), "an invoice handed out went back to the pool"
 
 
+async def test_a_burst_that_empties_the_reserve_waits_for_the_top_up_and_the_reserve_grows(fleet):
+    """50 402s at once with a reserve of 4: those that find it empty while a top-up is
+    under way wait for that statement instead of each claiming alone, and the price's
+    reserve doubles up to RESERVE_GROWTH times `reserve`. Every invoice is handed out once."""
+    from micropay.lightning import fleet as fleet_mod
+    from micropay.store.fleet import Want
+    repo, agent, backend, payer, _ = fleet
+    backend.reserve = 4
+    await repo.want(Want(2000, "burst", 200, 3600), int(time.time() * 1000))
+    await agent.beat()
+    assert await agent.refill_once() == 200
+    await backend.create_invoice(2000, _challenge_label(), "burst", 600)      # the price gets a reserve
+    await _settle_reserve(backend)
+    statements, real_query = _count_queries(repo)
+    single = []
+    real_claim = repo.claim
+    async def claim(*args, **kwargs):
+        single.append(args)
+        return await real_claim(*args, **kwargs)
+    repo.claim = claim
+    try:
+        handed = await asyncio.gather(*(backend.create_invoice(2000, _challenge_label(), "burst", 600)
+                                        for _ in range(50)))
+        await _settle_reserve(backend)
+    finally:
+        repo.store.query, repo.claim = real_query, real_claim
+    assert len({i.payment_hash for i in handed}) == 50, "an invoice was handed out twice"
+    assert not single, f"{len(single)} 402s claimed alone while a top-up was under way"
+    assert backend.reserve_waits > 0
+    assert backend._size[(2000, "burst")] == 4 * fleet_mod.RESERVE_GROWTH, backend._size
+    batches = [s for s in statements if "claim_label = $1 || payment_hash" in s]
+    assert len(batches) <= 6, f"{len(batches)} top-ups for 50 402s: the reserve did not grow"
+
+
+async def test_a_top_up_that_does_not_come_back_in_time_leaves_the_402_to_claim_alone(fleet):
+    from micropay.lightning import fleet as fleet_mod
+    from micropay.store.fleet import Want
+    repo, agent, backend, payer, _ = fleet
+    backend.reserve = 2
+    await repo.want(Want(2000, "slow", 20, 3600), int(time.time() * 1000))
+    await agent.beat()
+    await agent.refill_once()
+    await backend.create_invoice(2000, _challenge_label(), "slow", 600)
+    await _settle_reserve(backend)
+    real_many, gate = repo.claim_many, asyncio.Event()
+    async def stuck(*args, **kwargs):
+        await gate.wait()
+        return await real_many(*args, **kwargs)
+    repo.claim_many = stuck
+    old_wait, fleet_mod.REFILL_WAIT_S = fleet_mod.REFILL_WAIT_S, 0.1
+    try:
+        got = [await asyncio.wait_for(backend.create_invoice(2000, _challenge_label(), "slow", 600), 5)
+               for _ in range(4)]
+    finally:
+        fleet_mod.REFILL_WAIT_S = old_wait
+        gate.set()
+        await _settle_reserve(backend)
+        repo.claim_many = real_many
+    assert len({i.payment_hash for i in got}) == 4
+    assert backend.reserve_waits >= 1
+
+
 async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_path):
     """The reserve holds invoices of two nodes in turn; once one node's heartbeat is older
     than the timeout, no 402 names it, though its invoices are still in the reserve."""

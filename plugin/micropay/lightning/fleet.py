@@ -13,7 +13,10 @@ any node: this adapter only reads and writes the store (store/fleet.py).
   `reserve` at a time in one statement (each bound to `micropay-r<process tag>-<payment
   hash>`, which routes its settlement to the gate like any challenge label). A 402 then
   costs no store round trip; the reserve is topped up in the background when it runs
-  half empty. At hand-out an invoice whose node's heartbeat (as last read, at most a
+  half empty. A 402 that finds it empty while a top-up is under way waits for that one
+  statement (bounded by REFILL_WAIT_S) rather than claiming alone, and the price's
+  reserve doubles, up to RESERVE_GROWTH times `reserve`: a busy price gets batches that
+  outlast the top-up's round trip. At hand-out an invoice whose node's heartbeat (as last read, at most a
   second ago) is stale, or that would not stay payable long enough, is skipped. A crash
   leaves the reserve's invoices bound and unhanded: they expire unpaid, nothing is owed;
   `close` gives them back to the pool.
@@ -52,6 +55,8 @@ KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"), ("micro
 SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
 MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
 MAX_REFILLS = 64             # top-ups (and give-backs) running at once
+RESERVE_GROWTH = 8           # a busy price's reserve grows to at most this many times `reserve`
+REFILL_WAIT_S = 0.5          # a 402 that found the reserve empty waits this long for the top-up under way
 
 
 class FleetBackend:
@@ -86,6 +91,9 @@ class FleetBackend:
         self._refills: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._releases: set[asyncio.Task[None]] = set()
         self._dry_until: dict[tuple[int, str], float] = {}     # keys of _reserved whose last top-up found none
+        self._size: dict[tuple[int, str], int] = {}            # a busy price's grown reserve (default: reserve)
+        self._waiting: dict[tuple[int, str], int] = {}         # 402s waiting for a price's top-up
+        self.reserve_waits = 0                                 # 402s that waited for a top-up (for tests, benchmarks)
         self._closed = False
 
     @property
@@ -189,23 +197,65 @@ class FleetBackend:
             while len(self._reserved) > MAX_RESERVED_KEYS:      # bounded: the least recently used price's go back
                 old_key, old_queue = self._reserved.popitem(last=False)
                 self._dry_until.pop(old_key, None)
+                self._size.pop(old_key, None)
+                self._waiting.pop(old_key, None)
                 self._release_soon(list(old_queue))
         else:
             self._reserved.move_to_end(key)
         fresh_since = self._fresh_since_ms()
         live_ids = {n.node_id for n in live if n.heartbeat_ms >= fresh_since and n.inbound_msat >= amount_msat}
+        found = self._take_live(queue, live_ids, payable_after) if take else None
+        if len(queue) <= self._size.get(key, self.reserve) // 2:
+            self._start_refill(key, payable_after)
+        waits, deadline = 0, 0.0
+        while found is None and take and not self._closed and waits < 3:
+            # empty: a top-up (one statement, sized for the waiters too) brings more sooner
+            # than a claim of our own would, and this price's next top-ups are larger
+            refill = self._refills.get(key) or self._start_refill(key, payable_after)
+            if waits == 0:
+                deadline = time.monotonic() + REFILL_WAIT_S
+            left = deadline - time.monotonic()
+            if refill is None or left <= 0:
+                break
+            if waits == 0:
+                self._size[key] = min(self._size.get(key, self.reserve) * 2, self.reserve * RESERVE_GROWTH)
+                self.reserve_waits += 1
+            waits += 1
+            self._waiting[key] = self._waiting.get(key, 0) + 1
+            try:
+                await asyncio.wait_for(asyncio.shield(refill), left)
+            except (asyncio.TimeoutError, Exception):       # the caller claims or asks instead
+                break
+            finally:
+                self._waiting[key] = self._waiting.get(key, 1) - 1
+            queue = self._reserved.get(key)
+            if queue is None:
+                break
+            found = self._take_live(queue, live_ids, payable_after)
+        return found
+
+    def _start_refill(self, key: tuple[int, str], payable_after: int) -> asyncio.Task[None] | None:
+        """Top up `key`'s reserve in the background (one at a time per price, MAX_REFILLS in
+        all, none for a second after one found the pools dry); the task, or None."""
+        if (key in self._refills or len(self._refills) >= MAX_REFILLS
+                or self._dry_until.get(key, 0.0) > time.monotonic()):
+            return self._refills.get(key)
+        task = self._refills[key] = asyncio.get_running_loop().create_task(
+            self._refill(key, payable_after), name="micropay-fleet-reserve")
+        return task
+
+    def _take_live(self, queue: collections.deque[PooledInvoice], live_ids: set[str],
+                   payable_after: int) -> PooledInvoice | None:
+        """The first invoice of `queue` whose node is live and that stays payable long
+        enough; the ones skipped go back to the pool (never handed out from here)."""
         found, skipped = None, []
-        while queue and take:
+        while queue:
             p = queue.popleft()
             if p.node_id in live_ids and p.expires_at > payable_after:
                 found = p
                 break
-            skipped.append(p)                       # never handed out from here
+            skipped.append(p)
         self._release_soon(skipped)
-        if (len(queue) <= self.reserve // 2 and key not in self._refills and len(self._refills) < MAX_REFILLS
-                and self._dry_until.get(key, 0.0) <= time.monotonic()):
-            self._refills[key] = asyncio.get_running_loop().create_task(
-                self._refill(key, payable_after), name="micropay-fleet-reserve")
         return found
 
     async def _live_nodes(self) -> list[NodeBeat]:
@@ -223,7 +273,8 @@ class FleetBackend:
         amount_msat, description = key
         try:
             nodes = await self._rotation(amount_msat, next(self._turn))
-            want = self.reserve - len(self._reserved.get(key, ()))
+            want = (self._size.get(key, self.reserve) + self._waiting.get(key, 0)
+                    - len(self._reserved.get(key, ())))
             claimed = 0
             for i, node in enumerate(nodes):
                 n = want // len(nodes) + (i < want % len(nodes))
