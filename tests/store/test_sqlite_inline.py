@@ -70,6 +70,20 @@ async def test_while_the_worker_runs_a_statement_point_statements_wait_for_it(st
     assert res.rows[0][0][0] != loop_thread and slow.done()
 
 
+async def test_a_cancelled_caller_does_not_free_the_connection_while_the_worker_still_uses_it(store):
+    """The worker cannot be stopped mid-transaction: until it is done, point statements
+    wait for it, so the transaction commits whole (or not at all), never by halves."""
+    insert = "INSERT INTO t (k, v) VALUES ($1, 1)"
+    tx = asyncio.ensure_future(store.transaction([Step(insert, ("a",)), Step(SLOW, ()), Step(insert, ("b",))]))
+    await asyncio.sleep(0.02)
+    assert store._conn.in_transaction, "the transaction should be running on the worker"
+    tx.cancel()                     # e.g. the request awaiting it was cancelled (its client left)
+    await asyncio.sleep(0)
+    assert store._jobs == 1
+    assert await store.query(BUMP, ("z",)) == [(1,)]
+    assert await store.query("SELECT k FROM t ORDER BY k") == [("a",), ("b",), ("z",)]
+
+
 async def test_another_writer_holding_the_lock_never_blocks_the_loop_and_each_write_happens_once(store, tmp_path):
     await store.query(BUMP, ("x",))
     other = sqlite3.connect(tmp_path / "i.sqlite3", timeout=0.1, isolation_level=None)

@@ -227,7 +227,11 @@ class FleetBackend:
             except (asyncio.TimeoutError, Exception):       # the caller claims or asks instead
                 break
             finally:
-                self._waiting[key] = self._waiting.get(key, 1) - 1
+                left_waiting = self._waiting.get(key, 0) - 1
+                if left_waiting > 0:
+                    self._waiting[key] = left_waiting
+                else:
+                    self._waiting.pop(key, None)
             queue = self._reserved.get(key)
             if queue is None:
                 break

@@ -190,13 +190,23 @@ class SqliteStore(Store):
 
     # -- the worker and the loop's thread ----------------------------------------------
     def _submit(self, fn: Any, *args: Any) -> asyncio.Future:
-        """Run fn on the worker; while it runs, nothing runs on the loop's thread."""
-        job = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        """Run fn on the worker; while it runs, nothing runs on the loop's thread. The job
+        counts as running until the worker has finished it, even if whoever awaits it is
+        cancelled meanwhile (the worker cannot be stopped mid-statement)."""
+        loop = asyncio.get_running_loop()
+        work = self._pool.submit(fn, *args)     # RuntimeError once the worker is shut down
         self._jobs += 1
-        job.add_done_callback(self._job_done)   # before any other callback: the worker is free by then
-        return job
+        # registered before wrap_future's own callback: the count drops before anyone hears
+        work.add_done_callback(lambda _: self._job_done_threadsafe(loop))
+        return asyncio.wrap_future(work, loop=loop)
 
-    def _job_done(self, _job: asyncio.Future) -> None:
+    def _job_done_threadsafe(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.call_soon_threadsafe(self._job_done)
+        except RuntimeError:                     # the loop is closed: nothing runs on it any more
+            pass
+
+    def _job_done(self) -> None:
         self._jobs -= 1
 
     def _may_inline(self, statements: Sequence[tuple[str, Any]]) -> bool:
