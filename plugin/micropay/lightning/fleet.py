@@ -56,7 +56,7 @@ SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labe
 MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
 MAX_REFILLS = 64             # top-ups (and give-backs) running at once
 RESERVE_GROWTH = 8           # a busy price's reserve grows to at most this many times `reserve`
-REFILL_WAIT_S = 0.5          # a 402 that found the reserve empty waits this long for the top-up under way
+REFILL_WAIT_S = 0.1          # a 402 that found the reserve empty waits this long for the top-up under way
 
 
 class FleetBackend:
