@@ -212,19 +212,20 @@ class FleetBackend:
             # empty: a top-up (one statement, sized for the waiters too) brings more sooner
             # than a claim of our own would, and this price's next top-ups are larger
             refill = self._refills.get(key) or self._start_refill(key, payable_after)
-            if waits == 0:
-                deadline = time.monotonic() + REFILL_WAIT_S
-            left = deadline - time.monotonic()
-            if refill is None or left <= 0:
+            if refill is None:
                 break
             if waits == 0:
+                deadline = time.monotonic() + REFILL_WAIT_S
                 self._size[key] = min(self._size.get(key, self.reserve) * 2, self.reserve * RESERVE_GROWTH)
                 self.reserve_waits += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             waits += 1
             self._waiting[key] = self._waiting.get(key, 0) + 1
             try:
                 await asyncio.wait_for(asyncio.shield(refill), left)
-            except (asyncio.TimeoutError, Exception):       # the caller claims or asks instead
+            except Exception:                       # timed out or failed: the caller claims or asks instead
                 break
             finally:
                 left_waiting = self._waiting.get(key, 0) - 1
