@@ -82,3 +82,22 @@ def test_authorization_parser_only_raises_malformed(text):
 @given(st.lists(st.text(max_size=200), max_size=3))
 def test_challenge_parser_never_raises(values):
     parse_challenges(values)
+
+
+_maybe_int = st.one_of(st.none(), st.integers(0, 2**63))
+
+
+@settings(max_examples=300, deadline=None)
+@given(resource=st.text(max_size=60), price=st.integers(1, 2**50), invoice=st.text(max_size=40),
+       payment_hash=st.text(max_size=64), expires_at=st.integers(0, 2**40), macaroon=st.text(max_size=40),
+       credits=_maybe_int, valid_until=_maybe_int, description=st.text(max_size=60))
+def test_the_402_body_written_out_is_json_dumps_of_the_body(resource, price, invoice, payment_hash, expires_at,
+                                                            macaroon, credits, valid_until, description):
+    """The gate writes the 402's JSON directly (payment_required_json); it is the same
+    text json.dumps gives for payment_required_body, for any text in any field."""
+    import json
+
+    from micropay.l402.wire import payment_required_body, payment_required_json
+    kw = dict(resource=resource, price_msat=price, invoice=invoice, payment_hash=payment_hash, expires_at=expires_at,
+              macaroon=macaroon, credits=credits, valid_until=valid_until, description=description)
+    assert payment_required_json(**kw) == json.dumps(payment_required_body(**kw))

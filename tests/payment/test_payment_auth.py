@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -59,6 +60,27 @@ def test_the_request_is_what_the_lightning_charge_draft_says():
     assert ch.expires == "2027-01-15T08:10:00Z"              # the invoice's own expiry
     header = ch.header()
     assert header.startswith('Payment id="') and 'method="lightning"' in header and 'intent="charge"' in header
+
+
+@settings(max_examples=300, deadline=None)
+@given(description=st.text(max_size=40), bolt11=st.sampled_from(["lnbc", "lnbcrt", "lntbs", "lntb", "x"]).flatmap(
+           lambda p: st.text(max_size=30).map(lambda t: p + t)),
+       opaque=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in ("hash", "msat")), st.text(max_size=12),
+                              max_size=4),
+       sats=st.integers(1, 10**9), expires_at=st.integers(0, 4_000_000_000))
+def test_the_challenge_is_canonical_json_for_any_text(description, bolt11, opaque, sats, expires_at):
+    """The request and opaque objects are written out by hand (a 402 makes one each):
+    for any text they are the same bytes the generic JCS encoder writes."""
+    ch = challenge(description=description, bolt11=bolt11, opaque=opaque, price_msat=sats * 1000,
+                   expires_at=expires_at)
+    details = {"invoice": bolt11, "paymentHash": HASH}
+    if pa.network_of(bolt11) is not None:
+        details["network"] = pa.network_of(bolt11)
+    assert pa.unb64url(ch.request) == pa.jcs({"amount": str(sats), "currency": "sat", "description": description,
+                                              "methodDetails": details})
+    assert pa.unb64url(ch.opaque) == pa.jcs(dict(opaque, hash=HASH, msat=str(sats * 1000)))
+    assert ch.expires == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+    assert pa.parse_challenges([ch.header()]) == [ch]
 
 
 @pytest.mark.parametrize("bolt11,network", [("lnbc1", "mainnet"), ("lnbcrt1", "regtest"), ("lntbs1", "signet"),

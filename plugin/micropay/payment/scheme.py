@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
@@ -49,6 +50,8 @@ ECHO_FIELDS = ("id", "realm", "method", "intent", "request", "expires", "opaque"
 # -- encodings ------------------------------------------------------------------------
 
 _encode_jcs = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
+# One JSON string as _encode_jcs writes it (the encoder calls this same function).
+_jcs_str = json.encoder.encode_basestring
 
 
 def jcs(obj: Any) -> bytes:
@@ -78,6 +81,7 @@ def encode_object(obj: dict[str, Any]) -> str:
     return b64url(jcs(obj))
 
 
+@functools.lru_cache(maxsize=1024)      # challenges made in the same second share their expiry
 def rfc3339(ts: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(ts)))
 
@@ -122,11 +126,17 @@ class Challenge:
     description: str = ""
 
     def header(self) -> str:
-        params = [("id", self.id), ("realm", self.realm), ("method", self.method), ("intent", self.intent),
-                  ("request", self.request)]
-        params += [(k, v) for k, v in (("expires", self.expires), ("digest", self.digest),
-                                       ("opaque", self.opaque), ("description", self.description)) if v]
-        return SCHEME + " " + ", ".join(f"{k}={_quote(v)}" for k, v in params)
+        out = (f"{SCHEME} id={_quote(self.id)}, realm={_quote(self.realm)}, method={_quote(self.method)}, "
+               f"intent={_quote(self.intent)}, request={_quote(self.request)}")
+        if self.expires:
+            out += f", expires={_quote(self.expires)}"
+        if self.digest:
+            out += f", digest={_quote(self.digest)}"
+        if self.opaque:
+            out += f", opaque={_quote(self.opaque)}"
+        if self.description:
+            out += f", description={_quote(self.description)}"
+        return out
 
     def echo(self) -> dict[str, str]:
         """The challenge as a credential echoes it."""
@@ -197,16 +207,28 @@ def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: s
     credential then buys a request with that body only."""
     if not whole_sats(price_msat):
         raise ValueError("a Payment charge needs a whole number of satoshis")
-    details = {"invoice": bolt11, "paymentHash": payment_hash}
+    # JCS of {"amount", "currency", "description", "methodDetails": {"invoice",
+    # "network" (unless testnet), "paymentHash"}}, written out in that (sorted) order: the
+    # part before the invoice is the same for every challenge of a price and description.
     network = network_of(bolt11)
-    if network is not None:
-        details["network"] = network
-    request = encode_object({"amount": str(price_msat // 1000), "currency": "sat",
-                             "description": description, "methodDetails": details})
+    request = b64url((_charge_request_head(price_msat // 1000, description) + _jcs_str(bolt11)
+                      + (',"network":' + _jcs_str(network) if network is not None else "")
+                      + ',"paymentHash":' + _jcs_str(payment_hash) + "}}").encode())
     expires = rfc3339(expires_at)            # the invoice's own expiry: never later
-    opaque_b64 = encode_object(dict(opaque, hash=payment_hash, msat=str(price_msat)))
+    opaque_b64 = b64url(_jcs_flat(dict(opaque, hash=payment_hash, msat=str(price_msat))).encode())
     cid = binder.bind(realm, METHOD, CHARGE, request, expires, digest, opaque_b64)
     return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64, digest)
+
+
+@functools.lru_cache(maxsize=256)
+def _charge_request_head(sats: int, description: str) -> str:
+    return ('{"amount":' + _jcs_str(str(sats)) + ',"currency":"sat","description":' + _jcs_str(description)
+            + ',"methodDetails":{"invoice":')
+
+
+def _jcs_flat(obj: dict[str, str]) -> str:
+    """JCS of a flat map of strings (what `opaque` is): the same text as jcs(obj)."""
+    return "{" + ",".join([_jcs_str(k) + ":" + _jcs_str(obj[k]) for k in sorted(obj)]) + "}"
 
 
 _PARAM = re.compile(r'([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')

@@ -40,7 +40,7 @@ from ..core.errors import (BadRequest, CreditsExhausted, InvalidCredential, Malf
                            UpstreamUnreachable)
 from ..http.caching import make_private
 from ..http.problems import problem_response
-from ..l402.wire import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body
+from ..l402.wire import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body, payment_required_json
 from ..lightning.base import Node
 from ..core.metrics import Metrics
 from ..seller.discovery import offers_payment
@@ -488,16 +488,19 @@ class Gate:
                             digest: str | None = "") -> web.Response:
         """`digest`: the request body's, which the Payment charge binds; None (a body larger
         than the gate binds): no Payment charge is offered, L402 only."""
-        body = payment_required_body(
-            resource=f"{request.method} {request_target(request).path}", price_msat=record.price_msat,
-            invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
-            macaroon=record.macaroon, credits=rule.credits,
-            valid_until=(record.created_at + rule.pass_s) if rule.pass_s else None,
-            description=rule.description)
-        if reason is not None:
+        fields = dict(resource=f"{request.method} {request_target(request).path}", price_msat=record.price_msat,
+                      invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
+                      macaroon=record.macaroon, credits=rule.credits,
+                      valid_until=(record.created_at + rule.pass_s) if rule.pass_s else None,
+                      description=rule.description)
+        if reason is None:
+            text = payment_required_json(**fields)
+        else:
+            body = payment_required_body(**fields)
             body.update(type=getattr(reason, "problem_type", f"https://micropay.dev/errors/{reason.code}"),
                         error=reason.code, detail=f"{reason.message}. {body['detail']}")
-        response = web.Response(status=402, text=json.dumps(body), content_type=PROBLEM_CONTENT_TYPE,
+            text = json.dumps(body)
+        response = web.Response(status=402, text=text, content_type=PROBLEM_CONTENT_TYPE,
                                 headers={"Cache-Control": "no-store"})
         if "l402" in rule.schemes:
             for value in challenge_headers(record.macaroon, record.bolt11):
