@@ -40,13 +40,17 @@ MAX_BATCH = 256                                   # receipts under one signature
 MAX_PROOF_STEPS = 16
 
 
+# One encoder for every receipt: json.dumps with options builds a new one per call.
+_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def canonical_json(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    return _canonical(payload).encode("ascii")
 
 
 def _b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode("ascii")
 
 
 _B64U = re.compile(r"[A-Za-z0-9_-]+")
