@@ -24,6 +24,7 @@ from ..core.errors import MalformedCredential
 
 _VERSION_V2 = 2
 _EOS, _LOCATION, _IDENTIFIER, _VID, _SIGNATURE = 0, 1, 2, 4, 6
+_EOS_BYTE = bytes((_EOS,))
 _KEY_GENERATOR = b"macaroons-key-generator"
 MAX_MACAROON_BYTES = 8192
 
@@ -95,6 +96,20 @@ class Macaroon:
 
     # -- serialization -------------------------------------------------
     def to_bytes(self) -> bytes:
+        location = self.location.encode()
+        if len(location) < 0x80 and len(self.identifier) < 0x80 and len(self.signature) < 0x80 \
+                and all(len(c) < 0x80 for c in self.caveats):
+            # Every field short (as every token we mint): one-byte lengths, one join.
+            parts = [bytes((_VERSION_V2, _LOCATION, len(location))) if location else bytes((_VERSION_V2,)),
+                     location, bytes((_IDENTIFIER, len(self.identifier))), self.identifier, _EOS_BYTE]
+            for caveat in self.caveats:
+                parts += (bytes((_IDENTIFIER, len(caveat))), caveat, _EOS_BYTE)
+            parts += (bytes((_EOS, _SIGNATURE, len(self.signature))), self.signature)
+            return b"".join(parts)
+        return self._fields_bytes()
+
+    def _fields_bytes(self) -> bytes:
+        """to_bytes for fields of any length (varint lengths)."""
         out = bytearray([_VERSION_V2])
         if self.location:
             _put_field(out, _LOCATION, self.location.encode())
