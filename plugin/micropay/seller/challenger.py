@@ -41,6 +41,12 @@ log = logging.getLogger("micropay.gate")
 LABEL_PREFIX = "micropay-"     # invoice labels: micropay-<token id hex>
 PENDING_COUNT_MAX_AGE_S = 1.0
 MAX_UNWRITTEN = 100_000        # records the writer holds while the store is away; older ones are dropped
+# How long the writer lets records gather before it writes them, in one transaction: a
+# busy gate then commits a few dozen at a time rather than a few (on SQLite a commit,
+# with its transaction set-up, costs about as much as a row). Nothing waits on it: the
+# 402s have gone out, a payment that arrives meanwhile writes them at once
+# (Challenger.settled), and until written they count against their clients (PendingCounts).
+RECORD_GATHER_S = 0.005
 
 
 class PendingCounts:
@@ -136,7 +142,7 @@ class RecordWriter:
 
     async def _drain(self) -> None:
         backoff = Backoff(first_s=0.1, max_s=5.0)
-        await asyncio.sleep(0)                 # let the requests arriving now join this batch
+        await asyncio.sleep(RECORD_GATHER_S)   # let the 402s answered meanwhile join this batch
         while self._queue:
             try:
                 await self._write_batch()
