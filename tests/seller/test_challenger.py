@@ -66,6 +66,26 @@ async def test_a_settlement_marks_the_challenge_paid_and_keeps_a_receipt(store, 
     assert c.metrics.settlements == 1 and c.metrics.revenue_msat == 1000
 
 
+async def test_a_settlement_writes_its_record_at_once_while_the_writer_keeps_busy(store, tmp_path):
+    """A payment on a challenge whose record is still gathering writes that record and
+    marks it paid straight away, whatever else is queued; the writer's own batch, which
+    may hold the same record, then writes the rest without a conflict."""
+    c, net = challenger(store, tmp_path, per_client_per_minute=1000)
+    rec = await c.challenge("a", RULE, 1000, "d", None)
+    others = [await c.challenge(f"b{i}", RULE, 1000, "d", None) for i in range(5)]
+    payer = net.add_node("payer", 10**9)
+    await payer.pay(rec.bolt11)
+    (s,) = [s async for s in _first(c.node.settlements(0))]
+    assert c.writer.holds(rec.payment_hash)
+    await c.settled(s)
+    assert not c.writer.holds(rec.payment_hash)
+    assert all(c.writer.holds(o.payment_hash) for o in others)    # not waited for
+    assert (await c.l402.get_challenge(rec.payment_hash)).status == ChallengeStatus.PAID
+    await c.close()
+    assert await c.l402.count_pending(1_800_000_000) == 5
+    assert c.writer.unwritten("a") == 0 and all(c.writer.unwritten(f"b{i}") == 0 for i in range(5))
+
+
 async def _first(it):
     async for s in it:
         yield s

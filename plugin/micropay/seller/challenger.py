@@ -41,11 +41,12 @@ log = logging.getLogger("micropay.gate")
 LABEL_PREFIX = "micropay-"     # invoice labels: micropay-<token id hex>
 PENDING_COUNT_MAX_AGE_S = 1.0
 MAX_UNWRITTEN = 100_000        # records the writer holds while the store is away; older ones are dropped
-# How long the writer lets records gather before it writes them, in one transaction: a
-# busy gate then commits a few dozen at a time rather than a few (on SQLite a commit,
-# with its transaction set-up, costs about as much as a row). Nothing waits on it: the
-# 402s have gone out, a payment that arrives meanwhile writes them at once
-# (Challenger.settled), and until written they count against their clients (PendingCounts).
+# How long the writer, starting after an idle spell, lets records gather before its first
+# batch (later batches take what arrived during the one before): a busy gate then commits
+# a few dozen at a time rather than a few (on SQLite a commit, with its transaction
+# set-up, costs about as much as a row). Nothing waits on it: the 402s have gone out, a
+# payment on one of them writes its record at once (Challenger.settled), and until
+# written they count against their clients (PendingCounts).
 RECORD_GATHER_S = 0.005
 
 
@@ -132,6 +133,15 @@ class RecordWriter:
     def holds(self, payment_hash: str) -> bool:
         return payment_hash in self._queue
 
+    async def write_now(self, payment_hash: str) -> None:
+        """Write this one record at once, if it is still queued: a settlement does not wait
+        behind the records of the 402s that keep coming. The writer may be writing it at
+        the same moment; the insert is idempotent."""
+        record = self._queue.get(payment_hash)
+        if record is not None:
+            await self.l402.add_challenges([record])
+            self._forget([record])
+
     async def flush(self) -> None:
         """Write everything queued now (the task may be writing a batch: wait for it)."""
         while self._queue:
@@ -161,7 +171,8 @@ class RecordWriter:
 
     def _forget(self, records: list[ChallengeRecord]) -> None:
         for r in records:
-            self._queue.pop(r.payment_hash, None)
+            if self._queue.pop(r.payment_hash, None) is None:
+                continue                      # written meanwhile by write_now
             mine = self._by_client.get(r.client_key)
             if mine is not None:
                 mine.remove(r)
@@ -212,8 +223,7 @@ class Challenger:
     async def settled(self, s: Settlement) -> None:
         """One of our invoices was paid: the challenge is marked paid and a payment receipt
         kept. Each step is idempotent: a crash between them only repeats work."""
-        if self.writer.holds(s.payment_hash):
-            await self.writer.flush()
+        await self.writer.write_now(s.payment_hash)
         record = await self.l402.get_challenge(s.payment_hash)
         if await self.l402.mark_paid(s.payment_hash, s.amount_msat, s.paid_at):
             self.metrics.record_settlement(s.amount_msat)

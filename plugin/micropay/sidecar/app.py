@@ -528,7 +528,18 @@ def start_background(rt: Runtime) -> list[asyncio.Task]:
     return tasks
 
 
+async def _write_challenge_records(rt: Runtime) -> None:
+    if rt.gate is not None:
+        try:
+            await rt.gate.challenger.close()
+        except Exception as exc:
+            log.warning("writing the last challenge records failed: %s", exc)
+
+
 async def stop_background(rt: Runtime, tasks: list[asyncio.Task]) -> None:
+    # The last challenge records first, while the settlement router still runs: another
+    # replica that hears of a payment on one of them meanwhile then finds its record.
+    await _write_challenge_records(rt)
     for t in tasks:
         t.cancel()
     for t in tasks:
@@ -539,10 +550,7 @@ async def stop_background(rt: Runtime, tasks: list[asyncio.Task]) -> None:
             await rt.gate.sessions.stop()
         except Exception as exc:
             log.warning("stopping the session ledger failed: %s", exc)
-        try:
-            await rt.gate.challenger.close()
-        except Exception as exc:
-            log.warning("writing the last challenge records failed: %s", exc)
+        await _write_challenge_records(rt)
     if rt.creators is not None:
         await rt.creators.close()
     await rt.node.close()
