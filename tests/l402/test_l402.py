@@ -84,11 +84,11 @@ def test_challenge_parser_never_raises(values):
     parse_challenges(values)
 
 
-_maybe_int = st.one_of(st.none(), st.integers(0, 2**63))
+_maybe_int = st.one_of(st.none(), st.integers(0, 2**63), st.booleans(), st.floats(0, 1e9))
 
 
 @settings(max_examples=300, deadline=None)
-@given(resource=st.text(max_size=60), price=st.integers(1, 2**50), invoice=st.text(max_size=40),
+@given(resource=st.text(max_size=60), price=st.one_of(st.integers(1, 2**50), st.floats(1, 1e9)), invoice=st.text(max_size=40),
        payment_hash=st.text(max_size=64), expires_at=st.integers(0, 2**40), macaroon=st.text(max_size=40),
        credits=_maybe_int, valid_until=_maybe_int, description=st.text(max_size=60))
 def test_the_402_body_written_out_is_json_dumps_of_the_body(resource, price, invoice, payment_hash, expires_at,

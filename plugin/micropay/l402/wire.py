@@ -136,7 +136,7 @@ _REQUIRED_TAIL = ', "how_to_pay": ' + json.dumps(_HOW_TO_PAY) + "}"
 
 
 def _int(value: int | None) -> str:
-    return "null" if value is None else str(int(value))
+    return str(value) if type(value) is int else json.dumps(value)    # None, and anything else, as json.dumps has it
 
 
 def payment_required_json(*, resource: str, price_msat: int, invoice: str, payment_hash: str,

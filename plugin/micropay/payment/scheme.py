@@ -220,7 +220,7 @@ def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: s
     return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64, digest)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def _charge_request_head(sats: int, description: str) -> str:
     return ('{"amount":' + _jcs_str(str(sats)) + ',"currency":"sat","description":' + _jcs_str(description)
             + ',"methodDetails":{"invoice":')
