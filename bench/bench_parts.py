@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +73,8 @@ def main() -> None:
 
     tokens = TokenService(RootKeyRing.ephemeral(), "bench")
     binder = pa.binder_for(tokens.keyring)
-    signer = ReceiptSigner.load_or_create(Path(tempfile.mkdtemp()) / "receipt.key")
+    key_dir = Path(tempfile.mkdtemp(prefix="micropay-parts-key-"))
+    signer = ReceiptSigner.load_or_create(key_dir / "receipt.key")
     now = int(time.time())
     idx = list(range(n))
     preimages = [os.urandom(32) for _ in idx]
@@ -148,6 +150,8 @@ def main() -> None:
                                    for j in range(i, min(n, i + BATCH)))), n)
     parts_pay["Payment-Receipt"] = best(lambda i: pa.receipt(challenges[i].id, hashes[i], now), idx)
     loop.run_until_complete(store.close())
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(key_dir, ignore_errors=True)
 
     print(f"bare aiohttp 402, whole request: {bare_us:6.1f} us CPU ({rate:.0f} responses/s, 16 connections)")
     for title, parts, goal in (("402 from the pool, SQLite", parts_402, 60), ("first-seen L402, pay per request",
