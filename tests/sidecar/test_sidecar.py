@@ -227,6 +227,38 @@ async def test_metrics_can_be_made_public(tmp_path):
         await sc.runner.cleanup()
 
 
+async def test_a_stopping_sidecar_writes_its_challenge_records_before_it_stops_hearing_settlements(
+        tmp_path, monkeypatch):
+    """Records still gathering when a sidecar stops are written while its settlement
+    router still runs: another replica that hears of a payment on one of them meanwhile
+    finds its record (and a stopped router never misses it either)."""
+    from micropay.lightning.sandbox import SandboxNetwork
+    from micropay.seller import challenger
+    monkeypatch.setattr(challenger, "RECORD_GATHER_S", 30.0)     # still gathering when the stop begins
+    net = SandboxNetwork()
+    node = net.add_node("merchant")
+    inner, unwritten_when_stopped = node.settlements, []
+
+    async def watched(after_pay_index):
+        try:
+            async for s in inner(after_pay_index):
+                yield s
+        except asyncio.CancelledError:
+            writer = sc.rt.gate.challenger.writer
+            unwritten_when_stopped.append(sum(len(r) for r in writer.unwritten_by_client().values()))
+            raise
+    node.settlements = watched
+    sc = await start_sidecar(make_config(tmp_path), node=node, sandbox=net)
+    hashes = []
+    for _ in range(3):
+        status, _, body = await get(sc.url + "/api/joke")
+        assert status == 402
+        hashes.append(json.loads(body)["payment_hash"])
+    assert sc.rt.gate.challenger.writer.holds(hashes[0])
+    await sc.runner.cleanup()
+    assert unwritten_when_stopped == [0]
+
+
 async def test_settlements_marked_paid_and_caught_up_after_restart(tmp_path):
     from micropay.lightning.sandbox import SandboxNetwork
     cfg = make_config(tmp_path)

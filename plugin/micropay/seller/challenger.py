@@ -112,6 +112,7 @@ class RecordWriter:
         self._queue: dict[str, ChallengeRecord] = {}              # by payment hash, in order
         self._by_client: dict[str, list[ChallengeRecord]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None          # the writer's batch under way
 
     def put(self, record: ChallengeRecord) -> None:
         if len(self._queue) >= MAX_UNWRITTEN:
@@ -143,12 +144,16 @@ class RecordWriter:
             self._forget([record])
 
     async def flush(self) -> None:
-        """Write everything queued now (the task may be writing a batch: wait for it)."""
+        """Write everything queued now: without waiting for the writer's gathering pause,
+        only for a batch it is writing. Raises if the store does."""
         while self._queue:
-            if self._task is not None and not self._task.done():
-                await asyncio.shield(self._task)
-            elif self._queue:
-                await self._write_batch()
+            await self._write_batch()
+
+    async def close(self) -> None:
+        """Write everything queued, and stop the writer until the next record."""
+        await self.flush()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     async def _drain(self) -> None:
         backoff = Backoff(first_s=0.1, max_s=5.0)
@@ -165,9 +170,21 @@ class RecordWriter:
                 await asyncio.sleep(wait)
 
     async def _write_batch(self) -> None:
-        batch = list(self._queue.values())
-        await self.l402.add_challenges(batch)
-        self._forget(batch)
+        """Write what is queued, one batch at a time (flush and the writer's task both
+        call this: whoever comes second waits for the batch under way, then writes what
+        is left)."""
+        while self._writing is not None:
+            await asyncio.shield(self._writing)
+        if not self._queue:
+            return
+        self._writing = writing = asyncio.get_running_loop().create_future()
+        try:
+            batch = list(self._queue.values())
+            await self.l402.add_challenges(batch)
+            self._forget(batch)
+        finally:
+            self._writing = None
+            writing.set_result(None)
 
     def _forget(self, records: list[ChallengeRecord]) -> None:
         for r in records:
@@ -238,7 +255,7 @@ class Challenger:
 
     async def close(self) -> None:
         """At shutdown: the records not written yet are written now."""
-        await self.writer.flush()
+        await self.writer.close()
 
     async def purge_expired(self) -> None:
         n = await self.l402.purge_expired(int(self.clock()) - 60)
