@@ -211,6 +211,36 @@ def test_the_receipt_is_what_the_draft_says():
                    "timestamp": "2027-01-15T08:00:00Z"}
 
 
+@settings(max_examples=300, deadline=None)
+@given(challenge_id=st.text(max_size=50), payment_hash=st.text(max_size=70), now=st.integers(0, 4_000_000_000))
+def test_the_receipt_is_canonical_json_for_any_text(challenge_id, payment_hash, now):
+    """The receipt is written out by hand (one per served charge): for any text it is the
+    same bytes the generic JCS encoder writes."""
+    assert pa.receipt(challenge_id, payment_hash, now) == pa.encode_object(
+        {"method": "lightning", "challengeId": challenge_id, "reference": payment_hash, "status": "success",
+         "timestamp": pa.rfc3339(now)})
+
+
+@settings(max_examples=200, deadline=None)
+@given(secrets=st.lists(st.binary(max_size=150), min_size=1, max_size=3), derive=st.booleans(),
+       fields=st.lists(st.text(max_size=30), min_size=7, max_size=7))
+def test_challenge_ids_are_hmac_sha256_of_the_parameters_under_any_key(secrets, derive, fields):
+    """The binder hashes each key's padded blocks once: its ids are still HMAC-SHA256 (RFC
+    2104, keys longer than a block hashed first), and verify accepts an id under any key
+    of the ring and nothing else."""
+    import hmac as std_hmac
+    binder = pa.Binder(secrets, derive=derive)
+    keys = [std_hmac.digest(k, b"micropay payment-auth challenge binding v1", hashlib.sha256) if derive else k
+            for k in secrets]
+    msg = "|".join(fields).encode("utf-8", "surrogatepass")
+    cid = binder.bind(*fields)
+    assert cid == pa.b64url(std_hmac.digest(keys[0], msg, hashlib.sha256))
+    echo = dict(zip(("realm", "method", "intent", "request", "expires", "digest", "opaque"), fields))
+    for key in keys:
+        assert binder.verify(dict(echo, id=pa.b64url(std_hmac.digest(key, msg, hashlib.sha256))))
+    assert not binder.verify(dict(echo, id=pa.b64url(std_hmac.digest(b"not ours" * 9, msg, hashlib.sha256))))
+
+
 # -- the session intent -------------------------------------------------------------------
 
 def session_challenge(**kw):
