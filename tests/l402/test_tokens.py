@@ -9,7 +9,7 @@ from micropay.core.errors import ConfigError, InvalidCredential, MalformedCreden
 from micropay.l402.wire import format_authorization, parse_authorization
 from micropay.l402.macaroon import Macaroon
 from micropay.l402.tokens import (RootKeyRing, TokenService, decode_identifier, encode_identifier,
-                                  parse_caveats)
+                                  new_token_id, parse_caveats)
 
 from ..conftest import FakeClock
 
@@ -33,6 +33,23 @@ def test_identifier_layout_matches_aperture():
     assert decode_identifier(ident) == (PH, tid)
     with pytest.raises(MalformedCredential):
         decode_identifier(b"\x00\x01" + ident[2:])
+
+
+def test_token_ids_are_unique_and_minted_ones_sort_by_time(svc):
+    """A token id is 32 bytes: the time in ms, then 26 random bytes. Ids minted in a row
+    sort in minting order whenever the millisecond changes between them (so the store's
+    indexes on them grow at one edge), and no two are equal."""
+    import time
+    ids = [new_token_id() for _ in range(2000)]
+    time.sleep(0.002)
+    later = new_token_id()
+    assert len({*ids, later}) == 2001 and all(len(i) == 32 for i in ids)
+    assert all(ids[k][:6] <= ids[k + 1][:6] for k in range(len(ids) - 1))
+    assert max(ids) < later
+    now_ms = time.time_ns() // 1_000_000
+    assert now_ms - 5_000 < int.from_bytes(later[:6], "big") <= now_ms
+    minted = svc.mint(PH, ["services=demo:0"])
+    assert decode_identifier(minted.identifier)[1][:6] <= new_token_id()[:6]
 
 
 def test_valid_token_verifies(svc):

@@ -51,6 +51,17 @@ LOCATION_PREFIX = "micropay:"
 Clock = Callable[[], float]
 
 
+def new_token_id() -> bytes:
+    """A new token id: the time in milliseconds (6 bytes, big-endian), then 26 random
+    bytes. The random part alone makes ids unique (208 bits); the time in front makes the
+    ids a process mints in a row sort together, so the store's indexes on them
+    (micropay_credits, which every Payment charge and credit debit writes) take each new
+    row at their right edge, many to a page, instead of one random page each: on SQLite
+    that halves the cost of those inserts (docs/performance.md). The id is public in the
+    macaroon anyway; the time it tells is when the 402 was made."""
+    return (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(26)
+
+
 def encode_identifier(payment_hash: bytes, token_id: bytes) -> bytes:
     if len(payment_hash) != 32 or len(token_id) != 32:
         raise ValueError("payment_hash and token_id must be 32 bytes")
@@ -308,7 +319,7 @@ class TokenService:
         self._cache_bytes, self._cache_max_bytes = 0, CACHE_MAX_BYTES
 
     def mint(self, payment_hash: bytes, caveats: list[str], token_id: bytes | None = None) -> Macaroon:
-        token_id = token_id or os.urandom(32)
+        token_id = token_id or new_token_id()
         kid = self.keyring.current
         root = self.keyring.token_root_key(kid, token_id)
         return Macaroon.mint(root, encode_identifier(payment_hash, token_id), LOCATION_PREFIX + kid,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Callable
 
@@ -35,7 +34,7 @@ from ..core.ratelimit import TokenBucket
 from ..core.receipts import ReceiptSigner
 from ..store.l402 import ChallengeRecord, L402Repository
 from ..core.tasks import Backoff
-from ..l402.tokens import TokenService
+from ..l402.tokens import TokenService, new_token_id
 
 log = logging.getLogger("micropay.gate")
 LABEL_PREFIX = "micropay-"     # invoice labels: micropay-<token id hex>
@@ -222,7 +221,7 @@ class Challenger:
             raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
         if self.pending.of(client) >= self.limits.client_share:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
-        token_id = os.urandom(32)
+        token_id = new_token_id()
         try:
             invoice = await self.node.create_invoice(price_msat, label=f"{LABEL_PREFIX}{token_id.hex()}",
                                                      description=description, expiry_s=self.limits.expiry_s)
