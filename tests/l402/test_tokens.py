@@ -173,6 +173,7 @@ async def test_a_running_sidecar_picks_up_rotation_and_retirement(tmp_path):
     from micropay.l402.wire import format_authorization, parse_challenges
     from micropay.l402.macaroon import Macaroon
     from micropay.l402.tokens import RootKeyRing
+    from micropay.payment import scheme as pa
 
     from ..conftest import make_config, start_sidecar
     sc = await start_sidecar(make_config(tmp_path))
@@ -184,6 +185,11 @@ async def test_a_running_sidecar_picks_up_rotation_and_retirement(tmp_path):
             auth = format_authorization(ch.macaroon, paid.preimage)
             async with s.get(sc.url + "/api/echo", headers={"Authorization": auth}) as r:
                 assert r.status == 200                                    # admitted, now cached
+            # a Payment charge bound under the old key, paid, not yet presented
+            async with s.get(sc.url + "/api/joke") as r:
+                charge = next(c for c in pa.parse_challenges(r.headers.getall("WWW-Authenticate"))
+                              if c.intent == "charge")
+            charge_paid = await sc.payer.pay(pa.decode_request(charge)["methodDetails"]["invoice"])
             old = Macaroon.deserialize(ch.macaroon).location.split(":")[1]
             ring = RootKeyRing.load_or_create(sc.rt.config.data_dir / "root_keys.json")   # "another process"
             new = ring.rotate()
@@ -199,6 +205,11 @@ async def test_a_running_sidecar_picks_up_rotation_and_retirement(tmp_path):
                 doc = json.loads(await r.read())       # refused, with a challenge under the new key
                 assert r.status == 402 and "retired" in doc["detail"] and doc["error"] == "invalid_credential"
                 assert Macaroon.deserialize(doc["macaroon"]).location == f"micropay:{new}"
+            # the retired key binds no Payment challenge either: its paid charge is refused
+            async with s.get(sc.url + "/api/joke",
+                             headers={"Authorization": pa.format_credential(charge, charge_paid.preimage)}) as r:
+                doc = json.loads(await r.read())
+                assert r.status == 402 and doc["error"] == "payment_unknown_challenge", doc
     finally:
         await sc.runner.cleanup()
 

@@ -221,6 +221,24 @@ def test_the_receipt_is_canonical_json_for_any_text(challenge_id, payment_hash, 
          "timestamp": pa.rfc3339(now)})
 
 
+def test_a_retired_root_key_verifies_no_challenge(tmp_path):
+    """Rotation keeps the old key's challenges valid until the key is retired; from then
+    on a challenge bound under it (one of ours, or one bound by whoever leaked the key)
+    is refused, as its L402 tokens are."""
+    from micropay.l402.tokens import RootKeyRing
+    ring = RootKeyRing.load_or_create(tmp_path / "root_keys.json")
+    ch = challenge(binder=pa.binder_for(ring))
+    assert verify(credential(ch), binder=pa.binder_for(ring)).payment_hash == HASH
+    old = ring.current
+    ring.rotate()
+    assert verify(credential(ch), binder=pa.binder_for(ring)).payment_hash == HASH
+    ring.retire(old)
+    with pytest.raises(PaymentUnknownChallenge):
+        verify(credential(ch), binder=pa.binder_for(ring))
+    fresh = challenge(binder=pa.binder_for(ring))
+    assert verify(credential(fresh), binder=pa.binder_for(ring)).payment_hash == HASH
+
+
 @settings(max_examples=200, deadline=None)
 @given(secrets=st.lists(st.binary(max_size=150), min_size=1, max_size=3), derive=st.booleans(),
        fields=st.lists(st.text(max_size=30), min_size=7, max_size=7))

@@ -187,8 +187,12 @@ class Binder:
 
 def binder_for(keyring: Any) -> Binder:
     """The binder of a token key ring (tokens.RootKeyRing): current key first, the others
-    after it, so challenges made before a rotation still verify while their key is kept."""
-    keys = [keyring.keys[keyring.current]] + [k for kid, k in keyring.keys.items() if kid != keyring.current]
+    after it, so challenges made before a rotation still verify while their key is kept.
+    A retired key binds and verifies nothing, as it verifies no L402 token: whoever holds
+    it (a leaked key is why keys are retired) could otherwise bind a challenge of their
+    own, for an invoice they know the preimage of."""
+    keys = [keyring.keys[keyring.current]] + [k for kid, k in keyring.keys.items()
+                                              if kid != keyring.current and k.retired_at is None]
     return Binder([k.secret for k in keys])
 
 
