@@ -27,7 +27,7 @@ from common import Target, per_op_us, script, wrk_run
 
 from micropay.core.ratelimit import TokenBucket, client_address
 from micropay.core.receipts import ReceiptSigner
-from micropay.l402.tokens import RootKeyRing, TokenService
+from micropay.l402.tokens import RootKeyRing, TokenService, new_token_id
 from micropay.l402.wire import challenge_headers, format_authorization, payment_required_json
 from micropay.payment import scheme as pa
 from micropay.store import open_store_from_url
@@ -79,7 +79,7 @@ def main() -> None:
     idx = list(range(n))
     preimages = [os.urandom(32) for _ in idx]
     hashes = [hashlib.sha256(p).hexdigest() for p in preimages]
-    token_ids = [os.urandom(32) for _ in idx]
+    token_ids = [new_token_id() for _ in idx]
     addresses = [f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in idx]
     macs = [tokens.mint(bytes.fromhex(hashes[i]), CAVEATS, token_ids[i]).serialize() for i in idx]
     bucket = TokenBucket(100_000)
@@ -87,7 +87,7 @@ def main() -> None:
     parts_402: dict[str, float] = {}
     parts_402["client address (X-Forwarded-For)"] = best(lambda i: client_address("127.0.0.1", [addresses[i]], 1), idx)
     parts_402["rate limit bucket"] = best(lambda i: bucket.take(addresses[i]), idx)
-    parts_402["token id (32 random bytes)"] = best(lambda i: os.urandom(32), idx)
+    parts_402["token id (time + 26 random bytes)"] = best(lambda i: new_token_id(), idx)
     parts_402["macaroon: mint and serialize"] = best(
         lambda i: tokens.mint(bytes.fromhex(hashes[i]), CAVEATS, token_ids[i]).serialize(), idx)
     parts_402["Payment charge challenge"] = best(

@@ -35,21 +35,21 @@ def test_identifier_layout_matches_aperture():
         decode_identifier(b"\x00\x01" + ident[2:])
 
 
-def test_token_ids_are_unique_and_minted_ones_sort_by_time(svc):
+def test_token_ids_are_unique_and_minted_ones_sort_by_time(svc, monkeypatch):
     """A token id is 32 bytes: the time in ms, then 26 random bytes. Ids minted in a row
     sort in minting order whenever the millisecond changes between them (so the store's
-    indexes on them grow at one edge), and no two are equal."""
-    import time
+    indexes on them grow at one edge), and no two are equal, also within a millisecond."""
+    from micropay.l402 import tokens
+    clock = iter(range(1_700_000_000_000_000_000, 1_700_000_003_001_500_000, 1_500_000))   # ns, 1.5 ms apart
+    monkeypatch.setattr(tokens.time, "time_ns", lambda: next(clock))
     ids = [new_token_id() for _ in range(2000)]
-    time.sleep(0.002)
-    later = new_token_id()
-    assert len({*ids, later}) == 2001 and all(len(i) == 32 for i in ids)
-    assert all(ids[k][:6] <= ids[k + 1][:6] for k in range(len(ids) - 1))
-    assert max(ids) < later
-    now_ms = time.time_ns() // 1_000_000
-    assert now_ms - 5_000 < int.from_bytes(later[:6], "big") <= now_ms
+    assert len(set(ids)) == 2000 and all(len(i) == 32 for i in ids)
+    assert ids == sorted(ids)
+    assert int.from_bytes(ids[0][:6], "big") == 1_700_000_000_000
     minted = svc.mint(PH, ["services=demo:0"])
-    assert decode_identifier(minted.identifier)[1][:6] <= new_token_id()[:6]
+    assert decode_identifier(minted.identifier)[1][:6] == (1_700_000_003_000).to_bytes(6, "big")
+    monkeypatch.setattr(tokens.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    assert len({new_token_id() for _ in range(2000)}) == 2000
 
 
 def test_valid_token_verifies(svc):
