@@ -340,7 +340,16 @@ async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
     # the first 402 found the reserve empty: it claimed one invoice under its own label
     assert (await repo.by_claim(handed[0].label)).payment_hash == handed[0].payment_hash
     assert {h for h, _ in reserved} >= {i.payment_hash for i in handed[1:]}
-    assert all(label == backend._reserve_prefix + h for h, label in reserved)
+    # each label is the process's prefix, the claim time (ms, 12 hex digits), the hash:
+    # one batch's labels share a time (they land side by side in the claim_label index)
+    import re
+    times = {}
+    for h, label in reserved:
+        m = re.fullmatch(re.escape(backend._reserve_prefix) + r"([0-9a-f]{12})-" + h, label)
+        assert m, label
+        times.setdefault(int(m.group(1), 16), []).append(h)
+    assert 1 <= len(times) <= len(batches) and all(abs(t / 1000 - time.time()) < 60 for t in times)
+    by_label = dict(reserved)
     unhanded = {h for h, _ in reserved} - {i.payment_hash for i in handed}
     assert unhanded, "nothing left in the reserve to give back"
 
@@ -353,7 +362,7 @@ async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
         s = await asyncio.wait_for(first(), 5)
     finally:
         following.cancel()
-    assert s.payment_hash == handed[3].payment_hash and s.label == backend._reserve_prefix + s.payment_hash
+    assert s.payment_hash == handed[3].payment_hash and s.label == by_label[s.payment_hash]
     assert s.label.startswith("micropay-") and not s.label.startswith("micropay-purchase-")
 
     await backend.close()

@@ -10,10 +10,10 @@ any node: this adapter only reads and writes the store (store/fleet.py).
   (503 with Retry-After), never a hang.
 - The reserve: the gate's challenge labels (`micropay-<token id>`) are single-use and
   never looked up again, so their invoices come from a reserve this process claimed
-  `reserve` at a time in one statement (each bound to `micropay-r<process tag>-<payment
-  hash>`, which routes its settlement to the gate like any challenge label). A 402 then
-  costs no store round trip; the reserve is topped up in the background when it runs
-  half empty. A 402 that finds it empty while a top-up is under way waits for that one
+  `reserve` at a time in one statement (each bound to `micropay-r<process tag>-<claim
+  time>-<payment hash>`, which routes its settlement to the gate like any challenge
+  label). A 402 then costs no store round trip; the reserve is topped up in the
+  background when it runs half empty. A 402 that finds it empty while a top-up is under way waits for that one
   statement (bounded by REFILL_WAIT_S) rather than claiming alone, and the price's
   reserve doubles, up to RESERVE_GROWTH times `reserve`: a busy price gets batches that
   outlast the top-up's round trip. At hand-out an invoice whose node's heartbeat (as last read, at most a
@@ -129,7 +129,7 @@ class FleetBackend:
         if not invoices:
             return
         try:
-            n = await self.repo.release([self._reserve_prefix + p.payment_hash for p in invoices])
+            n = await self.repo.release([p.claim_label for p in invoices if p.claim_label])
             log.info("gave %d reserved invoices back to the pool", n)
         except Exception as exc:
             log.warning("could not give %d reserved invoices back to the pool (%s); they expire unpaid",
@@ -285,8 +285,12 @@ class FleetBackend:
                 n = want // len(nodes) + (i < want % len(nodes))
                 if n <= 0:
                     continue
+                now_ms = self._now_ms()
+                # the claim time (fixed-width hex) before the payment hash: one batch's
+                # labels sit side by side in the store's claim_label index, and later
+                # batches after them, instead of each label on a random page of it
                 batch = await self.repo.claim_many(
-                    self._reserve_prefix, amount_msat, description, now_ms=self._now_ms(),
+                    f"{self._reserve_prefix}{now_ms:012x}-", amount_msat, description, now_ms=now_ms,
                     payable_after=payable_after, fresh_since_ms=self._fresh_since_ms(), node=node.node_id, n=n)
                 queue = self._reserved.get(key)
                 if queue is None or self._closed:     # given up meanwhile: straight back to the pool
