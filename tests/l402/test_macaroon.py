@@ -103,7 +103,7 @@ def test_b64_decoder_only_raises_malformed(text):
 def test_fast_hmac_matches_the_standard_library_for_every_key_length(size):
     import hashlib
     import hmac
-    from micropay.l402.macaroon import FixedKeyHmac, _hmac
+    from micropay.core.hmacs import FixedKeyHmac, hmac_sha256 as _hmac
     key, msg = bytes(range(size % 256)) * (size // 256 + 1), b"caveat = value"
     key = key[:size]
     expected = hmac.digest(key, msg, hashlib.sha256)

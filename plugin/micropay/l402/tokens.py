@@ -39,7 +39,8 @@ from typing import Callable, NoReturn
 from ..core.errors import ConfigError, InvalidCredential, MalformedCredential, TokenExpired
 from ..core.inputs import decimal
 from .wire import Credential, parse_authorization
-from .macaroon import FixedKeyHmac, Macaroon
+from ..core.hmacs import FixedKeyHmac
+from .macaroon import Macaroon
 from ..core.patterns import method_allowed, path_matches
 from ..core.canonical import query_digest
 from ..core.secretfile import read_secret, write_secret

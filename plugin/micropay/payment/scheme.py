@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..l402.macaroon import FixedKeyHmac
+from ..core.hmacs import FixedKeyHmac
 from ..core.errors import (PaymentChallengeExpired, PaymentCredentialMalformed, PaymentInvalidPreimage,
                            PaymentUnknownChallenge)
 
