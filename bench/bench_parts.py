@@ -122,7 +122,8 @@ def main() -> None:
             "INSERT INTO micropay_fleet_invoices (payment_hash, node_id, node_label, amount_msat, description, "
             f"bolt11, expires_at, created_ms) VALUES {marks}", [v for row in rows for v in row]))
     parts_402["pool claim (SQLite, 32 a statement)"] = batched_us(
-        loop, lambda i: fleet.claim_many("micropay-parts-", PRICE, "bench: GET /mint", now_ms=int(time.time() * 1000),
+        loop, lambda i: fleet.claim_many(f"micropay-parts-{int(time.time() * 1000):012x}-", PRICE,   # as the sidecar
+                                         "bench: GET /mint", now_ms=int(time.time() * 1000),
                                          payable_after=now, fresh_since_ms=0, node=node, n=2 * BATCH),
         n - n % (2 * BATCH), step=2 * BATCH)
 

@@ -26,7 +26,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "plugin" / "micropay"
 # the same table; test_the_docs_table_matches_the_tree keeps them together).
 ROOMS = {
     "core": "rules every room uses: errors, input parsing, RPC params, tasks, metrics, secret files, "
-            "limits, canonical targets, path patterns, receipts",
+            "limits, canonical targets, path patterns, receipts, HMAC-SHA256",
     "l402": "the L402 dialect: wire format, macaroons, tokens",
     "payment": 'the "Payment" dialect: the scheme (charge and session intents) and the session ledger',
     "streams": "streaming payments: schedule and accounting, the runner, TLV records, attribution",

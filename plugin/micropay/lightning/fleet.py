@@ -16,8 +16,9 @@ any node: this adapter only reads and writes the store (store/fleet.py).
   background when it runs half empty. A 402 that finds it empty while a top-up is under
   way waits for that one statement (bounded by REFILL_WAIT_S) rather than claiming
   alone, and the price's reserve doubles, up to RESERVE_GROWTH times `reserve`: a busy
-  price gets batches that outlast the top-up's round trip. At hand-out an invoice whose node's heartbeat (as last read, at most a
-  second ago) is stale, or that would not stay payable long enough, is skipped. A crash
+  price gets batches that outlast the top-up's round trip. At hand-out an invoice whose
+  node's heartbeat (as last read, at most a second ago) is stale, or that would not stay
+  payable long enough, is skipped. A crash
   leaves the reserve's invoices bound and unhanded: they expire unpaid, nothing is owed;
   `close` gives them back to the pool.
 - `settlements` follows the agents' settlement feed in order. Sequence numbers of
