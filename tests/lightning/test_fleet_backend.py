@@ -371,6 +371,39 @@ async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
     assert all(rows[i.payment_hash] is not None for i in handed), "an invoice handed out went back to the pool"
 
 
+async def test_a_top_up_that_comes_back_while_the_sidecar_stops_gives_its_batch_back(fleet):
+    """close() waits for top-ups in flight; a batch claimed while the sidecar was stopping
+    goes back to the pool before close() returns, never left bound to nobody."""
+    from micropay.store.fleet import Want
+    repo, agent, backend, _, _ = fleet
+    backend.reserve = 8
+    await repo.want(Want(2000, "r", 40, 3600), int(time.time() * 1000))
+    await agent.beat()
+    assert await agent.refill_once() == 40
+    await backend.create_invoice(2000, _challenge_label(), "r", 600)     # the price gets a reserve
+    await _settle_reserve(backend)
+    queue = backend._reserved[(2000, "r")]
+    await backend._release(list(queue))     # an empty reserve: close() itself has nothing to give back
+    queue.clear()
+    claiming, real_claim_many, real_release = asyncio.Event(), repo.claim_many, repo.release
+
+    async def slow_claim_many(*args, **kwargs):
+        claiming.set()
+        await asyncio.sleep(0.2)            # the claim is in the store while close() begins
+        return await real_claim_many(*args, **kwargs)
+
+    async def slow_release(labels):
+        await asyncio.sleep(0.3)
+        return await real_release(labels)
+    repo.claim_many, repo.release = slow_claim_many, slow_release
+    assert backend._start_refill((2000, "r"), int(time.time()) + 120) is not None
+    await claiming.wait()
+    await backend.close()
+    bound = await repo.store.query("SELECT payment_hash FROM micropay_fleet_invoices "
+                                   "WHERE claim_label LIKE 'micropay-r%'")
+    assert bound == [], f"{len(bound)} invoices left bound to a stopped sidecar's reserve"
+
+
 async def test_a_burst_that_empties_the_reserve_waits_for_the_top_up_and_the_reserve_grows(fleet):
     """50 402s at once with a reserve of 4: those that find it empty while a top-up is
     under way wait for that statement instead of each claiming alone, and the price's

@@ -294,8 +294,10 @@ class FleetBackend:
                     f"{self._reserve_prefix}{now_ms:012x}-", amount_msat, description, now_ms=now_ms,
                     payable_after=payable_after, fresh_since_ms=self._fresh_since_ms(), node=node.node_id, n=n)
                 queue = self._reserved.get(key)
-                if queue is None or self._closed:     # given up meanwhile: straight back to the pool
-                    self._release_soon(batch)
+                if queue is None or self._closed:
+                    # given up meanwhile: straight back to the pool, before this top-up ends
+                    # (close waits for top-ups, not for releases they would start)
+                    await self._release(batch)
                     continue
                 # round robin: interleave with what the queue holds of the other nodes
                 merged = [p for pair in itertools.zip_longest(queue, batch) for p in pair if p is not None]
