@@ -316,6 +316,19 @@ async def _settle_reserve(backend) -> None:
         await asyncio.gather(*list(backend._refills.values()))
 
 
+async def _price_with_a_reserve(fleet, description: str, depth: int, reserve: int) -> None:
+    """A pool of `depth` invoices at 2000 msat for `description`, and a first 402 on it,
+    so the price gets a reserve of `reserve` (its top-up finished)."""
+    from micropay.store.fleet import Want
+    repo, agent, backend, _, _ = fleet
+    backend.reserve = reserve
+    await repo.want(Want(2000, description, depth, 3600), int(time.time() * 1000))
+    await agent.beat()
+    assert await agent.refill_once() == depth
+    await backend.create_invoice(2000, _challenge_label(), description, 600)
+    await _settle_reserve(backend)
+
+
 async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
     """A 402's invoice is handed out of this process's reserve (one claim statement binds
     `reserve` invoices); each is handed out once, its settlement reaches the gate's route
@@ -374,14 +387,8 @@ async def test_the_gates_402s_come_from_a_reserve_claimed_many_at_a_time(fleet):
 async def test_a_top_up_that_comes_back_while_the_sidecar_stops_gives_its_batch_back(fleet):
     """close() waits for top-ups in flight; a batch claimed while the sidecar was stopping
     goes back to the pool before close() returns, never left bound to nobody."""
-    from micropay.store.fleet import Want
-    repo, agent, backend, _, _ = fleet
-    backend.reserve = 8
-    await repo.want(Want(2000, "r", 40, 3600), int(time.time() * 1000))
-    await agent.beat()
-    assert await agent.refill_once() == 40
-    await backend.create_invoice(2000, _challenge_label(), "r", 600)     # the price gets a reserve
-    await _settle_reserve(backend)
+    repo, _, backend, _, _ = fleet
+    await _price_with_a_reserve(fleet, "r", depth=40, reserve=8)
     queue = backend._reserved[(2000, "r")]
     await backend._release(list(queue))     # an empty reserve: close() itself has nothing to give back
     queue.clear()
@@ -409,14 +416,8 @@ async def test_a_burst_that_empties_the_reserve_waits_for_the_top_up_and_the_res
     under way wait for that statement instead of each claiming alone, and the price's
     reserve doubles up to RESERVE_GROWTH times `reserve`. Every invoice is handed out once."""
     from micropay.lightning import fleet as fleet_mod
-    from micropay.store.fleet import Want
     repo, agent, backend, payer, _ = fleet
-    backend.reserve = 4
-    await repo.want(Want(2000, "burst", 200, 3600), int(time.time() * 1000))
-    await agent.beat()
-    assert await agent.refill_once() == 200
-    await backend.create_invoice(2000, _challenge_label(), "burst", 600)      # the price gets a reserve
-    await _settle_reserve(backend)
+    await _price_with_a_reserve(fleet, "burst", depth=200, reserve=4)
     statements, real_query = _count_queries(repo)
     single = []
     real_claim = repo.claim
@@ -440,14 +441,8 @@ async def test_a_burst_that_empties_the_reserve_waits_for_the_top_up_and_the_res
 
 async def test_a_top_up_that_does_not_come_back_in_time_leaves_the_402_to_claim_alone(fleet):
     from micropay.lightning import fleet as fleet_mod
-    from micropay.store.fleet import Want
     repo, agent, backend, payer, _ = fleet
-    backend.reserve = 2
-    await repo.want(Want(2000, "slow", 20, 3600), int(time.time() * 1000))
-    await agent.beat()
-    await agent.refill_once()
-    await backend.create_invoice(2000, _challenge_label(), "slow", 600)
-    await _settle_reserve(backend)
+    await _price_with_a_reserve(fleet, "slow", depth=20, reserve=2)
     real_many, gate = repo.claim_many, asyncio.Event()
     async def stuck(*args, **kwargs):
         await gate.wait()
