@@ -29,16 +29,13 @@ _KEY_GENERATOR = b"macaroons-key-generator"
 MAX_MACAROON_BYTES = 8192
 
 
-_hmac = hmac_sha256      # every key in a macaroon chain is 32 bytes
-
-
 derive_key = FixedKeyHmac(_KEY_GENERATOR)
 
 
 def chain_signature(root_key: bytes, identifier: bytes, caveats: tuple[bytes, ...]) -> bytes:
-    sig = _hmac(derive_key(root_key), identifier)
+    sig = hmac_sha256(derive_key(root_key), identifier)
     for caveat in caveats:
-        sig = _hmac(sig, caveat)
+        sig = hmac_sha256(sig, caveat)
     return sig
 
 
@@ -57,7 +54,7 @@ class Macaroon:
     def add_first_party_caveat(self, caveat: bytes) -> "Macaroon":
         """Attenuate: anyone holding a macaroon can add caveats, never remove them."""
         return Macaroon(self.identifier, self.caveats + (caveat,),
-                        _hmac(self.signature, caveat), self.location)
+                        hmac_sha256(self.signature, caveat), self.location)
 
     def verify_signature(self, root_key: bytes) -> bool:
         expected = chain_signature(root_key, self.identifier, self.caveats)
