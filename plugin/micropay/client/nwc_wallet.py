@@ -13,7 +13,7 @@ from ..nostr.keys import NostrError
 from ..nwc.client import NoAnswer, NwcClient
 from ..nwc.protocol import Code, NwcError
 from ..nwc.uri import parse_uri
-from .payer import PaidInvoice
+from .wallets import PaidInvoice
 
 
 # Answers that say the wallet paid nothing (NIP-47's codes for a refusal before paying).

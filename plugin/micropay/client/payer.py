@@ -18,37 +18,36 @@ one this node cannot pay (lightningd refuses its hash while the dead record is t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
 from yarl import URL
 
-from ..core.errors import (BadRequest, BudgetExceeded, ConfigError, ForeignChallenge, InvoiceMismatch,
+from ..core.errors import (BadRequest, BudgetExceeded, ForeignChallenge, InvoiceMismatch,
                            PaymentFailed, PaymentUnknown, RequestFailed, ResponseTooLarge)
 from ..core.inputs import load_json, read_bounded
 from ..l402.wire import Challenge, format_authorization, parse_challenges
-from ..lightning.base import Node
-from ..lightning.outcome import ORPHAN_GRACE_S, Outcome, Settled, settle_payment
+from ..lightning.outcome import Outcome, Settled
 from ..lightning.bolt11codec import decode_invoice
 
 log = logging.getLogger("micropay.client")     # what it does, request by request (`micropay get -v`)
 BUDGET_HINT = "`micropay budget show` lists what it counts; `micropay budget reset` starts it over"
 from ..l402.macaroon import Macaroon
 from ..payment import scheme as payment_auth
-from ..core.patterns import method_allowed, path_matches
-from ..core.canonical import query_digest
 from ..core.receipts import RECEIPT_HEADER, InvalidReceipt, verify_receipt
-from ..core.secretfile import private_dir, read_secret, write_secret
 from ..l402.tokens import decode_identifier, parse_caveats
+from .tokencache import CachedToken, ClientState, Spend, TokenCache
+from .wallets import NodeWallet, PaidInvoice, PaymentNeverLeft, SandboxHttpWallet, Wallet
+
+__all__ = ["BUDGET_HINT", "DAY_S", "DEAD_KEPT_S", "DEFAULT_MAX_BODY", "MAX_CHALLENGE_BODY", "Budget", "CachedToken",
+           "ClientState", "L402Client", "NodeWallet", "PaidInvoice", "PaymentNeverLeft", "Result",
+           "SandboxHttpWallet", "Spend", "TokenCache", "Wallet", "challenge_invoice"]
 
 DAY_S = 86400
 MAX_CHALLENGE_BODY = 64 * 1024          # a 402/401 body: only its price is read
@@ -70,211 +69,6 @@ class Budget:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise BadRequest(f"budget {name} must be a non-negative integer, got {value!r}")
-
-
-@dataclass(frozen=True)
-class PaidInvoice:
-    preimage: str
-    amount_msat: int
-    fee_msat: int
-
-
-class Wallet(Protocol):
-    async def pay(self, bolt11: str, amount_msat: int, max_fee_msat: int) -> PaidInvoice: ...
-
-
-class PaymentNeverLeft(PaymentFailed):
-    """The node recorded the payment but it is dead (pending with no HTLC behind it past
-    the grace): nothing was paid, and this node cannot pay that invoice any more."""
-
-    code = "payment_dead"
-    rpc_code = 1520
-
-
-class NodeWallet:
-    """Pays with any Node adapter (an in-process sandbox node, or a CLN node)."""
-
-    def __init__(self, node: Node, orphan_grace_s: float = ORPHAN_GRACE_S) -> None:
-        self.node, self.orphan_grace_s = node, orphan_grace_s
-
-    async def settle(self, payment_hash: str, orphan_since: float | None, now: float) -> Settled:
-        """What the node recorded of our payment to this hash (lightning/outcome.py)."""
-        return await settle_payment(self.node, payment_hash=payment_hash, orphan_since=orphan_since, now=now,
-                                    grace_s=self.orphan_grace_s)
-
-    async def pay(self, bolt11: str, amount_msat: int, max_fee_msat: int) -> PaidInvoice:
-        p = await self.node.pay(bolt11, max_fee_msat=max_fee_msat)
-        return PaidInvoice(p.preimage, p.amount_msat, p.fee_msat)
-
-    async def invoice_any(self, description: str, expiry_s: int) -> str:
-        """An amountless invoice of this node (a Payment session's return invoice)."""
-        inv = await self.node.create_invoice(None, f"micropay-return-{os.urandom(8).hex()}", description, expiry_s)
-        return inv.bolt11
-
-
-class SandboxHttpWallet:
-    """A sandbox wallet exposed by a sidecar in sandbox mode: .../sandbox/wallets/<name>."""
-
-    def __init__(self, url: str, session: aiohttp.ClientSession | None = None) -> None:
-        self.url, self._session = url.rstrip("/"), session
-
-    async def pay(self, bolt11: str, amount_msat: int, max_fee_msat: int) -> PaidInvoice:
-        async with contextlib.AsyncExitStack() as stack:
-            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
-            try:
-                async with session.post(f"{self.url}/pay",
-                                        json={"bolt11": bolt11, "max_fee_msat": max_fee_msat}) as r:
-                    status, (raw, _) = r.status, await read_bounded(r.content, MAX_CHALLENGE_BODY)
-            except ValueError as exc:
-                raise PaymentFailed(f"sandbox wallet URL {self.url} is not valid ({exc})") from None
-            except aiohttp.ClientConnectorError as exc:       # never reached it: nothing paid
-                raise PaymentFailed(f"sandbox wallet at {self.url} unreachable ({type(exc).__name__})") from None
-            except (aiohttp.ClientError, TimeoutError) as exc:  # reached it: it may have paid
-                raise PaymentUnknown(f"sandbox wallet at {self.url} did not answer ({type(exc).__name__}); "
-                                     "the payment will be finished on the next request") from None
-        try:
-            body = load_json(raw, "the sandbox wallet's reply")
-        except BadRequest:
-            raise PaymentFailed(f"the sandbox wallet at {self.url} answered {status} without JSON") from None
-        if not isinstance(body, dict):
-            raise PaymentFailed(f"the sandbox wallet at {self.url} answered {status} with no object")
-        if status != 200:
-            raise PaymentFailed(f"sandbox wallet refused: {body.get('detail', status)}")
-        paid = (body.get("preimage"), body.get("amount_msat"), body.get("fee_msat"))
-        if not (isinstance(paid[0], str) and all(isinstance(v, int) for v in paid[1:])):
-            raise PaymentFailed("the sandbox wallet's reply lacks preimage, amount_msat or fee_msat")
-        return PaidInvoice(*paid)  # type: ignore[arg-type]
-
-    async def invoice_any(self, description: str, expiry_s: int) -> str:
-        """An amountless invoice of this sandbox wallet (a Payment session's return invoice)."""
-        async with contextlib.AsyncExitStack() as stack:
-            session = self._session or await stack.enter_async_context(aiohttp.ClientSession())
-            try:
-                async with session.post(f"{self.url}/invoice", json={"description": description[:200]}) as r:
-                    status, (raw, _) = r.status, await read_bounded(r.content, MAX_CHALLENGE_BODY)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                raise RequestFailed(f"sandbox wallet at {self.url}: {type(exc).__name__}") from None
-        try:
-            body = load_json(raw, "the sandbox wallet's reply")
-        except BadRequest:
-            body = None
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("bolt11"), str):
-            raise RequestFailed(f"the sandbox wallet at {self.url} made no invoice ({status})")
-        return body["bolt11"]
-
-
-# -- persisted state ------------------------------------------------------------
-
-@dataclass
-class CachedToken:
-    origin: str
-    macaroon: str
-    preimage: str
-    payment_hash: str
-    paths: list[str]
-    methods: list[str] | None
-    valid_until: int | None
-    credits: int | None
-    usable: bool = True
-    queries: list[str] | None = None     # query= caveats: bought for exactly these query strings
-
-    def covers(self, origin: str, method: str, path: str, now: float, query: str = "") -> bool:
-        return (self.usable and self.origin == origin
-                and (self.queries is None or query_digest(query) in self.queries)
-                and method_allowed(frozenset(self.methods) if self.methods is not None else None, method)
-                and all(path_matches(p, path) for p in self.paths)
-                and (self.valid_until is None or now < self.valid_until))
-
-
-@dataclass
-class Spend:
-    payment_hash: str
-    host: str
-    amount_msat: int
-    fee_msat: int
-    ts: int
-    status: str        # "paying" (intent recorded before paying) or "paid"
-    origin: str = ""
-    bolt11: str = ""   # kept while "paying", so a run that died mid-payment can finish it
-    macaroon: str = ""
-    challenge: dict[str, str] | None = None   # a Payment (MPP) charge: its echo, kept while "paying"
-    resource: str = ""                        # "METHOD /path" a Payment charge was asked for
-    orphan_since: int | None = None           # first seen pending at the node with no HTLC behind it
-
-
-@dataclass
-class ClientState:
-    tokens: list[CachedToken] = field(default_factory=list)
-    spends: dict[str, Spend] = field(default_factory=dict)
-    dead: dict[str, int] = field(default_factory=dict)   # payment hash -> when found dead at the node
-    # Payment sessions whose deposit is paid and that are not known closed (session id ->
-    # what closing them needs: client/sessions.py's OpenSession's fields), so a run that died
-    # mid-session closes them at its next start and the refund comes back at once.
-    sessions: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-class TokenCache:
-    """JSON file (0600) with tokens and the spending ledger, locked while updated."""
-
-    def __init__(self, path: Path | None) -> None:
-        if path is not None and path.is_dir():
-            raise ConfigError(f"the token cache must be a file, and {path} is a directory "
-                              f"(for example {path / 'client.json'})")
-        self.path = path
-        self.state = ClientState()
-        self.load()
-
-    def forget_spends(self) -> int:
-        """Start the budgets over: drop the record of completed payments (tokens stay; a
-        payment still being made stays, so it is finished and counted). Returns how many."""
-        with self.locked() as state:
-            done = [h for h, s in state.spends.items() if s.status == "paid"]
-            for h in done:
-                del state.spends[h]
-        return len(done)
-
-    def load(self) -> None:
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            doc = load_json(read_secret(self.path) or b"{}", f"{self.path}")
-            self.state = ClientState(
-                tokens=[CachedToken(**t) for t in doc.get("tokens", [])],
-                spends={k: Spend(**v) for k, v in doc.get("spends", {}).items()},
-                dead={k: int(v) for k, v in doc.get("dead", {}).items()},
-                sessions={k: dict(v) for k, v in doc.get("sessions", {}).items()})
-        except (BadRequest, TypeError, AttributeError, ValueError):
-            raise ConfigError(f"{self.path}: the token cache is corrupt; move it aside to start a new one "
-                              "(it holds the spending ledger the budgets count)") from None
-
-    def save(self) -> None:
-        if self.path is None:
-            return
-        doc = {"tokens": [asdict(t) for t in self.state.tokens if t.usable],
-               "spends": {k: asdict(v) for k, v in self.state.spends.items()},
-               "dead": self.state.dead, "sessions": self.state.sessions}
-        write_secret(self.path, json.dumps(doc, indent=1).encode())
-
-    @contextlib.contextmanager
-    def locked(self):
-        """Reload, let the caller change state, save: one process at a time."""
-        if self.path is None:
-            yield self.state
-            return
-        private_dir(self.path.parent)
-        with os.fdopen(os.open(self.path.with_suffix(".lock"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
-                       "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                self.load()
-                yield self.state
-                self.save()
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def spent(self, host: str | None, since: float) -> int:
-        return sum(s.amount_msat + s.fee_msat for s in self.state.spends.values()
-                   if (host is None or s.host == host) and s.ts >= since)
 
 
 # -- the client ------------------------------------------------------------------
