@@ -163,7 +163,7 @@ async def main(mode: str, port: int, data_dir: str, store_url: str | None = None
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     if mode != "bare":
-        from micropay.sidecar.app import settle_heap
+        from micropay.sidecar.server import settle_heap
         settle_heap()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
     stop = asyncio.Event()

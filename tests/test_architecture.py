@@ -34,7 +34,7 @@ ROOMS = {
     "lightning": "the Node and RecordStore ports and their adapters (lightningd, the sandbox)",
     "store": "the Store port, SQLite and PostgreSQL, schemas and the core repositories",
     "http": "what the HTTP edges share: problem responses, bounded bodies, caching headers",
-    "sidecar": "the gate over HTTP (aiohttp): app, gate, reverse proxy, sessions, limits, embedding",
+    "sidecar": "the gate over HTTP (aiohttp): app, gate, reverse proxy, sessions, limits, server, embedding",
     "games": "in-app purchases: catalog, purchases, payouts, webhooks, live events, and their HTTP",
     "plugin": "the Core Lightning plugin: pyln glue, its runtime, options, micropay-fetch, invoices, "
               "the sidecar it supervises",

@@ -92,7 +92,8 @@ async def _serve(cfg: Config, exit_with_stdin: bool = False) -> None:
     if unserved:
         raise ConfigError(unserved[0])
 
-    from .sidecar.app import build_app, create_runtime, make_runner, settle_heap
+    from .sidecar.app import build_app, create_runtime, make_runner
+    from .sidecar.server import settle_heap
 
     host, port = cfg.host_port()
     rt = await create_runtime(cfg)
