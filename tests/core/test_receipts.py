@@ -3,8 +3,12 @@ import stat
 
 import pytest
 from coincurve import PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from micropay.core.receipts import InvalidReceipt, ReceiptSigner, canonical_json, verify_receipt
+
+_KEY = PrivateKey()
 
 
 def test_sign_and_verify_offline(tmp_path):
@@ -100,3 +104,54 @@ async def test_the_batcher_signs_a_turns_receipts_together_and_a_lone_one_alone(
     assert [verify_receipt(r, signer.pubkey_hex)["n"] for r in together] == list(range(10))
     alone = await batcher.sign({"v": 1, "n": 99})
     assert alone.count(".") == 1 and verify_receipt(alone, signer.pubkey_hex)["n"] == 99
+
+
+_texts = st.text(max_size=40)
+_hexes = st.binary(min_size=0, max_size=33).map(bytes.hex)
+_ints = st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+
+
+@settings(max_examples=300, deadline=None)
+@given(service=_texts, method=_texts, path=_texts, payment_hash=_hexes, token_id=_hexes, remaining=_ints,
+       ts=_ints)
+def test_the_request_receipt_template_is_the_canonical_json(service, method, path, payment_hash, token_id,
+                                                            remaining, ts):
+    """The hand-written request receipt must be byte for byte what the generic canonical
+    encoder makes of the same payload (a verifier re-encodes it to check)."""
+    from micropay.core.receipts import request_receipt_json
+    signer = ReceiptSigner(_KEY)
+    payload = {"v": 1, "type": "request", "service": service, "payment_hash": payment_hash or "0",
+               "token_id": token_id or "0", "method": method, "path": path, "credits_remaining": remaining,
+               "ts": ts}
+    data = request_receipt_json(pubkey=signer.pubkey_hex, service=service, payment_hash=payment_hash or "0",
+                                token_id=token_id or "0", method=method, path=path, credits_remaining=remaining,
+                                ts=ts)
+    assert data == canonical_json(dict(payload, pubkey=signer.pubkey_hex)) == signer.encode(payload)
+    assert verify_receipt(signer.sign(data), signer.pubkey_hex) == dict(payload, pubkey=signer.pubkey_hex)
+
+
+@settings(max_examples=300, deadline=None)
+@given(service=_texts, scope=_texts, payment_hash=_hexes, token_id=_hexes, valid_until=st.none() | _ints,
+       issued_at=_ints)
+def test_the_pass_receipt_template_is_the_canonical_json(service, scope, payment_hash, token_id, valid_until,
+                                                         issued_at):
+    from micropay.core.receipts import pass_receipt_json
+    signer = ReceiptSigner(_KEY)
+    payload = {"v": 1, "type": "pass", "service": service, "payment_hash": payment_hash or "0",
+               "token_id": token_id or "0", "scope": scope, "valid_until": valid_until, "issued_at": issued_at}
+    data = pass_receipt_json(pubkey=signer.pubkey_hex, service=service, payment_hash=payment_hash or "0",
+                             token_id=token_id or "0", scope=scope, valid_until=valid_until, issued_at=issued_at)
+    assert data == canonical_json(dict(payload, pubkey=signer.pubkey_hex))
+    assert verify_receipt(signer.sign_many([data, data])[1], signer.pubkey_hex)["scope"] == scope
+
+
+@pytest.mark.parametrize("bad", [{"credits_remaining": True}, {"ts": 1.5}, {"token_id": "ab\"cd"},
+                                 {"payment_hash": "\u00e9"}, {"payment_hash": ""}])
+def test_the_receipt_templates_refuse_what_they_would_spell_differently(bad):
+    """A bool, a float, or an id that is not ASCII letters and digits would come out
+    unlike canonical_json: the template refuses it rather than sign other bytes."""
+    from micropay.core.receipts import request_receipt_json
+    kw = dict(pubkey="02" + "ab" * 32, service="s", payment_hash="ab" * 32, token_id="cd" * 32, method="GET",
+              path="/p", credits_remaining=1, ts=1)
+    with pytest.raises((TypeError, ValueError)):
+        request_receipt_json(**dict(kw, **bad))

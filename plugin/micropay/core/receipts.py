@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import re
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,39 @@ _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 def canonical_json(payload: dict[str, Any]) -> bytes:
     return _canonical(payload).encode("ascii")
+
+
+def request_receipt_json(*, pubkey: str, service: str, payment_hash: str, token_id: str, method: str,
+                         path: str, credits_remaining: int, ts: int) -> bytes:
+    """canonical_json of a pay-per-request receipt, written out in its (sorted) key order:
+    the same bytes for about a sixth of the generic encoder's cost on the first-seen path.
+    `payment_hash`, `token_id` and `pubkey` are hex; the numbers are ints."""
+    return ('{"credits_remaining":%d,"method":%s,"path":%s,"payment_hash":"%s","pubkey":"%s","service":%s,'
+            '"token_id":"%s","ts":%d,"type":"request","v":1}'
+            % (_int(credits_remaining), _json_str(method), _json_str(path), _hex(payment_hash), _hex(pubkey),
+               _json_str(service), _hex(token_id), _int(ts))).encode("ascii")
+
+
+def pass_receipt_json(*, pubkey: str, service: str, payment_hash: str, token_id: str, scope: str,
+                      valid_until: int | None, issued_at: int) -> bytes:
+    """canonical_json of a pass token's receipt (see request_receipt_json)."""
+    return ('{"issued_at":%d,"payment_hash":"%s","pubkey":"%s","scope":%s,"service":%s,"token_id":"%s",'
+            '"type":"pass","v":1,"valid_until":%s}'
+            % (_int(issued_at), _hex(payment_hash), _hex(pubkey), _json_str(scope), _json_str(service),
+               _hex(token_id), "null" if valid_until is None else "%d" % _int(valid_until))).encode("ascii")
+
+
+def _hex(text: str) -> str:
+    """`text` as it is, which JSON writes unescaped: ASCII letters and digits only."""
+    if not (text.isascii() and text.isalnum()):
+        raise ValueError("a receipt's hashes, ids and key are hex")
+    return text
+
+
+def _int(n: int) -> int:
+    if type(n) is not int:       # noqa: E721 - a bool is an int, and JSON spells it otherwise
+        raise TypeError("a receipt's numbers are ints")
+    return n
 
 
 def _b64u(data: bytes) -> str:
@@ -88,19 +122,23 @@ class ReceiptSigner:
         write_secret(path, key.secret.hex().encode() + b"\n")
         return cls(key)
 
-    def sign(self, payload: dict[str, Any]) -> str:
-        body = dict(payload, pubkey=self.pubkey_hex)
-        data = canonical_json(body)
+    def encode(self, payload: dict[str, Any] | bytes) -> bytes:
+        """A receipt's signed bytes: canonical_json of the payload with this signer's
+        pubkey added; bytes are taken as that already (request_receipt_json, ...)."""
+        return payload if isinstance(payload, bytes) else canonical_json(dict(payload, pubkey=self.pubkey_hex))
+
+    def sign(self, payload: dict[str, Any] | bytes) -> str:
+        data = self.encode(payload)
         sig = self._key.sign_recoverable(data, hasher=_sha256)[:64]
         return f"{_b64u(data)}.{_b64u(sig)}"
 
-    def sign_many(self, payloads: list[dict[str, Any]]) -> list[str]:
+    def sign_many(self, payloads: list[dict[str, Any] | bytes]) -> list[str]:
         """Receipts for all of `payloads` under one signature (see the module's doc)."""
         if len(payloads) == 1:
             return [self.sign(payloads[0])]
         if not payloads or len(payloads) > MAX_BATCH:
             raise ValueError(f"a batch holds 1 to {MAX_BATCH} receipts")
-        datas = [canonical_json(dict(p, pubkey=self.pubkey_hex)) for p in payloads]
+        datas = [self.encode(p) for p in payloads]
         root, proofs = merkle([_sha256(b"\x00" + d) for d in datas])
         sig = _b64u(self._key.sign_recoverable(BATCH_TAG + root, hasher=_sha256)[:64])
         return [f"{_b64u(d)}.{sig}.{_b64u(bytes(proof))}" for d, proof in zip(datas, proofs)]
@@ -155,9 +193,9 @@ class ReceiptBatcher:
 
     def __init__(self, signer: ReceiptSigner) -> None:
         self.signer = signer
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[str]]] = []
+        self._pending: list[tuple[dict[str, Any] | bytes, asyncio.Future[str]]] = []
 
-    def sign(self, payload: dict[str, Any]) -> "asyncio.Future[str]":
+    def sign(self, payload: dict[str, Any] | bytes) -> "asyncio.Future[str]":
         loop = asyncio.get_running_loop()
         done: asyncio.Future[str] = loop.create_future()
         self._pending.append((payload, done))
