@@ -75,3 +75,55 @@ async def test_require_sees_the_canonical_path(embedded):
     assert (status, headers.get("Location")) == (308, "/files/b")
     status, _, _ = await asyncio.to_thread(raw_request, port(plain_url), "GET", "/files/b")
     assert status == 402 and served == []
+
+
+async def test_a_one_credit_tokens_receipt_matches_what_its_debit_left(tmp_path):
+    """A one-credit token's receipt is signed alongside its debit (gate.handle): the
+    receipt a client gets says 0 credits left, a request that was not served gives the
+    credit back and shows no receipt, and a spent token's refusal carries none."""
+    import aiohttp
+
+    from micropay.core.errors import UpstreamUnreachable
+    from micropay.core.receipts import verify_receipt
+    from micropay.l402.wire import format_authorization, parse_challenges
+    cfg = make_config(tmp_path, CONFIG)
+    net = SandboxNetwork()
+    rt = await create_runtime(cfg, node=net.add_node("shop"))
+    payer = net.add_node("payer", balance_msat=10_000_000)
+    gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store, receipts=rt.receipts,
+                limits=cfg.limits, pricing=cfg.pricing)
+    calls = []
+
+    @gate.require(price_msat=700)
+    async def flaky(request):
+        calls.append(1)
+        if len(calls) == 1:
+            raise UpstreamUnreachable("the upstream is down")
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/flaky", flaky)
+    runner, url = await serve_app(app)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/flaky") as r:
+                assert r.status == 402
+                ch = parse_challenges(r.headers.getall("WWW-Authenticate"))[0]
+            auth = format_authorization(ch.macaroon, (await payer.pay(ch.invoice)).preimage)
+            async with s.get(url + "/flaky", headers={"Authorization": auth}) as r:
+                assert r.status == 502 and "Payment-Receipt" not in r.headers
+            token_id = gate.tokens.verify_header(auth, "GET", "/flaky").token_id_hex
+            assert await gate.l402.credits_remaining(token_id) == 1          # given back
+            async with s.get(url + "/flaky", headers={"Authorization": auth}) as r:
+                assert r.status == 200 and await r.text() == "ok"
+                receipt = verify_receipt(r.headers["Payment-Receipt"], rt.receipts.pubkey_hex)
+                assert r.headers["Payment-Credits-Remaining"] == "0"
+            assert receipt["credits_remaining"] == 0 and receipt["token_id"] == token_id
+            assert receipt["type"] == "request" and receipt["path"] == "/flaky"
+            async with s.get(url + "/flaky", headers={"Authorization": auth}) as r:
+                assert r.status == 402 and "Payment-Receipt" not in r.headers
+                assert (await r.json(content_type=None))["error"] == "credits_exhausted"
+        assert len(calls) == 2 and await gate.l402.credits_remaining(token_id) == 0
+    finally:
+        await runner.cleanup()
+        await rt.store.close()

@@ -49,7 +49,8 @@ from ..payment.scheme import (Binder, binder_for, charge_challenge, content_dige
 from ..payment.scheme import receipt as payment_receipt
 from ..seller.pricing import Pricing, RouteRule
 from ..core.ratelimit import FreeTier, client_address
-from ..core.receipts import RECEIPT_HEADER, ReceiptBatcher, ReceiptSigner
+from ..core.receipts import (RECEIPT_HEADER, ReceiptBatcher, ReceiptSigner, pass_receipt_json,
+                              request_receipt_json)
 from ..store import Store
 from ..store.l402 import ChallengeRecord, L402Repository
 from ..payment.sessions import SessionLedger
@@ -159,16 +160,17 @@ class Gate:
 
     # -- aiohttp integration ---------------------------------------------
     async def dispatch(self, request: web.Request, handler: Handler, *,
-                       forwards: bool = False) -> web.StreamResponse:
+                       forwards: bool = False, looked_up: bool = False) -> web.StreamResponse:
         """Price the request by the config's routes and admit, challenge or refuse it.
         Any MicropayError raised below (e.g. an unreachable upstream) becomes its JSON
         problem response. `forwards`: the handler forwards the canonical target itself
-        (the reverse proxy), so a non-canonical spelling needs no redirect."""
-        if request.get(ADMITTED):
+        (the reverse proxy), so a non-canonical spelling needs no redirect. `looked_up`:
+        the caller (guard) found the credential in no cache already."""
+        if (self.layered or not looked_up) and request.get(ADMITTED):
             return await handler(request)
         try:
             auth = request.headers.get(hdrs.AUTHORIZATION)
-            if auth is not None:
+            if auth is not None and not looked_up:
                 hit = self._admitted.get(request_key(auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
                     return await self._serve(request, handler, hit, None)
@@ -245,7 +247,7 @@ class Gate:
                         return await session_gate.bearer(request, handler, known, serve, self.challenge)
                     except MicropayError as err:
                         return problem_response(err)
-            return await self.dispatch(request, handler, forwards=forwards)
+            return await self.dispatch(request, handler, forwards=forwards, looked_up=True)
         return guarded
 
     def require(self, price_msat: int = 0, *, path: str | None = None, credits: int | None = 1,
@@ -265,7 +267,10 @@ class Gate:
                                  credits=None if pass_s else credits, pass_s=pass_s,
                                  capabilities=frozenset(capabilities), description=description,
                                  price_hook=price_hook)
-                return await self.handle(request, rule, handler)
+                try:
+                    return await self.handle(request, rule, handler)
+                except MicropayError as err:      # e.g. the handler's upstream is unreachable
+                    return problem_response(err)
             return gated
         return wrap
 
@@ -303,6 +308,7 @@ class Gate:
 
     async def handle(self, request: web.Request, rule: RouteRule, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
+        receipt: asyncio.Future[str] | None = None
         try:
             target = request_target(request)
             auth = request.headers.get(hdrs.AUTHORIZATION)
@@ -326,13 +332,21 @@ class Gate:
             if rule.path not in token.constraints.paths:
                 raise InvalidCredential("token was issued for another route", route=rule.path)
             remaining = None
-            if token.constraints.credits is not None:
-                remaining = await self.l402.debit_credit(token.token_id_hex, token.constraints.credits)
+            credits = token.constraints.credits
+            if credits is not None:
+                if credits == 1:
+                    # A one-credit token's debit, if it succeeds, leaves 0: its receipt is
+                    # signed in the loop turn that runs the debit (one wait instead of two).
+                    # If the debit is refused, the receipt is never sent.
+                    receipt = self._request_receipt(token, request, 0)
+                remaining = await self.l402.debit_credit(token.token_id_hex, credits)
                 if remaining is None:
                     raise CreditsExhausted(
                         "all prepaid credits of this token are spent; retry without the "
                         "Authorization header to get a new invoice", token_id=token.token_id_hex)
         except MicropayError as err:
+            if receipt is not None:
+                receipt.cancel()             # the debit was refused: nothing was served
             self.metrics.rejections[err.code] += 1
             if isinstance(err, REFUSED_L402):
                 # bLIP-26: a credential that is "invalid or insufficient in some way"
@@ -345,8 +359,13 @@ class Gate:
             return problem_response(err)
         finally:
             self.metrics.observe_latency(time.perf_counter() - started)
-        admitted = Paid(rule.key, token, {RECEIPT_HEADER: await self._receipt(token, request, remaining)},
-                        token.constraints.valid_until)
+        if remaining is None:
+            receipt_text = await self._pass_receipt(token)
+        elif receipt is not None and remaining == 0:
+            receipt_text = await receipt
+        else:
+            receipt_text = await self._request_receipt(token, request, remaining)
+        admitted = Paid(rule.key, token, {RECEIPT_HEADER: receipt_text}, token.constraints.valid_until)
         if remaining is None:
             # A pass token admitted for this method and path stays admitted until it
             # expires: later requests skip parsing, verification and route matching.
@@ -446,24 +465,24 @@ class Gate:
             app.middlewares.append(self.middleware)
         app.on_response_prepare.append(_add_paid_headers)
 
-    async def _receipt(self, token: VerifiedToken, request: web.Request, remaining: int | None) -> str:
-        if remaining is None:
-            # Pass tokens: one receipt per token and route, signed once.
-            key = (token.token_id, token.constraints.paths[0])
-            cached = self._pass_receipts.get(key)
-            if cached is None:
-                cached = await self.batched_receipts.sign({
-                    "v": 1, "type": "pass", "service": self.service,
-                    "payment_hash": token.payment_hash.hex(), "token_id": token.token_id_hex,
-                    "scope": key[1], "valid_until": token.constraints.valid_until,
-                    "issued_at": int(self.clock())})
-                self._pass_receipts.put(key, cached)
-            return cached
-        return await self.batched_receipts.sign({
-            "v": 1, "type": "request", "service": self.service,
-            "payment_hash": token.payment_hash.hex(), "token_id": token.token_id_hex,
-            "method": request.method, "path": request_target(request).path, "credits_remaining": remaining,
-            "ts": int(self.clock())})
+    async def _pass_receipt(self, token: VerifiedToken) -> str:
+        """A pass token's receipt: one per token and route, signed once."""
+        key = (token.token_id, token.constraints.paths[0])
+        cached = self._pass_receipts.get(key)
+        if cached is None:
+            cached = await self.batched_receipts.sign(pass_receipt_json(
+                pubkey=self.receipts.pubkey_hex, service=self.service, payment_hash=token.payment_hash.hex(),
+                token_id=token.token_id_hex, scope=key[1], valid_until=token.constraints.valid_until,
+                issued_at=int(self.clock())))
+            self._pass_receipts.put(key, cached)
+        return cached
+
+    def _request_receipt(self, token: VerifiedToken, request: web.Request, remaining: int) -> "asyncio.Future[str]":
+        """A credit token's receipt for this request, signed with the loop turn's others."""
+        return self.batched_receipts.sign(request_receipt_json(
+            pubkey=self.receipts.pubkey_hex, service=self.service, payment_hash=token.payment_hash.hex(),
+            token_id=token.token_id_hex, method=request.method, path=request_target(request).path,
+            credits_remaining=remaining, ts=int(self.clock())))
 
     async def challenge(self, request: web.Request, rule: RouteRule,
                         reason: MicropayError | None = None) -> web.StreamResponse:
