@@ -57,6 +57,32 @@ async def check_everything_is_there(store) -> None:
     assert len(await EventRepository(store).after(0, "pur_old1", 10)) == 1
 
 
+async def credits_table_sql(store) -> str:
+    (sql,), = await store.query("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'micropay_credits'")
+    return sql
+
+
+async def test_the_credit_ledger_is_keyed_by_token_id_alone_on_sqlite_and_keeps_its_rules(tmp_path):
+    """Core step 7 rebuilds micropay_credits WITHOUT ROWID on SQLite (one B-tree to write
+    per debit): a new database gets it too, and the ledger still spends each credit once,
+    refuses a negative balance, and gives back what a refund returns."""
+    store = open_store_from_url(f"sqlite:///{tmp_path}/new.sqlite3", SCHEMAS)
+    await store.open()
+    try:
+        assert "WITHOUT ROWID" in await credits_table_sql(store)
+        assert not await store.query("SELECT name FROM sqlite_master WHERE name LIKE 'micropay_credits_by%'")
+        l402 = L402Repository(store)
+        assert [await l402.debit_credit("ab" * 32, 2) for _ in range(3)] == [1, 0, None]
+        await l402.refund_credit("ab" * 32)
+        assert await l402.debit_credit("ab" * 32, 2) == 0
+        assert await l402.consume_whole("cd" * 32) and not await l402.consume_whole("cd" * 32)
+        with pytest.raises(Exception, match="CHECK"):
+            await store.execute("UPDATE micropay_credits SET remaining = -1 WHERE token_id = $1", ("ab" * 32,))
+        assert await l402.credits_remaining("ab" * 32) == 0
+    finally:
+        await store.close()
+
+
 async def test_a_release_0_1_0_sqlite_database_upgrades_intact(tmp_path):
     path = tmp_path / "old.sqlite3"
     shutil.copy(FIXTURE, path)
@@ -65,6 +91,7 @@ async def test_a_release_0_1_0_sqlite_database_upgrades_intact(tmp_path):
     await asyncio.gather(*(s.open() for s in stores))
     try:
         await check_everything_is_there(stores[0])
+        assert "WITHOUT ROWID" in await credits_table_sql(stores[0])     # core step 7
     finally:
         for s in stores:
             await s.close()

@@ -29,6 +29,9 @@ class Migration:
     version: int
     description: str
     statements: tuple[str, ...]
+    # Run by the SQLite adapter only, after `statements`: a change of storage layout that
+    # PostgreSQL has no counterpart for (the step is recorded there all the same).
+    sqlite_only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,7 @@ class SqliteStore(Store):
                 self._conn.execute(f"DROP TABLE {INTERIM_TABLE}")
             applied = {c: int(v) for c, v in self._run(APPLIED, ())}
             for schema, m in steps_to_apply(applied, self.schemas):
-                for stmt in m.statements:
+                for stmt in m.statements + m.sqlite_only:
                     self._conn.execute(stmt.replace(SERIAL_PK, "INTEGER PRIMARY KEY AUTOINCREMENT"))
                 self._run(RECORD_STEP, (schema.component, m.version, m.description, int(time.time())))
         except BaseException:
