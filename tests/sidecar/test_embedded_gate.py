@@ -80,7 +80,8 @@ async def test_require_sees_the_canonical_path(embedded):
 async def test_a_one_credit_tokens_receipt_matches_what_its_debit_left(tmp_path):
     """A one-credit token's receipt is signed alongside its debit (gate.handle): the
     receipt a client gets says 0 credits left, a request that was not served gives the
-    credit back and shows no receipt, and a spent token's refusal carries none."""
+    credit back and its error carries no receipt, and a spent token's refusal carries
+    none. A handler guarded twice charges once."""
     import aiohttp
 
     from micropay.core.errors import UpstreamUnreachable
@@ -101,8 +102,14 @@ async def test_a_one_credit_tokens_receipt_matches_what_its_debit_left(tmp_path)
             raise UpstreamUnreachable("the upstream is down")
         return web.Response(text="ok")
 
+    async def joke(request):
+        calls.append(2)
+        return web.Response(text="joke")
+
     app = web.Application()
+    gate.install(app, middleware=False)       # the hook that puts receipts on responses
     app.router.add_get("/flaky", flaky)
+    app.router.add_get("/api/joke", gate.guard(gate.guard(joke)))    # two layers: one charge
     runner, url = await serve_app(app)
     try:
         async with aiohttp.ClientSession() as s:
@@ -112,6 +119,7 @@ async def test_a_one_credit_tokens_receipt_matches_what_its_debit_left(tmp_path)
             auth = format_authorization(ch.macaroon, (await payer.pay(ch.invoice)).preimage)
             async with s.get(url + "/flaky", headers={"Authorization": auth}) as r:
                 assert r.status == 502 and "Payment-Receipt" not in r.headers
+                assert "Payment-Credits-Remaining" not in r.headers
             token_id = gate.tokens.verify_header(auth, "GET", "/flaky").token_id_hex
             assert await gate.l402.credits_remaining(token_id) == 1          # given back
             async with s.get(url + "/flaky", headers={"Authorization": auth}) as r:
@@ -123,7 +131,14 @@ async def test_a_one_credit_tokens_receipt_matches_what_its_debit_left(tmp_path)
             async with s.get(url + "/flaky", headers={"Authorization": auth}) as r:
                 assert r.status == 402 and "Payment-Receipt" not in r.headers
                 assert (await r.json(content_type=None))["error"] == "credits_exhausted"
-        assert len(calls) == 2 and await gate.l402.credits_remaining(token_id) == 0
+            async with s.get(url + "/api/joke") as r:
+                assert r.status == 402
+                ch = parse_challenges(r.headers.getall("WWW-Authenticate"))[0]
+            joke_auth = format_authorization(ch.macaroon, (await payer.pay(ch.invoice)).preimage)
+            async with s.get(url + "/api/joke", headers={"Authorization": joke_auth}) as r:
+                assert r.status == 200 and await r.text() == "joke"
+                assert verify_receipt(r.headers["Payment-Receipt"], rt.receipts.pubkey_hex)["credits_remaining"] == 0
+        assert calls == [1, 1, 2] and await gate.l402.credits_remaining(token_id) == 0
     finally:
         await runner.cleanup()
         await rt.store.close()

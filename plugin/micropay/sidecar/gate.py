@@ -166,7 +166,7 @@ class Gate:
         problem response. `forwards`: the handler forwards the canonical target itself
         (the reverse proxy), so a non-canonical spelling needs no redirect. `looked_up`:
         the caller (guard) found the credential in no cache already."""
-        if (self.layered or not looked_up) and request.get(ADMITTED):
+        if request.get(ADMITTED):            # another layer (gate, guard, require) let it through
             return await handler(request)
         try:
             auth = request.headers.get(hdrs.AUTHORIZATION)
@@ -344,9 +344,11 @@ class Gate:
                     raise CreditsExhausted(
                         "all prepaid credits of this token are spent; retry without the "
                         "Authorization header to get a new invoice", token_id=token.token_id_hex)
-        except MicropayError as err:
+        except BaseException as err:
             if receipt is not None:
-                receipt.cancel()             # the debit was refused: nothing was served
+                receipt.cancel()             # the debit was refused or failed: nothing is served
+            if not isinstance(err, MicropayError):
+                raise
             self.metrics.rejections[err.code] += 1
             if isinstance(err, REFUSED_L402):
                 # bLIP-26: a credential that is "invalid or insufficient in some way"
@@ -416,7 +418,9 @@ class Gate:
             response = await handler(request)
         except UNSERVED:
             # The request never reached the upstream: what it spent goes back (a credit;
-            # a Payment charge, whose credential then works again; a session's unit).
+            # a Payment charge, whose credential then works again; a session's unit),
+            # and its error response carries no receipt (_add_paid_headers) for it.
+            request.pop(PAID, None)
             if remaining is not None and admitted.token is not None:
                 await self.l402.refund_credit(admitted.token.token_id_hex)
             elif admitted.token is None and admitted.charge is not None and admitted.charge[0]:
