@@ -212,3 +212,25 @@ async def test_a_development_build_database_is_carried_over(tmp_path):
         assert not await again.query("SELECT name FROM sqlite_master WHERE name = 'micropay_schema_version'")
     finally:
         await again.close()
+
+
+async def test_a_store_opening_while_another_process_holds_the_lock_says_so(tmp_path, monkeypatch):
+    """A process starting while another one's long upgrade step holds the write lock
+    gets a clear StoreUnavailable after the busy timeout, not a bare 'database is locked'."""
+    from micropay.core.errors import StoreUnavailable
+    from micropay.store import sqlite as sqlite_store
+    path = tmp_path / "busy.sqlite3"
+    first = open_store_from_url(f"sqlite:///{path}", SCHEMAS)
+    await first.open()
+    await first.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_MS", 200)
+    second = open_store_from_url(f"sqlite:///{path}", SCHEMAS)
+    try:
+        with pytest.raises(StoreUnavailable, match="write lock for 0.2 s"):
+            await second.open()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        await second.close()

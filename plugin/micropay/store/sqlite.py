@@ -101,7 +101,15 @@ class SqliteStore(Store):
     def _migrate(self) -> None:
         """Bring the schemas up to date (schema.py), one process at a time."""
         assert self._conn is not None
-        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not _BUSY.search(str(exc)):
+                raise
+            raise StoreUnavailable(
+                f"{self.path}: another process held the database's write lock for {BUSY_TIMEOUT_MS / 1000:g} s "
+                "(a long upgrade step, such as rebuilding the credit ledger, may still be running); "
+                "start this process again once it is done") from None
         try:
             self._conn.execute(STEPS_TABLE)
             if self._run("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = $1", (INTERIM_TABLE,)):
