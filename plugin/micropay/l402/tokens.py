@@ -55,10 +55,10 @@ Clock = Callable[[], float]
 def new_token_id() -> bytes:
     """A new token id: the time in milliseconds (6 bytes, big-endian), then 26 random
     bytes. The random part alone makes ids unique (208 bits); the time in front makes
-    recent ids sort together, so the store's index on them (micropay_credits, which every
-    Payment charge and credit debit writes, once the token is paid and presented) takes
-    new rows near its right edge, many to a page, instead of one random page each: on
-    SQLite that costs 0.54-0.67x as much (bench/bench_ledger.py, docs/performance.md).
+    recent ids sort together, so the credit ledger keyed by them (micropay_credits, which
+    every Payment charge and credit debit writes, once the token is paid and presented)
+    takes new rows near its right edge, many to a page, instead of one random page each:
+    on SQLite that costs about half as much (bench/bench_ledger.py, docs/performance.md).
     The id is public in the macaroon anyway; the time it tells is when the 402 was made."""
     return (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(26)
 
