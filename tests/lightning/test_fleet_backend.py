@@ -518,3 +518,41 @@ async def test_a_price_no_pool_holds_gets_no_reserve(fleet):
         repo.store.query = real_query
     assert not backend._reserved and not backend._refills
     assert not [q for q in statements if "claim_label = $1 || payment_hash" in q]
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+async def test_a_burst_of_give_backs_drops_none_and_runs_one_at_a_time(tmp_path, stop_early):
+    """Give-backs used to run as one task each, at most 64 at once, and a 65th batch was
+    dropped (bound to a label nobody serves until it expired). Now every invoice given
+    back reaches the pool, one statement after another; those still waiting when the
+    sidecar stops go back in close()."""
+    store = open_store_from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}", (FLEET_SCHEMA,))
+    await store.open()
+    backend = FleetBackend(FleetRepository(store), ask_timeout_s=0.05)
+    released, running, most = [], [0], [0]
+
+    async def slow_release(labels):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        await asyncio.sleep(0.01)
+        released.extend(labels)
+        running[0] -= 1
+        return len(labels)
+    backend.repo.release = slow_release
+    invoices = [FleetPooled(f"{i:064x}", "02" + "ab" * 32, f"node-{i}", 1000, "s", "lnbcrt1", 2**40,
+                            f"micropay-rtest-{i}") for i in range(300)]
+    try:
+        for i in range(0, 300, 2):                  # 150 separate give-backs, as _take_live makes them
+            backend._release_soon(invoices[i:i + 2])
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        if not stop_early:
+            for _ in range(500):
+                if len(released) == 300:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        await backend.close()
+        await store.close()
+    assert sorted(released) == sorted(p.claim_label for p in invoices)
+    assert most[0] == 1

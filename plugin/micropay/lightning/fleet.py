@@ -43,7 +43,7 @@ import re
 import time
 from typing import Any, AsyncIterator, Callable
 
-from ..core.errors import NodeError, NoInvoiceInTime, PaymentFailed, PaymentUnknown
+from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
 from ..core.metrics import gauge_lines
 from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
                            FleetRepository, NodeBeat, PooledInvoice, QueuedPayment, Want)
@@ -55,7 +55,8 @@ log = logging.getLogger("micropay.fleet")
 KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"), ("micropay-tipshare-", "tip share"))
 SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
 MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
-MAX_REFILLS = 64             # top-ups (and give-backs) running at once
+MAX_REFILLS = 64             # top-ups running at once
+RELEASE_BATCH = 500          # invoices given back to the pool per statement
 RESERVE_GROWTH = 8           # a busy price's reserve grows to at most this many times `reserve`
 REFILL_WAIT_S = 0.1          # a 402 that found the reserve empty waits this long for the top-up under way
 
@@ -91,6 +92,8 @@ class FleetBackend:
             collections.OrderedDict()
         self._refills: dict[tuple[int, str], asyncio.Task[None]] = {}
         self._releases: set[asyncio.Task[None]] = set()
+        self._to_release: list[PooledInvoice] = []              # waiting for the give-back task
+        self._releaser: asyncio.Task[None] | None = None
         self._dry_until: dict[tuple[int, str], float] = {}     # keys of _reserved whose last top-up found none
         self._size: dict[tuple[int, str], int] = {}            # a busy price's grown reserve (default: reserve)
         self._waiting: dict[tuple[int, str], int] = {}         # 402s waiting for a price's top-up
@@ -120,8 +123,9 @@ class FleetBackend:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        unhanded = [p for q in self._reserved.values() for p in q]
+        unhanded = [p for q in self._reserved.values() for p in q] + self._to_release
         self._reserved.clear()
+        self._to_release = []
         await self._release(unhanded)
 
     async def _release(self, invoices: list[PooledInvoice]) -> None:
@@ -137,10 +141,24 @@ class FleetBackend:
                         len(invoices), exc)
 
     def _release_soon(self, invoices: list[PooledInvoice]) -> None:
-        if invoices and len(self._releases) < MAX_REFILLS:
-            task = asyncio.get_running_loop().create_task(self._release(invoices), name="micropay-fleet-release")
+        """Give `invoices` back to the pool in the background: they join the list one
+        task works through, RELEASE_BATCH at a time, so a burst of give-backs (a node
+        gone stale, prices pushed out of the reserve) drops none and never runs more than
+        one give-back at once. What is still waiting when the sidecar stops goes back in
+        close()."""
+        if not invoices:
+            return
+        self._to_release.extend(invoices)
+        if (self._releaser is None or self._releaser.done()) and not self._closed:
+            task = self._releaser = asyncio.get_running_loop().create_task(self._release_all(),
+                                                                           name="micropay-fleet-release")
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
+
+    async def _release_all(self) -> None:
+        while self._to_release and not self._closed:
+            batch, self._to_release = self._to_release[:RELEASE_BATCH], self._to_release[RELEASE_BATCH:]
+            await self._release(batch)
 
     async def node_id(self) -> str:
         return "fleet"
