@@ -56,7 +56,6 @@ KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"), ("micro
 SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
 MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
 MAX_REFILLS = 64             # top-ups running at once
-RELEASE_BATCH = 500          # invoices given back to the pool per statement
 RESERVE_GROWTH = 8           # a busy price's reserve grows to at most this many times `reserve`
 REFILL_WAIT_S = 0.1          # a 402 that found the reserve empty waits this long for the top-up under way
 
@@ -91,9 +90,8 @@ class FleetBackend:
         self._reserved: collections.OrderedDict[tuple[int, str], collections.deque[PooledInvoice]] = \
             collections.OrderedDict()
         self._refills: dict[tuple[int, str], asyncio.Task[None]] = {}
-        self._releases: set[asyncio.Task[None]] = set()
         self._to_release: list[PooledInvoice] = []              # waiting for the give-back task
-        self._releaser: asyncio.Task[None] | None = None
+        self._releaser: asyncio.Task[None] | None = None       # the give-back task, if one runs
         self._dry_until: dict[tuple[int, str], float] = {}     # keys of _reserved whose last top-up found none
         self._size: dict[tuple[int, str], int] = {}            # a busy price's grown reserve (default: reserve)
         self._waiting: dict[tuple[int, str], int] = {}         # 402s waiting for a price's top-up
@@ -117,7 +115,7 @@ class FleetBackend:
         self._stops.clear()
         # let top-ups in flight finish (a batch claimed but not yet queued would be lost),
         # within a bound; then whatever the reserve holds goes back to the pool
-        pending = [t for t in (*self._refills.values(), *self._releases) if not t.done()]
+        pending = [t for t in (*self._refills.values(), self._releaser) if t is not None and not t.done()]
         if pending:
             _, late = await asyncio.wait(pending, timeout=5)
             for task in late:
@@ -142,22 +140,20 @@ class FleetBackend:
 
     def _release_soon(self, invoices: list[PooledInvoice]) -> None:
         """Give `invoices` back to the pool in the background: they join the list one
-        task works through, RELEASE_BATCH at a time, so a burst of give-backs (a node
-        gone stale, prices pushed out of the reserve) drops none and never runs more than
-        one give-back at once. What is still waiting when the sidecar stops goes back in
-        close()."""
+        task works through (whatever gathered while its last give-back ran, at once), so
+        a burst of give-backs (a node gone stale, prices pushed out of the reserve) drops
+        none and never runs more than one give-back at once. What is still waiting when
+        the sidecar stops goes back in close()."""
         if not invoices:
             return
         self._to_release.extend(invoices)
         if (self._releaser is None or self._releaser.done()) and not self._closed:
-            task = self._releaser = asyncio.get_running_loop().create_task(self._release_all(),
-                                                                           name="micropay-fleet-release")
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+            self._releaser = asyncio.get_running_loop().create_task(self._release_all(),
+                                                                    name="micropay-fleet-release")
 
     async def _release_all(self) -> None:
         while self._to_release and not self._closed:
-            batch, self._to_release = self._to_release[:RELEASE_BATCH], self._to_release[RELEASE_BATCH:]
+            batch, self._to_release = self._to_release, []
             await self._release(batch)
 
     async def node_id(self) -> str:
