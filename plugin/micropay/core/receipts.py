@@ -53,7 +53,8 @@ def canonical_json(payload: dict[str, Any]) -> bytes:
 def request_receipt_json(*, pubkey: str, service: str, payment_hash: str, token_id: str, method: str,
                          path: str, credits_remaining: int, ts: int) -> bytes:
     """canonical_json of a pay-per-request receipt, written out in its (sorted) key order:
-    the same bytes for about a sixth of the generic encoder's cost on the first-seen path.
+    the same bytes for less than the generic encoder's cost on the first-seen path
+    (bench/bench_parts.py prints both).
     `payment_hash`, `token_id` and `pubkey` are hex; the numbers are ints."""
     return ('{"credits_remaining":%d,"method":%s,"path":%s,"payment_hash":"%s","pubkey":"%s","service":%s,'
             '"token_id":"%s","ts":%d,"type":"request","v":1}'
