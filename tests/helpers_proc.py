@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,9 +11,13 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A 127.0.0.1 port to listen on later. pyln-testing's reservation leaves it in
+    TIME_WAIT, so the kernel does not hand it out meanwhile as the local port of an
+    outgoing connection (a node's connection to its peer took a port picked by binding
+    port 0, and the sidecar meant for it could never bind it), and never gives it to a
+    node it starts."""
+    from pyln.testing.utils import reserve_unused_port
+    return reserve_unused_port()
 
 
 class ServerProcess:

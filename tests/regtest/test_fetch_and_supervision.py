@@ -3,12 +3,12 @@ through micropay-fetch."""
 import os
 import re
 import signal
-import socket
 
 import pytest
 from pyln.client import RpcError
 from pyln.testing.utils import wait_for
 
+from ..helpers_proc import free_port
 from .util import opts
 
 SIDECAR_CONFIG = """
@@ -25,12 +25,6 @@ price_msat = 9000
 credits = 2
 stream_msat = 4000
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sidecar_pids(node) -> list[int]:
