@@ -1,6 +1,7 @@
 """Benchmark target: the same tiny handler, bare or behind the micropay gate.
 
     python bench/_server.py --mode bare|gated|stub|fleet --port P [--data-dir D] [--store URL]
+                            [--loop asyncio|uvloop]
 
 `stub`: gated, on a node that hands back a ready-made invoice at once (no signing, no
 I/O), so a 402's figure is the gate's own cost: admission, token, record, response.
@@ -8,6 +9,8 @@ I/O), so a 402's figure is the gate's own cost: admission, token, record, respon
 (default SQLite in the data dir), whose pool for /mint's price is filled beforehand with
 --pool ready-made invoices of one node whose heartbeat stays fresh: each 402 is a claim
 from the pool, the figure a fleet sidecar costs per 402 while its pool holds out.
+`--loop uvloop` (the benches pass $MICROPAY_BENCH_LOOP): the same target on uvloop, if
+installed (it is not a dependency), to compare event loops in one run.
 """
 from __future__ import annotations
 
@@ -210,5 +213,10 @@ if __name__ == "__main__":
     ap.add_argument("--data-dir", default="/tmp/micropay-bench")
     ap.add_argument("--store", default=None, help="store URL (fleet mode; default SQLite in the data dir)")
     ap.add_argument("--pool", type=int, default=100_000, help="fleet mode: invoices pooled before serving")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                    help="the event loop (uvloop: as `micropay serve` runs when uvloop is installed)")
     a = ap.parse_args()
+    if a.loop == "uvloop":
+        import uvloop
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     asyncio.run(main(a.mode, a.port, a.data_dir, a.store, a.pool))

@@ -48,7 +48,8 @@ class Target:
         # The target on CPU 0, the load generator on CPU 1 (when taskset exists).
         pin = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() and os.cpu_count() > 1 else []
         self.proc = subprocess.Popen([*pin, sys.executable, str(HERE / "_server.py"), "--mode", mode,
-                                      "--port", str(self.port), "--data-dir", self.data_dir, *extra],
+                                      "--port", str(self.port), "--data-dir", self.data_dir,
+                                      "--loop", os.environ.get("MICROPAY_BENCH_LOOP", "asyncio"), *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
