@@ -214,7 +214,7 @@ if __name__ == "__main__":
     ap.add_argument("--store", default=None, help="store URL (fleet mode; default SQLite in the data dir)")
     ap.add_argument("--pool", type=int, default=100_000, help="fleet mode: invoices pooled before serving")
     ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                    help="the event loop (uvloop: as `micropay serve` runs when uvloop is installed)")
+                    help="the event loop (uvloop must be installed; micropay itself always runs on asyncio)")
     a = ap.parse_args()
     if a.loop == "uvloop":
         import uvloop
