@@ -1,7 +1,7 @@
 """The challenge service (micropay/seller/challenger.py), with no HTTP: freshness, limits, records."""
 import pytest
 
-from micropay.seller.challenger import Challenger
+from micropay.seller.challenger import Challenger, read_floor
 from micropay.seller.config import ChallengeLimits
 from micropay.core.errors import Overloaded, RateLimited
 from micropay.lightning.sandbox import SandboxNetwork
@@ -148,11 +148,11 @@ async def test_a_402_reads_the_store_at_most_once_a_second_and_replicas_share_th
                           receipts=ReceiptSigner.load_or_create(tmp_path / "rk"), clock=lambda: now[0])
     first, second = make("a"), make("b")
     reads = []
-    real = first.l402.pending_by_client
-    async def counting(t):
+    real = first.l402.pending_near_bound
+    async def counting(t, at_least):
         reads.append(t)
-        return await real(t)
-    first.l402.pending_by_client = counting
+        return await real(t, at_least)
+    first.l402.pending_near_bound = counting
     for i in range(3):
         await first.challenge("c", RULE, 1000, "d", None)
         await first.challenge(f"other-{i}", RULE, 1000, "d", None)
@@ -182,11 +182,11 @@ async def test_challenges_made_while_the_counts_are_read_are_counted(store, tmp_
     made = [await c.challenge("c", RULE, 1000, "d", None)]          # the first read, then one made
     await c.close()
     gate = asyncio.Event()
-    real = c.l402.pending_by_client
-    async def slow(t):
+    real = c.l402.pending_near_bound
+    async def slow(t, at_least):
         await gate.wait()
-        return await real(t)
-    c.l402.pending_by_client = slow
+        return await real(t, at_least)
+    c.l402.pending_near_bound = slow
     now[0] += 1.5
     reading = asyncio.create_task(c.challenge("c", RULE, 1000, "d", None))     # starts the second read
     for _ in range(200):
@@ -202,4 +202,93 @@ async def test_challenges_made_while_the_counts_are_read_are_counted(store, tmp_
     held = await c.l402.count_pending_of("c", int(now[0])) + c.writer.unwritten("c")
     assert held == len(made) == 5
     assert held <= c.pending.of("c") <= held + 3, c.pending.of("c")
+    await c.close()
+
+
+def test_the_read_names_only_clients_a_bucket_cannot_bring_to_their_bound_unread():
+    """With the defaults (50 unpaid per client, 30 new invoices a minute) a client must
+    hold 18 to be named by the once-a-second read: below that, its bucket's burst and three
+    seconds of refill (32) cannot take it to 50 before the next read names it. A bucket
+    whose burst reaches the bound makes every client that holds one be read, as before."""
+    assert read_floor(ChallengeLimits()) == 18
+    assert read_floor(ChallengeLimits(max_pending_per_client=50, per_client_per_minute=60)) == 1
+    assert read_floor(ChallengeLimits(max_pending_per_client=500, per_client_per_minute=60)) == 500 - 60 - 3
+    # the share is also capped at a tenth of max_pending
+    assert read_floor(ChallengeLimits(max_pending=100, max_pending_per_client=500, per_client_per_minute=6)) == 10 - 7
+
+
+async def test_pending_near_bound_counts_everyone_and_names_the_clients_near_theirs(store, tmp_path):
+    """One statement: the store-wide count of unpaid, unexpired challenges, and per client
+    only those holding at least the floor. Paid and expired ones count for no one."""
+    c, net = challenger(store, tmp_path, max_pending=100_000, max_pending_per_client=1000,
+                        per_client_per_minute=10_000)
+    made = [await c.challenge(f"10.0.{i // 256}.{i % 256}", RULE, 1000, "d", None) for i in range(300)]
+    heavy = [await c.challenge("heavy", RULE, 1000, "d", None) for _ in range(20)]
+    for _ in range(5):
+        await c.challenge("edge", RULE, 1000, "d", None)
+    await c.close()
+    now = 1_800_000_000
+    assert await c.l402.pending_near_bound(now, 5) == (325, {"heavy": 20, "edge": 5})
+    assert await c.l402.pending_near_bound(now, 6) == (325, {"heavy": 20})
+    assert await c.l402.pending_near_bound(now, 21) == (325, {})
+    everyone = await c.l402.pending_near_bound(now, 1)
+    assert everyone[0] == 325 and len(everyone[1]) == 302 and everyone[1] == await c.l402.pending_by_client(now)
+    assert await c.l402.mark_paid(heavy[0].payment_hash, 1000, now)
+    assert await c.l402.pending_near_bound(now, 20) == (324, {})        # a paid one is not pending
+    assert await c.l402.pending_near_bound(made[0].expires_at, 1) == (0, {})   # nor an expired one
+    assert await c.l402.pending_near_bound(now, 0) == await c.l402.pending_near_bound(now, 1)
+
+
+async def test_a_client_the_read_does_not_name_is_never_counted_below_what_it_holds(store, tmp_path):
+    """The defaults (floor 18). A client holding 17 is not named and is taken to hold 17;
+    one holding 1 is taken to hold 17 too, and neither is refused while its bucket lets
+    it ask: the bucket runs dry first (30 a minute), and by the time a client could hold
+    50 the read names it with its exact count, so the 51st is refused, never the 50th or
+    the 52nd."""
+    now = [1_800_000_000.0]
+    c, _ = challenger(store, tmp_path)
+    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    assert c.pending.floor == 18
+    for _ in range(17):
+        await c.challenge("a", RULE, 1000, "d", None)
+    await c.challenge("b", RULE, 1000, "d", None)
+    await c.writer.flush()
+    now[0] += 1.5
+    await c.challenge("z", RULE, 1000, "d", None)          # the next read: a and b hold fewer than 18
+    assert "a" not in c.pending._of and "b" not in c.pending._of
+    assert c.pending.of("a") == 17 and c.pending.of("b") == 17 and c.pending.of("nobody") == 17
+    held = {"a": 17}
+    refused = []
+    # a keeps to its bucket (13 left of its burst, then one each 2 s); reads come each 1.5 s
+    for step in range(200):
+        try:
+            await c.challenge("a", RULE, 1000, "d", None)
+            held["a"] += 1
+        except RateLimited as err:
+            refused.append((held["a"], str(err)))
+            if "for this client" in str(err):
+                break
+        await c.writer.flush()
+        assert c.pending.of("a") >= held["a"], "a client was counted below what it holds"
+        now[0] += 1.5 if refused and "too many new invoices" in refused[-1][1] else 0.01
+    assert held["a"] == 50 == await c.l402.count_pending_of("a", int(now[0]))
+    assert refused[-1][0] == 50 and "for this client" in refused[-1][1]
+    assert all("too many new invoices" in why for _, why in refused[:-1]), "refused early by the estimate"
+    await c.close()
+
+
+async def test_a_read_of_many_small_clients_brings_back_only_the_near_ones(store, tmp_path):
+    """Thousands of clients holding one invoice each: the read keeps none of them in
+    memory, and the store-wide bound still counts every one (503 at max_pending)."""
+    now = [1_800_000_000.0]
+    c, _ = challenger(store, tmp_path, max_pending=2000)
+    c.clock = c.pending.clock = lambda: now[0]
+    for i in range(1999):
+        await c.challenge(f"10.1.{i // 256}.{i % 256}", RULE, 1000, "d", None)
+    await c.close()
+    now[0] += 1.5
+    await c.challenge("last", RULE, 1000, "d", None)
+    assert c.pending._of == {} and c.pending.total() == 2000
+    with pytest.raises(Overloaded):
+        await c.challenge("one-more", RULE, 1000, "d", None)
     await c.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Callable
 
@@ -56,12 +57,21 @@ class PendingCounts:
     read. What other replicas made since the read is seen at the next one (a second
     later), as for the store-wide count before. Within one process nothing is missed: the
     counts in use are swapped only once a read has come back, and a record written while
-    the read runs is counted twice for that second (refusing early, never late)."""
+    the read runs is counted twice for that second (refusing early, never late).
 
-    def __init__(self, l402: L402Repository, writer: "RecordWriter", clock: Callable[[], float]) -> None:
+    The read brings back only the clients that hold at least `floor` unpaid challenges;
+    every other client is taken to hold `floor - 1`, which is never less than it holds.
+    Its cost in this process is then the clients near their bound, not every client that
+    holds an invoice: with max_pending raised into the millions, a read of every one of
+    them each second would take most of the loop. `floor` 1 reads every client."""
+
+    def __init__(self, l402: L402Repository, writer: "RecordWriter", clock: Callable[[], float],
+                 floor: int = 1) -> None:
         self.l402, self.writer, self.clock = l402, writer, clock
+        self.floor = max(1, floor)
+        self._absent = self.floor - 1               # what a client the read did not name holds, at most
         self._read_at = float("-inf")
-        self._of: dict[str, int] = {}                # per client, as read
+        self._of: dict[str, int] = {}                # per client, as read (those holding >= floor)
         self._total = 0
         self._made: dict[str, int] = {}              # per client: unwritten at the read + made since
         self._made_total = 0
@@ -77,13 +87,13 @@ class PendingCounts:
         pre = {client: len(records) for client, records in self.writer.unwritten_by_client().items()}
         self._during = {}
         try:
-            of = await self.l402.pending_by_client(int(now))
+            total, of = await self.l402.pending_near_bound(int(now), self.floor)
             during = self._during
         finally:
             self._during = None
         for client, n in during.items():
             pre[client] = pre.get(client, 0) + n
-        self._of, self._total = of, sum(of.values())
+        self._of, self._total = of, total
         self._made, self._made_total = pre, sum(pre.values())
         self._read_at = now
 
@@ -91,7 +101,9 @@ class PendingCounts:
         return self._total + self._made_total
 
     def of(self, client: str) -> int:
-        return self._of.get(client, 0) + self._made.get(client, 0)
+        """Never less than what the client holds; more by up to `floor - 1` for a client
+        the last read did not name."""
+        return self._of.get(client, self._absent) + self._made.get(client, 0)
 
     def added(self, client: str) -> None:
         for counts in (self._made, self._during):
@@ -100,6 +112,17 @@ class PendingCounts:
                 if len(counts) > MAX_UNWRITTEN:      # bounded like the writer; the next read resets it
                     counts.pop(next(iter(counts)))
         self._made_total += 1
+
+
+def read_floor(limits: ChallengeLimits) -> int:
+    """The least count a client must hold to be named by the once-a-second read
+    (PendingCounts): its bound less what its bucket lets it make between two reads, with
+    room to spare (the bucket's burst and three seconds of refill). A client the read does
+    not name is taken to hold one less than this, so one that keeps to its bucket is never
+    refused by the estimate: it reaches its bound only after a read has named it with its
+    exact count. 1 (every client read) when the bucket's burst is as large as the bound."""
+    burst = limits.per_client_per_minute + math.ceil(limits.per_client_per_minute / 60 * 3 * PENDING_COUNT_MAX_AGE_S)
+    return max(1, limits.client_share - burst)
 
 
 class RecordWriter:
@@ -206,7 +229,7 @@ class Challenger:
         self.metrics = metrics or Metrics()
         self.bucket = TokenBucket(limits.per_client_per_minute)
         self.writer = RecordWriter(l402)
-        self.pending = PendingCounts(l402, self.writer, clock)
+        self.pending = PendingCounts(l402, self.writer, clock, read_floor(limits))
 
     async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
                         query: str | None) -> ChallengeRecord:

@@ -40,13 +40,19 @@ _COLS = ("payment_hash, token_id, route_key, client_key, price_msat, bolt11, mac
 ADD = point(f"INSERT INTO micropay_challenges ({_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,NULL,NULL) "
             "ON CONFLICT (payment_hash) DO NOTHING")
 GET = point(f"SELECT {_COLS} FROM micropay_challenges WHERE payment_hash = $1")
-# This client's unpaid, unexpired challenges (a 402 reads PENDING_BY_CLIENT instead, once
+# This client's unpaid, unexpired challenges (a 402 reads PENDING_NEAR_BOUND instead, once
 # a second; this one is for tools and tests).
 COUNT_PENDING_OF = ("SELECT COUNT(*) FROM micropay_challenges WHERE client_key = $1 AND paid_at IS NULL "
                     "AND expires_at > $2")
 COUNT_PENDING = "SELECT COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1"
 PENDING_BY_CLIENT = ("SELECT client_key, COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL "
                      "AND expires_at > $1 GROUP BY client_key")
+# The same, in one statement: the store-wide count (the row with a NULL client), then only
+# the clients holding at least $2 (the rest are many, and each one far from its bound).
+PENDING_NEAR_BOUND = ("SELECT NULL, COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL AND expires_at > $1 "
+                      "UNION ALL "
+                      "SELECT client_key, COUNT(*) FROM micropay_challenges WHERE paid_at IS NULL "
+                      "AND expires_at > $1 GROUP BY client_key HAVING COUNT(*) >= $2")
 MARK_PAID = point("UPDATE micropay_challenges SET paid_at = $2, received_msat = $3 "
                   "WHERE payment_hash = $1 AND paid_at IS NULL RETURNING payment_hash")
 PURGE = "DELETE FROM micropay_challenges WHERE paid_at IS NULL AND expires_at < $1 RETURNING payment_hash"
@@ -88,9 +94,22 @@ class L402Repository:
         return int(row[0]) if row else 0
 
     async def pending_by_client(self, now: int) -> dict[str, int]:
-        """Unpaid, unexpired challenges per client that holds any (reads every one of
-        them: callers cache it, see challenger.PendingCounts)."""
+        """Unpaid, unexpired challenges per client that holds any (for tools and tests: a
+        402 reads pending_near_bound instead, see challenger.PendingCounts)."""
         return {client: int(n) for client, n in await self.store.query(PENDING_BY_CLIENT, (now,))}
+
+    async def pending_near_bound(self, now: int, at_least: int) -> tuple[int, dict[str, int]]:
+        """Unpaid, unexpired challenges: how many in all, and per client for the clients
+        that hold at least `at_least` of them (every client that holds any, for 1). One
+        statement; the store counts every such challenge, but only the clients near their
+        bound come back (callers cache it, see challenger.PendingCounts)."""
+        total, of = 0, {}
+        for client, n in await self.store.query(PENDING_NEAR_BOUND, (now, max(1, at_least))):
+            if client is None:
+                total = int(n)
+            else:
+                of[client] = int(n)
+        return total, of
 
     async def add_challenges(self, records: list[ChallengeRecord]) -> None:
         """Several at once, in one transaction."""
