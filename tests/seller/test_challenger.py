@@ -292,3 +292,54 @@ async def test_a_read_of_many_small_clients_brings_back_only_the_near_ones(store
     with pytest.raises(Overloaded):
         await c.challenge("one-more", RULE, 1000, "d", None)
     await c.close()
+
+
+async def test_a_fresh_client_spending_its_whole_burst_at_once_is_refused_at_its_bound(store, tmp_path):
+    """The defaults, reads each second as the gate makes them. A client that held nothing
+    at the last read spends its whole burst (30) in one go: taken to hold 17 + 30 = 47, it
+    is not refused. After that its bucket gives one a 2 s, its records are in the store,
+    and each read names it with what it holds, so the refusal comes at 50 exactly."""
+    now = [1_800_000_000.0]
+    c, _ = challenger(store, tmp_path)
+    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    await c.challenge("z", RULE, 1000, "d", None)          # a read: v holds nothing
+    held, why = 0, ""
+    for _ in range(400):
+        try:
+            await c.challenge("v", RULE, 1000, "d", None)
+            held += 1
+        except RateLimited as err:
+            why = str(err)
+            if "for this client" in why:
+                break
+            now[0] += 1.0
+        await c.writer.flush()
+    assert held == 50 and "for this client" in why, (held, why)
+    await c.close()
+
+
+async def test_records_unwritten_when_a_read_starts_count_after_it(store, tmp_path):
+    """A read cannot see records the writer still holds; they count after it. 'w' has 20
+    written and 6 held by a stalled writer when the read runs: it is held to 26."""
+    import asyncio
+    now = [1_800_000_000.0]
+    c, _ = challenger(store, tmp_path, per_client_per_minute=1000)    # floor 1: every client read
+    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    for _ in range(20):
+        await c.challenge("w", RULE, 1000, "d", None)
+    await c.writer.flush()
+    gate = asyncio.Event()
+    real_add = c.l402.add_challenges
+    async def stalled(records):
+        await gate.wait()
+        await real_add(records)
+    c.l402.add_challenges = stalled
+    for _ in range(6):
+        await c.challenge("w", RULE, 1000, "d", None)
+    now[0] += 1.5
+    await c.challenge("z", RULE, 1000, "d", None)          # the read: w's last 6 not written
+    assert c.pending.of("w") >= 26, c.pending.of("w")
+    gate.set()
+    c.l402.add_challenges = real_add
+    await c.close()
+    assert await c.l402.count_pending_of("w", int(now[0])) == 26

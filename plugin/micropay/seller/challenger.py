@@ -61,9 +61,10 @@ class PendingCounts:
 
     The read brings back only the clients that hold at least `floor` unpaid challenges;
     every other client is taken to hold `floor - 1`, which is never less than it holds.
-    Its cost in this process is then the clients near their bound, not every client that
-    holds an invoice: with max_pending raised into the millions, a read of every one of
-    them each second would take most of the loop. `floor` 1 reads every client."""
+    What comes back is then the clients near their bound (at most max_pending / floor),
+    not every client that holds an invoice: with max_pending raised into the hundreds of
+    thousands, keeping every one of them each second took a tenth of the loop and more.
+    `floor` 1 reads every client."""
 
     def __init__(self, l402: L402Repository, writer: "RecordWriter", clock: Callable[[], float],
                  floor: int = 1) -> None:
@@ -118,9 +119,12 @@ def read_floor(limits: ChallengeLimits) -> int:
     """The least count a client must hold to be named by the once-a-second read
     (PendingCounts): its bound less what its bucket lets it make between two reads, with
     room to spare (the bucket's burst and three seconds of refill). A client the read does
-    not name is taken to hold one less than this, so one that keeps to its bucket is never
-    refused by the estimate: it reaches its bound only after a read has named it with its
-    exact count. 1 (every client read) when the bucket's burst is as large as the bound."""
+    not name is taken to hold one less than this. While the store keeps up (reads come
+    back, and records are written, within a few seconds), a client that keeps to its
+    bucket is then never refused by that estimate: it reaches its bound only after a read
+    has named it with its count. When the store falls behind, the estimate can refuse a
+    client before its bound (never after it): a slow store makes fewer invoices, not more.
+    1 (every client read) when the bucket's burst is as large as the bound."""
     burst = limits.per_client_per_minute + math.ceil(limits.per_client_per_minute / 60 * 3 * PENDING_COUNT_MAX_AGE_S)
     return max(1, limits.client_share - burst)
 
