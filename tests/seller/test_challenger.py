@@ -343,3 +343,82 @@ async def test_records_unwritten_when_a_read_starts_count_after_it(store, tmp_pa
     c.l402.add_challenges = real_add
     await c.close()
     assert await c.l402.count_pending_of("w", int(now[0])) == 26
+
+
+async def test_a_client_dropped_from_the_counts_between_reads_is_never_counted_low(store, tmp_path, monkeypatch):
+    """Between two reads this process counts what each client made, for at most
+    MAX_UNWRITTEN clients: past that the oldest is dropped. What it had made must still
+    count, or it could make its bound's worth again: every client is counted that much
+    higher until the next read. Here the bound is 5 and 'busy' made 4 (its records held
+    by a stalled writer) before 5 other clients pushed it out of a 5-client table."""
+    import asyncio
+    from micropay.seller import challenger as module
+    monkeypatch.setattr(module, "MAX_UNWRITTEN", 5)
+    c, _ = challenger(store, tmp_path, max_pending_per_client=5, per_client_per_minute=1000)   # floor 1
+    gate = asyncio.Event()
+    real_add = c.l402.add_challenges
+    async def stalled(records):
+        await gate.wait()
+        await real_add(records)
+    c.l402.add_challenges = stalled
+    for _ in range(4):
+        await c.challenge("busy", RULE, 1000, "d", None)
+    for i in range(5):
+        await c.challenge(f"other-{i}", RULE, 1000, "d", None)
+    assert "busy" not in c.pending._made
+    made = 4
+    with pytest.raises(RateLimited, match="for this client"):
+        for _ in range(5):
+            await c.challenge("busy", RULE, 1000, "d", None)
+            made += 1
+    assert made == 5, f"busy made {made} against a bound of 5"
+    gate.set()
+    c.l402.add_challenges = real_add
+    await c.close()       # (the writer, bounded by the same constant, dropped records too)
+
+
+async def test_a_client_dropped_while_a_read_runs_is_never_counted_low_after_it(store, tmp_path, monkeypatch):
+    """The same while a read runs: what the read cannot see (made after it started, and
+    not yet written) is kept for after it, for at most MAX_UNWRITTEN clients; a client
+    dropped there still counts once the read's counts are in use."""
+    import asyncio
+    from micropay.seller import challenger as module
+    monkeypatch.setattr(module, "MAX_UNWRITTEN", 5)
+    now = [1_800_000_000.0]
+    c, _ = challenger(store, tmp_path, max_pending_per_client=5, per_client_per_minute=1000)   # floor 1
+    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    await c.challenge("first", RULE, 1000, "d", None)        # the first read
+    await c.writer.flush()
+    writes, reads = asyncio.Event(), asyncio.Event()
+    real_add, real_read = c.l402.add_challenges, c.l402.pending_near_bound
+    async def stalled_write(records):
+        await writes.wait()
+        await real_add(records)
+    async def stalled_read(t, at_least):
+        result = await real_read(t, at_least)                 # the store as it is when the read starts
+        await reads.wait()
+        return result
+    c.l402.add_challenges, c.l402.pending_near_bound = stalled_write, stalled_read
+    now[0] += 1.5
+    reading = asyncio.create_task(c.challenge("z", RULE, 1000, "d", None))
+    for _ in range(200):
+        if c.pending._during is not None:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)                                 # the read has seen the store
+    for _ in range(3):
+        await c.challenge("busy", RULE, 1000, "d", None)
+    for i in range(5):
+        await c.challenge(f"other-{i}", RULE, 1000, "d", None)
+    reads.set()
+    await reading                                             # the read's counts are in use now
+    assert c.pending._during is None and "busy" not in c.pending._made
+    made = 3
+    with pytest.raises(RateLimited, match="for this client"):
+        for _ in range(5):
+            await c.challenge("busy", RULE, 1000, "d", None)
+            made += 1
+    assert made == 5, f"busy made {made} against a bound of 5"
+    writes.set()
+    c.l402.add_challenges, c.l402.pending_near_bound = real_add, real_read
+    await c.close()

@@ -77,6 +77,10 @@ class PendingCounts:
         self._made: dict[str, int] = {}              # per client: unwritten at the read + made since
         self._made_total = 0
         self._during: dict[str, int] | None = None   # made while a read runs
+        # The most that a client dropped from _made (or _during) had made: past MAX_UNWRITTEN
+        # clients between two reads the oldest is dropped, and every client is then counted
+        # that much higher until the next read, so none is ever counted low.
+        self._lost = self._lost_during = 0
 
     async def refresh(self) -> None:
         """Read again if the last read is a second old (or the clock went back). One read
@@ -86,7 +90,7 @@ class PendingCounts:
         if 0 <= now - self._read_at < PENDING_COUNT_MAX_AGE_S or self._during is not None:
             return
         pre = {client: len(records) for client, records in self.writer.unwritten_by_client().items()}
-        self._during = {}
+        self._during, self._lost_during = {}, 0
         try:
             total, of = await self.l402.pending_near_bound(int(now), self.floor)
             during = self._during
@@ -96,6 +100,7 @@ class PendingCounts:
             pre[client] = pre.get(client, 0) + n
         self._of, self._total = of, total
         self._made, self._made_total = pre, sum(pre.values())
+        self._lost = self._lost_during
         self._read_at = now
 
     def total(self) -> int:
@@ -103,15 +108,19 @@ class PendingCounts:
 
     def of(self, client: str) -> int:
         """Never less than what the client holds; more by up to `floor - 1` for a client
-        the last read did not name."""
-        return self._of.get(client, self._absent) + self._made.get(client, 0)
+        the last read did not name (and by what a dropped client had made, see _lost)."""
+        return self._of.get(client, self._absent) + self._made.get(client, 0) + self._lost
 
     def added(self, client: str) -> None:
         for counts in (self._made, self._during):
             if counts is not None:
                 counts[client] = counts.get(client, 0) + 1
                 if len(counts) > MAX_UNWRITTEN:      # bounded like the writer; the next read resets it
-                    counts.pop(next(iter(counts)))
+                    lost = counts.pop(next(iter(counts)))
+                    if counts is self._made:
+                        self._lost = max(self._lost, lost)
+                    else:
+                        self._lost_during = max(self._lost_during, lost)
         self._made_total += 1
 
 
