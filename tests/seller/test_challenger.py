@@ -1,4 +1,7 @@
 """The challenge service (micropay/seller/challenger.py), with no HTTP: freshness, limits, records."""
+import asyncio
+from typing import Callable
+
 import pytest
 
 from micropay.seller.challenger import Challenger, read_floor
@@ -20,6 +23,26 @@ def challenger(store, tmp_path, **limits):
                    limits=ChallengeLimits(**limits), receipts=ReceiptSigner.load_or_create(tmp_path / "rk"),
                    clock=lambda: 1_800_000_000)
     return c, net
+
+
+def on_fake_clock(c, now: list[float]) -> None:
+    """The challenger, its counts and its bucket all read now[0]."""
+    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+
+
+def stall_writes(c) -> Callable[[], None]:
+    """Hold the challenge records' writes until the returned release is called."""
+    gate, real_add = asyncio.Event(), c.l402.add_challenges
+
+    async def stalled(records):
+        await gate.wait()
+        await real_add(records)
+    c.l402.add_challenges = stalled
+
+    def release() -> None:
+        gate.set()
+        c.l402.add_challenges = real_add
+    return release
 
 
 async def test_every_challenge_is_new_even_for_a_client_holding_a_pending_one(store, tmp_path):
@@ -121,7 +144,6 @@ async def test_the_same_client_is_held_by_its_bucket_with_a_retry_after(store, t
 
 
 async def test_records_made_together_are_written_in_one_transaction(store, tmp_path):
-    import asyncio
     c, _ = challenger(store, tmp_path, per_client_per_minute=1000)
     real, batches = c.l402.add_challenges, []
 
@@ -175,7 +197,6 @@ async def test_challenges_made_while_the_counts_are_read_are_counted(store, tmp_
     those 402s use the counts in hand, and what they made is counted after the read, so
     the count a client is held to is never below what it holds (it may be above for the
     second a record was written while the read ran: refusing early, never late)."""
-    import asyncio
     now = [1_800_000_000.0]
     c, _ = challenger(store, tmp_path, max_pending_per_client=50, per_client_per_minute=100)
     c.clock = c.pending.clock = lambda: now[0]
@@ -212,7 +233,7 @@ def test_the_read_names_only_clients_a_bucket_cannot_bring_to_their_bound_unread
     whose burst reaches the bound makes every client that holds one be read, as before."""
     assert read_floor(ChallengeLimits()) == 18
     assert read_floor(ChallengeLimits(max_pending_per_client=50, per_client_per_minute=60)) == 1
-    assert read_floor(ChallengeLimits(max_pending_per_client=500, per_client_per_minute=60)) == 500 - 60 - 3
+    assert read_floor(ChallengeLimits(max_pending_per_client=500, per_client_per_minute=60)) == 437
     # the share is also capped at a tenth of max_pending
     assert read_floor(ChallengeLimits(max_pending=100, max_pending_per_client=500, per_client_per_minute=6)) == 10 - 7
 
@@ -247,7 +268,7 @@ async def test_a_client_the_read_does_not_name_is_never_counted_below_what_it_ho
     the 52nd."""
     now = [1_800_000_000.0]
     c, _ = challenger(store, tmp_path)
-    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    on_fake_clock(c, now)
     assert c.pending.floor == 18
     for _ in range(17):
         await c.challenge("a", RULE, 1000, "d", None)
@@ -301,7 +322,7 @@ async def test_a_fresh_client_spending_its_whole_burst_at_once_is_refused_at_its
     and each read names it with what it holds, so the refusal comes at 50 exactly."""
     now = [1_800_000_000.0]
     c, _ = challenger(store, tmp_path)
-    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    on_fake_clock(c, now)
     await c.challenge("z", RULE, 1000, "d", None)          # a read: v holds nothing
     held, why = 0, ""
     for _ in range(400):
@@ -321,26 +342,19 @@ async def test_a_fresh_client_spending_its_whole_burst_at_once_is_refused_at_its
 async def test_records_unwritten_when_a_read_starts_count_after_it(store, tmp_path):
     """A read cannot see records the writer still holds; they count after it. 'w' has 20
     written and 6 held by a stalled writer when the read runs: it is held to 26."""
-    import asyncio
     now = [1_800_000_000.0]
     c, _ = challenger(store, tmp_path, per_client_per_minute=1000)    # floor 1: every client read
-    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    on_fake_clock(c, now)
     for _ in range(20):
         await c.challenge("w", RULE, 1000, "d", None)
     await c.writer.flush()
-    gate = asyncio.Event()
-    real_add = c.l402.add_challenges
-    async def stalled(records):
-        await gate.wait()
-        await real_add(records)
-    c.l402.add_challenges = stalled
+    release = stall_writes(c)
     for _ in range(6):
         await c.challenge("w", RULE, 1000, "d", None)
     now[0] += 1.5
     await c.challenge("z", RULE, 1000, "d", None)          # the read: w's last 6 not written
     assert c.pending.of("w") >= 26, c.pending.of("w")
-    gate.set()
-    c.l402.add_challenges = real_add
+    release()
     await c.close()
     assert await c.l402.count_pending_of("w", int(now[0])) == 26
 
@@ -351,16 +365,10 @@ async def test_a_client_dropped_from_the_counts_between_reads_is_never_counted_l
     count, or it could make its bound's worth again: every client is counted that much
     higher until the next read. Here the bound is 5 and 'busy' made 4 (its records held
     by a stalled writer) before 5 other clients pushed it out of a 5-client table."""
-    import asyncio
     from micropay.seller import challenger as module
     monkeypatch.setattr(module, "MAX_UNWRITTEN", 5)
     c, _ = challenger(store, tmp_path, max_pending_per_client=5, per_client_per_minute=1000)   # floor 1
-    gate = asyncio.Event()
-    real_add = c.l402.add_challenges
-    async def stalled(records):
-        await gate.wait()
-        await real_add(records)
-    c.l402.add_challenges = stalled
+    release = stall_writes(c)
     for _ in range(4):
         await c.challenge("busy", RULE, 1000, "d", None)
     for i in range(5):
@@ -372,8 +380,7 @@ async def test_a_client_dropped_from_the_counts_between_reads_is_never_counted_l
             await c.challenge("busy", RULE, 1000, "d", None)
             made += 1
     assert made <= 5, f"busy made {made} against a bound of 5"
-    gate.set()
-    c.l402.add_challenges = real_add
+    release()
     await c.close()       # (the writer, bounded by the same constant, dropped records too)
 
 
@@ -381,24 +388,20 @@ async def test_a_client_dropped_while_a_read_runs_is_never_counted_low_after_it(
     """The same while a read runs: what the read cannot see (made after it started, and
     not yet written) is kept for after it, for at most MAX_UNWRITTEN clients; a client
     dropped there still counts once the read's counts are in use."""
-    import asyncio
     from micropay.seller import challenger as module
     monkeypatch.setattr(module, "MAX_UNWRITTEN", 5)
     now = [1_800_000_000.0]
     c, _ = challenger(store, tmp_path, max_pending_per_client=5, per_client_per_minute=1000)   # floor 1
-    c.clock = c.pending.clock = c.bucket.clock = lambda: now[0]
+    on_fake_clock(c, now)
     await c.challenge("first", RULE, 1000, "d", None)        # the first read
     await c.writer.flush()
-    writes, reads = asyncio.Event(), asyncio.Event()
-    real_add, real_read = c.l402.add_challenges, c.l402.pending_near_bound
-    async def stalled_write(records):
-        await writes.wait()
-        await real_add(records)
+    release_writes, reads = stall_writes(c), asyncio.Event()
+    real_read = c.l402.pending_near_bound
     async def stalled_read(t, at_least):
         result = await real_read(t, at_least)                 # the store as it is when the read starts
         await reads.wait()
         return result
-    c.l402.add_challenges, c.l402.pending_near_bound = stalled_write, stalled_read
+    c.l402.pending_near_bound = stalled_read
     now[0] += 1.5
     reading = asyncio.create_task(c.challenge("z", RULE, 1000, "d", None))
     for _ in range(200):
@@ -419,6 +422,6 @@ async def test_a_client_dropped_while_a_read_runs_is_never_counted_low_after_it(
             await c.challenge("busy", RULE, 1000, "d", None)
             made += 1
     assert made <= 5, f"busy made {made} against a bound of 5"
-    writes.set()
-    c.l402.add_challenges, c.l402.pending_near_bound = real_add, real_read
+    release_writes()
+    c.l402.pending_near_bound = real_read
     await c.close()
