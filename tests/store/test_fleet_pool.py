@@ -172,12 +172,15 @@ CLAIMER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.postgres
+@pytest.mark.parametrize("kind", [pytest.param("postgres", marks=pytest.mark.postgres), "sqlite"])
 @pytest.mark.parametrize("mode", ["claim", "reserve"])
-async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_twice_none_lost(tmp_path, mode):
-    if PG_SKIP_REASON:
+async def test_two_processes_claim_10000_invoices_from_one_pool_none_twice_none_lost(tmp_path, mode, kind):
+    """On SQLite the two processes share one file: each runs its claims on its loop's
+    thread while its worker is idle, and gives way to its worker whenever the other
+    process holds the write lock (store/sqlite.py), so this crosses that path too."""
+    if kind == "postgres" and PG_SKIP_REASON:
         pytest.skip(PG_SKIP_REASON)
-    url = pg_url_with_fresh_schema()
+    url = pg_url_with_fresh_schema() if kind == "postgres" else f"sqlite:///{tmp_path / 'shared.sqlite3'}"
     store = open_store_from_url(url, (FLEET_SCHEMA,))
     await store.open()
     try:
@@ -208,7 +211,70 @@ async def test_two_processes_claim_10000_invoices_from_one_postgresql_pool_none_
         assert left[0] == 0
     finally:
         await store.close()
-        await drop_pg_schema(url)
+        if kind == "postgres":
+            await drop_pg_schema(url)
+
+
+async def test_a_reserve_claim_runs_on_the_loop_thread_on_sqlite_and_a_larger_one_on_the_worker(tmp_path):
+    from micropay.store.fleet import POINT_CLAIM_MAX
+    store = open_store_from_url(f"sqlite:///{tmp_path / 'fleet.sqlite3'}", (FLEET_SCHEMA,))
+    await store.open()
+    try:
+        repo = FleetRepository(store)
+        await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
+        pool = await fill(repo, 2 * POINT_CLAIM_MAX + 10)
+        kw = dict(now_ms=NOW_MS, payable_after=NOW + 60, fresh_since_ms=NOW_MS - 10_000, node="node-a")
+        inline = store.inline_batches
+        small = await repo.claim_many("micropay-rA-", 1000, "joke", n=POINT_CLAIM_MAX, **kw)
+        assert store.inline_batches == inline + 1, "a claim of POINT_CLAIM_MAX rows should run on the loop thread"
+        large = await repo.claim_many("micropay-rB-", 1000, "joke", n=POINT_CLAIM_MAX + 1, **kw)
+        assert store.inline_batches == inline + 1, "a larger claim should run on the worker"
+        assert len(small) == POINT_CLAIM_MAX and len(large) == POINT_CLAIM_MAX + 1
+        hashes = [p.payment_hash for p in small + large]
+        assert len(set(hashes)) == len(hashes) and set(hashes) <= {p.payment_hash for p in pool}
+        assert all(p.claim_label == "micropay-rA-" + p.payment_hash for p in small)
+        assert all(p.claim_label == "micropay-rB-" + p.payment_hash for p in large)
+    finally:
+        await store.close()
+
+
+async def test_a_reserve_claim_waits_for_another_writer_without_blocking_the_loop(tmp_path):
+    import sqlite3
+    import time
+    path = tmp_path / "fleet.sqlite3"
+    store = open_store_from_url(f"sqlite:///{path}", (FLEET_SCHEMA,))
+    await store.open()
+    other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    try:
+        repo = FleetRepository(store)
+        await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
+        await fill(repo, 40)
+        other.execute("BEGIN IMMEDIATE")
+        asyncio.get_running_loop().call_later(0.4, other.execute, "ROLLBACK")
+        ticks, gave_way, started = 0, store.inline_gave_way, time.monotonic()
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        tick = asyncio.ensure_future(ticker())
+        try:
+            got = await asyncio.wait_for(repo.claim_many(
+                "micropay-rA-", 1000, "joke", now_ms=NOW_MS, payable_after=NOW + 60,
+                fresh_since_ms=NOW_MS - 10_000, node="node-a", n=32), 10)
+        finally:
+            tick.cancel()
+        waited = time.monotonic() - started
+        assert waited >= 0.35, "the claim should have waited for the other writer"
+        assert ticks >= 20, f"the loop was blocked while another process held the lock ({ticks} ticks)"
+        assert store.inline_gave_way == gave_way + 1
+        assert len(got) == 32 and len({p.payment_hash for p in got}) == 32
+        bound = await store.fetchrow("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE claim_label IS NOT NULL")
+        assert bound[0] == 32, "each invoice is bound once, by the claim that ran on the worker"
+    finally:
+        other.close()
+        await store.close()
 
 
 async def test_retention_forgets_long_expired_claims_and_old_asks_but_nothing_live(repo):

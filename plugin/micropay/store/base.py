@@ -19,8 +19,10 @@ POINT_STATEMENTS: set[str] = set()
 
 def point(sql: str) -> str:
     """Mark `sql` as a point statement: it reads or writes a few rows found by a key
-    (primary or unique), never a scan, so it takes microseconds. The SQLite adapter may
-    run such statements on the event loop's thread (sqlite.py); others ignore the mark."""
+    (primary or unique), or a range of an index bounded by a small LIMIT, never a scan, so
+    it takes microseconds (at most a few milliseconds: a fleet reserve's claim of up to 256
+    rows). The SQLite adapter may run such statements on the event loop's thread
+    (sqlite.py); others ignore the mark."""
     POINT_STATEMENTS.add(sql)
     return sql
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Store
+from .base import Store, point
 from .schema import Migration, Schema
 
 # notification channels (PostgreSQL LISTEN/NOTIFY; everyone also polls)
@@ -154,8 +154,8 @@ BEAT = ("INSERT INTO micropay_fleet_nodes (node_id, network, heartbeat_ms, inbou
         "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (node_id) DO UPDATE SET network = excluded.network, "
         "heartbeat_ms = excluded.heartbeat_ms, inbound_msat = excluded.inbound_msat, "
         "outbound_msat = excluded.outbound_msat")
-LIVE_NODES = ("SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes "
-              "WHERE heartbeat_ms >= $1 ORDER BY node_id")
+LIVE_NODES = point("SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes "
+                   "WHERE heartbeat_ms >= $1 ORDER BY node_id")          # one row per node
 # Sidecars configured with different depths keep the deepest pool while its want is fresh
 # (one with a smaller depth must not shrink another's pool); a want gone stale takes the
 # new depth.
@@ -170,7 +170,7 @@ READY_COUNT = ("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE node_id = $1 
                "AND description = $3 AND claim_label IS NULL AND expires_at > $4")
 ADD = (f"INSERT INTO micropay_fleet_invoices ({_COLUMNS}, created_ms) "
        "VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8) ON CONFLICT (payment_hash) DO NOTHING")
-BY_CLAIM = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE claim_label = $1"
+BY_CLAIM = point(f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE claim_label = $1")
 # One statement binds one unclaimed invoice of one node to the claimer's label. The
 # invoice must stay payable for `min_left` more seconds, and its node must be live and
 # have reported the inbound liquidity to receive it. Asking for one node at a time lets
@@ -185,7 +185,7 @@ _CLAIM = ("UPDATE micropay_fleet_invoices SET claim_label = $1, claimed_ms = $2 
           "AND i.claim_label IS NULL AND i.expires_at > $5 AND n.heartbeat_ms >= $6 AND n.inbound_msat >= $3 "
           "ORDER BY i.expires_at LIMIT 1{lock}) "
           f"AND claim_label IS NULL RETURNING {_COLUMNS}")
-CLAIM = {"sqlite": _CLAIM.format(lock=""), "postgresql": _CLAIM.format(lock=" FOR UPDATE OF i SKIP LOCKED")}
+CLAIM = {"sqlite": point(_CLAIM.format(lock="")), "postgresql": _CLAIM.format(lock=" FOR UPDATE OF i SKIP LOCKED")}
 # A sidecar's reserve (lightning/fleet.py): up to $8 invoices of one node bound at once,
 # each to the label `$1 || payment_hash`, so one statement serves many 402s.
 _CLAIM_MANY = ("UPDATE micropay_fleet_invoices SET claim_label = $1 || payment_hash, claimed_ms = $2 "
@@ -199,6 +199,15 @@ _CLAIM_MANY = ("UPDATE micropay_fleet_invoices SET claim_label = $1 || payment_h
 # claim_label index over every unclaimed row (120 ms at 100,000 rows, EXPLAIN QUERY PLAN).
 CLAIM_MANY = {"sqlite": _CLAIM_MANY.format(lock="", outer=""),
               "postgresql": _CLAIM_MANY.format(lock=" FOR UPDATE OF i SKIP LOCKED", outer=" AND claim_label IS NULL")}
+# A claim of up to POINT_CLAIM_MAX rows walks that many entries of the (node, price,
+# expiry) index and takes at most ~3 ms on SQLite (measured in a burst of fleet 402s), so
+# it may run on the event loop's thread while the worker is idle (base.point): handing it
+# to the worker costs more, a busy loop and the worker taking turns with the GIL. A larger
+# claim (a grown reserve of a large `reserve`) runs on the worker: the same statement
+# under another text, which base.point does not know.
+POINT_CLAIM_MAX = 256
+CLAIM_MANY_LARGE = {dialect: sql + " /* more than POINT_CLAIM_MAX rows */" for dialect, sql in CLAIM_MANY.items()}
+point(CLAIM_MANY["sqlite"])
 # A reserve given back at shutdown: only rows still bound to that exact label, never paid.
 RELEASE = ("UPDATE micropay_fleet_invoices SET claim_label = NULL, claimed_ms = NULL WHERE claim_label IN ({labels}) "
            "AND NOT EXISTS (SELECT 1 FROM micropay_fleet_settlements s "
@@ -247,7 +256,7 @@ class FleetRepository:
         self.store = store
         dialect = "postgresql" if store.url.startswith(("postgresql:", "postgres:")) else "sqlite"
         self.claim_sql, self.lease_sql = CLAIM[dialect], LEASE[dialect]
-        self.claim_many_sql = CLAIM_MANY[dialect]
+        self.claim_many_sql, self.claim_many_large_sql = CLAIM_MANY[dialect], CLAIM_MANY_LARGE[dialect]
 
     # -- the agent's side ------------------------------------------------------------
     async def heartbeat(self, node: NodeBeat) -> None:
@@ -314,8 +323,9 @@ class FleetRepository:
                          payable_after: int, fresh_since_ms: int, node: str, n: int) -> list[PooledInvoice]:
         """Bind up to `n` pooled invoices of `node` at once, each to `label_prefix` +
         its payment hash: a sidecar's reserve, handed out one per 402 from memory."""
-        rows = await self.store.query(self.claim_many_sql, (label_prefix, now_ms, amount_msat, description,
-                                                            payable_after, fresh_since_ms, node, n))
+        sql = self.claim_many_sql if n <= POINT_CLAIM_MAX else self.claim_many_large_sql
+        rows = await self.store.query(sql, (label_prefix, now_ms, amount_msat, description,
+                                            payable_after, fresh_since_ms, node, n))
         return sorted((_invoice(r) for r in rows), key=lambda p: p.expires_at)
 
     async def release(self, labels: list[str]) -> int:
@@ -486,8 +496,8 @@ ADD_CLAIMED = (f"INSERT INTO micropay_fleet_invoices ({_COLUMNS}, created_ms, cl
 BY_NODE_LABEL = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE node_label = $1"
 SETTLED = ("INSERT INTO micropay_fleet_settlements (payment_hash, node_id, claim_label, amount_msat, preimage, "
            "paid_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_hash) DO NOTHING")
-FEED = ("SELECT seq, payment_hash, node_id, claim_label, amount_msat, preimage, paid_at "
-        "FROM micropay_fleet_settlements WHERE seq > $1 ORDER BY seq LIMIT $2")
+FEED = point("SELECT seq, payment_hash, node_id, claim_label, amount_msat, preimage, paid_at "
+             "FROM micropay_fleet_settlements WHERE seq > $1 ORDER BY seq LIMIT $2")   # a range of the key
 CURSOR = "SELECT pay_index FROM micropay_fleet_nodes WHERE node_id = $1"
 ADVANCE = "UPDATE micropay_fleet_nodes SET pay_index = $2 WHERE node_id = $1 AND pay_index < $2"
 BY_HASH = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE payment_hash = $1"
