@@ -136,7 +136,9 @@ _REQUIRED_TAIL = ', "how_to_pay": ' + json.dumps(_HOW_TO_PAY) + "}"
 
 
 def _int(value: int | None) -> str:
-    return str(value) if type(value) is int else json.dumps(value)    # None, and anything else, as json.dumps has it
+    if type(value) is int:
+        return str(value)
+    return "null" if value is None else json.dumps(value)   # anything else as json.dumps has it
 
 
 def payment_required_json(*, resource: str, price_msat: int, invoice: str, payment_hash: str,
