@@ -166,6 +166,7 @@ CLAIMER = textwrap.dedent("""
                     got.append(inv.payment_hash)
         await asyncio.gather(*(worker(w) for w in range(8)))
         await backend.close()           # gives back what its reserve still holds
+        print("INLINE", getattr(store, "inline_batches", 0), file=sys.stderr)   # SQLite: on the loop's thread
         await store.close()
         print(json.dumps(got))
     asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))
@@ -197,11 +198,14 @@ async def test_two_processes_claim_10000_invoices_from_one_pool_none_twice_none_
         procs = [subprocess.Popen([sys.executable, str(script), url, who, str(NOW_MS), mode], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=dict(os.environ))
                  for who in ("p1", "p2")]
-        outs = []
+        outs, inline = [], 0
         for p in procs:
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err[-2000:]
             outs.append(json.loads(out))
+            inline += int(err.split("INLINE ", 1)[1].split()[0])
+        if kind == "sqlite":
+            assert inline > 0, "no statement ran on a loop's thread: the test did not cross that path"
         first, second = set(outs[0]), set(outs[1])
         assert len(first) == len(outs[0]) and len(second) == len(outs[1]), "one process got an invoice twice"
         assert not first & second, f"{len(first & second)} invoices handed to both processes"
@@ -240,17 +244,19 @@ async def test_a_reserve_claim_runs_on_the_loop_thread_on_sqlite_and_a_larger_on
 
 async def test_a_reserve_claim_waits_for_another_writer_without_blocking_the_loop(tmp_path):
     import sqlite3
+    import threading
     import time
     path = tmp_path / "fleet.sqlite3"
     store = open_store_from_url(f"sqlite:///{path}", (FLEET_SCHEMA,))
     await store.open()
-    other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    other = sqlite3.connect(path, timeout=0.1, isolation_level=None, check_same_thread=False)
     try:
         repo = FleetRepository(store)
         await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
         await fill(repo, 40)
         other.execute("BEGIN IMMEDIATE")
-        asyncio.get_running_loop().call_later(0.4, other.execute, "ROLLBACK")
+        # from another thread: a loop blocked by the claim could not let go of the lock itself
+        threading.Timer(0.4, other.execute, ("ROLLBACK",)).start()
         ticks, gave_way, started = 0, store.inline_gave_way, time.monotonic()
 
         async def ticker():
@@ -274,6 +280,34 @@ async def test_a_reserve_claim_waits_for_another_writer_without_blocking_the_loo
         assert bound[0] == 32, "each invoice is bound once, by the claim that ran on the worker"
     finally:
         other.close()
+        await store.close()
+
+
+async def test_reserve_claims_for_many_prices_in_one_loop_turn_go_to_the_worker_together(tmp_path):
+    """One ranged statement per batch on the loop's thread (store/sqlite.py): top-ups of
+    several prices asked for in the same turn would block the loop for several claims'
+    time, so that batch runs on the worker."""
+    store = open_store_from_url(f"sqlite:///{tmp_path / 'fleet.sqlite3'}", (FLEET_SCHEMA,))
+    await store.open()
+    try:
+        repo = FleetRepository(store)
+        await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
+        pools = [[pooled(100 * k + i, amount=1000 * (k + 1)) for i in range(40)] for k in range(8)]
+        for inv in (inv for pool in pools for inv in pool):
+            await repo.add(inv, NOW_MS)
+        kw = dict(now_ms=NOW_MS, payable_after=NOW + 60, fresh_since_ms=NOW_MS - 10_000, node="node-a")
+        inline = store.inline_batches
+        got = await asyncio.gather(*(repo.claim_many(f"micropay-r{k}-", 1000 * (k + 1), "joke", n=32, **kw)
+                                     for k in range(8)))
+        assert store.inline_batches == inline, "eight claims in one batch should have gone to the worker"
+        for k, claimed in enumerate(got):
+            assert len(claimed) == 32 and {p.payment_hash for p in claimed} <= {p.payment_hash for p in pools[k]}
+            assert all(p.claim_label == f"micropay-r{k}-{p.payment_hash}" for p in claimed)
+        # one claim with point lookups in the same turn still runs on the loop's thread
+        one, beats = await asyncio.gather(repo.claim_many("micropay-rX-", 1000, "joke", n=4, **kw),
+                                          repo.live_nodes(NOW_MS - 10_000))
+        assert store.inline_batches == inline + 1 and len(one) == 4 and len(beats) == 1
+    finally:
         await store.close()
 
 

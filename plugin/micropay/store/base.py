@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
 
-POINT_STATEMENTS: set[str] = set()
+POINT_STATEMENTS: dict[str, bool] = {}      # sql -> ranged
 
 
-def point(sql: str) -> str:
+def point(sql: str, *, ranged: bool = False) -> str:
     """Mark `sql` as a point statement: it reads or writes a few rows found by a key
-    (primary or unique), or a range of an index bounded by a small LIMIT, never a scan, so
-    it takes microseconds (at most a few milliseconds: a fleet reserve's claim of up to 256
-    rows). The SQLite adapter may run such statements on the event loop's thread
-    (sqlite.py); others ignore the mark."""
-    POINT_STATEMENTS.add(sql)
+    (primary or unique), or scans a table as small as the fleet's nodes, so it takes
+    microseconds. `ranged`: it walks a range of an index bounded by a LIMIT instead (a
+    fleet reserve's claim of up to 256 rows, a page of the settlement feed), which takes
+    up to a few milliseconds. The SQLite adapter may run such statements on the event
+    loop's thread, at most one ranged statement per batch there (sqlite.py); others
+    ignore the mark."""
+    POINT_STATEMENTS[sql] = ranged
     return sql
 
 

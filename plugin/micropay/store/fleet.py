@@ -155,7 +155,7 @@ BEAT = ("INSERT INTO micropay_fleet_nodes (node_id, network, heartbeat_ms, inbou
         "heartbeat_ms = excluded.heartbeat_ms, inbound_msat = excluded.inbound_msat, "
         "outbound_msat = excluded.outbound_msat")
 LIVE_NODES = point("SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes "
-                   "WHERE heartbeat_ms >= $1 ORDER BY node_id")          # one row per node
+                   "WHERE heartbeat_ms >= $1 ORDER BY node_id")          # a scan of one row per node
 # Sidecars configured with different depths keep the deepest pool while its want is fresh
 # (one with a smaller depth must not shrink another's pool); a want gone stale takes the
 # new depth.
@@ -200,14 +200,15 @@ _CLAIM_MANY = ("UPDATE micropay_fleet_invoices SET claim_label = $1 || payment_h
 CLAIM_MANY = {"sqlite": _CLAIM_MANY.format(lock="", outer=""),
               "postgresql": _CLAIM_MANY.format(lock=" FOR UPDATE OF i SKIP LOCKED", outer=" AND claim_label IS NULL")}
 # A claim of up to POINT_CLAIM_MAX rows walks that many entries of the (node, price,
-# expiry) index and takes at most ~3 ms on SQLite (measured in a burst of fleet 402s), so
-# it may run on the event loop's thread while the worker is idle (base.point): handing it
-# to the worker costs more, a busy loop and the worker taking turns with the GIL. A larger
-# claim (a grown reserve of a large `reserve`) runs on the worker: the same statement
-# under another text, which base.point does not know.
+# expiry) index and took 1.4-2.2 ms at the median on SQLite in a burst of fleet 402s (at
+# most 3 ms in two runs, one of 11 ms in another), so it may run on the event loop's
+# thread while the worker is idle, one claim per batch there (base.point, ranged): handing
+# it to the worker costs more, a busy loop and the worker taking turns with the GIL. A
+# larger claim (a grown reserve of a large `reserve`) runs on the worker: the same
+# statement under another text, which base.point does not know.
 POINT_CLAIM_MAX = 256
 CLAIM_MANY_LARGE = {dialect: sql + " /* more than POINT_CLAIM_MAX rows */" for dialect, sql in CLAIM_MANY.items()}
-point(CLAIM_MANY["sqlite"])
+point(CLAIM_MANY["sqlite"], ranged=True)
 # A reserve given back at shutdown: only rows still bound to that exact label, never paid.
 RELEASE = ("UPDATE micropay_fleet_invoices SET claim_label = NULL, claimed_ms = NULL WHERE claim_label IN ({labels}) "
            "AND NOT EXISTS (SELECT 1 FROM micropay_fleet_settlements s "
@@ -497,7 +498,7 @@ BY_NODE_LABEL = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE node_labe
 SETTLED = ("INSERT INTO micropay_fleet_settlements (payment_hash, node_id, claim_label, amount_msat, preimage, "
            "paid_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_hash) DO NOTHING")
 FEED = point("SELECT seq, payment_hash, node_id, claim_label, amount_msat, preimage, paid_at "
-             "FROM micropay_fleet_settlements WHERE seq > $1 ORDER BY seq LIMIT $2")   # a range of the key
+             "FROM micropay_fleet_settlements WHERE seq > $1 ORDER BY seq LIMIT $2", ranged=True)
 CURSOR = "SELECT pay_index FROM micropay_fleet_nodes WHERE node_id = $1"
 ADVANCE = "UPDATE micropay_fleet_nodes SET pay_index = $2 WHERE node_id = $1 AND pay_index < $2"
 BY_HASH = f"SELECT {_COLUMNS} FROM micropay_fleet_invoices WHERE payment_hash = $1"

@@ -11,8 +11,10 @@ committed; if the commit fails, or SQLite rolled the transaction back on its own
 disk, an I/O error), every statement of the batch fails with StoreUnavailable: nothing is
 reported done that is not on disk. A lone statement runs in autocommit, as before.
 
-Point statements (base.point: a few rows by key) skip the worker when it is idle: a batch
-of them runs on the event loop's thread, at the end of the loop turn that asked for them.
+Point statements (base.point: a few rows by key, or one bounded range of an index) skip
+the worker when it is idle: a batch of them runs on the event loop's thread, at the end of
+the loop turn that asked for them, if it holds at most INLINE_MAX statements and one
+ranged statement (so the loop is blocked a few milliseconds at most).
 Handing a statement to the worker thread costs more than running it: the worker has to win
 the GIL from a busy loop (measured in the gate: 33 us of CPU and ~200 us of waiting per
 record, against 19 us for the statement itself). So that the loop never waits on another
@@ -41,7 +43,8 @@ from .schema import (APPLIED, INTERIM_TABLE, RECORD_STEP, SERIAL_PK, STEPS_TABLE
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _READ = re.compile(r"\s*SELECT\b", re.I)
 MAX_BATCH = 256              # statements per group commit
-INLINE_MAX = 128             # point statements run on the loop's thread at once (~15 us each)
+INLINE_MAX = 128             # point statements run on the loop's thread at once (~15 us each) ...
+INLINE_RANGED_MAX = 1        # ... of which ranged ones (base.point: up to a few ms each)
 CHECKPOINT_EVERY = 100       # batches between the worker's passive WAL checkpoints
 BUSY_TIMEOUT_MS = 30000
 _UNAVAILABLE = re.compile(r"locked|busy|disk I/O|unable to open|readonly|full")
@@ -218,8 +221,19 @@ class SqliteStore(Store):
         self._jobs -= 1
 
     def _may_inline(self, statements: Sequence[tuple[str, Any]]) -> bool:
-        return (self._jobs == 0 and self._conn is not None and len(statements) <= INLINE_MAX
-                and all(sql in POINT_STATEMENTS for sql, _ in statements))
+        """A batch runs on the loop's thread when the worker is idle and the batch is point
+        statements only, few enough that it blocks the loop for a few milliseconds at
+        most: INLINE_MAX of them, INLINE_RANGED_MAX of them ranged (reserve claims started
+        for many prices in one loop turn go to the worker together)."""
+        if self._jobs or self._conn is None or len(statements) > INLINE_MAX:
+            return False
+        ranged = 0
+        for sql, _ in statements:
+            kind = POINT_STATEMENTS.get(sql)
+            if kind is None:
+                return False
+            ranged += kind
+        return ranged <= INLINE_RANGED_MAX
 
     def _inline(self, fn: Any, arg: Any) -> Any:
         """fn(arg) on the loop's thread without waiting for any lock; None if another
