@@ -13,8 +13,8 @@ reported done that is not on disk. A lone statement runs in autocommit, as befor
 
 Point statements (base.point: a few rows by key, or one bounded range of an index) skip
 the worker when it is idle: a batch of them runs on the event loop's thread, at the end of
-the loop turn that asked for them, if it holds at most INLINE_MAX statements and one
-ranged statement (so the loop is blocked a few milliseconds at most).
+the loop turn that asked for them, if it holds at most INLINE_MAX statements, at most one
+of them ranged (so the loop is blocked a few milliseconds at most).
 Handing a statement to the worker thread costs more than running it: the worker has to win
 the GIL from a busy loop (measured in the gate: 33 us of CPU and ~200 us of waiting per
 record, against 19 us for the statement itself). So that the loop never waits on another
