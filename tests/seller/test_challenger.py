@@ -45,6 +45,16 @@ def stall_writes(c) -> Callable[[], None]:
     return release
 
 
+async def made_until_refused(c, client: str, made: int, bound: int = 5) -> int:
+    """Challenges `client` until the per-client bound refuses it (within `bound` more):
+    how many it then holds, counting the `made` before."""
+    with pytest.raises(RateLimited, match="for this client"):
+        for _ in range(bound):
+            await c.challenge(client, RULE, 1000, "d", None)
+            made += 1
+    return made
+
+
 async def test_every_challenge_is_new_even_for_a_client_holding_a_pending_one(store, tmp_path):
     """The Payment drafts: challenges MUST NOT be reused, a fresh invoice for every
     unauthenticated request. Asking again, before or after the first record is written,
@@ -374,11 +384,7 @@ async def test_a_client_dropped_from_the_counts_between_reads_is_never_counted_l
     for i in range(5):
         await c.challenge(f"other-{i}", RULE, 1000, "d", None)
     assert "busy" not in c.pending._made
-    made = 4
-    with pytest.raises(RateLimited, match="for this client"):
-        for _ in range(5):
-            await c.challenge("busy", RULE, 1000, "d", None)
-            made += 1
+    made = await made_until_refused(c, "busy", 4)
     assert made <= 5, f"busy made {made} against a bound of 5"
     release()
     await c.close()       # (the writer, bounded by the same constant, dropped records too)
@@ -416,11 +422,7 @@ async def test_a_client_dropped_while_a_read_runs_is_never_counted_low_after_it(
     reads.set()
     await reading                                             # the read's counts are in use now
     assert c.pending._during is None and "busy" not in c.pending._made
-    made = 3
-    with pytest.raises(RateLimited, match="for this client"):
-        for _ in range(5):
-            await c.challenge("busy", RULE, 1000, "d", None)
-            made += 1
+    made = await made_until_refused(c, "busy", 3)
     assert made <= 5, f"busy made {made} against a bound of 5"
     release_writes()
     c.l402.pending_near_bound = real_read

@@ -17,6 +17,7 @@ from micropay.store import open_store_from_url
 from micropay.store.fleet import FLEET_SCHEMA, NodeBeat, FleetRepository, PooledInvoice
 
 from ..conftest import PG_SKIP_REASON, drop_pg_schema, pg_url_with_fresh_schema
+from .lockholder import another_writer_holds_the_lock
 
 NOW_MS = 1_800_000_000_000
 NOW = NOW_MS // 1000
@@ -243,35 +244,19 @@ async def test_a_reserve_claim_runs_on_the_loop_thread_on_sqlite_and_a_larger_on
 
 
 async def test_a_reserve_claim_waits_for_another_writer_without_blocking_the_loop(tmp_path):
-    import sqlite3
-    import threading
-    import time
     path = tmp_path / "fleet.sqlite3"
     store = open_store_from_url(f"sqlite:///{path}", (FLEET_SCHEMA,))
     await store.open()
-    other = sqlite3.connect(path, timeout=0.1, isolation_level=None, check_same_thread=False)
     try:
         repo = FleetRepository(store)
         await repo.heartbeat(NodeBeat("node-a", "regtest", NOW_MS, ROOMY, ROOMY))
         await fill(repo, 40)
-        other.execute("BEGIN IMMEDIATE")
-        # from another thread: a loop blocked by the claim could not let go of the lock itself
-        threading.Timer(0.4, other.execute, ("ROLLBACK",)).start()
-        ticks, gave_way, started = 0, store.inline_gave_way, time.monotonic()
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-        tick = asyncio.ensure_future(ticker())
-        try:
+        gave_way = store.inline_gave_way
+        async with another_writer_holds_the_lock(path) as held:
             got = await asyncio.wait_for(repo.claim_many(
                 "micropay-rA-", 1000, "joke", now_ms=NOW_MS, payable_after=NOW + 60,
                 fresh_since_ms=NOW_MS - 10_000, node="node-a", n=32), 10)
-        finally:
-            tick.cancel()
-        waited = time.monotonic() - started
+            waited, ticks = held.waited(), held.ticks
         assert waited >= 0.35, "the claim should have waited for the other writer"
         assert ticks >= 20, f"the loop was blocked while another process held the lock ({ticks} ticks)"
         assert store.inline_gave_way == gave_way + 1
@@ -279,7 +264,6 @@ async def test_a_reserve_claim_waits_for_another_writer_without_blocking_the_loo
         bound = await store.fetchrow("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE claim_label IS NOT NULL")
         assert bound[0] == 32, "each invoice is bound once, by the claim that ran on the worker"
     finally:
-        other.close()
         await store.close()
 
 

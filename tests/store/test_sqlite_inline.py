@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-import time
 
 import pytest
 
@@ -15,6 +14,8 @@ from micropay.core.errors import StoreUnavailable
 from micropay.store import sqlite as sqlite_mod
 from micropay.store.base import Step, point
 from micropay.store.sqlite import SqliteStore
+
+from .lockholder import another_writer_holds_the_lock
 
 TABLE = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)"
 WHO = point("SELECT whoami()")                       # the thread that runs the statement
@@ -89,30 +90,13 @@ async def test_a_cancelled_caller_does_not_free_the_connection_while_the_worker_
 
 async def test_another_writer_holding_the_lock_never_blocks_the_loop_and_each_write_happens_once(store, tmp_path):
     await store.query(BUMP, ("x",))
-    other = sqlite3.connect(tmp_path / "i.sqlite3", timeout=0.1, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    loop = asyncio.get_running_loop()
-    loop.call_later(0.4, other.execute, "ROLLBACK")
-    ticks = 0
-
-    async def ticker():
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.01)
-            ticks += 1
-
-    tick = asyncio.ensure_future(ticker())
     gave_way = store.inline_gave_way
-    started = time.monotonic()
-    try:
+    async with another_writer_holds_the_lock(tmp_path / "i.sqlite3") as held:
         single, batch, tx = await asyncio.wait_for(asyncio.gather(
             store.query(BUMP, ("x",)),
             asyncio.gather(store.query(BUMP, ("y",)), store.query(BUMP, ("z",))),
             store.transaction([Step(BUMP, ("x",), True), Step(BUMP, ("w",), True)])), 10)
-    finally:
-        tick.cancel()
-        other.close()
-    waited = time.monotonic() - started
+        waited, ticks = held.waited(), held.ticks
     assert waited >= 0.35, "the writes should have waited for the other writer"
     assert ticks >= 20, f"the loop was blocked while another process held the lock ({ticks} ticks in {waited:.2f}s)"
     assert store.inline_gave_way >= gave_way + 1
