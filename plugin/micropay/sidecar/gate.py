@@ -92,6 +92,16 @@ ADMITTED = web.RequestKey("micropay_admitted", bool) if hasattr(web, "RequestKey
 BODY = web.RequestKey("micropay_body", bytes) if hasattr(web, "RequestKey") else "micropay_body"
 
 
+# The routes the gate has resolved, by (method, path without its query): the canonical
+# path, whether aiohttp routed the request on that same path, and the rule that prices it.
+# A request on a path seen before skips the canonicalisation, the redirect check (which
+# decodes aiohttp's own reading of the path) and the scan of the rules. Bounded: a path
+# longer than ROUTE_KEY_CHARS is never kept, and a full table is emptied, so a client
+# varying its paths only makes each request cost what it would without the table.
+ROUTE_CACHE_SIZE = 4096
+ROUTE_KEY_CHARS = 512
+
+
 def request_target(request: web.Request) -> Target:
     """The request's canonical target, computed once (raises BadPath)."""
     target = request.get(TARGET)
@@ -129,6 +139,7 @@ class Gate:
         self.challenger = Challenger(tokens=tokens, node=node, l402=self.l402, limits=limits, receipts=receipts,
                                      metrics=self.metrics, clock=clock)
         self.free_tier = FreeTier(clock)
+        self._routes: dict[tuple[str, str], tuple[str, str, bool, RouteRule | None]] = {}
         self._pass_receipts: BoundedCache[str] = BoundedCache(PASS_RECEIPTS_BYTES)
         self._admitted: BoundedCache[Paid] = BoundedCache(ADMITTED_CACHE_BYTES, ADMITTED_CACHE_SIZE)
         # True once this gate also runs as a middleware, so that a request may meet it twice
@@ -174,12 +185,11 @@ class Gate:
                 hit = self._admitted.get(request_key(auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
                     return await self._serve(request, handler, hit, None)
-            refused = self.check_target(request, forwards)
+            refused, rule = self._route(request, forwards)
             if refused is not None:
                 return refused
             if getattr(handler, OWN, False) or getattr(request.match_info.handler, OWN, False):
                 return await handler(request)
-            rule = self.pricing.match(request.method, request_target(request).path)
             if rule is None:
                 return await handler(request)
             return await self.handle(request, rule, handler)
@@ -188,16 +198,46 @@ class Gate:
 
     def check_target(self, request: web.Request, forwards: bool) -> web.StreamResponse | None:
         """None if the request may go on; else the response that refuses or redirects it."""
+        return self._route(request, forwards)[0]
+
+    def _route(self, request: web.Request,
+               forwards: bool) -> tuple[web.StreamResponse | None, RouteRule | None]:
+        """(None, the rule pricing the request or None) if it may go on; else (the response
+        that refuses or redirects it, None)."""
         try:
-            target = request_target(request)
+            target, same, rule = self.resolve(request)
         except BadPath as err:
             self.metrics.rejections[err.code] += 1
-            return problem_response(err)
-        if not forwards and target.path != request.path:
+            return problem_response(err), None
+        if not forwards and not same:
             # aiohttp routed this request on another reading of its path than the one the
             # gate prices: send the client to the canonical URL instead of serving it.
-            return web.Response(status=308, headers={hdrs.LOCATION: target.path_qs})
-        return None
+            return web.Response(status=308, headers={hdrs.LOCATION: target.path_qs}), None
+        return None, rule
+
+    def resolve(self, request: web.Request) -> tuple[Target, bool, RouteRule | None]:
+        """The request's canonical target (kept on the request: request_target), whether
+        aiohttp routed it on that same path, and the config's rule pricing it (None: free).
+        Raises BadPath. Answered from the route table for a path seen before (see
+        ROUTE_CACHE_SIZE): the same as canonical_target's, which reads the path and query
+        apart, and the same rule, since the rules never change."""
+        raw = request.raw_path
+        path, sep, query = raw.partition("?")
+        method = request.method
+        hit = self._routes.get((method, path))
+        if hit is not None and "#" not in query:
+            decoded, encoded, same, rule = hit
+            target = Target(decoded, encoded, query if sep else None)
+        else:
+            target = canonical_target(raw)
+            same = target.path == request.path
+            rule = self.pricing.match(method, target.path)
+            if len(path) <= ROUTE_KEY_CHARS:
+                if len(self._routes) >= ROUTE_CACHE_SIZE:
+                    self._routes.clear()
+                self._routes[(method, path)] = (target.path, target.raw_path, same, rule)
+        request[TARGET] = target
+        return target, same, rule
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
