@@ -461,9 +461,22 @@ async def test_a_top_up_that_does_not_come_back_in_time_leaves_the_402_to_claim_
     assert backend.reserve_waits >= 1
 
 
-async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_path):
+async def _hand_out(backend, via: str, amount_msat: int, description: str):
+    """An invoice for a 402, as the challenger asks for one: the no-wait path first
+    (ready_invoice), create_invoice if it has none; or create_invoice alone."""
+    label = _challenge_label()
+    if via == "ready first":
+        ready = backend.ready_invoice(amount_msat, label, description, 600)
+        if ready is not None:
+            return ready
+    return await backend.create_invoice(amount_msat, label, description, 600)
+
+
+@pytest.mark.parametrize("via", ["create_invoice", "ready first"])
+async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_path, via):
     """The reserve holds invoices of two nodes in turn; once one node's heartbeat is older
-    than the timeout, no 402 names it, though its invoices are still in the reserve."""
+    than the timeout, no 402 names it, though its invoices are still in the reserve (also
+    on the challenger's no-wait path, which reads the live nodes it kept)."""
     store = open_store_from_url(f"sqlite:///{tmp_path / 'f.sqlite3'}", (FLEET_SCHEMA,))
     await store.open()
     repo = FleetRepository(store)
@@ -481,7 +494,7 @@ async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_p
     try:
         payees, handed = [], set()
         for _ in range(4):
-            inv = await backend.create_invoice(1000, _challenge_label(), "s", 600)
+            inv = await _hand_out(backend, via, 1000, "s")
             payees.append(decode_invoice(inv.bolt11).payee)
             handed.add(inv.payment_hash)
             await _settle_reserve(backend)
@@ -491,7 +504,7 @@ async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_p
         await repo.heartbeat(NodeBeat(ids[0], "regtest", int(now[0] * 1000), 10**12, 10**12))
         payees = []
         for _ in range(25):
-            payees.append(decode_invoice((await backend.create_invoice(1000, _challenge_label(), "s", 600)).bolt11).payee)
+            payees.append(decode_invoice((await _hand_out(backend, via, 1000, "s")).bolt11).payee)
             await _settle_reserve(backend)
         assert set(payees) == {ids[0]}, "a node with a stale heartbeat was handed out"
         if backend._releaser is not None:
@@ -502,6 +515,41 @@ async def test_a_reserved_invoice_of_a_node_gone_stale_is_never_handed_out(tmp_p
     finally:
         await backend.close()
         await store.close()
+
+
+async def test_the_no_wait_path_hands_out_the_reserve_once_and_only_when_nothing_needs_a_wait(fleet):
+    """ready_invoice answers from the reserve while the live nodes were read less than a
+    second ago; every other case (no reserve for the price, a label the reserve does not
+    serve, the live nodes to read again, a closed backend) is left to create_invoice.
+    Mixed with create_invoice, every invoice is handed out once."""
+    repo, agent, backend, _, _ = fleet
+    await _price_with_a_reserve(fleet, "nw", depth=60, reserve=8)
+    statements, real_query = _count_queries(repo)
+    handed, ready = [], 0
+    try:
+        for i in range(40):
+            if i % 2:
+                inv = backend.ready_invoice(2000, _challenge_label(), "nw", 600)
+                ready += inv is not None
+                inv = inv or await backend.create_invoice(2000, _challenge_label(), "nw", 600)
+            else:
+                inv = await backend.create_invoice(2000, _challenge_label(), "nw", 600)
+            handed.append(inv.payment_hash)
+            await _settle_reserve(backend)
+    finally:
+        repo.store.query = real_query
+    assert len(set(handed)) == 40, "an invoice was handed out twice"
+    assert ready >= 15, f"the no-wait path answered {ready} of 20"
+    assert backend.ready_invoice(2000, _challenge_label(), "no reserve", 600) is None
+    assert backend.ready_invoice(2000, "micropay-purchase-1", "nw", 600) is None
+    (mono, wall), live = backend._live
+    backend._live = ((mono - 2.0, wall), live)              # read over a second ago: create_invoice reads again
+    assert backend.ready_invoice(2000, _challenge_label(), "nw", 600) is None
+    await backend.create_invoice(2000, _challenge_label(), "nw", 600)
+    assert backend.ready_invoice(2000, _challenge_label(), "nw", 600) is not None
+    await _settle_reserve(backend)
+    await backend.close()
+    assert backend.ready_invoice(2000, _challenge_label(), "nw", 600) is None
 
 
 async def test_a_price_no_pool_holds_gets_no_reserve(fleet):

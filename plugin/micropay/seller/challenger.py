@@ -28,7 +28,7 @@ from typing import Callable
 
 from .config import ChallengeLimits
 from ..core.errors import NodeError, Overloaded, RateLimited
-from ..lightning.base import Node, Settlement
+from ..lightning.base import Invoice, Node, Settlement
 from ..core.metrics import Metrics
 from .pricing import RouteRule
 from ..core.ratelimit import TokenBucket
@@ -84,13 +84,17 @@ class PendingCounts:
         # MAX_UNWRITTEN new clients between two reads drops any.
         self._lost = self._lost_during = 0
 
+    def due(self) -> bool:
+        """Whether refresh would read: the last read is a second old (or the clock went
+        back), and none is under way."""
+        return not 0 <= self.clock() - self._read_at < PENDING_COUNT_MAX_AGE_S and self._during is None
+
     async def refresh(self) -> None:
-        """Read again if the last read is a second old (or the clock went back). One read
-        at a time: a 402 arriving meanwhile uses the counts in hand; a read that fails
-        raises, and the next 402 tries again."""
-        now = self.clock()
-        if 0 <= now - self._read_at < PENDING_COUNT_MAX_AGE_S or self._during is not None:
+        """Read again if due (see `due`). One read at a time: a 402 arriving meanwhile uses
+        the counts in hand; a read that fails raises, and the next 402 tries again."""
+        if not self.due():
             return
+        now = self.clock()
         pre = {client: len(records) for client, records in self.writer.unwritten_by_client().items()}
         self._during, self._lost_during = {}, 0
         try:
@@ -245,6 +249,8 @@ class Challenger:
         self.bucket = TokenBucket(limits.per_client_per_minute)
         self.writer = RecordWriter(l402)
         self.pending = PendingCounts(l402, self.writer, clock, read_floor(limits))
+        # A node that can hand out an invoice without waiting (the fleet's reserve) says so.
+        self._ready_invoice: Callable[..., Invoice | None] | None = getattr(node, "ready_invoice", None)
 
     async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
                         query: str | None) -> ChallengeRecord:
@@ -254,18 +260,23 @@ class Challenger:
         wait = self.bucket.take(client)
         if wait:
             raise RateLimited("too many new invoices requested; pay or wait", retry_after_s=int(wait) + 1)
-        await self.pending.refresh()
+        if self.pending.due():
+            await self.pending.refresh()
         if self.pending.total() >= self.limits.max_pending:
             raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
         if self.pending.of(client) >= self.limits.client_share:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
         token_id = new_token_id()
-        try:
-            invoice = await self.node.create_invoice(price_msat, label=f"{LABEL_PREFIX}{token_id.hex()}",
-                                                     description=description, expiry_s=self.limits.expiry_s)
-        except NodeError as exc:
-            log.error("creating an invoice failed: %s", exc)
-            raise
+        label = f"{LABEL_PREFIX}{token_id.hex()}"
+        invoice = None if self._ready_invoice is None else \
+            self._ready_invoice(price_msat, label, description, self.limits.expiry_s)
+        if invoice is None:
+            try:
+                invoice = await self.node.create_invoice(price_msat, label=label, description=description,
+                                                         expiry_s=self.limits.expiry_s)
+            except NodeError as exc:
+                log.error("creating an invoice failed: %s", exc)
+                raise
         mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), rule.caveats(self.service, now, query), token_id)
         record = ChallengeRecord(invoice.payment_hash, token_id.hex(), rule.key, client, price_msat,
                                  invoice.bolt11, mac.serialize(), now, invoice.expires_at, rule.credits)
