@@ -1,6 +1,7 @@
 """Counters and a latency histogram, rendered in the Prometheus text format (0.0.4)."""
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from typing import Iterable
 
@@ -35,10 +36,9 @@ class Metrics:
     def observe_latency(self, seconds: float) -> None:
         self._latency_sum += seconds
         self._latency_count += 1
-        for i, bound in enumerate(_BUCKETS):
-            if seconds <= bound:
-                self._bucket_counts[i] += 1
-                break
+        i = bisect.bisect_left(_BUCKETS, seconds)       # the first bucket whose bound is >= seconds
+        if i < len(_BUCKETS):
+            self._bucket_counts[i] += 1
 
     def record_settlement(self, amount_msat: int) -> None:
         self.settlements += 1

@@ -533,16 +533,24 @@ class Gate:
         """A 402 with an invoice for `rule` (`reason`: why a credential sent was not enough)."""
         client = self.client_key(request)
         target = request_target(request)
-        try:
-            price = await rule.price_for(_as_canonical(request, target))
-        except Exception as exc:
-            log.error("price hook for %s failed: %s", rule.key, exc)
-            raise PricingUnavailable("the price for this resource cannot be computed right now") from None
+        if rule.price_hook is None:
+            price = rule.price_msat
+        else:
+            try:
+                price = await rule.price_for(_as_canonical(request, target))
+            except Exception as exc:
+                log.error("price hook for %s failed: %s", rule.key, exc)
+                raise PricingUnavailable("the price for this resource cannot be computed right now") from None
         description = rule.description or f"{self.service}: {request.method} {target.path}"[:200]
         if rule.session is not None:
             return await self.session_gate.challenge(request, rule, client, f"{request.method} {target.path}",
                                                      description, reason)
-        digest = await self.body_digest(request) if self.offers_payment(rule, price) else None
+        if not self.offers_payment(rule, price):
+            digest = None
+        elif request.method not in BODY_METHODS and not request.body_exists:
+            digest = ""                          # no body to bind (body_digest's first answer)
+        else:
+            digest = await self.body_digest(request)
         record = await self.challenger.challenge(client, rule, price, description, target.query)
         return self._challenge_response(request, rule, record, reason, description, digest)
 
