@@ -3,7 +3,7 @@ process, without sockets (bench_inprocess.py's driver: raw HTTP bytes into aioht
 protocol over an in-memory transport, 16 connections, the four taking turns in chunks
 of 256 requests, process CPU time with every thread counted).
 
-    python bench/bench_floor.py [--n 4000] [--rounds 3]
+    python bench/bench_floor.py [--n 4000] [--rounds 3] [--calls]
 
 - `bare 402`: bench/_server.py's static 402 (a body of the same size, a few headers):
   the baseline, as in bench_challenge.py.
@@ -42,7 +42,7 @@ from pathlib import Path
 from aiohttp import web
 
 import _server
-from bench_inprocess import CHUNK, CONNECTIONS, _Connection, _drive, _raw, _status
+from bench_inprocess import CALLS_N, CHUNK, CONNECTIONS, _calls, _Connection, _drive, _raw, _status
 
 
 async def _fleet_runner(pool: int):
@@ -142,15 +142,15 @@ def _flat(n: int):
     return flat
 
 
-async def main(n: int, rounds: int) -> None:
-    fleet_runner, rt = await _fleet_runner(n * (rounds + 1) + 1000)
+async def main(n: int, rounds: int, calls: bool = False) -> None:
+    fleet_runner, rt = await _fleet_runner(n * (rounds + 1) + 1000 + CALLS_N)
     fleet = [_Connection(fleet_runner.server) for _ in range(CONNECTIONS)]
     _, (sample,) = await _drive(fleet, [_raw("/mint", {"X-Forwarded-For": "192.0.2.1"})])
     assert _status(sample) == 402, sample[:300]
     app = web.Application()
     app.router.add_get("/bare402", _server.bare_402)
     app.router.add_get("/canned", _canned(sample))
-    app.router.add_get("/flat", _flat(n * (rounds + 1) + 1000))
+    app.router.add_get("/flat", _flat(n * (rounds + 1) + 1000 + CALLS_N))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     conns = [_Connection(runner.server) for _ in range(CONNECTIONS)]
@@ -186,6 +186,17 @@ async def main(n: int, rounds: int) -> None:
               f"({sizes[name]} bytes; rounds: {', '.join(f'{x:.1f}' for x in results[name])})")
     print(f"(median of {rounds} rounds of {n} 402s each, {CONNECTIONS} connections, no sockets; "
           "issue 20's goal: a fleet 402 on SQLite adds <= 60 us)")
+    if calls:
+        clients = [{"X-Forwarded-For": f"10.250.{i // 256 % 256}.{i % 256}"} for i in range(CALLS_N)]
+        counted = {}
+        for name in names:
+            path = "/mint" if name == "fleet" else f"/{name}"
+            counted[name] = await _calls(fleet if name == "fleet" else conns, [_raw(path, h) for h in clients],
+                                         after=(lambda: _settled(rt)) if name == "fleet" else None)
+        for name in names:
+            py, every = counted[name]
+            print(f"{labels[name]:34}: {py:6.1f} Python calls per 402 (adds {py - counted['bare402'][0]:6.1f}), "
+                  f"{every:6.1f} with C calls (adds {every - counted['bare402'][1]:6.1f})")
     await runner.cleanup()
     await fleet_runner.cleanup()
 
@@ -194,5 +205,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calls", action="store_true", help="also count the function calls per 402 (cProfile)")
     args = ap.parse_args()
-    asyncio.run(main(args.n, args.rounds))
+    asyncio.run(main(args.n, args.rounds, args.calls))

@@ -2,7 +2,7 @@
 HTTP bytes go straight into aiohttp's protocol over an in-memory transport, in this one
 process, against the same requests on a bare aiohttp handler.
 
-    python bench/bench_inprocess.py [--n 10000] [--rounds 3] [--turns]
+    python bench/bench_inprocess.py [--n 10000] [--rounds 3] [--turns] [--calls]
 
 bench_paid.py measures the same paths over real sockets, and on a shared 2-vCPU host its
 rounds wander by 20-40%: the kernel's and wrk's share moves with the host. Here the bare
@@ -15,7 +15,9 @@ as bench_paid's wrk), pays them with the stub's preimages, and sends each creden
 once: L402 on /mint (a one-credit token: verify, debit, receipt), L402 on /pass (verify,
 a pass receipt signed once) and a Payment charge on /mint (verify, consume). Every
 answer must be 200. `--turns` also counts, per paid request, the event loop's turns
-and the callbacks it ran (fewer waits inside the gate show up here exactly).
+and the callbacks it ran (fewer waits inside the gate show up here exactly); `--calls`
+the function calls the gate adds per request (cProfile), a count the host's speed does
+not move.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from micropay.payment import scheme as pa
 
 CONNECTIONS = 16
 CHUNK = 256
+CALLS_N = 1024          # requests per handler counted by --calls
 
 
 class _Transport(asyncio.Transport):
@@ -139,6 +142,29 @@ async def _drive(conns: list[_Connection], requests: list[bytes]) -> tuple[float
     return (time.process_time() - start) / len(requests) * 1e6, out
 
 
+async def _calls(conns: list[_Connection], requests: list[bytes], after=None) -> tuple[float, float]:
+    """Function calls per request while serving `requests` in chunks (cProfile): Python
+    functions (a coroutine counts once per resumption), and all calls with C functions.
+    The host's speed does not move these counts, so on a noisy host they show what a change
+    to the code removed where the CPU times cannot. The driver's own calls are in every
+    handler's count alike. `after`: awaited after each chunk, counted too (work a handler
+    leaves behind it)."""
+    import cProfile
+    import pstats
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        for start in range(0, len(requests), CHUNK):
+            await _drive(conns, requests[start:start + CHUNK])
+            if after is not None:
+                await after()
+    finally:
+        profile.disable()
+    stats = pstats.Stats(profile).stats          # type: ignore[attr-defined]
+    python = sum(v[1] for k, v in stats.items() if k[0] != "~")
+    return python / len(requests), sum(v[1] for v in stats.values()) / len(requests)
+
+
 class _TurnCounter:
     """Counts the loop's turns and the callbacks it ran while enabled."""
 
@@ -190,7 +216,7 @@ async def _credentials(conns: list[_Connection], stub: _server.StubNode, path: s
     return out
 
 
-async def main(n: int, rounds: int, turns: bool) -> None:
+async def main(n: int, rounds: int, turns: bool, calls: bool = False) -> None:
     runner, stub = await _gated_runner()
     cases = {"L402, pay per request": ("/mint", "l402"), "L402 pass, first request": ("/pass", "l402"),
              "Payment charge": ("/mint", "payment")}
@@ -237,6 +263,14 @@ async def main(n: int, rounds: int, turns: bool) -> None:
             line += f"  loop turns {counts[name][0]:.3f}, callbacks {counts[name][1]:.2f} per request"
         print(line)
     print(f"(median round of {rounds}, {n} first-seen credentials each, {CONNECTIONS} connections, no sockets)")
+    if calls:
+        for name, (path, kind) in cases.items():
+            requests = await _credentials(gated, stub, path, kind, CALLS_N, "250")
+            await asyncio.sleep(0.5)
+            b_py, b_all = await _calls(bare, requests)
+            g_py, g_all = await _calls(gated, requests)
+            print(f"{name:26}: gate adds {g_py - b_py:6.1f} Python calls per request ({g_all - b_all:6.1f} with C "
+                  f"calls; bare {b_py:.1f} / {b_all:.1f})")
     await runner.cleanup()
     await bare_runner.cleanup()
 
@@ -246,5 +280,6 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--turns", action="store_true", help="count the loop's turns and callbacks per request")
+    ap.add_argument("--calls", action="store_true", help="also count the function calls the gate adds per request")
     a = ap.parse_args()
-    asyncio.run(main(a.n, a.rounds, a.turns))
+    asyncio.run(main(a.n, a.rounds, a.turns, a.calls))
