@@ -316,3 +316,22 @@ def test_any_session_payload_is_accepted_or_refused_with_a_payment_error(payload
         verify_session(session_challenge(), payload)
     except PaymentSchemeError:
         pass
+
+
+# values with nothing to escape, a backslash only, a quote only, or both
+FIELDS = st.sampled_from(['ab1=,; é', 'ab\\', 'a"b', 'ab1=,; "\\é']).flatmap(
+    lambda alphabet: st.lists(st.text(alphabet=alphabet, max_size=8), min_size=9, max_size=9))
+
+
+@given(FIELDS)
+def test_a_challenge_header_quotes_and_escapes_every_value(values):
+    """Challenge.header writes values with nothing to escape directly (every challenge we
+    make); the result is the same as quoting each one (RFC 9110 quoted-string: '"' and '\\'
+    escaped), with the optional parameters only when set."""
+    ch = pa.Challenge(*values)
+    expected = (f"Payment id={pa._quote(ch.id)}, realm={pa._quote(ch.realm)}, method={pa._quote(ch.method)}, "
+                f"intent={pa._quote(ch.intent)}, request={pa._quote(ch.request)}")
+    for name in ("expires", "digest", "opaque", "description"):
+        if getattr(ch, name):
+            expected += f", {name}={pa._quote(getattr(ch, name))}"
+    assert ch.header() == expected

@@ -324,7 +324,7 @@ class TokenService:
         kid = self.keyring.current
         root = self.keyring.token_root_key(kid, token_id)
         return Macaroon.mint(root, encode_identifier(payment_hash, token_id), LOCATION_PREFIX + kid,
-                             tuple(c.encode() for c in caveats))
+                             tuple(map(str.encode, caveats)))
 
     def verify_credential(self, cred: Credential) -> VerifiedToken:
         """Signature, caveat syntax and preimage; not the request-specific conditions."""

@@ -127,6 +127,21 @@ class Challenge:
     description: str = ""
 
     def header(self) -> str:
+        values = (self.id, self.realm, self.method, self.intent, self.request, self.expires, self.digest,
+                  self.opaque, self.description)
+        joined = "".join(values)
+        if '"' not in joined and "\\" not in joined:      # nothing to escape (every challenge we make)
+            out = (f'{SCHEME} id="{self.id}", realm="{self.realm}", method="{self.method}", '
+                   f'intent="{self.intent}", request="{self.request}"')
+            if self.expires:
+                out += f', expires="{self.expires}"'
+            if self.digest:
+                out += f', digest="{self.digest}"'
+            if self.opaque:
+                out += f', opaque="{self.opaque}"'
+            if self.description:
+                out += f', description="{self.description}"'
+            return out
         out = (f"{SCHEME} id={_quote(self.id)}, realm={_quote(self.realm)}, method={_quote(self.method)}, "
                f"intent={_quote(self.intent)}, request={_quote(self.request)}")
         if self.expires:

@@ -38,7 +38,7 @@ def digest_key(auth: str, method: str, raw_path: str) -> bytes:
 
 def key_bytes(key: object) -> int:
     if isinstance(key, tuple):
-        return sum(len(part) for part in key) + ENTRY_OVERHEAD
+        return sum(map(len, key)) + ENTRY_OVERHEAD
     return len(key) + ENTRY_OVERHEAD          # type: ignore[arg-type]
 
 

@@ -357,8 +357,8 @@ class Gate:
                                                       self.challenge)
             if is_payment(auth):
                 return await self._handle_payment(request, rule, handler, auth, target)  # type: ignore[arg-type]
-            token = self.tokens.verify_header(auth, request.method, target.path, rule.capabilities,
-                                              target.query or "")
+            token = None if auth is None else \
+                self.tokens.verify_header(auth, request.method, target.path, rule.capabilities, target.query or "")
             if token is None:
                 if rule.free_per_hour and self.free_tier.take(self.client_key(request), rule.key,
                                                               rule.free_per_hour):
@@ -552,14 +552,14 @@ class Gate:
         else:
             digest = await self.body_digest(request)
         record = await self.challenger.challenge(client, rule, price, description, target.query)
-        return self._challenge_response(request, rule, record, reason, description, digest)
+        return self._challenge_response(request, target, rule, record, reason, description, digest)
 
-    def _challenge_response(self, request: web.Request, rule: RouteRule, record: ChallengeRecord,
+    def _challenge_response(self, request: web.Request, target: Target, rule: RouteRule, record: ChallengeRecord,
                             reason: MicropayError | None = None, description: str = "",
                             digest: str | None = "") -> web.Response:
-        """`digest`: the request body's, which the Payment charge binds; None (a body larger
-        than the gate binds): no Payment charge is offered, L402 only."""
-        fields = dict(resource=f"{request.method} {request_target(request).path}", price_msat=record.price_msat,
+        """`digest`: the request body's, which the Payment charge binds; None (no Payment
+        charge for this price, or a body larger than the gate binds): L402 only."""
+        fields = dict(resource=f"{request.method} {target.path}", price_msat=record.price_msat,
                       invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
                       macaroon=record.macaroon, credits=rule.credits,
                       valid_until=(record.created_at + rule.pass_s) if rule.pass_s else None,
@@ -573,18 +573,19 @@ class Gate:
             text = json.dumps(body)
         response = web.Response(status=402, text=text, content_type=PROBLEM_CONTENT_TYPE,
                                 headers={"Cache-Control": "no-store"})
+        headers = response.headers
         if "l402" in rule.schemes:
             for value in challenge_headers(record.macaroon, record.bolt11):
-                response.headers.add(hdrs.WWW_AUTHENTICATE, value)
-        if digest is not None and self.offers_payment(rule, record.price_msat):
+                headers.add(hdrs.WWW_AUTHENTICATE, value)
+        if digest is not None:              # challenge() offers Payment for this price, or passes None
             opaque = {"route": rule.key, "token": record.token_id}
             if rule.price_hook is not None:
-                opaque["query"] = query_digest(request_target(request).query or "")
+                opaque["query"] = query_digest(target.query or "")
             offer = charge_challenge(self.binder, realm=self.service, bolt11=record.bolt11,
                                      payment_hash=record.payment_hash, price_msat=record.price_msat,
                                      expires_at=record.expires_at, opaque=opaque, digest=digest,
                                      description=(description or rule.description)[:200])
-            response.headers.add(hdrs.WWW_AUTHENTICATE, offer.header())
+            headers.add(hdrs.WWW_AUTHENTICATE, offer.header())
         return response
 
 
