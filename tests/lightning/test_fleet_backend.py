@@ -552,6 +552,28 @@ async def test_the_no_wait_path_hands_out_the_reserve_once_and_only_when_nothing
     assert backend.ready_invoice(2000, _challenge_label(), "nw", 600) is None
 
 
+@pytest.mark.parametrize("via", ["create_invoice", "ready first"])
+async def test_a_reserved_invoice_too_close_to_its_expiry_is_never_handed_out(fleet, via):
+    """An invoice of the reserve that would not stay payable for claim_min_left_s (or the
+    challenge's expiry, if shorter) is skipped and goes back to the pool, on both paths."""
+    import dataclasses
+    repo, agent, backend, _, _ = fleet
+    await _price_with_a_reserve(fleet, "exp", depth=40, reserve=8)
+    queue = backend._reserved[(2000, "exp")]
+    soon = int(time.time()) + backend.claim_min_left_s // 2
+    short = [dataclasses.replace(p, expires_at=soon) for p in list(queue)[:3]]
+    for i, p in enumerate(short):
+        queue[i] = p                  # as the reserve holds it, and as the pool does (a top-up claims by it)
+        await repo.store.execute("UPDATE micropay_fleet_invoices SET expires_at = $1 WHERE payment_hash = $2",
+                                 (soon, p.payment_hash))
+    handed = [(await _hand_out(backend, via, 2000, "exp")).payment_hash for _ in range(6)]
+    assert not set(handed) & {p.payment_hash for p in short}, "an invoice about to expire was handed out"
+    if backend._releaser is not None:
+        await backend._releaser
+    rows = dict(await repo.store.query("SELECT payment_hash, claim_label FROM micropay_fleet_invoices"))
+    assert all(rows[p.payment_hash] is None for p in short), "the skipped invoices did not go back to the pool"
+
+
 async def test_a_price_no_pool_holds_gets_no_reserve(fleet):
     """A one-off price (made on demand, never pooled) is not reserved: nothing is claimed
     ahead for it, so no reserve is stranded on prices that do not come back."""

@@ -59,6 +59,9 @@ async def test_middleware_redirects_other_spellings_to_the_path_it_prices(embedd
     for target in ("/api/x/../joke", "/api/./joke", "/api//joke", "/x/%2e%2e/api/joke"):
         status, headers, _ = await asyncio.to_thread(raw_request, port(url), "GET", target)
         assert (status, headers.get("Location")) == (308, "/api/joke"), target
+        # again, from the gate's route table, with a query: redirected the same way, query kept
+        status, headers, _ = await asyncio.to_thread(raw_request, port(url), "GET", target + "?n=2")
+        assert (status, headers.get("Location")) == (308, "/api/joke?n=2"), target
     status, _, _ = await asyncio.to_thread(raw_request, port(url), "GET", "/api/%6Aoke")
     assert status == 402                       # the same path, spelled with an escape: priced
     status, _, _ = await asyncio.to_thread(raw_request, port(url), "GET", "/api/x%2F..%2Fjoke")

@@ -107,6 +107,14 @@ async def test_the_table_is_bounded(gate):
         target, _, rule = resolved(gate, "GET", long_path)
         assert target.path == long_path and rule.price_msat == 2000
     assert ("GET", long_path) not in gate._routes
+    # the method counts too (aiohttp's pure-Python parser takes any), and the path as re-encoded
+    long_method = "X" * ROUTE_KEY_CHARS
+    assert resolved(gate, long_method, "/api/admin/m", plain=True)[2].price_msat == 2000   # any method
+    assert (long_method, "/api/admin/m") not in gate._routes
+    grows = "/api/admin/" + "\u20ac" * (ROUTE_KEY_CHARS // 4)       # raw UTF-8: 9 characters each re-encoded
+    target, _, rule = resolved(gate, "GET", grows, plain=True)
+    assert len(target.raw_path) > ROUTE_KEY_CHARS and rule.price_msat == 2000
+    assert ("GET", grows) not in gate._routes
     # after the table was emptied, an earlier path resolves as before
     assert resolved(gate, "GET", "/api/admin/0") == fresh(gate, "GET", "/api/admin/0")
     assert resolved(gate, "PUT", "/api/write/1")[2].price_msat == 3000

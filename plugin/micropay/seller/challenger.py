@@ -249,7 +249,8 @@ class Challenger:
         self.bucket = TokenBucket(limits.per_client_per_minute)
         self.writer = RecordWriter(l402)
         self.pending = PendingCounts(l402, self.writer, clock, read_floor(limits))
-        # A node that can hand out an invoice without waiting (the fleet's reserve) says so.
+        # A node that can hand out an invoice without waiting (the fleet's reserve) says so
+        # by having ready_invoice (looked up once: a node wrapped later is not asked).
         self._ready_invoice: Callable[..., Invoice | None] | None = getattr(node, "ready_invoice", None)
 
     async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
@@ -268,15 +269,15 @@ class Challenger:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
         token_id = new_token_id()
         label = f"{LABEL_PREFIX}{token_id.hex()}"
-        invoice = None if self._ready_invoice is None else \
-            self._ready_invoice(price_msat, label, description, self.limits.expiry_s)
-        if invoice is None:
-            try:
+        try:
+            invoice = None if self._ready_invoice is None else \
+                self._ready_invoice(price_msat, label, description, self.limits.expiry_s)
+            if invoice is None:
                 invoice = await self.node.create_invoice(price_msat, label=label, description=description,
                                                          expiry_s=self.limits.expiry_s)
-            except NodeError as exc:
-                log.error("creating an invoice failed: %s", exc)
-                raise
+        except NodeError as exc:
+            log.error("creating an invoice failed: %s", exc)
+            raise
         mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), rule.caveats(self.service, now, query), token_id)
         record = ChallengeRecord(invoice.payment_hash, token_id.hex(), rule.key, client, price_msat,
                                  invoice.bolt11, mac.serialize(), now, invoice.expires_at, rule.credits)

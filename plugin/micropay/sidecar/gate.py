@@ -95,9 +95,11 @@ BODY = web.RequestKey("micropay_body", bytes) if hasattr(web, "RequestKey") else
 # The routes the gate has resolved, by (method, path without its query): the canonical
 # path, whether aiohttp routed the request on that same path, and the rule that prices it.
 # A request on a path seen before skips the canonicalisation, the redirect check (which
-# decodes aiohttp's own reading of the path) and the scan of the rules. Bounded: a path
-# longer than ROUTE_KEY_CHARS is never kept, and a full table is emptied, so a client
-# varying its paths only makes each request cost what it would without the table.
+# decodes aiohttp's own reading of the path) and the scan of the rules. Bounded: an entry
+# whose method and path, or whose canonical path re-encoded, are longer than
+# ROUTE_KEY_CHARS is never kept (aiohttp's pure-Python parser takes any method, and a
+# path of raw UTF-8 grows when re-encoded), and a full table is emptied, so a client
+# varying its requests only makes each cost what it would without the table.
 ROUTE_CACHE_SIZE = 4096
 ROUTE_KEY_CHARS = 512
 
@@ -232,7 +234,7 @@ class Gate:
             target = canonical_target(raw)
             same = target.path == request.path
             rule = self.pricing.match(method, target.path)
-            if len(path) <= ROUTE_KEY_CHARS:
+            if len(method) + len(path) <= ROUTE_KEY_CHARS and len(target.raw_path) <= ROUTE_KEY_CHARS:
                 if len(self._routes) >= ROUTE_CACHE_SIZE:
                     self._routes.clear()
                 self._routes[(method, path)] = (target.path, target.raw_path, same, rule)
@@ -555,8 +557,8 @@ class Gate:
         return self._challenge_response(request, target, rule, record, reason, description, digest)
 
     def _challenge_response(self, request: web.Request, target: Target, rule: RouteRule, record: ChallengeRecord,
-                            reason: MicropayError | None = None, description: str = "",
-                            digest: str | None = "") -> web.Response:
+                            reason: MicropayError | None, description: str,
+                            digest: str | None) -> web.Response:
         """`digest`: the request body's, which the Payment charge binds; None (no Payment
         charge for this price, or a body larger than the gate binds): L402 only."""
         fields = dict(resource=f"{request.method} {target.path}", price_msat=record.price_msat,
