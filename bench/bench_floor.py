@@ -191,7 +191,7 @@ async def main(n: int, rounds: int, calls: bool = False) -> None:
         counted = {}
         for name in names:
             path = "/mint" if name == "fleet" else f"/{name}"
-            counted[name] = await _calls(fleet if name == "fleet" else conns, [_raw(path, h) for h in clients],
+            counted[name] = await _calls(fleet if name == "fleet" else conns, [_raw(path, h) for h in clients], 402,
                                          after=(lambda: _settled(rt)) if name == "fleet" else None)
         for name in names:
             py, every = counted[name]

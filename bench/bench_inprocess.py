@@ -142,24 +142,27 @@ async def _drive(conns: list[_Connection], requests: list[bytes]) -> tuple[float
     return (time.process_time() - start) / len(requests) * 1e6, out
 
 
-async def _calls(conns: list[_Connection], requests: list[bytes], after=None) -> tuple[float, float]:
+async def _calls(conns: list[_Connection], requests: list[bytes], expect: int, after=None) -> tuple[float, float]:
     """Function calls per request while serving `requests` in chunks (cProfile): Python
     functions (a coroutine counts once per resumption), and all calls with C functions.
     The host's speed does not move these counts, so on a noisy host they show what a change
     to the code removed where the CPU times cannot. The driver's own calls are in every
     handler's count alike. `after`: awaited after each chunk, counted too (work a handler
-    leaves behind it)."""
+    leaves behind it). Every answer must have the status `expect`."""
     import cProfile
     import pstats
     profile = cProfile.Profile()
     profile.enable()
     try:
+        answers = []
         for start in range(0, len(requests), CHUNK):
-            await _drive(conns, requests[start:start + CHUNK])
+            answers += (await _drive(conns, requests[start:start + CHUNK]))[1]
             if after is not None:
                 await after()
     finally:
         profile.disable()
+    refused = [a[:12] for a in answers if _status(a) != expect]
+    assert not refused, f"{len(refused)} counted answers were not {expect}, e.g. {refused[0]!r}"
     stats = pstats.Stats(profile).stats          # type: ignore[attr-defined]
     python = sum(v[1] for k, v in stats.items() if k[0] != "~")
     return python / len(requests), sum(v[1] for v in stats.values()) / len(requests)
@@ -267,8 +270,8 @@ async def main(n: int, rounds: int, turns: bool, calls: bool = False) -> None:
         for name, (path, kind) in cases.items():
             requests = await _credentials(gated, stub, path, kind, CALLS_N, "250")
             await asyncio.sleep(0.5)
-            b_py, b_all = await _calls(bare, requests)
-            g_py, g_all = await _calls(gated, requests)
+            b_py, b_all = await _calls(bare, requests, 200)
+            g_py, g_all = await _calls(gated, requests, 200)
             print(f"{name:26}: gate adds {g_py - b_py:6.1f} Python calls per request ({g_all - b_all:6.1f} with C "
                   f"calls; bare {b_py:.1f} / {b_all:.1f})")
     await runner.cleanup()
