@@ -106,10 +106,11 @@ def network_of(bolt11: str) -> str | None:
     return None
 
 
-def _quote(value: str) -> str:
+def _escape(value: str) -> str:
+    """A quoted-string's content (RFC 9110): '"' and '\\' escaped."""
     if '"' in value or "\\" in value:
         value = value.replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{value}"'
+    return value
 
 
 # -- challenges -----------------------------------------------------------------------
@@ -130,28 +131,18 @@ class Challenge:
         values = (self.id, self.realm, self.method, self.intent, self.request, self.expires, self.digest,
                   self.opaque, self.description)
         joined = "".join(values)
-        if '"' not in joined and "\\" not in joined:      # nothing to escape (every challenge we make)
-            out = (f'{SCHEME} id="{self.id}", realm="{self.realm}", method="{self.method}", '
-                   f'intent="{self.intent}", request="{self.request}"')
-            if self.expires:
-                out += f', expires="{self.expires}"'
-            if self.digest:
-                out += f', digest="{self.digest}"'
-            if self.opaque:
-                out += f', opaque="{self.opaque}"'
-            if self.description:
-                out += f', description="{self.description}"'
-            return out
-        out = (f"{SCHEME} id={_quote(self.id)}, realm={_quote(self.realm)}, method={_quote(self.method)}, "
-               f"intent={_quote(self.intent)}, request={_quote(self.request)}")
-        if self.expires:
-            out += f", expires={_quote(self.expires)}"
-        if self.digest:
-            out += f", digest={_quote(self.digest)}"
-        if self.opaque:
-            out += f", opaque={_quote(self.opaque)}"
-        if self.description:
-            out += f", description={_quote(self.description)}"
+        if '"' in joined or "\\" in joined:     # never in a challenge we make: escaped only then
+            values = tuple(map(_escape, values))
+        cid, realm, method, intent, request, expires, digest, opaque, description = values
+        out = f'{SCHEME} id="{cid}", realm="{realm}", method="{method}", intent="{intent}", request="{request}"'
+        if expires:
+            out += f', expires="{expires}"'
+        if digest:
+            out += f', digest="{digest}"'
+        if opaque:
+            out += f', opaque="{opaque}"'
+        if description:
+            out += f', description="{description}"'
         return out
 
     def echo(self) -> dict[str, str]:
