@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from micropay.core.canonical import BadPath, canonical_target
 from micropay.sidecar import Gate, create_runtime
-from micropay.sidecar.gate import ROUTE_CACHE_SIZE, ROUTE_KEY_CHARS, request_target
+from micropay.sidecar.routes import ROUTE_CACHE_SIZE, ROUTE_KEY_CHARS, request_target
 
 from ..conftest import make_config
 
@@ -57,7 +57,7 @@ class PlainRequest(dict):
 
 def resolved(gate: Gate, method: str, raw: str, plain: bool = False):
     request = PlainRequest(method, raw) if plain else make_mocked_request(method, raw)
-    out = gate.resolve(request)
+    out = gate.routes.resolve(request)
     assert request_target(request) == out[0]          # kept on the request for the later steps
     return out
 
@@ -86,12 +86,12 @@ def test_a_path_from_the_table_resolves_as_it_would_anew(gate, requests):
             expected = outcome(fresh, gate, method, raw)
             assert outcome(resolved, gate, method, raw) == expected, raw
             if expected[0] != "refused" and len(path) <= ROUTE_KEY_CHARS:
-                assert (method, path) in gate._routes
+                assert (method, path) in gate.routes.entries
 
 
 async def test_a_fragment_in_the_query_is_refused_for_a_path_in_the_table(gate):
     resolved(gate, "GET", "/api/premium?a=1")
-    assert ("GET", "/api/premium") in gate._routes
+    assert ("GET", "/api/premium") in gate.routes.entries
     with pytest.raises(BadPath):
         resolved(gate, "GET", "/api/premium?a=1#x")
 
@@ -99,22 +99,22 @@ async def test_a_fragment_in_the_query_is_refused_for_a_path_in_the_table(gate):
 async def test_the_table_is_bounded(gate):
     for i in range(ROUTE_CACHE_SIZE + 300):
         target, _, rule = resolved(gate, "GET", f"/api/admin/{i}", plain=True)
-        assert len(gate._routes) <= ROUTE_CACHE_SIZE
+        assert len(gate.routes.entries) <= ROUTE_CACHE_SIZE
         assert target.path == f"/api/admin/{i}" and rule is not None and rule.price_msat == 2000
-    assert len(gate._routes) == 300                      # emptied once, when full
+    assert len(gate.routes.entries) == 300                      # emptied once, when full
     long_path = "/api/admin/" + "x" * ROUTE_KEY_CHARS
     for _ in range(2):
         target, _, rule = resolved(gate, "GET", long_path)
         assert target.path == long_path and rule.price_msat == 2000
-    assert ("GET", long_path) not in gate._routes
+    assert ("GET", long_path) not in gate.routes.entries
     # the method counts too (aiohttp's pure-Python parser takes any), and the path as re-encoded
     long_method = "X" * ROUTE_KEY_CHARS
     assert resolved(gate, long_method, "/api/admin/m", plain=True)[2].price_msat == 2000   # any method
-    assert (long_method, "/api/admin/m") not in gate._routes
+    assert (long_method, "/api/admin/m") not in gate.routes.entries
     grows = "/api/admin/" + "\u20ac" * (ROUTE_KEY_CHARS // 4)       # raw UTF-8: 9 characters each re-encoded
     target, _, rule = resolved(gate, "GET", grows, plain=True)
     assert len(target.raw_path) > ROUTE_KEY_CHARS and rule.price_msat == 2000
-    assert ("GET", grows) not in gate._routes
+    assert ("GET", grows) not in gate.routes.entries
     # after the table was emptied, an earlier path resolves as before
     assert resolved(gate, "GET", "/api/admin/0") == fresh(gate, "GET", "/api/admin/0")
     assert resolved(gate, "PUT", "/api/write/1")[2].price_msat == 3000

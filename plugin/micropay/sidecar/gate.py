@@ -31,7 +31,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import hdrs, web
 
-from ..core.canonical import BadPath, Target, canonical_target, query_digest
+from ..core.canonical import BadPath, Target, query_digest
 from ..seller.challenger import Challenger
 from ..seller.config import ChallengeLimits
 from ..core.errors import (BadRequest, CreditsExhausted, InvalidCredential, MalformedCredential,
@@ -60,6 +60,7 @@ from ..streams.attribution import is_secret_stream_id
 from ..l402.tokens import TokenService, VerifiedToken
 from .cache import INLINE_KEY_CHARS, BoundedCache, digest_key, request_key
 from .paid import PAID, Paid
+from .routes import RouteTable, request_target
 from .session_gate import SESSION_METER, SessionGate
 
 log = logging.getLogger("micropay.gate")
@@ -82,7 +83,6 @@ MAX_BOUND_BODY = 1024 ** 2
 REFUSED_L402 = (MalformedCredential, InvalidCredential, CreditsExhausted)
 
 
-TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey") else "micropay_target"
 # Set once a gate layer has let a priced request through (paid, free tier, stream): any
 # further layer (middleware and a wrapped handler, or two gates) serves it as it is,
 # so wrapping a handler twice never charges twice.
@@ -91,25 +91,6 @@ ADMITTED = web.RequestKey("micropay_admitted", bool) if hasattr(web, "RequestKey
 # digest): the handler's request.read() still gets it, and the reverse proxy forwards it.
 BODY = web.RequestKey("micropay_body", bytes) if hasattr(web, "RequestKey") else "micropay_body"
 
-
-# The routes the gate has resolved, by (method, path without its query): the canonical
-# path, whether aiohttp routed the request on that same path, and the rule that prices it.
-# A request on a path seen before skips the canonicalisation, the redirect check (which
-# decodes aiohttp's own reading of the path) and the scan of the rules. Bounded: an entry
-# whose method and path, or whose canonical path re-encoded, are longer than
-# ROUTE_KEY_CHARS is never kept (aiohttp's pure-Python parser takes any method, and a
-# path of raw UTF-8 grows when re-encoded), and a full table is emptied, so a client
-# varying its requests only makes each cost what it would without the table.
-ROUTE_CACHE_SIZE = 4096
-ROUTE_KEY_CHARS = 512
-
-
-def request_target(request: web.Request) -> Target:
-    """The request's canonical target, computed once (raises BadPath)."""
-    target = request.get(TARGET)
-    if target is None:
-        target = request[TARGET] = canonical_target(request.raw_path)
-    return target
 
 STREAM_HEADER = "X-Micropay-Stream"
 OWN = "micropay_own_endpoint"
@@ -141,7 +122,7 @@ class Gate:
         self.challenger = Challenger(tokens=tokens, node=node, l402=self.l402, limits=limits, receipts=receipts,
                                      metrics=self.metrics, clock=clock)
         self.free_tier = FreeTier(clock)
-        self._routes: dict[tuple[str, str], tuple[str, str, bool, RouteRule | None]] = {}
+        self.routes = RouteTable(self.pricing)
         self._pass_receipts: BoundedCache[str] = BoundedCache(PASS_RECEIPTS_BYTES)
         self._admitted: BoundedCache[Paid] = BoundedCache(ADMITTED_CACHE_BYTES, ADMITTED_CACHE_SIZE)
         # True once this gate also runs as a middleware, so that a request may meet it twice
@@ -207,7 +188,7 @@ class Gate:
         """(None, the rule pricing the request or None) if it may go on; else (the response
         that refuses or redirects it, None)."""
         try:
-            target, same, rule = self.resolve(request)
+            target, same, rule = self.routes.resolve(request)
         except BadPath as err:
             self.metrics.rejections[err.code] += 1
             return problem_response(err), None
@@ -217,29 +198,6 @@ class Gate:
             return web.Response(status=308, headers={hdrs.LOCATION: target.path_qs}), None
         return None, rule
 
-    def resolve(self, request: web.Request) -> tuple[Target, bool, RouteRule | None]:
-        """The request's canonical target (kept on the request: request_target), whether
-        aiohttp routed it on that same path, and the config's rule pricing it (None: free).
-        Raises BadPath. Answered from the route table for a path seen before (see
-        ROUTE_CACHE_SIZE): the same as canonical_target's, which reads the path and query
-        apart, and the same rule, since the rules never change."""
-        raw = request.raw_path
-        path, sep, query = raw.partition("?")
-        method = request.method
-        hit = self._routes.get((method, path))
-        if hit is not None and "#" not in query:
-            decoded, encoded, same, rule = hit
-            target = Target(decoded, encoded, query if sep else None)
-        else:
-            target = canonical_target(raw)
-            same = target.path == request.path
-            rule = self.pricing.match(method, target.path)
-            if len(method) + len(path) <= ROUTE_KEY_CHARS and len(target.raw_path) <= ROUTE_KEY_CHARS:
-                if len(self._routes) >= ROUTE_CACHE_SIZE:
-                    self._routes.clear()
-                self._routes[(method, path)] = (target.path, target.raw_path, same, rule)
-        request[TARGET] = target
-        return target, same, rule
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
