@@ -20,6 +20,18 @@ def hmac_sha256(key: bytes, msg: bytes) -> bytes:
     return _sha256(key.translate(_OPAD) + _sha256(key.translate(_IPAD) + msg).digest()).digest()
 
 
+def hmac_chain(key: bytes, msgs: tuple[bytes, ...]) -> bytes:
+    """A macaroon's signature chain: HMAC-SHA256 of each message under the result of
+    the step before, starting from `key`. The same as hmac_sha256 in a loop, in one
+    call (a minted token's chain is six steps)."""
+    for msg in msgs:
+        if len(key) > 64:
+            key = _sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        key = _sha256(key.translate(_OPAD) + _sha256(key.translate(_IPAD) + msg).digest()).digest()
+    return key
+
+
 class FixedKeyHmac:
     """HMAC-SHA256 under one key, with the padded-key blocks hashed once."""
 

@@ -20,7 +20,7 @@ import hmac
 from dataclasses import dataclass
 
 from ..core.errors import MalformedCredential
-from ..core.hmacs import FixedKeyHmac, hmac_sha256
+from ..core.hmacs import FixedKeyHmac, hmac_chain, hmac_sha256
 
 _VERSION_V2 = 2
 _EOS, _LOCATION, _IDENTIFIER, _VID, _SIGNATURE = 0, 1, 2, 4, 6
@@ -33,10 +33,26 @@ derive_key = FixedKeyHmac(_KEY_GENERATOR)
 
 
 def chain_signature(root_key: bytes, identifier: bytes, caveats: tuple[bytes, ...]) -> bytes:
-    sig = hmac_sha256(derive_key(root_key), identifier)
+    return hmac_chain(derive_key(root_key), (identifier, *caveats))
+
+
+def minted(root_key: bytes, identifier: bytes, location: bytes, caveats: tuple[bytes, ...]) -> str:
+    """Macaroon.mint(...).serialize() for short fields (every token we mint: identifier,
+    location and each caveat under 128 bytes), without the Macaroon in between."""
+    if len(location) >= 0x80 or len(identifier) >= 0x80 or max(map(len, caveats), default=0) >= 0x80:
+        return Macaroon.mint(root_key, identifier, location.decode(), caveats).serialize()
+    signature = hmac_chain(derive_key(root_key), (identifier, *caveats))
+    return binascii.b2a_base64(_short_fields(location, identifier, caveats, signature), newline=False).decode()
+
+
+def _short_fields(location: bytes, identifier: bytes, caveats: tuple[bytes, ...], signature: bytes) -> bytes:
+    """The V2 binary form when every field is under 128 bytes: one-byte lengths, one join."""
+    parts = [bytes((_VERSION_V2, _LOCATION, len(location))) if location else bytes((_VERSION_V2,)),
+             location, bytes((_IDENTIFIER, len(identifier))), identifier, _EOS_BYTE]
     for caveat in caveats:
-        sig = hmac_sha256(sig, caveat)
-    return sig
+        parts += (bytes((_IDENTIFIER, len(caveat))), caveat, _EOS_BYTE)
+    parts += (bytes((_EOS, _SIGNATURE, len(signature))), signature)
+    return b"".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +81,7 @@ class Macaroon:
         location = self.location.encode()
         if len(location) < 0x80 and len(self.identifier) < 0x80 and len(self.signature) < 0x80 \
                 and max(map(len, self.caveats), default=0) < 0x80:
-            # Every field short (as every token we mint): one-byte lengths, one join.
-            parts = [bytes((_VERSION_V2, _LOCATION, len(location))) if location else bytes((_VERSION_V2,)),
-                     location, bytes((_IDENTIFIER, len(self.identifier))), self.identifier, _EOS_BYTE]
-            for caveat in self.caveats:
-                parts += (bytes((_IDENTIFIER, len(caveat))), caveat, _EOS_BYTE)
-            parts += (bytes((_EOS, _SIGNATURE, len(self.signature))), self.signature)
-            return b"".join(parts)
+            return _short_fields(location, self.identifier, self.caveats, self.signature)
         return self._fields_bytes()
 
     def _fields_bytes(self) -> bytes:

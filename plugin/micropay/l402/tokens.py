@@ -40,7 +40,7 @@ from ..core.errors import ConfigError, InvalidCredential, MalformedCredential, T
 from ..core.inputs import decimal
 from .wire import Credential, parse_authorization
 from ..core.hmacs import FixedKeyHmac
-from .macaroon import Macaroon
+from .macaroon import Macaroon, minted
 from ..core.patterns import method_allowed, path_matches
 from ..core.canonical import query_digest
 from ..core.secretfile import read_secret, write_secret
@@ -325,6 +325,12 @@ class TokenService:
         root = self.keyring.token_root_key(kid, token_id)
         return Macaroon.mint(root, encode_identifier(payment_hash, token_id), LOCATION_PREFIX + kid,
                              tuple(map(str.encode, caveats)))
+
+    def mint_serialized(self, payment_hash: bytes, caveats: tuple[bytes, ...], token_id: bytes) -> str:
+        """mint(...).serialize() with the caveats already encoded: the token a 402 hands out."""
+        kid = self.keyring.current
+        return minted(self.keyring.token_root_key(kid, token_id), encode_identifier(payment_hash, token_id),
+                      (LOCATION_PREFIX + kid).encode(), caveats)
 
     def verify_credential(self, cred: Credential) -> VerifiedToken:
         """Signature, caveat syntax and preimage; not the request-specific conditions."""
