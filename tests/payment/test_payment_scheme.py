@@ -298,15 +298,15 @@ async def test_a_charge_paid_by_a_run_that_died_is_presented_by_the_next_not_pai
 
 async def test_a_challenge_whose_invoice_disagrees_is_not_paid(sc, tmp_path, monkeypatch):
     from micropay.core.errors import InvoiceMismatch
-    real = pa.charge_challenge
+    real = pa.ChargeForm.header
 
-    def lying(binder, **kw):                      # a server that says 1 sat but invoices 2
-        ch = real(binder, **kw)
+    def lying(form, binder, *args, **kw):         # a server that says 1 sat but invoices 2
+        (ch,) = pa.parse_challenges([real(form, binder, *args, **kw)])
         doc = json.loads(pa.unb64url(ch.request))
         doc["amount"] = str(int(doc["amount"]) - 1)
-        return pa.Challenge(ch.id, ch.realm, ch.method, ch.intent, pa.encode_object(doc), ch.expires, ch.opaque)
-    import micropay.sidecar.gate as gate_module
-    monkeypatch.setattr(gate_module, "charge_challenge", lying)
+        return pa.Challenge(ch.id, ch.realm, ch.method, ch.intent, pa.encode_object(doc), ch.expires,
+                            ch.opaque).header()
+    monkeypatch.setattr(pa.ChargeForm, "header", lying)
     balance = sc.payer.balance_msat
     with pytest.raises(InvoiceMismatch):
         await client(sc, tmp_path).get(sc.url + "/api/echo")

@@ -2,7 +2,10 @@
 target, whether aiohttp routed it on that same path, the rule pricing it), and always
 the same as resolving it anew. The table is bounded: long paths are never kept, a full
 table is emptied."""
+import json
+
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -119,3 +122,59 @@ async def test_the_table_is_bounded(gate):
     assert resolved(gate, "GET", "/api/admin/0") == fresh(gate, "GET", "/api/admin/0")
     assert resolved(gate, "PUT", "/api/write/1")[2].price_msat == 3000
     assert resolved(gate, "GET", "/api/write/1")[2] is None
+
+
+async def test_two_rules_on_one_path_each_offer_their_own_price(gate):
+    """The Offer kept for a method and path is its rule's: another rule pricing the same
+    path (a second gate layer, a decorator) gets its own, never the first one's price."""
+    from micropay.lightning.bolt11codec import decode_invoice
+    from micropay.payment import scheme as pa
+    from micropay.seller.pricing import RouteRule
+    cheap = RouteRule(path="/api/premium", price_msat=1000, methods=frozenset({"GET"}))
+    dear = RouteRule(path="/api/premium", price_msat=5000, methods=frozenset({"GET"}))
+    for rule in (cheap, dear, cheap, dear):
+        response = await gate.challenge(make_mocked_request("GET", "/api/premium"), rule)
+        body = json.loads(response.text)
+        assert response.status == 402 and body["price_msat"] == rule.price_msat
+        assert decode_invoice(body["invoice"]).amount_msat == rule.price_msat
+        (charge,) = pa.parse_challenges(response.headers.getall("WWW-Authenticate"))
+        assert pa.decode_request(charge)["amount"] == str(rule.price_msat // 1000)
+        assert gate.routes.offers[("GET", "/api/premium")].rule is rule
+
+
+async def test_the_offers_kept_are_bounded_like_the_table(gate):
+    from micropay.seller.offer import Offer
+    rule = gate.pricing.match("GET", "/api/admin/x")
+    long = "/api/admin/" + "l" * ROUTE_KEY_CHARS
+    response = await gate.challenge(make_mocked_request("GET", long), rule)
+    assert response.status == 402 and json.loads(response.text)["price_msat"] == 2000
+    assert ("GET", long) not in gate.routes.offers                  # never kept: too long
+    offer = Offer(rule, service="rt", method="GET", path="/api/admin/x", price_msat=rule.price_msat)
+    for i in range(ROUTE_CACHE_SIZE + 10):
+        gate.routes.keep_offer("GET", f"/api/admin/{i}", offer)
+        assert len(gate.routes.offers) <= ROUTE_CACHE_SIZE
+    assert len(gate.routes.offers) == 10                             # emptied once full, then refilled
+
+
+async def test_a_decorators_rules_are_bounded(tmp_path):
+    """`require` keeps one rule per route pattern it priced; past MAX_REQUIRE_RULES
+    patterns (a handler whose pattern is the request's own path) the dict is emptied."""
+    from micropay.seller.config import ChallengeLimits
+    from micropay.sidecar.gate import MAX_REQUIRE_RULES
+    cfg = make_config(tmp_path, CONFIG)
+    rt = await create_runtime(cfg)
+    roomy = ChallengeLimits(per_client_per_minute=10 ** 6, max_pending=10 ** 7, max_pending_per_client=10 ** 6)
+    gate = Gate(tokens=rt.tokens, node=rt.node, store=rt.store, receipts=rt.receipts, limits=roomy)
+
+    async def handler(request):
+        return web.Response(text="ok")
+    guarded = gate.require(price_msat=1000, credits=1)(handler)
+    try:
+        for i in range(MAX_REQUIRE_RULES + 5):
+            response = await guarded(make_mocked_request("GET", f"/free/{i}"))
+            assert response.status == 402, response.text
+            assert 1 <= len(guarded.rules) <= MAX_REQUIRE_RULES
+        assert len(guarded.rules) == 5
+    finally:
+        await gate.challenger.close()
+        await rt.store.close()

@@ -145,9 +145,26 @@ def payment_required_json(*, resource: str, price_msat: int, invoice: str, payme
                           expires_at: int, macaroon: str, credits: int | None,
                           valid_until: int | None, description: str) -> str:
     """json.dumps(payment_required_body(...)), the same text, written out directly."""
-    return "".join((_REQUIRED_HEAD, ', "detail": ', _str(_pay_detail(price_msat)), ', "resource": ', _str(resource),
-                    ', "price_msat": ', _int(price_msat), ', "invoice": ', _str(invoice),
-                    ', "payment_hash": ', _str(payment_hash), ', "expires_at": ', _int(expires_at),
-                    ', "macaroon": ', _str(macaroon), ', "credits": ', _int(credits),
-                    ', "valid_until": ', _int(valid_until), ', "description": ', _str(description),
-                    _REQUIRED_TAIL))
+    return fill_payment_required(payment_required_frame(resource=resource, price_msat=price_msat, credits=credits,
+                                                        description=description),
+                                 invoice, payment_hash, expires_at, macaroon, valid_until)
+
+
+def payment_required_frame(*, resource: str, price_msat: int, credits: int | None,
+                           description: str) -> tuple[str, str, str]:
+    """payment_required_json's text around the values each challenge has its own of (the
+    invoice, its payment hash and expiry, the macaroon, valid_until): what every 402 of
+    one resource at one price shares, written once (seller/offer.py keeps it per route)."""
+    head = "".join((_REQUIRED_HEAD, ', "detail": ', _str(_pay_detail(price_msat)), ', "resource": ', _str(resource),
+                    ', "price_msat": ', _int(price_msat), ', "invoice": '))
+    return head, ', "credits": ' + _int(credits) + ', "valid_until": ', \
+        ', "description": ' + _str(description) + _REQUIRED_TAIL
+
+
+def fill_payment_required(frame: tuple[str, str, str], invoice: str, payment_hash: str, expires_at: int,
+                          macaroon: str, valid_until: int | None) -> str:
+    head, middle, tail = frame
+    return "".join((head, _str(invoice), ', "payment_hash": ', _str(payment_hash),
+                    ', "expires_at": ', str(expires_at) if type(expires_at) is int else _int(expires_at),
+                    ', "macaroon": ', _str(macaroon), middle,
+                    "null" if valid_until is None else _int(valid_until), tail))

@@ -221,17 +221,65 @@ def charge_challenge(binder: Binder, *, realm: str, bolt11: str, payment_hash: s
     credential then buys a request with that body only."""
     if not whole_sats(price_msat):
         raise ValueError("a Payment charge needs a whole number of satoshis")
-    # JCS of {"amount", "currency", "description", "methodDetails": {"invoice",
-    # "network" (unless testnet), "paymentHash"}}, written out in that (sorted) order: the
-    # part before the invoice is the same for every challenge of a price and description.
-    network = network_of(bolt11)
-    request = b64url((_charge_request_head(price_msat // 1000, description) + _jcs_str(bolt11)
-                      + (',"network":' + _jcs_str(network) if network is not None else "")
-                      + ',"paymentHash":' + _jcs_str(payment_hash) + "}}").encode())
+    request = _charge_request(_charge_request_head(price_msat // 1000, description), bolt11, payment_hash)
     expires = rfc3339(expires_at)            # the invoice's own expiry: never later
     opaque_b64 = b64url(_jcs_flat(dict(opaque, hash=payment_hash, msat=str(price_msat))).encode())
     cid = binder.bind(realm, METHOD, CHARGE, request, expires, digest, opaque_b64)
     return Challenge(cid, realm, METHOD, CHARGE, request, expires, opaque_b64, digest)
+
+
+class ChargeForm:
+    """The charge challenges of one realm, price, description and fixed `opaque` entries
+    (a 402's route), written out once but for what each challenge has its own of: the
+    invoice, its payment hash and expiry, the L402 token id of the same invoice (opaque's
+    `token`) and the request's digest. `header` is the same text as charge_challenge(...)
+    .header() with opaque = dict(opaque, token=token) (tests/payment/test_charge_form.py)."""
+
+    __slots__ = ("realm", "_request_head", "_opaque", "_header_head")
+
+    def __init__(self, *, realm: str, price_msat: int, description: str, opaque: dict[str, str]) -> None:
+        if not whole_sats(price_msat):
+            raise ValueError("a Payment charge needs a whole number of satoshis")
+        if not opaque.keys().isdisjoint(("hash", "msat", "token")):
+            raise ValueError("opaque's hash, msat and token are the challenge's own")
+        self.realm = realm
+        self._request_head = _charge_request_head(price_msat // 1000, description)
+        # opaque's JCS (keys sorted) cut at its two per-challenge values, hash and token
+        fixed = dict(opaque, msat=str(price_msat))
+        parts, text = [], "{"
+        for i, key in enumerate(sorted([*fixed, "hash", "token"])):
+            text += ("," if i else "") + _jcs_str(key) + ":"
+            if key in ("hash", "token"):
+                parts.append(text)
+                text = ""
+            else:
+                text += _jcs_str(fixed[key])
+        self._opaque = (parts[0], parts[1], text + "}")
+        self._header_head = f'{SCHEME} id="', f'", realm="{_escape(realm)}", method="{METHOD}", intent="{CHARGE}"'
+
+    def header(self, binder: Binder, bolt11: str, payment_hash: str, expires_at: int, token: str,
+               digest: str = "") -> str:
+        """The WWW-Authenticate value of this invoice's charge challenge."""
+        request = _charge_request(self._request_head, bolt11, payment_hash)
+        expires = rfc3339(expires_at)
+        before_hash, before_token, tail = self._opaque
+        opaque = b64url((before_hash + _jcs_str(payment_hash) + before_token + _jcs_str(token) + tail).encode())
+        cid = binder.bind(self.realm, METHOD, CHARGE, request, expires, digest, opaque)
+        id_head, realm_to_intent = self._header_head
+        if digest:
+            return (f'{id_head}{cid}{realm_to_intent}, request="{request}", expires="{expires}", '
+                    f'digest="{_escape(digest)}", opaque="{opaque}"')
+        return f'{id_head}{cid}{realm_to_intent}, request="{request}", expires="{expires}", opaque="{opaque}"'
+
+
+def _charge_request(head: str, bolt11: str, payment_hash: str) -> str:
+    """The charge's `request`: JCS of {"amount", "currency", "description", "methodDetails":
+    {"invoice", "network" (unless testnet), "paymentHash"}}, written out in that (sorted)
+    order after `head` (_charge_request_head: the same for every challenge of a price and
+    description), base64url."""
+    network = network_of(bolt11)
+    return b64url((head + _jcs_str(bolt11) + (',"network":' + _jcs_str(network) if network is not None else "")
+                   + ',"paymentHash":' + _jcs_str(payment_hash) + "}}").encode())
 
 
 @functools.lru_cache(maxsize=256, typed=True)

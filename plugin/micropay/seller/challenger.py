@@ -30,6 +30,7 @@ from .config import ChallengeLimits
 from ..core.errors import NodeError, Overloaded, RateLimited
 from ..lightning.base import Invoice, Node, Settlement
 from ..core.metrics import Metrics
+from .offer import Offer
 from .pricing import RouteRule
 from ..core.ratelimit import TokenBucket
 from ..core.receipts import ReceiptSigner
@@ -249,14 +250,17 @@ class Challenger:
         self.bucket = TokenBucket(limits.per_client_per_minute)
         self.writer = RecordWriter(l402)
         self.pending = PendingCounts(l402, self.writer, clock, read_floor(limits))
+        self._client_share = limits.client_share
         # A node that can hand out an invoice without waiting (the fleet's reserve) says so
         # by having ready_invoice (looked up once: a node wrapped later is not asked).
         self._ready_invoice: Callable[..., Invoice | None] | None = getattr(node, "ready_invoice", None)
 
     async def challenge(self, client: str, rule: RouteRule, price_msat: int, description: str,
-                        query: str | None) -> ChallengeRecord:
+                        query: str | None, offer: Offer | None = None) -> ChallengeRecord:
         """A new unpaid challenge for `client` to buy `rule` at `price_msat`: a new invoice
-        and token, never one handed out before. Raises RateLimited, Overloaded, NodeError."""
+        and token, never one handed out before. Raises RateLimited, Overloaded, NodeError.
+        `offer`: the route's Offer at this price, whose caveats the token gets (else
+        rule.caveats for `query`)."""
         now = int(self.clock())
         wait = self.bucket.take(client)
         if wait:
@@ -265,7 +269,7 @@ class Challenger:
             await self.pending.refresh()
         if self.pending.total() >= self.limits.max_pending:
             raise Overloaded("too many unpaid invoices outstanding; try again later", retry_after_s=30)
-        if self.pending.of(client) >= self.limits.client_share:
+        if self.pending.of(client) >= self._client_share:
             raise RateLimited("too many unpaid invoices for this client", retry_after_s=60)
         token_id = new_token_id()
         label = f"{LABEL_PREFIX}{token_id.hex()}"
@@ -278,9 +282,11 @@ class Challenger:
         except NodeError as exc:
             log.error("creating an invoice failed: %s", exc)
             raise
-        mac = self.tokens.mint(bytes.fromhex(invoice.payment_hash), rule.caveats(self.service, now, query), token_id)
+        caveats = tuple(map(str.encode, rule.caveats(self.service, now, query))) if offer is None \
+            else offer.caveats_at(now)
+        macaroon = self.tokens.mint_serialized(bytes.fromhex(invoice.payment_hash), caveats, token_id)
         record = ChallengeRecord(invoice.payment_hash, token_id.hex(), rule.key, client, price_msat,
-                                 invoice.bolt11, mac.serialize(), now, invoice.expires_at, rule.credits)
+                                 invoice.bolt11, macaroon, now, invoice.expires_at, rule.credits)
         self.writer.put(record)          # written after the 402 has gone out (see above)
         self.pending.added(client)
         self.metrics.challenges[rule.key] += 1

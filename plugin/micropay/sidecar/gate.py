@@ -40,13 +40,13 @@ from ..core.errors import (BadRequest, CreditsExhausted, InvalidCredential, Malf
                            UpstreamUnreachable)
 from ..http.caching import make_private
 from ..http.problems import problem_response
-from ..l402.wire import PROBLEM_CONTENT_TYPE, challenge_headers, payment_required_body, payment_required_json
+from ..l402.wire import PROBLEM_CONTENT_TYPE, challenge_headers
 from ..lightning.base import Node
 from ..core.metrics import Metrics
-from ..seller.discovery import offers_payment
-from ..payment.scheme import (Binder, binder_for, charge_challenge, content_digest, is_payment,
+from ..payment.scheme import (Binder, binder_for, content_digest, is_payment,
                               parse_credential, verify_charge)
 from ..payment.scheme import receipt as payment_receipt
+from ..seller.offer import Offer
 from ..seller.pricing import Pricing, RouteRule
 from ..core.ratelimit import FreeTier, client_address
 from ..core.receipts import (RECEIPT_HEADER, ReceiptBatcher, ReceiptSigner, pass_receipt_json,
@@ -81,6 +81,8 @@ MAX_BOUND_BODY = 1024 ** 2
 # L402 credentials that fail verification, malformed ones included, are answered like a
 # missing one (bLIP-26's server flow): 402 with a fresh challenge, the reason in the body.
 REFUSED_L402 = (MalformedCredential, InvalidCredential, CreditsExhausted)
+# Rules a `require` decorator keeps, one per route pattern it has priced (more: emptied).
+MAX_REQUIRE_RULES = 1024
 
 
 # Set once a gate layer has let a priced request through (paid, free tier, stream): any
@@ -149,9 +151,6 @@ class Gate:
     def _rebind(self) -> None:
         self.binder = self._binder()
 
-    def offers_payment(self, rule: RouteRule, price_msat: int) -> bool:
-        return offers_payment(rule, price_msat)
-
     # -- aiohttp integration ---------------------------------------------
     async def dispatch(self, request: web.Request, handler: Handler, *,
                        forwards: bool = False, looked_up: bool = False) -> web.StreamResponse:
@@ -168,14 +167,14 @@ class Gate:
                 hit = self._admitted.get(request_key(auth, request.method, request.raw_path))
                 if hit is not None and (hit.valid_until is None or self.clock() <= hit.valid_until):
                     return await self._serve(request, handler, hit, None)
-            refused, rule = self._route(request, forwards)
+            refused, rule, target = self._route(request, forwards)
             if refused is not None:
                 return refused
             if getattr(handler, OWN, False) or getattr(request.match_info.handler, OWN, False):
                 return await handler(request)
             if rule is None:
                 return await handler(request)
-            return await self.handle(request, rule, handler)
+            return await self.handle(request, rule, handler, target)
         except MicropayError as err:
             return problem_response(err)
 
@@ -183,20 +182,20 @@ class Gate:
         """None if the request may go on; else the response that refuses or redirects it."""
         return self._route(request, forwards)[0]
 
-    def _route(self, request: web.Request,
-               forwards: bool) -> tuple[web.StreamResponse | None, RouteRule | None]:
-        """(None, the rule pricing the request or None) if it may go on; else (the response
-        that refuses or redirects it, None)."""
+    def _route(self, request: web.Request, forwards: bool,
+               ) -> tuple[web.StreamResponse | None, RouteRule | None, Target | None]:
+        """(None, the rule pricing the request or None, its canonical target) if it may go
+        on; else (the response that refuses or redirects it, None, None)."""
         try:
             target, same, rule = self.routes.resolve(request)
         except BadPath as err:
             self.metrics.rejections[err.code] += 1
-            return problem_response(err), None
+            return problem_response(err), None, None
         if not forwards and not same:
             # aiohttp routed this request on another reading of its path than the one the
             # gate prices: send the client to the canonical URL instead of serving it.
-            return web.Response(status=308, headers={hdrs.LOCATION: target.path_qs}), None
-        return None, rule
+            return web.Response(status=308, headers={hdrs.LOCATION: target.path_qs}), None, None
+        return None, rule, target
 
 
     @web.middleware
@@ -255,6 +254,10 @@ class Gate:
                 price_hook: Callable | None = None, description: str = "") -> Callable[[Handler], Handler]:
         """Decorator for one handler. `path` defaults to the request's route pattern."""
         def wrap(handler: Handler) -> Handler:
+            # The rule of each route pattern, made once: a rule's Offer (its 402's content,
+            # seller/offer.py) is kept for as long as the same rule prices the path.
+            rules: dict[str, RouteRule] = {}
+
             @functools.wraps(handler)
             async def gated(request: web.Request) -> web.StreamResponse:
                 if request.get(ADMITTED):
@@ -263,14 +266,20 @@ class Gate:
                 if refused is not None:
                     return refused
                 pattern = path or _route_pattern(request)
-                rule = RouteRule(path=pattern, price_msat=price_msat, methods=None,
-                                 credits=None if pass_s else credits, pass_s=pass_s,
-                                 capabilities=frozenset(capabilities), description=description,
-                                 price_hook=price_hook)
+                rule = rules.get(pattern)
+                if rule is None:
+                    rule = RouteRule(path=pattern, price_msat=price_msat, methods=None,
+                                     credits=None if pass_s else credits, pass_s=pass_s,
+                                     capabilities=frozenset(capabilities), description=description,
+                                     price_hook=price_hook)
+                    if len(rules) >= MAX_REQUIRE_RULES:     # patterns come from the app's routes: few
+                        rules.clear()
+                    rules[pattern] = rule
                 try:
                     return await self.handle(request, rule, handler)
                 except MicropayError as err:      # e.g. the handler's upstream is unreachable
                     return problem_response(err)
+            gated.rules = rules                   # type: ignore[attr-defined]  # (for tests: the bound)
             return gated
         return wrap
 
@@ -306,16 +315,19 @@ class Gate:
         return client_address(request.remote, request.headers.getall("X-Forwarded-For", ()),
                               self.forwarded_for_hops)
 
-    async def handle(self, request: web.Request, rule: RouteRule, handler: Handler) -> web.StreamResponse:
+    async def handle(self, request: web.Request, rule: RouteRule, handler: Handler,
+                     target: Target | None = None) -> web.StreamResponse:
+        """`target`: the request's canonical target, if the caller has it at hand."""
         started = time.perf_counter()
         receipt: asyncio.Future[str] | None = None
         try:
-            target = request_target(request)
+            if target is None:
+                target = request_target(request)
             auth = request.headers.get(hdrs.AUTHORIZATION)
             if rule.session is not None:
                 return await self.session_gate.handle(request, rule, handler, auth, self._serve,
                                                       self.challenge)
-            if is_payment(auth):
+            if auth is not None and is_payment(auth):
                 return await self._handle_payment(request, rule, handler, auth, target)  # type: ignore[arg-type]
             token = None if auth is None else \
                 self.tokens.verify_header(auth, request.method, target.path, rule.capabilities, target.query or "")
@@ -328,7 +340,7 @@ class Gate:
                 stream_id = request.headers.get(STREAM_HEADER)
                 if stream_id is not None and rule.stream_msat:
                     return await self._serve_streamed(request, rule, handler, stream_id)
-                return await self.challenge(request, rule)
+                return await self.challenge(request, rule, target=target)
             if rule.path not in token.constraints.paths:
                 raise InvalidCredential("token was issued for another route", route=rule.path)
             remaining = None
@@ -355,7 +367,7 @@ class Gate:
                 # (malformed, forged, wrong preimage or route, spent, expired) is answered
                 # with a 402 and a new credential to pay for, so the client can pay again.
                 try:
-                    return await self.challenge(request, rule, reason=err)
+                    return await self.challenge(request, rule, reason=err, target=target)
                 except MicropayError as refused:    # rate limited, overloaded: say that instead
                     return problem_response(refused)
             return problem_response(err)
@@ -488,64 +500,60 @@ class Gate:
             token_id=token.token_id_hex, method=request.method, path=request_target(request).path,
             credits_remaining=remaining, ts=int(self.clock())))
 
-    async def challenge(self, request: web.Request, rule: RouteRule,
-                        reason: MicropayError | None = None) -> web.StreamResponse:
-        """A 402 with an invoice for `rule` (`reason`: why a credential sent was not enough)."""
+    async def challenge(self, request: web.Request, rule: RouteRule, reason: MicropayError | None = None,
+                        target: Target | None = None) -> web.StreamResponse:
+        """A 402 with an invoice for `rule` (`reason`: why a credential sent was not enough;
+        `target`: the request's canonical target, if the caller has it at hand)."""
         client = self.client_key(request)
-        target = request_target(request)
+        if target is None:
+            target = request_target(request)
+        method = request.method
+        if rule.session is not None:
+            description = rule.description or f"{self.service}: {method} {target.path}"[:200]
+            return await self.session_gate.challenge(request, rule, client, f"{method} {target.path}",
+                                                     description, reason)
         if rule.price_hook is None:
-            price = rule.price_msat
+            offer = self.routes.offers.get((method, target.path))
+            if offer is None or offer.rule is not rule:      # another layer's rule on this path: its own
+                offer = self.routes.keep_offer(method, target.path, Offer(
+                    rule, service=self.service, method=method, path=target.path, price_msat=rule.price_msat))
         else:
             try:
                 price = await rule.price_for(_as_canonical(request, target))
             except Exception as exc:
                 log.error("price hook for %s failed: %s", rule.key, exc)
                 raise PricingUnavailable("the price for this resource cannot be computed right now") from None
-        description = rule.description or f"{self.service}: {request.method} {target.path}"[:200]
-        if rule.session is not None:
-            return await self.session_gate.challenge(request, rule, client, f"{request.method} {target.path}",
-                                                     description, reason)
-        if not self.offers_payment(rule, price):
-            digest = None
-        elif request.method not in BODY_METHODS and not request.body_exists:
+            offer = Offer(rule, service=self.service, method=method, path=target.path, price_msat=price,
+                          query=target.query)
+        if offer.charge is None:
+            digest = None                        # this price's 402 offers L402 only
+        elif method not in BODY_METHODS and not request.body_exists:
             digest = ""                          # no body to bind (body_digest's first answer)
         else:
             digest = await self.body_digest(request)
-        record = await self.challenger.challenge(client, rule, price, description, target.query)
-        return self._challenge_response(request, target, rule, record, reason, description, digest)
+        record = await self.challenger.challenge(client, rule, offer.price_msat, offer.description, target.query,
+                                                 offer)
+        return self._challenge_response(offer, record, reason, digest)
 
-    def _challenge_response(self, request: web.Request, target: Target, rule: RouteRule, record: ChallengeRecord,
-                            reason: MicropayError | None, description: str,
+    def _challenge_response(self, offer: Offer, record: ChallengeRecord, reason: MicropayError | None,
                             digest: str | None) -> web.Response:
         """`digest`: the request body's, which the Payment charge binds; None (no Payment
-        charge for this price, or a body larger than the gate binds): L402 only."""
-        fields = dict(resource=f"{request.method} {target.path}", price_msat=record.price_msat,
-                      invoice=record.bolt11, payment_hash=record.payment_hash, expires_at=record.expires_at,
-                      macaroon=record.macaroon, credits=rule.credits,
-                      valid_until=(record.created_at + rule.pass_s) if rule.pass_s else None,
-                      description=rule.description)
-        if reason is None:
-            text = payment_required_json(**fields)
-        else:
-            body = payment_required_body(**fields)
+        charge at this price, or a body larger than the gate binds): L402 only."""
+        text = offer.body(record.bolt11, record.payment_hash, record.expires_at, record.macaroon, record.created_at)
+        if reason is not None:
+            body = json.loads(text)
             body.update(type=getattr(reason, "problem_type", f"https://micropay.dev/errors/{reason.code}"),
                         error=reason.code, detail=f"{reason.message}. {body['detail']}")
             text = json.dumps(body)
         response = web.Response(status=402, text=text, content_type=PROBLEM_CONTENT_TYPE,
                                 headers={"Cache-Control": "no-store"})
         headers = response.headers
-        if "l402" in rule.schemes:
+        if offer.l402:
             for value in challenge_headers(record.macaroon, record.bolt11):
                 headers.add(hdrs.WWW_AUTHENTICATE, value)
-        if digest is not None:              # challenge() offers Payment for this price, or passes None
-            opaque = {"route": rule.key, "token": record.token_id}
-            if rule.price_hook is not None:
-                opaque["query"] = query_digest(target.query or "")
-            offer = charge_challenge(self.binder, realm=self.service, bolt11=record.bolt11,
-                                     payment_hash=record.payment_hash, price_msat=record.price_msat,
-                                     expires_at=record.expires_at, opaque=opaque, digest=digest,
-                                     description=(description or rule.description)[:200])
-            headers.add(hdrs.WWW_AUTHENTICATE, offer.header())
+        if digest is not None and offer.charge is not None:
+            headers.add(hdrs.WWW_AUTHENTICATE, offer.charge.header(self.binder, record.bolt11, record.payment_hash,
+                                                                   record.expires_at, record.token_id, digest))
         return response
 
 

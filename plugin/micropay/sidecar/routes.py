@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..core.canonical import Target, canonical_target
+from ..seller.offer import Offer
 from ..seller.pricing import Pricing, RouteRule
 
 TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey") else "micropay_target"
@@ -16,7 +17,9 @@ TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey")
 # whose method and path, or whose canonical path re-encoded, are longer than
 # ROUTE_KEY_CHARS is never kept (aiohttp's pure-Python parser takes any method, and a
 # path of raw UTF-8 grows when re-encoded), and a full table is emptied, so a client
-# varying its requests only makes each cost what it would without the table.
+# varying its requests only makes each cost what it would without the table. The same
+# bounds hold for the Offers of fixed-price routes (seller/offer.py), kept by method and
+# canonical path beside the table (a few kB each, at most 4,096 of them).
 ROUTE_CACHE_SIZE = 4096
 ROUTE_KEY_CHARS = 512
 
@@ -35,6 +38,16 @@ class RouteTable:
     def __init__(self, pricing: Pricing) -> None:
         self.pricing = pricing
         self.entries: dict[tuple[str, str], tuple[str, str, bool, RouteRule | None]] = {}
+        self.offers: dict[tuple[str, str], Offer] = {}    # by method and canonical path
+
+    def keep_offer(self, method: str, path: str, offer: Offer) -> Offer:
+        """Keep a fixed-price route's Offer for the next 402s on this method and canonical
+        path (bounded as the table is)."""
+        if len(method) + len(path) <= ROUTE_KEY_CHARS:
+            if len(self.offers) >= ROUTE_CACHE_SIZE:
+                self.offers.clear()
+            self.offers[(method, path)] = offer
+        return offer
 
     def resolve(self, request: web.Request) -> tuple[Target, bool, RouteRule | None]:
         """The request's canonical target (kept on the request: request_target), whether
