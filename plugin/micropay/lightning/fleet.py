@@ -60,6 +60,11 @@ RESERVE_GROWTH = 8           # a busy price's reserve grows to at most this many
 REFILL_WAIT_S = 0.1          # a 402 that found the reserve empty waits this long for the top-up under way
 
 
+# The nodes a reserved invoice may come from: the live ones by id, the least heartbeat (ms)
+# that is still fresh, and the amount the node must be able to receive.
+Receivers = tuple[dict[str, NodeBeat], int, int]
+
+
 class FleetBackend:
     pays_offers = False
 
@@ -81,6 +86,7 @@ class FleetBackend:
         self._misses: dict[tuple[int, str], int] = {}         # not wanted yet: misses so far
         self._turn = itertools.count()
         self._live: tuple[tuple[float, float], list[NodeBeat]] = ((0.0, 0.0), [])  # ((read at), live nodes), kept 1 s
+        self._beats: tuple[list[NodeBeat], dict[str, NodeBeat]] = ([], {})  # a live list, its nodes by id
         self._answered = asyncio.Event()
         self._settled = asyncio.Event()
         self._paid = asyncio.Event()
@@ -164,7 +170,7 @@ class FleetBackend:
         return int(self.clock() * 1000)
 
     def _fresh_since_ms(self) -> int:
-        return self._now_ms() - int(self.heartbeat_timeout_s * 1000)
+        return int(self.clock() * 1000) - int(self.heartbeat_timeout_s * 1000)     # _now_ms(), less the timeout
 
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int, *, hash_description: bool = False) -> Invoice:
@@ -225,7 +231,7 @@ class FleetBackend:
         if self._closed:
             return None
         key = (amount_msat, description)
-        found, queue, live_ids = self._take_reserved(key, live, payable_after, take)
+        found, queue, receivers = self._take_reserved(key, live, payable_after, take)
         waits, deadline = 0, 0.0
         while found is None and take and not self._closed and waits < 3:
             # empty: a top-up (one statement, sized for the waiters too) brings more sooner
@@ -255,14 +261,15 @@ class FleetBackend:
             queue = self._reserved.get(key)
             if queue is None:
                 break
-            found = self._take_live(queue, live_ids, payable_after)
+            found = self._take_live(queue, receivers, payable_after)
         return found
 
     def _take_reserved(self, key: tuple[int, str], live: list[NodeBeat], payable_after: int, take: bool = True,
-                       ) -> tuple[PooledInvoice | None, collections.deque[PooledInvoice], set[str]]:
+                       ) -> tuple[PooledInvoice | None, collections.deque[PooledInvoice], Receivers]:
         """Without waiting: the first invoice of `key`'s reserve (made if new) whose node is
-        live and able to receive it (None if none, or if not `take`), the reserve, and the
-        ids of those nodes. A reserve at half its size or less is topped up in the background."""
+        live and able to receive it (None if none, or if not `take`), the reserve, and what
+        tells those nodes (for _take_live). A reserve at half its size or less is topped up
+        in the background."""
         amount_msat = key[0]
         queue = self._reserved.get(key)
         if queue is None:
@@ -275,12 +282,13 @@ class FleetBackend:
                 self._release_soon(list(old_queue))
         else:
             self._reserved.move_to_end(key)
-        fresh_since = self._fresh_since_ms()
-        live_ids = {n.node_id for n in live if n.heartbeat_ms >= fresh_since and n.inbound_msat >= amount_msat}
-        found = self._take_live(queue, live_ids, payable_after) if take else None
+        if self._beats[0] is not live:                       # a new read (once a second)
+            self._beats = (live, {n.node_id: n for n in live})
+        receivers = (self._beats[1], self._fresh_since_ms(), amount_msat)
+        found = self._take_live(queue, receivers, payable_after) if take else None
         if len(queue) <= self._size.get(key, self.reserve) // 2:
             self._start_refill(key, payable_after)
-        return found, queue, live_ids
+        return found, queue, receivers
 
     def _start_refill(self, key: tuple[int, str], payable_after: int) -> asyncio.Task[None] | None:
         """Top up `key`'s reserve in the background (one at a time per price, MAX_REFILLS in
@@ -292,18 +300,23 @@ class FleetBackend:
             self._refill(key, payable_after), name="micropay-fleet-reserve")
         return task
 
-    def _take_live(self, queue: collections.deque[PooledInvoice], live_ids: set[str],
+    def _take_live(self, queue: collections.deque[PooledInvoice], receivers: Receivers,
                    payable_after: int) -> PooledInvoice | None:
-        """The first invoice of `queue` whose node is live and that stays payable long
-        enough; the ones skipped go back to the pool (never handed out from here)."""
+        """The first invoice of `queue` whose node can receive it (`receivers`: the live
+        nodes by id, the least heartbeat that is fresh, the amount) and that stays payable
+        long enough; the ones skipped go back to the pool (never handed out from here)."""
+        beats, fresh_since, amount_msat = receivers
         found, skipped = None, []
         while queue:
             p = queue.popleft()
-            if p.node_id in live_ids and p.expires_at > payable_after:
+            beat = beats.get(p.node_id)
+            if (beat is not None and beat.heartbeat_ms >= fresh_since and beat.inbound_msat >= amount_msat
+                    and p.expires_at > payable_after):
                 found = p
                 break
             skipped.append(p)
-        self._release_soon(skipped)
+        if skipped:
+            self._release_soon(skipped)
         return found
 
     async def _live_nodes(self) -> list[NodeBeat]:

@@ -10,6 +10,7 @@ Only nodes whose heartbeat is fresh are claimed from.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from .base import Store, point
@@ -327,7 +328,9 @@ class FleetRepository:
         sql = self.claim_many_sql if n <= POINT_CLAIM_MAX else self.claim_many_large_sql
         rows = await self.store.query(sql, (label_prefix, now_ms, amount_msat, description,
                                             payable_after, fresh_since_ms, node, n))
-        return sorted((_invoice(r) for r in rows), key=lambda p: p.expires_at)
+        invoices = [_invoice(r) for r in rows]
+        invoices.sort(key=_EXPIRES_AT)
+        return invoices
 
     async def release(self, labels: list[str]) -> int:
         """Give reserved invoices nobody was handed back to the pool (a sidecar stopping)."""
@@ -537,6 +540,9 @@ SENDING_OF = f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE node_id = $1 A
 READY_ANY = ("SELECT EXISTS (SELECT 1 FROM micropay_fleet_invoices i JOIN micropay_fleet_nodes n "
              "ON n.node_id = i.node_id WHERE i.node_id = $5 AND i.amount_msat = $1 AND i.description = $2 "
              "AND i.claim_label IS NULL AND i.expires_at > $3 AND n.heartbeat_ms >= $4 AND n.inbound_msat >= $1)")
+
+
+_EXPIRES_AT = operator.attrgetter("expires_at")
 
 
 def _invoice(row) -> PooledInvoice:
