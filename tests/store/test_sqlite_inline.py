@@ -151,3 +151,25 @@ async def test_a_closed_store_answers_point_statements_with_an_error(tmp_path):
     await s.close()
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(s.query(BUMP, ("x",)), 5)
+
+
+async def test_a_many_step_counts_each_row_toward_the_inline_bound(tmp_path):
+    """A `many` step of up to INLINE_MAX rows runs on the loop's thread; a larger one
+    blocks the loop too long and goes to the worker."""
+    from micropay.store import CORE_SCHEMA
+    from micropay.store.l402 import ADD
+    from micropay.store.sqlite import INLINE_MAX
+    store = SqliteStore(tmp_path / "db.sqlite3", (CORE_SCHEMA,))
+    await store.open()
+    try:
+        def rows(prefix, n):
+            return [(f"{prefix}{i}", f"t{prefix}{i}", "GET /a", "c", 1000, "lnbcrt1", "mac", 1, 2, 1) for i in range(n)]
+        before = store.inline_batches
+        await store.transaction([Step(ADD, rows("a", INLINE_MAX), many=True)])
+        assert store.inline_batches == before + 1
+        await store.transaction([Step(ADD, rows("b", INLINE_MAX + 1), many=True)])
+        assert store.inline_batches == before + 1
+        (count,) = await store.fetchrow("SELECT COUNT(*) FROM micropay_challenges")
+        assert count == 2 * INLINE_MAX + 1
+    finally:
+        await store.close()

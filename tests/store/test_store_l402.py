@@ -77,3 +77,25 @@ async def test_a_client_s_pending_count_is_its_own_across_routes(repo):
     await repo.add_challenge(record("b2", client="c2", route="GET /b"))
     assert await repo.count_pending_of("c1", 1500) == 2 and await repo.count_pending_of("c2", 1500) == 1
     assert await repo.count_pending(1500) == 3
+
+
+async def test_records_written_together_are_each_written_once(repo, store):
+    """add_challenges runs one statement for every record (a `many` step): each lands,
+    a record written again changes nothing, and a batch beside it in the same call too."""
+    await repo.add_challenges([record(f"m{i}", client=f"c{i % 3}") for i in range(300)])
+    await repo.add_challenges([record("m0", price=9), record("m300")])      # m0 again: kept as it was
+    assert (await repo.get_challenge("m0")).price_msat == 1000
+    assert (await repo.get_challenge("m300")) is not None
+    assert await repo.count_pending(1500) == 301
+    await repo.add_challenges([])                                           # nothing to write: nothing done
+    assert await repo.count_pending(1500) == 301
+
+
+async def test_a_many_step_that_fails_rolls_its_transaction_back(store):
+    from micropay.store.base import Step
+    from micropay.store.l402 import ADD
+    good = ("g1", "tg1", "GET /a", "c", 1000, "lnbcrt1", "mac", 1000, 2000, 1)
+    bad = ("g2", "tg2", "GET /a", "c", 1000, None, "mac", 1000, 2000, 1)        # bolt11 is NOT NULL
+    with pytest.raises(Exception):
+        await store.transaction([Step(ADD, [good, bad], many=True)])
+    assert await L402Repository(store).get_challenge("g1") is None           # the good row went too

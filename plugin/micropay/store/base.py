@@ -34,6 +34,7 @@ class Step:
     sql: str
     args: Sequence[Any]
     required: bool = False     # no row back -> roll the whole transaction back
+    many: bool = False         # args is a list of argument tuples: the statement runs once for each, no rows back
 
 
 @dataclass(frozen=True, slots=True)

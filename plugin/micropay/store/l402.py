@@ -112,10 +112,10 @@ class L402Repository:
         return total, of
 
     async def add_challenges(self, records: list[ChallengeRecord]) -> None:
-        """Several at once, in one transaction."""
-        await self.store.transaction([Step(ADD, (ch.payment_hash, ch.token_id, ch.route_key, ch.client_key,
-                                                 ch.price_msat, ch.bolt11, ch.macaroon, ch.created_at,
-                                                 ch.expires_at, ch.credits)) for ch in records])
+        """Several at once, in one transaction (one statement run for each)."""
+        await self.store.transaction([Step(ADD, [(ch.payment_hash, ch.token_id, ch.route_key, ch.client_key,
+                                                  ch.price_msat, ch.bolt11, ch.macaroon, ch.created_at,
+                                                  ch.expires_at, ch.credits) for ch in records], many=True)])
 
     async def mark_paid(self, payment_hash: str, received_msat: int, paid_at: int) -> bool:
         """True the first time; False if already paid or unknown."""

@@ -96,7 +96,11 @@ class PostgresStore(Store):
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 for i, step in enumerate(steps):
-                    rows = [tuple(r) for r in await conn.fetch(step.sql, *step.args)]
+                    if step.many:                  # one statement for each row, pipelined
+                        await conn.executemany(step.sql, step.args)
+                        rows = []
+                    else:
+                        rows = [tuple(r) for r in await conn.fetch(step.sql, *step.args)]
                     if step.required and not rows:
                         raise RollBack(i)
                     out.append(rows)

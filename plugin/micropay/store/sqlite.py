@@ -151,9 +151,13 @@ class SqliteStore(Store):
             out = self._sql_cache[sql] = _PLACEHOLDER.sub(r"?\1", sql)
         return out
 
-    def _run(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+    def _run(self, sql: str, args: Sequence[Any], many: bool = False) -> list[tuple[Any, ...]]:
+        """Run one statement (`many`: once for each of `args`' tuples, in one call)."""
         assert self._conn is not None, "store is not open"
         try:
+            if many:
+                self._conn.executemany(self._translate(sql), args)
+                return []
             return self._conn.execute(self._translate(sql), tuple(args)).fetchall()
         except sqlite3.OperationalError as exc:
             if self._inline_now and _BUSY.search(str(exc)):
@@ -355,7 +359,7 @@ class SqliteStore(Store):
         self._run("BEGIN IMMEDIATE", ())   # take the write lock now: no lost updates
         try:
             for i, step in enumerate(steps):
-                rows = self._run(step.sql, step.args)
+                rows = self._run(step.sql, step.args, step.many)
                 if step.required and not rows:
                     raise RollBack(i)
                 out.append(rows)
@@ -379,7 +383,8 @@ class SqliteStore(Store):
 
     async def _transaction(self, steps) -> TxResult:
         steps = list(steps)
-        if self._may_inline([(step.sql, None) for step in steps]):
+        # a `many` step counts as one statement per row (the bound on what runs on the loop)
+        if self._may_inline([(step.sql, None) for step in steps for _ in (step.args if step.many else (None,))]):
             done = self._inline(self._run_tx, steps)
             if done is not None:
                 return done
