@@ -5,6 +5,7 @@ in another process, woken by PostgreSQL's NOTIFY)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import subprocess
 import sys
@@ -627,3 +628,65 @@ async def test_a_burst_of_give_backs_drops_none_and_runs_one_at_a_time(tmp_path,
         await store.close()
     assert sorted(released) == sorted(p.claim_label for p in invoices)
     assert most[0] == 1
+
+
+class _GiveBacks:
+    """A repository that only records the reserved invoices given back to the pool."""
+
+    def __init__(self) -> None:
+        self.labels: list[str] = []
+
+    async def release(self, labels: list[str]) -> int:
+        self.labels += labels
+        return len(labels)
+
+
+def _reserved(h: str, node: str, expires_at: int = 5000) -> FleetPooled:
+    return FleetPooled(h, node, "node-label", 1000, "d", "lnbcrt1", expires_at, f"claim-{h}")
+
+
+async def test_a_reserved_invoice_goes_out_only_if_its_node_can_receive_it_now():
+    """_take_live hands out the first invoice whose node is live (heartbeat fresh), can
+    receive the amount, and which stays payable long enough; every one skipped goes back
+    to the pool, and nothing behind the one handed out is touched."""
+    repo = _GiveBacks()
+    backend = FleetBackend(repo)                                     # type: ignore[arg-type]
+    now_ms = 1_000_000
+    beats = {"fresh": NodeBeat("fresh", "regtest", now_ms, 10_000, 0),
+             "stale": NodeBeat("stale", "regtest", now_ms - 20_000, 10_000, 0),
+             "small": NodeBeat("small", "regtest", now_ms, 999, 0)}
+    queue = collections.deque([_reserved("a", "stale"), _reserved("b", "small"), _reserved("c", "unknown"),
+                               _reserved("d", "fresh", expires_at=100), _reserved("e", "fresh"),
+                               _reserved("f", "fresh")])
+    found = backend._take_live(queue, (beats, now_ms - 15_000, 1000), payable_after=200)
+    assert found is not None and found.payment_hash == "e"
+    assert [p.payment_hash for p in queue] == ["f"]
+    for _ in range(50):
+        if repo.labels:
+            break
+        await asyncio.sleep(0.01)
+    assert repo.labels == ["claim-a", "claim-b", "claim-c", "claim-d"]
+    assert backend._take_live(collections.deque(), (beats, now_ms - 15_000, 1000), 200) is None
+
+
+async def test_the_reserve_reads_each_new_list_of_live_nodes_and_the_clock_at_each_402():
+    """The nodes by id are rebuilt when the live list is read again (a node's inbound
+    fell), and a heartbeat that was fresh goes stale with the clock alone."""
+    repo, clock = _GiveBacks(), [1000.0]
+    backend = FleetBackend(repo, heartbeat_timeout_s=15, clock=lambda: clock[0])   # type: ignore[arg-type]
+    key = (1000, "d")
+    backend._reserved[key] = collections.deque([_reserved("x1", "n1"), _reserved("x2", "n1"), _reserved("y1", "n2")])
+    backend._dry_until[key] = float("inf")                           # no top-up: the repository has none
+    beat_ms = 1_000_000
+    first = [NodeBeat("n1", "regtest", beat_ms, 5000, 0), NodeBeat("n2", "regtest", beat_ms, 5000, 0)]
+    assert backend._take_reserved(key, first, 0)[0].payment_hash == "x1"
+    again = [NodeBeat("n1", "regtest", beat_ms, 500, 0), NodeBeat("n2", "regtest", beat_ms, 5000, 0)]
+    assert backend._take_reserved(key, again, 0)[0].payment_hash == "y1"        # n1 can no longer receive 1000
+    backend._reserved[key].appendleft(_reserved("z1", "n2"))
+    clock[0] += 16                                                   # n2's heartbeat is 16 s old now
+    assert backend._take_reserved(key, again, 0)[0] is None
+    for _ in range(50):
+        if len(repo.labels) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert repo.labels == ["claim-x2", "claim-z1"]

@@ -427,3 +427,20 @@ async def test_a_client_dropped_while_a_read_runs_is_never_counted_low_after_it(
     release_writes()
     c.l402.pending_near_bound = real_read
     await c.close()
+
+
+async def test_a_challenge_takes_only_its_own_rules_offer_at_its_price(store, tmp_path):
+    """The token's caveats come from the Offer and the record's route and price from the
+    arguments: an Offer of another rule, or of another price, is refused before any
+    invoice is made."""
+    from micropay.seller.offer import Offer
+    c, _ = challenger(store, tmp_path)
+    other = RouteRule(path="/b", price_msat=1000)
+    offer = Offer(RULE, service="svc", method="GET", path="/a", price_msat=1000)
+    for rule, price, given in ((RULE, 1000, Offer(other, service="svc", method="GET", path="/b", price_msat=1000)),
+                               (RULE, 2000, offer)):
+        with pytest.raises(ValueError, match="another rule's or another price's"):
+            await c.challenge("c1", rule, price, "d", None, given)
+    record = await c.challenge("c1", RULE, 1000, "d", None, offer)
+    assert record.route_key == RULE.key and record.price_msat == 1000
+    assert c.metrics.challenges[RULE.key] == 1            # the refused ones made nothing

@@ -142,6 +142,19 @@ async def test_two_rules_on_one_path_each_offer_their_own_price(gate):
         assert gate.routes.offers[("GET", "/api/premium")].rule is rule
 
 
+async def test_an_offer_is_its_methods_own(gate):
+    """A rule for any method: a POST after a GET on the same path says POST, in the body
+    and in the invoice's description, not what the GET's 402 said."""
+    from micropay.lightning.bolt11codec import decode_invoice
+    rule = gate.pricing.match("GET", "/api/admin/x")
+    assert rule is not None and rule.methods is None
+    for method in ("GET", "POST", "GET"):
+        response = await gate.challenge(make_mocked_request(method, "/api/admin/x"), rule)
+        body = json.loads(response.text)
+        assert body["resource"] == f"{method} /api/admin/x"
+        assert decode_invoice(body["invoice"]).description == f"rt: {method} /api/admin/x"
+
+
 async def test_the_offers_kept_are_bounded_like_the_table(gate):
     from micropay.seller.offer import Offer
     rule = gate.pricing.match("GET", "/api/admin/x")
@@ -149,9 +162,14 @@ async def test_the_offers_kept_are_bounded_like_the_table(gate):
     response = await gate.challenge(make_mocked_request("GET", long), rule)
     assert response.status == 402 and json.loads(response.text)["price_msat"] == 2000
     assert ("GET", long) not in gate.routes.offers                  # never kept: too long
+    # a path of few characters that is long re-encoded (UTF-8, percent-encoded) is not kept either
+    wide = "/api/admin/" + "%F0%9F%98%80" * 60
+    response = await gate.challenge(make_mocked_request("GET", wide), rule)
+    assert response.status == 402 and len(request_target(make_mocked_request("GET", wide)).path) < ROUTE_KEY_CHARS
+    assert not [key for key in gate.routes.offers if key[1].startswith("/api/admin/\U0001f600")]
     offer = Offer(rule, service="rt", method="GET", path="/api/admin/x", price_msat=rule.price_msat)
     for i in range(ROUTE_CACHE_SIZE + 10):
-        gate.routes.keep_offer("GET", f"/api/admin/{i}", offer)
+        gate.routes.keep_offer("GET", canonical_target(f"/api/admin/{i}"), offer)
         assert len(gate.routes.offers) <= ROUTE_CACHE_SIZE
     assert len(gate.routes.offers) == 10                             # emptied once full, then refilled
 

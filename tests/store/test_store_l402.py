@@ -99,3 +99,9 @@ async def test_a_many_step_that_fails_rolls_its_transaction_back(store):
     with pytest.raises(Exception):
         await store.transaction([Step(ADD, [good, bad], many=True)])
     assert await L402Repository(store).get_challenge("g1") is None           # the good row went too
+
+
+def test_a_many_step_cannot_be_required():
+    from micropay.store.base import Step
+    with pytest.raises(ValueError, match="cannot be required"):
+        Step("INSERT INTO t VALUES ($1)", [(1,), (2,)], required=True, many=True)

@@ -41,7 +41,7 @@ def minted(root_key: bytes, identifier: bytes, location: bytes, caveats: tuple[b
     location and each caveat under 128 bytes), without the Macaroon in between."""
     if len(location) >= 0x80 or len(identifier) >= 0x80 or max(map(len, caveats), default=0) >= 0x80:
         return Macaroon.mint(root_key, identifier, location.decode(), caveats).serialize()
-    signature = hmac_chain(derive_key(root_key), (identifier, *caveats))
+    signature = chain_signature(root_key, identifier, caveats)
     return binascii.b2a_base64(_short_fields(location, identifier, caveats, signature), newline=False).decode()
 
 

@@ -170,7 +170,7 @@ class FleetBackend:
         return int(self.clock() * 1000)
 
     def _fresh_since_ms(self) -> int:
-        return int(self.clock() * 1000) - int(self.heartbeat_timeout_s * 1000)     # _now_ms(), less the timeout
+        return self._now_ms() - int(self.heartbeat_timeout_s * 1000)
 
     async def create_invoice(self, amount_msat: int | None, label: str, description: str,
                              expiry_s: int, *, hash_description: bool = False) -> Invoice:

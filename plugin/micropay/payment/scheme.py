@@ -128,6 +128,7 @@ class Challenge:
     description: str = ""
 
     def header(self) -> str:
+        # ChargeForm.header writes the same for a charge (tests/seller/test_offer.py holds them equal)
         values = (self.id, self.realm, self.method, self.intent, self.request, self.expires, self.digest,
                   self.opaque, self.description)
         joined = "".join(values)
@@ -233,7 +234,7 @@ class ChargeForm:
     (a 402's route), written out once but for what each challenge has its own of: the
     invoice, its payment hash and expiry, the L402 token id of the same invoice (opaque's
     `token`) and the request's digest. `header` is the same text as charge_challenge(...)
-    .header() with opaque = dict(opaque, token=token) (tests/payment/test_charge_form.py)."""
+    .header() with opaque = dict(opaque, token=token) (tests/seller/test_offer.py)."""
 
     __slots__ = ("realm", "_request_head", "_opaque", "_header_head")
 

@@ -260,7 +260,9 @@ class Challenger:
         """A new unpaid challenge for `client` to buy `rule` at `price_msat`: a new invoice
         and token, never one handed out before. Raises RateLimited, Overloaded, NodeError.
         `offer`: the route's Offer at this price, whose caveats the token gets (else
-        rule.caveats for `query`)."""
+        rule.caveats for `query`); it must be `rule`'s, at `price_msat`."""
+        if offer is not None and (offer.rule is not rule or offer.price_msat != price_msat):
+            raise ValueError("the Offer given is another rule's or another price's")
         now = int(self.clock())
         wait = self.bucket.take(client)
         if wait:

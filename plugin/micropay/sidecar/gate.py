@@ -327,7 +327,7 @@ class Gate:
             if rule.session is not None:
                 return await self.session_gate.handle(request, rule, handler, auth, self._serve,
                                                       self.challenge)
-            if auth is not None and is_payment(auth):
+            if auth is not None and is_payment(auth):      # (no call at all for a request without one)
                 return await self._handle_payment(request, rule, handler, auth, target)  # type: ignore[arg-type]
             token = None if auth is None else \
                 self.tokens.verify_header(auth, request.method, target.path, rule.capabilities, target.query or "")
@@ -515,7 +515,7 @@ class Gate:
         if rule.price_hook is None:
             offer = self.routes.offers.get((method, target.path))
             if offer is None or offer.rule is not rule:      # another layer's rule on this path: its own
-                offer = self.routes.keep_offer(method, target.path, Offer(
+                offer = self.routes.keep_offer(method, target, Offer(
                     rule, service=self.service, method=method, path=target.path, price_msat=rule.price_msat))
         else:
             try:

@@ -19,7 +19,8 @@ TARGET = web.RequestKey("micropay_target", Target) if hasattr(web, "RequestKey")
 # path of raw UTF-8 grows when re-encoded), and a full table is emptied, so a client
 # varying its requests only makes each cost what it would without the table. The same
 # bounds hold for the Offers of fixed-price routes (seller/offer.py), kept by method and
-# canonical path beside the table (a few kB each, at most 4,096 of them).
+# canonical path beside the table: at most 4,096, none for a method and path, or a
+# re-encoded path, over 512 characters (so an Offer's frame is a few kB at most).
 ROUTE_CACHE_SIZE = 4096
 ROUTE_KEY_CHARS = 512
 
@@ -40,13 +41,13 @@ class RouteTable:
         self.entries: dict[tuple[str, str], tuple[str, str, bool, RouteRule | None]] = {}
         self.offers: dict[tuple[str, str], Offer] = {}    # by method and canonical path
 
-    def keep_offer(self, method: str, path: str, offer: Offer) -> Offer:
+    def keep_offer(self, method: str, target: Target, offer: Offer) -> Offer:
         """Keep a fixed-price route's Offer for the next 402s on this method and canonical
         path (bounded as the table is)."""
-        if len(method) + len(path) <= ROUTE_KEY_CHARS:
+        if len(method) + len(target.path) <= ROUTE_KEY_CHARS and len(target.raw_path) <= ROUTE_KEY_CHARS:
             if len(self.offers) >= ROUTE_CACHE_SIZE:
                 self.offers.clear()
-            self.offers[(method, path)] = offer
+            self.offers[(method, target.path)] = offer
         return offer
 
     def resolve(self, request: web.Request) -> tuple[Target, bool, RouteRule | None]:

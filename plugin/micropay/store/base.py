@@ -36,6 +36,10 @@ class Step:
     required: bool = False     # no row back -> roll the whole transaction back
     many: bool = False         # args is a list of argument tuples: the statement runs once for each, no rows back
 
+    def __post_init__(self) -> None:
+        if self.many and self.required:
+            raise ValueError("a many step returns no rows, so it cannot be required")
+
 
 @dataclass(frozen=True, slots=True)
 class TxResult:

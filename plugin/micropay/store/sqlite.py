@@ -384,7 +384,9 @@ class SqliteStore(Store):
     async def _transaction(self, steps) -> TxResult:
         steps = list(steps)
         # a `many` step counts as one statement per row (the bound on what runs on the loop)
-        if self._may_inline([(step.sql, None) for step in steps for _ in (step.args if step.many else (None,))]):
+        n = sum(len(step.args) if step.many else 1 for step in steps)
+        if n <= INLINE_MAX and self._may_inline(
+                [(step.sql, None) for step in steps for _ in range(len(step.args) if step.many else 1)]):
             done = self._inline(self._run_tx, steps)
             if done is not None:
                 return done
