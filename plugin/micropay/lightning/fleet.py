@@ -26,11 +26,8 @@ any node: this adapter only reads and writes the store (store/fleet.py).
   waited for up to `gap_grace_s` before it is taken to be a number never used, so a
   late settlement is not stepped over by a persisted cursor.
 
-- Paying (session refunds, payouts) puts the payment into the store's queue, keyed by
-  the caller's label (idempotent), and waits for the node agent that executes it under
-  its operator's caps; the node's record of it is read back from the queue
-  (`lookup_payment`, `payment_status`), so the settle rule every payer shares works
-  unchanged. BOLT12 offers are not paid from the queue (`pays_offers` is False).
+- Paying (session refunds, payouts) goes through the store's payment queue
+  (fleet_payments.py); BOLT12 offers are not paid from it (`pays_offers` is False).
 """
 from __future__ import annotations
 
@@ -43,16 +40,16 @@ import re
 import time
 from typing import Any, AsyncIterator, Callable
 
-from ..core.errors import NoInvoiceInTime, PaymentFailed, PaymentUnknown
+from ..core.errors import NoInvoiceInTime, PaymentFailed
 from ..core.metrics import gauge_lines
-from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, QUEUED_CHANNEL, SETTLED_CHANNEL,
-                           FleetRepository, NodeBeat, PooledInvoice, QueuedPayment, Want)
+from ..store.fleet import (ANSWERS_CHANNEL, ASKS_CHANNEL, PAID_CHANNEL, SETTLED_CHANNEL, FleetRepository,
+                           NodeBeat, PooledInvoice, Want)
 from .base import DecodedInvoice, Invoice, Liquidity, Payment, PaymentStatus, Settlement
 from .bolt11codec import decode_invoice
+from .fleet_payments import FleetPayments
 
 log = logging.getLogger("micropay.fleet")
 
-KINDS = (("micropay-refund-", "refund"), ("micropay-payout-", "payout"), ("micropay-tipshare-", "tip share"))
 SINGLE_USE = re.compile(r"micropay-[0-9a-f]{64}")    # the gate's challenge labels (seller/challenger.py)
 MAX_RESERVED_KEYS = 256      # prices with a reserve; the least recently used one goes back to the pool
 MAX_REFILLS = 64             # top-ups running at once
@@ -89,7 +86,7 @@ class FleetBackend:
         self._beats: tuple[list[NodeBeat], dict[str, NodeBeat]] = ([], {})  # a live list, its nodes by id
         self._answered = asyncio.Event()
         self._settled = asyncio.Event()
-        self._paid = asyncio.Event()
+        self.payments = FleetPayments(repo, poll_s=poll_s, clock=clock)
         self._stops: list[Callable[[], Any]] = []
         self.reserve = reserve                 # invoices claimed at once per price (0: one per 402)
         self._reserve_prefix = f"micropay-r{os.urandom(4).hex()}-"
@@ -112,7 +109,7 @@ class FleetBackend:
         """Listen for the agents' notifications (PostgreSQL); without them, polling."""
         self._stops.append(await self.repo.store.listen(ANSWERS_CHANNEL, self._answered.set))
         self._stops.append(await self.repo.store.listen(SETTLED_CHANNEL, self._settled.set))
-        self._stops.append(await self.repo.store.listen(PAID_CHANNEL, self._paid.set))
+        self._stops.append(await self.repo.store.listen(PAID_CHANNEL, self.payments.paid.set))
 
     async def close(self) -> None:
         self._closed = True                    # no 402 takes from the reserve any more
@@ -479,77 +476,34 @@ class FleetBackend:
     async def decode(self, bolt11: str) -> DecodedInvoice:
         return decode_invoice(bolt11)
 
-    # -- paying: through the queue, by the node agents --------------------------------------
+    # -- paying: through the queue, by the node agents (fleet_payments.py) ---------------------
     async def delete_invoice(self, label: str) -> bool:
         return False
 
     async def pay(self, bolt11: str, max_fee_msat: int | None = None, label: str | None = None,
                   retry_for_s: int | None = None, amount_msat: int | None = None, subject: str = "") -> Payment:
-        decoded = decode_invoice(bolt11)
-        if decoded.amount_msat is None and amount_msat is None:
-            raise PaymentFailed("an amountless invoice needs the amount to pay")
-        if decoded.amount_msat is not None and amount_msat is not None:
-            raise PaymentFailed("the invoice names its amount; no other amount can be paid on it")
-        amount = decoded.amount_msat if decoded.amount_msat is not None else amount_msat
-        assert amount is not None
-        return await self._queue_and_wait(QueuedPayment(
-            label or f"micropay-hash-{decoded.payment_hash}", _kind(label), subject, bolt11, None,
-            decoded.payment_hash,
-            amount, decoded.amount_msat is None, 5000 if max_fee_msat is None else max_fee_msat), retry_for_s)
+        return await self.payments.pay(bolt11, max_fee_msat, label, retry_for_s, amount_msat, subject)
 
     async def keysend(self, destination: str, amount_msat: int, *, label: str | None = None,
                       max_fee_msat: int | None = None, extratlvs: dict[str, str] | None = None,
                       retry_for_s: int | None = None, subject: str = "") -> Payment:
-        if label is None:
-            raise PaymentFailed("fleet mode: a keysend through the queue needs a label (its idempotency key)")
-        if extratlvs:
-            raise PaymentFailed("fleet mode: the payment queue carries no TLV records")
-        return await self._queue_and_wait(QueuedPayment(label, _kind(label), subject, None, destination, None,
-                                                        amount_msat, False,
-                                                        5000 if max_fee_msat is None else max_fee_msat),
-                                          retry_for_s)
-
-    async def _queue_and_wait(self, p: QueuedPayment, retry_for_s: int | None) -> Payment:
-        queued = await self.repo.enqueue(p, self._now_ms())
-        if (queued.bolt11, queued.destination, queued.amount_msat) != (p.bolt11, p.destination, p.amount_msat):
-            raise PaymentFailed(f"label {p.key!r} already names another queued payment")
-        await self.repo.store.notify(QUEUED_CHANNEL)
-        deadline = time.monotonic() + (60 if retry_for_s is None else retry_for_s) + 5
-        while True:
-            found = await self.repo.payment(p.key)
-            assert found is not None
-            if found.state == "paid":
-                return _paid(found)
-            if found.state == "failed":
-                raise PaymentFailed(f"the node agent did not pay it: {found.error}")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise PaymentUnknown(f"queued payment {p.key} is {found.state}; look it up by its label later")
-            self._paid.clear()
-            try:
-                await asyncio.wait_for(self._paid.wait(), min(left, self.poll_s * 4))
-            except asyncio.TimeoutError:
-                pass
+        return await self.payments.keysend(destination, amount_msat, label=label, max_fee_msat=max_fee_msat,
+                                           extratlvs=extratlvs, retry_for_s=retry_for_s, subject=subject)
 
     async def fetch_invoice(self, offer: str, amount_msat: int) -> tuple[str, str]:
         raise PaymentFailed("fleet mode: offers are not paid through the payment queue")
 
     async def payment_status(self, payment_hash: str) -> PaymentStatus | None:
-        found = await self.repo.payment_by_hash(payment_hash)
-        return None if found is None else _status(found)
+        return await self.payments.status_by_hash(payment_hash)
 
     async def sendpays_position(self) -> int:
         return 0
 
     async def lookup_payment(self, label: str, start: int) -> PaymentStatus | None:
-        found = await self.repo.payment(label)
-        return None if found is None else _status(found)
+        return await self.payments.status_by_label(label)
 
     async def htlc_in_flight(self, payment_hash: str) -> bool:
-        """A queued payment not settled yet counts as carried: its agent settles it from
-        its node's record, so nobody here may call it dead."""
-        found = await self.repo.payment_by_hash(payment_hash)
-        return found is not None and found.state not in ("paid", "failed")
+        return await self.payments.in_flight(payment_hash)
 
     async def liquidity(self) -> Liquidity:
         """The fleet's live nodes together, as their agents last reported."""
@@ -593,22 +547,3 @@ def _able(live: list[NodeBeat], amount_msat: int | None) -> list[NodeBeat]:
 
 def _as_invoice(p: PooledInvoice, label: str) -> Invoice:
     return Invoice(p.bolt11, p.payment_hash, None if p.amount_msat < 0 else p.amount_msat, p.expires_at, label)
-
-
-def _kind(label: str | None) -> str:
-    for prefix, kind in KINDS:
-        if label and label.startswith(prefix):
-            return kind
-    return "other"
-
-
-def _paid(p: QueuedPayment) -> Payment:
-    return Payment(p.payment_hash or "", p.preimage or "", p.amount_msat, p.fee_msat or 0)
-
-
-def _status(p: QueuedPayment) -> PaymentStatus:
-    if p.state == "paid":
-        return PaymentStatus("complete", _paid(p), p.payment_hash or "")
-    if p.state == "failed":
-        return PaymentStatus("failed", None, p.payment_hash or "")
-    return PaymentStatus("pending", None, p.payment_hash or "")
