@@ -126,6 +126,43 @@ async def test_a_fleet_sidecar_sells_with_an_agents_invoices_and_hears_them_paid
         await agent_store.close()
 
 
+async def test_without_an_invoice_in_time_the_client_gets_503_with_retry_after(tmp_path):
+    """Over HTTP, as a client sees it: with no live node, and then with a live node whose
+    agent never answers, a priced request ends in 503 with a Retry-After header and a
+    problem body, within the ask timeout (never a hang, never a 500), and no challenge is
+    left behind."""
+    from aiohttp import web
+
+    from micropay.store.fleet import NodeBeat
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    cfg = make_config(tmp_path, fleet_toml(url).replace("ask_timeout_s = 3", "ask_timeout_s = 1"))
+    rt = await create_runtime(cfg)
+    runner = make_runner(build_app(rt))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for live in (False, True):
+                if live:                              # alive and able to receive, but its agent never answers
+                    await FleetRepository(rt.store).heartbeat(
+                        NodeBeat("02" + "d" * 64, "regtest", int(time.time() * 1000) + 60_000, 10**12, 0))
+                t0 = time.monotonic()
+                async with http.get(f"{base}/api/joke", timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    elapsed = time.monotonic() - t0
+                    body = await r.json(content_type=None)
+                    assert r.status == 503, (live, r.status, body)
+                    assert r.headers["Retry-After"].isdigit() and int(r.headers["Retry-After"]) >= 1
+                    assert r.headers["Content-Type"].startswith("application/problem+json")
+                    assert body["status"] == 503 and "WWW-Authenticate" not in r.headers
+                assert elapsed < (2.5 if live else 1.0), (live, elapsed)
+        unpaid = await rt.store.query("SELECT COUNT(*) FROM micropay_challenges", ())
+        assert unpaid[0][0] == 0, "a refused 402 left a challenge behind"
+    finally:
+        await runner.cleanup()
+
+
 NEVER_A_NODE = textwrap.dedent("""
     import asyncio, json, socket, sys, tomllib
     from pathlib import Path
