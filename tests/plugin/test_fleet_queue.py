@@ -92,6 +92,7 @@ async def test_an_amountless_return_invoice_is_paid_the_amount_asked(world):
 
 @pytest.mark.parametrize("amount, fee, subject, why", [
     (50_001, 1000, "", "per payment"),
+    (90_000, 1000, "", "per payment"),         # far over it: refused too, not left queued for good
     (10_000, 5001, "", "fee cap"),
     (40_000, 1000, "alice", "per payout subject and UTC day"),     # alice already has 30,000 out today
 ])

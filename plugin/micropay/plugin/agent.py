@@ -278,8 +278,10 @@ class FleetAgent:
         if self._outbound is None:
             self._outbound = (await self.node.liquidity()).outbound_msat
         # lease only what this node can carry and may still pay today: the rest stays
-        # queued for a node that can (a refusal would fail it for good)
-        carry = min(self._outbound, st.max_payment_msat + st.max_fee_msat, st.per_day_msat - spent_all)
+        # queued for a node that can, or for tomorrow (a refusal would fail it for good).
+        # A payment over the per-payment or fee cap is leased and refused with the reason:
+        # waiting would not bring it under the cap, and its caller should hear why.
+        carry = min(self._outbound, st.per_day_msat - spent_all)
         if carry <= 0:
             return None
         p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry)
