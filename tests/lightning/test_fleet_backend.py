@@ -277,6 +277,12 @@ async def test_the_fleet_gauges_show_pools_heartbeats_liquidity_and_the_queue(fl
     assert 29 <= metrics['micropay_fleet_queue_oldest_age_seconds{state="queued"}'] < 60
     assert metrics['micropay_fleet_queue_payments{state="sending"}'] == 0
     assert metrics["micropay_fleet_open_asks"] == 0
+    assert metrics["micropay_fleet_oldest_ask_age_seconds"] == 0
+    await repo.ask("micropay-gauge-ask", me, 4321, "asked", 600, now_ms - 2_000)   # nobody answers it
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in (await backend.metrics_text()).splitlines()
+               if line and not line.startswith("#")}
+    assert metrics["micropay_fleet_open_asks"] == 1
+    assert 2 <= metrics["micropay_fleet_oldest_ask_age_seconds"] < 10
 
 
 async def test_pooled_claims_alternate_between_live_nodes(fleet):

@@ -512,7 +512,8 @@ class FleetBackend:
 
     async def metrics_text(self) -> str:
         """Fleet gauges for /metrics: per node its heartbeat age, liquidity and ready
-        pooled invoices; the payment queue's size and oldest age by state; open asks."""
+        pooled invoices; the payment queue's size and oldest age by state; open asks and the
+        oldest one's age."""
         now_ms = self._now_ms()
         st = await self.repo.stats(now_ms)
         lines = gauge_lines("micropay_fleet_heartbeat_age_seconds", "Seconds since the node's agent last beat.",
@@ -534,6 +535,9 @@ class FleetBackend:
                                                   if s in st.queue else 0) for s in states])
         lines += gauge_lines("micropay_fleet_open_asks", "On-demand invoice asks not answered yet.",
                              [({}, st.open_asks)])
+        lines += gauge_lines("micropay_fleet_oldest_ask_age_seconds", "Age of the oldest on-demand ask not answered "
+                             "yet, of the last minute's (0 when none).",
+                             [({}, 0 if st.oldest_ask_ms is None else round((now_ms - st.oldest_ask_ms) / 1000, 3))])
         return "\n".join(lines) + "\n"
 
     async def wait_until_ready(self, timeout_s: float) -> bool:
