@@ -219,8 +219,9 @@ RELEASE = ("UPDATE micropay_fleet_invoices SET claim_label = NULL, claimed_ms = 
            "AND NOT EXISTS (SELECT 1 FROM micropay_fleet_settlements s "
            "WHERE s.payment_hash = micropay_fleet_invoices.payment_hash) RETURNING payment_hash")
 RELEASE_CHUNK = 200
-# Unclaimed invoices that will soon expire (or that nobody wants any more) leave the pool:
-# the agent deletes them from its node first, then here.
+# Unclaimed invoices that will soon expire leave the pool: the agent takes them out here,
+# then deletes them from its node. (A pool nobody wants any more is not refilled, and
+# empties this way within its invoices' expiry.)
 STALE = ("SELECT payment_hash, node_label FROM micropay_fleet_invoices WHERE node_id = $1 "
          "AND claim_label IS NULL AND expires_at <= $2 ORDER BY expires_at LIMIT $3")
 DROP = "DELETE FROM micropay_fleet_invoices WHERE payment_hash = $1 AND claim_label IS NULL RETURNING payment_hash"
