@@ -45,8 +45,21 @@ async def world(request, tmp_path):
         await drop_pg_schema(url)
 
 
-def agent_for(node, repo, clock, settings=CAPS):
-    return FleetAgent(node, repo, settings, clock=clock)
+def agent_for(node, repo, clock, settings=CAPS, records=None):
+    return FleetAgent(node, repo, settings, clock=clock, records=records)
+
+
+@pytest.fixture(params=[False, True], ids=["caps-from-store", "caps-from-node-records"])
+def node_records(request):
+    """The crash tests run both ways: caps counted from the store's rows, and (as the plugin
+    runs the agent) from the node's own records, which must come out right after a crash."""
+    from micropay.lightning.memrecords import MemoryRecords
+    return MemoryRecords() if request.param else None
+
+
+async def node_spent(records, clock) -> int | None:
+    from micropay.plugin.agent import SpendLedger
+    return None if records is None else (await SpendLedger(records, clock).today())[0]
 
 
 async def received(payee) -> int:
@@ -135,29 +148,32 @@ async def test_the_daily_cap_holds_across_payments_and_frees_a_day_later(world):
     assert await received(payee) == 280_000
 
 
-async def test_a_crash_after_the_lease_gives_the_payment_to_the_next_agent_after_the_lease(world):
+async def test_a_crash_after_the_lease_gives_the_payment_to_the_next_agent_after_the_lease(world, node_records):
     repo, backend, merchant, payee, clock = world
     inv = await payee.create_invoice(9000, "c1", "refund", 3600)
     await repo.enqueue(QueuedPayment("micropay-refund-c1", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
                                      False, 1000), int(clock() * 1000))
-    crashed = agent_for(merchant, repo, clock)
+    crashed = agent_for(merchant, repo, clock, records=node_records)
     assert await repo.lease(await crashed.node_id(), int(clock() * 1000), CAPS.lease_ms,
                             10**12) is not None   # then dies
-    restarted = agent_for(merchant, repo, clock)
+    restarted = agent_for(merchant, repo, clock, records=node_records)
     assert not await restarted.pay_once(), "a live lease was taken over"
     clock.advance(CAPS.lease_ms / 1000 + 1)
     assert await restarted.pay_once()
-    assert (await repo.payment("micropay-refund-c1")).state == "paid" and await received(payee) == 9000
+    row = await repo.payment("micropay-refund-c1")
+    assert row.state == "paid" and await received(payee) == 9000
+    assert await node_spent(node_records, clock) in (None, 9000 + (row.fee_msat or 0))
 
 
-async def test_a_crash_after_recording_sending_before_paying_is_requeued_after_the_grace(world):
+async def test_a_crash_after_recording_sending_before_paying_is_requeued_after_the_grace(world, node_records):
     repo, backend, merchant, payee, clock = world
     inv = await payee.create_invoice(9000, "c2", "refund", 3600)
     await repo.enqueue(QueuedPayment("micropay-refund-c2", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
                                      False, 1000), int(clock() * 1000))
-    crashed = agent_for(merchant, repo, clock)
+    crashed = agent_for(merchant, repo, clock, records=node_records)
     assert (await crashed.start_payment()).state == "sending"                  # then dies before paying
-    restarted = agent_for(merchant, repo, clock)
+    assert await node_spent(node_records, clock) in (None, 10_000)             # amount + fee allowance reserved
+    restarted = agent_for(merchant, repo, clock, records=node_records)
     await restarted.pay_once()
     assert (await repo.payment("micropay-refund-c2")).state == "sending", "requeued before the grace"
     clock.advance(REQUEUE_GRACE_S + 1)
@@ -165,22 +181,58 @@ async def test_a_crash_after_recording_sending_before_paying_is_requeued_after_t
     await restarted.pay_once()
     row = await repo.payment("micropay-refund-c2")
     assert row.state == "paid" and await received(payee) == 9000
+    assert await node_spent(node_records, clock) in (None, 9000 + (row.fee_msat or 0)), "counted twice"
 
 
-async def test_a_crash_after_paying_before_recording_is_settled_from_the_nodes_record(world):
+async def test_a_payment_requeued_from_one_node_and_paid_by_another_is_not_charged_to_the_first(world):
+    """The first node recorded it as sending and died before paying; after the grace it
+    goes back to the queue and its reservation in that node's records is dropped: the
+    second node pays it, and only the second node's day is charged."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    other = merchant.net.add_node("other", balance_msat=10_000_000)
+    first_records, other_records = MemoryRecords(), MemoryRecords()
+    inv = await payee.create_invoice(9000, "c4", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-c4", "refund", "bob", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    first = agent_for(merchant, repo, clock, records=first_records)
+    assert (await first.start_payment()).state == "sending"                     # then dies before paying
+    assert await node_spent(first_records, clock) == 10_000
+    clock.advance(REQUEUE_GRACE_S + 1)
+    first = agent_for(merchant, repo, clock, records=first_records)             # restarted
+    assert await first.reconcile() == 1 and (await repo.payment("micropay-refund-c4")).state == "queued"
+    assert await node_spent(first_records, clock) == 0, "the first node still counts what it never sent"
+    assert await agent_for(other, repo, clock, records=other_records).pay_once()
+    row = await repo.payment("micropay-refund-c4")
+    assert row.state == "paid" and row.node_id == await other.node_id() and await received(payee) == 9000
+    assert await node_spent(other_records, clock) == 9000 + (row.fee_msat or 0)
+    assert await node_spent(first_records, clock) == 0
+    # and should the first node take such a payment again, it reserves it anew
+    inv = await payee.create_invoice(5000, "c5", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-c5", "refund", "bob", inv.bolt11, None, inv.payment_hash, 5000,
+                                     False, 1000), int(clock() * 1000))
+    assert (await first.start_payment()).state == "sending"
+    clock.advance(REQUEUE_GRACE_S + 1)
+    assert await first.reconcile() == 1
+    assert (await first.start_payment()).state == "sending"
+    assert await node_spent(first_records, clock) == 6000, "a second lease of a released key was not reserved"
+
+
+async def test_a_crash_after_paying_before_recording_is_settled_from_the_nodes_record(world, node_records):
     repo, backend, merchant, payee, clock = world
     inv = await payee.create_invoice(9000, "c3", "refund", 3600)
     await repo.enqueue(QueuedPayment("micropay-refund-c3", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
                                      False, 1000), int(clock() * 1000))
-    crashed = agent_for(merchant, repo, clock)
+    crashed = agent_for(merchant, repo, clock, records=node_records)
     p = await crashed.start_payment()
     paid = await merchant.pay(p.bolt11, max_fee_msat=1000, label=p.node_label)     # then dies before recording
-    restarted = agent_for(merchant, repo, clock)
+    restarted = agent_for(merchant, repo, clock, records=node_records)
     for _ in range(3):
         await restarted.pay_once()
     row = await repo.payment("micropay-refund-c3")
     assert row.state == "paid" and row.preimage == paid.preimage
     assert await received(payee) == 9000, "paid twice after the crash"
+    assert await node_spent(node_records, clock) in (None, 9000 + (row.fee_msat or 0))
 
 
 async def test_while_queued_a_payment_counts_as_in_flight_never_as_dead(world):

@@ -138,6 +138,21 @@ class SpendLedger:
                 return
 
 
+    async def release(self, key: str) -> None:
+        """The reservation of a payment that never left the node (sent back to the queue)
+        is dropped, as if never made: whichever node pays it later reserves it anew, and
+        this node's day is not charged for what another node paid."""
+        def drop(doc: dict[str, Any]) -> bool | None:
+            held = doc["keys"].pop(key, None)
+            if held is None:
+                return None
+            self._move(doc, held[0], -int(held[1]))
+            return True
+        for offset in (0, -1):
+            if await self._update(self._day(offset), drop) is not None:
+                return
+
+
 class FleetAgent:
     def __init__(self, node: Node, repo: FleetRepository, settings: AgentSettings = AgentSettings(), *,
                  clock: Callable[[], float] = time.time, records: RecordStore | None = None) -> None:
@@ -381,6 +396,8 @@ class FleetAgent:
                 if (self.clock() * 1000 - (p.sent_ms or 0) < REQUEUE_GRACE_S * 1000
                         or not await self.repo.requeue(p.key, node_id)):
                     continue
+                if self.ledger is not None:       # nothing left this node: its day owes nothing for it
+                    await self.ledger.release(p.key)
             else:
                 continue
             moved += 1
