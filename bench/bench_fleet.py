@@ -15,10 +15,14 @@ clients (every 402 a new invoice):
    invoices, against raw `invoice`;
 3. fleet mode, one node: one and two `micropay serve` processes (kind "fleet") claiming
    from the pool, 402s a second as a ratio to 1., and p50/p99 (the burst absorbed);
-   then the same with pool_depth 0 (every 402 asked of the agent on demand);
-4. fleet mode, two nodes: merchant 2's agent pools too; 402s a second;
-5. paid requests (a pass token bought over Lightning, then repeated): single host and
-   fleet, requests a second (a paid request never touches a node in either mode).
+   then a sidecar with pool_depth 0 selling a price no pool holds (a description of its
+   own), so that every 402 is asked of the agent on demand (the 402 latency without a
+   pool);
+4. fleet mode, two nodes: merchant 2's agent pools too; one sidecar, then two; 402s a
+   second;
+5. paid requests (a pass token bought over Lightning, then repeated): single host, and
+   fleet with 1 node and 1 sidecar, 2 nodes and 1 sidecar, 2 nodes and 2 sidecars,
+   requests a second (a paid request never touches a node in either mode).
 
 Only 127.0.0.1. The machine's two cores are shared by everything here, so the absolute
 figures are low; the ratios are what to compare. Goal: 402s from the pool at >= 20x the
@@ -86,10 +90,10 @@ def pg(sql: str, *args):
 
 
 class Sidecar:
-    def __init__(self, root: Path, name: str, backend: str, store: str | None) -> None:
+    def __init__(self, root: Path, name: str, backend: str, store: str | None, routes: str = ROUTES) -> None:
         self.port = network.free_port()
         cfg = root / f"{name}.toml"
-        text = ROUTES.format(data=root / "sidecar-data") + backend
+        text = routes.format(data=root / "sidecar-data") + backend
         if store:
             text += f'[store]\nurl = "{store}"\n'
         cfg.write_text(text)
@@ -271,13 +275,22 @@ def main() -> None:
                    f"(pool left: {ready(m1.id)})")
         f2.stop()
         sidecars.remove(f2)
-        nopool = Sidecar(root, "nopool", fleet_backend.replace(f"pool_depth = {a.depth}", "pool_depth = 0"), store)
+        # without a pool: a description of its own, so no pool holds its price (pool_depth 0
+        # alone would still take from the pool fleet1 keeps for the same price), and every
+        # 402 is an invoice asked of the agent on demand
+        nopool = Sidecar(root, "nopool", fleet_backend.replace(f"pool_depth = {a.depth}", "pool_depth = 0"), store,
+                         routes=ROUTES.replace('description = "joke"', 'description = "joke, asked for"'))
         sidecars.append(nopool)
         asked = burst([nopool.url], a.seconds)
+        pooled = pg("SELECT COUNT(*) FROM micropay_fleet_invoices WHERE description = $1", "joke, asked for")[0][0]
+        answered = pg("SELECT COUNT(*) FROM micropay_fleet_asks WHERE description = $1 AND answered_ms IS NOT NULL",
+                      "joke, asked for")[0][0]
         say(f"fleet, 1 node, no pool (asks), 402s  : {asked['rate']:8.0f} /s   p50 {asked['p50_ms']:6.1f} ms  "
-                   f"p99 {asked['p99_ms']:6.1f} ms   ratio {asked['rate'] / base['rate']:.1f}x single host")
+                   f"p99 {asked['p99_ms']:6.1f} ms   ratio {asked['rate'] / base['rate']:.1f}x single host  "
+                   f"({answered} asks answered; {pooled - answered} invoices from a pool)")
         nopool.stop()
         sidecars.remove(nopool)
+        fleet_paid_one = paid_rate(f1.url, pass_token(payer, f1.url), a.seconds)
 
         # 4. a second node
         m2 = network.Node(root, 3, btc, None, options=agent)
@@ -289,6 +302,10 @@ def main() -> None:
         both = fill(None, 2 * a.depth)
         say(f"agent refill, two nodes              : {both:8.0f} invoices/s   ratio {both / raw:.2f}x raw "
                    "`invoice` of one node")
+        one_two = burst([f1.url], a.seconds)
+        say(f"fleet, 2 nodes, 1 sidecar, 402s      : {one_two['rate']:8.0f} /s   p50 {one_two['p50_ms']:6.1f} ms  "
+                   f"p99 {one_two['p99_ms']:6.1f} ms   ratio {one_two['rate'] / base['rate']:.1f}x single host")
+        fill(None, 2 * a.depth)
         f2 = Sidecar(root, "fleet2b", fleet_backend, store)
         sidecars.append(f2)
         two_nodes = burst([f1.url, f2.url], a.seconds)
@@ -297,11 +314,20 @@ def main() -> None:
                    f"{two_nodes['p50_ms']:6.1f} ms  p99 {two_nodes['p99_ms']:6.1f} ms   ratio "
                    f"{two_nodes['rate'] / base['rate']:.1f}x single host  ({nodes_seen[0][0]} nodes' invoices claimed)")
 
-        # 5. paid requests (pass token, repeated)
+        # 5. paid requests (pass token, repeated): they touch no node, so the nodes' count
+        # should not matter; one sidecar process and two
         single_paid = paid_rate(single.url, pass_token(payer, single.url), a.seconds)
         fleet_paid = paid_rate(f1.url, pass_token(payer, f1.url), a.seconds)
+        auths = [(u, pass_token(payer, u)) for u in (f1.url, f2.url)]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(2) as both_paid:
+            fleet_paid_two = sum(both_paid.map(lambda ua: paid_rate(ua[0], ua[1], a.seconds), auths))
         say(f"paid requests, single host           : {single_paid:8.0f} /s")
-        say(f"paid requests, fleet sidecar         : {fleet_paid:8.0f} /s   ratio {fleet_paid / single_paid:.2f}x")
+        say(f"paid requests, fleet, 1 node, 1 sidecar  : {fleet_paid_one:8.0f} /s   ratio "
+            f"{fleet_paid_one / single_paid:.2f}x")
+        say(f"paid requests, fleet, 2 nodes, 1 sidecar : {fleet_paid:8.0f} /s   ratio {fleet_paid / single_paid:.2f}x")
+        say(f"paid requests, fleet, 2 nodes, 2 sidecars: {fleet_paid_two:8.0f} /s   ratio "
+            f"{fleet_paid_two / single_paid:.2f}x")
         # 6. incoming payments a node settles a second (the HTLC rate the capacity model needs)
         htlc_rate = asyncio.run(incoming_rate(payer, m1, 200))
         say(f"incoming payments settled, one node  : {htlc_rate:8.1f} /s   (8 payers' xpay at once, one hop)")
