@@ -201,6 +201,46 @@ async def _answer_forever(agent):
         await asyncio.sleep(0.01)
 
 
+async def test_asks_are_answered_several_at_once_and_a_refusal_is_told(fleet):
+    """16 clients asking at once: the agent makes their invoices up to ASK_CONCURRENCY at
+    a time (each `invoice` here takes 50 ms), so they are all answered in a few rounds,
+    not one after another; an ask the node refuses is answered with the reason, and its
+    asker hears it before its timeout."""
+    from micropay.core.errors import NodeError
+    from micropay.plugin.agent import ASK_CONCURRENCY
+    repo, agent, backend, payer, _ = fleet
+    await agent.beat()
+    real, inflight, peak = agent.node.create_invoice, [0], [0]
+
+    async def slow(amount, label, description, expiry_s, **kw):
+        inflight[0] += 1
+        peak[0] = max(peak[0], inflight[0])
+        try:
+            await asyncio.sleep(0.05)
+            if description == "refused":
+                raise NodeError("the node said no")
+            return await real(amount, label, description, expiry_s, **kw)
+        finally:
+            inflight[0] -= 1
+    agent.node.create_invoice = slow
+    answering = asyncio.create_task(_answer_forever(agent))
+    try:
+        t0 = time.monotonic()
+        got = await asyncio.gather(*(backend.create_invoice(1000 + i, f"micropay-cc{i}", "at once", 600)
+                                     for i in range(16)))
+        elapsed = time.monotonic() - t0
+        t1 = time.monotonic()
+        with pytest.raises(NoInvoiceInTime, match="could not make the invoice: .*said no"):
+            await backend.create_invoice(999, "micropay-no", "refused", 600)
+        refused_after = time.monotonic() - t1
+    finally:
+        answering.cancel()
+    assert sorted(decode_invoice(i.bolt11).amount_msat for i in got) == [1000 + i for i in range(16)]
+    assert 1 < peak[0] <= ASK_CONCURRENCY, peak[0]
+    assert elapsed < 16 * 0.05 * 0.6, f"16 asks took {elapsed:.2f} s: answered one at a time"
+    assert refused_after < backend.ask_timeout_s * 0.9
+
+
 LISTENER = textwrap.dedent("""
     import asyncio, json, sys, time
     from micropay.lightning.fleet import FleetBackend
