@@ -100,3 +100,36 @@ async def test_a_stale_agent_is_skipped_until_it_beats_again(repo):
     assert await claim(repo, clock, "micropay-stale") is None
     await agent.beat()
     assert await claim(repo, clock, "micropay-fresh") is not None
+
+
+async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_that_pool(repo):
+    """The node makes up to ASK_CONCURRENCY invoices of a pool at a time (one at a time
+    filled at half its rate); a pool whose invoices the node refuses stops for this
+    round, and the other pools are still made."""
+    import asyncio
+
+    from micropay.core.errors import NodeError
+    from micropay.plugin.agent import ASK_CONCURRENCY
+    clock = FakeClock()
+    node, agent = setup(clock, repo)
+    real, inflight, peak, refused = node.create_invoice, [0], [0], [0]
+
+    async def slow(amount, label, description, expiry_s, **kw):
+        inflight[0] += 1
+        peak[0] = max(peak[0], inflight[0])
+        try:
+            await asyncio.sleep(0.01)
+            if description == "not on this node":
+                refused[0] += 1
+                raise NodeError("the node said no")
+            return await real(amount, label, description, expiry_s, **kw)
+        finally:
+            inflight[0] -= 1
+    node.create_invoice = slow
+    await repo.want(Want(5000, "not on this node", depth=30, expiry_s=600), int(clock() * 1000))
+    await repo.want(Want(7000, "a joke", depth=30, expiry_s=600), int(clock() * 1000))
+    assert await agent.refill_once() == 30
+    assert 1 < peak[0] <= ASK_CONCURRENCY, peak[0]
+    assert refused[0] <= ASK_CONCURRENCY, f"{refused[0]} invoices asked of a node that refuses them"
+    assert await repo.ready_count(await node.node_id(), 7000, "a joke", int(clock()) + 120) == 30
+    assert await repo.ready_count(await node.node_id(), 5000, "not on this node", int(clock()) + 120) == 0
