@@ -275,6 +275,7 @@ def main() -> None:
                    f"(pool left: {ready(m1.id)})")
         f2.stop()
         sidecars.remove(f2)
+        fill(m1.id, a.depth)                        # the agent is not refilling meanwhile
         # without a pool: a description of its own, so no pool holds its price (pool_depth 0
         # alone would still take from the pool fleet1 keeps for the same price), and every
         # 402 is an invoice asked of the agent on demand
