@@ -11,6 +11,9 @@ rights and hand out the agents' invoices; a payer node pays through L402 and Pay
   has the outbound liquidity (not by the one without), once, within the operator's caps
   (a second payout over the per-player cap is refused and nothing leaves); a payout in
   flight when its lightningd is killed -9 is paid exactly once after the restart.
+- A Payment session sold by a fleet sidecar: its deposit invoice is the agent's, and the
+  close's refund is paid by the agent through the queue exactly once, also when the
+  agent's lightningd is killed -9 with the refund's HTLC held by the payer.
 """
 from __future__ import annotations
 
@@ -307,3 +310,96 @@ async def test_an_agent_refilling_and_waiting_on_a_payment_holds_up_none_of_its_
 
 async def ready_at_least(count, n: int) -> bool:
     return await count() >= n
+
+
+async def test_a_fleet_sidecars_session_refund_is_paid_by_the_agent_once_across_a_kill(node_factory, fleet_url,
+                                                                                       tmp_path):
+    """A Payment session sold by a fleet sidecar (no node rights): the deposit invoice is
+    the agent's, paid by the payer's node over Lightning; the close's refund goes into the
+    payment queue and l2's agent pays it onto the payer's return invoice, whose HTLC the
+    payer holds while l2's lightningd is killed -9 and restarted. The refund is paid
+    exactly once (one attempt on l2, the return invoice paid once with the refund), and
+    the session ends closed with the refund succeeded."""
+    from micropay.core.errors import PaymentUnknown
+    from micropay.payment import scheme as pa
+    from micropay.payment.sessions import RESUME_AFTER_S, SessionLedger
+    from micropay.sidecar.app import build_app, create_runtime, make_runner
+    from micropay.store.sessions import RefundStatus, SessionStatus
+
+    from ..conftest import make_config
+    from ..payment.test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
+    from .test_sessions_cln import to_us_msat
+    refund_msat = (DEPOSIT_UNITS - 1) * UNIT_MSAT              # the open's event spends one unit
+    agent = opts(**{"micropay-fleet-store": fleet_url, **CAPS})
+    l1, l2 = node_factory.line_graph(
+        2, opts=[{"may_reconnect": True, "plugin": helper_plugin("hold"), "hold-msat": refund_msat},
+                 dict(agent, may_reconnect=True, broken_log=KILLED)], wait_for_announce=True)
+    give_outbound_liquidity(l1, l2)
+    assert await wait_until(lambda: no_htlcs(l1))
+    up_runner, up_url, seen = await start_upstream()
+    toml = routes(up_url) + (f'[backend]\nkind = "fleet"\nheartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n'
+                             f'ask_timeout_s = 10\n[store]\nurl = "{fleet_url}"\n')
+    rt = await create_runtime(make_config(tmp_path, toml))
+    runner = make_runner(build_app(rt))
+    await runner.setup()
+    from aiohttp import web
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    repo = await open_repo(fleet_url)
+    ledger = rt.gate.sessions
+    try:
+        async def l2_can_pay():
+            return any(n.node_id == l2.info["id"] and n.outbound_msat > refund_msat
+                       for n in await repo.live_nodes(int(time.time() * 1000) - 5000))
+        assert await wait_until(l2_can_pay, 30), "l2's agent never reported its outbound liquidity"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/gen?n=1") as r:
+                assert r.status == 402, await r.text()
+                (ch,) = [c for c in pa.parse_challenges(r.headers.getall("WWW-Authenticate")) if c.intent == "session"]
+            deposit = pa.decode_request(ch)["depositInvoice"]
+            assert l1.rpc.decode(deposit)["payee"] == l2.info["id"], "the deposit invoice is not the agent's"
+            paid = l1.rpc.call("xpay", {"invstring": deposit})
+            ret = l1.rpc.call("invoice", {"amount_msat": "any", "label": "ret", "description": "refund"})
+            auth = pa.format_session_credential(ch, {"action": "open", "preimage": paid["payment_preimage"],
+                                                     "returnInvoice": ret["bolt11"]})
+            async with http.get(url + "/gen?n=1", headers={"Authorization": auth}) as r:
+                assert r.status == 200, await r.text()
+                await r.read()
+        assert seen["gen"] == [0]
+        sid = pa.decode_request(ch)["paymentHash"]
+        await asyncio.sleep(ledger.lease_s + 0.1)
+        await ledger.flush_leases()
+        assert await wait_until(lambda: no_htlcs(l1))
+        before = to_us_msat(l1)
+        closing = asyncio.ensure_future(ledger.close(sid))
+        await asyncio.to_thread(l1.daemon.wait_for_log, "holding an HTLC")     # the agent's refund is out
+        row = await repo.payment_by_hash(ret["payment_hash"])
+        assert row is not None and row.key.startswith("micropay-refund-") and row.kind == "refund"
+        assert row.state == "sending" and row.node_id == l2.info["id"] and row.amount_msat == refund_msat
+        await asyncio.to_thread(kill_and_restart, l2, l1)
+        try:
+            await asyncio.wait_for(closing, 120)
+        except PaymentUnknown:                   # the close does not guess; a later resume settles it
+            pass
+        await asyncio.to_thread(l2.wait_channel_active, l2.get_channel_scid(l1))
+        resumer = SessionLedger(ledger.repo, rt.node, clock=lambda: time.time() + RESUME_AFTER_S + 1)
+        deadline = time.monotonic() + 120
+        while (await ledger.repo.get(sid)).status != SessionStatus.CLOSED and time.monotonic() < deadline:
+            await resumer.resume()
+            await asyncio.sleep(1)
+        rec = await ledger.repo.get(sid)
+        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED, rec
+        assert rec.refund_msat == refund_msat
+        (inv,) = l1.rpc.listinvoices("ret")["invoices"]
+        assert inv["status"] == "paid" and inv["amount_received_msat"] == refund_msat
+        sent = [p for p in l2.rpc.listsendpays()["payments"] if p["payment_hash"] == inv["payment_hash"]]
+        assert [p["status"] for p in sent] == ["complete"], sent           # one attempt, completed once
+        final = await repo.payment_by_hash(inv["payment_hash"])
+        assert final.state == "paid" and final.node_id == l2.info["id"]
+        assert await wait_until(lambda: no_htlcs(l1))
+        assert to_us_msat(l1) - before == refund_msat, "the payer's node did not get exactly the refund"
+    finally:
+        await runner.cleanup()
+        await up_runner.cleanup()
+        await repo.store.close()
