@@ -102,7 +102,8 @@ async def test_a_stale_agent_is_skipped_until_it_beats_again(repo):
     assert await claim(repo, clock, "micropay-fresh") is not None
 
 
-async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_that_pool(repo):
+@pytest.mark.parametrize("refused_first", [True, False])
+async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_that_pool(repo, refused_first):
     """The node makes up to ASK_CONCURRENCY invoices of a pool at a time (one at a time
     filled at half its rate); a pool whose invoices the node refuses stops for this
     round, and the other pools are still made."""
@@ -126,8 +127,9 @@ async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_
         finally:
             inflight[0] -= 1
     node.create_invoice = slow
-    await repo.want(Want(5000, "not on this node", depth=30, expiry_s=600), int(clock() * 1000))
-    await repo.want(Want(7000, "a joke", depth=30, expiry_s=600), int(clock() * 1000))
+    wants = [Want(5000, "not on this node", depth=30, expiry_s=600), Want(7000, "a joke", depth=30, expiry_s=600)]
+    for want in wants if refused_first else wants[::-1]:
+        await repo.want(want, int(clock() * 1000))
     assert await agent.refill_once() == 30
     assert 1 < peak[0] <= ASK_CONCURRENCY, peak[0]
     assert refused[0] <= ASK_CONCURRENCY, f"{refused[0]} invoices asked of a node that refuses them"

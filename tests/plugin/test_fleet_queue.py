@@ -104,8 +104,6 @@ async def test_an_amountless_return_invoice_is_paid_the_amount_asked(world):
 
 
 @pytest.mark.parametrize("amount, fee, subject, why", [
-    (50_001, 1000, "", "per payment"),
-    (90_000, 1000, "", "per payment"),         # far over it: refused too, not left queued for good
     (10_000, 5001, "", "fee cap"),
     (40_000, 1000, "alice", "per payout subject and UTC day"),     # alice already has 30,000 out today
 ])
@@ -123,6 +121,25 @@ async def test_each_cap_refuses_and_nothing_leaves(world, amount, fee, subject, 
     row = await repo.payment("micropay-payout-2")
     assert row.state == "failed" and why in row.error, row.error
     assert await received(payee) == 30_000
+
+
+@pytest.mark.parametrize("amount", [50_001, 90_000])
+async def test_a_payment_over_a_nodes_cap_per_payment_waits_for_a_node_whose_cap_is_higher(world, amount):
+    """Caps are each node's own: a node never leases what is over its cap per payment
+    (just over it or far over it alike), so nothing leaves it; the payment stays queued,
+    and a node whose operator allows more pays it."""
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(amount, "big", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-big", "payout", "", inv.bolt11, None, inv.payment_hash,
+                                     amount, False, 1000), int(clock() * 1000))
+    assert not await agent_for(merchant, repo, clock).pay_once()
+    assert (await repo.payment("micropay-payout-big")).state == "queued" and await received(payee) == 0
+    bigger = merchant.net.add_node("bigger", balance_msat=10_000_000)
+    generous = AgentSettings(max_payment_msat=100_000, per_subject_day_msat=200_000, per_day_msat=500_000,
+                             max_fee_msat=5000, lease_ms=10_000)
+    assert await agent_for(bigger, repo, clock, generous).pay_once()
+    row = await repo.payment("micropay-payout-big")
+    assert row.state == "paid" and row.node_id == await bigger.node_id() and await received(payee) == amount
 
 
 async def test_the_daily_cap_holds_across_payments_and_frees_a_day_later(world):
@@ -184,10 +201,12 @@ async def test_a_crash_after_recording_sending_before_paying_is_requeued_after_t
     assert await node_spent(node_records, clock) in (None, 9000 + (row.fee_msat or 0)), "counted twice"
 
 
-async def test_a_payment_requeued_from_one_node_and_paid_by_another_is_not_charged_to_the_first(world):
+async def test_a_payment_requeued_from_one_node_is_paid_once_by_another(world):
     """The first node recorded it as sending and died before paying; after the grace it
-    goes back to the queue and its reservation in that node's records is dropped: the
-    second node pays it, and only the second node's day is charged."""
+    goes back to the queue and the second node pays it, once. The first node's own
+    records keep its reservation for the day: whether it was sent is the store's word,
+    not the node's, and a store writer must not be able to make a node's caps forget a
+    payment (the safe side: that day's cap counts it on both nodes)."""
     from micropay.lightning.memrecords import MemoryRecords
     repo, backend, merchant, payee, clock = world
     other = merchant.net.add_node("other", balance_msat=10_000_000)
@@ -197,25 +216,37 @@ async def test_a_payment_requeued_from_one_node_and_paid_by_another_is_not_charg
                                      False, 1000), int(clock() * 1000))
     first = agent_for(merchant, repo, clock, records=first_records)
     assert (await first.start_payment()).state == "sending"                     # then dies before paying
-    assert await node_spent(first_records, clock) == 10_000
     clock.advance(REQUEUE_GRACE_S + 1)
     first = agent_for(merchant, repo, clock, records=first_records)             # restarted
     assert await first.reconcile() == 1 and (await repo.payment("micropay-refund-c4")).state == "queued"
-    assert await node_spent(first_records, clock) == 0, "the first node still counts what it never sent"
+    assert await node_spent(first_records, clock) == 10_000
     assert await agent_for(other, repo, clock, records=other_records).pay_once()
     row = await repo.payment("micropay-refund-c4")
     assert row.state == "paid" and row.node_id == await other.node_id() and await received(payee) == 9000
     assert await node_spent(other_records, clock) == 9000 + (row.fee_msat or 0)
-    assert await node_spent(first_records, clock) == 0
-    # and should the first node take such a payment again, it reserves it anew
-    inv = await payee.create_invoice(5000, "c5", "refund", 3600)
-    await repo.enqueue(QueuedPayment("micropay-refund-c5", "refund", "bob", inv.bolt11, None, inv.payment_hash, 5000,
-                                     False, 1000), int(clock() * 1000))
-    assert (await first.start_payment()).state == "sending"
-    clock.advance(REQUEUE_GRACE_S + 1)
-    assert await first.reconcile() == 1
-    assert (await first.start_payment()).state == "sending"
-    assert await node_spent(first_records, clock) == 6000, "a second lease of a released key was not reserved"
+
+
+async def test_a_settled_payment_the_store_puts_back_in_the_queue_is_not_paid_again(world):
+    """A store writer rewrites a paid keysend's row back to queued: the node's own records
+    know that key settled, so its agent refuses it instead of paying it a second time."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    records = MemoryRecords()
+    agent = agent_for(merchant, repo, clock, records=records)
+    await repo.enqueue(QueuedPayment("micropay-tipshare-k1", "tip share", "", None, await payee.node_id(), None,
+                                     5000, False, 1000), int(clock() * 1000))
+    assert await agent.pay_once()
+    assert (await repo.payment("micropay-tipshare-k1")).state == "paid" and payee.keysends_received == [(5000, {})]
+    for _ in range(2):                      # today, and again after midnight (yesterday's record)
+        await repo.store.execute("UPDATE micropay_fleet_payments SET state = 'queued', node_id = NULL, "
+                                 "node_label = NULL, sendpays_start = NULL, sent_ms = NULL, lease_until_ms = 0, "
+                                 "preimage = NULL, fee_msat = NULL, done_ms = NULL WHERE key = $1",
+                                 ("micropay-tipshare-k1",))
+        assert await agent.pay_once()       # refused: the agent looks at the queue again at once
+        row = await repo.payment("micropay-tipshare-k1")
+        assert row.state == "failed" and "settled already" in row.error, row
+        assert payee.keysends_received == [(5000, {})], "paid twice"
+        clock.advance(86_400)
 
 
 async def test_a_crash_after_paying_before_recording_is_settled_from_the_nodes_record(world, node_records):
@@ -386,15 +417,58 @@ async def test_the_ledger_releases_a_failed_payment_and_a_retry_reserves_once(wo
     from micropay.plugin.agent import SpendLedger
     repo, backend, merchant, payee, clock = world
     ledger = SpendLedger(MemoryRecords(), clock)
-    await ledger.reserve("k1", "bob", 11_000)
-    await ledger.reserve("k1", "bob", 11_000)                # a retry after a crash: counted once
+    assert await ledger.reserve("k1", "bob", 11_000, "l1", 1)
+    assert await ledger.reserve("k1", "bob", 11_000, "l1b", 1)  # a retry after a crash: counted once
     assert await ledger.today("bob") == (11_000, 11_000)
-    await ledger.settle("k1", 0)                             # it failed: released
-    await ledger.settle("k1", 0)
+    await ledger.settle("k1", 0, "l1b")                      # it failed: released
+    await ledger.settle("k1", 0, "l1b")
     assert await ledger.today("bob") == (0, 0)
-    await ledger.reserve("k2", "bob", 11_000)
+    assert not await ledger.reserve("k1", "bob", 11_000, "l1c", 1), "a settled key was reserved again"
+    assert await ledger.reserve("k2", "bob", 11_000, "l2", 1)
     clock.advance(86_400)                                    # paid after midnight: yesterday's record is trimmed
-    await ledger.settle("k2", 10_007)
+    await ledger.settle("k2", 10_007, "l2")
     assert await ledger.today("bob") == (0, 0)
+    assert not await ledger.reserve("k2", "bob", 11_000, "l2b", 1), "settled yesterday, reserved again today"
     clock.advance(-86_400)
     assert await ledger.today("bob") == (10_007, 10_007)
+
+
+async def test_the_ledger_keeps_what_was_paid_whatever_outcome_the_store_points_at(world):
+    """Outcomes reach the ledger through the store's row (its node label): a settled
+    entry is final, and an outcome under a label this node never sent the key under
+    changes nothing. A store writer cannot make the day forget a payment."""
+    from micropay.lightning.memrecords import MemoryRecords
+    from micropay.plugin.agent import SpendLedger
+    repo, backend, merchant, payee, clock = world
+    ledger = SpendLedger(MemoryRecords(), clock)
+    assert await ledger.reserve("k3", "carol", 21_000, "mine", 1)
+    await ledger.settle("k3", 0, "someone-elses-failed-attempt")      # a forged label: ignored
+    assert await ledger.today("carol") == (21_000, 21_000)
+    await ledger.settle("k3", 20_010, "mine")                          # paid
+    await ledger.settle("k3", 0, "mine")                               # then "failed", per a rewritten row
+    assert await ledger.today("carol") == (20_010, 20_010)
+
+
+async def test_a_sending_row_rewritten_to_look_unsent_is_not_sent_again(world):
+    """The node paid a keysend under its label, then its agent died before recording it.
+    A store writer points the row at a label the node never used and backdates it, so
+    that the store says "never sent": the agent asks the node about the attempts its own
+    records hold, finds the payment, and leaves the row alone instead of requeueing it
+    (which would have paid it a second time)."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    records = MemoryRecords()
+    await repo.enqueue(QueuedPayment("micropay-tipshare-k2", "tip share", "", None, await payee.node_id(), None,
+                                     7000, False, 1000), int(clock() * 1000))
+    crashed = agent_for(merchant, repo, clock, records=records)
+    p = await crashed.start_payment()
+    await merchant.keysend(await payee.node_id(), 7000, label=p.node_label, max_fee_msat=1000)   # then dies
+    await repo.store.execute("UPDATE micropay_fleet_payments SET node_label = 'micropay-fleet-pay-forged', "
+                             "sent_ms = 0 WHERE key = $1", ("micropay-tipshare-k2",))
+    clock.advance(REQUEUE_GRACE_S + 1)
+    restarted = agent_for(merchant, repo, clock, records=records)
+    for _ in range(3):
+        await restarted.pay_once()
+    assert (await repo.payment("micropay-tipshare-k2")).state == "sending", "requeued on the store's word"
+    assert payee.keysends_received == [(7000, {})], "paid twice"
+    assert await node_spent(records, clock) == 8000

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 from ..core.errors import MicropayError, PaymentFailed
 from ..lightning.base import Node, Payment, RecordExists, RecordStore, Settlement, StaleRecord
@@ -34,6 +34,30 @@ LABEL_PREFIX = "micropay-fleet-"
 
 PAY_LABEL_PREFIX = "micropay-fleet-pay-"
 DAY_MS = 86_400_000
+
+
+T = TypeVar("T")
+# A spend ledger entry (per payment key): [subject, msat, RESERVED or SETTLED, [[node label,
+# sendpays position, unix time] of each attempt]]; an entry of an earlier version is
+# [subject, msat].
+RESERVED, SETTLED = "reserved", "settled"
+MAX_ATTEMPTS = 16        # labels kept per key (each one a restart between lease and sending)
+
+
+async def _all(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Run them at once and return their results; the first failure cancels the rest and
+    is raised as itself (not inside an ExceptionGroup, so that the agent's loop logs what
+    went wrong)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+def _settled(held: list[Any] | None) -> bool:
+    return held is not None and len(held) > 2 and held[2] == SETTLED
 
 
 def _utc_day_start_ms(now: float) -> int:
@@ -115,45 +139,68 @@ class SpendLedger:
         if subject:
             doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) + msat
 
-    async def reserve(self, key: str, subject: str, msat: int) -> None:
+    async def reserve(self, key: str, subject: str, msat: int, label: str, sendpays_start: int) -> bool:
+        """Reserve `msat` for `key`, about to be sent under the node label `label`, the
+        node's payment records standing at `sendpays_start` (idempotent: a retry after a
+        crash keeps the first reservation and adds its attempt). False if this node
+        settled the key already (paid or failed): the queue never hands a settled payment
+        out again, so the store's row was rewritten, and paying it would pay twice."""
+        yesterday, _ = await self._read(self._day(-1))       # settled before midnight
+        if _settled(yesterday["keys"].get(key)):
+            return False
+        settled = False
+
         def add(doc: dict[str, Any]) -> bool:
-            if key in doc["keys"]:
+            nonlocal settled
+            held = doc["keys"].get(key)
+            attempt = [label, sendpays_start, int(self.clock())]
+            if held is None:
+                doc["keys"][key] = [subject, msat, RESERVED, [attempt]]
+                self._move(doc, subject, msat)
+                return True
+            settled = _settled(held)
+            if settled or len(held) < 4 or len(held[3]) >= MAX_ATTEMPTS:
                 return False                        # reserved already (a retry after a crash)
-            doc["keys"][key] = [subject, msat]
-            self._move(doc, subject, msat)
+            held[3].append(attempt)
             return True
         await self._update(self._day(), add)
+        return not settled
 
-    async def settle(self, key: str, final_msat: int) -> None:
-        """The reservation of `key` becomes `final_msat` (0: it failed). Looks in today's
-        and yesterday's record (a payment sent before midnight)."""
+    async def attempts(self, key: str) -> list[tuple[str, int, int]] | None:
+        """(label, sendpays_start, time sent) of each attempt this node recorded for a
+        reserved `key`; None if it holds no such entry (none, settled, or of an earlier
+        version)."""
+        for offset in (0, -1):
+            doc, _ = await self._read(self._day(offset))
+            held = doc["keys"].get(key)
+            if held is not None:
+                if len(held) < 4 or held[2] != RESERVED:
+                    return None
+                return [(str(a[0]), int(a[1]), int(a[2])) for a in held[3]]
+        return None
+
+    async def settle(self, key: str, final_msat: int, label: str | None = None) -> None:
+        """The reservation of `key` becomes `final_msat` (0: it failed), as its attempt
+        under `label` turned out. Looks in today's and yesterday's record (a payment sent
+        before midnight). A settled entry is final, and an outcome under a label this node
+        never recorded for the key changes nothing: the store's row names the label, and
+        whoever rewrites the store must not make the caps forget a payment."""
         def trim(doc: dict[str, Any]) -> bool | None:
             held = doc["keys"].get(key)
             if held is None:
                 return None
-            subject, reserved = held[0], int(held[1])
-            if reserved == final_msat:
+            if _settled(held):
                 return False
-            doc["keys"][key] = [subject, final_msat]
+            if label is not None and len(held) >= 4 and label not in (a[0] for a in held[3]):
+                log.warning("spend ledger: %s settled under %s, not a label of this node's for it; "
+                            "its reservation stays", key, label)
+                return False
+            subject, reserved = held[0], int(held[1])
+            doc["keys"][key] = [subject, final_msat, SETTLED, held[3] if len(held) >= 4 else []]
             self._move(doc, subject, final_msat - reserved)
             return True
         for offset in (0, -1):
             if await self._update(self._day(offset), trim) is not None:
-                return
-
-
-    async def release(self, key: str) -> None:
-        """The reservation of a payment that never left the node (sent back to the queue)
-        is dropped, as if never made: whichever node pays it later reserves it anew, and
-        this node's day is not charged for what another node paid."""
-        def drop(doc: dict[str, Any]) -> bool | None:
-            held = doc["keys"].pop(key, None)
-            if held is None:
-                return None
-            self._move(doc, held[0], -int(held[1]))
-            return True
-        for offset in (0, -1):
-            if await self._update(self._day(offset), drop) is not None:
                 return
 
 
@@ -170,6 +217,7 @@ class FleetAgent:
         self._node_id: str | None = None
         self._watch = OrphanWatch(node)
         self._outbound: int | None = None         # spendable msat, as of the last heartbeat
+        self._refused = False
 
     async def node_id(self) -> str:
         if self._node_id is None:
@@ -231,9 +279,7 @@ class FleetAgent:
                                                   want.description, inv.bolt11, inv.expires_at, None),
                                     int(self.clock() * 1000))
                 added[0] += 1
-        async with asyncio.TaskGroup() as group:      # a store or node failure stops them all
-            for _ in range(n):
-                group.create_task(make())
+        await _all(make() for _ in range(n))
         return added[0]
 
     async def prune_once(self) -> int:
@@ -271,18 +317,20 @@ class FleetAgent:
                 try:
                     inv = await self.node.create_invoice(amount, label, description, expiry_s,
                                                          hash_description=hashed)
-                except MicropayError as exc:
-                    await self.repo.answer(claim_label, None, int(self.clock() * 1000), error=str(exc)[:200])
+                except Exception as exc:              # noqa: BLE001 - the asker hears it, the batch goes on
+                    if not isinstance(exc, MicropayError):
+                        log.warning("ask %s: the node call failed: %r", claim_label, exc)
+                    await self.repo.answer(claim_label, None, int(self.clock() * 1000),
+                                           error=str(exc)[:200] or type(exc).__name__)
                     return False
                 await self.repo.answer(claim_label, PooledInvoice(inv.payment_hash, node_id, label,
                                                                   -1 if amount is None else amount, description,
                                                                   inv.bolt11, inv.expires_at, claim_label),
                                        int(self.clock() * 1000))
                 return True
-        async with asyncio.TaskGroup() as group:      # a store or node failure stops them all
-            tasks = [group.create_task(answer(*ask)) for ask in asks]
+        answered = await _all(answer(*ask) for ask in asks)
         await self.repo.store.notify(ANSWERS_CHANNEL)
-        return sum(t.result() for t in tasks)
+        return sum(answered)
 
     async def record(self, s: Settlement) -> None:
         """One settlement of the node into the fleet's feed (idempotent), then the cursor."""
@@ -329,14 +377,14 @@ class FleetAgent:
         spent_all = (await self.ledger.today())[0] if self.ledger else await self.repo.spent(node_id, since)
         if self._outbound is None:
             self._outbound = (await self.node.liquidity()).outbound_msat
-        # lease only what this node can carry and may still pay today: the rest stays
-        # queued for a node that can, or for tomorrow (a refusal would fail it for good).
-        # A payment over the per-payment or fee cap is leased and refused with the reason:
-        # waiting would not bring it under the cap, and its caller should hear why.
+        # lease only what this node can carry, may pay under its own per-payment cap and may
+        # still pay today: the rest stays queued for a node that can (caps are each node's
+        # own, and another's may be higher), or for tomorrow; a refusal would fail it for
+        # good. What no node will ever take waits, and shows in the queue's age gauge.
         carry = min(self._outbound, st.per_day_msat - spent_all)
         if carry <= 0:
             return None
-        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry)
+        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry, st.max_payment_msat)
         if p is None:
             return None
         if self.ledger is not None:
@@ -345,18 +393,24 @@ class FleetAgent:
             spent_subject = await self.repo.spent(node_id, since, p.subject) if p.subject else 0
         refusal = self._mismatch(p) or self._refusal(p, spent_subject, spent_all)
         if refusal is not None:
-            await self.repo.done(p.key, node_id, "failed", now_ms, error=f"refused: {refusal}")
-            await self.repo.store.notify(PAID_CHANNEL)
-            log.warning("queued %s %s refused: %s", p.kind, p.key, refusal)
+            await self._refuse(p, node_id, now_ms, refusal)
             return None
-        if self.ledger is not None:
-            await self.ledger.reserve(p.key, p.subject, p.amount_msat + p.max_fee_msat)
         label = PAY_LABEL_PREFIX + os.urandom(12).hex()
         start = await self.node.sendpays_position()
+        if self.ledger is not None and not await self.ledger.reserve(p.key, p.subject,
+                                                                     p.amount_msat + p.max_fee_msat, label, start):
+            await self._refuse(p, node_id, now_ms, "this node's own records show this payment settled already")
+            return None
         if not await self.repo.sending(p.key, node_id, label, start, int(self.clock() * 1000)):
             return None                       # the lease ran out and someone else has it
         self._outbound = None                 # what it can carry changes: read again next time
         return await self.repo.payment(p.key)
+
+    async def _refuse(self, p: QueuedPayment, node_id: str, now_ms: int, why: str) -> None:
+        await self.repo.done(p.key, node_id, "failed", now_ms, error=f"refused: {why}")
+        await self.repo.store.notify(PAID_CHANNEL)
+        log.warning("queued %s %s refused: %s", p.kind, p.key, why)
+        self._refused = True                  # pay_once looks at the queue again at once
 
     def _mismatch(self, p: QueuedPayment) -> str | None:
         """The invoice itself decides what the node pays: it must say what the queue row
@@ -402,7 +456,7 @@ class FleetAgent:
         now_ms = int(self.clock() * 1000)
         node_id = await self.node_id()
         if self.ledger is not None:
-            await self.ledger.settle(p.key, 0 if paid is None else p.amount_msat + paid.fee_msat)
+            await self.ledger.settle(p.key, 0 if paid is None else p.amount_msat + paid.fee_msat, p.node_label)
         if paid is not None:
             await self.repo.done(p.key, node_id, "paid", now_ms, preimage=paid.preimage, fee_msat=paid.fee_msat,
                                  payment_hash=paid.payment_hash)
@@ -430,22 +484,46 @@ class FleetAgent:
             elif settled.outcome is Outcome.NOT_SENT:
                 # no record yet may also be an xpay still on its way to writing one (it
                 # retries for up to 60 s): only an attempt older than the grace goes back
-                if (self.clock() * 1000 - (p.sent_ms or 0) < REQUEUE_GRACE_S * 1000
-                        or not await self.repo.requeue(p.key, node_id)):
+                if self.clock() * 1000 - (p.sent_ms or 0) < REQUEUE_GRACE_S * 1000:
                     continue
-                if self.ledger is not None:       # nothing left this node: its day owes nothing for it
-                    await self.ledger.release(p.key)
+                if not await self._never_sent(p) or not await self.repo.requeue(p.key, node_id):
+                    continue
+                # the reservation stays in this node's records for the day (the safe side)
             else:
                 continue
             moved += 1
         return moved
 
+    async def _never_sent(self, p: QueuedPayment) -> bool:
+        """Whether the node has no record of any attempt its own ledger holds for `p`, each
+        older than the grace. The store's row (its label, where to look, when it was sent)
+        is only the store's word: one rewritten to point elsewhere must not get an attempt
+        that is on its way, or paid, sent again. Without the node's records (tests), the
+        row's word is taken."""
+        if self.ledger is None:
+            return True
+        attempts = await self.ledger.attempts(p.key)
+        if attempts is None:
+            return True                       # nothing reserved for it here: nothing of ours was sent
+        now = self.clock()
+        for label, start, sent_at in attempts:
+            if now - sent_at < REQUEUE_GRACE_S:
+                return False
+            seen = await self._watch.settle(now=now, label=label, sendpays_start=start)
+            if seen.outcome is not Outcome.NOT_SENT:
+                log.warning("queued %s %s: the store says it was never sent, but the node has a record of "
+                            "its attempt %s; it stays where it is", p.kind, p.key, label)
+                return False
+        return True
+
     async def pay_once(self) -> bool:
-        """Reconcile, then take one queued payment and pay it; True if one was taken."""
+        """Reconcile, then take one queued payment and pay it; True if one was taken (or
+        refused: the next one need not wait for the queue's poll)."""
         await self.reconcile()
+        self._refused = False
         p = await self.start_payment()
         if p is None:
-            return False
+            return self._refused
         await self.send(p)
         return True
 
