@@ -135,3 +135,34 @@ async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_
     assert refused[0] <= ASK_CONCURRENCY, f"{refused[0]} invoices asked of a node that refuses them"
     assert await repo.ready_count(await node.node_id(), 7000, "a joke", int(clock()) + 120) == 30
     assert await repo.ready_count(await node.node_id(), 5000, "not on this node", int(clock()) + 120) == 0
+
+
+async def test_an_ask_the_node_call_fails_for_is_answered_with_the_error_and_a_store_failure_is_itself(repo):
+    """Any error of the node call is that ask's answer (the other asks of the batch are
+    still made); a failure of the store stops the batch and is raised as itself, so the
+    agent's loop logs what went wrong (not an ExceptionGroup)."""
+    from micropay.core.errors import StoreUnavailable
+    clock = FakeClock()
+    node, agent = setup(clock, repo)
+    await agent.beat()
+    me = await node.node_id()
+    real = node.create_invoice
+
+    async def flaky(amount, label, description, expiry_s, **kw):
+        if description == "socket gone":
+            raise ConnectionResetError("lightningd went away")
+        return await real(amount, label, description, expiry_s, **kw)
+    node.create_invoice = flaky
+    now_ms = int(clock() * 1000)
+    await repo.ask("micropay-a1", me, 1000, "socket gone", 600, now_ms)
+    await repo.ask("micropay-a2", me, 2000, "fine", 600, now_ms)
+    assert await agent.answer_asks() == 1
+    assert "lightningd went away" in await repo.ask_error("micropay-a1")
+    assert (await repo.by_claim("micropay-a2")).amount_msat == 2000
+    await repo.ask("micropay-a3", me, 3000, "fine", 600, now_ms)
+
+    async def store_down(*a, **kw):
+        raise StoreUnavailable("the store is unavailable")
+    repo.answer = store_down
+    with pytest.raises(StoreUnavailable):
+        await agent.answer_asks()
