@@ -104,7 +104,6 @@ async def test_an_amountless_return_invoice_is_paid_the_amount_asked(world):
 
 
 @pytest.mark.parametrize("amount, fee, subject, why", [
-    (10_000, 5001, "", "fee cap"),
     (40_000, 1000, "alice", "per payout subject and UTC day"),     # alice already has 30,000 out today
 ])
 async def test_each_cap_refuses_and_nothing_leaves(world, amount, fee, subject, why):
@@ -123,20 +122,20 @@ async def test_each_cap_refuses_and_nothing_leaves(world, amount, fee, subject, 
     assert await received(payee) == 30_000
 
 
-@pytest.mark.parametrize("amount", [50_001, 90_000])
-async def test_a_payment_over_a_nodes_cap_per_payment_waits_for_a_node_whose_cap_is_higher(world, amount):
-    """Caps are each node's own: a node never leases what is over its cap per payment
-    (just over it or far over it alike), so nothing leaves it; the payment stays queued,
-    and a node whose operator allows more pays it."""
+@pytest.mark.parametrize("amount, fee", [(50_001, 1000), (90_000, 1000), (10_000, 5001)])
+async def test_a_payment_over_a_nodes_cap_per_payment_waits_for_a_node_whose_cap_is_higher(world, amount, fee):
+    """Caps are each node's own: a node never leases what is over its cap per payment or
+    its fee cap (just over it or far over it alike), so nothing leaves it; the payment
+    stays queued, and a node whose operator allows more pays it."""
     repo, backend, merchant, payee, clock = world
     inv = await payee.create_invoice(amount, "big", "payout", 3600)
     await repo.enqueue(QueuedPayment("micropay-payout-big", "payout", "", inv.bolt11, None, inv.payment_hash,
-                                     amount, False, 1000), int(clock() * 1000))
+                                     amount, False, fee), int(clock() * 1000))
     assert not await agent_for(merchant, repo, clock).pay_once()
     assert (await repo.payment("micropay-payout-big")).state == "queued" and await received(payee) == 0
     bigger = merchant.net.add_node("bigger", balance_msat=10_000_000)
     generous = AgentSettings(max_payment_msat=100_000, per_subject_day_msat=200_000, per_day_msat=500_000,
-                             max_fee_msat=5000, lease_ms=10_000)
+                             max_fee_msat=10_000, lease_ms=10_000)
     assert await agent_for(bigger, repo, clock, generous).pay_once()
     row = await repo.payment("micropay-payout-big")
     assert row.state == "paid" and row.node_id == await bigger.node_id() and await received(payee) == amount
@@ -414,21 +413,21 @@ async def test_with_the_nodes_own_records_the_caps_hold_whatever_the_store_says(
 
 async def test_the_ledger_releases_a_failed_payment_and_a_retry_reserves_once(world):
     from micropay.lightning.memrecords import MemoryRecords
-    from micropay.plugin.agent import SpendLedger
+    from micropay.plugin.agent import RESERVED, SETTLED, SpendLedger
     repo, backend, merchant, payee, clock = world
     ledger = SpendLedger(MemoryRecords(), clock)
-    assert await ledger.reserve("k1", "bob", 11_000, "l1", 1)
-    assert await ledger.reserve("k1", "bob", 11_000, "l1b", 1)  # a retry after a crash: counted once
+    assert await ledger.reserve("k1", "bob", 11_000, "l1", 1) == RESERVED
+    assert await ledger.reserve("k1", "bob", 11_000, "l1b", 1) == RESERVED  # a retry after a crash: counted once
     assert await ledger.today("bob") == (11_000, 11_000)
     await ledger.settle("k1", 0, "l1b")                      # it failed: released
     await ledger.settle("k1", 0, "l1b")
     assert await ledger.today("bob") == (0, 0)
-    assert not await ledger.reserve("k1", "bob", 11_000, "l1c", 1), "a settled key was reserved again"
-    assert await ledger.reserve("k2", "bob", 11_000, "l2", 1)
+    assert await ledger.reserve("k1", "bob", 11_000, "l1c", 1) == SETTLED, "a settled key was reserved again"
+    assert await ledger.reserve("k2", "bob", 11_000, "l2", 1) == RESERVED
     clock.advance(86_400)                                    # paid after midnight: yesterday's record is trimmed
     await ledger.settle("k2", 10_007, "l2")
     assert await ledger.today("bob") == (0, 0)
-    assert not await ledger.reserve("k2", "bob", 11_000, "l2b", 1), "settled yesterday, reserved again today"
+    assert await ledger.reserve("k2", "bob", 11_000, "l2b", 1) == SETTLED, "settled yesterday, reserved again today"
     clock.advance(-86_400)
     assert await ledger.today("bob") == (10_007, 10_007)
 
@@ -441,7 +440,7 @@ async def test_the_ledger_keeps_what_was_paid_whatever_outcome_the_store_points_
     from micropay.plugin.agent import SpendLedger
     repo, backend, merchant, payee, clock = world
     ledger = SpendLedger(MemoryRecords(), clock)
-    assert await ledger.reserve("k3", "carol", 21_000, "mine", 1)
+    assert await ledger.reserve("k3", "carol", 21_000, "mine", 1) == "reserved"
     await ledger.settle("k3", 0, "someone-elses-failed-attempt")      # a forged label: ignored
     assert await ledger.today("carol") == (21_000, 21_000)
     await ledger.settle("k3", 20_010, "mine")                          # paid
@@ -453,8 +452,8 @@ async def test_a_sending_row_rewritten_to_look_unsent_is_not_sent_again(world):
     """The node paid a keysend under its label, then its agent died before recording it.
     A store writer points the row at a label the node never used and backdates it, so
     that the store says "never sent": the agent asks the node about the attempts its own
-    records hold, finds the payment, and leaves the row alone instead of requeueing it
-    (which would have paid it a second time)."""
+    records hold, finds the payment and records it, instead of requeueing the row (which
+    would have paid it a second time)."""
     from micropay.lightning.memrecords import MemoryRecords
     repo, backend, merchant, payee, clock = world
     records = MemoryRecords()
@@ -462,13 +461,85 @@ async def test_a_sending_row_rewritten_to_look_unsent_is_not_sent_again(world):
                                      7000, False, 1000), int(clock() * 1000))
     crashed = agent_for(merchant, repo, clock, records=records)
     p = await crashed.start_payment()
-    await merchant.keysend(await payee.node_id(), 7000, label=p.node_label, max_fee_msat=1000)   # then dies
+    paid = await merchant.keysend(await payee.node_id(), 7000, label=p.node_label, max_fee_msat=1000)  # dies
     await repo.store.execute("UPDATE micropay_fleet_payments SET node_label = 'micropay-fleet-pay-forged', "
                              "sent_ms = 0 WHERE key = $1", ("micropay-tipshare-k2",))
     clock.advance(REQUEUE_GRACE_S + 1)
     restarted = agent_for(merchant, repo, clock, records=records)
     for _ in range(3):
         await restarted.pay_once()
-    assert (await repo.payment("micropay-tipshare-k2")).state == "sending", "requeued on the store's word"
+    row = await repo.payment("micropay-tipshare-k2")
+    assert row.state == "paid" and row.preimage == paid.preimage, row
     assert payee.keysends_received == [(7000, {})], "paid twice"
-    assert await node_spent(records, clock) == 8000
+    assert await node_spent(records, clock) == 7000 + paid.fee_msat
+
+
+async def test_a_payment_in_flight_put_back_in_the_queue_is_not_sent_again(world):
+    """The node's keysend went out (the agent died before recording the outcome); a store
+    writer puts the row back in the queue. The same node leases it again, asks its node
+    about the attempt its own records hold, finds it paid, and records that, instead of
+    sending a second keysend; its day counts the payment once."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    records = MemoryRecords()
+    await repo.enqueue(QueuedPayment("micropay-tipshare-k3", "tip share", "", None, await payee.node_id(), None,
+                                     6000, False, 1000), int(clock() * 1000))
+    crashed = agent_for(merchant, repo, clock, records=records)
+    p = await crashed.start_payment()
+    paid = await merchant.keysend(await payee.node_id(), 6000, label=p.node_label, max_fee_msat=1000)  # dies
+    await repo.store.execute("UPDATE micropay_fleet_payments SET state = 'queued', node_id = NULL, "
+                             "node_label = NULL, sendpays_start = NULL, sent_ms = NULL, lease_until_ms = 0 "
+                             "WHERE key = $1", ("micropay-tipshare-k3",))
+    restarted = agent_for(merchant, repo, clock, records=records)
+    for _ in range(3):
+        await restarted.pay_once()
+    row = await repo.payment("micropay-tipshare-k3")
+    assert row.state == "paid" and row.preimage == paid.preimage, row
+    assert payee.keysends_received == [(6000, {})], "paid twice"
+    assert await node_spent(records, clock) == 6000 + paid.fee_msat
+
+
+async def test_the_day_counts_what_the_node_sent_not_what_the_row_says(world):
+    """Paid, but the agent died before recording it; a store writer lowers the row's
+    amount before the restarted agent settles it from the node's record: the day's
+    total is what the node sent."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    records = MemoryRecords()
+    await repo.enqueue(QueuedPayment("micropay-tipshare-k4", "tip share", "", None, await payee.node_id(), None,
+                                     9000, False, 1000), int(clock() * 1000))
+    crashed = agent_for(merchant, repo, clock, records=records)
+    p = await crashed.start_payment()
+    paid = await merchant.keysend(await payee.node_id(), 9000, label=p.node_label, max_fee_msat=1000)  # dies
+    await repo.store.execute("UPDATE micropay_fleet_payments SET amount_msat = 1 WHERE key = $1",
+                             ("micropay-tipshare-k4",))
+    restarted = agent_for(merchant, repo, clock, records=records)
+    await restarted.pay_once()
+    assert (await repo.payment("micropay-tipshare-k4")).state == "paid"
+    assert await node_spent(records, clock) == 9000 + paid.fee_msat
+
+
+async def test_a_payment_reserved_before_midnight_and_retried_after_is_counted_once(world):
+    """The agent reserved and recorded a payment as sending just before midnight, then
+    died before paying; after midnight (and the grace) it goes back to the queue and is
+    paid: the reservation stays in the day it was made, and today's record does not
+    count it a second time."""
+    from micropay.lightning.memrecords import MemoryRecords
+    from micropay.plugin.agent import SpendLedger
+    repo, backend, merchant, payee, clock = world
+    clock.advance(86_400 - clock() % 86_400 - 60)            # a minute to midnight
+    records = MemoryRecords()
+    inv = await payee.create_invoice(9000, "m1", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-m1", "refund", "", inv.bolt11, None, inv.payment_hash, 9000,
+                                     False, 1000), int(clock() * 1000))
+    assert (await agent_for(merchant, repo, clock, records=records).start_payment()).state == "sending"   # dies
+    clock.advance(REQUEUE_GRACE_S + 120)
+    restarted = agent_for(merchant, repo, clock, records=records)
+    for _ in range(3):
+        await restarted.pay_once()
+    row = await repo.payment("micropay-refund-m1")
+    assert row.state == "paid" and await received(payee) == 9000
+    ledger = SpendLedger(records, clock)
+    assert (await ledger.today())[0] == 0, "counted again after midnight"
+    clock.advance(-86_400)
+    assert (await ledger.today())[0] == 9000 + (row.fee_msat or 0)

@@ -14,6 +14,7 @@ No HTTP and no adapter here: the agent takes the Node port and the fleet reposit
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -40,7 +41,7 @@ T = TypeVar("T")
 # A spend ledger entry (per payment key): [subject, msat, RESERVED or SETTLED, [[node label,
 # sendpays position, unix time] of each attempt]]; an entry of an earlier version is
 # [subject, msat].
-RESERVED, SETTLED = "reserved", "settled"
+RESERVED, SETTLED, FULL = "reserved", "settled", "full"
 MAX_ATTEMPTS = 16        # labels kept per key (each one a restart between lease and sending)
 
 
@@ -139,32 +140,45 @@ class SpendLedger:
         if subject:
             doc["subjects"][subject] = int(doc["subjects"].get(subject, 0)) + msat
 
-    async def reserve(self, key: str, subject: str, msat: int, label: str, sendpays_start: int) -> bool:
+    async def reserve(self, key: str, subject: str, msat: int, label: str, sendpays_start: int) -> str:
         """Reserve `msat` for `key`, about to be sent under the node label `label`, the
-        node's payment records standing at `sendpays_start` (idempotent: a retry after a
-        crash keeps the first reservation and adds its attempt). False if this node
-        settled the key already (paid or failed): the queue never hands a settled payment
-        out again, so the store's row was rewritten, and paying it would pay twice."""
-        yesterday, _ = await self._read(self._day(-1))       # settled before midnight
-        if _settled(yesterday["keys"].get(key)):
-            return False
-        settled = False
+        node's payment records standing at `sendpays_start`. Idempotent: a retry after a
+        crash keeps the first reservation and adds its attempt, in whichever day's record
+        holds the key (yesterday's for a payment first sent before midnight). Returns
+        RESERVED (go on), SETTLED (this node settled the key already: the queue never
+        hands a settled payment out again, so the store's row was rewritten, and paying
+        it would pay twice) or FULL (MAX_ATTEMPTS recorded: send nothing more under it)."""
+        outcome = RESERVED
 
-        def add(doc: dict[str, Any]) -> bool:
-            nonlocal settled
+        def add(doc: dict[str, Any]) -> bool | None:
+            nonlocal outcome
             held = doc["keys"].get(key)
             attempt = [label, sendpays_start, int(self.clock())]
             if held is None:
-                doc["keys"][key] = [subject, msat, RESERVED, [attempt]]
-                self._move(doc, subject, msat)
-                return True
-            settled = _settled(held)
-            if settled or len(held) < 4 or len(held[3]) >= MAX_ATTEMPTS:
-                return False                        # reserved already (a retry after a crash)
+                return None
+            if _settled(held):
+                outcome = SETTLED
+                return False
+            if len(held) < 4:
+                return False                        # an earlier version's entry: reserved already
+            if len(held[3]) >= MAX_ATTEMPTS:
+                outcome = FULL
+                return False
             held[3].append(attempt)
             return True
-        await self._update(self._day(), add)
-        return not settled
+        for offset in (-1, 0):                      # an entry the key already has, yesterday's first
+            if await self._update(self._day(offset), add) is not None:
+                return outcome
+
+        def new(doc: dict[str, Any]) -> bool:
+            if key in doc["keys"]:                  # made meanwhile: the next call sees it
+                return False
+            doc["keys"][key] = [subject, msat, RESERVED, [[label, sendpays_start, int(self.clock())]]]
+            self._move(doc, subject, msat)
+            return True
+        if not await self._update(self._day(), new):
+            return await self.reserve(key, subject, msat, label, sendpays_start)
+        return RESERVED
 
     async def attempts(self, key: str) -> list[tuple[str, int, int]] | None:
         """(label, sendpays_start, time sent) of each attempt this node recorded for a
@@ -384,7 +398,7 @@ class FleetAgent:
         carry = min(self._outbound, st.per_day_msat - spent_all)
         if carry <= 0:
             return None
-        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry, st.max_payment_msat)
+        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry, st.max_payment_msat, st.max_fee_msat)
         if p is None:
             return None
         if self.ledger is not None:
@@ -395,16 +409,32 @@ class FleetAgent:
         if refusal is not None:
             await self._refuse(p, node_id, now_ms, refusal)
             return None
+        verdict, paid, paid_label = await self._earlier_attempts(p)
+        if verdict == "paid":                 # sent before, and the store put it back in the queue
+            await self._finish(dataclasses.replace(p, node_label=paid_label), paid, None)
+            self._refused = True
+            return None
+        if verdict == "wait":                 # an attempt of it may still complete: the lease lapses
+            return None
         label = PAY_LABEL_PREFIX + os.urandom(12).hex()
         start = await self.node.sendpays_position()
-        if self.ledger is not None and not await self.ledger.reserve(p.key, p.subject,
-                                                                     p.amount_msat + p.max_fee_msat, label, start):
-            await self._refuse(p, node_id, now_ms, "this node's own records show this payment settled already")
-            return None
-        if not await self.repo.sending(p.key, node_id, label, start, int(self.clock() * 1000)):
+        if self.ledger is not None:
+            reserved = await self.ledger.reserve(p.key, p.subject, p.amount_msat + p.max_fee_msat, label, start)
+            if reserved == SETTLED:
+                await self._refuse(p, node_id, now_ms, "this node's own records show this payment settled already")
+                return None
+            if reserved == FULL:
+                log.warning("queued %s %s: %d attempts recorded for it on this node; not sent again", p.kind,
+                            p.key, MAX_ATTEMPTS)
+                return None
+        sent_ms = int(self.clock() * 1000)
+        if not await self.repo.sending(p.key, node_id, label, start, sent_ms):
             return None                       # the lease ran out and someone else has it
         self._outbound = None                 # what it can carry changes: read again next time
-        return await self.repo.payment(p.key)
+        # the row as leased and checked, not as the store says now: a rewrite between the
+        # two must not change what is paid, nor the label it is paid under
+        return dataclasses.replace(p, state="sending", node_id=node_id, node_label=label, sendpays_start=start,
+                                   sent_ms=sent_ms)
 
     async def _refuse(self, p: QueuedPayment, node_id: str, now_ms: int, why: str) -> None:
         await self.repo.done(p.key, node_id, "failed", now_ms, error=f"refused: {why}")
@@ -456,7 +486,10 @@ class FleetAgent:
         now_ms = int(self.clock() * 1000)
         node_id = await self.node_id()
         if self.ledger is not None:
-            await self.ledger.settle(p.key, 0 if paid is None else p.amount_msat + paid.fee_msat, p.node_label)
+            # what the node says it sent, not what the row says (a row rewritten to a small
+            # amount must not lower the day's total)
+            final = 0 if paid is None else (paid.amount_msat or p.amount_msat) + paid.fee_msat
+            await self.ledger.settle(p.key, final, p.node_label)
         if paid is not None:
             await self.repo.done(p.key, node_id, "paid", now_ms, preimage=paid.preimage, fee_msat=paid.fee_msat,
                                  payment_hash=paid.payment_hash)
@@ -486,7 +519,10 @@ class FleetAgent:
                 # retries for up to 60 s): only an attempt older than the grace goes back
                 if self.clock() * 1000 - (p.sent_ms or 0) < REQUEUE_GRACE_S * 1000:
                     continue
-                if not await self._never_sent(p) or not await self.repo.requeue(p.key, node_id):
+                verdict, paid, paid_label = await self._earlier_attempts(p)
+                if verdict == "paid":         # under another of its labels than the row says
+                    await self._finish(dataclasses.replace(p, node_label=paid_label), paid, None)
+                elif verdict == "wait" or not await self.repo.requeue(p.key, node_id):
                     continue
                 # the reservation stays in this node's records for the day (the safe side)
             else:
@@ -494,27 +530,30 @@ class FleetAgent:
             moved += 1
         return moved
 
-    async def _never_sent(self, p: QueuedPayment) -> bool:
-        """Whether the node has no record of any attempt its own ledger holds for `p`, each
-        older than the grace. The store's row (its label, where to look, when it was sent)
-        is only the store's word: one rewritten to point elsewhere must not get an attempt
-        that is on its way, or paid, sent again. Without the node's records (tests), the
-        row's word is taken."""
+    async def _earlier_attempts(self, p: QueuedPayment) -> tuple[str, Payment | None, str | None]:
+        """What the node's own records say of the attempts this node's ledger holds for
+        `p`: ("unsent", ...) when it has no record of any, each older than the grace;
+        ("paid", the payment, its label) when one completed; ("wait", ...) otherwise
+        (one in flight, failed or too recent to tell). The store's row (its label, where
+        to look, when it was sent, its state) is only the store's word: one rewritten to
+        look unsent, or put back in the queue, must not get a payment sent again. Without
+        the node's records (tests), the row's word is taken."""
         if self.ledger is None:
-            return True
+            return "unsent", None, None
         attempts = await self.ledger.attempts(p.key)
-        if attempts is None:
-            return True                       # nothing reserved for it here: nothing of ours was sent
-        now = self.clock()
+        if not attempts:
+            return "unsent", None, None       # nothing reserved for it here: nothing of ours was sent
+        now, verdict = self.clock(), "unsent"
         for label, start, sent_at in attempts:
-            if now - sent_at < REQUEUE_GRACE_S:
-                return False
             seen = await self._watch.settle(now=now, label=label, sendpays_start=start)
-            if seen.outcome is not Outcome.NOT_SENT:
-                log.warning("queued %s %s: the store says it was never sent, but the node has a record of "
-                            "its attempt %s; it stays where it is", p.kind, p.key, label)
-                return False
-        return True
+            if seen.outcome is Outcome.SUCCEEDED:
+                return "paid", seen.payment, label
+            if seen.outcome is not Outcome.NOT_SENT or now - sent_at < REQUEUE_GRACE_S:
+                verdict = "wait"
+        if verdict == "wait":
+            log.warning("queued %s %s: the store has it as %s, but this node's records hold an attempt of it "
+                        "in flight, failed or recent; it is not sent again", p.kind, p.key, p.state)
+        return verdict, None, None
 
     async def pay_once(self) -> bool:
         """Reconcile, then take one queued payment and pay it; True if one was taken (or

@@ -418,12 +418,15 @@ class FleetRepository:
         return _payment(row) if row else None
 
     async def lease(self, node_id: str, now_ms: int, lease_ms: int, carry_msat: int,
-                    max_amount_msat: int | None = None) -> QueuedPayment | None:
+                    max_amount_msat: int | None = None, max_fee_msat: int | None = None) -> QueuedPayment | None:
         """The oldest queued payment whose amount and fee allowance fit in `carry_msat`
-        (the node's outbound liquidity, what is left of its day) and whose amount is at
-        most `max_amount_msat` (its cap per payment), leased to `node_id`."""
-        row = await self.store.fetchrow(self.lease_sql, (node_id, now_ms + lease_ms, now_ms, carry_msat,
-                                                         carry_msat if max_amount_msat is None else max_amount_msat))
+        (the node's outbound liquidity, what is left of its day), whose amount is at most
+        `max_amount_msat` (its cap per payment) and whose fee allowance at most
+        `max_fee_msat` (its fee cap), leased to `node_id`."""
+        row = await self.store.fetchrow(self.lease_sql, (
+            node_id, now_ms + lease_ms, now_ms, carry_msat,
+            carry_msat if max_amount_msat is None else max_amount_msat,
+            carry_msat if max_fee_msat is None else max_fee_msat))
         return _payment(row) if row else None
 
     async def spent(self, node_id: str, since_ms: int, subject: str = "") -> int:
@@ -527,7 +530,7 @@ PAYMENT_BY_HASH = (f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE payment_
 _LEASE = ("UPDATE micropay_fleet_payments SET state = 'leased', node_id = $1, lease_until_ms = $2 "
           "WHERE key = (SELECT key FROM micropay_fleet_payments WHERE (state = 'queued' "
           "OR (state = 'leased' AND lease_until_ms < $3)) AND amount_msat + max_fee_msat <= $4 "
-          "AND amount_msat <= $5 "
+          "AND amount_msat <= $5 AND max_fee_msat <= $6 "
           "ORDER BY created_ms LIMIT 1{lock}) "
           f"AND (state = 'queued' OR (state = 'leased' AND lease_until_ms < $3)) RETURNING {_PCOLS}")
 LEASE = {"sqlite": _LEASE.format(lock=""), "postgresql": _LEASE.format(lock=" FOR UPDATE SKIP LOCKED")}
