@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=800, help="pool depth per node")
     ap.add_argument("--pg-cores", type=int, default=8)
     ap.add_argument("--pg-claims-per-core", type=float, default=1000.0, help="claims a second one PG core does")
-    ap.add_argument("--node-invoices", type=float, default=512.0, help="invoices a second a node makes")
+    ap.add_argument("--node-invoices", type=float, default=366.0, help="invoices a second a node makes")
     ap.add_argument("--node-htlcs", type=float, default=53.6, help="incoming payments a second a node settles")
     ap.add_argument("--refill-share", type=float, default=0.8, help="share of a node's invoice rate its agent uses")
     ap.add_argument("--challenge-us", type=float, default=150.0, help="sidecar CPU per 402 from the pool")

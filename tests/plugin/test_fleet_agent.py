@@ -103,14 +103,14 @@ async def test_a_stale_agent_is_skipped_until_it_beats_again(repo):
 
 
 @pytest.mark.parametrize("refused_first", [True, False])
-async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_that_pool(repo, refused_first):
-    """The node makes up to ASK_CONCURRENCY invoices of a pool at a time (one at a time
-    filled at half its rate); a pool whose invoices the node refuses stops for this
+async def test_a_pool_is_made_within_its_concurrency_and_a_refusal_stops_only_that_pool(repo, refused_first):
+    """The node is asked for at most REFILL_CONCURRENCY invoices of the pools at a time
+    (its payments come first); a pool whose invoices the node refuses stops for this
     round, and the other pools are still made."""
     import asyncio
 
     from micropay.core.errors import NodeError
-    from micropay.plugin.agent import ASK_CONCURRENCY
+    from micropay.plugin.agent import REFILL_CONCURRENCY
     clock = FakeClock()
     node, agent = setup(clock, repo)
     real, inflight, peak, refused = node.create_invoice, [0], [0], [0]
@@ -131,8 +131,8 @@ async def test_a_pool_is_made_several_invoices_at_once_and_a_refusal_stops_only_
     for want in wants if refused_first else wants[::-1]:
         await repo.want(want, int(clock() * 1000))
     assert await agent.refill_once() == 30
-    assert 1 < peak[0] <= ASK_CONCURRENCY, peak[0]
-    assert refused[0] <= ASK_CONCURRENCY, f"{refused[0]} invoices asked of a node that refuses them"
+    assert peak[0] == REFILL_CONCURRENCY, peak[0]
+    assert refused[0] <= REFILL_CONCURRENCY, f"{refused[0]} invoices asked of a node that refuses them"
     assert await repo.ready_count(await node.node_id(), 7000, "a joke", int(clock()) + 120) == 30
     assert await repo.ready_count(await node.node_id(), 5000, "not on this node", int(clock()) + 120) == 0
 
