@@ -58,7 +58,7 @@ def node_records(request):
 
 
 async def node_spent(records, clock) -> int | None:
-    from micropay.plugin.agent import SpendLedger
+    from micropay.plugin.spend_ledger import SpendLedger
     return None if records is None else (await SpendLedger(records, clock).today())[0]
 
 
@@ -413,7 +413,7 @@ async def test_with_the_nodes_own_records_the_caps_hold_whatever_the_store_says(
 
 async def test_the_ledger_releases_a_failed_payment_and_a_retry_reserves_once(world):
     from micropay.lightning.memrecords import MemoryRecords
-    from micropay.plugin.agent import RESERVED, SETTLED, SpendLedger
+    from micropay.plugin.spend_ledger import RESERVED, SETTLED, SpendLedger
     repo, backend, merchant, payee, clock = world
     ledger = SpendLedger(MemoryRecords(), clock)
     assert await ledger.reserve("k1", "bob", 11_000, "l1", 1) == RESERVED
@@ -437,7 +437,7 @@ async def test_the_ledger_keeps_what_was_paid_whatever_outcome_the_store_points_
     entry is final, and an outcome under a label this node never sent the key under
     changes nothing. A store writer cannot make the day forget a payment."""
     from micropay.lightning.memrecords import MemoryRecords
-    from micropay.plugin.agent import SpendLedger
+    from micropay.plugin.spend_ledger import SpendLedger
     repo, backend, merchant, payee, clock = world
     ledger = SpendLedger(MemoryRecords(), clock)
     assert await ledger.reserve("k3", "carol", 21_000, "mine", 1) == "reserved"
@@ -525,7 +525,7 @@ async def test_a_payment_reserved_before_midnight_and_retried_after_is_counted_o
     paid: the reservation stays in the day it was made, and today's record does not
     count it a second time."""
     from micropay.lightning.memrecords import MemoryRecords
-    from micropay.plugin.agent import SpendLedger
+    from micropay.plugin.spend_ledger import SpendLedger
     repo, backend, merchant, payee, clock = world
     clock.advance(86_400 - clock() % 86_400 - 60)            # a minute to midnight
     records = MemoryRecords()
