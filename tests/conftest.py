@@ -129,10 +129,13 @@ class Sidecar:
 
 
 async def start_sidecar(cfg: Config, clock=None, node=None, sandbox=None) -> Sidecar:
+    """In fleet mode (`[backend] kind = "fleet"`) no node is given: the runtime makes its
+    FleetBackend from the config, as `micropay serve` does."""
     import time as _time
     clock = clock or _time.time
     net = sandbox or SandboxNetwork(clock)
-    node = node or net.add_node("merchant")
+    if cfg.backend != "fleet":
+        node = node or net.add_node("merchant")
     rt = await create_runtime(cfg, node=node, clock=clock)
     rt.sandbox = net
     runner = make_runner(build_app(rt))
@@ -200,3 +203,27 @@ def nostr_relay(tmp_path):
     relay = RelayProcess(free_port(), tmp_path)
     yield relay
     relay.stop()
+
+
+class SlowInvoices:
+    """Wraps a sandbox node's create_invoice: each call takes `delay_s`, one for the
+    description `refuse` raises NodeError; counts the calls in flight at most at once
+    (`peak`) and the refusals."""
+
+    def __init__(self, node, delay_s: float, refuse: str) -> None:
+        self.real, self.delay_s, self.refuse = node.create_invoice, delay_s, refuse
+        self.inflight = self.peak = self.refused = 0
+        node.create_invoice = self
+
+    async def __call__(self, amount, label, description, expiry_s, **kw):
+        from micropay.core.errors import NodeError
+        self.inflight += 1
+        self.peak = max(self.peak, self.inflight)
+        try:
+            await asyncio.sleep(self.delay_s)
+            if description == self.refuse:
+                self.refused += 1
+                raise NodeError("the node said no")
+            return await self.real(amount, label, description, expiry_s, **kw)
+        finally:
+            self.inflight -= 1

@@ -207,23 +207,12 @@ async def test_asks_are_answered_several_at_once_and_a_refusal_is_told(fleet):
     not one after another (3.2 s); an ask the node refuses is answered with the reason.
     On PostgreSQL the refusal is announced: an asker that polls only every 30 s hears it
     at once."""
-    from micropay.core.errors import NodeError
     from micropay.plugin.agent import ASK_CONCURRENCY
+
+    from ..conftest import SlowInvoices
     repo, agent, backend, payer, url = fleet
     await agent.beat()
-    real, inflight, peak = agent.node.create_invoice, [0], [0]
-
-    async def slow(amount, label, description, expiry_s, **kw):
-        inflight[0] += 1
-        peak[0] = max(peak[0], inflight[0])
-        try:
-            await asyncio.sleep(0.2)
-            if description == "refused":
-                raise NodeError("the node said no")
-            return await real(amount, label, description, expiry_s, **kw)
-        finally:
-            inflight[0] -= 1
-    agent.node.create_invoice = slow
+    slow = SlowInvoices(agent.node, 0.2, refuse="refused")
     backend.ask_timeout_s = 10
     deaf = None
     if url.startswith("postgresql"):
@@ -244,7 +233,7 @@ async def test_asks_are_answered_several_at_once_and_a_refusal_is_told(fleet):
         if deaf is not None:
             await deaf.close()
     assert sorted(decode_invoice(i.bolt11).amount_msat for i in got) == [1000 + i for i in range(16)]
-    assert 1 < peak[0] <= ASK_CONCURRENCY, peak[0]
+    assert 1 < slow.peak <= ASK_CONCURRENCY, slow.peak
     assert elapsed < 16 * 0.2 / 2, f"16 asks took {elapsed:.2f} s: answered one at a time"
     assert refused_after < 5, f"the refusal took {refused_after:.2f} s to be heard"
 

@@ -107,32 +107,18 @@ async def test_a_pool_is_made_within_its_concurrency_and_a_refusal_stops_only_th
     """The node is asked for at most REFILL_CONCURRENCY invoices of the pools at a time
     (its payments come first); a pool whose invoices the node refuses stops for this
     round, and the other pools are still made."""
-    import asyncio
-
-    from micropay.core.errors import NodeError
     from micropay.plugin.agent import REFILL_CONCURRENCY
+
+    from ..conftest import SlowInvoices
     clock = FakeClock()
     node, agent = setup(clock, repo)
-    real, inflight, peak, refused = node.create_invoice, [0], [0], [0]
-
-    async def slow(amount, label, description, expiry_s, **kw):
-        inflight[0] += 1
-        peak[0] = max(peak[0], inflight[0])
-        try:
-            await asyncio.sleep(0.01)
-            if description == "not on this node":
-                refused[0] += 1
-                raise NodeError("the node said no")
-            return await real(amount, label, description, expiry_s, **kw)
-        finally:
-            inflight[0] -= 1
-    node.create_invoice = slow
+    slow = SlowInvoices(node, 0.01, refuse="not on this node")
     wants = [Want(5000, "not on this node", depth=30, expiry_s=600), Want(7000, "a joke", depth=30, expiry_s=600)]
     for want in wants if refused_first else wants[::-1]:
         await repo.want(want, int(clock() * 1000))
     assert await agent.refill_once() == 30
-    assert peak[0] == REFILL_CONCURRENCY, peak[0]
-    assert refused[0] <= REFILL_CONCURRENCY, f"{refused[0]} invoices asked of a node that refuses them"
+    assert slow.peak == REFILL_CONCURRENCY, slow.peak
+    assert slow.refused <= REFILL_CONCURRENCY, f"{slow.refused} invoices asked of a node that refuses them"
     assert await repo.ready_count(await node.node_id(), 7000, "a joke", int(clock()) + 120) == 30
     assert await repo.ready_count(await node.node_id(), 5000, "not on this node", int(clock()) + 120) == 0
 

@@ -322,13 +322,10 @@ async def test_a_fleet_sidecars_session_refund_is_paid_by_the_agent_once_across_
     the session ends closed with the refund succeeded."""
     from micropay.core.errors import PaymentUnknown
     from micropay.payment import scheme as pa
-    from micropay.payment.sessions import RESUME_AFTER_S, SessionLedger
-    from micropay.sidecar.app import build_app, create_runtime, make_runner
-    from micropay.store.sessions import RefundStatus, SessionStatus
 
-    from ..conftest import make_config
+    from ..conftest import make_config, start_sidecar
     from ..payment.test_sessions import DEPOSIT_UNITS, UNIT_MSAT, routes, start_upstream
-    from .test_sessions_cln import to_us_msat
+    from .test_sessions_cln import assert_refunded_once, resume_until_closed, to_us_msat
     refund_msat = (DEPOSIT_UNITS - 1) * UNIT_MSAT              # the open's event spends one unit
     agent = opts(**{"micropay-fleet-store": fleet_url, **CAPS})
     l1, l2 = node_factory.line_graph(
@@ -339,13 +336,8 @@ async def test_a_fleet_sidecars_session_refund_is_paid_by_the_agent_once_across_
     up_runner, up_url, seen = await start_upstream()
     toml = routes(up_url) + (f'[backend]\nkind = "fleet"\nheartbeat_timeout_s = {HEARTBEAT_TIMEOUT_S}\n'
                              f'ask_timeout_s = 10\n[store]\nurl = "{fleet_url}"\n')
-    rt = await create_runtime(make_config(tmp_path, toml))
-    runner = make_runner(build_app(rt))
-    await runner.setup()
-    from aiohttp import web
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    sc = await start_sidecar(make_config(tmp_path, toml))
+    rt, runner, url = sc.rt, sc.runner, sc.url
     repo = await open_repo(fleet_url)
     ledger = rt.gate.sessions
     try:
@@ -383,21 +375,10 @@ async def test_a_fleet_sidecars_session_refund_is_paid_by_the_agent_once_across_
         except PaymentUnknown:                   # the close does not guess; a later resume settles it
             pass
         await asyncio.to_thread(l2.wait_channel_active, l2.get_channel_scid(l1))
-        resumer = SessionLedger(ledger.repo, rt.node, clock=lambda: time.time() + RESUME_AFTER_S + 1)
-        deadline = time.monotonic() + 120
-        while (await ledger.repo.get(sid)).status != SessionStatus.CLOSED and time.monotonic() < deadline:
-            await resumer.resume()
-            await asyncio.sleep(1)
-        rec = await ledger.repo.get(sid)
-        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED, rec
-        assert rec.refund_msat == refund_msat
-        (inv,) = l1.rpc.listinvoices("ret")["invoices"]
-        assert inv["status"] == "paid" and inv["amount_received_msat"] == refund_msat
-        sent = [p for p in l2.rpc.listsendpays()["payments"] if p["payment_hash"] == inv["payment_hash"]]
-        assert [p["status"] for p in sent] == ["complete"], sent           # one attempt, completed once
+        await resume_until_closed(ledger.repo, rt.node, sid, 120)
+        inv = await assert_refunded_once(ledger.repo, sid, l1, l2, refund_msat)
         final = await repo.payment_by_hash(inv["payment_hash"])
         assert final.state == "paid" and final.node_id == l2.info["id"]
-        assert await wait_until(lambda: no_htlcs(l1))
         assert to_us_msat(l1) - before == refund_msat, "the payer's node did not get exactly the refund"
     finally:
         await runner.cleanup()

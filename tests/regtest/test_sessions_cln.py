@@ -32,6 +32,34 @@ async def no_htlcs(node) -> bool:
     return all(not c.get("htlcs") for c in node.rpc.listpeerchannels()["channels"])
 
 
+async def resume_until_closed(repo, node, sid: str, timeout_s: float):
+    """A later sidecar process finishes a close from the node's record (its resume runs
+    past RESUME_AFTER_S); returns its ledger once the session is closed, or at the deadline."""
+    import time
+
+    from micropay.payment.sessions import RESUME_AFTER_S, SessionLedger
+    resumer = SessionLedger(repo, node, clock=lambda: time.time() + RESUME_AFTER_S + 1)
+    deadline = time.monotonic() + timeout_s
+    while (await repo.get(sid)).status != SessionStatus.CLOSED and time.monotonic() < deadline:
+        await resumer.resume()
+        await asyncio.sleep(1)
+    return resumer
+
+
+async def assert_refunded_once(repo, sid: str, payer, merchant, refund_msat: int) -> dict:
+    """The session closed with its refund succeeded, the payer's return invoice (label
+    "ret") paid once with the refund, one attempt on the merchant's node, completed."""
+    rec = await repo.get(sid)
+    assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED, rec
+    assert rec.refund_msat == refund_msat
+    (inv,) = payer.rpc.listinvoices("ret")["invoices"]
+    assert inv["status"] == "paid" and inv["amount_received_msat"] == refund_msat
+    sent = [p for p in merchant.rpc.listsendpays()["payments"] if p["payment_hash"] == inv["payment_hash"]]
+    assert [p["status"] for p in sent] == ["complete"], sent           # one attempt, completed once
+    assert await wait_until(lambda: no_htlcs(payer))
+    return inv
+
+
 async def test_a_session_streamed_topped_up_and_closed_refunds_the_payer(node_factory, tmp_path):
     l1, l2 = node_factory.line_graph(2, wait_for_announce=True)
     up_runner, up_url, seen = await start_upstream()
@@ -230,10 +258,7 @@ async def test_the_merchants_lightningd_killed_mid_refund_pays_it_exactly_once(n
     held by the payer's node): the close does not guess; after the restart the node's
     record settles it, the refund is paid exactly once, and the store agrees with what
     the payer's node received."""
-    import time
-
     from micropay.core.errors import PaymentUnknown
-    from micropay.payment.sessions import RESUME_AFTER_S, SessionLedger
 
     from .test_kill_campaigns import KILLED, kill_and_restart
     from .util import helper_plugin
@@ -278,19 +303,8 @@ async def test_the_merchants_lightningd_killed_mid_refund_pays_it_exactly_once(n
         # another sidecar process, later: it finishes the close from the node's record
         later = ClnNode(l2.rpc.socket_path)
         await later.connect()
-        resumer = SessionLedger(ledger.repo, later, clock=lambda: time.time() + RESUME_AFTER_S + 1)
-        deadline = time.monotonic() + 60
-        while (await ledger.repo.get(sid)).status != SessionStatus.CLOSED and time.monotonic() < deadline:
-            await resumer.resume()
-            await asyncio.sleep(1)
-        rec = await ledger.repo.get(sid)
-        assert rec.status == SessionStatus.CLOSED and rec.refund_status == RefundStatus.SUCCEEDED, rec
-        assert rec.refund_msat == refund_msat
-        (inv,) = l1.rpc.listinvoices("ret")["invoices"]
-        assert inv["status"] == "paid" and inv["amount_received_msat"] == refund_msat
-        sent = [p for p in l2.rpc.listsendpays()["payments"] if p["payment_hash"] == inv["payment_hash"]]
-        assert [p["status"] for p in sent] == ["complete"], sent           # one attempt, completed once
-        assert await wait_until(lambda: no_htlcs(l1))
+        resumer = await resume_until_closed(ledger.repo, later, sid, 60)
+        await assert_refunded_once(ledger.repo, sid, l1, l2, refund_msat)
         assert to_us_msat(l1) - before == refund_msat
         assert await resumer.resume() == 0
         await later.close()

@@ -21,7 +21,7 @@ from micropay.sidecar.app import build_app, create_runtime, make_runner
 from micropay.store import open_store_from_url
 from micropay.store.fleet import FLEET_SCHEMA, FleetRepository
 
-from ..conftest import DEMO_ROUTES, PG_SKIP_REASON, drop_pg_schema, make_config, pg_url_with_fresh_schema
+from ..conftest import DEMO_ROUTES, PG_SKIP_REASON, drop_pg_schema, make_config, pg_url_with_fresh_schema, start_sidecar
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -60,13 +60,8 @@ async def test_a_fleet_sidecar_sells_with_an_agents_invoices_and_hears_them_paid
     monkeypatch.setattr(app_module, "_connect_backend", no_node)
     cfg = make_config(tmp_path, fleet_toml(store_url))
     assert cfg.backend == "fleet" and cfg.rpc_file is None
-    rt = await create_runtime(cfg)
-    runner = make_runner(build_app(rt))
-    await runner.setup()
-    from aiohttp import web
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    sc = await start_sidecar(cfg)
+    rt, runner, base = sc.rt, sc.runner, sc.url
     agent_store = open_store_from_url(store_url, (FLEET_SCHEMA,))
     await agent_store.open()
     net = SandboxNetwork()
@@ -131,17 +126,10 @@ async def test_without_an_invoice_in_time_the_client_gets_503_with_retry_after(t
     agent never answers, a priced request ends in 503 with a Retry-After header and a
     problem body, within the ask timeout (never a hang, never a 500), and no challenge is
     left behind."""
-    from aiohttp import web
-
     from micropay.store.fleet import NodeBeat
     url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
-    cfg = make_config(tmp_path, fleet_toml(url).replace("ask_timeout_s = 3", "ask_timeout_s = 1"))
-    rt = await create_runtime(cfg)
-    runner = make_runner(build_app(rt))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    sc = await start_sidecar(make_config(tmp_path, fleet_toml(url).replace("ask_timeout_s = 3", "ask_timeout_s = 1")))
+    rt, runner, base = sc.rt, sc.runner, sc.url
     try:
         async with aiohttp.ClientSession() as http:
             for live in (False, True):
