@@ -122,11 +122,11 @@ async def test_each_cap_refuses_and_nothing_leaves(world, amount, fee, subject, 
     assert await received(payee) == 30_000
 
 
-@pytest.mark.parametrize("amount, fee", [(50_001, 1000), (90_000, 1000), (10_000, 5001)])
+@pytest.mark.parametrize("amount, fee", [(50_001, 1000), (90_000, 1000)])
 async def test_a_payment_over_a_nodes_cap_per_payment_waits_for_a_node_whose_cap_is_higher(world, amount, fee):
-    """Caps are each node's own: a node never leases what is over its cap per payment or
-    its fee cap (just over it or far over it alike), so nothing leaves it; the payment
-    stays queued, and a node whose operator allows more pays it."""
+    """Caps are each node's own: a node never leases what is over its cap per payment
+    (just over it or far over it alike), so nothing leaves it; the payment stays queued,
+    and a node whose operator allows more pays it."""
     repo, backend, merchant, payee, clock = world
     inv = await payee.create_invoice(amount, "big", "payout", 3600)
     await repo.enqueue(QueuedPayment("micropay-payout-big", "payout", "", inv.bolt11, None, inv.payment_hash,
@@ -139,6 +139,52 @@ async def test_a_payment_over_a_nodes_cap_per_payment_waits_for_a_node_whose_cap
     assert await agent_for(bigger, repo, clock, generous).pay_once()
     row = await repo.payment("micropay-payout-big")
     assert row.state == "paid" and row.node_id == await bigger.node_id() and await received(payee) == amount
+
+
+async def test_a_fee_allowance_over_a_nodes_fee_cap_is_paid_within_the_nodes_cap(world, node_records):
+    """A session refund's fee allowance is a share of the refund (1% by default): a large
+    refund's is over the node's default fee cap of 5,000 msat. The node pays it, trying
+    within its own cap, and counts that, not the allowance, against its day."""
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(40_000, "big-fee", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-big-fee", "refund", "", inv.bolt11, None, inv.payment_hash,
+                                     40_000, False, 500_000), int(clock() * 1000))
+    sent: list[int] = []
+    pay = merchant.pay
+
+    async def spy(bolt11, max_fee_msat=None, **kw):
+        sent.append(max_fee_msat)
+        return await pay(bolt11, max_fee_msat=max_fee_msat, **kw)
+    merchant.pay = spy
+    day = AgentSettings(max_payment_msat=50_000, per_subject_day_msat=60_000, per_day_msat=45_000,
+                        max_fee_msat=5000, lease_ms=10_000)       # room for 40,000 + 5,000, not + 500,000
+    assert await agent_for(merchant, repo, clock, day, records=node_records).pay_once()
+    row = await repo.payment("micropay-refund-big-fee")
+    assert row.state == "paid" and await received(payee) == 40_000
+    assert sent == [5000] and row.fee_msat <= 5000
+
+
+async def test_a_node_without_a_cap_per_subject_leaves_payouts_to_others_and_still_pays_refunds(world):
+    """micropay-fleet-pay-subject-day-msat = 0 (its default): the node pays no payout or tip
+    share, as 0 for the other caps means nothing, but it neither fails them (another node
+    may have a cap per subject) nor stops paying refunds, which have no subject."""
+    repo, backend, merchant, payee, clock = world
+    payout = await payee.create_invoice(10_000, "po", "payout", 3600)
+    await repo.enqueue(QueuedPayment("micropay-payout-po", "payout", "player-1", payout.bolt11, None,
+                                     payout.payment_hash, 10_000, False, 1000), int(clock() * 1000))
+    refund = await payee.create_invoice(7000, "rf", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-rf", "refund", "", refund.bolt11, None,
+                                     refund.payment_hash, 7000, False, 1000), int(clock() * 1000) + 1)
+    no_subjects = AgentSettings(max_payment_msat=50_000, per_subject_day_msat=0, per_day_msat=200_000,
+                                max_fee_msat=5000, lease_ms=10_000)
+    agent = agent_for(merchant, repo, clock, no_subjects)
+    assert await agent.pay_once()
+    assert not await agent.pay_once()
+    assert (await repo.payment("micropay-payout-po")).state == "queued"
+    assert (await repo.payment("micropay-refund-rf")).state == "paid" and await received(payee) == 7000
+    other = merchant.net.add_node("other", balance_msat=10_000_000)
+    assert await agent_for(other, repo, clock).pay_once()
+    assert (await repo.payment("micropay-payout-po")).state == "paid" and await received(payee) == 17_000
 
 
 async def test_the_daily_cap_holds_across_payments_and_frees_a_day_later(world):

@@ -230,21 +230,25 @@ class FleetAgent:
             await self.record(s)
 
     # -- the payment queue ------------------------------------------------------------
+    def _fee_cap(self, p: QueuedPayment) -> int:
+        """The most this node pays in fees for `p`: the payment's allowance, or the node's
+        own fee cap if that is lower (the payment is then tried within the node's cap)."""
+        return min(p.max_fee_msat, self.settings.max_fee_msat)
+
     def _refusal(self, p: QueuedPayment, spent_subject: int, spent_all: int) -> str | None:
         st = self.settings
+        most = p.amount_msat + self._fee_cap(p)
         if p.amount_msat > st.max_payment_msat:
             return f"over this node's cap per payment ({st.max_payment_msat} msat)"
-        if p.max_fee_msat > st.max_fee_msat:
-            return f"its fee allowance {p.max_fee_msat} msat is over this node's fee cap ({st.max_fee_msat} msat)"
-        if p.subject and spent_subject + p.amount_msat + p.max_fee_msat > st.per_subject_day_msat:
+        if p.subject and spent_subject + most > st.per_subject_day_msat:
             return f"over this node's cap per {p.kind} subject and UTC day ({st.per_subject_day_msat} msat)"
-        if spent_all + p.amount_msat + p.max_fee_msat > st.per_day_msat:
+        if spent_all + most > st.per_day_msat:
             return f"over this node's cap per UTC day ({st.per_day_msat} msat)"
         return None
 
     async def start_payment(self) -> QueuedPayment | None:
         """Lease the oldest queued payment this node has the outbound liquidity for (with
-        its fee allowance) and, within the caps, record that it is being sent (label,
+        the fee it would pay: see _fee_cap) and, within the caps, record that it is being sent (label,
         where the node's records stand) before anything is paid. Returns it in state
         "sending", or None (nothing it can carry, or it was refused and failed). A
         payment no node can carry stays queued for one that can."""
@@ -258,13 +262,16 @@ class FleetAgent:
         if self._outbound is None:
             self._outbound = (await self.node.liquidity()).outbound_msat
         # lease only what this node can carry, may pay under its own per-payment cap and may
-        # still pay today: the rest stays queued for a node that can (caps are each node's
-        # own, and another's may be higher), or for tomorrow; a refusal would fail it for
-        # good. What no node will ever take waits, and shows in the queue's age gauge.
+        # still pay today, and a payout or tip share only if it has a cap per subject: the
+        # rest stays queued for a node that can (caps are each node's own, and another's
+        # may be higher), or for tomorrow; a refusal would fail it for good. What no node
+        # will ever take waits, and shows in the queue's age gauge. A fee allowance over
+        # this node's fee cap is no reason to leave it: it is paid within the node's cap.
         carry = min(self._outbound, st.per_day_msat - spent_all)
         if carry <= 0:
             return None
-        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry, st.max_payment_msat, st.max_fee_msat)
+        p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry, st.max_payment_msat, st.max_fee_msat,
+                                  subjects=st.per_subject_day_msat > 0)
         if p is None:
             return None
         if self.ledger is not None:
@@ -285,7 +292,7 @@ class FleetAgent:
         label = PAY_LABEL_PREFIX + os.urandom(12).hex()
         start = await self.node.sendpays_position()
         if self.ledger is not None:
-            reserved = await self.ledger.reserve(p.key, p.subject, p.amount_msat + p.max_fee_msat, label, start)
+            reserved = await self.ledger.reserve(p.key, p.subject, p.amount_msat + self._fee_cap(p), label, start)
             if reserved == SETTLED:
                 await self._refuse(p, node_id, now_ms, "this node's own records show this payment settled already")
                 return None
@@ -331,7 +338,7 @@ class FleetAgent:
     async def send(self, p: QueuedPayment) -> None:
         """Ask the node to pay a payment recorded as sending, and record the outcome. An
         unknown outcome leaves it sending: `reconcile` settles it from the node's record."""
-        fee_cap = min(p.max_fee_msat, self.settings.max_fee_msat)
+        fee_cap = self._fee_cap(p)
         try:
             if p.destination:
                 paid = await self.node.keysend(p.destination, p.amount_msat, label=p.node_label,

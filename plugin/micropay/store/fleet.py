@@ -418,15 +418,17 @@ class FleetRepository:
         return _payment(row) if row else None
 
     async def lease(self, node_id: str, now_ms: int, lease_ms: int, carry_msat: int,
-                    max_amount_msat: int | None = None, max_fee_msat: int | None = None) -> QueuedPayment | None:
-        """The oldest queued payment whose amount and fee allowance fit in `carry_msat`
-        (the node's outbound liquidity, what is left of its day), whose amount is at most
-        `max_amount_msat` (its cap per payment) and whose fee allowance at most
-        `max_fee_msat` (its fee cap), leased to `node_id`."""
+                    max_amount_msat: int | None = None, max_fee_msat: int | None = None,
+                    subjects: bool = True) -> QueuedPayment | None:
+        """The oldest queued payment whose amount is at most `max_amount_msat` (the node's
+        cap per payment) and whose amount and fee fit in `carry_msat` (its outbound
+        liquidity, what is left of its day), counting the fee the node would pay: the
+        payment's allowance, or `max_fee_msat` (its fee cap) if that is lower. With
+        `subjects` False, only payments without a subject (refunds). Leased to `node_id`."""
         row = await self.store.fetchrow(self.lease_sql, (
             node_id, now_ms + lease_ms, now_ms, carry_msat,
             carry_msat if max_amount_msat is None else max_amount_msat,
-            carry_msat if max_fee_msat is None else max_fee_msat))
+            carry_msat if max_fee_msat is None else max_fee_msat, subjects))
         return _payment(row) if row else None
 
     async def spent(self, node_id: str, since_ms: int, subject: str = "") -> int:
@@ -526,11 +528,16 @@ PAYMENT = f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE key = $1"
 PAYMENT_BY_HASH = (f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE payment_hash = $1 "
                    "ORDER BY created_ms DESC LIMIT 1")
 # A queued payment, or one whose lease ran out before it was sent, goes to one agent
-# whose node can carry it (amount and fee allowance within its outbound liquidity).
+# whose node can carry it: the amount within its cap per payment ($5), and the amount
+# with the fee the node would pay (the allowance, or the node's fee cap $6 if lower)
+# within its outbound liquidity and what is left of its day ($4). A payment for a subject
+# (a player's payout, a creator's tip share) only goes to a node with a cap per subject
+# ($7); refunds have none.
 _LEASE = ("UPDATE micropay_fleet_payments SET state = 'leased', node_id = $1, lease_until_ms = $2 "
           "WHERE key = (SELECT key FROM micropay_fleet_payments WHERE (state = 'queued' "
-          "OR (state = 'leased' AND lease_until_ms < $3)) AND amount_msat + max_fee_msat <= $4 "
-          "AND amount_msat <= $5 AND max_fee_msat <= $6 "
+          "OR (state = 'leased' AND lease_until_ms < $3)) "
+          "AND amount_msat + CASE WHEN max_fee_msat < $6 THEN max_fee_msat ELSE $6 END <= $4 "
+          "AND amount_msat <= $5 AND (subject = '' OR $7) "
           "ORDER BY created_ms LIMIT 1{lock}) "
           f"AND (state = 'queued' OR (state = 'leased' AND lease_until_ms < $3)) RETURNING {_PCOLS}")
 LEASE = {"sqlite": _LEASE.format(lock=""), "postgresql": _LEASE.format(lock=" FOR UPDATE SKIP LOCKED")}
