@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
 
-from .seller.config import Config
+from .seller.config import FLEET_NETWORKS, Config
 from .seller.configfile import demo_config, load_config
 from .core.errors import ConfigError, MicropayError
 
@@ -67,10 +68,16 @@ def _config_from_args(args: argparse.Namespace) -> Config:
                           f"--backend {args.backend}")
     if names_a_node and args.backend is None:
         args.backend = "cln"       # naming a node means using it, never the sandbox
-    return cfg.with_overrides(
+    out = cfg.with_overrides(
         listen=args.listen, data_dir=Path(args.data_dir) if args.data_dir else None,
         store_url=args.store, backend=args.backend,
-        rpc_file=rpc_file_from(args.rpc_file, args.lightning_dir, args.network), upstream=args.upstream)
+        rpc_file=rpc_file_from(args.rpc_file, args.lightning_dir, args.network or "bitcoin"), upstream=args.upstream)
+    if out.backend == "fleet" and args.network:
+        if args.network not in FLEET_NETWORKS:
+            raise ConfigError(f"--network: a fleet's network is one of {', '.join(FLEET_NETWORKS)}, "
+                              f"got {args.network!r}")
+        out = dataclasses.replace(out, fleet=dataclasses.replace(out.fleet, network=args.network))
+    return out
 
 
 def _stdin_closed(stop: asyncio.Event) -> None:
@@ -325,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["sandbox", "cln", "fleet"])
     s.add_argument("--rpc-file", help="Core Lightning lightning-rpc socket (cln backend)")
     s.add_argument("--lightning-dir", help="instead of --rpc-file: lightningd's base directory")
-    s.add_argument("--network", default="bitcoin", help="with --lightning-dir (default bitcoin)")
+    s.add_argument("--network", help="the node's network: with --lightning-dir, where its socket is (default "
+                   "bitcoin); in fleet mode, the network the fleet's nodes are on (overrides [backend] network)")
     s.add_argument("--upstream", help="default upstream URL for the reverse proxy")
     s.add_argument("--exit-with-stdin", action="store_true",
                    help="shut down when stdin closes (for a supervising process that holds the other end)")

@@ -1,6 +1,7 @@
 """End to end through real processes: `micropay serve` and `micropay get`."""
 import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,23 @@ def test_version_and_a_closed_pipe(tmp_path):
     err = p.stderr.read().decode()
     p.wait(30)
     assert "Broken pipe" not in err and "BrokenPipeError" not in err and "Traceback" not in err, err
+
+
+def test_network_sets_the_fleets_network_and_where_a_nodes_socket_is(tmp_path):
+    """--network names the fleet's network in fleet mode (over the config's [backend]
+    network, whose default is regtest), and is still where --lightning-dir's socket is."""
+    from micropay.cli import _config_from_args, build_parser
+    from micropay.core.errors import ConfigError
+    (tmp_path / "fleet.toml").write_text('demo = true\n[backend]\nkind = "fleet"\nnetwork = "signet"\n')
+
+    def cfg(*argv):
+        return _config_from_args(build_parser().parse_args(["serve", *argv]))
+    assert cfg("--backend", "fleet").fleet.network == "regtest"
+    assert cfg("--backend", "fleet", "--network", "bitcoin").fleet.network == "bitcoin"
+    assert cfg("--config", str(tmp_path / "fleet.toml")).fleet.network == "signet"
+    assert cfg("--config", str(tmp_path / "fleet.toml"), "--network", "testnet4").fleet.network == "testnet4"
+    with pytest.raises(ConfigError, match="fleet's network"):
+        cfg("--backend", "fleet", "--network", "liquid")
+    assert cfg("--backend", "cln", "--lightning-dir", "/ln").rpc_file == Path("/ln/bitcoin/lightning-rpc")
+    assert cfg("--backend", "cln", "--lightning-dir", "/ln", "--network", "regtest").rpc_file == \
+        Path("/ln/regtest/lightning-rpc")

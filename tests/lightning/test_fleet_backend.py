@@ -123,6 +123,37 @@ async def test_on_demand_asks_rotate_over_live_nodes_that_can_receive_the_amount
     assert time.monotonic() - t0 < 1
 
 
+async def test_a_node_on_another_network_gets_no_claims_asks_or_payments(fleet, caplog):
+    """A sidecar on regtest never hands out an invoice of a node whose agent reports
+    another network (a client's wallet on regtest could not pay it), nor counts its
+    liquidity: such a node is as good as absent, and the log says why, once."""
+    import logging
+    from micropay.store.fleet import Want
+    repo, agent, backend, payer, _ = fleet
+    mainnet = "03" + "d" * 64
+    now_ms = int(time.time() * 1000)
+    await repo.want(Want(4000, "nets", 4, 3600), now_ms)
+    await repo.heartbeat(NodeBeat(mainnet, "bitcoin", now_ms, 10**9, 10**9))
+    for i in range(4):
+        await repo.add(FleetPooled(f"{i:064x}", mainnet, f"micropay-fleet-main{i}", 4000, "nets", "lnbc1...",
+                                   int(time.time()) + 3600, None), now_ms)
+    backend.ask_timeout_s = 0.2
+    with caplog.at_level(logging.WARNING, logger="micropay.fleet"):
+        for i in range(2):
+            with pytest.raises(NoInvoiceInTime, match="no Lightning node"):
+                await backend.create_invoice(4000, _challenge_label(), "nets", 600)
+    liquidity = await backend.liquidity()
+    assert (liquidity.inbound_msat, liquidity.outbound_msat) == (0, 0) and not await backend.wait_until_ready(0.1)
+    said = [r.getMessage() for r in caplog.records if "reports network 'bitcoin'" in r.getMessage()]
+    assert len(said) == 1 and mainnet in said[0], said
+    assert await repo.ready_count(mainnet, 4000, "nets", int(time.time())) == 4, "a mainnet invoice was claimed"
+    await agent.beat()                                  # a regtest node: served as before
+    assert await agent.refill_once() > 0
+    await asyncio.sleep(1.1)                            # the live nodes are reread at most once a second
+    got = await backend.create_invoice(4000, _challenge_label(), "nets", 600)
+    assert decode_invoice(got.bolt11).payee == await agent.node_id()
+
+
 async def test_what_the_queue_cannot_carry_is_refused_at_once(fleet):
     repo, agent, backend, payer, _ = fleet
     with pytest.raises(PaymentFailed, match="offers"):

@@ -209,6 +209,27 @@ def test_fleet_options_are_checked(tmp_path):
     assert cfg.fleet.pool_depth == 7 and cfg.fleet.heartbeat_timeout_s == 15
 
 
+async def test_a_fleet_sidecar_on_its_own_store_says_which_store_its_agents_must_use(tmp_path, caplog):
+    """Without [store], a fleet sidecar uses its own SQLite file: right on one host whose
+    agents use that file, and a silent fleet of 503s otherwise. The log names the file."""
+    import logging
+    cfg = make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\n')
+    with caplog.at_level(logging.WARNING, logger="micropay.sidecar"):
+        rt = await create_runtime(cfg)
+        await rt.node.close()
+        await rt.store.close()
+    said = [r.getMessage() for r in caplog.records if "own store" in r.getMessage()]
+    assert len(said) == 1 and f"micropay-fleet-store=sqlite:///{tmp_path / 'data'}" in said[0], said
+    caplog.clear()
+    shared = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    with caplog.at_level(logging.WARNING, logger="micropay.sidecar"):
+        rt = await create_runtime(make_config(tmp_path, DEMO_ROUTES + '[backend]\nkind = "fleet"\n',
+                                              store_url=shared))
+        await rt.node.close()
+        await rt.store.close()
+    assert not [r for r in caplog.records if "own store" in r.getMessage()]
+
+
 async def test_a_fleet_sidecar_serves_a_lightning_address_and_splits_through_the_queue(tmp_path, store_url):
     """Tips in fleet mode: the callback's invoice is asked of an agent and commits to the
     metadata's hash; the settlement arrives from the store; the collaborator's share is

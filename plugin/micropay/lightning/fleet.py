@@ -71,6 +71,7 @@ class FleetBackend:
                  reserve: int = 32, clock: Callable[[], float] = time.time) -> None:
         self.repo = repo
         self.network = network
+        self._other_network: set[str] = set()     # nodes said to be on another network (logged once)
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.claim_min_left_s = claim_min_left_s
         self.pool_depth = pool_depth
@@ -321,9 +322,24 @@ class FleetBackend:
         `clock`, so a clock that jumps also rereads)."""
         live = self._live_if_fresh()
         if live is None:
-            live = await self.repo.live_nodes(self._fresh_since_ms())
+            live = await self._read_live()
             self._live = ((time.monotonic(), self.clock()), live)
         return live
+
+    async def _read_live(self) -> list[NodeBeat]:
+        """The nodes whose heartbeat is fresh and whose agent reports this sidecar's
+        network: a node on another network gets no claims, asks or payments from here (its
+        invoices would name a chain the clients' wallets are not on). Said once per node."""
+        live = await self.repo.live_nodes(self._fresh_since_ms())
+        if all(n.network == self.network for n in live):
+            return live
+        for n in live:
+            if n.network != self.network and n.node_id not in self._other_network:
+                if len(self._other_network) < 1024:
+                    self._other_network.add(n.node_id)
+                log.warning("node %s reports network %r, and this sidecar is on %r ([backend] network): it gets "
+                            "no claims from this sidecar", n.node_id, n.network, self.network)
+        return [n for n in live if n.network == self.network]
 
     def _live_if_fresh(self) -> list[NodeBeat] | None:
         """The live nodes if read less than a second ago, else None."""
@@ -411,7 +427,7 @@ class FleetBackend:
         found = await self.repo.by_claim(label)
         if found is not None:
             return found
-        live = await self.repo.live_nodes(self._fresh_since_ms())
+        live = await self._read_live()
         if not live:
             raise NoInvoiceInTime("no Lightning node of the fleet is up (no fresh heartbeat)", retry_after_s=5)
         able = _able(live, amount_msat)
@@ -507,7 +523,7 @@ class FleetBackend:
 
     async def liquidity(self) -> Liquidity:
         """The fleet's live nodes together, as their agents last reported."""
-        live = await self.repo.live_nodes(self._fresh_since_ms())
+        live = await self._read_live()
         return Liquidity(sum(n.inbound_msat for n in live), sum(n.outbound_msat for n in live))
 
     async def metrics_text(self) -> str:
@@ -541,7 +557,7 @@ class FleetBackend:
         return "\n".join(lines) + "\n"
 
     async def wait_until_ready(self, timeout_s: float) -> bool:
-        return bool(await self.repo.live_nodes(self._fresh_since_ms()))
+        return bool(await self._read_live())
 
 
 def _able(live: list[NodeBeat], amount_msat: int | None) -> list[NodeBeat]:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ..creators.config import CreatorsConfig
 
 BACKENDS = ("sandbox", "cln", "fleet")
+FLEET_NETWORKS = ("bitcoin", "testnet", "testnet4", "signet", "regtest")
 FLEET_KEYS = {"network", "heartbeat_timeout_s", "pool_depth", "pool_expiry_s", "ask_timeout_s", "reserve"}
 
 
@@ -151,7 +152,7 @@ def parse_core(doc: dict[str, Any], source: str, other_keys: frozenset[str] = fr
     fleet = None
     if kind == "fleet":
         network = backend.get("network", str, "regtest")
-        if network not in ("bitcoin", "testnet", "testnet4", "signet", "regtest"):
+        if network not in FLEET_NETWORKS:
             raise backend.fail("network", f"must be bitcoin, testnet, testnet4, signet or regtest, got {network!r}")
         fleet = FleetOptions(
             network=network,

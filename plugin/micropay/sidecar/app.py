@@ -158,6 +158,12 @@ async def _fleet_backend(config: Config, store: Store, clock: Callable[[], float
     from ..store.fleet import FleetRepository
     opts = config.fleet
     assert opts is not None
+    if config.store_url is None:
+        # nothing is wrong on one host whose agents use this same file, but a sidecar that
+        # was meant to share another store would see no agent and answer every 402 with 503
+        log.warning("fleet mode on this process's own store, %s: the node agents must use this same store "
+                    "(micropay-fleet-store=%s); set [store] url (or --store) to the fleet's shared store otherwise",
+                    config.effective_store_url, config.effective_store_url)
     backend = FleetBackend(FleetRepository(store), network=opts.network, heartbeat_timeout_s=opts.heartbeat_timeout_s,
                            pool_depth=opts.pool_depth, pool_expiry_s=opts.pool_expiry_s,
                            ask_timeout_s=opts.ask_timeout_s, reserve=opts.reserve, clock=clock)
