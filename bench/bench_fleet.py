@@ -1,6 +1,6 @@
 """Fleet mode against single-host mode on a real regtest network, in one run.
 
-    python bench/bench_fleet.py [--seconds 3] [--depth 3000] [--dir /tmp/micropay-bench-fleet]
+    python bench/bench_fleet.py [--seconds 2] [--depth 20000] [--dir /tmp/micropay-bench-fleet]
 
 Starts bitcoind, a payer node and two merchant nodes (Core Lightning v26.06 with the
 micropay plugin; the merchants run the fleet agent against a fresh PostgreSQL schema,
@@ -135,6 +135,28 @@ def burst(urls: list[str], seconds: int, connections: int = 16) -> dict:
             "p50_ms": max(r["p50_ms"] or 0 for r in runs), "p99_ms": max(r["p99_ms"] or 0 for r in runs)}
 
 
+def asks(description: str = "joke") -> int:
+    return int(pg("SELECT COUNT(*) FROM micropay_fleet_asks WHERE description = $1", description)[0][0])
+
+
+def pool_burst(urls: list[str], seconds: int) -> dict:
+    """burst() on sidecars that sell from the pool, with what says whether the pool held
+    out: the asks the sidecars made meanwhile (a 402 the pool could not serve is asked of
+    the agent, at the agent's rate). The rate is "from the pool" only when that is 0."""
+    before = asks()
+    run = burst(urls, seconds)
+    run["asked"] = asks() - before
+    return run
+
+
+def provenance(run: dict, node_id: str | None) -> str:
+    left = ready(node_id)
+    if run["asked"] == 0:
+        return f"all {run['total']} from the pool; {left} left in it"
+    return (f"the pool ran dry: {run['asked']} of {run['total']} asked of the agent, so the rate is partly "
+            f"the agent's; raise --depth")
+
+
 def ready(node_id: str | None = None) -> int:
     q = "SELECT COUNT(*) FROM micropay_fleet_invoices WHERE claim_label IS NULL AND expires_at > $1"
     args = [int(time.time())]
@@ -207,7 +229,9 @@ def paid_rate(url: str, auth: str, seconds: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=int, default=3)
-    ap.add_argument("--depth", type=int, default=3000, help="pool depth per node for the burst runs")
+    ap.add_argument("--depth", type=int, default=20000,
+                    help="pool depth per node for the burst runs: enough for --seconds of 402s from the pool "
+                         "(the run says whether it held out)")
     ap.add_argument("--dir", default="/tmp/micropay-bench-fleet")
     a = ap.parse_args()
     root = Path(a.dir)
@@ -262,17 +286,17 @@ def main() -> None:
                    "`invoice`")
 
         # 3. fleet, one node: one sidecar, then two
-        one = burst([f1.url], a.seconds)
+        one = pool_burst([f1.url], a.seconds)
         say(f"fleet, 1 node, 1 sidecar, 402s       : {one['rate']:8.0f} /s   p50 {one['p50_ms']:6.1f} ms  "
                    f"p99 {one['p99_ms']:6.1f} ms   ratio {one['rate'] / base['rate']:.1f}x single host  "
-                   f"(pool left: {ready(m1.id)})")
+                   f"({provenance(one, m1.id)})")
         fill(m1.id, a.depth)
         f2 = Sidecar(root, "fleet2", fleet_backend, store)
         sidecars.append(f2)
-        two = burst([f1.url, f2.url], a.seconds)
+        two = pool_burst([f1.url, f2.url], a.seconds)
         say(f"fleet, 1 node, 2 sidecars, 402s      : {two['rate']:8.0f} /s   p50 {two['p50_ms']:6.1f} ms  "
                    f"p99 {two['p99_ms']:6.1f} ms   ratio {two['rate'] / base['rate']:.1f}x single host  "
-                   f"(pool left: {ready(m1.id)})")
+                   f"({provenance(two, m1.id)})")
         f2.stop()
         sidecars.remove(f2)
         fill(m1.id, a.depth)                        # the agent is not refilling meanwhile
@@ -303,17 +327,19 @@ def main() -> None:
         both = fill(None, 2 * a.depth)
         say(f"agent refill, two nodes              : {both:8.0f} invoices/s   ratio {both / raw:.2f}x raw "
                    "`invoice` of one node")
-        one_two = burst([f1.url], a.seconds)
+        one_two = pool_burst([f1.url], a.seconds)
         say(f"fleet, 2 nodes, 1 sidecar, 402s      : {one_two['rate']:8.0f} /s   p50 {one_two['p50_ms']:6.1f} ms  "
-                   f"p99 {one_two['p99_ms']:6.1f} ms   ratio {one_two['rate'] / base['rate']:.1f}x single host")
+                   f"p99 {one_two['p99_ms']:6.1f} ms   ratio {one_two['rate'] / base['rate']:.1f}x single host  "
+                   f"({provenance(one_two, None)})")
         fill(None, 2 * a.depth)
         f2 = Sidecar(root, "fleet2b", fleet_backend, store)
         sidecars.append(f2)
-        two_nodes = burst([f1.url, f2.url], a.seconds)
+        two_nodes = pool_burst([f1.url, f2.url], a.seconds)
         nodes_seen = pg("SELECT COUNT(DISTINCT node_id) FROM micropay_fleet_invoices WHERE claim_label IS NOT NULL")
         say(f"fleet, 2 nodes, 2 sidecars, 402s     : {two_nodes['rate']:8.0f} /s   p50 "
                    f"{two_nodes['p50_ms']:6.1f} ms  p99 {two_nodes['p99_ms']:6.1f} ms   ratio "
-                   f"{two_nodes['rate'] / base['rate']:.1f}x single host  ({nodes_seen[0][0]} nodes' invoices claimed)")
+                   f"{two_nodes['rate'] / base['rate']:.1f}x single host  ({nodes_seen[0][0]} nodes' invoices claimed; "
+                   f"{provenance(two_nodes, None)})")
 
         # 5. paid requests (pass token, repeated): they touch no node, so the nodes' count
         # should not matter; one sidecar process and two
@@ -332,8 +358,10 @@ def main() -> None:
         # 6. incoming payments a node settles a second (the HTLC rate the capacity model needs)
         htlc_rate = asyncio.run(incoming_rate(payer, m1, 200))
         say(f"incoming payments settled, one node  : {htlc_rate:8.1f} /s   (8 payers' xpay at once, one hop)")
-        say(f"goal: 402s from the pool >= 20x the node-bound rate: {one['rate'] / base['rate']:.1f}x "
-                   f"(one sidecar), {two['rate'] / base['rate']:.1f}x (two)")
+        held = [r for r in (one, two, one_two, two_nodes) if r["asked"] == 0]
+        best = max((r["rate"] for r in held), default=0.0)
+        say(f"goal: 402s from the pool >= 20x the node-bound rate: {best / base['rate']:.1f}x at best of the runs "
+            f"the pool held out for ({len(held)} of 4)")
     finally:
         for s in sidecars:
             s.stop()
