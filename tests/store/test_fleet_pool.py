@@ -307,7 +307,16 @@ async def test_retention_forgets_long_expired_claims_and_old_asks_but_nothing_li
                              ("micropay-fleet-node-a-3",))
     await repo.want(Want(1000, "old", 5, 3600), NOW_MS - 2_000_000)
     await repo.want(Want(1000, "fresh", 5, 3600), NOW_MS)
+    # asks: answered or not, a day old is gone (agents leave asks over a minute old, so an
+    # unanswered one that old is never answered); a fresh one stays, answered or not
+    for label, age_s in (("micropay-ask-old-answered", 90_000), ("micropay-ask-old-open", 90_000),
+                         ("micropay-ask-fresh-answered", 10), ("micropay-ask-fresh-open", 10)):
+        await repo.ask(label, "node-a", 1000, "ask", 600, NOW_MS - age_s * 1000)
+        if label.endswith("answered"):
+            await repo.answer(label, None, NOW_MS - age_s * 1000 + 5, error="refused")
     await repo.forget(NOW - 900, NOW - 86_400, NOW - 86_400, NOW - 7 * 86_400, 100)
     left = {r[0] for r in await repo.store.query("SELECT node_label FROM micropay_fleet_invoices")}
     assert left == {"micropay-fleet-node-a-2", "micropay-fleet-node-a-3"}
     assert [w.description for w in await repo.wants(0)] == ["fresh"]
+    asks = {r[0] for r in await repo.store.query("SELECT claim_label FROM micropay_fleet_asks")}
+    assert asks == {"micropay-ask-fresh-answered", "micropay-ask-fresh-open"}

@@ -458,7 +458,8 @@ class FleetRepository:
     async def forget(self, wants_before_s: int, invoices_before_s: int, asks_before_s: int,
                      settlements_before_s: int, limit: int) -> None:
         """Retention: wants nobody renewed, claimed invoices long expired (their payment,
-        if any, is in the feed), old answered asks and old settlements; at most `limit`
+        if any, is in the feed), asks a day old (agents leave an ask after a minute, so one
+        unanswered by then never is), and old settlements; at most `limit`
         rows of each per call."""
         await self.store.execute(FORGET_WANTS, (wants_before_s * 1000,))
         await self.store.execute(FORGET_INVOICES, (invoices_before_s, limit))
@@ -489,7 +490,7 @@ FORGET_WANTS = "DELETE FROM micropay_fleet_wants WHERE asked_ms < $1"
 FORGET_INVOICES = ("DELETE FROM micropay_fleet_invoices WHERE payment_hash IN (SELECT payment_hash FROM "
                    "micropay_fleet_invoices WHERE claim_label IS NOT NULL AND expires_at < $1 LIMIT $2)")
 FORGET_ASKS = ("DELETE FROM micropay_fleet_asks WHERE claim_label IN (SELECT claim_label FROM micropay_fleet_asks "
-               "WHERE answered_ms IS NOT NULL AND asked_ms < $1 LIMIT $2)")
+               "WHERE asked_ms < $1 LIMIT $2)")
 FORGET_SETTLEMENTS = ("DELETE FROM micropay_fleet_settlements WHERE seq IN (SELECT seq FROM "
                       "micropay_fleet_settlements WHERE paid_at < $1 ORDER BY seq LIMIT $2)")
 ALL_NODES = "SELECT node_id, network, heartbeat_ms, inbound_msat, outbound_msat FROM micropay_fleet_nodes"
