@@ -5,6 +5,7 @@ payee: what its sandbox node actually received."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -158,10 +159,33 @@ async def test_a_fee_allowance_over_a_nodes_fee_cap_is_paid_within_the_nodes_cap
     merchant.pay = spy
     day = AgentSettings(max_payment_msat=50_000, per_subject_day_msat=60_000, per_day_msat=45_000,
                         max_fee_msat=5000, lease_ms=10_000)       # room for 40,000 + 5,000, not + 500,000
-    assert await agent_for(merchant, repo, clock, day, records=node_records).pay_once()
+    agent = agent_for(merchant, repo, clock, day, records=node_records)
+    p = await agent.start_payment()
+    assert p is not None and p.state == "sending"
+    assert await node_spent(node_records, clock) in (None, 45_000), "not amount + the node's fee cap reserved"
+    # an operator raising the fee cap now does not raise what this payment may spend,
+    # which its reservation was made on
+    agent.settings = dataclasses.replace(day, max_fee_msat=500_000)
+    await agent.send(p)
     row = await repo.payment("micropay-refund-big-fee")
     assert row.state == "paid" and await received(payee) == 40_000
     assert sent == [5000] and row.fee_msat <= 5000
+    assert await node_spent(node_records, clock) in (None, 40_000 + row.fee_msat)
+
+
+@pytest.mark.parametrize("amount, fee", [(10_000, -1_000_000), (0, 1000), (-5000, 1000)])
+async def test_a_row_with_a_negative_fee_allowance_or_no_amount_is_refused(world, node_records, amount, fee):
+    """A store writer's row with a negative fee allowance (or amount) would pass every cap
+    check and reserve a negative amount, lifting the day's cap: it is refused, and the
+    node's day stays as it was."""
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(None, "neg", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-neg", "refund", "", inv.bolt11, None, inv.payment_hash,
+                                     amount, True, fee), int(clock() * 1000))
+    assert await agent_for(merchant, repo, clock, records=node_records).pay_once()
+    row = await repo.payment("micropay-refund-neg")
+    assert row.state == "failed" and "not positive" in row.error and await received(payee) == 0
+    assert await node_spent(node_records, clock) in (None, 0)
 
 
 async def test_a_node_without_a_cap_per_subject_leaves_payouts_to_others_and_still_pays_refunds(world):

@@ -328,15 +328,17 @@ class FleetBackend:
 
     async def _read_live(self) -> list[NodeBeat]:
         """The nodes whose heartbeat is fresh and whose agent reports this sidecar's
-        network: a node on another network gets no claims, asks or payments from here (its
-        invoices would name a chain the clients' wallets are not on). Said once per node."""
+        network: a node on another network gets no claims or asks from here, nor counts in
+        its liquidity (its invoices would name a chain the clients' wallets are not on).
+        Said once per node. (The payment queue is not split by network: a store is meant
+        for one network's fleet.)"""
         live = await self.repo.live_nodes(self._fresh_since_ms())
         if all(n.network == self.network for n in live):
             return live
         for n in live:
-            if n.network != self.network and n.node_id not in self._other_network:
-                if len(self._other_network) < 1024:
-                    self._other_network.add(n.node_id)
+            if n.network != self.network and n.node_id not in self._other_network \
+                    and len(self._other_network) < 1024:      # (past that many, no more is said)
+                self._other_network.add(n.node_id)
                 log.warning("node %s reports network %r, and this sidecar is on %r ([backend] network): it gets "
                             "no claims from this sidecar", n.node_id, n.network, self.network)
         return [n for n in live if n.network == self.network]

@@ -274,6 +274,9 @@ class FleetAgent:
                                   subjects=st.per_subject_day_msat > 0)
         if p is None:
             return None
+        # the fee this node may pay, fixed now: the caps are checked and reserved on it, and
+        # a fee cap raised by setconfig before the payment is sent must not raise it
+        p = dataclasses.replace(p, max_fee_msat=self._fee_cap(p))
         if self.ledger is not None:
             spent_all, spent_subject = await self.ledger.today(p.subject)
         else:
@@ -319,6 +322,8 @@ class FleetAgent:
         """The invoice itself decides what the node pays: it must say what the queue row
         says (the amount the caps were checked on, the hash), or the row is refused. A
         web tier cannot get a large invoice paid by writing a small amount beside it."""
+        if p.amount_msat <= 0 or p.max_fee_msat < 0:
+            return "the queued amount is not positive, or its fee allowance is negative"
         if p.destination is not None:
             return None                       # keysend: the node sends exactly the row's amount
         try:

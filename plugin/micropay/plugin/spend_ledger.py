@@ -31,7 +31,7 @@ class SpendLedger:
     """What the payment queue has taken from this node per UTC day, kept in the node's own
     records (lightningd's datastore), not in the shared store: whoever can write to the
     store's payment table cannot make the caps forget what was paid. Reserved (amount +
-    fee allowance) before the node is asked to pay, idempotent by the payment's key;
+    the most it may pay in fees) before the node is asked to pay, idempotent by the payment's key;
     trimmed to amount + fee when paid, released when it failed."""
 
     def __init__(self, records: RecordStore, clock: Callable[[], float]) -> None:
