@@ -12,7 +12,7 @@ import pytest
 from micropay.core.errors import PaymentFailed
 from micropay.lightning.fleet import FleetBackend
 from micropay.lightning.sandbox import SandboxNetwork
-from micropay.plugin.agent import REQUEUE_GRACE_S, AgentSettings, FleetAgent
+from micropay.plugin.agent import FEE_GRACE_S, REQUEUE_GRACE_S, AgentSettings, FleetAgent
 from micropay.store import open_store_from_url
 from micropay.store.fleet import FLEET_SCHEMA, FleetRepository, QueuedPayment
 
@@ -160,6 +160,8 @@ async def test_a_fee_allowance_over_a_nodes_fee_cap_is_paid_within_the_nodes_cap
     day = AgentSettings(max_payment_msat=50_000, per_subject_day_msat=60_000, per_day_msat=45_000,
                         max_fee_msat=5000, lease_ms=10_000)       # room for 40,000 + 5,000, not + 500,000
     agent = agent_for(merchant, repo, clock, day, records=node_records)
+    assert await agent.start_payment() is None, "taken before a node whose fee cap covers it had its chance"
+    clock.advance(FEE_GRACE_S + 1)
     p = await agent.start_payment()
     assert p is not None and p.state == "sending"
     assert await node_spent(node_records, clock) in (None, 45_000), "not amount + the node's fee cap reserved"
@@ -171,6 +173,30 @@ async def test_a_fee_allowance_over_a_nodes_fee_cap_is_paid_within_the_nodes_cap
     assert row.state == "paid" and await received(payee) == 40_000
     assert sent == [5000] and row.fee_msat <= 5000
     assert await node_spent(node_records, clock) in (None, 40_000 + row.fee_msat)
+
+
+async def test_a_node_whose_fee_cap_covers_the_allowance_takes_the_payment_first(world):
+    """In a fleet with nodes of different fee caps, a refund whose allowance is over one
+    node's cap goes to a node whose cap covers it (the refund's one attempt gets the
+    room to route), not to the first node that looks."""
+    repo, backend, merchant, payee, clock = world
+    inv = await payee.create_invoice(30_000, "room", "refund", 3600)
+    await repo.enqueue(QueuedPayment("micropay-refund-room", "refund", "", inv.bolt11, None, inv.payment_hash,
+                                     30_000, False, 20_000), int(clock() * 1000))
+    assert not await agent_for(merchant, repo, clock).pay_once()          # fee cap 5,000
+    assert (await repo.payment("micropay-refund-room")).state == "queued"
+    roomy = merchant.net.add_node("roomy", balance_msat=10_000_000)
+    sent: list[int] = []
+    pay = roomy.pay
+
+    async def spy(bolt11, max_fee_msat=None, **kw):
+        sent.append(max_fee_msat)
+        return await pay(bolt11, max_fee_msat=max_fee_msat, **kw)
+    roomy.pay = spy
+    assert await agent_for(roomy, repo, clock, dataclasses.replace(CAPS, max_fee_msat=50_000)).pay_once()
+    row = await repo.payment("micropay-refund-room")
+    assert row.state == "paid" and row.node_id == await roomy.node_id() and await received(payee) == 30_000
+    assert sent == [20_000]
 
 
 @pytest.mark.parametrize("amount, fee", [(10_000, -1_000_000), (0, 1000), (-5000, 1000)])

@@ -58,6 +58,10 @@ def _utc_day_start_ms(now: float) -> int:
 # A payment recorded as sending with no outcome on the node is requeued (or a failed
 # record believed) only this long after it was sent: xpay retries for 60 s by default.
 REQUEUE_GRACE_S = max(ORPHAN_GRACE_S, 60) + 60
+# A queued payment whose fee allowance is over a node's fee cap waits this long for a node
+# whose cap covers it, then is tried within the cap of the node that leases it (a session
+# refund gets one attempt: a node with the room to route it should have it first).
+FEE_GRACE_S = 30
 # How long finished rows stay in the store (claimed invoices a day past their expiry,
 # answered asks a day, the settlement feed a week): pruned a bounded batch per round.
 KEEP_INVOICES_S, KEEP_ASKS_S, KEEP_SETTLEMENTS_S = 86_400, 86_400, 7 * 86_400
@@ -266,12 +270,13 @@ class FleetAgent:
         # rest stays queued for a node that can (caps are each node's own, and another's
         # may be higher), or for tomorrow; a refusal would fail it for good. What no node
         # will ever take waits, and shows in the queue's age gauge. A fee allowance over
-        # this node's fee cap is no reason to leave it: it is paid within the node's cap.
+        # this node's fee cap is left to a node whose cap covers it for FEE_GRACE_S, then
+        # paid within this node's cap.
         carry = min(self._outbound, st.per_day_msat - spent_all)
         if carry <= 0:
             return None
         p = await self.repo.lease(node_id, now_ms, st.lease_ms, carry, st.max_payment_msat, st.max_fee_msat,
-                                  subjects=st.per_subject_day_msat > 0)
+                                  subjects=st.per_subject_day_msat > 0, fee_grace_ms=FEE_GRACE_S * 1000)
         if p is None:
             return None
         # the fee this node may pay, fixed now: the caps are checked and reserved on it, and

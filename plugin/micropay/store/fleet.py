@@ -419,16 +419,18 @@ class FleetRepository:
 
     async def lease(self, node_id: str, now_ms: int, lease_ms: int, carry_msat: int,
                     max_amount_msat: int | None = None, max_fee_msat: int | None = None,
-                    subjects: bool = True) -> QueuedPayment | None:
+                    subjects: bool = True, fee_grace_ms: int = 0) -> QueuedPayment | None:
         """The oldest queued payment whose amount is at most `max_amount_msat` (the node's
         cap per payment) and whose amount and fee fit in `carry_msat` (its outbound
         liquidity, what is left of its day), counting the fee the node would pay: the
-        payment's allowance, or `max_fee_msat` (its fee cap) if that is lower. With
-        `subjects` False, only payments without a subject (refunds). Leased to `node_id`."""
+        payment's allowance, or `max_fee_msat` (its fee cap) if that is lower; one whose
+        allowance is over `max_fee_msat` only once it has been queued for `fee_grace_ms`
+        (a node whose cap covers it may take it first). With `subjects` False, only
+        payments without a subject (refunds). Leased to `node_id`."""
         row = await self.store.fetchrow(self.lease_sql, (
             node_id, now_ms + lease_ms, now_ms, carry_msat,
             carry_msat if max_amount_msat is None else max_amount_msat,
-            carry_msat if max_fee_msat is None else max_fee_msat, subjects))
+            carry_msat if max_fee_msat is None else max_fee_msat, subjects, now_ms - fee_grace_ms))
         return _payment(row) if row else None
 
     async def spent(self, node_id: str, since_ms: int, subject: str = "") -> int:
@@ -531,14 +533,16 @@ PAYMENT_BY_HASH = (f"SELECT {_PCOLS} FROM micropay_fleet_payments WHERE payment_
 # A queued payment, or one whose lease ran out before it was sent, goes to one agent
 # whose node can carry it: the amount within its cap per payment ($5), and the amount
 # with the fee the node would pay (the allowance, or the node's fee cap $6 if lower)
-# within its outbound liquidity and what is left of its day ($4). A payment for a subject
-# (a player's payout, a creator's tip share) only goes to a node with a cap per subject
-# ($7); refunds have none.
+# within its outbound liquidity and what is left of its day ($4). One whose fee allowance
+# is over the node's fee cap is left to nodes whose cap covers it until it was queued
+# before $8, then tried within this node's cap. A payment for a subject (a player's
+# payout, a creator's tip share) only goes to a node with a cap per subject ($7); refunds
+# have none.
 _LEASE = ("UPDATE micropay_fleet_payments SET state = 'leased', node_id = $1, lease_until_ms = $2 "
           "WHERE key = (SELECT key FROM micropay_fleet_payments WHERE (state = 'queued' "
           "OR (state = 'leased' AND lease_until_ms < $3)) "
           "AND amount_msat + CASE WHEN max_fee_msat < $6 THEN max_fee_msat ELSE $6 END <= $4 "
-          "AND amount_msat <= $5 AND (subject = '' OR $7) "
+          "AND amount_msat <= $5 AND (subject = '' OR $7) AND (max_fee_msat <= $6 OR created_ms < $8) "
           "ORDER BY created_ms LIMIT 1{lock}) "
           f"AND (state = 'queued' OR (state = 'leased' AND lease_until_ms < $3)) RETURNING {_PCOLS}")
 LEASE = {"sqlite": _LEASE.format(lock=""), "postgresql": _LEASE.format(lock=" FOR UPDATE SKIP LOCKED")}
