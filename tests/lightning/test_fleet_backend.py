@@ -146,6 +146,7 @@ async def test_a_node_on_another_network_gets_no_claims_asks_or_payments(fleet, 
     assert (liquidity.inbound_msat, liquidity.outbound_msat) == (0, 0) and not await backend.wait_until_ready(0.1)
     said = [r.getMessage() for r in caplog.records if "reports network 'bitcoin'" in r.getMessage()]
     assert len(said) == 1 and mainnet in said[0], said
+    assert f'micropay_fleet_node_live{{node="{mainnet}"}} 0' in await backend.metrics_text()
     assert await repo.ready_count(mainnet, 4000, "nets", int(time.time())) == 4, "a mainnet invoice was claimed"
     await agent.beat()                                  # a regtest node: served as before
     assert await agent.refill_once() > 0

@@ -537,8 +537,9 @@ class FleetBackend:
         lines = gauge_lines("micropay_fleet_heartbeat_age_seconds", "Seconds since the node's agent last beat.",
                             [({"node": n.node_id}, round((now_ms - n.heartbeat_ms) / 1000, 3)) for n in st.nodes])
         lines += gauge_lines("micropay_fleet_node_live", f"1 if the heartbeat is under {self.heartbeat_timeout_s:g} s "
-                             "old (the node gets claims), else 0.",
-                             [({"node": n.node_id}, int(n.heartbeat_ms >= self._fresh_since_ms())) for n in st.nodes])
+                             "old and the node is on this sidecar's network (the node gets claims), else 0.",
+                             [({"node": n.node_id}, int(n.heartbeat_ms >= self._fresh_since_ms()
+                                                        and n.network == self.network)) for n in st.nodes])
         lines += gauge_lines("micropay_fleet_inbound_msat", "Inbound liquidity the agent last reported.",
                              [({"node": n.node_id}, n.inbound_msat) for n in st.nodes])
         lines += gauge_lines("micropay_fleet_outbound_msat", "Outbound liquidity the agent last reported.",
