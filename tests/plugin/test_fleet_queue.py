@@ -67,6 +67,32 @@ async def received(payee) -> int:
     return sum(s.amount_msat for s in payee._settled)
 
 
+def fee_caps_asked(of) -> list[int]:
+    """The fee caps the node `of` is asked to pay invoices with, in order (what the agent
+    actually hands the node, whatever the row says)."""
+    sent: list[int] = []
+    pay = of.pay
+
+    async def spy(bolt11, max_fee_msat=None, **kw):
+        sent.append(max_fee_msat)
+        return await pay(bolt11, max_fee_msat=max_fee_msat, **kw)
+    of.pay = spy
+    return sent
+
+
+async def keysend_sent_then_agent_died(world, key: str, amount: int):
+    """A tip share's keysend queued, leased and sent by the node under the agent's label,
+    the agent then dying before it records the outcome: (the node's records, the payment)."""
+    from micropay.lightning.memrecords import MemoryRecords
+    repo, backend, merchant, payee, clock = world
+    records = MemoryRecords()
+    await repo.enqueue(QueuedPayment(key, "tip share", "", None, await payee.node_id(), None, amount, False, 1000),
+                       int(clock() * 1000))
+    p = await agent_for(merchant, repo, clock, records=records).start_payment()
+    paid = await merchant.keysend(await payee.node_id(), amount, label=p.node_label, max_fee_msat=1000)
+    return records, paid
+
+
 async def pay_through_queue(backend, agent, bolt11, label, **kw):
     """The sidecar's pay() while the agent works the queue."""
     async def work():
@@ -150,13 +176,7 @@ async def test_a_fee_allowance_over_a_nodes_fee_cap_is_paid_within_the_nodes_cap
     inv = await payee.create_invoice(40_000, "big-fee", "refund", 3600)
     await repo.enqueue(QueuedPayment("micropay-refund-big-fee", "refund", "", inv.bolt11, None, inv.payment_hash,
                                      40_000, False, 500_000), int(clock() * 1000))
-    sent: list[int] = []
-    pay = merchant.pay
-
-    async def spy(bolt11, max_fee_msat=None, **kw):
-        sent.append(max_fee_msat)
-        return await pay(bolt11, max_fee_msat=max_fee_msat, **kw)
-    merchant.pay = spy
+    sent = fee_caps_asked(of=merchant)
     day = AgentSettings(max_payment_msat=50_000, per_subject_day_msat=60_000, per_day_msat=45_000,
                         max_fee_msat=5000, lease_ms=10_000)       # room for 40,000 + 5,000, not + 500,000
     agent = agent_for(merchant, repo, clock, day, records=node_records)
@@ -186,13 +206,7 @@ async def test_a_node_whose_fee_cap_covers_the_allowance_takes_the_payment_first
     assert not await agent_for(merchant, repo, clock).pay_once()          # fee cap 5,000
     assert (await repo.payment("micropay-refund-room")).state == "queued"
     roomy = merchant.net.add_node("roomy", balance_msat=10_000_000)
-    sent: list[int] = []
-    pay = roomy.pay
-
-    async def spy(bolt11, max_fee_msat=None, **kw):
-        sent.append(max_fee_msat)
-        return await pay(bolt11, max_fee_msat=max_fee_msat, **kw)
-    roomy.pay = spy
+    sent = fee_caps_asked(of=roomy)
     assert await agent_for(roomy, repo, clock, dataclasses.replace(CAPS, max_fee_msat=50_000)).pay_once()
     row = await repo.payment("micropay-refund-room")
     assert row.state == "paid" and row.node_id == await roomy.node_id() and await received(payee) == 30_000
@@ -550,14 +564,8 @@ async def test_a_sending_row_rewritten_to_look_unsent_is_not_sent_again(world):
     that the store says "never sent": the agent asks the node about the attempts its own
     records hold, finds the payment and records it, instead of requeueing the row (which
     would have paid it a second time)."""
-    from micropay.lightning.memrecords import MemoryRecords
     repo, backend, merchant, payee, clock = world
-    records = MemoryRecords()
-    await repo.enqueue(QueuedPayment("micropay-tipshare-k2", "tip share", "", None, await payee.node_id(), None,
-                                     7000, False, 1000), int(clock() * 1000))
-    crashed = agent_for(merchant, repo, clock, records=records)
-    p = await crashed.start_payment()
-    paid = await merchant.keysend(await payee.node_id(), 7000, label=p.node_label, max_fee_msat=1000)  # dies
+    records, paid = await keysend_sent_then_agent_died(world, "micropay-tipshare-k2", 7000)
     await repo.store.execute("UPDATE micropay_fleet_payments SET node_label = 'micropay-fleet-pay-forged', "
                              "sent_ms = 0 WHERE key = $1", ("micropay-tipshare-k2",))
     clock.advance(REQUEUE_GRACE_S + 1)
@@ -575,14 +583,8 @@ async def test_a_payment_in_flight_put_back_in_the_queue_is_not_sent_again(world
     writer puts the row back in the queue. The same node leases it again, asks its node
     about the attempt its own records hold, finds it paid, and records that, instead of
     sending a second keysend; its day counts the payment once."""
-    from micropay.lightning.memrecords import MemoryRecords
     repo, backend, merchant, payee, clock = world
-    records = MemoryRecords()
-    await repo.enqueue(QueuedPayment("micropay-tipshare-k3", "tip share", "", None, await payee.node_id(), None,
-                                     6000, False, 1000), int(clock() * 1000))
-    crashed = agent_for(merchant, repo, clock, records=records)
-    p = await crashed.start_payment()
-    paid = await merchant.keysend(await payee.node_id(), 6000, label=p.node_label, max_fee_msat=1000)  # dies
+    records, paid = await keysend_sent_then_agent_died(world, "micropay-tipshare-k3", 6000)
     await repo.store.execute("UPDATE micropay_fleet_payments SET state = 'queued', node_id = NULL, "
                              "node_label = NULL, sendpays_start = NULL, sent_ms = NULL, lease_until_ms = 0 "
                              "WHERE key = $1", ("micropay-tipshare-k3",))
@@ -599,14 +601,8 @@ async def test_the_day_counts_what_the_node_sent_not_what_the_row_says(world):
     """Paid, but the agent died before recording it; a store writer lowers the row's
     amount before the restarted agent settles it from the node's record: the day's
     total is what the node sent."""
-    from micropay.lightning.memrecords import MemoryRecords
     repo, backend, merchant, payee, clock = world
-    records = MemoryRecords()
-    await repo.enqueue(QueuedPayment("micropay-tipshare-k4", "tip share", "", None, await payee.node_id(), None,
-                                     9000, False, 1000), int(clock() * 1000))
-    crashed = agent_for(merchant, repo, clock, records=records)
-    p = await crashed.start_payment()
-    paid = await merchant.keysend(await payee.node_id(), 9000, label=p.node_label, max_fee_msat=1000)  # dies
+    records, paid = await keysend_sent_then_agent_died(world, "micropay-tipshare-k4", 9000)
     await repo.store.execute("UPDATE micropay_fleet_payments SET amount_msat = 1 WHERE key = $1",
                              ("micropay-tipshare-k4",))
     restarted = agent_for(merchant, repo, clock, records=records)
